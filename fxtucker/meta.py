@@ -1,0 +1,170 @@
+"""Every ``node.meta`` / ``gm.meta`` key fxtucker uses, and the typed records stored there.
+
+Records are frozen dataclasses of ints, strings and tuples: never tensors or modules, so a
+GraphModule deep-copies and pickles as it did before fxtucker touched it.
+
+Public keys on ``node.meta``:
+
+- ``"macs"``: multiply-accumulates of the node for the example batch (bias excluded), an int.
+- ``"params"``: parameters owned by the node's module (call_module) or read by it (get_attr).
+- ``"tensor_meta"``: shape and dtype of the output, as :class:`torch.fx.passes.shape_prop.ShapeProp`
+  writes it.
+
+Everything else lives under ``node.meta["fxtucker"]`` (a :class:`FactorRecord` or a
+:class:`LayerPlan`) and ``gm.meta["fxtucker"]`` (a :class:`GraphRecord`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch.fx as fx
+
+__all__ = [
+    "MACS",
+    "PARAMS",
+    "TENSOR_META",
+    "KEY",
+    "ConvSpec",
+    "LayerPlan",
+    "FactorRecord",
+    "FoldRecord",
+    "LayerRecord",
+    "GraphRecord",
+    "graph_record",
+    "set_graph_record",
+    "update_layer",
+]
+
+MACS = "macs"
+PARAMS = "params"
+TENSOR_META = "tensor_meta"
+KEY = "fxtucker"
+
+# Roles of the nodes that decompose_conv and insert_gates create.
+FIRST, CORE, LAST = "first", "core", "last"
+GATE_IN, GATE_CORE, GATE_OUT = "gate_in", "gate_core", "gate_out"
+FACTOR_ROLES = (FIRST, CORE, LAST)
+GATE_ROLES = (GATE_IN, GATE_CORE, GATE_OUT)
+
+# Decisions a layer can carry.
+DECOMPOSED, RESTORED, SKIPPED = "decomposed", "restored", "skipped"
+Padding = Union[str, tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """Everything needed to rebuild the original convolution module."""
+
+    cls_name: str  # "Conv1d", "Conv2d" or "Conv3d"
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: Padding
+    dilation: tuple[int, ...]
+    groups: int
+    bias: bool
+    padding_mode: str
+
+    @property
+    def dims(self) -> int:
+        return len(self.kernel_size)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """decompose_conv's decision for one conv node, written before anything is rewritten.
+
+    ``kind`` is ``"tucker2"`` (first/core/last), ``"svd"`` (first/last, for 1x1 kernels and
+    Linear layers) or ``"skip"`` with ``reason`` saying why. ``ranks`` are (R1, R2) for tucker2
+    and (R,) for svd; a user may edit a plan (``dataclasses.replace``) before the rewrite runs.
+    """
+
+    source: str
+    kind: str
+    full_ranks: tuple[int, ...] = ()
+    ranks: tuple[int, ...] = ()
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class FactorRecord:
+    """Stored on every node that fxtucker creates: where it came from and what it is."""
+
+    source: str  # qualified name of the replaced module
+    role: str  # one of FACTOR_ROLES or GATE_ROLES
+    ranks: tuple[int, ...]
+    replaces: str = ""  # name of the graph node it replaces (restore puts it back)
+    decision: str = ""  # set by fold_or_restore
+    macs_original: Optional[int] = None
+    macs_decomposed: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class FoldRecord:
+    """Stored on a layer that fold_or_restore put back as one dense module."""
+
+    source: str
+    decision: str
+    macs_original: int
+    macs_decomposed: int
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """One row of the report: a conv or linear layer that decompose_conv looked at."""
+
+    name: str  # qualified module name (or node name for functional calls)
+    node: str  # graph node name of the original call
+    op: str  # "Conv2d", "Linear", ...
+    kind: str  # "tucker2", "svd" or "skip"
+    spec: Optional[ConvSpec] = None  # None for Linear and skipped layers
+    in_shape: tuple[int, ...] = ()
+    out_shape: tuple[int, ...] = ()
+    full_ranks: tuple[int, ...] = ()
+    ranks: tuple[int, ...] = ()
+    macs_before: Optional[int] = None
+    macs_after: Optional[int] = None
+    decision: str = SKIPPED
+    reason: str = ""
+    call_sites: int = 1
+
+
+@dataclass(frozen=True)
+class GraphRecord:
+    """``gm.meta["fxtucker"]``: the per-layer history of a GraphModule through the chain."""
+
+    layers: tuple[LayerRecord, ...] = ()
+    stage: str = ""  # the last pass that ran
+
+    def layer(self, name: str) -> LayerRecord:
+        for rec in self.layers:
+            if rec.name == name:
+                return rec
+        raise KeyError(f"no layer {name!r} in the fxtucker record; known: {[r.name for r in self.layers]}")
+
+
+def graph_record(gm: fx.GraphModule) -> GraphRecord:
+    """The GraphRecord of ``gm`` (an empty one if no fxtucker pass ran)."""
+    rec = getattr(gm, "meta", {}).get(KEY)
+    return rec if isinstance(rec, GraphRecord) else GraphRecord()
+
+
+def set_graph_record(gm: fx.GraphModule, rec: GraphRecord) -> None:
+    gm.meta[KEY] = rec
+
+
+def update_layer(gm: fx.GraphModule, name: str, **changes) -> None:
+    """Replace fields of one LayerRecord in ``gm.meta``."""
+    rec = graph_record(gm)
+    layers = tuple(dataclasses.replace(r, **changes) if r.name == name else r for r in rec.layers)
+    set_graph_record(gm, dataclasses.replace(rec, layers=layers))
+
+
+def factor_record(node: fx.Node) -> Optional[FactorRecord]:
+    """The FactorRecord of ``node``, or None for nodes fxtucker did not create."""
+    rec = node.meta.get(KEY)
+    return rec if isinstance(rec, FactorRecord) else None

@@ -1,0 +1,26 @@
+"""The FX passes of fxtucker, in pipeline order.
+
+    cost_model -> decompose_conv -> insert_gates -> (train) -> strip_gates -> fold_or_restore
+
+Each takes a GraphModule and returns one (a copy unless ``inplace=True``; cost_model annotates
+and returns its argument).
+"""
+
+from fxtucker.passes.cost_model import cost_model, count_macs
+from fxtucker.passes.decompose_conv import decompose_conv, plan_decomposition
+from fxtucker.passes.insert_gates import Gate, UnitNorm, gates, insert_gates
+from fxtucker.passes.strip_gates import strip_gates
+from fxtucker.passes.fold_or_restore import fold_or_restore
+
+__all__ = [
+    "cost_model",
+    "count_macs",
+    "plan_decomposition",
+    "decompose_conv",
+    "insert_gates",
+    "gates",
+    "Gate",
+    "UnitNorm",
+    "strip_gates",
+    "fold_or_restore",
+]

@@ -1,0 +1,73 @@
+"""Helpers shared by the passes: copying, finishing a rewrite, module swapping."""
+
+from __future__ import annotations
+
+import copy
+from typing import Iterator
+
+import torch.fx as fx
+import torch.nn as nn
+
+from fxtucker.meta import KEY, FactorRecord, factor_record
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def check_graph_module(gm: object, pass_name: str) -> fx.GraphModule:
+    """Raise a TypeError unless ``gm`` is a GraphModule."""
+    if not isinstance(gm, fx.GraphModule):
+        raise TypeError(
+            f"{pass_name} expects a torch.fx.GraphModule, got {type(gm).__name__}; "
+            f"trace the model first with fxtucker.trace(model) or torch.fx.symbolic_trace(model)"
+        )
+    return gm
+
+
+def prepare(gm: fx.GraphModule, inplace: bool, pass_name: str) -> fx.GraphModule:
+    """The GraphModule a pass rewrites: ``gm`` itself when ``inplace``, else a deep copy."""
+    check_graph_module(gm, pass_name)
+    return gm if inplace else copy.deepcopy(gm)
+
+
+def _removable(node: fx.Node) -> bool:
+    # Only fxtucker's own nodes and parameter reads may be dropped when unused: the user's
+    # graph can hold in-place calls (x.add_(y)) whose results nobody reads but whose effect counts.
+    return node.op == "get_attr" or isinstance(node.meta.get(KEY), FactorRecord)
+
+
+def finish(gm: fx.GraphModule) -> fx.GraphModule:
+    """Lint, drop dead fxtucker nodes and unused submodules, recompile."""
+    gm.graph.lint()
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: not _removable(n))
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+def split_name(target: str) -> tuple[str, str]:
+    """'a.b.c' -> ('a.b', 'c')."""
+    *parent, name = target.rsplit(".", 1)
+    return (parent[0] if parent else ""), name
+
+
+def set_submodule(gm: nn.Module, target: str, module: nn.Module) -> None:
+    """Put ``module`` at the qualified name ``target``, replacing what is there."""
+    parent, name = split_name(target)
+    setattr(gm.get_submodule(parent) if parent else gm, name, module)
+
+
+def new_node(graph: fx.Graph, op: str, target, args: tuple, like: fx.Node, record: FactorRecord) -> fx.Node:
+    """Create a node that inherits ``like``'s stack trace and carries ``record``."""
+    node = graph.create_node(op, target, args, {})
+    if like.stack_trace:
+        node.stack_trace = like.stack_trace
+    node.meta[KEY] = record
+    return node
+
+
+def factor_nodes(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, FactorRecord]]:
+    """Every node that fxtucker created, with its record, in graph order."""
+    for node in gm.graph.nodes:
+        rec = factor_record(node)
+        if rec is not None:
+            yield node, rec

@@ -1,0 +1,196 @@
+"""cost_model: per-node MACs, parameters and output shapes, measured by running the graph once."""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils.flop_counter import FlopCounterMode
+
+from fxtucker.meta import MACS, PARAMS
+from fxtucker.passes._common import check_graph_module
+
+__all__ = ["cost_model", "count_macs", "conv_macs"]
+
+_CONV_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
+_CONV_T_FUNCTIONS = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
+_MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.mm, torch.bmm}
+_MATMUL_METHODS = {"matmul", "mm", "bmm"}
+_ADDMM_FUNCTIONS = {torch.addmm, torch.baddbmm}
+# Ops that certainly multiply nothing: counted 0 without asking FlopCounterMode.
+_NO_MAC_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish,
+    nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Mish, nn.Softmax, nn.Identity, nn.Dropout,
+    nn.Dropout2d, nn.Flatten, nn.Unflatten,
+    nn.modules.batchnorm._BatchNorm, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+)  # fmt: skip
+_ACTIVATIONS = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish,
+    nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Mish,
+)  # fmt: skip
+_ACTIVATION_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.gelu, F.silu, F.hardswish, torch.sigmoid}
+_POOLS = (
+    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+)  # fmt: skip
+_POOL_FUNCTIONS = {F.adaptive_avg_pool2d, F.max_pool2d, F.avg_pool2d, torch.flatten}
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+
+
+def conv_macs(out_numel: int, in_channels_per_group: int, kernel_size: tuple[int, ...]) -> int:
+    """MACs of a (non-transposed) convolution that produced ``out_numel`` output elements."""
+    return out_numel * in_channels_per_group * math.prod(kernel_size)
+
+
+def _numel(value: Any) -> int:
+    return value.numel() if isinstance(value, torch.Tensor) else 0
+
+
+class _CostModel(ShapeProp):
+    """ShapeProp that also writes ``node.meta["macs"]`` and ``node.meta["params"]``."""
+
+    def __init__(self, gm: fx.GraphModule, include_elementwise: bool):
+        super().__init__(gm)
+        self.include_elementwise = include_elementwise
+
+    def run_node(self, n: fx.Node) -> Any:
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        if self._has_formula(n):
+            out = super().run_node(n)
+            macs = self._formula_macs(n, args, kwargs, out)
+        else:
+            with FlopCounterMode(display=False) as counter:
+                out = super().run_node(n)
+            macs = counter.get_total_flops() // 2
+        if self.include_elementwise:
+            macs += self._elementwise_macs(n, args, out)
+        n.meta[MACS] = int(macs)
+        n.meta[PARAMS] = self._params(n)
+        return out
+
+    def _has_formula(self, n: fx.Node) -> bool:
+        """Whether the MACs of ``n`` come from a formula here rather than from FlopCounterMode."""
+        if n.op in ("placeholder", "output", "get_attr"):
+            return True
+        if n.op == "call_module":
+            return isinstance(self.module.get_submodule(n.target), (nn.modules.conv._ConvNd, nn.Linear, *_NO_MAC_MODULES))
+        if n.op == "call_function":
+            t = n.target
+            return t in _CONV_FUNCTIONS or t in _CONV_T_FUNCTIONS or t is F.linear or t in _MATMUL_FUNCTIONS or t in _ADDMM_FUNCTIONS
+        return n.op == "call_method" and n.target in _MATMUL_METHODS
+
+    def _formula_macs(self, n: fx.Node, args: tuple, kwargs: dict, out: Any) -> int:
+        if n.op == "call_module":
+            m = self.module.get_submodule(n.target)
+            if isinstance(m, nn.modules.conv._ConvNd):
+                if m.transposed:
+                    return _numel(args[0]) * (m.out_channels // m.groups) * math.prod(m.kernel_size)
+                return conv_macs(_numel(out), m.in_channels // m.groups, m.kernel_size)
+            if isinstance(m, nn.Linear):
+                return _numel(out) * m.in_features
+            return 0
+        if n.op == "call_function":
+            t = n.target
+            if t in _CONV_FUNCTIONS or t in _CONV_T_FUNCTIONS or t is F.linear:
+                weight = args[1] if len(args) > 1 else kwargs["weight"]
+                # conv weight is (C_out, C_in/g, *k); transposed (C_in, C_out/g, *k); linear (out, in)
+                if t in _CONV_T_FUNCTIONS:
+                    return _numel(args[0]) * math.prod(weight.shape[1:])
+                return _numel(out) * math.prod(weight.shape[1:])
+            if t in _MATMUL_FUNCTIONS or t in _ADDMM_FUNCTIONS:
+                a = args[1] if t in _ADDMM_FUNCTIONS else args[0]
+                return _numel(out) * (a.shape[-1] if a.dim() else 1)
+        if n.op == "call_method" and n.target in _MATMUL_METHODS:
+            return _numel(out) * (args[0].shape[-1] if args[0].dim() else 1)
+        return 0
+
+    def _elementwise_macs(self, n: fx.Node, args: tuple, out: Any) -> int:
+        """The extra operations ptflops counts: bias, BN, activations, pooling, adds."""
+        if n.op == "call_module":
+            m = self.module.get_submodule(n.target)
+            if isinstance(m, nn.modules.conv._ConvNd):
+                return _numel(out) if m.bias is not None else 0
+            if isinstance(m, nn.Linear):
+                return m.out_features if m.bias is not None else 0
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                return _numel(args[0]) * (2 if m.affine else 1)
+            if isinstance(m, _ACTIVATIONS):
+                return _numel(out)
+            if isinstance(m, _POOLS):
+                return _numel(args[0])
+            return 0
+        if n.op == "call_function":
+            if n.target in _ACTIVATION_FUNCTIONS:
+                return _numel(out)
+            if n.target in _POOL_FUNCTIONS and n.target is not torch.flatten:
+                return _numel(args[0])
+            if n.target in _ADD_FUNCTIONS:
+                return _numel(out)
+        if n.op == "call_method" and n.target in ("add", "add_"):
+            return _numel(out)
+        return 0
+
+    def _params(self, n: fx.Node) -> int:
+        if n.op == "call_module":
+            return sum(p.numel() for p in self.module.get_submodule(n.target).parameters())
+        if n.op == "get_attr":
+            value = self.fetch_attr(n.target)
+            return value.numel() if isinstance(value, nn.Parameter) else 0
+        return 0
+
+
+def cost_model(gm: fx.GraphModule, *example_inputs: Any, include_elementwise: bool = False) -> fx.GraphModule:
+    """Annotate every node with its MACs, parameter count and output shape.
+
+    An analysis pass: it runs ``gm`` once on ``example_inputs`` (in eval mode and without
+    gradients, so BatchNorm statistics are left alone) and writes, on every node,
+    ``node.meta["macs"]`` (multiply-accumulates for this batch; 0 where nothing multiplies),
+    ``node.meta["params"]`` and ``node.meta["tensor_meta"]`` (as ShapeProp does). It returns
+    ``gm`` itself; nothing else is changed.
+
+    MACs follow torchvision's convention: ``N*C_out*H_out*W_out*(C_in/groups)*k_h*k_w`` for a
+    conv (transposed: per input position), ``N*in*out`` for linear, the matmul family likewise;
+    bias, BatchNorm and activations excluded, so the total equals
+    ``torch.utils.flop_counter.FlopCounterMode`` / 2. Layers without a formula here (attention,
+    say) are counted by FlopCounterMode. ``include_elementwise=True`` adds bias, BatchNorm,
+    activations, pooling and adds the way ptflops counts them (the paper's GMAC figures).
+
+    Args:
+        gm: the GraphModule to annotate.
+        example_inputs: the positional inputs of ``gm``, for one batch.
+        include_elementwise: also count elementwise work (see above).
+
+    Example::
+
+        >>> gm = cost_model(fxtucker.trace(resnet18()), torch.randn(1, 3, 224, 224))
+        >>> gm.graph.find_nodes(op="call_module", target="conv1")[0].meta["macs"]
+        118013952
+    """
+    check_graph_module(gm, "cost_model")
+    if not example_inputs:
+        raise ValueError("cost_model needs example inputs: call cost_model(gm, *example_inputs) with one batch")
+    modes = {m: m.training for m in gm.modules()}
+    gm.eval()
+    try:
+        with torch.no_grad():
+            _CostModel(gm, include_elementwise).propagate(*example_inputs)
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+    return gm
+
+
+def count_macs(module_or_gm: nn.Module, *example_inputs: Any, include_elementwise: bool = False) -> int:
+    """Total MACs of a model for ``example_inputs`` (see :func:`cost_model` for the convention)."""
+    from fxtucker.tracing import trace
+
+    gm = trace(module_or_gm)
+    cost_model(gm, *example_inputs, include_elementwise=include_elementwise)
+    return sum(n.meta[MACS] for n in gm.graph.nodes)

@@ -1,0 +1,371 @@
+"""decompose_conv: replace each eligible conv by Tucker-2 factors (first, core, last)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import warnings
+from collections import defaultdict
+from typing import Callable, Optional, Union
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from fxtucker import tucker
+from fxtucker.meta import (
+    CORE,
+    DECOMPOSED,
+    FIRST,
+    KEY,
+    LAST,
+    MACS,
+    SKIPPED,
+    TENSOR_META,
+    ConvSpec,
+    FactorRecord,
+    GraphRecord,
+    LayerPlan,
+    LayerRecord,
+    graph_record,
+    set_graph_record,
+)
+from fxtucker.passes._common import CONV_TYPES, finish, new_node, prepare, set_submodule
+
+__all__ = ["decompose_conv", "plan_decomposition", "RanksArg"]
+
+Ranks = Union[int, tuple[int, ...]]
+RanksArg = Union[None, float, str, dict[str, Ranks], Callable[[str, nn.Module], Optional[Ranks]]]
+
+_CONV_FUNCTION_NAMES = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
+
+
+def _spec(m: nn.modules.conv._ConvNd) -> ConvSpec:
+    padding = m.padding if isinstance(m.padding, str) else tuple(m.padding)
+    return ConvSpec(
+        cls_name=type(m).__name__ if type(m) in CONV_TYPES else next(c.__name__ for c in CONV_TYPES if isinstance(m, c)),
+        in_channels=m.in_channels,
+        out_channels=m.out_channels,
+        kernel_size=tuple(m.kernel_size),
+        stride=tuple(m.stride),
+        padding=padding,
+        dilation=tuple(m.dilation),
+        groups=m.groups,
+        bias=m.bias is not None,
+        padding_mode=m.padding_mode,
+    )
+
+
+def _unsupported(m: nn.Module, name: str, shared: dict[int, list[str]]) -> str:
+    """Why module ``m`` cannot be decomposed without changing the function, or ''."""
+    base = next((c for c in (*CONV_TYPES, nn.Linear) if isinstance(m, c)), None)
+    if base is None:
+        return f"{type(m).__name__} is not decomposed (only Conv1d/2d/3d and, with linear=True, Linear)"
+    if type(m).forward is not base.forward or (base is not nn.Linear and type(m)._conv_forward is not base._conv_forward):
+        return f"{type(m).__name__} subclasses {base.__name__} with its own forward; its function is not the weight's"
+    if nn.utils.parametrize.is_parametrized(m):
+        return "its weight is parametrized (weight norm, spectral norm, ...); decomposing would drop the parametrization"
+    if m._forward_hooks or m._forward_pre_hooks or getattr(m, "_backward_hooks", None):
+        return "it has hooks registered; decomposing would drop them"
+    if not m.weight.is_floating_point() or m.weight.is_complex():
+        return f"its weight has dtype {m.weight.dtype}; only real floating-point weights are decomposed"
+    others = [o for o in shared.get(id(m.weight), []) if o != f"{name}.weight"]
+    if others:
+        return f"its weight is tied to {', '.join(others)}; decomposing would untie them"
+    if base is not nn.Linear and m.in_channels // m.groups == 1:
+        return "depthwise conv (one input channel per group): there is no input-channel mode to decompose"
+    return ""
+
+
+def _kind(m: nn.Module) -> str:
+    if isinstance(m, nn.Linear):
+        return "svd"
+    return "svd" if math.prod(m.kernel_size) == 1 else "tucker2"
+
+
+def _group_shape(m: nn.Module) -> tuple[int, ...]:
+    """Shape of the kernel of one group: (C_out/g, C_in/g, *k), or (out, in) for Linear."""
+    if isinstance(m, nn.Linear):
+        return (m.out_features, m.in_features)
+    return (m.out_channels // m.groups, m.in_channels // m.groups, *m.kernel_size)
+
+
+def _full_ranks(m: nn.Module) -> tuple[int, ...]:
+    shape = _group_shape(m)
+    return (min(shape[0], shape[1]),) if _kind(m) == "svd" else tucker.tucker2_full_ranks(shape)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Precision the maths runs in: float64 for float64 weights, float32 for all others (fp16, bf16)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _group_weights(m: nn.Module) -> list[torch.Tensor]:
+    """The kernel of each group in compute precision; 1x1 kernels as matrices (C_out/g, C_in/g)."""
+    w = m.weight.detach().to(compute_dtype(m.weight.dtype))
+    if isinstance(m, nn.Linear):
+        return [w]
+    w = w.reshape(m.groups, m.out_channels // m.groups, *w.shape[1:])
+    return [g.reshape(g.shape[0], g.shape[1]) if _kind(m) == "svd" else g for g in w]
+
+
+def _fraction_ranks(m: nn.Module, frac: float) -> tuple[int, ...]:
+    shape, full = _group_shape(m), _full_ranks(m)
+    modes = (min(shape[0], shape[1]),) if _kind(m) == "svd" else (shape[1], shape[0])
+    return tuple(min(f, max(1, round(frac * size))) for size, f in zip(modes, full))
+
+
+def _vbmf_ranks(m: nn.Module) -> tuple[int, ...]:
+    per_group = [
+        (max(1, tucker.evbmf(w)),) if _kind(m) == "svd" else tucker.vbmf_ranks(w) for w in _group_weights(m)
+    ]
+    return tuple(max(r) for r in zip(*per_group))
+
+
+def _normalise_ranks(value: Ranks, m: nn.Module, name: str) -> tuple[int, ...]:
+    """Check user-given ranks for module ``m`` and return them as a tuple."""
+    kind, full = _kind(m), _full_ranks(m)
+    want = "an int R or (R,)" if kind == "svd" else "a pair (R1, R2)"
+    ranks = (value,) if isinstance(value, numbers.Integral) and kind == "svd" else value
+    if not isinstance(ranks, (tuple, list)) or len(ranks) != len(full) or not all(
+        isinstance(r, numbers.Integral) and not isinstance(r, bool) for r in ranks
+    ):
+        raise ValueError(f"ranks for {name!r} ({type(m).__name__}, decomposed by {kind}) must be {want}, got {value!r}")
+    ranks = tuple(int(r) for r in ranks)
+    if any(not 1 <= r <= f for r, f in zip(ranks, full)):
+        bounds = " and ".join(f"1 <= {n} <= {f}" for n, f in zip(("R1", "R2") if kind == "tucker2" else ("R",), full))
+        raise ValueError(f"ranks {ranks} for {name!r} out of range: valid are {bounds} (full rank per group)")
+    return ranks
+
+
+def _choose_ranks(ranks: RanksArg, name: str, m: nn.Module) -> Optional[tuple[int, ...]]:
+    """The ranks for ``m`` from the user's ``ranks`` argument, or None to skip it."""
+    if ranks is None:
+        return _full_ranks(m)
+    if isinstance(ranks, str):
+        return _vbmf_ranks(m)
+    if isinstance(ranks, numbers.Real) and not isinstance(ranks, bool):
+        return _fraction_ranks(m, float(ranks))
+    if isinstance(ranks, dict):
+        return _normalise_ranks(ranks[name], m, name) if name in ranks else None
+    chosen = ranks(name, m)
+    return None if chosen is None else _normalise_ranks(chosen, m, name)
+
+
+def _check_ranks_arg(ranks: RanksArg) -> None:
+    if ranks is None or callable(ranks) or isinstance(ranks, dict):
+        return
+    if isinstance(ranks, str):
+        if ranks != "vbmf":
+            raise ValueError(f"ranks={ranks!r} is not known: the only string accepted is 'vbmf'")
+        return
+    if isinstance(ranks, numbers.Real) and not isinstance(ranks, bool):
+        if not 0.0 < float(ranks) <= 1.0:
+            raise ValueError(f"ranks={ranks!r}: a fraction of each mode must be in (0, 1]")
+        return
+    raise TypeError(
+        f"ranks must be None (full rank), a float in (0, 1], 'vbmf', a dict name -> ranks or a callable "
+        f"(name, module) -> ranks or None; got {type(ranks).__name__}"
+    )
+
+
+def _shape(node: fx.Node) -> tuple[int, ...]:
+    tm = node.meta.get(TENSOR_META)
+    return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else ()
+
+
+def plan_decomposition(gm: fx.GraphModule, ranks: RanksArg = None, *, linear: bool = False, inplace: bool = False) -> fx.GraphModule:
+    """Decide, without rewriting, how each conv would be decomposed.
+
+    Writes a :class:`fxtucker.meta.LayerPlan` into ``node.meta["fxtucker"]`` of every conv
+    (and Linear, with ``linear=True``) call and the layer table into ``gm.meta["fxtucker"]``.
+    Edit a plan with ``dataclasses.replace`` and run ``decompose_conv(gm, use_plan=True)`` to
+    apply it. Arguments as in :func:`decompose_conv`.
+    """
+    gm = prepare(gm, inplace, "plan_decomposition")
+    _check_ranks_arg(ranks)
+    modules = dict(gm.named_modules())
+    shared: dict[int, list[str]] = defaultdict(list)
+    for pname, p in gm.named_parameters(remove_duplicate=False):
+        shared[id(p)].append(pname)
+    sites: dict[str, list[fx.Node]] = defaultdict(list)
+    records: list[LayerRecord] = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(modules.get(node.target), (nn.modules.conv._ConvNd, nn.Linear)):
+            if isinstance(modules[node.target], nn.Linear) and not linear:
+                continue
+            sites[node.target].append(node)
+        elif node.op == "call_function" and getattr(node.target, "__name__", "") in _CONV_FUNCTION_NAMES:
+            reason = f"functional call {node.target.__name__}() on tensors; only nn.Conv modules are decomposed"
+            node.meta[KEY] = LayerPlan(source=node.name, kind="skip", reason=reason)
+            records.append(LayerRecord(name=node.name, node=node.name, op=node.target.__name__, kind="skip",
+                                       out_shape=_shape(node), macs_before=node.meta.get(MACS), reason=reason))
+    if isinstance(ranks, dict):
+        unknown = sorted(set(ranks) - set(sites))
+        if unknown:
+            raise ValueError(f"ranks names {unknown}, which are not {'conv or Linear' if linear else 'conv'} "
+                             f"modules called in the graph; known: {sorted(sites)}")
+    for name, nodes in sites.items():
+        m = modules[name]
+        reason = _unsupported(m, name, shared)
+        if isinstance(m, nn.modules.conv._ConvNd) and m.transposed:
+            reason = f"{type(m).__name__} is not decomposed (transposed convs are left as they are)"
+        if reason and isinstance(ranks, dict) and name in ranks:
+            raise ValueError(f"ranks asks for {name!r}, which cannot be decomposed: {reason}")
+        chosen = None if reason else _choose_ranks(ranks, name, m)
+        if chosen is None and not reason:
+            reason = "not selected by the ranks argument"
+        plan = (LayerPlan(source=name, kind="skip", reason=reason) if reason else
+                LayerPlan(source=name, kind=_kind(m), full_ranks=_full_ranks(m), ranks=chosen))
+        for node in nodes:
+            node.meta[KEY] = plan
+        macs = [n.meta.get(MACS) for n in nodes]
+        records.append(LayerRecord(
+            name=name, node=nodes[0].name, op=type(m).__name__, kind=plan.kind,
+            spec=_spec(m) if isinstance(m, CONV_TYPES) else None,
+            in_shape=_shape(nodes[0].args[0]) if nodes[0].args else (), out_shape=_shape(nodes[0]),
+            full_ranks=plan.full_ranks if plan.kind != "skip" else (_full_ranks(m) if not reason.startswith(type(m).__name__) else ()),
+            ranks=plan.ranks, macs_before=None if None in macs else sum(macs), decision=SKIPPED,
+            reason=plan.reason, call_sites=len(nodes),
+        ))
+    set_graph_record(gm, GraphRecord(layers=tuple(records), stage="plan_decomposition"))
+    return gm
+
+
+def _factor_modules(m: nn.Module, kind: str, ranks: tuple[int, ...]) -> dict[str, nn.Module]:
+    """first/core/last modules that compose to ``m``, truncated to ``ranks``."""
+    groups = 1 if isinstance(m, nn.Linear) else m.groups
+    weights = _group_weights(m)
+    bias = None if m.bias is None else m.bias.detach()
+    if isinstance(m, nn.Linear):
+        left, right = tucker.svd_pair(weights[0], ranks[0])
+        first, last = nn.Linear(m.in_features, ranks[0], bias=False), nn.Linear(ranks[0], m.out_features, bias=bias is not None)
+        mods = {FIRST: first, LAST: last}
+        first.weight.data, last.weight.data = right, left
+    else:
+        conv = type(m) if type(m) in CONV_TYPES else next(c for c in CONV_TYPES if isinstance(m, c))
+        ones = (1,) * len(m.kernel_size)
+        if kind == "svd":
+            r = ranks[0]
+            pairs = [tucker.svd_pair(w, r) for w in weights]
+            # A 1x1 kernel commutes with zero/reflect/... padding and with striding: the input
+            # factor takes them, so the second factor runs on the smaller output.
+            first = conv(m.in_channels, groups * r, ones, stride=m.stride, padding=m.padding, dilation=m.dilation,
+                         groups=groups, bias=False, padding_mode=m.padding_mode)
+            last = conv(groups * r, m.out_channels, ones, groups=groups, bias=bias is not None)
+            first.weight.data = torch.cat([p[1] for p in pairs]).reshape(groups * r, -1, *ones)
+            last.weight.data = torch.cat([p[0] for p in pairs]).reshape(m.out_channels, r, *ones)
+            mods = {FIRST: first, LAST: last}
+        else:
+            r1, r2 = ranks
+            parts = [tucker.tucker2(w, (r1, r2)) for w in weights]
+            first = conv(m.in_channels, groups * r1, ones, groups=groups, bias=False)
+            core = conv(groups * r1, groups * r2, m.kernel_size, stride=m.stride, padding=m.padding,
+                        dilation=m.dilation, groups=groups, bias=False, padding_mode=m.padding_mode)
+            last = conv(groups * r2, m.out_channels, ones, groups=groups, bias=bias is not None)
+            first.weight.data = torch.cat([u_in.T for _, _, u_in in parts]).reshape(groups * r1, -1, *ones)
+            core.weight.data = torch.cat([c for c, _, _ in parts])
+            last.weight.data = torch.cat([u_out for _, u_out, _ in parts]).reshape(m.out_channels, r2, *ones)
+            mods = {FIRST: first, CORE: core, LAST: last}
+    mods = {k: v.to(device=m.weight.device, dtype=m.weight.dtype) for k, v in mods.items()}
+    if bias is not None:
+        mods[LAST].bias.data = bias.clone()
+    return mods
+
+
+def decompose_conv(
+    gm: fx.GraphModule,
+    ranks: RanksArg = None,
+    *,
+    linear: bool = False,
+    use_plan: bool = False,
+    inplace: bool = False,
+) -> fx.GraphModule:
+    """Replace each eligible conv node by Tucker-2 factors ``first``, ``core`` and ``last``.
+
+    A conv ``W: (C_out, C_in/g, *k)`` becomes a 1x1 conv ``first`` (C_in -> R1), a kxk conv
+    ``core`` (R1 -> R2, with the original stride, padding, dilation and padding_mode) and a 1x1
+    conv ``last`` (R2 -> C_out, with the original bias), from HOSVD over the output- and
+    input-channel modes; grouped convs are decomposed per group. 1x1 convs (and Linear layers
+    when ``linear=True``) become SVD pairs ``first``/``last``. At full rank the function is
+    unchanged; truncated, each kernel is its HOSVD truncation.
+
+    Depthwise and transposed convs, functional ``F.conv*`` calls, convs with tied weights,
+    hooks, parametrizations or a custom forward are skipped with the reason recorded (see
+    :func:`fxtucker.report`) and one summary warning.
+
+    Args:
+        gm: the traced model (``fxtucker.trace`` or ``torch.fx.symbolic_trace``).
+        ranks: ``None`` for full rank; a float in (0, 1] for that fraction of each mode; a dict
+            qualified name -> ``(R1, R2)`` (or ``R`` for SVD pairs), decomposing only those;
+            a callable ``(name, module) -> ranks or None``; or ``"vbmf"`` for EVBMF ranks of
+            the two unfoldings (Kim et al. 2015). Ranks are per group.
+        linear: also decompose ``nn.Linear`` layers into SVD pairs.
+        use_plan: apply the plans already in ``node.meta`` (from :func:`plan_decomposition`,
+            possibly edited) instead of ``ranks``.
+        inplace: rewrite ``gm`` itself instead of a deep copy.
+
+    Before::
+
+        %layer1_0_conv1 : call_module[target=layer1.0.conv1](args = (%maxpool,))
+
+    After::
+
+        %layer1_0_conv1_first : call_module[target=layer1.0.conv1.first](args = (%maxpool,))
+        %layer1_0_conv1_core : call_module[target=layer1.0.conv1.core](args = (%layer1_0_conv1_first,))
+        %layer1_0_conv1_last : call_module[target=layer1.0.conv1.last](args = (%layer1_0_conv1_core,))
+
+    Example::
+
+        >>> gm = decompose_conv(fxtucker.trace(resnet18()), ranks=0.5)
+    """
+    if use_plan:
+        gm = prepare(gm, inplace, "decompose_conv")
+        if not isinstance(gm.meta.get(KEY), GraphRecord) or gm.meta[KEY].stage != "plan_decomposition":
+            raise ValueError("decompose_conv(use_plan=True) needs plans: run plan_decomposition(gm, ranks) first")
+    else:
+        gm = plan_decomposition(gm, ranks, linear=linear, inplace=inplace)
+    modules = dict(gm.named_modules())
+    sites: dict[str, list[fx.Node]] = defaultdict(list)
+    for node in gm.graph.nodes:
+        plan = node.meta.get(KEY)
+        if node.op == "call_module" and isinstance(plan, LayerPlan) and plan.kind != "skip":
+            sites[node.target].append(node)
+    rec = graph_record(gm)
+    done: dict[str, tuple[int, ...]] = {}
+    for name, nodes in sites.items():
+        plan, m = nodes[0].meta[KEY], modules[name]
+        if plan.kind != _kind(m) or plan.full_ranks != _full_ranks(m):
+            raise ValueError(f"the plan for {name!r} ({plan}) does not fit {type(m).__name__}: "
+                             f"kind must be {_kind(m)!r} and full_ranks {_full_ranks(m)}")
+        ranks_ = _normalise_ranks(plan.ranks, m, name)
+        factors = _factor_modules(m, plan.kind, ranks_)
+        set_submodule(gm, name, nn.ModuleDict(factors))
+        for node in nodes:
+            x = node.args[0] if node.args else node.kwargs["input"]
+            graph = gm.graph
+            with graph.inserting_before(node):
+                for role in factors:
+                    x = new_node(graph, "call_module", f"{name}.{role}", (x,), node,
+                                 FactorRecord(source=name, role=role, ranks=ranks_, replaces=node.name))
+            node.replace_all_uses_with(x)
+            graph.erase_node(node)
+        done[name] = ranks_
+    for node in gm.graph.nodes:
+        if isinstance(node.meta.get(KEY), LayerPlan):
+            del node.meta[KEY]
+    layers = tuple(
+        dataclasses.replace(r, ranks=done[r.name], decision=DECOMPOSED, reason="") if r.name in done else r
+        for r in rec.layers
+    )
+    set_graph_record(gm, GraphRecord(layers=layers, stage="decompose_conv"))
+    unsupported = [r for r in layers if r.decision == SKIPPED and r.reason != "not selected by the ranks argument"]
+    if unsupported:
+        reasons = defaultdict(list)
+        for r in unsupported:
+            reasons[r.reason.split(";")[0].split(":")[0]].append(r.name)
+        summary = "; ".join(f"{len(v)} x {k} (e.g. {v[0]!r})" for k, v in reasons.items())
+        warnings.warn(f"decompose_conv left {len(unsupported)} layer(s) as they are: {summary}. "
+                      f"fxtucker.report(gm) lists each with its reason.", stacklevel=2)
+    return finish(gm)

@@ -1,0 +1,163 @@
+"""strip_gates: drop components whose gate is below a threshold, fold the rest into the weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections import defaultdict
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from fxtucker.meta import (
+    CORE,
+    FIRST,
+    GATE_CORE,
+    GATE_IN,
+    GATE_OUT,
+    GATE_ROLES,
+    KEY,
+    LAST,
+    graph_record,
+    set_graph_record,
+)
+from fxtucker.passes._common import CONV_TYPES, factor_nodes, finish, prepare
+
+__all__ = ["strip_gates"]
+
+
+def _plain(m: nn.Module, in_ch: int, out_ch: int, weight: torch.Tensor) -> nn.Module:
+    """A plain (unparametrized) copy of conv or linear ``m`` with new channel counts and weight."""
+    if isinstance(m, nn.Linear):
+        new = nn.Linear(in_ch, out_ch, bias=m.bias is not None)
+    else:
+        cls = next(c for c in CONV_TYPES if isinstance(m, c))
+        new = cls(in_ch, out_ch, m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation,
+                  groups=m.groups, bias=m.bias is not None, padding_mode=m.padding_mode)
+    new = new.to(device=weight.device, dtype=weight.dtype)
+    new.weight.data = weight.detach().clone()
+    if m.bias is not None:
+        new.bias.data = m.bias.detach().clone()
+    return new
+
+
+def _select(score: torch.Tensor, keep: torch.Tensor, groups: int) -> tuple[list[torch.Tensor], list[bool], int]:
+    """Per group, the local indices to keep (as many in every group), which groups keep none, and how many."""
+    score, keep = score.view(groups, -1), keep.view(groups, -1)
+    k = int(keep.sum(dim=1).max())
+    if k == 0:
+        # Nothing survives: keep one component, zeroed, so the layer outputs exactly its bias.
+        return [torch.zeros(1, dtype=torch.long, device=score.device)] * groups, [True] * groups, 0
+    chosen = []
+    for s, kp in zip(score, keep):
+        # Components above the threshold first, then the largest below it to even out the groups.
+        order = torch.argsort(torch.where(kp, s + s.max() + 1, s), descending=True)[:k]
+        chosen.append(order.sort().values)
+    return chosen, [False] * groups, k
+
+
+def strip_gates(gm: fx.GraphModule, threshold: float = 0.0, *, inplace: bool = False) -> fx.GraphModule:
+    """Remove gated components below ``threshold`` and fold the surviving gates into the weights.
+
+    A component whose gate magnitude is below ``threshold`` is dropped together with what it
+    feeds: a row of ``first`` and the matching input slice of ``core``; an output slice of
+    ``core`` (or column of ``last``) and the matching column of ``last`` (or slice of ``core``).
+    Surviving gates multiply their unit directions; gate nodes, Gate modules and the unit-norm
+    parametrizations are all removed, leaving plain ``nn.Conv*`` / ``nn.Linear`` modules.
+    Grouped convs keep the same rank in every group (the largest gates below the threshold fill
+    in). A layer that loses a whole rank keeps one zeroed component: its output is its bias.
+
+    Args:
+        gm: output of :func:`insert_gates` (after training).
+        threshold: gates with ``|g| < threshold`` are dropped; 0 keeps every component, which
+            leaves the function unchanged. The paper uses 0.01 to 0.02.
+        inplace: rewrite ``gm`` itself instead of a deep copy.
+
+    Before::
+
+        %l_first = call_module[target=l.first](args = (%x,))
+        %l_gate_in = call_module[target=l.gate_in](args = (%l_first,))
+        %l_core = call_module[target=l.core](args = (%l_gate_in,))
+
+    After::
+
+        %l_first = call_module[target=l.first](args = (%x,))
+        %l_core = call_module[target=l.core](args = (%l_first,))
+
+    Example::
+
+        >>> pruned = strip_gates(trained_gated_gm, threshold=0.01)
+    """
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold) or threshold < 0:
+        raise ValueError(f"threshold must be a finite number >= 0 (the paper uses 0.01 to 0.02), got {threshold!r}")
+    gm = prepare(gm, inplace, "strip_gates")
+    by_source: dict[str, dict[str, list[fx.Node]]] = defaultdict(lambda: defaultdict(list))
+    for node, rec in factor_nodes(gm):
+        by_source[rec.source][rec.role].append(node)
+    gated = {s: r for s, r in by_source.items() if GATE_IN in r}
+    if not gated:
+        raise ValueError("strip_gates found no gates: run insert_gates(gm) first")
+    kept: dict[str, tuple[tuple[int, ...], str]] = {}
+    for source, roles in gated.items():
+        c = gm.get_submodule(source)
+        g_in, g_out = c[GATE_IN].weight.detach(), c[GATE_OUT].weight.detach()
+        g_core = c[GATE_CORE].weight.detach() if GATE_CORE in c else None
+        for name, g in ((GATE_IN, g_in), (GATE_CORE, g_core), (GATE_OUT, g_out)):
+            if g is not None and not torch.isfinite(g).all():
+                raise ValueError(f"gates {source}.{name} hold NaN or Inf; the training diverged, nothing can be stripped")
+        first, last = c[FIRST], c[LAST]
+        core = c[CORE] if CORE in c else None
+        groups = getattr(first, "groups", 1)
+        # Effective weights: unit directions times gates.
+        w_first = first.weight.detach() * g_in.view(-1, *([1] * (first.weight.dim() - 1)))
+        lw = last.weight.detach()
+        lw = lw.reshape(groups, lw.shape[0] // groups, lw.shape[1], -1) * g_out.view(groups, 1, -1, 1)
+        w_last = lw.reshape(last.weight.shape)
+        if core is not None:
+            w_core = core.weight.detach() * g_core.view(-1, *([1] * (core.weight.dim() - 1)))
+            keep_out = (g_out.abs() >= threshold) & (g_core.abs() >= threshold)
+            idx_in, zero_in, k_in = _select(g_in.abs(), g_in.abs() >= threshold, groups)
+            idx_out, zero_out, k_out = _select((g_out * g_core).abs(), keep_out, groups)
+        else:
+            keep = (g_in.abs() >= threshold) & (g_out.abs() >= threshold)
+            idx_in, zero_in, k_in = _select((g_in * g_out).abs(), keep, groups)
+            idx_out, zero_out, k_out = idx_in, zero_in, k_in
+        r_in, r_out = first.weight.shape[0] // groups, last.weight.shape[1]
+        n_in, n_out = len(idx_in[0]), len(idx_out[0])
+        glob_in = torch.cat([i + gi * r_in for gi, i in enumerate(idx_in)])
+        glob_out = torch.cat([i + gi * r_out for gi, i in enumerate(idx_out)])
+        new_first = w_first[glob_in] * (0.0 if all(zero_in) else 1.0)
+        new_last = torch.cat([w_last.reshape(groups, -1, *w_last.shape[1:])[gi][:, i] for gi, i in enumerate(idx_out)])
+        new_last = new_last * (0.0 if all(zero_out) else 1.0)
+        in_features = first.in_features if isinstance(first, nn.Linear) else first.in_channels
+        out_features = last.out_features if isinstance(last, nn.Linear) else last.out_channels
+        c[FIRST] = _plain(first, in_features, groups * n_in, new_first)
+        c[LAST] = _plain(last, groups * n_out, out_features, new_last)
+        if core is not None:
+            new_core = torch.cat([w_core[glob_out[gi * n_out:(gi + 1) * n_out]][:, idx_in[gi]] for gi in range(groups)])
+            c[CORE] = _plain(core, groups * n_in, groups * n_out, new_core)
+            ranks = (k_in, k_out)
+        else:
+            ranks = (k_in,)
+        filled = n_in > k_in > 0 or n_out > k_out > 0
+        note = ("" if not filled else
+                f"kept gates below the threshold so that all {groups} groups have the same rank")
+        kept[source] = (ranks, note)
+        for role in GATE_ROLES:
+            for node in roles.get(role, []):
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+            if role in c:
+                del c[role]
+        for role in (FIRST, CORE, LAST):
+            for node in roles.get(role, []):
+                node.meta[KEY] = dataclasses.replace(node.meta[KEY], ranks=ranks)
+    rec = graph_record(gm)
+    layers = tuple(
+        dataclasses.replace(r, ranks=kept[r.name][0], reason=kept[r.name][1]) if r.name in kept else r
+        for r in rec.layers
+    )
+    set_graph_record(gm, dataclasses.replace(rec, layers=layers, stage="strip_gates"))
+    return finish(gm)
