@@ -31,7 +31,7 @@ from fxtucker.meta import (
     graph_record,
     set_graph_record,
 )
-from fxtucker.passes._common import CONV_TYPES, finish, new_node, prepare, set_submodule
+from fxtucker.passes._common import CONV_TYPES, check_graph_module, finish, new_node, prepare, set_submodule
 
 __all__ = ["decompose_conv", "plan_decomposition", "RanksArg"]
 
@@ -72,9 +72,9 @@ def _unsupported(m: nn.Module, name: str, shared: dict[int, list[str]]) -> str:
         return f"its weight has dtype {m.weight.dtype}; only real floating-point weights are decomposed"
     others = [o for o in shared.get(id(m.weight), []) if o != f"{name}.weight"]
     if others:
-        return f"its weight is tied to {', '.join(others)}; decomposing would untie them"
+        return f"its weight is shared with another module ({', '.join(others)}); decomposing would untie them"
     if base is not nn.Linear and m.in_channels // m.groups == 1:
-        return "depthwise conv (one input channel per group): there is no input-channel mode to decompose"
+        return "one input channel per group (depthwise, or a single-channel input): there is no input-channel mode to decompose"
     return ""
 
 
@@ -229,6 +229,8 @@ def plan_decomposition(gm: fx.GraphModule, ranks: RanksArg = None, *, linear: bo
             ranks=plan.ranks, macs_before=None if None in macs else sum(macs), decision=SKIPPED,
             reason=plan.reason, call_sites=len(nodes),
         ))
+    position = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    records.sort(key=lambda r: position[r.node])
     set_graph_record(gm, GraphRecord(layers=tuple(records), stage="plan_decomposition"))
     return gm
 
@@ -320,6 +322,7 @@ def decompose_conv(
 
         >>> gm = decompose_conv(fxtucker.trace(resnet18()), ranks=0.5)
     """
+    check_graph_module(gm, "decompose_conv")
     if use_plan:
         gm = prepare(gm, inplace, "decompose_conv")
         if not isinstance(gm.meta.get(KEY), GraphRecord) or gm.meta[KEY].stage != "plan_decomposition":
@@ -364,7 +367,7 @@ def decompose_conv(
     if unsupported:
         reasons = defaultdict(list)
         for r in unsupported:
-            reasons[r.reason.split(";")[0].split(":")[0]].append(r.name)
+            reasons[r.reason.split(";")[0].split(":")[0].split(" (")[0]].append(r.name)
         summary = "; ".join(f"{len(v)} x {k} (e.g. {v[0]!r})" for k, v in reasons.items())
         warnings.warn(f"decompose_conv left {len(unsupported)} layer(s) as they are: {summary}. "
                       f"fxtucker.report(gm) lists each with its reason.", stacklevel=2)

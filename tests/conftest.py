@@ -1,0 +1,34 @@
+"""Shared tolerances and helpers for fxtucker's tests: every tolerance is named here once."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+# Identity rewrites (gates inserted then stripped at threshold 0 without training, restores of
+# untouched layers) must be exact up to float re-association.
+EXACT = dict(rtol=0.0, atol=0.0)
+# Full-rank decomposition in float64: relative error of the output.
+REL_FLOAT64 = 1e-10
+# The issue's bounds for the whole chain at full rank: relative error < 1e-5 (float64), < 1e-4 (float32).
+REL_CHAIN_FLOAT64 = 1e-5
+REL_CHAIN_FLOAT32 = 1e-4
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||, with 0/0 = 0."""
+    denom = b.double().norm().item()
+    num = (a.double() - b.double()).norm().item()
+    return 0.0 if num == 0 else num / max(denom, 1e-300)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def reference(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy in eval mode, taken before a pass runs."""
+    return copy.deepcopy(model).eval()

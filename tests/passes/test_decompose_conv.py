@@ -1,0 +1,249 @@
+"""decompose_conv: structure, names, records, numerics, rank arguments, skips and errors."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from hypothesis import given, settings
+
+import fxtucker
+from fxtucker.meta import FactorRecord, LayerPlan
+from fxtucker.passes import decompose_conv, plan_decomposition
+from fxtucker.passes.fold_or_restore import dense_module
+from tests.conftest import EXACT, REL_FLOAT64, reference, rel_error
+from tests.strategies import OneConv, conv_and_input
+
+
+def _roles(gm):
+    return [(n.name, n.meta["fxtucker"].role) for n in gm.graph.nodes if isinstance(n.meta.get("fxtucker"), FactorRecord)]
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
+        self.pw = nn.Conv2d(16, 12, 1)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        return self.fc(self.pw(x).mean((2, 3)))
+
+
+@given(conv_and_input())
+@settings(max_examples=60, deadline=None)
+def test_full_rank_preserves_function_float64(case):
+    conv, x = case
+    model = OneConv(conv).eval()
+    ref = reference(model)
+    gm = decompose_conv(fxtucker.trace(model))
+    gm.graph.lint()
+    assert rel_error(gm(x), ref(x)) < REL_FLOAT64
+    roles = [r for _, r in _roles(gm)]
+    assert roles == (["first", "last"] if conv.kernel_size == (1,) * len(conv.kernel_size) else ["first", "core", "last"]) * 2
+
+
+@given(conv_and_input(dtype=torch.float32))
+@settings(max_examples=30, deadline=None)
+def test_full_rank_preserves_function_float32(case):
+    conv, x = case
+    model = OneConv(conv).eval()
+    ref = reference(model)
+    assert rel_error(decompose_conv(fxtucker.trace(model))(x), ref(x)) < 1e-5
+
+
+def test_names_and_graph_of_a_small_cnn():
+    gm = decompose_conv(fxtucker.trace(Small()), linear=True)
+    assert _roles(gm) == [
+        ("conv1_first", "first"), ("conv1_core", "core"), ("conv1_last", "last"),
+        ("conv2_first", "first"), ("conv2_core", "core"), ("conv2_last", "last"),
+        ("pw_first", "first"), ("pw_last", "last"), ("fc_first", "first"), ("fc_last", "last"),
+    ]
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"][:3] == ["conv1.first", "conv1.core", "conv1.last"]
+    assert "conv1_core" in str(gm.graph)
+    core, first, last = gm.get_submodule("conv2.core"), gm.get_submodule("conv2.first"), gm.get_submodule("conv2.last")
+    assert (first.kernel_size, first.stride, first.bias) == ((1, 1), (1, 1), None)
+    assert (core.kernel_size, core.stride, core.padding, core.bias) == ((3, 3), (2, 2), (1, 1), None)
+    assert last.bias is None and gm.get_submodule("conv1.last").bias is not None
+    # a 1x1 pair takes stride/padding on its first factor
+    assert type(gm.get_submodule("pw.first")) is nn.Conv2d and type(gm.get_submodule("fc.first")) is nn.Linear
+
+
+def test_records_and_stack_traces():
+    gm = fxtucker.trace(Small())
+    d = decompose_conv(gm)
+    first = next(n for n in d.graph.nodes if n.name == "conv2_first")
+    assert first.meta["fxtucker"] == FactorRecord(source="conv2", role="first", ranks=(8, 16), replaces="conv2")
+    layer = fxtucker.report(d).layers[1]
+    assert (layer.name, layer.kind, layer.full_ranks, layer.ranks, layer.decision) == ("conv2", "tucker2", (8, 16), (8, 16), "decomposed")
+    assert layer.spec.stride == (2, 2) and layer.spec.bias is False
+    # the input gm is untouched unless inplace=True
+    assert "conv1" in dict(gm.named_modules()) and isinstance(gm.conv1, nn.Conv2d)
+    d2 = decompose_conv(gm, inplace=True)
+    assert d2 is gm and isinstance(gm.get_submodule("conv1.first"), nn.Conv2d)
+
+
+def test_fraction_dict_callable_and_vbmf_ranks():
+    model = Small()
+    gm = fxtucker.trace(model)
+    r = {l.name: l.ranks for l in fxtucker.report(decompose_conv(gm, ranks=0.5)).layers}
+    assert r == {"conv1": (2, 4), "conv2": (4, 8), "pw": (6,)}
+    d = decompose_conv(gm, ranks={"conv2": (3, 5), "pw": 4})
+    rep = {l.name: (l.ranks, l.decision) for l in fxtucker.report(d).layers}
+    assert rep == {"conv1": ((), "skipped"), "conv2": ((3, 5), "decomposed"), "pw": ((4,), "decomposed")}
+    assert d.get_submodule("conv2.core").weight.shape == (5, 3, 3, 3)
+    d = decompose_conv(gm, ranks=lambda name, m: (2, 2) if name == "conv1" else None)
+    assert [l.decision for l in fxtucker.report(d).layers] == ["decomposed", "skipped", "skipped"]
+    d = decompose_conv(gm, ranks="vbmf")
+    assert all(1 <= r <= f for l in fxtucker.report(d).layers for r, f in zip(l.ranks, l.full_ranks))
+
+
+def test_truncated_kernel_is_the_hosvd_truncation():
+    conv = nn.Conv2d(6, 10, 3, padding=1, groups=2).double()
+    gm = decompose_conv(fxtucker.trace(OneConv(conv)), ranks={"conv": (2, 3)})
+    rec = fxtucker.report(gm).layers[0]
+    kernel = dense_module(gm.get_submodule("conv"), rec.spec).weight.detach().numpy()
+    w = conv.weight.detach().numpy()
+    for g in range(2):
+        wg = w[5 * g:5 * (g + 1)]
+        u_out = np.linalg.svd(wg.reshape(5, -1))[0][:, :3]
+        u_in = np.linalg.svd(np.moveaxis(wg, 1, 0).reshape(3, -1))[0][:, :2]
+        expected = np.einsum("oi...,po,qi->pq...", wg, u_out @ u_out.T, u_in @ u_in.T)
+        np.testing.assert_allclose(kernel[5 * g:5 * (g + 1)], expected, atol=1e-10)
+
+
+def test_plan_can_be_edited_before_the_rewrite():
+    gm = plan_decomposition(fxtucker.trace(Small()), ranks=None)
+    node = next(n for n in gm.graph.nodes if n.name == "conv2")
+    assert node.meta["fxtucker"] == LayerPlan(source="conv2", kind="tucker2", full_ranks=(8, 16), ranks=(8, 16))
+    assert isinstance(gm.conv2, nn.Conv2d)  # nothing rewritten yet
+    node.meta["fxtucker"] = dataclasses.replace(node.meta["fxtucker"], ranks=(2, 3))
+    d = decompose_conv(gm, use_plan=True)
+    assert d.get_submodule("conv2.core").weight.shape == (3, 2, 3, 3)
+    node.meta["fxtucker"] = dataclasses.replace(node.meta["fxtucker"], ranks=(99, 3))
+    with pytest.raises(ValueError, match=r"ranks \(99, 3\) for 'conv2' out of range: valid are 1 <= R1 <= 8"):
+        decompose_conv(gm, use_plan=True)
+    with pytest.raises(ValueError, match=r"run plan_decomposition\(gm, ranks\) first"):
+        decompose_conv(fxtucker.trace(Small()), use_plan=True)
+
+
+class Tricky(nn.Module):
+    """Every kind of conv use that must be skipped or handled, never rewritten wrongly."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Conv2d(4, 4, 3, padding=1)  # called twice
+        self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.tied_a = nn.Conv2d(4, 4, 1)
+        self.tied_b = nn.Conv2d(4, 4, 1)
+        self.tied_b.weight = self.tied_a.weight
+        self.up = nn.ConvTranspose2d(4, 4, 2, stride=2)
+        self.hooked = nn.Conv2d(4, 4, 1)
+        self.hooked.register_forward_hook(lambda m, i, o: o * 2)
+        self.wn = nn.utils.parametrizations.weight_norm(nn.Conv2d(4, 4, 1))
+        self.w = nn.Parameter(torch.randn(4, 4, 3, 3))
+
+    def forward(self, x):
+        x = self.shared(self.shared(x))
+        x = self.dw(x) + self.tied_a(x) + self.tied_b(x)
+        x = self.hooked(self.wn(x))
+        return F.conv2d(self.up(x), self.w, padding=1)
+
+
+def test_skips_carry_reasons_and_function_is_kept():
+    model = Tricky().double().eval()
+    ref = reference(model)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"decompose_conv left 7 layer\(s\) as they are: .*2 x its weight is shared with another module \(e.g. 'tied_a'\)"):
+        gm = decompose_conv(fxtucker.trace(model))
+    assert rel_error(gm(x), ref(x)) < REL_FLOAT64
+    reasons = {l.name: (l.decision, l.reason) for l in fxtucker.report(gm).layers}
+    assert reasons["shared"] == ("decomposed", "")
+    layers = fxtucker.report(gm).layers
+    assert [l.name for l in layers] == ["shared", "dw", "tied_a", "tied_b", "wn", "hooked", "up", "conv2d"]
+    assert layers[0].call_sites == 2
+    assert "one input channel per group" in reasons["dw"][1]
+    assert "shared with another module (tied_b.weight)" in reasons["tied_a"][1]
+    assert "shared with another module (tied_a.weight)" in reasons["tied_b"][1]
+    assert "transposed" in reasons["up"][1]
+    assert "hooks" in reasons["hooked"][1]
+    assert "parametrized" in reasons["wn"][1]
+    assert "functional call conv2d()" in reasons["conv2d"][1]
+    # both call sites of the shared conv use one set of factors
+    assert [n.name for n in gm.graph.nodes if n.target == "shared.first"] == ["shared_first", "shared_first_1"]
+
+
+def test_conv_subclass_with_own_forward_is_skipped():
+    class Scaled(nn.Conv2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = OneConv(Scaled(3, 4, 3)).eval()
+    x = torch.randn(1, 3, 5, 5)
+    # traced through, its forward becomes functional conv2d calls, which are skipped
+    with pytest.warns(UserWarning, match=r"left 2 layer\(s\) as they are: 2 x functional call conv2d\(\)"):
+        gm = decompose_conv(fxtucker.trace(model))
+    torch.testing.assert_close(gm(x), model(x), **EXACT)
+    # kept as a leaf, it is one call_module node, skipped because of its own forward
+    with pytest.warns(UserWarning, match="left 1 layer"):
+        gm = decompose_conv(fxtucker.trace(model, leaf_modules=[Scaled]))
+    assert "Scaled subclasses Conv2d with its own forward" in fxtucker.report(gm).layers[0].reason
+    torch.testing.assert_close(gm(x), model(x), **EXACT)
+
+
+def test_half_precision_is_decomposed_in_float32_and_cast_back():
+    model = OneConv(nn.Conv2d(4, 6, 3)).to(torch.bfloat16).eval()
+    gm = decompose_conv(fxtucker.trace(model))
+    assert gm.get_submodule("conv.core").weight.dtype == torch.bfloat16
+    x = torch.randn(1, 4, 6, 6, dtype=torch.bfloat16)
+    assert rel_error(gm(x).float(), model(x).float()) < 2e-2
+
+
+def test_unbatched_input_and_1d_3d():
+    for conv, x in [(nn.Conv1d(3, 5, 3), torch.randn(3, 9)), (nn.Conv3d(2, 4, (1, 2, 3)), torch.randn(1, 2, 4, 4, 4))]:
+        model = OneConv(conv.double()).eval()
+        gm = decompose_conv(fxtucker.trace(model))
+        assert rel_error(gm(x.double()), model(x.double())) < REL_FLOAT64
+
+
+@pytest.mark.parametrize(
+    "ranks, error, match",
+    [
+        (0.0, ValueError, r"ranks=0.0: a fraction of each mode must be in \(0, 1\]"),
+        (1.5, ValueError, r"must be in \(0, 1\]"),
+        ("tt", ValueError, r"ranks='tt' is not known: the only string accepted is 'vbmf'"),
+        ([1, 2], TypeError, r"ranks must be None \(full rank\), a float"),
+        ({"nope": (1, 1)}, ValueError, r"ranks names \['nope'\], which are not conv modules called in the graph; known: \['conv1', 'conv2', 'pw'\]"),
+        ({"conv1": (0, 2)}, ValueError, r"ranks \(0, 2\) for 'conv1' out of range: valid are 1 <= R1 <= 3 and 1 <= R2 <= 8"),
+        ({"conv1": 3}, ValueError, r"ranks for 'conv1' \(Conv2d, decomposed by tucker2\) must be a pair \(R1, R2\), got 3"),
+        ({"pw": (2, 2)}, ValueError, r"ranks for 'pw' \(Conv2d, decomposed by svd\) must be an int R or \(R,\)"),
+        ({"fc": 2}, ValueError, r"ranks names \['fc'\], which are not conv modules"),
+    ],
+)
+def test_bad_ranks_are_refused(ranks, error, match):
+    with pytest.raises(error, match=match):
+        decompose_conv(fxtucker.trace(Small()), ranks=ranks)
+
+
+def test_explicitly_requested_unsupported_layer_raises():
+    with pytest.raises(ValueError, match=r"ranks asks for 'dw', which cannot be decomposed: one input channel per group"):
+        decompose_conv(fxtucker.trace(Tricky()), ranks={"dw": (1, 1)})
+
+
+def test_not_a_graph_module():
+    with pytest.raises(TypeError, match=r"decompose_conv expects a torch.fx.GraphModule, got Small; trace the model first"):
+        decompose_conv(Small())
+
+
+def test_resnet18_decomposes_every_conv():
+    model = torchvision.models.resnet18().eval()
+    gm = decompose_conv(fxtucker.trace(model), ranks=0.25)
+    layers = fxtucker.report(gm).layers
+    assert len(layers) == 20 and all(l.decision == "decomposed" for l in layers)
+    assert sum(l.kind == "svd" for l in layers) == 3  # the three downsample 1x1 convs

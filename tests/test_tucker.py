@@ -1,0 +1,76 @@
+"""The maths in fxtucker.tucker, checked against numpy references."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fxtucker import tucker
+
+
+def _numpy_hosvd_truncation(w: np.ndarray, r1: int, r2: int) -> np.ndarray:
+    """W x_0 (U2 U2^T) x_1 (U1 U1^T) with U from numpy's SVD of the unfoldings."""
+    u_out = np.linalg.svd(w.reshape(w.shape[0], -1), full_matrices=False)[0][:, :r2]
+    u_in = np.linalg.svd(np.moveaxis(w, 1, 0).reshape(w.shape[1], -1), full_matrices=False)[0][:, :r1]
+    p_out, p_in = u_out @ u_out.T, u_in @ u_in.T
+    return np.einsum("oi...,po,qi->pq...", w, p_out, p_in)
+
+
+@given(
+    c_out=st.integers(1, 12), c_in=st.integers(1, 12), k=st.lists(st.integers(1, 3), min_size=1, max_size=3),
+    data=st.data(),
+)
+@settings(max_examples=40, deadline=None)
+def test_tucker2_full_rank_is_exact_and_truncation_is_hosvd(c_out, c_in, k, data):
+    w = torch.randn(c_out, c_in, *k, dtype=torch.float64)
+    core, u_out, u_in = tucker.tucker2(w)
+    assert torch.allclose(tucker.reconstruct_tucker2(core, u_out, u_in), w, rtol=0, atol=1e-12)
+    assert torch.allclose(u_out.T @ u_out, torch.eye(u_out.shape[1], dtype=w.dtype), atol=1e-12)
+    full = tucker.tucker2_full_ranks(w.shape)
+    r1, r2 = data.draw(st.integers(1, full[0])), data.draw(st.integers(1, full[1]))
+    core, u_out, u_in = tucker.tucker2(w, (r1, r2))
+    assert core.shape == (r2, r1, *k)
+    expected = _numpy_hosvd_truncation(w.numpy(), r1, r2)
+    np.testing.assert_allclose(tucker.reconstruct_tucker2(core, u_out, u_in).numpy(), expected, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(7, 30), (30, 7), (5, 5)])
+def test_svd_pair_is_optimal_truncation(shape):
+    a = torch.randn(*shape, dtype=torch.float64)
+    left, right = tucker.svd_pair(a)
+    assert torch.allclose(left @ right, a, atol=1e-12)
+    assert torch.allclose(right @ right.T, torch.eye(right.shape[0], dtype=a.dtype), atol=1e-12)
+    left, right = tucker.svd_pair(a, 2)
+    u, s, vh = np.linalg.svd(a.numpy(), full_matrices=False)
+    np.testing.assert_allclose((left @ right).numpy(), (u[:, :2] * s[:2]) @ vh[:2], atol=1e-10)
+
+
+def test_evbmf_recovers_rank_of_noisy_low_rank_matrix():
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(80, 7, generator=g, dtype=torch.float64) @ torch.randn(7, 120, generator=g, dtype=torch.float64)
+    assert tucker.evbmf(a + 0.05 * torch.randn(80, 120, generator=g, dtype=torch.float64)) == 7
+    assert tucker.evbmf((a + 0.05 * torch.randn(80, 120, generator=g, dtype=torch.float64)).T) == 7
+    assert tucker.evbmf(torch.randn(60, 90, generator=g)) == 0
+    assert tucker.evbmf(torch.zeros(4, 5)) == 0
+
+
+def test_vbmf_ranks_of_kernel_with_known_tucker_rank():
+    g = torch.Generator().manual_seed(2)
+    core = torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64)
+    u_out = torch.linalg.qr(torch.randn(64, 6, generator=g, dtype=torch.float64))[0]
+    u_in = torch.linalg.qr(torch.randn(48, 4, generator=g, dtype=torch.float64))[0]
+    w = 10 * tucker.reconstruct_tucker2(core, u_out, u_in)
+    assert tucker.vbmf_ranks(w + 0.01 * torch.randn(w.shape, generator=g, dtype=torch.float64)) == (4, 6)
+
+
+def test_errors_name_the_valid_range():
+    w = torch.randn(4, 3, 3, 3)
+    with pytest.raises(ValueError, match=r"valid are 1 <= R1 <= 3 and 1 <= R2 <= 4"):
+        tucker.tucker2(w, (4, 2))
+    with pytest.raises(ValueError, match=r"3 or more dims"):
+        tucker.tucker2(torch.randn(4, 3))
+    with pytest.raises(ValueError, match=r"valid is 1..3"):
+        tucker.svd_pair(torch.randn(3, 5), 0)
+    with pytest.raises(ValueError, match=r"non-empty 2-D matrix"):
+        tucker.evbmf(torch.randn(3))
