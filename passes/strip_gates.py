@@ -43,19 +43,21 @@ def _plain(m: nn.Module, in_ch: int, out_ch: int, weight: torch.Tensor) -> nn.Mo
     return new
 
 
-def _select(score: torch.Tensor, keep: torch.Tensor, groups: int) -> tuple[list[torch.Tensor], list[bool], int]:
-    """Per group, the local indices to keep (as many in every group), which groups keep none, and how many."""
+def _select(score: torch.Tensor, keep: torch.Tensor, groups: int) -> tuple[list[torch.Tensor], bool, int, bool]:
+    """Per group, the local indices to keep (as many in every group); whether they are all to be
+    zeroed; the rank kept; whether components below the threshold filled in to even out groups."""
     score, keep = score.view(groups, -1), keep.view(groups, -1)
-    k = int(keep.sum(dim=1).max())
+    counts = keep.sum(dim=1)
+    k = int(counts.max())
     if k == 0:
         # Nothing survives: keep one component, zeroed, so the layer outputs exactly its bias.
-        return [torch.zeros(1, dtype=torch.long, device=score.device)] * groups, [True] * groups, 0
+        return [torch.zeros(1, dtype=torch.long, device=score.device)] * groups, True, 0, False
     chosen = []
     for s, kp in zip(score, keep):
         # Components above the threshold first, then the largest below it to even out the groups.
         order = torch.argsort(torch.where(kp, s + s.max() + 1, s), descending=True)[:k]
         chosen.append(order.sort().values)
-    return chosen, [False] * groups, k
+    return chosen, False, k, bool((counts < k).any())
 
 
 def strip_gates(gm: fx.GraphModule, threshold: float = 0.0, *, inplace: bool = False) -> fx.GraphModule:
@@ -118,19 +120,19 @@ def strip_gates(gm: fx.GraphModule, threshold: float = 0.0, *, inplace: bool = F
         if core is not None:
             w_core = core.weight.detach() * g_core.view(-1, *([1] * (core.weight.dim() - 1)))
             keep_out = (g_out.abs() >= threshold) & (g_core.abs() >= threshold)
-            idx_in, zero_in, k_in = _select(g_in.abs(), g_in.abs() >= threshold, groups)
-            idx_out, zero_out, k_out = _select((g_out * g_core).abs(), keep_out, groups)
+            idx_in, zero_in, k_in, fill_in = _select(g_in.abs(), g_in.abs() >= threshold, groups)
+            idx_out, zero_out, k_out, fill_out = _select((g_out * g_core).abs(), keep_out, groups)
         else:
             keep = (g_in.abs() >= threshold) & (g_out.abs() >= threshold)
-            idx_in, zero_in, k_in = _select((g_in * g_out).abs(), keep, groups)
-            idx_out, zero_out, k_out = idx_in, zero_in, k_in
+            idx_in, zero_in, k_in, fill_in = _select((g_in * g_out).abs(), keep, groups)
+            idx_out, zero_out, k_out, fill_out = idx_in, zero_in, k_in, fill_in
         r_in, r_out = first.weight.shape[0] // groups, last.weight.shape[1]
         n_in, n_out = len(idx_in[0]), len(idx_out[0])
         glob_in = torch.cat([i + gi * r_in for gi, i in enumerate(idx_in)])
         glob_out = torch.cat([i + gi * r_out for gi, i in enumerate(idx_out)])
-        new_first = w_first[glob_in] * (0.0 if all(zero_in) else 1.0)
+        new_first = w_first[glob_in] * (0.0 if zero_in else 1.0)
         new_last = torch.cat([w_last.reshape(groups, -1, *w_last.shape[1:])[gi][:, i] for gi, i in enumerate(idx_out)])
-        new_last = new_last * (0.0 if all(zero_out) else 1.0)
+        new_last = new_last * (0.0 if zero_out else 1.0)
         in_features = first.in_features if isinstance(first, nn.Linear) else first.in_channels
         out_features = last.out_features if isinstance(last, nn.Linear) else last.out_channels
         c[FIRST] = _plain(first, in_features, groups * n_in, new_first)
@@ -141,8 +143,7 @@ def strip_gates(gm: fx.GraphModule, threshold: float = 0.0, *, inplace: bool = F
             ranks = (k_in, k_out)
         else:
             ranks = (k_in,)
-        filled = n_in > k_in > 0 or n_out > k_out > 0
-        note = ("" if not filled else
+        note = ("" if not (fill_in or fill_out) else
                 f"kept gates below the threshold so that all {groups} groups have the same rank")
         kept[source] = (ranks, note)
         for role in GATE_ROLES:

@@ -1,0 +1,93 @@
+"""fold_or_restore: the cheaper form per layer, original names back, MACs never up."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fxtucker
+from fxtucker.meta import FoldRecord
+from fxtucker.passes import cost_model, decompose_conv, fold_or_restore, insert_gates, strip_gates
+from tests.conftest import REL_CHAIN_FLOAT64, reference, rel_error
+from tests.strategies import OneConv, conv_and_input
+
+
+def _chain(model, x, ranks=None, threshold=0.0):
+    gm = cost_model(fxtucker.trace(model), x)
+    return fold_or_restore(strip_gates(insert_gates(decompose_conv(gm, ranks=ranks)), threshold), x)
+
+
+@given(conv_and_input())
+@settings(max_examples=30, deadline=None)
+def test_whole_chain_full_rank_keeps_function_and_never_raises_macs(case):
+    conv, x = case
+    model = OneConv(conv).eval()
+    ref = reference(model)
+    final = _chain(model, x)
+    final.graph.lint()
+    assert rel_error(final(x), ref(x)) < REL_CHAIN_FLOAT64
+    assert fxtucker.count_macs(final, x) <= fxtucker.count_macs(ref, x)
+
+
+@given(conv_and_input(), st.floats(0.05, 1.0))
+@settings(max_examples=30, deadline=None)
+def test_truncated_chain_never_raises_macs(case, frac):
+    conv, x = case
+    model = OneConv(conv).eval()
+    final = _chain(model, x, ranks=frac)
+    assert fxtucker.count_macs(final, x) <= fxtucker.count_macs(model, x)
+    layer = fxtucker.report(final).layers[0]
+    assert layer.macs_after <= layer.macs_before
+
+
+def test_restore_puts_back_original_names_and_code_golden():
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 64, 64)
+    original = fxtucker.trace(model)
+    final = _chain(model, x)  # full rank: every factorisation costs more, so all are restored
+    assert final.code == original.code
+    assert [n.name for n in final.graph.nodes] == [n.name for n in original.graph.nodes]
+    assert [(n.op, n.target) for n in final.graph.nodes] == [(n.op, n.target) for n in original.graph.nodes]
+    assert all(type(final.get_submodule(t)) is nn.Conv2d for t in ("conv1", "layer1.0.conv1", "layer2.0.downsample.0"))
+    node = next(n for n in final.graph.nodes if n.name == "layer1_0_conv1")
+    assert node.meta["fxtucker"] == FoldRecord(source="layer1.0.conv1", decision="restored",
+                                               macs_original=64 * 64 * 9 * 16 * 16, macs_decomposed=16 * 16 * (64 * 64 + 64 * 64 * 9 + 64 * 64))
+    assert all(l.decision == "restored" for l in fxtucker.report(final).layers)
+
+
+def test_decision_follows_the_macs():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(16, 16, 3, padding=1)
+            self.b = nn.Conv2d(16, 16, 3, padding=1)
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    model = Two().double().eval()
+    x = torch.randn(1, 16, 8, 8, dtype=torch.float64)
+    gm = cost_model(fxtucker.trace(model), x)
+    final = fold_or_restore(strip_gates(insert_gates(decompose_conv(gm, ranks={"a": (4, 4), "b": (15, 15)})), 0.0), x)
+    rep = {l.name: l for l in fxtucker.report(final).layers}
+    # a: 64*(16*4 + 4*4*9 + 4*16) = 17408 < 64*16*16*9 = 147456; b: 64*(16*15 + 15*15*9 + 15*16) > 147456
+    assert (rep["a"].decision, rep["a"].macs_before, rep["a"].macs_after) == ("decomposed", 147456, 17408)
+    assert (rep["b"].decision, rep["b"].macs_after) == ("restored", 147456)
+    assert isinstance(final.b, nn.Conv2d) and isinstance(final.get_submodule("a.core"), nn.Conv2d)
+    assert final.get_submodule("a.last").__class__ is nn.Conv2d
+    assert next(n for n in final.graph.nodes if n.name == "a_last").meta["fxtucker"].decision == "decomposed"
+    # the restored b is the HOSVD truncation at (15, 15) multiplied back out
+    d = decompose_conv(gm, ranks={"b": (15, 15)})
+    assert rel_error(final.b(x), d.get_submodule("b.last")(d.get_submodule("b.core")(d.get_submodule("b.first")(x)))) < 1e-12
+    assert sum(n.meta["macs"] for n in final.graph.nodes) == 17408 + 147456
+
+
+def test_errors():
+    x = torch.randn(1, 3, 8, 8)
+    gated = insert_gates(decompose_conv(fxtucker.trace(OneConv(nn.Conv2d(3, 4, 3)))))
+    with pytest.raises(ValueError, match=r"'conv' still has gate node 'conv_gate_in': run strip_gates\(gm, threshold\) before fold_or_restore"):
+        fold_or_restore(gated, x)
+    with pytest.raises(ValueError, match=r"fold_or_restore found no decomposed layers"):
+        fold_or_restore(fxtucker.trace(OneConv(nn.Conv2d(3, 4, 3))), x)

@@ -1,0 +1,111 @@
+"""strip_gates: thresholding, consistent slicing, plain modules left, and edge cases."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from torch.nn.utils import parametrize
+
+import fxtucker
+from fxtucker.passes import Gate, decompose_conv, insert_gates, strip_gates
+from tests.conftest import REL_FLOAT64, reference, rel_error
+from tests.strategies import OneConv, conv_and_input
+
+
+class Net(nn.Module):
+    def __init__(self, groups=1):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, padding=1, groups=groups)
+        self.pw = nn.Conv2d(6, 5, 1)
+
+    def forward(self, x):
+        return self.pw(torch.relu(self.conv(x)))
+
+
+def _gated(model):
+    return insert_gates(decompose_conv(fxtucker.trace(model)))
+
+
+@given(conv_and_input())
+@settings(max_examples=40, deadline=None)
+def test_threshold_zero_keeps_the_function(case):
+    conv, x = case
+    model = OneConv(conv).eval()
+    ref = reference(model)
+    stripped = strip_gates(_gated(model), 0.0)
+    stripped.graph.lint()
+    assert rel_error(stripped(x), ref(x)) < REL_FLOAT64
+
+
+def test_no_gate_or_parametrization_remains():
+    stripped = strip_gates(_gated(Net()), 0.0)
+    assert not any(isinstance(m, Gate) for m in stripped.modules())
+    assert not any(parametrize.is_parametrized(m) for m in stripped.modules())
+    assert {type(m) for n, m in stripped.named_modules() if n.count(".") == 1} == {nn.Conv2d}
+    assert "gate" not in str(stripped.graph)
+    assert fxtucker.report(stripped).stage == "strip_gates"
+
+
+def test_components_below_threshold_are_dropped_and_the_rest_is_exact():
+    model = Net().double()
+    gated = _gated(model)
+    g = fxtucker.gates(gated)
+    with torch.no_grad():
+        g["conv"]["gate_in"][[0, 2]] = 0.005  # below 0.01: dropped
+        g["conv"]["gate_core"][1] = 0.0  # drops output slice 1 of core and column 1 of last
+        g["pw"]["gate_out"][3] = -0.009  # magnitude counts
+    stripped = strip_gates(gated, 0.01)
+    assert stripped.get_submodule("conv.first").weight.shape == (2, 4, 1, 1)
+    assert stripped.get_submodule("conv.core").weight.shape == (5, 2, 3, 3)
+    assert stripped.get_submodule("conv.last").weight.shape == (6, 5, 1, 1)
+    assert stripped.get_submodule("pw.first").weight.shape[0] == 4
+    assert {l.name: l.ranks for l in fxtucker.report(stripped).layers} == {"conv": (2, 5), "pw": (4,)}
+    # the stripped model equals the gated model with those components zeroed
+    with torch.no_grad():
+        for name in ("gate_in", "gate_core"):
+            g["conv"][name][g["conv"][name].abs() < 0.01] = 0.0
+        g["pw"]["gate_out"][3] = 0.0
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    assert rel_error(stripped(x), gated(x)) < REL_FLOAT64
+
+
+def test_grouped_layers_keep_equal_ranks_per_group():
+    gated = _gated(Net(groups=2).double())
+    g = fxtucker.gates(gated)["conv"]
+    with torch.no_grad():
+        g["gate_in"][0] = 0.0  # group 0 would keep 1 of 2, group 1 keeps 2
+    stripped = strip_gates(gated, 0.01)
+    assert stripped.get_submodule("conv.first").weight.shape == (4, 2, 1, 1)
+    assert "same rank" in fxtucker.report(stripped).layers[0].reason
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    assert rel_error(stripped(x), gated(x)) < REL_FLOAT64  # nothing was lost: the filler is exact
+
+
+def test_layer_losing_a_whole_rank_outputs_its_bias():
+    model = Net().double()
+    gated = _gated(model)
+    with torch.no_grad():
+        fxtucker.gates(gated)["pw"]["gate_in"].zero_()
+    stripped = strip_gates(gated, 0.01)
+    assert fxtucker.report(stripped).layers[1].ranks == (0,)
+    out = stripped(torch.randn(2, 4, 5, 5, dtype=torch.float64))
+    expected = model.pw.bias.detach().view(1, -1, 1, 1).expand_as(out)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad", [-0.1, math.nan, math.inf, "0.1", True])
+def test_bad_threshold(bad):
+    with pytest.raises(ValueError, match=r"threshold must be a finite number >= 0 \(the paper uses 0.01 to 0.02\), got"):
+        strip_gates(_gated(Net()), bad)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match=r"strip_gates found no gates: run insert_gates\(gm\) first"):
+        strip_gates(decompose_conv(fxtucker.trace(Net())), 0.01)
+    gated = _gated(Net())
+    with torch.no_grad():
+        fxtucker.gates(gated)["conv"]["gate_core"][0] = float("nan")
+    with pytest.raises(ValueError, match=r"gates conv.gate_core hold NaN or Inf; the training diverged"):
+        strip_gates(gated, 0.01)
