@@ -13,6 +13,15 @@ from fxtucker.meta import DECOMPOSED, GraphRecord, LayerRecord, graph_record
 __all__ = ["report", "Report"]
 
 
+def _jsonable(value: Any) -> Any:
+    """Tuples to lists, recursively (dataclasses.asdict keeps tuples)."""
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
 def _fmt_int(v: Optional[int]) -> str:
     return "-" if v is None else f"{v:,}"
 
@@ -41,11 +50,7 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: ``{"stage", "macs_before", "macs_after", "layers": [...]}`` (MACs of these layers)."""
-        layers = []
-        for r in self.layers:
-            d = dataclasses.asdict(r)
-            d["spec"] = None if r.spec is None else dataclasses.asdict(r.spec)
-            layers.append({k: list(v) if isinstance(v, tuple) else v for k, v in d.items()})
+        layers = [_jsonable(dataclasses.asdict(r)) for r in self.layers]
         return {"stage": self.stage, "macs_before": self.macs_before, "macs_after": self.macs_after, "layers": layers}
 
     def __str__(self) -> str:
