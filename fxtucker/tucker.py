@@ -38,16 +38,17 @@ def tucker2_full_ranks(shape: Sequence[int]) -> tuple[int, int]:
     return min(c_in, c_out * k), min(c_out, c_in * k)
 
 
-def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD, computed on the tall orientation: LAPACK's wide float64 path is up to 50x slower."""
-    if matrix.shape[0] < matrix.shape[1]:
-        u, s, vh = torch.linalg.svd(matrix.T, full_matrices=False)
-        return vh.T, s, u.T
-    return torch.linalg.svd(matrix, full_matrices=False)
+def _leading_eigenvectors(gram: torch.Tensor, rank: int) -> torch.Tensor:
+    """The ``rank`` leading eigenvectors of a symmetric PSD matrix, as columns, largest first."""
+    _, vecs = torch.linalg.eigh(gram)
+    return vecs.flip(-1)[:, :rank]
 
 
 def _leading_left_singular_vectors(matrix: torch.Tensor, rank: int) -> torch.Tensor:
-    return _svd(matrix)[0][:, :rank]
+    # Eigenvectors of the (small) Gram matrix span the same leading subspaces as the SVD's left
+    # singular vectors and cost a fraction of a wide SVD. At full rank they form a complete
+    # orthonormal basis, so the decomposition is exact whatever their precision.
+    return _leading_eigenvectors(matrix @ matrix.T, rank)
 
 
 def tucker2(
@@ -84,16 +85,22 @@ def reconstruct_tucker2(core: torch.Tensor, u_out: torch.Tensor, u_in: torch.Ten
 
 
 def svd_pair(matrix: torch.Tensor, rank: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Truncated SVD as two factors: ``matrix ~= left @ right``.
+    """Truncated SVD as two factors: ``matrix ~= left @ right``, the best rank-``rank`` approximation.
 
-    ``right`` (rank, n) has orthonormal rows (V^T), ``left`` (m, rank) is ``U * S``.
+    The factor on the smaller side is orthonormal: for ``m >= n`` the rows of ``right``
+    (rank, n) are the leading right singular vectors and ``left = matrix @ right.T``; for
+    ``m < n`` the columns of ``left`` (m, rank) are the leading left singular vectors and
+    ``right = left.T @ matrix``.
     """
     full = min(matrix.shape)
     rank = full if rank is None else rank
     if not 1 <= rank <= full:
         raise ValueError(f"svd_pair rank {rank} out of range for a matrix of shape {tuple(matrix.shape)}: valid is 1..{full}")
-    u, s, vh = _svd(matrix)
-    return u[:, :rank] * s[:rank], vh[:rank]
+    if matrix.shape[0] >= matrix.shape[1]:
+        v = _leading_eigenvectors(matrix.T @ matrix, rank)
+        return matrix @ v, v.T
+    u = _leading_eigenvectors(matrix @ matrix.T, rank)
+    return u, u.T @ matrix
 
 
 # --- EVBMF (Nakajima, Sugiyama, Babacan and Tomioka 2013), as used for ranks by Kim et al. 2015 ---

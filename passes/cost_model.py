@@ -66,8 +66,11 @@ class _CostModel(ShapeProp):
             out = super().run_node(n)
             macs = self._formula_macs(n, args, kwargs, out)
         else:
-            with FlopCounterMode(display=False) as counter:
+            # Grad on: under no_grad, eval-mode nn.MultiheadAttention takes a fused fast path
+            # (torch._native_multi_head_attention) that FlopCounterMode has no formula for.
+            with FlopCounterMode(display=False) as counter, torch.enable_grad():
                 out = super().run_node(n)
+            out = out.detach() if isinstance(out, torch.Tensor) else out
             macs = counter.get_total_flops() // 2
         if self.include_elementwise:
             macs += self._elementwise_macs(n, args, out)
