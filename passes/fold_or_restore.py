@@ -18,6 +18,8 @@ from fxtucker.meta import (
     KEY,
     LAST,
     MACS,
+    PARAMS,
+    TENSOR_META,
     RESTORED,
     ConvSpec,
     FoldRecord,
@@ -107,13 +109,14 @@ def fold_or_restore(gm: fx.GraphModule, *example_inputs: Any, inplace: bool = Fa
         container = gm.get_submodule(source)
         spec = specs.get(source)
         after = sum(n.meta[MACS] for role in (FIRST, CORE, LAST) for n in roles.get(role, []))
-        before = 0
+        site_macs = []
         for last in roles[LAST]:
-            out_numel = last.meta["tensor_meta"].shape.numel()
+            out_numel = last.meta[TENSOR_META].shape.numel()
             if spec is None:  # Linear
-                before += out_numel * container[FIRST].in_features
+                site_macs.append(out_numel * container[FIRST].in_features)
             else:
-                before += conv_macs(out_numel, spec.in_channels // spec.groups, spec.kernel_size)
+                site_macs.append(conv_macs(out_numel, spec.in_channels // spec.groups, spec.kernel_size))
+        before = sum(site_macs)
         keep = after < before
         decisions[source] = (DECOMPOSED if keep else RESTORED, before, after)
         if keep:
@@ -122,14 +125,18 @@ def fold_or_restore(gm: fx.GraphModule, *example_inputs: Any, inplace: bool = Fa
                     node.meta[KEY] = dataclasses.replace(node.meta[KEY], decision=DECOMPOSED,
                                                          macs_original=before, macs_decomposed=after)
             continue
-        set_submodule(gm, source, dense_module(container, spec))
-        for first, last in zip(roles[FIRST], roles[LAST]):
+        dense_mod = dense_module(container, spec)
+        set_submodule(gm, source, dense_mod)
+        for first, last, macs in zip(roles[FIRST], roles[LAST], site_macs):
             with gm.graph.inserting_before(first):
                 dense = gm.graph.create_node("call_module", source, (first.args[0],), {})
             dense.name = last.meta[KEY].replaces  # the original node name comes back
             if first.stack_trace:
                 dense.stack_trace = first.stack_trace
             dense.meta[KEY] = FoldRecord(source=source, decision=RESTORED, macs_original=before, macs_decomposed=after)
+            # What the cost model would write, known without running the model again.
+            dense.meta.update({MACS: macs, PARAMS: sum(p.numel() for p in dense_mod.parameters()),
+                               TENSOR_META: last.meta[TENSOR_META]})
             last.replace_all_uses_with(dense)
         for role in (LAST, CORE, FIRST):
             for node in roles.get(role, []):
@@ -144,6 +151,4 @@ def fold_or_restore(gm: fx.GraphModule, *example_inputs: Any, inplace: bool = Fa
                                     macs_after=after if decision == DECOMPOSED else before, reason=reason)
         layers.append(r)
     set_graph_record(gm, dataclasses.replace(record, layers=tuple(layers), stage="fold_or_restore"))
-    finish(gm)
-    # Annotate the final graph so node.meta["macs"] describes what was returned.
-    return cost_model(gm, *example_inputs)
+    return finish(gm)

@@ -1,5 +1,7 @@
 """fold_or_restore: the cheaper form per layer, original names back, MACs never up."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -91,3 +93,16 @@ def test_errors():
         fold_or_restore(gated, x)
     with pytest.raises(ValueError, match=r"fold_or_restore found no decomposed layers"):
         fold_or_restore(fxtucker.trace(OneConv(nn.Conv2d(3, 4, 3))), x)
+
+
+def test_final_metadata_equals_a_fresh_cost_model_run():
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 32, 32)
+    final = _chain(model, x, ranks={"layer1.0.conv1": (8, 8), "layer2.0.conv2": (120, 120)})
+    got = {n.name: (n.meta["macs"], n.meta["params"], tuple(n.meta["tensor_meta"].shape)) for n in final.graph.nodes
+           if n.op != "output"}
+    fresh = cost_model(copy.deepcopy(final), x)
+    want = {n.name: (n.meta["macs"], n.meta["params"], tuple(n.meta["tensor_meta"].shape)) for n in fresh.graph.nodes
+            if n.op != "output"}
+    assert got == want
+    assert [l.decision for l in fxtucker.report(final).layers if l.decision != "skipped"] == ["decomposed", "restored"]
