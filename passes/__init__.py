@@ -9,8 +9,8 @@ and returns its argument).
 from fxtucker.passes.cost_model import cost_model, count_macs
 from fxtucker.passes.decompose_conv import decompose_conv, plan_decomposition
 from fxtucker.passes.insert_gates import Gate, UnitNorm, gates, insert_gates
-from fxtucker.passes.strip_gates import strip_gates
-from fxtucker.passes.fold_or_restore import fold_or_restore
+from fxtucker.passes.strip_gates import kept_ranks, strip_gates
+from fxtucker.passes.fold_or_restore import fold_or_restore, predict_macs
 
 __all__ = [
     "cost_model",
@@ -22,5 +22,7 @@ __all__ = [
     "Gate",
     "UnitNorm",
     "strip_gates",
+    "kept_ranks",
     "fold_or_restore",
+    "predict_macs",
 ]

@@ -28,8 +28,9 @@ from fxtucker.meta import (
 )
 from fxtucker.passes._common import CONV_TYPES, factor_nodes, finish, prepare, set_submodule
 from fxtucker.passes.cost_model import conv_macs, cost_model
+from fxtucker.passes.strip_gates import kept_ranks
 
-__all__ = ["fold_or_restore", "dense_module"]
+__all__ = ["fold_or_restore", "dense_module", "predict_macs"]
 
 
 def dense_module(container: nn.Module, spec: ConvSpec | None) -> nn.Module:
@@ -61,6 +62,49 @@ def dense_module(container: nn.Module, spec: ConvSpec | None) -> nn.Module:
     if last.bias is not None:
         dense.bias.data = last.bias.detach().clone()
     return dense
+
+
+def _original_macs(last_nodes: list[fx.Node], spec: ConvSpec | None, in_features: int) -> list[int]:
+    """MACs of the original layer at each call site, from the output shape the cost model recorded."""
+    macs = []
+    for last in last_nodes:
+        out_numel = last.meta[TENSOR_META].shape.numel()
+        if spec is None:  # Linear
+            macs.append(out_numel * in_features)
+        else:
+            macs.append(conv_macs(out_numel, spec.in_channels // spec.groups, spec.kernel_size))
+    return macs
+
+
+def predict_macs(gm: fx.GraphModule, threshold: float) -> int:
+    """Total MACs of ``fold_or_restore(strip_gates(gm, threshold), x)``, without rewriting anything.
+
+    ``gm`` is a gated GraphModule annotated by :func:`cost_model` (run once; training changes no
+    shape). Each factor's MACs scale with its kept channels (first: outputs; core: inputs times
+    outputs; last: inputs), and each layer then costs the smaller of factors and original, as
+    fold_or_restore decides. Used to choose the threshold that meets a MAC budget.
+    """
+    nodes = [n for n in gm.graph.nodes if n.op != "output"]
+    if any(MACS not in n.meta for n in nodes):
+        raise ValueError("predict_macs needs cost-model annotations: run cost_model(gm, *example_inputs) first")
+    total = sum(n.meta[MACS] for n in nodes)
+    specs = {r.name: r.spec for r in graph_record(gm).layers}
+    by_source: dict[str, dict[str, list[fx.Node]]] = defaultdict(lambda: defaultdict(list))
+    for node, rec in factor_nodes(gm):
+        by_source[rec.source][rec.role].append(node)
+    for source, (_, built) in kept_ranks(gm, threshold).items():
+        roles, c = by_source[source], gm.get_submodule(source)
+        groups = getattr(c[FIRST], "groups", 1)
+        r_in, r_out = c[FIRST].weight.shape[0] // groups, c[LAST].weight.shape[1]
+        n_in, n_out = (built[0], built[-1])
+        full = sum(n.meta[MACS] for role in (FIRST, CORE, LAST) for n in roles.get(role, []))
+        after = (sum(n.meta[MACS] * n_in // r_in for n in roles[FIRST])
+                 + sum(n.meta[MACS] * n_in * n_out // (r_in * r_out) for n in roles.get(CORE, []))
+                 + sum(n.meta[MACS] * n_out // r_out for n in roles[LAST]))
+        in_features = c[FIRST].in_features if isinstance(c[FIRST], nn.Linear) else 0
+        before = sum(_original_macs(roles[LAST], specs.get(source), in_features))
+        total += min(after, before) - full
+    return total
 
 
 def fold_or_restore(gm: fx.GraphModule, *example_inputs: Any, inplace: bool = False) -> fx.GraphModule:
@@ -109,13 +153,8 @@ def fold_or_restore(gm: fx.GraphModule, *example_inputs: Any, inplace: bool = Fa
         container = gm.get_submodule(source)
         spec = specs.get(source)
         after = sum(n.meta[MACS] for role in (FIRST, CORE, LAST) for n in roles.get(role, []))
-        site_macs = []
-        for last in roles[LAST]:
-            out_numel = last.meta[TENSOR_META].shape.numel()
-            if spec is None:  # Linear
-                site_macs.append(out_numel * container[FIRST].in_features)
-            else:
-                site_macs.append(conv_macs(out_numel, spec.in_channels // spec.groups, spec.kernel_size))
+        in_features = container[FIRST].in_features if spec is None else 0
+        site_macs = _original_macs(roles[LAST], spec, in_features)
         before = sum(site_macs)
         keep = after < before
         decisions[source] = (DECOMPOSED if keep else RESTORED, before, after)

@@ -25,7 +25,7 @@ from fxtucker.meta import (
 )
 from fxtucker.passes._common import CONV_TYPES, factor_nodes, finish, prepare
 
-__all__ = ["strip_gates"]
+__all__ = ["strip_gates", "kept_ranks"]
 
 
 def _plain(m: nn.Module, in_ch: int, out_ch: int, weight: torch.Tensor) -> nn.Module:
@@ -60,6 +60,70 @@ def _select(score: torch.Tensor, keep: torch.Tensor, groups: int) -> tuple[list[
     return chosen, False, k, bool((counts < k).any())
 
 
+@dataclasses.dataclass(frozen=True)
+class _Selection:
+    """Which components of one gated layer survive a threshold."""
+
+    groups: int
+    idx_in: list  # per group, local indices kept of first's outputs
+    idx_out: list  # per group, local indices kept of core's outputs / last's inputs
+    zero_in: bool  # all of first's components die: keep one, zeroed
+    zero_out: bool
+    ranks: tuple[int, ...]  # real kept ranks per group (0 when a whole rank dies)
+    filled: bool  # components below the threshold kept to even out groups
+
+
+def _check_threshold(threshold: object) -> None:
+    if (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold)
+            or threshold < 0):
+        raise ValueError(f"threshold must be a finite number >= 0 (the paper uses 0.01 to 0.02), got {threshold!r}")
+
+
+def _gated_layers(gm: fx.GraphModule) -> dict[str, dict[str, list[fx.Node]]]:
+    """Factor and gate nodes by layer, for the layers that have gates."""
+    by_source: dict[str, dict[str, list[fx.Node]]] = defaultdict(lambda: defaultdict(list))
+    for node, rec in factor_nodes(gm):
+        by_source[rec.source][rec.role].append(node)
+    gated = {s: r for s, r in by_source.items() if GATE_IN in r}
+    if not gated:
+        raise ValueError("strip_gates found no gates: run insert_gates(gm) first")
+    return gated
+
+
+def _selection(c: nn.Module, source: str, threshold: float) -> _Selection:
+    """The components of layer ``source`` (container ``c``) that survive ``threshold``."""
+    g_in, g_out = c[GATE_IN].weight.detach(), c[GATE_OUT].weight.detach()
+    g_core = c[GATE_CORE].weight.detach() if GATE_CORE in c else None
+    for name, g in ((GATE_IN, g_in), (GATE_CORE, g_core), (GATE_OUT, g_out)):
+        if g is not None and not torch.isfinite(g).all():
+            raise ValueError(f"gates {source}.{name} hold NaN or Inf; the training diverged, nothing can be stripped")
+    groups = getattr(c[FIRST], "groups", 1)
+    if g_core is not None:
+        keep_out = (g_out.abs() >= threshold) & (g_core.abs() >= threshold)
+        idx_in, zero_in, k_in, fill_in = _select(g_in.abs(), g_in.abs() >= threshold, groups)
+        idx_out, zero_out, k_out, fill_out = _select((g_out * g_core).abs(), keep_out, groups)
+        ranks = (k_in, k_out)
+    else:
+        keep = (g_in.abs() >= threshold) & (g_out.abs() >= threshold)
+        idx_in, zero_in, k_in, fill_in = _select((g_in * g_out).abs(), keep, groups)
+        idx_out, zero_out, fill_out = idx_in, zero_in, fill_in
+        ranks = (k_in,)
+    return _Selection(groups, idx_in, idx_out, zero_in, zero_out, ranks, fill_in or fill_out)
+
+
+def kept_ranks(gm: fx.GraphModule, threshold: float) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """What :func:`strip_gates` would keep, without rewriting: per gated layer, the ranks per group
+    that survive and the channel counts per group the stripped modules get (a whole dead rank
+    still builds one zeroed channel)."""
+    _check_threshold(threshold)
+    out = {}
+    for source in _gated_layers(gm):
+        sel = _selection(gm.get_submodule(source), source, threshold)
+        built = (len(sel.idx_in[0]), len(sel.idx_out[0])) if len(sel.ranks) == 2 else (len(sel.idx_in[0]),)
+        out[source] = (sel.ranks, built)
+    return out
+
+
 def strip_gates(gm: fx.GraphModule, threshold: float = 0.0, *, inplace: bool = False) -> fx.GraphModule:
     """Remove gated components below ``threshold`` and fold the surviving gates into the weights.
 
@@ -92,47 +156,32 @@ def strip_gates(gm: fx.GraphModule, threshold: float = 0.0, *, inplace: bool = F
 
         >>> pruned = strip_gates(trained_gated_gm, threshold=0.01)
     """
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold) or threshold < 0:
-        raise ValueError(f"threshold must be a finite number >= 0 (the paper uses 0.01 to 0.02), got {threshold!r}")
+    _check_threshold(threshold)
     gm = prepare(gm, inplace, "strip_gates")
-    by_source: dict[str, dict[str, list[fx.Node]]] = defaultdict(lambda: defaultdict(list))
-    for node, rec in factor_nodes(gm):
-        by_source[rec.source][rec.role].append(node)
-    gated = {s: r for s, r in by_source.items() if GATE_IN in r}
-    if not gated:
-        raise ValueError("strip_gates found no gates: run insert_gates(gm) first")
+    gated = _gated_layers(gm)
     kept: dict[str, tuple[tuple[int, ...], str]] = {}
     for source, roles in gated.items():
         c = gm.get_submodule(source)
-        g_in, g_out = c[GATE_IN].weight.detach(), c[GATE_OUT].weight.detach()
-        g_core = c[GATE_CORE].weight.detach() if GATE_CORE in c else None
-        for name, g in ((GATE_IN, g_in), (GATE_CORE, g_core), (GATE_OUT, g_out)):
-            if g is not None and not torch.isfinite(g).all():
-                raise ValueError(f"gates {source}.{name} hold NaN or Inf; the training diverged, nothing can be stripped")
+        sel = _selection(c, source, threshold)
+        groups, idx_in, idx_out = sel.groups, sel.idx_in, sel.idx_out
         first, last = c[FIRST], c[LAST]
         core = c[CORE] if CORE in c else None
-        groups = getattr(first, "groups", 1)
         # Effective weights: unit directions times gates.
+        g_in, g_out = c[GATE_IN].weight.detach(), c[GATE_OUT].weight.detach()
         w_first = first.weight.detach() * g_in.view(-1, *([1] * (first.weight.dim() - 1)))
         lw = last.weight.detach()
         lw = lw.reshape(groups, lw.shape[0] // groups, lw.shape[1], -1) * g_out.view(groups, 1, -1, 1)
         w_last = lw.reshape(last.weight.shape)
         if core is not None:
+            g_core = c[GATE_CORE].weight.detach()
             w_core = core.weight.detach() * g_core.view(-1, *([1] * (core.weight.dim() - 1)))
-            keep_out = (g_out.abs() >= threshold) & (g_core.abs() >= threshold)
-            idx_in, zero_in, k_in, fill_in = _select(g_in.abs(), g_in.abs() >= threshold, groups)
-            idx_out, zero_out, k_out, fill_out = _select((g_out * g_core).abs(), keep_out, groups)
-        else:
-            keep = (g_in.abs() >= threshold) & (g_out.abs() >= threshold)
-            idx_in, zero_in, k_in, fill_in = _select((g_in * g_out).abs(), keep, groups)
-            idx_out, zero_out, k_out, fill_out = idx_in, zero_in, k_in, fill_in
         r_in, r_out = first.weight.shape[0] // groups, last.weight.shape[1]
         n_in, n_out = len(idx_in[0]), len(idx_out[0])
         glob_in = torch.cat([i + gi * r_in for gi, i in enumerate(idx_in)])
         glob_out = torch.cat([i + gi * r_out for gi, i in enumerate(idx_out)])
-        new_first = w_first[glob_in] * (0.0 if zero_in else 1.0)
+        new_first = w_first[glob_in] * (0.0 if sel.zero_in else 1.0)
         new_last = torch.cat([w_last.reshape(groups, -1, *w_last.shape[1:])[gi][:, i] for gi, i in enumerate(idx_out)])
-        new_last = new_last * (0.0 if zero_out else 1.0)
+        new_last = new_last * (0.0 if sel.zero_out else 1.0)
         in_features = first.in_features if isinstance(first, nn.Linear) else first.in_channels
         out_features = last.out_features if isinstance(last, nn.Linear) else last.out_channels
         c[FIRST] = _plain(first, in_features, groups * n_in, new_first)
@@ -140,10 +189,8 @@ def strip_gates(gm: fx.GraphModule, threshold: float = 0.0, *, inplace: bool = F
         if core is not None:
             new_core = torch.cat([w_core[glob_out[gi * n_out:(gi + 1) * n_out]][:, idx_in[gi]] for gi in range(groups)])
             c[CORE] = _plain(core, groups * n_in, groups * n_out, new_core)
-            ranks = (k_in, k_out)
-        else:
-            ranks = (k_in,)
-        note = ("" if not (fill_in or fill_out) else
+        ranks = sel.ranks
+        note = ("" if not sel.filled else
                 f"kept gates below the threshold so that all {groups} groups have the same rank")
         kept[source] = (ranks, note)
         for role in GATE_ROLES:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import fxtucker
 from fxtucker.meta import FoldRecord
-from fxtucker.passes import cost_model, decompose_conv, fold_or_restore, insert_gates, strip_gates
+from fxtucker.passes import cost_model, decompose_conv, fold_or_restore, insert_gates, kept_ranks, predict_macs, strip_gates
 from tests.conftest import REL_CHAIN_FLOAT64, reference, rel_error
 from tests.strategies import OneConv, conv_and_input
 
@@ -106,3 +106,34 @@ def test_final_metadata_equals_a_fresh_cost_model_run():
             if n.op != "output"}
     assert got == want
     assert [l.decision for l in fxtucker.report(final).layers if l.decision != "skipped"] == ["decomposed", "restored"]
+
+
+@given(conv_and_input(dtype=torch.float32), st.floats(0.0, 1.5), st.integers(0, 2**31 - 1))
+@settings(max_examples=40, deadline=None)
+def test_predict_macs_equals_the_real_chain(case, threshold, seed):
+    conv, x = case
+    model = OneConv(conv).eval()
+    gated = cost_model(insert_gates(decompose_conv(fxtucker.trace(model))), x)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # stand-in for training: spread the gates over [0, 2)
+        for layer in fxtucker.gates(gated).values():
+            for gate in layer.values():
+                gate.copy_(2 * torch.rand(gate.shape, generator=g))
+    final = fold_or_restore(strip_gates(gated, threshold), x)
+    assert predict_macs(gated, threshold) == fxtucker.count_macs(final, x)
+    assert {k: v[0] for k, v in kept_ranks(gated, threshold).items()} == {l.name: l.ranks for l in fxtucker.report(final).layers if l.ranks}
+
+
+def test_predict_macs_on_resnet18_at_several_thresholds():
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 32, 32)
+    gated = cost_model(insert_gates(decompose_conv(fxtucker.trace(model), linear=True)), x)
+    with torch.no_grad():
+        for layer in fxtucker.gates(gated).values():
+            for gate in layer.values():
+                gate.copy_(torch.rand(gate.shape))
+    for threshold in (0.0, 0.3, 0.7, 0.95):
+        final = fold_or_restore(strip_gates(gated, threshold), x)
+        assert predict_macs(gated, threshold) == fxtucker.count_macs(final, x)
+    with pytest.raises(ValueError, match=r"predict_macs needs cost-model annotations"):
+        predict_macs(insert_gates(decompose_conv(fxtucker.trace(model))), 0.1)
