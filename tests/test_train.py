@@ -1,0 +1,799 @@
+"""fxtucker.train: the loop, records, files, exact resume, failures, DDP and gated GraphModules."""
+
+import io
+import json
+import math
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+import fxtucker
+from fxtucker import regularizers
+from fxtucker.passes import decompose_conv, insert_gates
+from fxtucker.train import (
+    CHECKPOINT_FORMAT,
+    RECORD_KEYS,
+    TrainConfig,
+    TrainingDiverged,
+    _param_groups,
+    evaluate,
+    train,
+)
+
+WORKER = Path(__file__).with_name("_ddp_worker.py")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors on a shared 2-core machine: intra-op threads only add contention.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def dataset(n: int = 64, seed: int = 0) -> TensorDataset:
+    """n random 1x8x8 images; the 4 classes are the signs of two half-image means."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    y = (x[:, 0, :4].mean((1, 2)) > 0).long() * 2 + (x[:, 0, :, :4].mean((1, 2)) > 0).long()
+    return TensorDataset(x, y)
+
+
+def loader(n: int = 64, batch_size: int = 16, shuffle: bool = True) -> DataLoader:
+    return DataLoader(dataset(n), batch_size=batch_size, shuffle=shuffle)
+
+
+class Tiny(nn.Module):
+    """Two convs, BN, dropout and a linear layer: every kind of state the loop must carry."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.drop = nn.Dropout(0.25)
+        self.fc = nn.Linear(24, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.conv1(x)))
+        x = F.relu(self.conv2(x))
+        return self.fc(self.drop(torch.flatten(self.pool(x), 1)))
+
+
+def tiny(seed: int = 0) -> Tiny:
+    torch.manual_seed(seed)
+    return Tiny()
+
+
+def step_penalty(model, epoch, step):
+    """Depends on the step and on python's and numpy's RNG, so a resume must restore both."""
+    noise = 1.0 + random.random() + float(np.random.rand())
+    return 1e-3 * noise * (1.0 + 0.1 * step) * (model.fc.weight ** 2).sum()
+
+
+def fc_norm(model):
+    return {"fc_norm": model.fc.weight.norm().item()}
+
+
+class InterruptAt:
+    """epoch_stats that raises KeyboardInterrupt on its call for ``epoch`` (a simulated kill)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch, self.calls = epoch, 0
+
+    def __call__(self, model):
+        if self.calls == self.epoch:
+            raise KeyboardInterrupt
+        self.calls += 1
+        return fc_norm(model)
+
+
+def without_seconds(history):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+
+
+def read_jsonl(path: Path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def assert_same_state(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def load_payload(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["payload"]
+
+
+CFG = TrainConfig(epochs=3, lr=0.05)
+
+
+# --- configuration and argument errors --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(epochs=0), r"epochs must be an integer >= 1, got 0"),
+        (dict(epochs=1.5), r"epochs must be an integer >= 1, got 1.5"),
+        (dict(epochs=True), r"epochs must be an integer >= 1, got True"),
+        (dict(epochs=1, lr=0), r"lr must be a finite number > 0, got 0"),
+        (dict(epochs=1, lr=-0.1), r"lr must be a finite number > 0, got -0.1"),
+        (dict(epochs=1, lr=float("nan")), r"lr must be a finite number > 0, got nan"),
+        (dict(epochs=1, optimizer="adam"),
+         r"unknown optimizer 'adam'; valid optimizers are \['sgd', 'adamw'\]"),
+        (dict(epochs=1, schedule="poly"),
+         r"unknown schedule 'poly'; valid schedules are \['cosine', 'step', 'constant'\]"),
+        (dict(epochs=1, momentum=1.0), r"momentum must be a number in \[0, 1\), got 1.0"),
+        (dict(epochs=1, weight_decay=-1e-4), r"weight_decay must be a finite number >= 0"),
+        (dict(epochs=1, step_size=0), r"step_size must be an integer >= 1, got 0"),
+        (dict(epochs=1, gamma=0.0), r"gamma must be a finite number > 0, got 0.0"),
+        (dict(epochs=1, amp="yes"), r"amp must be True or False, got 'yes'"),
+        (dict(epochs=1, channels_last=1), r"channels_last must be True or False, got 1"),
+        (dict(epochs=1, seed=-1), r"seed must be an integer in \[0, 2\*\*32\), got -1"),
+        (dict(epochs=1, max_grad_norm=0.0), r"max_grad_norm must be a finite number > 0 or None"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
+
+
+def test_config_normalizes_numbers():
+    cfg = TrainConfig(epochs=np.int64(2), lr=1, max_grad_norm=2)
+    assert type(cfg.epochs) is int and type(cfg.lr) is float and type(cfg.max_grad_norm) is float
+
+
+def test_bad_arguments_are_reported(tmp_path):
+    m = tiny()
+    cfg = TrainConfig(epochs=1)
+    with pytest.raises(TypeError, match=r"model must be an nn.Module, got str"):
+        train("model", loader(), cfg)
+    with pytest.raises(TypeError, match=r"config must be a TrainConfig, got dict"):
+        train(m, loader(), {"epochs": 1})
+    with pytest.raises(ValueError, match=r"stage must be a name usable in a file name.*'\.\./x'"):
+        train(m, loader(), cfg, stage="../x")
+    with pytest.raises(ValueError, match=r"resume=True needs out_dir="):
+        train(m, loader(), cfg, resume=True)
+    with pytest.raises(TypeError, match=r"penalty must be a callable or None, got float"):
+        train(m, loader(), cfg, penalty=0.1)
+    with pytest.raises(TypeError, match=r"train_data must be an iterable of \(input, label\) "
+                                        r"batches .* got Tensor"):
+        train(m, torch.zeros(3), cfg)
+    frozen = tiny().requires_grad_(False)
+    with pytest.raises(ValueError, match=r"no parameter with requires_grad=True"):
+        train(frozen, loader(), cfg)
+
+
+def test_empty_train_data_is_rejected():
+    m = tiny()
+    with pytest.raises(ValueError, match=r"train_data \(list\) is empty"):
+        train(m, [], TrainConfig(epochs=1), progress=False)
+    with pytest.raises(ValueError, match=r"train_data \(DataLoader\) is empty"):
+        train(m, DataLoader(TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0).long())),
+              TrainConfig(epochs=1), progress=False)
+    with pytest.raises(ValueError, match=r"yielded no batches in epoch 0 of stage 'train'"):
+        train(m, iter([]), TrainConfig(epochs=1), progress=False)
+    with pytest.raises(ValueError, match=r"is an iterator \(generator\), which is used up after "
+                                         r"one epoch, but config.epochs is 2"):
+        train(m, (b for b in loader()), TrainConfig(epochs=2), progress=False)
+
+
+def test_batches_must_be_input_label_pairs():
+    x, y = next(iter(loader()))
+    with pytest.raises(TypeError, match=r"must yield \(input, label\) pairs, but batch 0 is a "
+                                        r"tuple of length 1"):
+        train(tiny(), [(x,)], TrainConfig(epochs=1), progress=False)
+    with pytest.raises(TypeError, match=r"the label of batch 0 is a list"):
+        train(tiny(), [(x, y.tolist())], TrainConfig(epochs=1), progress=False)
+
+
+def test_penalty_must_return_a_scalar_tensor():
+    batches = [next(iter(loader()))]
+    with pytest.raises(ValueError, match=r"penalty\(model, epoch=0, step=0\) returned a tensor of "
+                                         r"shape \(3,\); it must return a scalar"):
+        train(tiny(), batches, TrainConfig(epochs=1), penalty=lambda m, e, s: torch.ones(3),
+              progress=False)
+    with pytest.raises(TypeError, match=r"returned a float; it must return a scalar tensor"):
+        train(tiny(), batches, TrainConfig(epochs=1), penalty=lambda m, e, s: 0.5,
+              progress=False)
+    with pytest.raises(TypeError, match=r"returned a torch.int64 tensor; it must be floating"):
+        train(tiny(), batches, TrainConfig(epochs=1), penalty=lambda m, e, s: torch.tensor(1),
+              progress=False)
+
+
+def test_epoch_stats_is_checked():
+    batches = [next(iter(loader()))]
+    with pytest.raises(ValueError, match=r"returned keys \['loss'\] that the history record "
+                                         r"already has"):
+        train(tiny(), batches, TrainConfig(epochs=1), epoch_stats=lambda m: {"loss": 1},
+              progress=False)
+    with pytest.raises(TypeError, match=r"returned a dict that is not JSON-ready"):
+        train(tiny(), batches, TrainConfig(epochs=1),
+              epoch_stats=lambda m: {"w": torch.ones(2)}, progress=False)
+    with pytest.raises(TypeError, match=r"epoch_stats\(model\) returned a list"):
+        train(tiny(), batches, TrainConfig(epochs=1), epoch_stats=lambda m: [1], progress=False)
+
+
+# --- the loop and its records -----------------------------------------------------------------
+
+
+def test_learns_and_records_every_epoch():
+    calls = []
+
+    def pen(model, epoch, step):
+        calls.append((model, epoch, step))
+        return 0.01 * (model.fc.weight ** 2).sum()
+
+    m = tiny()
+    m.eval()
+    history = train(m, loader(batch_size=8), TrainConfig(epochs=8, lr=0.1),
+                    eval_data=loader(shuffle=False), penalty=pen, epoch_stats=fc_norm,
+                    stage="warm", progress=False)
+    assert [r["epoch"] for r in history] == list(range(8))
+    for r in history:
+        assert list(r)[: len(RECORD_KEYS)] == list(RECORD_KEYS)
+        assert r["stage"] == "warm"
+        assert r["loss"] == pytest.approx(r["ce"] + r["penalty"], rel=1e-12)
+        assert r["penalty"] > 0
+        assert 0.0 <= r["train_accuracy"] <= 1.0 and 0.0 <= r["accuracy"] <= 1.0
+        assert r["seconds"] > 0
+        assert r["fc_norm"] > 0
+    json.dumps(history)
+    assert history[-1]["ce"] < 0.8 * history[0]["ce"]
+    assert history[-1]["accuracy"] > 0.7
+    # The penalty sees the unwrapped model, the 0-based epoch and the stage's global step.
+    assert all(c[0] is m for c in calls)
+    assert [c[2] for c in calls] == list(range(64))
+    assert [c[1] for c in calls] == [e for e in range(8) for _ in range(8)]
+    assert not m.training, "train must leave the model in the mode it was given in"
+    # The last record's accuracy is that of the final weights.
+    assert history[-1]["accuracy"] == evaluate(m, loader(shuffle=False))
+
+
+def test_records_penalty_and_ce_separately():
+    m = tiny()
+    h = train(m, loader(), TrainConfig(epochs=1, lr=0.01),
+              penalty=lambda m, e, s: torch.tensor(0.25), progress=False)
+    assert h[0]["penalty"] == pytest.approx(0.25)
+    assert h[0]["loss"] == pytest.approx(h[0]["ce"] + 0.25)
+    assert h[0]["accuracy"] is None
+
+
+@pytest.mark.parametrize(
+    "schedule, expected",
+    [
+        ("cosine", [0.1 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)]),
+        ("step", [0.1, 0.1, 0.05, 0.05]),
+        ("constant", [0.1] * 4),
+    ],
+)
+def test_lr_schedules(schedule, expected):
+    cfg = TrainConfig(epochs=4, lr=0.1, schedule=schedule, step_size=2, gamma=0.5)
+    history = train(tiny(), loader(16), cfg, progress=False)
+    assert [r["lr"] for r in history] == pytest.approx(expected, rel=1e-12)
+
+
+class ZeroGrad(nn.Module):
+    """A linear classifier plus a 2-d and a 1-d parameter whose gradient is exactly zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 4)
+        self.w2 = nn.Parameter(torch.ones(3, 3))
+        self.w1 = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)) + 0.0 * (self.w2.sum() + self.w1.sum())
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_weight_decay_skips_one_dimensional_parameters(optimizer):
+    m = ZeroGrad()
+    cfg = TrainConfig(epochs=1, lr=0.1, weight_decay=0.5, optimizer=optimizer,
+                      schedule="constant")
+    train(m, [next(iter(loader()))], cfg, progress=False)
+    # One step of decay alone: w <- w - lr * wd * w (SGD's first momentum step is the gradient;
+    # AdamW's update of a zero gradient is zero and its decay is decoupled).
+    torch.testing.assert_close(m.w2.detach(), torch.full((3, 3), 1 - 0.1 * 0.5))
+    assert torch.equal(m.w1.detach(), torch.ones(3))
+
+
+def gated_model():
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match=r"decompose_conv left 1 layer"):  # conv1: 1 input channel
+        return insert_gates(decompose_conv(fxtucker.trace(Tiny())))
+
+
+def test_gates_are_not_weight_decayed():
+    gm = gated_model()
+    groups = _param_groups(gm, 5e-4)
+    decayed = {id(p) for p in groups[0]["params"]}
+    gate_params = [p for roles in fxtucker.gates(gm).values() for p in roles.values()]
+    assert gate_params and all(id(p) not in decayed for p in gate_params)
+    assert groups[0]["weight_decay"] == 5e-4 and groups[1]["weight_decay"] == 0.0
+    original = gm.conv2.core.parametrizations.weight.original
+    assert id(original) in decayed
+    # A gate is recognised through node.meta, not only by being 1-d.
+    gm.conv2.gate_in.weight = nn.Parameter(gm.conv2.gate_in.weight.detach().view(-1, 1))
+    decayed = {id(p) for p in _param_groups(gm, 5e-4)[0]["params"]}
+    assert id(gm.conv2.gate_in.weight) not in decayed
+
+
+def test_max_grad_norm_clips_the_update():
+    batch = [next(iter(loader()))]
+
+    def update_norm(max_grad_norm):
+        m = tiny()
+        m.drop.p = 0.0
+        before = [p.detach().clone() for p in m.parameters()]
+        cfg = TrainConfig(epochs=1, lr=1.0, momentum=0.0, weight_decay=0.0,
+                          max_grad_norm=max_grad_norm)
+        train(m, batch, cfg, progress=False)
+        deltas = [p.detach() - b for p, b in zip(m.parameters(), before)]
+        return torch.sqrt(sum((d ** 2).sum() for d in deltas))
+
+    assert update_norm(None) > 0.01
+    assert update_norm(1e-3) <= 1e-3 * (1 + 1e-5)
+
+
+def test_amp_and_channels_last_are_ignored_on_cpu():
+    a, b = tiny(), tiny()
+    ha = train(a, loader(), TrainConfig(epochs=2), progress=False, device="cpu")
+    hb = train(b, loader(), TrainConfig(epochs=2, amp=True, channels_last=True), progress=False,
+               device="cpu")
+    assert_same_state(a, b)
+    assert without_seconds(ha) == without_seconds(hb)
+
+
+def test_float64_model_trains_in_float64():
+    m = tiny().double()
+    x, y = dataset()[:16]
+    h = train(m, [(x.double(), y)], TrainConfig(epochs=2), progress=False,
+              penalty=lambda model, e, s: 1e-3 * (model.fc.weight ** 2).sum())
+    assert all(p.dtype == torch.float64 for p in m.parameters())
+    assert h[1]["ce"] < h[0]["ce"]
+
+
+class Recording(Dataset):
+    def __init__(self, base: Dataset) -> None:
+        self.base, self.seen = base, []
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i):
+        self.seen.append(int(i))
+        return self.base[i]
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_dataloader_order_comes_from_seed_plus_epoch(shuffle):
+    data = Recording(dataset())
+    torch.manual_seed(123)  # the caller's RNG state must not matter
+    train(tiny(), DataLoader(data, batch_size=16, shuffle=shuffle), TrainConfig(epochs=2, seed=7),
+          progress=False)
+    if shuffle:
+        expected = [torch.randperm(64, generator=torch.Generator().manual_seed(7 + e)).tolist()
+                    for e in range(2)]
+    else:
+        expected = [list(range(64))] * 2
+    assert data.seen == expected[0] + expected[1]
+
+
+def test_runs_are_repeatable():
+    a, b = tiny(), tiny()
+    torch.manual_seed(1)
+    ha = train(a, loader(), CFG, penalty=step_penalty, progress=False)
+    torch.manual_seed(2)
+    np.random.seed(3)
+    hb = train(b, loader(), CFG, penalty=step_penalty, progress=False)
+    assert_same_state(a, b)
+    assert without_seconds(ha) == without_seconds(hb)
+
+
+# --- evaluate ---------------------------------------------------------------------------------
+
+
+class Spy(nn.Module):
+    """Logits are the input; remembers the mode each forward ran in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.modes = []
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        self.modes.append(self.training)
+        return x * self.scale
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_evaluate_top1_and_mode(training):
+    pred = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    labels = torch.tensor([0, 1, 2, 0, 0, 1, 1, 3])  # 6 of 8 right
+    data = DataLoader(TensorDataset(F.one_hot(pred, 4).float(), labels), batch_size=3)
+    m = Spy().train(training)
+    assert evaluate(m, data) == 0.75
+    assert m.modes == [False, False, False]
+    assert m.training is training
+    with pytest.raises(ValueError, match=r"evaluate: data \(list\) yielded no labels"):
+        evaluate(m, [])
+
+
+# --- files ------------------------------------------------------------------------------------
+
+
+def test_writes_jsonl_and_atomic_checkpoints(tmp_path):
+    m = tiny()
+    history = train(m, loader(), CFG, out_dir=tmp_path, stage="ft", epoch_stats=fc_norm,
+                    progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ft.ckpt", "ft.ckpt.prev", "ft.jsonl"]
+    assert read_jsonl(tmp_path / "ft.jsonl") == history
+    raw = torch.load(tmp_path / "ft.ckpt", map_location="cpu", weights_only=True)
+    assert raw["format"] == CHECKPOINT_FORMAT and len(raw["sha256"]) == 64
+    payload = raw["payload"]
+    assert payload["epoch"] == 3 and payload["step"] == 12 and payload["history"] == history
+    assert payload["config"] == {**CFG.__dict__}
+    for k, v in m.state_dict().items():
+        assert torch.equal(payload["model"][k], v), k
+    assert payload["optimizer"]["state"], "momentum buffers must be saved"
+    assert payload["scheduler"]["last_epoch"] == 3 and payload["scaler"] is None
+    rng = payload["rng"][0]
+    assert set(rng) == {"torch", "cuda", "numpy", "python"}
+    assert torch.equal(rng["torch"], torch.get_rng_state())
+    assert load_payload(tmp_path / "ft.ckpt.prev")["epoch"] == 2
+
+
+def test_fresh_start_replaces_an_earlier_run(tmp_path):
+    train(tiny(), loader(), CFG, out_dir=tmp_path, progress=False)
+    with pytest.warns(UserWarning, match=r"stage 'train' starts over \(resume=False\) and removes "
+                                         r"the files of an earlier run: .*train.ckpt"):
+        history = train(tiny(), loader(), TrainConfig(epochs=1), out_dir=tmp_path,
+                        progress=False)
+    assert read_jsonl(tmp_path / "train.jsonl") == history
+    assert not (tmp_path / "train.ckpt.prev").exists()
+    assert load_payload(tmp_path / "train.ckpt")["epoch"] == 1
+
+
+def straight_run(out_dir):
+    m = tiny()
+    history = train(m, loader(), CFG, eval_data=loader(shuffle=False), penalty=step_penalty,
+                    out_dir=out_dir, epoch_stats=fc_norm, progress=False)
+    return m, history
+
+
+def killed_run(out_dir, at_epoch):
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(), loader(), CFG, eval_data=loader(shuffle=False), penalty=step_penalty,
+              out_dir=out_dir, epoch_stats=InterruptAt(at_epoch), progress=False)
+
+
+def resumed_run(out_dir):
+    m = tiny(seed=99)  # other weights: the checkpoint must overwrite them
+    history = train(m, loader(), CFG, eval_data=loader(shuffle=False), penalty=step_penalty,
+                    out_dir=out_dir, epoch_stats=fc_norm, resume=True, progress=False)
+    return m, history
+
+
+def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, caplog):
+    a, ha = straight_run(tmp_path / "a")
+    with caplog.at_level("WARNING", logger="fxtucker.train"):
+        killed_run(tmp_path / "b", at_epoch=1)
+    ckpt = tmp_path / "b" / "train.ckpt"
+    assert load_payload(ckpt)["epoch"] == 1
+    assert len(read_jsonl(tmp_path / "b" / "train.jsonl")) == 1
+    msgs = [r.getMessage() for r in caplog.records if r.name == "fxtucker.train"]
+    assert len(msgs) == 1
+    assert "interrupted in epoch 1 (0-based) of 3" in msgs[0]
+    assert str(ckpt) in msgs[0] and "resume=True" in msgs[0] and "--resume" in msgs[0]
+    b, hb = resumed_run(tmp_path / "b")
+    assert_same_state(a, b)
+    assert without_seconds(hb) == without_seconds(ha)
+    assert without_seconds(read_jsonl(tmp_path / "b" / "train.jsonl")) == without_seconds(ha)
+
+
+def test_interrupt_before_any_checkpoint_says_so(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="fxtucker.train"):
+        killed_run(tmp_path, at_epoch=0)
+    assert "no checkpoint was written yet" in caplog.text
+    assert "nothing can be resumed yet" in caplog.text
+    assert not (tmp_path / "train.ckpt").exists()
+
+
+def test_resume_of_a_finished_stage_returns_at_once(tmp_path):
+    a, ha = straight_run(tmp_path)
+
+    class MustNotIterate:
+        def __len__(self):
+            return 1
+
+        def __iter__(self):
+            raise AssertionError("a finished stage must not train again")
+
+    b = tiny(seed=5)
+    hb = train(b, MustNotIterate(), CFG, out_dir=tmp_path, resume=True, progress=False,
+               penalty=lambda *a: pytest.fail("penalty called"))
+    assert hb == ha
+    assert_same_state(a, b)
+
+
+def tamper(path: Path) -> None:
+    """Change one weight but keep the stored checksum."""
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    raw["payload"]["model"]["fc.weight"][0, 0] += 1.0
+    torch.save(raw, path)
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (tamper, r"its SHA-256 checksum does not match"),
+        (truncate, r"it does not load"),
+    ],
+)
+def test_resume_falls_back_to_prev_when_checkpoint_is_damaged(tmp_path, damage, reason):
+    a, ha = straight_run(tmp_path / "a")
+    run = tmp_path / "b"
+    killed_run(run, at_epoch=2)
+    assert load_payload(run / "train.ckpt")["epoch"] == 2
+    damage(run / "train.ckpt")
+    ckpt, prev = re.escape(str(run / "train.ckpt")), re.escape(str(run / "train.ckpt.prev"))
+    with pytest.warns(UserWarning, match=rf"checkpoint {ckpt} is unusable because {reason}.*; it "
+                                         rf"is kept as train.ckpt.bad, trying {prev}"):
+        b, hb = resumed_run(run)
+    assert_same_state(a, b)
+    assert without_seconds(hb) == without_seconds(ha)
+    assert (run / "train.ckpt.bad").exists()
+    assert without_seconds(read_jsonl(run / "train.jsonl")) == without_seconds(ha)
+    assert load_payload(run / "train.ckpt")["epoch"] == 3
+    assert load_payload(run / "train.ckpt.prev")["epoch"] == 2
+
+
+def test_resume_uses_prev_when_checkpoint_is_missing(tmp_path):
+    a, ha = straight_run(tmp_path / "a")
+    run = tmp_path / "b"
+    killed_run(run, at_epoch=2)
+    (run / "train.ckpt").unlink()
+    with pytest.warns(UserWarning, match=r"train.ckpt is missing; resuming from .*train.ckpt.prev"):
+        b, hb = resumed_run(run)
+    assert_same_state(a, b)
+
+
+def test_resume_starts_over_when_no_checkpoint_is_usable(tmp_path):
+    a, ha = straight_run(tmp_path / "a")
+    run = tmp_path / "b"
+    killed_run(run, at_epoch=2)
+    truncate(run / "train.ckpt")
+    tamper(run / "train.ckpt.prev")
+    with pytest.warns(UserWarning) as record:
+        b = tiny()
+        hb = train(b, loader(), CFG, eval_data=loader(shuffle=False), penalty=step_penalty,
+                   out_dir=run, epoch_stats=fc_norm, resume=True, progress=False)
+    assert_same_state(a, b)
+    assert without_seconds(hb) == without_seconds(ha)
+    messages = [str(w.message) for w in record]
+    assert any(re.search(r"train.ckpt is unusable because it does not load .*trying", m)
+               for m in messages), messages
+    assert any(re.search(r"train.ckpt.prev is unusable because its SHA-256 checksum does not "
+                         r"match .*not using it either", m) for m in messages), messages
+    assert any(re.search(r"no usable checkpoint for stage 'train' .*; starting the stage from "
+                         r"scratch", m) for m in messages), messages
+    assert not any("resume=False" in m for m in messages), messages
+    assert (run / "train.ckpt.bad").exists() and (run / "train.ckpt.prev.bad").exists()
+    assert without_seconds(read_jsonl(run / "train.jsonl")) == without_seconds(ha)
+
+
+def test_resume_with_another_config_is_refused(tmp_path):
+    killed_run(tmp_path, at_epoch=1)
+    with pytest.raises(ValueError, match=r"was written with lr=0.05 but this call has lr=0.2; "
+                                         r"resume with the TrainConfig the run started with"):
+        train(tiny(), loader(), TrainConfig(epochs=3, lr=0.2), out_dir=tmp_path, resume=True,
+              progress=False)
+
+
+def test_resume_into_another_model_is_refused(tmp_path):
+    killed_run(tmp_path, at_epoch=1)
+    other = nn.Sequential(nn.Flatten(), nn.Linear(64, 4))
+    with pytest.raises(ValueError, match=r"does not fit this model .*resume with the model the "
+                                         r"run started from"):
+        train(other, loader(), CFG, out_dir=tmp_path, resume=True, progress=False)
+
+
+# --- failures ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, bad):
+    m = tiny()
+
+    def pen(model, epoch, step):
+        return torch.tensor(bad) if step == 5 else torch.zeros(())
+
+    with pytest.raises(TrainingDiverged) as info:
+        train(m, loader(), CFG, penalty=pen, out_dir=tmp_path, stage="reg", progress=False)
+    ckpt = tmp_path / "reg.ckpt"
+    msg = str(info.value)
+    assert "stage 'reg' diverged in epoch 1 (0-based) at step 5 (batch 1 of the epoch)" in msg
+    assert f"the last good checkpoint, after 1 epoch(s), is kept at {ckpt}" in msg
+    assert (info.value.stage, info.value.epoch, info.value.step) == ("reg", 1, 5)
+    assert info.value.checkpoint == ckpt
+    payload = load_payload(ckpt)
+    assert payload["epoch"] == 1 and payload["step"] == 4
+    assert not (tmp_path / "reg.ckpt.prev").exists()
+    assert len(read_jsonl(tmp_path / "reg.jsonl")) == 1
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_divergence_without_out_dir_says_nothing_is_saved():
+    lr_huge = TrainConfig(epochs=1, lr=1e30, momentum=0.0, weight_decay=0.0)
+    with pytest.raises(TrainingDiverged, match=r"nothing is saved because out_dir was not given. "
+                                               r"Lower lr \(it is 1e\+30\)"):
+        train(tiny(), loader(), lr_huge, progress=False)
+
+
+def _fail_on_second_epoch(monkeypatch, target, attr, seen):
+    """epoch_stats that, at epoch 1, remembers the checkpoint bytes and breaks ``target.attr``."""
+
+    def stats(model):
+        if stats.calls == 1:
+            seen["bytes"] = seen["path"].read_bytes()
+
+            def boom(*args, **kwargs):
+                raise OSError(28, "No space left on device")
+
+            monkeypatch.setattr(target, attr, boom)
+        stats.calls += 1
+        return {}
+
+    stats.calls = 0
+    return stats
+
+
+@pytest.mark.parametrize("target, attr", [(os, "replace"), (torch, "save")])
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch, target, attr):
+    seen = {"path": tmp_path / "train.ckpt"}
+    stats = _fail_on_second_epoch(monkeypatch, target, attr, seen)
+    ckpt = re.escape(str(tmp_path / "train.ckpt"))
+    with pytest.raises(OSError, match=rf"could not write {ckpt} after epoch 1 "
+                                      rf"\(0-based\) of stage 'train': .*No space left on "
+                                      rf"device.*; "
+                                      rf"the previous checkpoint .* \(after 1 epoch\(s\)\) is left "
+                                      rf"as it was.*resume=True"):
+        train(tiny(), loader(), CFG, out_dir=tmp_path, epoch_stats=stats, progress=False)
+    monkeypatch.undo()
+    assert seen["path"].read_bytes() == seen["bytes"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.ckpt", "train.jsonl"]
+    history = train(tiny(), loader(), CFG, out_dir=tmp_path, resume=True, progress=False)
+    assert [r["epoch"] for r in history] == [0, 1, 2]
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "train.jsonl")] == [0, 1, 2]
+
+
+def test_rotation_works_without_hard_links(tmp_path, monkeypatch):
+    def no_link(*args):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_link)
+    train(tiny(), loader(), TrainConfig(epochs=2), out_dir=tmp_path, progress=False)
+    assert load_payload(tmp_path / "train.ckpt")["epoch"] == 2
+    assert load_payload(tmp_path / "train.ckpt.prev")["epoch"] == 1
+
+
+# --- progress ---------------------------------------------------------------------------------
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_progress_bar_shows_loss_and_accuracy(monkeypatch, progress):
+    pytest.importorskip("tqdm")
+    err = FakeTTY()
+    monkeypatch.setattr(sys, "stderr", err)
+    train(tiny(), loader(), TrainConfig(epochs=1), eval_data=loader(), stage="ft",
+          progress=progress)
+    text = err.getvalue()
+    if progress:
+        assert "ft 1/1" in text and "loss=" in text and "acc=" in text and "eval_acc=" in text
+    else:
+        assert text == ""
+
+
+# --- gated GraphModules -----------------------------------------------------------------------
+
+
+def test_funnel_penalty_shrinks_gates_of_a_gated_graph_module(tmp_path):
+    gm = gated_model()
+    gate_params = [p for roles in fxtucker.gates(gm).values() for p in roles.values()]
+    assert gate_params
+    before = sum(p.detach().abs().sum() for p in gate_params)
+
+    def pen(model, epoch, step):
+        gates = [p for roles in fxtucker.gates(model).values() for p in roles.values()]
+        return 2.0 * regularizers.penalty(gates, "funnel", c=0.5)
+
+    history = train(gm, loader(), TrainConfig(epochs=2, lr=0.05), penalty=pen, out_dir=tmp_path,
+                    progress=False)
+    after = sum(p.detach().abs().sum() for p in gate_params)
+    assert after < 0.7 * before
+    assert history[1]["penalty"] < history[0]["penalty"]
+    for name in ("first", "core", "last"):
+        module = gm.get_submodule(f"conv2.{name}")
+        unit = module.parametrizations["weight"][0]
+        norms = unit.component_norms(module.weight.detach())
+        torch.testing.assert_close(norms, torch.ones_like(norms))
+    # The checkpoint restores the parametrized GraphModule.
+    fresh = gated_model()
+    fresh.load_state_dict(load_payload(tmp_path / "train.ckpt")["model"])
+    x = dataset()[:8][0]
+    torch.testing.assert_close(fresh.eval()(x), gm.eval()(x), rtol=0, atol=0)
+
+
+# --- DDP --------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_ddp_two_processes(tmp_path):
+    run, results = tmp_path / "run", tmp_path / "results"
+    results.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+         "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(WORKER), str(run),
+         str(results)],
+        capture_output=True, text=True, timeout=180, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    s0 = torch.load(results / "rank0.pt", weights_only=True)
+    s1 = torch.load(results / "rank1.pt", weights_only=True)
+    # The ranks started from different weights: equal ends mean broadcast and averaged grads.
+    for k in s0:
+        assert torch.equal(s0[k], s1[k]), k
+    r0 = json.loads((results / "rank0.json").read_text())
+    r1 = json.loads((results / "rank1.json").read_text())
+    # Each epoch, the two ranks served disjoint halves of the 64 items.
+    for e in range(2):
+        a, b = r0["seen"][32 * e: 32 * (e + 1)], r1["seen"][32 * e: 32 * (e + 1)]
+        assert len(r0["seen"]) == len(r1["seen"]) == 64
+        assert set(a).isdisjoint(b) and set(a) | set(b) == set(range(64))
+    # Logged metrics are averaged over the ranks, so both return the same history.
+    assert without_seconds(r0["history"]) == without_seconds(r1["history"])
+    assert all(r["accuracy"] is not None for r in r0["history"])
+    # Only rank 0 wrote, and what it wrote is its history and final weights.
+    assert sorted(p.name for p in run.iterdir()) == ["train.ckpt", "train.ckpt.prev", "train.jsonl"]
+    assert read_jsonl(run / "train.jsonl") == r0["history"]
+    payload = load_payload(run / "train.ckpt")
+    assert payload["epoch"] == 2 and len(payload["rng"]) == 2
+    for k in s0:
+        assert torch.equal(payload["model"][k], s0[k]), k
