@@ -933,6 +933,7 @@ def train(
     progress: bool = True,
     device: Any = None,
     epoch_stats: Optional[Callable[[nn.Module], dict]] = None,
+    extra_loss: Optional[Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]] = None,
 ) -> list[dict]:
     """Train ``model`` in place for ``config.epochs`` epochs and return the history.
 
@@ -965,6 +966,8 @@ def train(
         progress: show a tqdm bar per epoch (when tqdm is installed and stderr is a terminal).
         device: where to train; by default the local GPU under DDP, else the model's device.
         epoch_stats: ``epoch_stats(model) -> dict`` of JSON-ready values added to each record.
+        extra_loss: ``extra_loss(inputs, outputs, labels) -> scalar`` added to the loss of each
+            batch (and logged with the penalty): for distillation, say.
 
     Returns:
         One record per epoch (all epochs of the stage, including those before a resume).
@@ -1059,7 +1062,7 @@ def train(
         while state.epoch < config.epochs:
             record = _run_epoch(net, model, train_data, eval_data, config, penalty, epoch_stats,
                                 opt, sched, scaler, state, ctx, dev, amp, channels_last, stage,
-                                out_dir, progress)
+                                out_dir, progress, extra_loss)
             state.history.append(record)
             state.epoch += 1
             if files is not None:
@@ -1079,7 +1082,7 @@ def train(
 
 def _run_epoch(net, model, train_data, eval_data, config, penalty, epoch_stats, opt, sched,
                scaler, state: _State, ctx: _Dist, dev, amp, channels_last, stage, out_dir,
-               progress) -> dict:
+               progress, extra_loss=None) -> dict:
     """Train one epoch, evaluate, and return its record."""
     epoch = state.epoch
     start = time.perf_counter()
@@ -1101,12 +1104,12 @@ def _run_epoch(net, model, train_data, eval_data, config, penalty, epoch_stats, 
             with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=amp):
                 out = net(x)
                 ce = F.cross_entropy(out, y)  # float32 under autocast, the model's dtype otherwise
+            pen = torch.zeros((), device=ce.device)
             if penalty is not None:
                 pen = _check_penalty(penalty(model, epoch, state.step), epoch, state.step)
-                loss = ce + pen.to(device=ce.device, dtype=ce.dtype)
-            else:
-                pen = torch.zeros((), device=ce.device)
-                loss = ce
+            if extra_loss is not None:  # e.g. distillation: it sees the batch and the outputs
+                pen = pen.to(ce.device) + _check_penalty(extra_loss(x, out, y), epoch, state.step).to(ce.device)
+            loss = ce + pen.to(device=ce.device, dtype=ce.dtype)
             n = y.shape[0]
             correct = (out.detach().argmax(dim=1) == y).sum()
             step_sums = torch.stack([

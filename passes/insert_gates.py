@@ -75,7 +75,26 @@ def _groups(m: nn.Module) -> int:
     return getattr(m, "groups", 1)
 
 
-def insert_gates(gm: fx.GraphModule, *, inplace: bool = False) -> fx.GraphModule:
+def _balance(first: nn.Module, core: nn.Module) -> None:
+    """Move the norm of each input slice of ``core`` into the matching row of ``first``.
+
+    After HOSVD the rows of ``first`` are orthonormal and the input-mode singular values sit in
+    the core's input slices; moved into ``first``, each input-mode gate starts at its
+    component's importance (zero for a component that contributes nothing). The product of
+    the two factors, and so the function, is unchanged.
+    """
+    groups = core.groups
+    with torch.no_grad():
+        w = core.weight  # (g*R2, R1, *k)
+        g = w.reshape(groups, w.shape[0] // groups, w.shape[1], -1)
+        norms = g.norm(dim=(1, 3))  # (groups, R1): per group, per input slice
+        safe = torch.where(norms > 0, norms, torch.ones_like(norms))
+        w.copy_((g / safe.view(groups, 1, -1, 1)).reshape(w.shape))
+        scale = torch.where(norms > 0, norms, torch.zeros_like(norms)).flatten()  # global index g*R1 + r
+        first.weight.mul_(scale.view(-1, *([1] * (first.weight.dim() - 1))))
+
+
+def insert_gates(gm: fx.GraphModule, *, balance: bool = True, inplace: bool = False) -> fx.GraphModule:
     """Make every factor component a trainable gate times a unit-norm direction.
 
     For each decomposed layer: the rows of ``first`` (R1 output filters), the output slices
@@ -86,6 +105,10 @@ def insert_gates(gm: fx.GraphModule, *, inplace: bool = False) -> fx.GraphModule
 
     Args:
         gm: output of :func:`decompose_conv`.
+        balance: first move the norm of each input slice of ``core`` into the matching row of
+            ``first`` (function unchanged), so that ``gate_in`` starts at the input-mode singular
+            value, the component's importance, instead of 1 for every component (HOSVD's rows
+            are orthonormal). Without it, input-mode components can hardly be pruned.
         inplace: rewrite ``gm`` itself instead of a deep copy.
 
     Before::
@@ -121,6 +144,8 @@ def insert_gates(gm: fx.GraphModule, *, inplace: bool = False) -> fx.GraphModule
         container = gm.get_submodule(source)
         first, last = container[FIRST], container[LAST]
         core = container[CORE] if CORE in container else None
+        if balance and core is not None:
+            _balance(first, core)
         # (factor, gate role placed after it or before it, which norms)
         plan = [(FIRST, GATE_IN, UnitNorm(0, _groups(first)), "after")]
         if core is not None:

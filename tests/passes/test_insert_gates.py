@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.nn.utils import parametrize
 
 import fxtucker
@@ -23,13 +24,13 @@ class Net(nn.Module):
         return self.fc(self.pw(torch.relu(self.conv(x))).mean((2, 3)))
 
 
-@given(conv_and_input())
+@given(conv_and_input(), st.booleans())
 @settings(max_examples=40, deadline=None)
-def test_function_unchanged(case):
+def test_function_unchanged(case, balance):
     conv, x = case
     model = OneConv(conv).eval()
     ref = reference(model)
-    gated = insert_gates(decompose_conv(fxtucker.trace(model)))
+    gated = insert_gates(decompose_conv(fxtucker.trace(model)), balance=balance)
     gated.graph.lint()
     assert rel_error(gated(x), ref(x)) < REL_FLOAT64
 
@@ -47,9 +48,19 @@ def test_gate_nodes_are_visible_and_named_after_the_layer():
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in gated.modules())
 
 
+def test_balanced_input_gates_are_the_input_mode_singular_values():
+    model = Net().double()
+    g = fxtucker.gates(insert_gates(decompose_conv(fxtucker.trace(model))))
+    w = model.conv.weight.detach()  # 2 groups of (3, 2, 3, 3)
+    expected = torch.cat([
+        torch.linalg.svdvals(wg.transpose(0, 1).reshape(2, -1)) for wg in w.reshape(2, 3, 2, 3, 3)
+    ])
+    torch.testing.assert_close(g["conv"]["gate_in"].detach(), expected)
+
+
 def test_gates_are_component_norms_and_directions_are_unit():
     d = decompose_conv(fxtucker.trace(Net().double()))
-    g = fxtucker.gates(insert_gates(d))
+    g = fxtucker.gates(insert_gates(d, balance=False))
     core = d.get_submodule("conv.core").weight.detach()
     torch.testing.assert_close(g["conv"]["gate_core"].detach(), core.flatten(1).norm(dim=1))
     # HOSVD factors are orthonormal: first rows and last columns have norm 1

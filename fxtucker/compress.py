@@ -1,0 +1,288 @@
+"""compress(): the paper's four steps end to end, around the pass chain and the training loop."""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import dataclasses
+import math
+import numbers
+import tomllib
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, Union
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fxtucker import regularizers
+from fxtucker.passes import cost_model, decompose_conv, fold_or_restore, gates, insert_gates, predict_macs, strip_gates
+from fxtucker.report import report
+from fxtucker.tracing import trace
+from fxtucker.train import TrainConfig, evaluate, train
+
+__all__ = ["CompressConfig", "CompressResult", "compress", "threshold_for_budget"]
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Hyper-parameters of :func:`compress`; every field can come from a TOML file.
+
+    Steps (Chu and Lee 2021): 1. decompose at ``ranks`` (full rank by default) and insert gates;
+    2. train ``train_epochs`` with cross-entropy at ``train_lr``; 3. train ``reg_epochs`` with
+    cross-entropy + ``reg_weight`` x sum of ``reg``(gate, c) over all gates of all layers, c
+    following ``c_schedule`` from ``c_start`` (to ``c_end`` for "linear"; times ``c_factor`` every
+    ``c_every`` epochs for "exp"); strip every gate below ``threshold``; 4. fold-or-restore and
+    fine-tune ``finetune_epochs``, optionally distilling from the original model.
+
+    ``target_macs`` (or ``target_speedup`` = MACs before / MACs after) replaces ``threshold``: the
+    smallest global threshold whose result, after fold-or-restore, fits the budget is used.
+    """
+
+    ranks: Union[None, float, str] = None
+    linear: bool = False
+    train_epochs: int = 2
+    train_lr: float = 0.01
+    reg_epochs: int = 6
+    reg_lr: float = 0.01
+    reg: str = "funnel"
+    reg_weight: float = 2e-4
+    c_schedule: str = "linear"
+    c_start: float = 1.0
+    c_end: Optional[float] = 0.01
+    c_factor: Optional[float] = None
+    c_every: Optional[int] = None
+    threshold: float = 0.01
+    target_macs: Optional[int] = None
+    target_speedup: Optional[float] = None
+    finetune_epochs: int = 3
+    finetune_lr: float = 0.01
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    distill: bool = False
+    distill_weight: float = 0.5
+    distill_temperature: float = 4.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("train_epochs", "reg_epochs", "finetune_epochs"):
+            v = getattr(self, name)
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"CompressConfig.{name} must be an integer >= 0, got {v!r}")
+        if self.reg_epochs < 1:
+            raise ValueError("CompressConfig.reg_epochs must be >= 1: step 3 is what chooses the ranks")
+        for name in ("train_lr", "reg_lr", "finetune_lr"):
+            v = getattr(self, name)
+            if not isinstance(v, numbers.Real) or not v > 0 or not math.isfinite(v):
+                raise ValueError(f"CompressConfig.{name} must be a finite number > 0, got {v!r}")
+        if self.reg not in regularizers.REGULARIZERS:
+            raise ValueError(f"CompressConfig.reg {self.reg!r} is not known; valid: {sorted(regularizers.REGULARIZERS)}")
+        if not isinstance(self.reg_weight, numbers.Real) or not math.isfinite(self.reg_weight) or self.reg_weight < 0:
+            raise ValueError(f"CompressConfig.reg_weight (lambda) must be a finite number >= 0, got {self.reg_weight!r}")
+        if (not isinstance(self.threshold, numbers.Real) or isinstance(self.threshold, bool)
+                or not math.isfinite(self.threshold) or self.threshold < 0):
+            raise ValueError(f"CompressConfig.threshold must be a finite number >= 0 (paper: 0.01 to 0.02), got {self.threshold!r}")
+        if self.target_macs is not None and self.target_speedup is not None:
+            raise ValueError("give CompressConfig.target_macs or target_speedup, not both")
+        if self.target_macs is not None and (not isinstance(self.target_macs, numbers.Integral) or self.target_macs <= 0):
+            raise ValueError(f"CompressConfig.target_macs must be a positive integer, got {self.target_macs!r}")
+        if self.target_speedup is not None and (not isinstance(self.target_speedup, numbers.Real) or not self.target_speedup >= 1):
+            raise ValueError(f"CompressConfig.target_speedup must be a number >= 1, got {self.target_speedup!r}")
+        self.c_schedule_fn()  # validates the schedule's arguments
+
+    def c_schedule_fn(self) -> regularizers.CSchedule:
+        """The c schedule, indexed by epoch of step 3."""
+        kw: dict[str, Any] = {"c_start": self.c_start}
+        if self.c_schedule == "linear":
+            kw.update(c_end=self.c_end, total=max(1, self.reg_epochs - 1))
+        elif self.c_schedule == "exp":
+            kw.update(factor=self.c_factor, every=self.c_every)
+        return regularizers.c_schedule(self.c_schedule, **kw)
+
+    def stage_config(self, epochs: int, lr: float) -> TrainConfig:
+        return TrainConfig(epochs=epochs, lr=lr, optimizer=self.optimizer, momentum=self.momentum,
+                           weight_decay=self.weight_decay, schedule=self.schedule, seed=self.seed)
+
+    @classmethod
+    def from_toml(cls, path: Union[str, Path]) -> "CompressConfig":
+        """Read a config from a TOML file of ``key = value`` lines (a ``[compress]`` table is also accepted)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+        data = data.get("compress", data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown key(s) {unknown}; valid keys: {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass
+class CompressResult:
+    """What :func:`compress` returns: the compressed model, its report and the training history."""
+
+    model: fx.GraphModule
+    report: dict[str, Any]
+    history: list[dict] = field(default_factory=list)
+
+
+def _params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def _all_gates(gm: fx.GraphModule) -> list[torch.Tensor]:
+    return [g for layer in gates(gm).values() for g in layer.values()]
+
+
+def threshold_for_budget(gated: fx.GraphModule, target_macs: int) -> float:
+    """The smallest gate threshold whose stripped, folded model has at most ``target_macs`` MACs.
+
+    ``gated`` must carry cost-model annotations (see :func:`fxtucker.passes.predict_macs`, which
+    is exact). Raises ValueError when even pruning every gate cannot meet the budget.
+    """
+    values = torch.cat([g.detach().abs().flatten().double() for g in _all_gates(gated)]).unique().tolist()
+    # Thresholds just above each gate magnitude: every distinct pruning set, smallest first.
+    candidates = [0.0] + [math.nextafter(v, math.inf) for v in values]
+    macs = lambda i: predict_macs(gated, candidates[i])  # noqa: E731 - non-increasing in i
+    if macs(len(candidates) - 1) > target_macs:
+        raise ValueError(
+            f"the MAC budget {target_macs:,} cannot be met: pruning every gate still leaves "
+            f"{macs(len(candidates) - 1):,} MACs (layers that are not decomposed, and one component per "
+            f"decomposed layer); raise target_macs or lower target_speedup"
+        )
+    i = bisect.bisect_left(range(len(candidates)), True, key=lambda i: macs(i) <= target_macs)
+    return candidates[i]
+
+
+def _distillation(teacher: nn.Module, config: CompressConfig):
+    """weight * T^2 * KL(teacher || student) at temperature T (Hinton et al. 2015)."""
+    t, w = config.distill_temperature, config.distill_weight
+
+    def loss(x: Any, out: torch.Tensor, _y: torch.Tensor) -> torch.Tensor:
+        teacher.to(out.device)
+        with torch.no_grad():
+            target = teacher(x).float()
+        return w * t * t * F.kl_div(F.log_softmax(out.float() / t, 1), F.softmax(target / t, 1), reduction="batchmean")
+
+    return loss
+
+
+def _gate_stats(threshold_fn) -> Any:
+    def stats(model: nn.Module) -> dict:
+        gm = getattr(model, "module", model)
+        flat = torch.cat([g.detach().abs().flatten() for g in _all_gates(gm)])
+        th = threshold_fn(gm)
+        return {"gates": flat.numel(), "gates_below_threshold": int((flat < th).sum()), "threshold": th,
+                "gate_mean": float(flat.mean()), "macs_if_stripped": predict_macs(gm, th)}
+    return stats
+
+
+def compress(
+    model: nn.Module,
+    train_data: Iterable,
+    example_inputs: Union[torch.Tensor, tuple],
+    *,
+    eval_data: Optional[Iterable] = None,
+    config: Optional[CompressConfig] = None,
+    out_dir: Optional[Union[str, Path]] = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> CompressResult:
+    """Compress a trained CNN by Tucker-2 decomposition with funnel-regularized rank selection.
+
+    Args:
+        model: the trained network (left untouched).
+        train_data: iterable of (input, label) batches, e.g. a DataLoader.
+        example_inputs: a tensor or tuple of tensors: one batch, for tracing and the cost model.
+        eval_data: optional (input, label) batches; accuracy is measured after every stage.
+        config: :class:`CompressConfig` (defaults if None).
+        out_dir: where each stage writes its JSONL log and checkpoint; needed for ``resume``.
+        resume: continue a killed run from the checkpoints in ``out_dir``.
+        progress: progress bars.
+
+    Returns:
+        :class:`CompressResult` with ``.model`` (a GraphModule of standard torch.nn modules),
+        ``.report`` (MACs, params and accuracy before and after, accuracy per stage, the
+        per-layer table) and ``.history`` (one record per epoch of every stage).
+
+    Example::
+
+        >>> result = fxtucker.compress(model, train_loader, torch.randn(1, 1, 28, 28), eval_data=test_loader)
+        >>> result.report["macs_before"] / result.report["macs_after"]  # doctest: +SKIP
+    """
+    config = config or CompressConfig()
+    if not isinstance(config, CompressConfig):
+        raise TypeError(f"config must be a CompressConfig, got {type(config).__name__}")
+    if resume and out_dir is None:
+        raise ValueError("resume=True needs out_dir: the checkpoints of the earlier run live there")
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise TypeError("example_inputs must be a tensor or a tuple of tensors (one batch of the model's inputs)")
+    torch.manual_seed(config.seed)
+    original = copy.deepcopy(model).eval()
+    gm = cost_model(trace(copy.deepcopy(model)), *inputs)
+    macs_before = sum(n.meta["macs"] for n in gm.graph.nodes)
+    if config.target_speedup is not None:
+        target = int(macs_before / config.target_speedup)
+    else:
+        target = config.target_macs
+    rep: dict[str, Any] = {"macs_before": macs_before, "params_before": _params(original),
+                           "config": dataclasses.asdict(config), "stages": {}}
+    acc = (lambda m: evaluate(m, eval_data)) if eval_data is not None else (lambda m: None)
+    rep["accuracy_before"] = acc(original)
+    kw = dict(eval_data=eval_data, out_dir=out_dir, resume=resume, progress=progress)
+    history: list[dict] = []
+
+    # 1. decompose at full rank and gate every component
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        decomposed = decompose_conv(gm, ranks=config.ranks, linear=config.linear)
+    rep["skipped_layers"] = [str(w.message) for w in caught]
+    gated = cost_model(insert_gates(decomposed), *inputs)
+    rep["stages"]["decomposed"] = {"accuracy": acc(gated), "macs": sum(n.meta["macs"] for n in gated.graph.nodes)}
+
+    # 2. train the decomposed model on the classification loss alone
+    if config.train_epochs:
+        history += train(gated, train_data, config.stage_config(config.train_epochs, config.train_lr),
+                         stage="decomposed", **kw)
+        rep["stages"]["trained"] = {"accuracy": acc(gated)}
+
+    # 3. the funnel (or other) penalty on all gates of all layers at once
+    schedule = config.c_schedule_fn()
+    reg_fn = regularizers.get_regularizer(config.reg)
+    gate_list = _all_gates(gated)
+    uses_c = config.reg in regularizers.FUNNEL_KINDS
+
+    def penalty(_model: nn.Module, epoch: int, _step: int) -> torch.Tensor:
+        terms = [reg_fn(g, schedule(epoch)) if uses_c else reg_fn(g) for g in gate_list]
+        return config.reg_weight * torch.stack([t.sum() for t in terms]).sum()
+
+    threshold_fn = (lambda g: threshold_for_budget(g, target)) if target is not None else (lambda g: config.threshold)
+    history += train(gated, train_data, config.stage_config(config.reg_epochs, config.reg_lr), penalty=penalty,
+                     epoch_stats=_gate_stats(threshold_fn), stage="regularize", **kw)
+    threshold = threshold_fn(gated)
+    rep["threshold"] = threshold
+    rep["stages"]["regularized"] = {"accuracy": acc(gated)}
+
+    # strip, then keep each decomposition only where it is cheaper (gates folded into weights)
+    final = fold_or_restore(strip_gates(gated, threshold), *inputs)
+    rep["stages"]["pruned"] = {"accuracy": acc(final), "macs": sum(n.meta["macs"] for n in final.graph.nodes)}
+
+    # 4. fine-tune the compressed model
+    if config.finetune_epochs:
+        history += train(final, train_data, config.stage_config(config.finetune_epochs, config.finetune_lr),
+                         extra_loss=_distillation(original, config) if config.distill else None,
+                         stage="finetune", **kw)
+    final.eval()
+    macs_after = sum(n.meta["macs"] for n in cost_model(final, *inputs).graph.nodes)
+    rep.update(macs_after=macs_after, params_after=_params(final), accuracy_after=acc(final),
+               target_macs=target, layers=report(final).to_dict()["layers"])
+    rep["stages"]["finetuned"] = {"accuracy": rep["accuracy_after"]}
+    return CompressResult(model=final, report=rep, history=history)
