@@ -92,8 +92,9 @@ def _gated_layers(gm: fx.GraphModule) -> dict[str, dict[str, list[fx.Node]]]:
 
 def _selection(c: nn.Module, source: str, threshold: float) -> _Selection:
     """The components of layer ``source`` (container ``c``) that survive ``threshold``."""
-    g_in, g_out = c[GATE_IN].weight.detach(), c[GATE_OUT].weight.detach()
-    g_core = c[GATE_CORE].weight.detach() if GATE_CORE in c else None
+    # Compared in float64: against a float32 tensor, torch would round the threshold to float32.
+    g_in, g_out = c[GATE_IN].weight.detach().double(), c[GATE_OUT].weight.detach().double()
+    g_core = c[GATE_CORE].weight.detach().double() if GATE_CORE in c else None
     for name, g in ((GATE_IN, g_in), (GATE_CORE, g_core), (GATE_OUT, g_out)):
         if g is not None and not torch.isfinite(g).all():
             raise ValueError(f"gates {source}.{name} hold NaN or Inf; the training diverged, nothing can be stripped")

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from torch.nn.utils import parametrize
 
 import fxtucker
+import fxtucker.passes
 from fxtucker.passes import Gate, decompose_conv, insert_gates, strip_gates
 from tests.conftest import REL_FLOAT64, reference, rel_error
 from tests.strategies import OneConv, conv_and_input
@@ -109,3 +110,13 @@ def test_errors():
         fxtucker.gates(gated)["conv"]["gate_core"][0] = float("nan")
     with pytest.raises(ValueError, match=r"gates conv.gate_core hold NaN or Inf; the training diverged"):
         strip_gates(gated, 0.01)
+
+
+def test_threshold_is_compared_in_float64():
+    gated = _gated(Net())
+    g = fxtucker.gates(gated)["conv"]["gate_in"]
+    with torch.no_grad():
+        g[0] = 0.3  # float32(0.3) is a little above 0.3 in float64
+    just_above = math.nextafter(float(g[0]), math.inf)
+    assert fxtucker.passes.kept_ranks(gated, float(g[0]))["conv"][0][0] == 4
+    assert fxtucker.passes.kept_ranks(gated, just_above)["conv"][0][0] == 3

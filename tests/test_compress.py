@@ -1,0 +1,138 @@
+"""compress(): the four-step flow end to end, rank recovery, MAC budgets, configs and errors."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fxtucker
+from fxtucker import tucker
+from fxtucker.compress import CompressConfig, compress, threshold_for_budget
+from fxtucker.passes import cost_model, decompose_conv, insert_gates, predict_macs
+
+
+@pytest.fixture
+def one_thread():
+    # Bitwise-reproducible training needs a fixed summation order.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(16, 24, 3, padding=1, bias=False)
+        self.fc = nn.Linear(24 * 16, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def _toy_problem(seed=0):
+    """A conv of Tucker rank (4, 6) and data labelled by the model itself."""
+    torch.manual_seed(seed)
+    model = Toy()
+    core = torch.randn(6, 4, 3, 3)
+    u_out, u_in = torch.linalg.qr(torch.randn(24, 6))[0], torch.linalg.qr(torch.randn(16, 4))[0]
+    with torch.no_grad():
+        model.conv.weight.copy_(0.5 * tucker.reconstruct_tucker2(core, u_out, u_in))
+        x = torch.randn(2048, 16, 4, 4)
+        y = model(x).argmax(1)
+    train = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
+    test = DataLoader(TensorDataset(x[:512], y[:512]), batch_size=256)
+    return model, train, test, x[:1]
+
+
+def test_funnel_flow_recovers_a_known_tucker_rank(one_thread):
+    model, train, test, x = _toy_problem()
+    config = CompressConfig(train_epochs=0, reg_epochs=12, finetune_epochs=0, reg_weight=0.05, reg_lr=0.01,
+                            weight_decay=0.0, c_start=1.0, c_end=0.01, threshold=0.01)
+    result = compress(model, train, x, eval_data=test, config=config, progress=False)
+    (layer,) = [l for l in result.report["layers"] if l["name"] == "conv"]
+    assert layer["ranks"] == [4, 6] and layer["decision"] == "decomposed"
+    assert result.report["accuracy_after"] > 0.95
+
+
+def test_compress_end_to_end_report_history_and_files(one_thread, tmp_path):
+    model, train, test, x = _toy_problem(1)
+    config = CompressConfig(train_epochs=1, reg_epochs=2, finetune_epochs=1, reg_weight=0.05, target_speedup=2.0)
+    result = compress(model, train, x, eval_data=test, config=config, out_dir=tmp_path, progress=False)
+    rep = result.report
+    for key in ("macs_before", "macs_after", "params_before", "params_after", "accuracy_before", "accuracy_after",
+                "layers", "stages", "threshold"):
+        assert key in rep
+    assert rep["macs_after"] == fxtucker.count_macs(result.model, x) < rep["macs_before"] == fxtucker.count_macs(model, x)
+    assert list(rep["stages"]) == ["decomposed", "trained", "regularized", "pruned", "finetuned"]
+    assert [(h["stage"], h["epoch"]) for h in result.history] == [("decomposed", 0), ("regularize", 0), ("regularize", 1), ("finetune", 0)]
+    assert all("macs_if_stripped" in h for h in result.history if h["stage"] == "regularize")
+    assert {p.name for p in tmp_path.iterdir()} >= {"decomposed.jsonl", "regularize.jsonl", "finetune.jsonl",
+                                                    "decomposed.ckpt", "regularize.ckpt", "finetune.ckpt"}
+    standard = {m.__class__.__module__.split(".")[0] for m in result.model.modules() if m is not result.model}
+    assert standard == {"torch"}
+    assert rep["accuracy_after"] == fxtucker.train.evaluate(result.model, test)
+    # the input model is untouched
+    assert isinstance(model.conv, nn.Conv2d)
+    # resuming a finished run trains nothing and gives the same model
+    again = compress(model, train, x, eval_data=test, config=config, out_dir=tmp_path, resume=True, progress=False)
+    for a, b in zip(again.model.state_dict().values(), result.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("speedup", [2.0, 3.0])
+def test_mac_budget_is_met_with_the_smallest_threshold(one_thread, speedup):
+    model, train, test, x = _toy_problem(2)
+    config = CompressConfig(train_epochs=0, reg_epochs=1, finetune_epochs=0, reg_weight=0.01, target_speedup=speedup)
+    result = compress(model, train, x, config=config, progress=False)
+    target = int(result.report["macs_before"] / speedup)
+    assert result.report["target_macs"] == target
+    assert result.report["macs_after"] <= target
+
+
+def test_threshold_for_budget_is_the_smallest_that_fits():
+    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3))
+    x = torch.randn(1, 8, 12, 12)
+    gated = cost_model(insert_gates(decompose_conv(fxtucker.trace(model))), x)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for layer in fxtucker.gates(gated).values():
+            for g in layer.values():
+                g.copy_(torch.rand(g.shape))
+    full = predict_macs(gated, 0.0)
+    for target in (full, int(full * 0.6), int(full * 0.3)):
+        th = threshold_for_budget(gated, target)
+        assert predict_macs(gated, th) <= target
+        if th > 0:  # any smaller threshold keeps one more component and breaks the budget
+            assert predict_macs(gated, math.nextafter(th, 0)) > target
+    with pytest.raises(ValueError, match=r"the MAC budget 10 cannot be met: pruning every gate still leaves"):
+        threshold_for_budget(gated, 10)
+
+
+def test_config_from_toml_and_errors(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[compress]\nreg = 'l1'\nreg_weight = 0.001\nreg_epochs = 3\nc_schedule = 'exp'\nc_factor = 0.5\nc_every = 1\n")
+    cfg = CompressConfig.from_toml(path)
+    assert (cfg.reg, cfg.reg_weight, cfg.reg_epochs, cfg.c_schedule_fn()(2)) == ("l1", 0.001, 3, 0.25)
+    path.write_text("lamda = 0.1\n")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['lamda'\]; valid keys: \["):
+        CompressConfig.from_toml(path)
+    with pytest.raises(FileNotFoundError, match=r"config file .*nope.toml' does not exist"):
+        CompressConfig.from_toml(tmp_path / "nope.toml")
+    with pytest.raises(ValueError, match=r"reg 'l3' is not known; valid: \['funnel', 'funnel_scaled', 'l1', 'l2'\]"):
+        CompressConfig(reg="l3")
+    with pytest.raises(ValueError, match=r"threshold must be a finite number >= 0"):
+        CompressConfig(threshold=-1.0)
+    with pytest.raises(ValueError, match=r"give CompressConfig.target_macs or target_speedup, not both"):
+        CompressConfig(target_macs=10, target_speedup=2.0)
+    with pytest.raises(ValueError, match=r"target_speedup must be a number >= 1"):
+        CompressConfig(target_speedup=0.5)
+    with pytest.raises(ValueError, match=r"reg_epochs must be >= 1"):
+        CompressConfig(reg_epochs=0)
+    model, train, _, x = _toy_problem()
+    with pytest.raises(ValueError, match=r"resume=True needs out_dir"):
+        compress(model, train, x, resume=True)
+    with pytest.raises(TypeError, match=r"example_inputs must be a tensor or a tuple of tensors"):
+        compress(model, train, [1, 2])
