@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import json
 import sys
@@ -13,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 import fxtucker
-from fxtucker import models
+from fxtucker import data, models
 from fxtucker.latency import measure_latency
 from fxtucker.passes import cost_model, decompose_conv, fold_or_restore, insert_gates, strip_gates
 
@@ -98,6 +99,127 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+# The --quick profile: a ~10-minute run on 2 CPU cores (resnet20, Fashion-MNIST).
+QUICK = dict(train_subset=10000, eval_subset=2000, baseline_epochs=4)
+QUICK_CONFIG = dict(train_epochs=1, reg_epochs=4, finetune_epochs=2, reg_weight=0.01, target_speedup=2.0)
+
+
+def _dataset(name: str):
+    if name not in data.DATASETS:
+        close = difflib.get_close_matches(name, list(data.DATASETS), n=1)
+        hint = f" Did you mean {close[0]}?" if close else ""
+        raise _UsageError(f"unknown dataset {name!r}.{hint} Choices: {', '.join(data.DATASETS)}")
+    return name
+
+
+def _markdown(summary: dict, layers: list[dict]) -> str:
+    lines = ["# fxtucker compress", "", f"`{summary['command']}`", "",
+             "| | original | compressed | ratio |", "|---|---|---|---|"]
+    for key, label in (("accuracy", "accuracy"), ("macs", "MACs"), ("params", "params"), ("latency_ms", "CPU latency, batch 1 (ms)")):
+        b, a = summary[f"{key}_before"], summary[f"{key}_after"]
+        if key == "accuracy":
+            lines.append(f"| {label} | {b:.4f} | {a:.4f} | {a - b:+.4f} |")
+        else:
+            lines.append(f"| {label} | {b:,.6g} | {a:,.6g} | {b / a:.2f}x |")
+    lines += ["", "## Accuracy after each stage", "", "| stage | accuracy |", "|---|---|"]
+    lines += [f"| {k} | {v['accuracy']:.4f} |" for k, v in summary["stages"].items() if v.get("accuracy") is not None]
+    lines += ["", "## Layers", "", "| layer | full ranks | ranks | MACs before | MACs after | decision |", "|---|---|---|---|---|---|"]
+    for l in layers:
+        fmt = lambda t: "x".join(map(str, t)) or "-"  # noqa: E731
+        lines.append(f"| {l['name']} | {fmt(l['full_ranks'])} | {fmt(l['ranks'])} | {l['macs_before'] or '-'} | "
+                     f"{l['macs_after'] or '-'} | {l['decision']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _histograms(stages: dict, out: Path) -> list[str]:
+    """One PNG of the gate histogram per stage (the paper's Figure 4), if matplotlib is installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    for stage, info in stages.items():
+        hist = info.get("gate_histogram")
+        if not hist:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        edges = hist["log10_edges"]
+        ax.bar(edges[:-1], hist["counts"], width=edges[1] - edges[0], align="edge")
+        ax.set_xlabel("log10 |gate|")
+        ax.set_ylabel("gates")
+        ax.set_title(f"gates after stage '{stage}' ({hist['zeros']} of {hist['total']} exactly 0)")
+        fig.tight_layout()
+        path = out / f"gates_{stage}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path.name)
+    return written
+
+
+def _compress(args: argparse.Namespace) -> int:
+    from fxtucker.compress import CompressConfig, compress
+    from fxtucker.train import TrainConfig, evaluate, train
+
+    dataset = _dataset(args.dataset)
+    in_ch, n_cls, size = data.dataset_info(dataset, root=args.root)
+    model = _model(args.model, n_cls, in_ch, args.checkpoint)
+    train_set = data.get_dataset(dataset, True, root=args.root)
+    eval_set = data.get_dataset(dataset, False, root=args.root)
+    quick = QUICK if args.quick else {}
+    train_subset = args.train_subset or quick.get("train_subset")
+    eval_subset = args.eval_subset or quick.get("eval_subset")
+    train_loader = data.make_loader(train_set, args.batch_size, True, subset=train_subset, seed=args.seed)
+    eval_loader = data.make_loader(eval_set, 256, False, subset=eval_subset, seed=args.seed)
+    if args.config:
+        config = CompressConfig.from_toml(args.config)
+    else:
+        config = CompressConfig(**QUICK_CONFIG) if args.quick else CompressConfig()
+    config = dataclasses.replace(config, seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    baseline_history = []
+    if args.checkpoint is None:
+        epochs = args.baseline_epochs or quick.get("baseline_epochs", 30)
+        print(f"training the baseline {args.model} for {epochs} epochs (no --checkpoint given)")
+        baseline_history = train(model, train_loader, TrainConfig(epochs=epochs, lr=0.1, seed=args.seed),
+                                 eval_data=eval_loader, out_dir=out, stage="baseline", resume=args.resume,
+                                 progress=not args.no_progress)
+        torch.save(model.state_dict(), out / "baseline_state_dict.pt")
+    x = torch.randn(1, in_ch, size, size)
+    result = compress(model, train_loader, x, eval_data=eval_loader, config=config, out_dir=out,
+                      resume=args.resume, progress=not args.no_progress)
+    rep = result.report
+    lat_before, lat_after = measure_latency(model, x, threads=args.threads), measure_latency(result.model, x, threads=args.threads)
+    summary = {
+        "command": "fxtucker " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("fxtucker") else "fxtucker compress",
+        "model": args.model, "dataset": dataset, "quick": args.quick,
+        "accuracy_before": rep["accuracy_before"], "accuracy_after": rep["accuracy_after"],
+        "macs_before": rep["macs_before"], "macs_after": rep["macs_after"],
+        "params_before": rep["params_before"], "params_after": rep["params_after"],
+        "latency_ms_before": lat_before, "latency_ms_after": lat_after, "stages": rep["stages"],
+    }
+    (out / "report.json").write_text(json.dumps({**rep, **summary, "baseline_history": baseline_history,
+                                                 "history": result.history}, indent=2) + "\n")
+    (out / "report.md").write_text(_markdown(summary, rep["layers"]))
+    torch.save(result.model.state_dict(), out / "compressed_state_dict.pt")
+    pngs = _histograms(rep["stages"], out)
+    rows = [("", "original", "compressed", "ratio"),
+            ("accuracy", f"{rep['accuracy_before']:.4f}", f"{rep['accuracy_after']:.4f}",
+             f"{rep['accuracy_after'] - rep['accuracy_before']:+.4f}"),
+            ("MACs", f"{rep['macs_before']:,}", f"{rep['macs_after']:,}", f"{rep['macs_before'] / rep['macs_after']:.2f}x"),
+            ("params", f"{rep['params_before']:,}", f"{rep['params_after']:,}", f"{rep['params_before'] / rep['params_after']:.2f}x"),
+            ("CPU latency, batch 1 (ms)", f"{lat_before:.2f}", f"{lat_after:.2f}", f"{lat_before / lat_after:.2f}x")]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    print()
+    for r in rows:
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    print(f"\nwrote {out}/report.json, report.md, compressed_state_dict.pt" + (f", {', '.join(pngs)}" if pngs else ""))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxtucker", description=fxtucker.__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"fxtucker {fxtucker.__version__}")
@@ -117,16 +239,44 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--graph", action="store_true", help="print the graph before and after")
     p.add_argument("--json", help="also write the numbers and the report to this JSON file")
     p.set_defaults(func=_inspect)
+
+    c = sub.add_parser("compress", help="train (if needed) and compress a model with the funnel flow")
+    c.add_argument("--model", required=True, help="resnet20/32/56, vgg_small or a torchvision classification model")
+    c.add_argument("--dataset", required=True, help=f"one of {', '.join(data.DATASETS)}")
+    c.add_argument("--root", help="dataset directory (default: Debian's /usr/share/datasets/fashion-mnist, ...)")
+    c.add_argument("--config", help="a TOML file of CompressConfig fields")
+    c.add_argument("--checkpoint", help="trained weights (state_dict, loaded with weights_only=True); "
+                                        "without it the baseline is trained first")
+    c.add_argument("--quick", action="store_true", help="a ~10 minute run: data subsets and short stages")
+    c.add_argument("--baseline-epochs", type=int, help="epochs of baseline training (default 4 with --quick, else 30)")
+    c.add_argument("--batch-size", type=int, default=128)
+    c.add_argument("--train-subset", type=int, help="train on a fixed random subset of this many images")
+    c.add_argument("--eval-subset", type=int, help="evaluate on a fixed random subset of this many images")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--resume", action="store_true", help="continue a killed run from the checkpoints in --out")
+    c.add_argument("--threads", type=int, default=None, help="CPU threads for the latency measurement")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
+    c.add_argument("--out", required=True, help="output directory: logs, checkpoints, report.json, report.md")
+    c.set_defaults(func=_compress)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    from fxtucker.train import TrainingDiverged
+
     try:
         return args.func(args)
-    except (_UsageError, fxtucker.TraceError, FileNotFoundError) as exc:
+    except (_UsageError, fxtucker.TraceError, FileNotFoundError, ValueError) as exc:
         print(f"fxtucker {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingDiverged as exc:
+        print(f"fxtucker {args.command}: training diverged: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"fxtucker {args.command}: interrupted; every finished epoch is checkpointed: "
+              f"rerun the same command with --resume to continue", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

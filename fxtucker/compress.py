@@ -24,7 +24,7 @@ from fxtucker.report import report
 from fxtucker.tracing import trace
 from fxtucker.train import TrainConfig, evaluate, train
 
-__all__ = ["CompressConfig", "CompressResult", "compress", "threshold_for_budget"]
+__all__ = ["CompressConfig", "CompressResult", "compress", "threshold_for_budget", "gate_histogram"]
 
 
 @dataclass(frozen=True)
@@ -174,6 +174,16 @@ def _distillation(teacher: nn.Module, config: CompressConfig):
     return loss
 
 
+def gate_histogram(gm: fx.GraphModule, bins: int = 40) -> dict[str, list]:
+    """Histogram of log10 |gate| over every gate (zeros counted apart), for plots like the paper's Fig. 4."""
+    flat = torch.cat([g.detach().abs().flatten().double() for g in _all_gates(gm)])
+    nonzero = flat[flat > 0]
+    counts = torch.histc(nonzero.log10().clamp(-6, 2), bins=bins, min=-6, max=2)
+    edges = torch.linspace(-6, 2, bins + 1)
+    return {"log10_edges": [round(float(e), 4) for e in edges], "counts": [int(c) for c in counts],
+            "zeros": int((flat == 0).sum()), "total": int(flat.numel())}
+
+
 def _gate_stats(threshold_fn) -> Any:
     def stats(model: nn.Module) -> dict:
         gm = getattr(model, "module", model)
@@ -246,13 +256,14 @@ def compress(
         decomposed = decompose_conv(gm, ranks=config.ranks, linear=config.linear)
     rep["skipped_layers"] = [str(w.message) for w in caught]
     gated = cost_model(insert_gates(decomposed), *inputs)
-    rep["stages"]["decomposed"] = {"accuracy": acc(gated), "macs": sum(n.meta["macs"] for n in gated.graph.nodes)}
+    rep["stages"]["decomposed"] = {"accuracy": acc(gated), "macs": sum(n.meta["macs"] for n in gated.graph.nodes),
+                                   "gate_histogram": gate_histogram(gated)}
 
     # 2. train the decomposed model on the classification loss alone
     if config.train_epochs:
         history += train(gated, train_data, config.stage_config(config.train_epochs, config.train_lr),
                          stage="decomposed", **kw)
-        rep["stages"]["trained"] = {"accuracy": acc(gated)}
+        rep["stages"]["trained"] = {"accuracy": acc(gated), "gate_histogram": gate_histogram(gated)}
 
     # 3. the funnel (or other) penalty on all gates of all layers at once
     schedule = config.c_schedule_fn()
@@ -269,7 +280,7 @@ def compress(
                      epoch_stats=_gate_stats(threshold_fn), stage="regularize", **kw)
     threshold = threshold_fn(gated)
     rep["threshold"] = threshold
-    rep["stages"]["regularized"] = {"accuracy": acc(gated)}
+    rep["stages"]["regularized"] = {"accuracy": acc(gated), "gate_histogram": gate_histogram(gated)}
 
     # strip, then keep each decomposition only where it is cheaper (gates folded into weights)
     final = fold_or_restore(strip_gates(gated, threshold), *inputs)

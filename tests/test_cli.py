@@ -1,5 +1,6 @@
 """The fxtucker command line: the inspect job and bad input."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -45,3 +46,54 @@ def test_bad_ranks_exit_2(ranks, message, capsys):
         main(["inspect", "--model", "resnet20", "--ranks", ranks])
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+FASHION = __import__("pathlib").Path("/usr/share/datasets/fashion-mnist")
+needs_fashion = pytest.mark.skipif(not FASHION.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+
+
+@needs_fashion
+def test_compress_small_run_writes_reports(tmp_path, capsys):
+    config = tmp_path / "tiny.toml"
+    config.write_text("train_epochs = 1\nreg_epochs = 1\nfinetune_epochs = 1\nreg_weight = 0.01\ntarget_speedup = 1.5\n")
+    out = tmp_path / "run"
+    argv = ["compress", "--model", "resnet20", "--dataset", "fashion-mnist", "--config", str(config),
+            "--train-subset", "256", "--eval-subset", "128", "--baseline-epochs", "1", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    for row in ("accuracy", "MACs", "params", "CPU latency, batch 1 (ms)"):
+        assert row in text
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["macs_after"] <= rep["macs_before"] / 1.5
+    assert rep["model"] == "resnet20" and len(rep["baseline_history"]) == 1
+    assert list(rep["stages"]) == ["decomposed", "trained", "regularized", "pruned", "finetuned"]
+    md = (out / "report.md").read_text()
+    assert md.startswith("# fxtucker compress") and "| layer1.0.conv1 |" in md
+    state = __import__("torch").load(out / "compressed_state_dict.pt", weights_only=True)
+    assert any(k.endswith(".core.weight") for k in state)
+    if importlib.util.find_spec("matplotlib"):
+        assert (out / "gates_regularized.png").stat().st_size > 1000
+    # a rerun with --resume trains nothing new and reproduces the report
+    assert main(argv + ["--resume"]) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert again["macs_after"] == rep["macs_after"] and again["accuracy_after"] == rep["accuracy_after"]
+
+
+@needs_fashion
+def test_compress_nan_loss_exits_1_with_message(tmp_path, capsys):
+    config = tmp_path / "bad.toml"
+    config.write_text("train_epochs = 1\nreg_epochs = 1\nfinetune_epochs = 0\ntrain_lr = 1e30\n")
+    rc = main(["compress", "--model", "resnet20", "--dataset", "fashion-mnist", "--config", str(config),
+               "--train-subset", "128", "--eval-subset", "64", "--baseline-epochs", "1", "--no-progress",
+               "--out", str(tmp_path / "run")])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "training diverged" in err and "diverged in epoch 0" in err and "Lower lr" in err
+
+
+def test_compress_bad_dataset_and_missing_root(tmp_path, capsys):
+    assert main(["compress", "--model", "resnet20", "--dataset", "fashion_mnist", "--out", str(tmp_path)]) == 2
+    assert "unknown dataset 'fashion_mnist'. Did you mean fashion-mnist? Choices: fashion-mnist, cifar10" in capsys.readouterr().err
+    assert main(["compress", "--model", "resnet20", "--dataset", "fashion-mnist", "--root", str(tmp_path / "none"),
+                 "--out", str(tmp_path)]) == 2
+    assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
