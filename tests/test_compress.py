@@ -136,3 +136,37 @@ def test_config_from_toml_and_errors(tmp_path):
         compress(model, train, x, resume=True)
     with pytest.raises(TypeError, match=r"example_inputs must be a tensor or a tuple of tensors"):
         compress(model, train, [1, 2])
+
+
+def test_killed_run_resumes_to_the_same_result(one_thread, tmp_path, monkeypatch):
+    model, train, test, x = _toy_problem(4)
+    config = CompressConfig(train_epochs=1, reg_epochs=3, finetune_epochs=1, reg_weight=0.05, target_speedup=2.0)
+    straight = compress(model, train, x, eval_data=test, config=config, out_dir=tmp_path / "a", progress=False)
+
+    import fxtucker.compress as flow
+
+    real = flow._gate_stats
+
+    def dies_after_first_regularized_epoch(threshold_fn):
+        stats, calls = real(threshold_fn), []
+
+        def wrapped(model):
+            calls.append(1)
+            if len(calls) == 2:  # end of epoch 1, before its checkpoint: epoch 0's is on disk
+                raise KeyboardInterrupt
+            return stats(model)
+        return wrapped
+
+    monkeypatch.setattr(flow, "_gate_stats", dies_after_first_regularized_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        compress(model, train, x, eval_data=test, config=config, out_dir=tmp_path / "b", progress=False)
+    monkeypatch.setattr(flow, "_gate_stats", real)
+    assert len((tmp_path / "b" / "regularize.jsonl").read_text().splitlines()) == 1
+    resumed = compress(model, train, x, eval_data=test, config=config, out_dir=tmp_path / "b", resume=True,
+                       progress=False)
+    assert resumed.report["macs_after"] == straight.report["macs_after"]
+    assert resumed.report["threshold"] == straight.report["threshold"]
+    sa, sb = straight.model.state_dict(), resumed.model.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(resumed.history) == strip(straight.history)
