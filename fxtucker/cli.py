@@ -178,7 +178,7 @@ def _compress(args: argparse.Namespace) -> int:
     else:
         config = CompressConfig(**QUICK_CONFIG) if args.quick else CompressConfig()
     config = dataclasses.replace(config, seed=args.seed)
-    out = Path(args.out)
+    out = Path(args.out or f"runs/{args.model}-{dataset}" + ("-quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
     baseline_history = []
     if args.checkpoint is None:
@@ -256,7 +256,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--resume", action="store_true", help="continue a killed run from the checkpoints in --out")
     c.add_argument("--threads", type=int, default=None, help="CPU threads for the latency measurement")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
-    c.add_argument("--out", required=True, help="output directory: logs, checkpoints, report.json, report.md")
+    c.add_argument("--out", help="output directory: logs, checkpoints, report.json, report.md "
+                                 "(default runs/<model>-<dataset>[-quick])")
     c.set_defaults(func=_compress)
     return parser
 

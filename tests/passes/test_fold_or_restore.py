@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import fxtucker
 from fxtucker.meta import FoldRecord
 from fxtucker.passes import cost_model, decompose_conv, fold_or_restore, insert_gates, kept_ranks, predict_macs, strip_gates
-from tests.conftest import REL_CHAIN_FLOAT64, reference, rel_error
+from tests.conftest import REL_CHAIN_FLOAT32, REL_CHAIN_FLOAT64, reference, rel_error
 from tests.strategies import OneConv, conv_and_input
 
 
@@ -137,3 +137,12 @@ def test_predict_macs_on_resnet18_at_several_thresholds():
         assert predict_macs(gated, threshold) == fxtucker.count_macs(final, x)
     with pytest.raises(ValueError, match=r"predict_macs needs cost-model annotations"):
         predict_macs(insert_gates(decompose_conv(fxtucker.trace(model))), 0.1)
+
+
+@given(conv_and_input(dtype=torch.float32))
+@settings(max_examples=30, deadline=None)
+def test_whole_chain_full_rank_float32(case):
+    conv, x = case
+    model = OneConv(conv).eval()
+    ref = reference(model)
+    assert rel_error(_chain(model, x)(x), ref(x)) < REL_CHAIN_FLOAT32
