@@ -18,6 +18,7 @@ from fxtucker.passes import (
     strip_gates,
 )
 from fxtucker.report import Report, report
+from fxtucker.compress import CompressConfig, CompressResult, compress
 
 __all__ = [
     "__version__",
@@ -34,4 +35,7 @@ __all__ = [
     "insert_gates",
     "strip_gates",
     "fold_or_restore",
+    "compress",
+    "CompressConfig",
+    "CompressResult",
 ]
