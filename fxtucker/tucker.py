@@ -45,9 +45,15 @@ def _leading_eigenvectors(gram: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 def _leading_left_singular_vectors(matrix: torch.Tensor, rank: int) -> torch.Tensor:
-    # Eigenvectors of the (small) Gram matrix span the same leading subspaces as the SVD's left
-    # singular vectors and cost a fraction of a wide SVD. At full rank they form a complete
-    # orthonormal basis, so the decomposition is exact whatever their precision.
+    rows, cols = matrix.shape
+    if rows > cols:
+        # Tall: the basis is incomplete even at full rank, so its accuracy matters; the SVD is
+        # accurate and, in this orientation, fast.
+        return torch.linalg.svd(matrix, full_matrices=False)[0][:, :rank]
+    # Wide or square: eigenvectors of the (small) Gram matrix span the same leading subspaces
+    # at a fraction of the cost of a wide SVD (LAPACK's wide float64 path was up to 50x slower
+    # here). At full rank they form a complete orthonormal basis, so the decomposition stays
+    # exact whatever their precision.
     return _leading_eigenvectors(matrix @ matrix.T, rank)
 
 

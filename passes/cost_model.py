@@ -49,6 +49,11 @@ def conv_macs(out_numel: int, in_channels_per_group: int, kernel_size: tuple[int
     return out_numel * in_channels_per_group * math.prod(kernel_size)
 
 
+def _arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
+    """Positional argument ``index``, or the keyword ``name`` when it was passed by keyword."""
+    return args[index] if len(args) > index else kwargs[name]
+
+
 def _numel(value: Any) -> int:
     return value.numel() if isinstance(value, torch.Tensor) else 0
 
@@ -94,7 +99,7 @@ class _CostModel(ShapeProp):
             m = self.module.get_submodule(n.target)
             if isinstance(m, nn.modules.conv._ConvNd):
                 if m.transposed:
-                    return _numel(args[0]) * (m.out_channels // m.groups) * math.prod(m.kernel_size)
+                    return _numel(_arg(args, kwargs, 0, "input")) * (m.out_channels // m.groups) * math.prod(m.kernel_size)
                 return conv_macs(_numel(out), m.in_channels // m.groups, m.kernel_size)
             if isinstance(m, nn.Linear):
                 return _numel(out) * m.in_features
@@ -102,13 +107,16 @@ class _CostModel(ShapeProp):
         if n.op == "call_function":
             t = n.target
             if t in _CONV_FUNCTIONS or t in _CONV_T_FUNCTIONS or t is F.linear:
-                weight = args[1] if len(args) > 1 else kwargs["weight"]
+                weight = _arg(args, kwargs, 1, "weight")
                 # conv weight is (C_out, C_in/g, *k); transposed (C_in, C_out/g, *k); linear (out, in)
                 if t in _CONV_T_FUNCTIONS:
-                    return _numel(args[0]) * math.prod(weight.shape[1:])
+                    return _numel(_arg(args, kwargs, 0, "input")) * math.prod(weight.shape[1:])
                 return _numel(out) * math.prod(weight.shape[1:])
             if t in _MATMUL_FUNCTIONS or t in _ADDMM_FUNCTIONS:
-                a = args[1] if t in _ADDMM_FUNCTIONS else args[0]
+                if t in _ADDMM_FUNCTIONS:
+                    a = _arg(args, kwargs, 1, "mat1" if t is torch.addmm else "batch1")
+                else:
+                    a = _arg(args, kwargs, 0, "input")
                 return _numel(out) * (a.shape[-1] if a.dim() else 1)
         if n.op == "call_method" and n.target in _MATMUL_METHODS:
             return _numel(out) * (args[0].shape[-1] if args[0].dim() else 1)
@@ -123,17 +131,17 @@ class _CostModel(ShapeProp):
             if isinstance(m, nn.Linear):
                 return m.out_features if m.bias is not None else 0
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                return _numel(args[0]) * (2 if m.affine else 1)
+                return _numel(_arg(args, {}, 0, "input") if args else out) * (2 if m.affine else 1)
             if isinstance(m, _ACTIVATIONS):
                 return _numel(out)
             if isinstance(m, _POOLS):
-                return _numel(args[0])
+                return _numel(args[0] if args else out)
             return 0
         if n.op == "call_function":
             if n.target in _ACTIVATION_FUNCTIONS:
                 return _numel(out)
             if n.target in _POOL_FUNCTIONS and n.target is not torch.flatten:
-                return _numel(args[0])
+                return _numel(args[0] if args else out)
             if n.target in _ADD_FUNCTIONS:
                 return _numel(out)
         if n.op == "call_method" and n.target in ("add", "add_"):

@@ -57,11 +57,16 @@ def _spec(m: nn.modules.conv._ConvNd) -> ConvSpec:
     )
 
 
-def _unsupported(m: nn.Module, name: str, shared: dict[int, list[str]]) -> str:
+def _unsupported(m: nn.Module, name: str, shared: dict[int, list[str]], read: frozenset[str] = frozenset()) -> str:
     """Why module ``m`` cannot be decomposed without changing the function, or ''."""
     base = next((c for c in (*CONV_TYPES, nn.Linear) if isinstance(m, c)), None)
     if base is None:
         return f"{type(m).__name__} is not decomposed (only Conv1d/2d/3d and, with linear=True, Linear)"
+    if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
+        return f"{type(m).__name__} is uninitialised; run one forward pass before tracing"
+    readers = sorted(t for t in read if t.startswith(f"{name}."))
+    if readers:
+        return f"its parameters are also read directly ({', '.join(readers)}); decomposing would remove them"
     if type(m).forward is not base.forward or (base is not nn.Linear and type(m)._conv_forward is not base._conv_forward):
         return f"{type(m).__name__} subclasses {base.__name__} with its own forward; its function is not the weight's"
     if nn.utils.parametrize.is_parametrized(m):
@@ -206,9 +211,12 @@ def plan_decomposition(gm: fx.GraphModule, ranks: RanksArg = None, *, linear: bo
         if unknown:
             raise ValueError(f"ranks names {unknown}, which are not {'conv or Linear' if linear else 'conv'} "
                              f"modules called in the graph; known: {sorted(sites)}")
+    read = frozenset(n.target for n in gm.graph.nodes if n.op == "get_attr")
     for name, nodes in sites.items():
         m = modules[name]
-        reason = _unsupported(m, name, shared)
+        reason = _unsupported(m, name, shared, read)
+        if not reason and all(not n.users for n in nodes):
+            reason = "its output is never used"
         if isinstance(m, nn.modules.conv._ConvNd) and m.transposed:
             reason = f"{type(m).__name__} is not decomposed (transposed convs are left as they are)"
         if reason and isinstance(ranks, dict) and name in ranks:
@@ -270,9 +278,12 @@ def _factor_modules(m: nn.Module, kind: str, ranks: tuple[int, ...]) -> dict[str
             core.weight.data = torch.cat([c for c, _, _ in parts])
             last.weight.data = torch.cat([u_out for _, u_out, _ in parts]).reshape(m.out_channels, r2, *ones)
             mods = {FIRST: first, CORE: core, LAST: last}
-    mods = {k: v.to(device=m.weight.device, dtype=m.weight.dtype) for k, v in mods.items()}
+    mods = {k: v.to(device=m.weight.device, dtype=m.weight.dtype).train(m.training) for k, v in mods.items()}
     if bias is not None:
         mods[LAST].bias.data = bias.clone()
+        mods[LAST].bias.requires_grad_(m.bias.requires_grad)
+    for mod in mods.values():
+        mod.weight.requires_grad_(m.weight.requires_grad)  # a frozen layer stays frozen
     return mods
 
 
@@ -336,15 +347,30 @@ def decompose_conv(
         if node.op == "call_module" and isinstance(plan, LayerPlan) and plan.kind != "skip":
             sites[node.target].append(node)
     rec = graph_record(gm)
+    shared: dict[int, list[str]] = defaultdict(list)
+    for pname, p in gm.named_parameters(remove_duplicate=False):
+        shared[id(p)].append(pname)
+    read = frozenset(n.target for n in gm.graph.nodes if n.op == "get_attr")
+    all_sites = defaultdict(list)
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target in sites:
+            all_sites[node.target].append(node)
     done: dict[str, tuple[int, ...]] = {}
     for name, nodes in sites.items():
         plan, m = nodes[0].meta[KEY], modules[name]
+        # An edited plan gets the same checks as a computed one.
+        if len(all_sites[name]) != len(nodes) or any(n.meta.get(KEY) != plan for n in all_sites[name]):
+            raise ValueError(f"the call sites of {name!r} ({[n.name for n in all_sites[name]]}) carry different plans; "
+                             f"a module is decomposed at all its call sites or at none")
+        reason = _unsupported(m, name, shared, read)
+        if reason:
+            raise ValueError(f"the plan asks to decompose {name!r}, which cannot be: {reason}")
         if plan.kind != _kind(m) or plan.full_ranks != _full_ranks(m):
             raise ValueError(f"the plan for {name!r} ({plan}) does not fit {type(m).__name__}: "
                              f"kind must be {_kind(m)!r} and full_ranks {_full_ranks(m)}")
         ranks_ = _normalise_ranks(plan.ranks, m, name)
         factors = _factor_modules(m, plan.kind, ranks_)
-        set_submodule(gm, name, nn.ModuleDict(factors))
+        set_submodule(gm, name, nn.ModuleDict(factors).train(m.training))
         for node in nodes:
             x = node.args[0] if node.args else node.kwargs["input"]
             graph = gm.graph

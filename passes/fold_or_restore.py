@@ -64,6 +64,18 @@ def dense_module(container: nn.Module, spec: ConvSpec | None) -> nn.Module:
     return dense
 
 
+def _layer_specs(gm: fx.GraphModule, sources) -> dict:
+    """The recorded ConvSpec (None for Linear) of each decomposed layer; an error if a record is missing."""
+    specs = {r.name: r.spec for r in graph_record(gm).layers}
+    missing = sorted(set(sources) - set(specs))
+    if missing:
+        raise ValueError(
+            f"no fxtucker layer record for {missing}: gm.meta['fxtucker'] is missing or stale (rebuilding a "
+            f"GraphModule, or saving and loading it, drops it); run the chain from decompose_conv on one GraphModule"
+        )
+    return specs
+
+
 def _original_macs(last_nodes: list[fx.Node], spec: ConvSpec | None, in_features: int) -> list[int]:
     """MACs of the original layer at each call site, from the output shape the cost model recorded."""
     macs = []
@@ -88,10 +100,10 @@ def predict_macs(gm: fx.GraphModule, threshold: float) -> int:
     if any(MACS not in n.meta for n in nodes):
         raise ValueError("predict_macs needs cost-model annotations: run cost_model(gm, *example_inputs) first")
     total = sum(n.meta[MACS] for n in nodes)
-    specs = {r.name: r.spec for r in graph_record(gm).layers}
     by_source: dict[str, dict[str, list[fx.Node]]] = defaultdict(lambda: defaultdict(list))
     for node, rec in factor_nodes(gm):
         by_source[rec.source][rec.role].append(node)
+    specs = _layer_specs(gm, by_source)
     for source, (_, built) in kept_ranks(gm, threshold).items():
         roles, c = by_source[source], gm.get_submodule(source)
         groups = getattr(c[FIRST], "groups", 1)
@@ -145,9 +157,9 @@ def fold_or_restore(gm: fx.GraphModule, *example_inputs: Any, inplace: bool = Fa
         by_source[rec.source][rec.role].append(node)
     if not by_source:
         raise ValueError("fold_or_restore found no decomposed layers: run decompose_conv(gm) first")
-    cost_model(gm, *example_inputs)
+    specs = _layer_specs(gm, by_source)
     record = graph_record(gm)
-    specs = {r.name: r.spec for r in record.layers}
+    cost_model(gm, *example_inputs)
     decisions: dict[str, tuple[str, int, int]] = {}
     for source, roles in by_source.items():
         container = gm.get_submodule(source)

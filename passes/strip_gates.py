@@ -20,6 +20,9 @@ from fxtucker.meta import (
     GATE_ROLES,
     KEY,
     LAST,
+    MACS,
+    PARAMS,
+    TENSOR_META,
     graph_record,
     set_graph_record,
 )
@@ -203,6 +206,9 @@ def strip_gates(gm: fx.GraphModule, threshold: float = 0.0, *, inplace: bool = F
         for role in (FIRST, CORE, LAST):
             for node in roles.get(role, []):
                 node.meta[KEY] = dataclasses.replace(node.meta[KEY], ranks=ranks)
+                # The cost model's figures described the full-rank factors: drop, never lie.
+                for key in (MACS, PARAMS, TENSOR_META):
+                    node.meta.pop(key, None)
     rec = graph_record(gm)
     layers = tuple(
         dataclasses.replace(r, ranks=kept[r.name][0], reason=kept[r.name][1]) if r.name in kept else r

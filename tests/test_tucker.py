@@ -1,5 +1,7 @@
 """The maths in fxtucker.tucker, checked against numpy references."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -75,3 +77,17 @@ def test_errors_name_the_valid_range():
         tucker.svd_pair(torch.randn(3, 5), 0)
     with pytest.raises(ValueError, match=r"non-empty 2-D matrix"):
         tucker.evbmf(torch.randn(3))
+
+
+@pytest.mark.parametrize("decay", [1.0, 1e-2, 1e-4])
+def test_full_rank_float32_exact_with_incomplete_basis(decay):
+    # 64 -> 4 channels, 3x3: the input mode has 64 channels but rank at most 36, so the basis
+    # is incomplete and must be accurate (a Gram-matrix basis lost the small directions).
+    g = torch.Generator().manual_seed(0)
+    u = torch.linalg.qr(torch.randn(64, 36, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(36, 36, generator=g, dtype=torch.float64))[0]
+    s = torch.logspace(0, math.log10(decay), 36, dtype=torch.float64)
+    w = ((u * s) @ v.T).T.reshape(4, 9, 64).permute(0, 2, 1).reshape(4, 64, 3, 3).float()
+    core, u_out, u_in = tucker.tucker2(w)
+    err = (tucker.reconstruct_tucker2(core, u_out, u_in) - w).norm() / w.norm()
+    assert err < 1e-5
