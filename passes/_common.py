@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections import defaultdict
 from typing import Iterator
 
 import torch.fx as fx
@@ -63,6 +64,14 @@ def new_node(graph: fx.Graph, op: str, target, args: tuple, like: fx.Node, recor
         node.stack_trace = like.stack_trace
     node.meta[KEY] = record
     return node
+
+
+def layer_nodes(gm: fx.GraphModule) -> dict[str, dict[str, list[fx.Node]]]:
+    """fxtucker's nodes by layer (source module) and role, each list in graph order."""
+    by_source: dict[str, dict[str, list[fx.Node]]] = defaultdict(lambda: defaultdict(list))
+    for node, rec in factor_nodes(gm):
+        by_source[rec.source][rec.role].append(node)
+    return by_source
 
 
 def factor_nodes(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, FactorRecord]]:

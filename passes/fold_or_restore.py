@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections import defaultdict
 from typing import Any
 
 import torch
@@ -26,7 +25,7 @@ from fxtucker.meta import (
     graph_record,
     set_graph_record,
 )
-from fxtucker.passes._common import CONV_TYPES, factor_nodes, finish, prepare, set_submodule
+from fxtucker.passes._common import CONV_TYPES, factor_nodes, layer_nodes, finish, prepare, set_submodule
 from fxtucker.passes.cost_model import conv_macs, cost_model
 from fxtucker.passes.strip_gates import kept_ranks
 
@@ -100,9 +99,7 @@ def predict_macs(gm: fx.GraphModule, threshold: float) -> int:
     if any(MACS not in n.meta for n in nodes):
         raise ValueError("predict_macs needs cost-model annotations: run cost_model(gm, *example_inputs) first")
     total = sum(n.meta[MACS] for n in nodes)
-    by_source: dict[str, dict[str, list[fx.Node]]] = defaultdict(lambda: defaultdict(list))
-    for node, rec in factor_nodes(gm):
-        by_source[rec.source][rec.role].append(node)
+    by_source = layer_nodes(gm)
     specs = _layer_specs(gm, by_source)
     for source, (_, built) in kept_ranks(gm, threshold).items():
         roles, c = by_source[source], gm.get_submodule(source)
@@ -149,12 +146,11 @@ def fold_or_restore(gm: fx.GraphModule, *example_inputs: Any, inplace: bool = Fa
         >>> final = fold_or_restore(strip_gates(gated, 0.01), torch.randn(1, 3, 224, 224))
     """
     gm = prepare(gm, inplace, "fold_or_restore")
-    by_source: dict[str, dict[str, list[fx.Node]]] = defaultdict(lambda: defaultdict(list))
     for node, rec in factor_nodes(gm):
         if rec.role in GATE_ROLES:
             raise ValueError(f"{rec.source!r} still has gate node {node.name!r}: run strip_gates(gm, threshold) "
                              f"before fold_or_restore")
-        by_source[rec.source][rec.role].append(node)
+    by_source = layer_nodes(gm)
     if not by_source:
         raise ValueError("fold_or_restore found no decomposed layers: run decompose_conv(gm) first")
     specs = _layer_specs(gm, by_source)

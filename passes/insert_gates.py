@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from fxtucker.meta import CORE, FIRST, GATE_CORE, GATE_IN, GATE_OUT, LAST, FactorRecord, graph_record, set_graph_record
-from fxtucker.passes._common import factor_nodes, finish, new_node, prepare
+from fxtucker.passes._common import factor_nodes, layer_nodes, finish, new_node, prepare
 
 __all__ = ["insert_gates", "gates", "Gate", "UnitNorm"]
 
@@ -133,9 +133,7 @@ def insert_gates(gm: fx.GraphModule, *, balance: bool = True, inplace: bool = Fa
         torch.Size([64])
     """
     gm = prepare(gm, inplace, "insert_gates")
-    by_source: dict[str, dict[str, list[fx.Node]]] = defaultdict(lambda: defaultdict(list))
-    for node, rec in factor_nodes(gm):
-        by_source[rec.source][rec.role].append(node)
+    by_source = layer_nodes(gm)
     if not by_source:
         raise ValueError("insert_gates found no decomposed layers: run decompose_conv(gm) first")
     for source, roles in by_source.items():

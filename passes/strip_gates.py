@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections import defaultdict
 
 import torch
 import torch.fx as fx
@@ -26,7 +25,7 @@ from fxtucker.meta import (
     graph_record,
     set_graph_record,
 )
-from fxtucker.passes._common import CONV_TYPES, factor_nodes, finish, prepare
+from fxtucker.passes._common import CONV_TYPES, factor_nodes, layer_nodes, finish, prepare
 
 __all__ = ["strip_gates", "kept_ranks"]
 
@@ -84,9 +83,7 @@ def _check_threshold(threshold: object) -> None:
 
 def _gated_layers(gm: fx.GraphModule) -> dict[str, dict[str, list[fx.Node]]]:
     """Factor and gate nodes by layer, for the layers that have gates."""
-    by_source: dict[str, dict[str, list[fx.Node]]] = defaultdict(lambda: defaultdict(list))
-    for node, rec in factor_nodes(gm):
-        by_source[rec.source][rec.role].append(node)
+    by_source = layer_nodes(gm)
     gated = {s: r for s, r in by_source.items() if GATE_IN in r}
     if not gated:
         raise ValueError("strip_gates found no gates: run insert_gates(gm) first")
