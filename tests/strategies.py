@@ -19,6 +19,17 @@ class OneConv(nn.Module):
         return self.act(self.conv(x)) + self.conv(x).mean()
 
 
+class Twice(nn.Module):
+    """One conv called at two sites."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(self.conv(x))
+
+
 @st.composite
 def conv_and_input(draw, dtype=torch.float64, allow_depthwise=False):
     """A random Conv1d/2d/3d (kernel, stride, padding, dilation, groups, bias, padding_mode) and an input."""

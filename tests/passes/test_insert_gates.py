@@ -10,7 +10,7 @@ from torch.nn.utils import parametrize
 import fxtucker
 from fxtucker.passes import Gate, decompose_conv, insert_gates
 from tests.conftest import REL_FLOAT64, reference, rel_error
-from tests.strategies import OneConv, conv_and_input
+from tests.strategies import OneConv, Twice, conv_and_input
 
 
 class Net(nn.Module):
@@ -91,14 +91,6 @@ def test_directions_stay_unit_norm_after_optimizer_steps():
 
 
 def test_shared_module_gets_one_gate_module_and_a_node_per_call():
-    class Twice(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 3, 3, padding=1)
-
-        def forward(self, x):
-            return self.conv(self.conv(x))
-
     model = Twice().double()
     gated = insert_gates(decompose_conv(fxtucker.trace(model)))
     x = torch.randn(1, 3, 5, 5, dtype=torch.float64)

@@ -11,6 +11,7 @@ import fxtucker
 from fxtucker.passes import cost_model, decompose_conv, fold_or_restore, insert_gates, plan_decomposition, predict_macs, strip_gates
 from fxtucker.passes.decompose_conv import _full_ranks
 from tests.conftest import REL_FLOAT64, rel_error
+from tests.strategies import Twice
 
 
 def test_conv_whose_weight_is_also_read_is_skipped():
@@ -42,14 +43,6 @@ def test_edited_plan_cannot_force_an_unsafe_decomposition():
 
 
 def test_call_sites_of_one_module_need_one_plan():
-    class Twice(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 3, 3, padding=1)
-
-        def forward(self, x):
-            return self.conv(self.conv(x))
-
     gm = plan_decomposition(fxtucker.trace(Twice()))
     second = [n for n in gm.graph.nodes if n.op == "call_module"][1]
     second.meta["fxtucker"] = dataclasses.replace(second.meta["fxtucker"], kind="skip", reason="user")
