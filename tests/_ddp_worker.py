@@ -54,6 +54,9 @@ def main(run_dir: str, result_dir: str) -> None:
     torch.save(model.state_dict(), os.path.join(result_dir, f"rank{rank}.pt"))
     with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"history": history, "seen": data.seen}, f)
+    # Both ranks reach here before either tears gloo down: otherwise the later rank can abort
+    # in its teardown ("terminate called without an active exception") once the other has exited.
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
