@@ -32,6 +32,7 @@ __all__ = [
     "FactorRecord",
     "FoldRecord",
     "LayerRecord",
+    "BatchNormRecord",
     "GraphRecord",
     "graph_record",
     "set_graph_record",
@@ -134,11 +135,23 @@ class LayerRecord:
 
 
 @dataclass(frozen=True)
+class BatchNormRecord:
+    """fold_bn's decision for one BatchNorm call: folded into ``conv`` or skipped with ``reason``."""
+
+    name: str  # qualified name of the BatchNorm module
+    node: str  # graph node name of the BatchNorm call (gone from the graph once folded)
+    conv: str = ""  # qualified name of the conv it was folded into ("" when skipped)
+    folded: bool = False
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class GraphRecord:
     """``gm.meta["fxtucker"]``: the per-layer history of a GraphModule through the chain."""
 
     layers: tuple[LayerRecord, ...] = ()
     stage: str = ""  # the last pass that ran
+    batchnorms: tuple[BatchNormRecord, ...] = ()  # written by fold_bn
 
     def layer(self, name: str) -> LayerRecord:
         for rec in self.layers:

@@ -1,6 +1,6 @@
 """The FX passes of fxtucker, in pipeline order.
 
-    cost_model -> decompose_conv -> insert_gates -> (train) -> strip_gates -> fold_or_restore
+    cost_model -> decompose_conv -> insert_gates -> (train) -> strip_gates -> fold_or_restore -> fold_bn
 
 Each takes a GraphModule and returns one (a copy unless ``inplace=True``; cost_model annotates
 and returns its argument).
@@ -11,6 +11,7 @@ from fxtucker.passes.decompose_conv import decompose_conv, plan_decomposition
 from fxtucker.passes.insert_gates import Gate, UnitNorm, gates, insert_gates
 from fxtucker.passes.strip_gates import kept_ranks, strip_gates
 from fxtucker.passes.fold_or_restore import fold_or_restore, predict_macs
+from fxtucker.passes.fold_bn import fold_bn
 
 __all__ = [
     "cost_model",
@@ -25,4 +26,5 @@ __all__ = [
     "kept_ranks",
     "fold_or_restore",
     "predict_macs",
+    "fold_bn",
 ]
