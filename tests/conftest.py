@@ -15,6 +15,8 @@ REL_FLOAT64 = 1e-10
 # The bounds for the whole chain at full rank: relative error < 1e-5 (float64), < 1e-4 (float32).
 REL_CHAIN_FLOAT64 = 1e-5
 REL_CHAIN_FLOAT32 = 1e-4
+# Folding BatchNorm into a conv (computed in float64, stored in the conv's dtype): relative error.
+REL_FOLD_FLOAT32 = 1e-5
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
