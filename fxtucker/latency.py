@@ -1,17 +1,109 @@
-"""measure_latency(): median wall time of a model's forward pass."""
+"""measure_latency(): median wall time of a model's forward pass on a back end, and a timing cache.
+
+Back ends: ``"eager"`` (the module as it is), ``"compile"`` (``torch.compile``, inductor) and
+``"onnxruntime"`` (exported with ``torch.onnx.export`` and run by an ``onnxruntime.InferenceSession``).
+Devices: ``"cpu"`` (wall time, ``time.perf_counter``) and ``"cuda"`` (CUDA events).
+
+:class:`TimingCache` keeps timings in a JSON file under the user's cache directory
+(:func:`cache_dir`), so that back-end-aware passes time each layer shape once per machine.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import io
+import json
+import os
 import statistics
+import tempfile
 import time
-from typing import Any, Optional, Sequence, Union
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
-__all__ = ["measure_latency"]
+__all__ = ["measure_latency", "BACKENDS", "DEVICES", "cache_dir", "TimingCache", "check_backend", "check_device"]
 
-_BACKENDS = ("eager",)
+BACKENDS = ("eager", "compile", "onnxruntime")
+DEVICES = ("cpu", "cuda")
+_EXPORT_HINT = "pip install fxtucker[export]"
+
+
+def check_backend(backend: object, where: str = "measure_latency") -> str:
+    """``backend`` if it is one of :data:`BACKENDS`, else a ValueError naming the valid ones."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not supported by {where}; valid: {list(BACKENDS)}")
+    return backend
+
+
+def check_device(device: object, where: str = "measure_latency") -> str:
+    """``device`` if it is "cpu", "cuda" or "cuda:N" (and CUDA is there), else a ValueError."""
+    kind = device.split(":")[0] if isinstance(device, str) else None
+    if kind not in DEVICES or (kind == "cpu" and device != "cpu"):
+        raise ValueError(f"device {device!r} is not supported by {where}; valid: {list(DEVICES)} (or 'cuda:N')")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for, but torch.cuda.is_available() is False on this machine; "
+                         f"use device='cpu'")
+    return device
+
+
+def _onnxruntime():
+    try:
+        import onnx  # noqa: F401  (torch.onnx.export needs it)
+        import onnxruntime
+    except ImportError as exc:
+        raise ImportError(f"backend='onnxruntime' needs the onnx and onnxruntime packages ({exc.name} is missing): "
+                          f"{_EXPORT_HINT}") from exc
+    return onnxruntime
+
+
+def _export_onnx(model: nn.Module, inputs: tuple, path: str) -> None:
+    """torch.onnx.export, quietly: the TorchScript exporter (fast) and, where it fails, the dynamo one."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(model, inputs, path, dynamo=False)
+        except Exception:  # noqa: BLE001 - e.g. an op the TorchScript exporter lacks; the dynamo exporter may have it
+            try:
+                import onnxscript  # noqa: F401
+            except ImportError as exc:
+                raise ImportError(f"exporting this model to ONNX needs onnxscript: {_EXPORT_HINT}") from exc
+            torch.onnx.export(model, inputs, path, dynamo=True)
+
+
+def _onnx_runner(model: nn.Module, inputs: tuple, threads: Optional[int], device: str) -> Callable[[], Any]:
+    ort = _onnxruntime()
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ValueError(f"backend='onnxruntime' on device {device!r} needs onnxruntime's CUDAExecutionProvider "
+                             f"(pip install onnxruntime-gpu); available: {ort.get_available_providers()}")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    cpu_model = copy.deepcopy(model).cpu().eval()
+    cpu_inputs = tuple(t.detach().cpu() for t in inputs)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads if threads is not None else torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    with tempfile.TemporaryDirectory(prefix="fxtucker-onnx-") as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        _export_onnx(cpu_model, cpu_inputs, path)
+        session = ort.InferenceSession(path, options, providers=providers)  # reads the files; they may go
+    names = [i.name for i in session.get_inputs()]
+    if len(names) != len(cpu_inputs):
+        raise ValueError(f"the exported ONNX graph has {len(names)} inputs {names}, but {len(cpu_inputs)} example "
+                         f"inputs were given (an input the model does not use is dropped by the exporter)")
+    feed = {n: t.numpy() for n, t in zip(names, cpu_inputs)}
+    return lambda: session.run(None, feed)
+
+
+def _check_inputs(example_inputs: Union[torch.Tensor, Sequence[Any]]) -> tuple:
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    return inputs
 
 
 def measure_latency(
@@ -24,36 +116,142 @@ def measure_latency(
     warmup: int = 3,
     repeats: int = 20,
 ) -> float:
-    """Median forward time in milliseconds, after ``warmup`` untimed runs, in eval mode.
+    """Median forward time in milliseconds, after ``warmup`` untimed runs, in eval mode, no autograd.
 
     Args:
-        model: any module; it is run under ``torch.inference_mode`` and left in its mode.
-        example_inputs: a tensor or a sequence of positional inputs.
-        backend: only ``"eager"`` so far.
-        threads: ``torch.set_num_threads`` for the measurement (restored afterwards).
-        device: only ``"cpu"`` so far.
+        model: any module; it is left in its mode (and on its device: other devices get a copy).
+        example_inputs: a tensor or a sequence of positional inputs (tensors for ``"onnxruntime"``).
+        backend: ``"eager"`` (the module as it is), ``"compile"`` (``torch.compile(model,
+            dynamic=False)`` with inductor; compiling happens in one extra untimed call before
+            the warm-up) or ``"onnxruntime"`` (``torch.onnx.export`` to a temporary directory,
+            then an ``onnxruntime.InferenceSession`` with ``intra_op_num_threads = threads``;
+            needs ``pip install fxtucker[export]``).
+        threads: ``torch.set_num_threads`` for the measurement (restored afterwards) and the
+            onnxruntime intra-op threads; None keeps torch's current setting.
+        device: ``"cpu"`` (wall time) or ``"cuda"`` / ``"cuda:N"`` (CUDA events around each run;
+            onnxruntime on CUDA is timed by wall clock, its outputs come back to the host).
         warmup, repeats: untimed and timed runs.
+
+    Returns:
+        The median of ``repeats`` timed runs, in milliseconds.
+
+    Example::
+
+        >>> ms = measure_latency(model, torch.randn(1, 3, 224, 224), backend="compile", threads=2)
     """
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend {backend!r} is not supported by measure_latency; valid: {list(_BACKENDS)}")
-    if device != "cpu":
-        raise ValueError(f"device {device!r} is not supported by measure_latency yet; valid: ['cpu']")
-    if repeats < 1 or warmup < 0:
+    check_backend(backend)
+    check_device(device)
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or not isinstance(warmup, int) or repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive int or None (torch's current setting), got {threads!r}")
+    inputs = _check_inputs(example_inputs)
+    cuda = device.startswith("cuda")
     old_threads, was_training = torch.get_num_threads(), model.training
     if threads is not None:
         torch.set_num_threads(threads)
-    model.eval()
     try:
+        if backend == "onnxruntime":
+            if not all(isinstance(t, torch.Tensor) for t in inputs):
+                raise TypeError("backend='onnxruntime' needs tensor inputs only")
+            run = _onnx_runner(model, inputs, threads, device)
+            cuda = False  # the session copies outputs back to the host: wall time is the time
+        else:
+            target = model
+            if cuda or any(p.device.type != "cpu" for p in model.parameters()):
+                target = model if _on(model, device) else copy.deepcopy(model).to(device)
+                inputs = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in inputs)
+            target.eval()
+            fn = torch.compile(target, dynamic=False) if backend == "compile" else target
+
+            def run():
+                with torch.inference_mode():
+                    return fn(*inputs)
+
+            if backend == "compile":
+                run()  # compilation: part of the warm-up, never timed
         times = []
-        with torch.inference_mode():
-            for i in range(warmup + repeats):
+        for i in range(warmup + repeats):
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                run()
+                end.record()
+                torch.cuda.synchronize(device)
+                elapsed = start.elapsed_time(end) / 1000.0
+            else:
                 start = time.perf_counter()
-                model(*inputs)
-                if i >= warmup:
-                    times.append(time.perf_counter() - start)
+                run()
+                elapsed = time.perf_counter() - start
+            if i >= warmup:
+                times.append(elapsed)
         return 1000.0 * statistics.median(times)
     finally:
         torch.set_num_threads(old_threads)
         model.train(was_training)
+
+
+def _on(model: nn.Module, device: str) -> bool:
+    """Whether every parameter and buffer of ``model`` already lives on ``device``."""
+    want = torch.device(device)
+    tensors = list(model.parameters()) + list(model.buffers())
+    return all(t.device.type == want.type and (want.index is None or t.device.index == want.index) for t in tensors)
+
+
+def cache_dir() -> Path:
+    """Where fxtucker caches timings: ``$FXTUCKER_CACHE_DIR``, else ``$XDG_CACHE_HOME/fxtucker``,
+    else ``~/.cache/fxtucker``."""
+    if os.environ.get("FXTUCKER_CACHE_DIR"):
+        return Path(os.environ["FXTUCKER_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fxtucker"
+
+
+class TimingCache:
+    """Latencies in milliseconds by key, in ``cache_dir() / "latency.json"``.
+
+    Keys are built by :meth:`key` from the back end, device, thread count, torch version and
+    whatever describes the timed module and its input. Every :meth:`put` writes the file at once
+    (atomically, merged with what another process may have written meanwhile). A file that cannot
+    be read is ignored with a warning and rewritten.
+    """
+
+    VERSION = 1
+
+    def __init__(self, path: Optional[Union[str, Path]] = None):
+        self.path = Path(path) if path is not None else cache_dir() / "latency.json"
+        self._entries: dict[str, float] = self._read()
+
+    def _read(self) -> dict[str, float]:
+        if not self.path.is_file():
+            return {}
+        try:
+            data = json.loads(self.path.read_text())
+            if data.get("version") != self.VERSION or not isinstance(data.get("entries"), dict):
+                raise ValueError(f"unknown layout (version {data.get('version')!r})")
+            return {str(k): float(v) for k, v in data["entries"].items()}
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            warnings.warn(f"ignoring the timing cache {self.path}: {exc}; it will be rewritten", stacklevel=3)
+            return {}
+
+    @staticmethod
+    def key(backend: str, device: str, threads: int, **what: Any) -> str:
+        """A JSON string of the back end, device, threads, torch version and ``what`` (sorted)."""
+        return json.dumps({"backend": backend, "device": device, "threads": threads, "torch": torch.__version__,
+                           **what}, sort_keys=True, default=str)
+
+    def get(self, key: str) -> Optional[float]:
+        return self._entries.get(key)
+
+    def put(self, key: str, ms: float) -> None:
+        self._entries[key] = float(ms)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        merged = {**self._read(), **self._entries} if self.path.is_file() else dict(self._entries)
+        self._entries = merged
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".latency-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"version": self.VERSION, "entries": merged}, f, indent=0, sort_keys=True)
+        os.replace(tmp, self.path)
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx
@@ -87,13 +87,14 @@ def _original_macs(last_nodes: list[fx.Node], spec: ConvSpec | None, in_features
     return macs
 
 
-def predict_macs(gm: fx.GraphModule, threshold: float) -> int:
-    """Total MACs of ``fold_or_restore(strip_gates(gm, threshold), x)``, without rewriting anything.
+def predict_macs(gm: fx.GraphModule, threshold: float, round_to: Optional[int] = None) -> int:
+    """Total MACs of ``fold_or_restore(strip_gates(gm, threshold, round_to), x)``, without rewriting anything.
 
     ``gm`` is a gated GraphModule annotated by :func:`cost_model` (run once; training changes no
     shape). Each factor's MACs scale with its kept channels (first: outputs; core: inputs times
     outputs; last: inputs), and each layer then costs the smaller of factors and original, as
-    fold_or_restore decides. Used to choose the threshold that meets a MAC budget.
+    fold_or_restore decides. Used to choose the threshold that meets a MAC budget; ``round_to``
+    counts the ranks rounded up as :func:`strip_gates` rounds them.
     """
     nodes = [n for n in gm.graph.nodes if n.op != "output"]
     if any(MACS not in n.meta for n in nodes):
@@ -101,7 +102,7 @@ def predict_macs(gm: fx.GraphModule, threshold: float) -> int:
     total = sum(n.meta[MACS] for n in nodes)
     by_source = layer_nodes(gm)
     specs = _layer_specs(gm, by_source)
-    for source, (_, built) in kept_ranks(gm, threshold).items():
+    for source, (_, built) in kept_ranks(gm, threshold, round_to).items():
         roles, c = by_source[source], gm.get_submodule(source)
         groups = getattr(c[FIRST], "groups", 1)
         r_in, r_out = c[FIRST].weight.shape[0] // groups, c[LAST].weight.shape[1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -27,7 +28,7 @@ from fxtucker.meta import (
 )
 from fxtucker.passes._common import CONV_TYPES, factor_nodes, layer_nodes, finish, prepare
 
-__all__ = ["strip_gates", "kept_ranks"]
+__all__ = ["strip_gates", "kept_ranks", "round_rank"]
 
 
 def _plain(m: nn.Module, in_ch: int, out_ch: int, weight: torch.Tensor) -> nn.Module:
@@ -45,21 +46,32 @@ def _plain(m: nn.Module, in_ch: int, out_ch: int, weight: torch.Tensor) -> nn.Mo
     return new
 
 
-def _select(score: torch.Tensor, keep: torch.Tensor, groups: int) -> tuple[list[torch.Tensor], bool, int, bool]:
+def round_rank(k: int, round_to: Optional[int], full: int) -> int:
+    """``k`` rounded up to a multiple of ``round_to``, never above ``full``; 0 stays 0."""
+    if not round_to or k == 0:
+        return k
+    return min(full, -(-k // round_to) * round_to)
+
+
+def _select(score: torch.Tensor, keep: torch.Tensor, groups: int,
+            round_to: Optional[int] = None) -> tuple[list[torch.Tensor], bool, int, bool, bool]:
     """Per group, the local indices to keep (as many in every group); whether they are all to be
-    zeroed; the rank kept; whether components below the threshold filled in to even out groups."""
+    zeroed; the rank kept; whether components below the threshold filled in to even out groups;
+    whether they filled in to round the rank up to a multiple of ``round_to``."""
     score, keep = score.view(groups, -1), keep.view(groups, -1)
     counts = keep.sum(dim=1)
-    k = int(counts.max())
-    if k == 0:
+    k_max = int(counts.max())
+    if k_max == 0:
         # Nothing survives: keep one component, zeroed, so the layer outputs exactly its bias.
-        return [torch.zeros(1, dtype=torch.long, device=score.device)] * groups, True, 0, False
+        return [torch.zeros(1, dtype=torch.long, device=score.device)] * groups, True, 0, False, False
+    k = round_rank(k_max, round_to, score.shape[1])
     chosen = []
     for s, kp in zip(score, keep):
-        # Components above the threshold first, then the largest below it to even out the groups.
+        # Components above the threshold first, then the largest below it to even out the groups
+        # and to round the rank up.
         order = torch.argsort(torch.where(kp, s + s.max() + 1, s), descending=True)[:k]
         chosen.append(order.sort().values)
-    return chosen, False, k, bool((counts < k).any())
+    return chosen, False, k, bool((counts < k_max).any()), k > k_max
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +85,7 @@ class _Selection:
     zero_out: bool
     ranks: tuple[int, ...]  # real kept ranks per group (0 when a whole rank dies)
     filled: bool  # components below the threshold kept to even out groups
+    rounded: bool = False  # components below the threshold kept to round a rank up to round_to
 
 
 def _check_threshold(threshold: object) -> None:
@@ -90,7 +103,14 @@ def _gated_layers(gm: fx.GraphModule) -> dict[str, dict[str, list[fx.Node]]]:
     return gated
 
 
-def _selection(c: nn.Module, source: str, threshold: float) -> _Selection:
+def check_round_to(round_to: object) -> None:
+    """A ValueError unless ``round_to`` is None or an int >= 1."""
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, numbers.Integral) or round_to < 1):
+        raise ValueError(f"round_to must be None or an int >= 1 (e.g. 8 or 16: ranks rounded up to a multiple), "
+                         f"got {round_to!r}")
+
+
+def _selection(c: nn.Module, source: str, threshold: float, round_to: Optional[int] = None) -> _Selection:
     """The components of layer ``source`` (container ``c``) that survive ``threshold``."""
     # Compared in float64: against a float32 tensor, torch would round the threshold to float32.
     g_in, g_out = c[GATE_IN].weight.detach().double(), c[GATE_OUT].weight.detach().double()
@@ -101,31 +121,35 @@ def _selection(c: nn.Module, source: str, threshold: float) -> _Selection:
     groups = getattr(c[FIRST], "groups", 1)
     if g_core is not None:
         keep_out = (g_out.abs() >= threshold) & (g_core.abs() >= threshold)
-        idx_in, zero_in, k_in, fill_in = _select(g_in.abs(), g_in.abs() >= threshold, groups)
-        idx_out, zero_out, k_out, fill_out = _select((g_out * g_core).abs(), keep_out, groups)
+        idx_in, zero_in, k_in, fill_in, round_in = _select(g_in.abs(), g_in.abs() >= threshold, groups, round_to)
+        idx_out, zero_out, k_out, fill_out, round_out = _select((g_out * g_core).abs(), keep_out, groups, round_to)
         ranks = (k_in, k_out)
     else:
         keep = (g_in.abs() >= threshold) & (g_out.abs() >= threshold)
-        idx_in, zero_in, k_in, fill_in = _select((g_in * g_out).abs(), keep, groups)
-        idx_out, zero_out, fill_out = idx_in, zero_in, fill_in
+        idx_in, zero_in, k_in, fill_in, round_in = _select((g_in * g_out).abs(), keep, groups, round_to)
+        idx_out, zero_out, fill_out, round_out = idx_in, zero_in, fill_in, round_in
         ranks = (k_in,)
-    return _Selection(groups, idx_in, idx_out, zero_in, zero_out, ranks, fill_in or fill_out)
+    return _Selection(groups, idx_in, idx_out, zero_in, zero_out, ranks, fill_in or fill_out, round_in or round_out)
 
 
-def kept_ranks(gm: fx.GraphModule, threshold: float) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+def kept_ranks(gm: fx.GraphModule, threshold: float,
+               round_to: Optional[int] = None) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
     """What :func:`strip_gates` would keep, without rewriting: per gated layer, the ranks per group
-    that survive and the channel counts per group the stripped modules get (a whole dead rank
-    still builds one zeroed channel)."""
+    that survive (rounded up as ``strip_gates(gm, threshold, round_to=round_to)`` rounds them) and
+    the channel counts per group the stripped modules get (a whole dead rank still builds one
+    zeroed channel)."""
     _check_threshold(threshold)
+    check_round_to(round_to)
     out = {}
     for source in _gated_layers(gm):
-        sel = _selection(gm.get_submodule(source), source, threshold)
+        sel = _selection(gm.get_submodule(source), source, threshold, round_to)
         built = (len(sel.idx_in[0]), len(sel.idx_out[0])) if len(sel.ranks) == 2 else (len(sel.idx_in[0]),)
         out[source] = (sel.ranks, built)
     return out
 
 
-def strip_gates(gm: fx.GraphModule, threshold: float = 0.0, *, inplace: bool = False) -> fx.GraphModule:
+def strip_gates(gm: fx.GraphModule, threshold: float = 0.0, round_to: Optional[int] = None, *,
+                inplace: bool = False) -> fx.GraphModule:
     """Remove gated components below ``threshold`` and fold the surviving gates into the weights.
 
     A component whose gate magnitude is below ``threshold`` is dropped together with what it
@@ -140,6 +164,10 @@ def strip_gates(gm: fx.GraphModule, threshold: float = 0.0, *, inplace: bool = F
         gm: output of :func:`insert_gates` (after training).
         threshold: gates with ``|g| < threshold`` are dropped; 0 keeps every component, which
             leaves the function unchanged. The paper uses 0.01 to 0.02.
+        round_to: round each kept rank (per group) up to a multiple of ``round_to`` (e.g. 8 or
+            16, sizes that vector units and GEMM kernels like), never above the full rank: the
+            largest gates below the threshold are kept to fill in. A rank that died entirely
+            stays 0. None keeps the ranks as the threshold leaves them.
         inplace: rewrite ``gm`` itself instead of a deep copy.
 
     Before::
@@ -158,12 +186,13 @@ def strip_gates(gm: fx.GraphModule, threshold: float = 0.0, *, inplace: bool = F
         >>> pruned = strip_gates(trained_gated_gm, threshold=0.01)
     """
     _check_threshold(threshold)
+    check_round_to(round_to)
     gm = prepare(gm, inplace, "strip_gates")
     gated = _gated_layers(gm)
     kept: dict[str, tuple[tuple[int, ...], str]] = {}
     for source, roles in gated.items():
         c = gm.get_submodule(source)
-        sel = _selection(c, source, threshold)
+        sel = _selection(c, source, threshold, round_to)
         groups, idx_in, idx_out = sel.groups, sel.idx_in, sel.idx_out
         first, last = c[FIRST], c[LAST]
         core = c[CORE] if CORE in c else None
@@ -191,8 +220,12 @@ def strip_gates(gm: fx.GraphModule, threshold: float = 0.0, *, inplace: bool = F
             new_core = torch.cat([w_core[glob_out[gi * n_out:(gi + 1) * n_out]][:, idx_in[gi]] for gi in range(groups)])
             c[CORE] = _plain(core, groups * n_in, groups * n_out, new_core)
         ranks = sel.ranks
-        note = ("" if not sel.filled else
-                f"kept gates below the threshold so that all {groups} groups have the same rank")
+        notes = []
+        if sel.filled:
+            notes.append(f"kept gates below the threshold so that all {groups} groups have the same rank")
+        if sel.rounded:
+            notes.append(f"kept the largest gates below the threshold to round ranks up to a multiple of {round_to}")
+        note = "; ".join(notes)
         kept[source] = (ranks, note)
         for role in GATE_ROLES:
             for node in roles.get(role, []):

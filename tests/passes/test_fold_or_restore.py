@@ -146,3 +146,33 @@ def test_whole_chain_full_rank_float32(case):
     model = OneConv(conv).eval()
     ref = reference(model)
     assert rel_error(_chain(model, x)(x), ref(x)) < REL_CHAIN_FLOAT32
+
+
+@given(conv_and_input(dtype=torch.float32), st.floats(0.0, 1.5), st.sampled_from([2, 3, 4, 8]), st.integers(0, 2**31 - 1))
+@settings(max_examples=40, deadline=None)
+def test_predict_macs_counts_rounded_ranks(case, threshold, round_to, seed):
+    conv, x = case
+    model = OneConv(conv).eval()
+    gated = cost_model(insert_gates(decompose_conv(fxtucker.trace(model))), x)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in fxtucker.gates(gated).values():
+            for gate in layer.values():
+                gate.copy_(2 * torch.rand(gate.shape, generator=g))
+    final = fold_or_restore(strip_gates(gated, threshold, round_to=round_to), x)
+    assert predict_macs(gated, threshold, round_to) == fxtucker.count_macs(final, x)
+    assert predict_macs(gated, threshold, round_to) >= predict_macs(gated, threshold)
+
+
+def test_predict_macs_with_round_to_on_resnet18():
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 32, 32)
+    gated = cost_model(insert_gates(decompose_conv(fxtucker.trace(model))), x)
+    with torch.no_grad():
+        for layer in fxtucker.gates(gated).values():
+            for gate in layer.values():
+                gate.copy_(torch.rand(gate.shape))
+    final = fold_or_restore(strip_gates(gated, 0.6, round_to=16), x)
+    assert predict_macs(gated, 0.6, 16) == fxtucker.count_macs(final, x)
+    ranks = [r for l in fxtucker.report(final).layers for r, f in zip(l.ranks, l.full_ranks) if r != f]
+    assert ranks and all(r % 16 == 0 for r in ranks)

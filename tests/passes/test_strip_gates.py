@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.nn.utils import parametrize
 
 import fxtucker
@@ -120,3 +121,73 @@ def test_threshold_is_compared_in_float64():
     just_above = math.nextafter(float(g[0]), math.inf)
     assert fxtucker.passes.kept_ranks(gated, float(g[0]))["conv"][0][0] == 4
     assert fxtucker.passes.kept_ranks(gated, just_above)["conv"][0][0] == 3
+
+
+# round_to: kept ranks rounded up to a multiple, never above full rank, the largest gates filling in.
+
+
+class Wide(nn.Module):
+    def __init__(self, cin, cout, k):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, padding=k // 2)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+@given(st.integers(3, 20), st.integers(3, 20), st.sampled_from([1, 3]), st.sampled_from([2, 3, 4, 8, 16]),
+       st.floats(0.0, 1.0), st.integers(0, 2**31 - 1))
+@settings(max_examples=40, deadline=None)
+def test_round_to_rounds_up_keeping_the_largest_gates(cin, cout, k, round_to, threshold, seed):
+    model = Wide(cin, cout, k).double()
+    gated = _gated(model)
+    g = fxtucker.gates(gated)["conv"]
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # distinct random magnitudes on the input and output modes, the rest at 1
+        g["gate_in"].copy_(torch.rand(g["gate_in"].shape, generator=gen, dtype=torch.float64))
+        g["gate_out"].copy_(torch.rand(g["gate_out"].shape, generator=gen, dtype=torch.float64))
+        if "gate_core" in g:
+            g["gate_core"].fill_(1.0)
+        else:  # an SVD pair: one score per component, |gate_in * gate_out|
+            g["gate_out"].fill_(1.0)
+    full = fxtucker.report(gated).layers[0].full_ranks
+    plain = fxtucker.passes.kept_ranks(gated, threshold)["conv"][0]
+    rounded = fxtucker.passes.kept_ranks(gated, threshold, round_to)["conv"][0]
+    for r, p, f in zip(rounded, plain, full):
+        assert r == (0 if p == 0 else min(f, -(-p // round_to) * round_to))
+        assert r == 0 or r == f or r % round_to == 0
+    stripped = strip_gates(gated, threshold, round_to=round_to)
+    assert fxtucker.report(stripped).layers[0].ranks == rounded
+    # The stripped model is the gated one with every gate outside the kept (largest) ones zeroed.
+    names = ("gate_in", "gate_out") if len(full) == 2 else ("gate_in",)
+    with torch.no_grad():
+        for name, r in zip(names, rounded):
+            gate = g[name]
+            if r == 0:
+                gate.zero_()
+            else:
+                gate[gate.abs().argsort(descending=True)[r:]] = 0.0
+    x = torch.randn(1, cin, 6, 6, dtype=torch.float64)
+    assert rel_error(stripped(x), gated(x)) < REL_FLOAT64
+
+
+def test_round_to_is_noted_in_the_report_and_never_exceeds_full_rank():
+    gated = _gated(Wide(20, 24, 3).double())
+    g = fxtucker.gates(gated)["conv"]
+    with torch.no_grad():
+        g["gate_in"][5:] = 0.001  # 5 of 20 input components survive 0.01
+    stripped = strip_gates(gated, 0.01, round_to=8)
+    assert stripped.get_submodule("conv.first").weight.shape[0] == 8
+    assert fxtucker.report(stripped).layers[0].ranks == (8, 24)
+    assert "round ranks up to a multiple of 8" in fxtucker.report(stripped).layers[0].reason
+    assert fxtucker.report(strip_gates(gated, 0.01, round_to=16)).layers[0].ranks == (16, 24)
+    assert fxtucker.report(strip_gates(gated, 0.01, round_to=32)).layers[0].ranks == (20, 24)  # capped at full
+    assert fxtucker.report(strip_gates(gated, 0.01, round_to=1)).layers[0].ranks == (5, 24)
+
+
+@pytest.mark.parametrize("bad", [0, -8, 2.5, "8", True])
+def test_bad_round_to(bad):
+    with pytest.raises(ValueError, match=r"round_to must be None or an int >= 1 \(e.g. 8 or 16"):
+        strip_gates(_gated(Net()), 0.01, round_to=bad)
+    with pytest.raises(ValueError, match=r"round_to must be None or an int >= 1"):
+        fxtucker.passes.kept_ranks(_gated(Net()), 0.01, round_to=bad)
