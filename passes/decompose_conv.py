@@ -32,6 +32,7 @@ from fxtucker.meta import (
     set_graph_record,
 )
 from fxtucker.passes._common import CONV_TYPES, check_graph_module, finish, new_node, prepare, set_submodule
+from fxtucker.passes.strip_gates import check_round_to, round_rank
 
 __all__ = ["decompose_conv", "plan_decomposition", "RanksArg"]
 
@@ -115,10 +116,10 @@ def _group_weights(m: nn.Module) -> list[torch.Tensor]:
     return [g.reshape(g.shape[0], g.shape[1]) if _kind(m) == "svd" else g for g in w]
 
 
-def _fraction_ranks(m: nn.Module, frac: float) -> tuple[int, ...]:
+def _fraction_ranks(m: nn.Module, frac: float, round_to: Optional[int] = None) -> tuple[int, ...]:
     shape, full = _group_shape(m), _full_ranks(m)
     modes = (min(shape[0], shape[1]),) if _kind(m) == "svd" else (shape[1], shape[0])
-    return tuple(min(f, max(1, round(frac * size))) for size, f in zip(modes, full))
+    return tuple(round_rank(min(f, max(1, round(frac * size))), round_to, f) for size, f in zip(modes, full))
 
 
 def _vbmf_ranks(m: nn.Module) -> tuple[int, ...]:
@@ -144,21 +145,25 @@ def _normalise_ranks(value: Ranks, m: nn.Module, name: str) -> tuple[int, ...]:
     return ranks
 
 
-def _choose_ranks(ranks: RanksArg, name: str, m: nn.Module) -> Optional[tuple[int, ...]]:
+def _choose_ranks(ranks: RanksArg, name: str, m: nn.Module, round_to: Optional[int] = None) -> Optional[tuple[int, ...]]:
     """The ranks for ``m`` from the user's ``ranks`` argument, or None to skip it."""
     if ranks is None:
         return _full_ranks(m)
     if isinstance(ranks, str):
         return _vbmf_ranks(m)
     if isinstance(ranks, numbers.Real) and not isinstance(ranks, bool):
-        return _fraction_ranks(m, float(ranks))
+        return _fraction_ranks(m, float(ranks), round_to)
     if isinstance(ranks, dict):
         return _normalise_ranks(ranks[name], m, name) if name in ranks else None
     chosen = ranks(name, m)
     return None if chosen is None else _normalise_ranks(chosen, m, name)
 
 
-def _check_ranks_arg(ranks: RanksArg) -> None:
+def _check_ranks_arg(ranks: RanksArg, round_to: Optional[int] = None) -> None:
+    check_round_to(round_to)
+    if round_to is not None and ranks is not None and (isinstance(ranks, (str, bool)) or not isinstance(ranks, numbers.Real)):
+        raise ValueError(f"round_to={round_to!r} applies to fractional ranks only (a float in (0, 1]), not to "
+                         f"ranks={ranks!r}; give the ranks you want directly, or round after strip_gates(..., round_to=...)")
     if ranks is None or callable(ranks) or isinstance(ranks, dict):
         return
     if isinstance(ranks, str):
@@ -180,7 +185,8 @@ def _shape(node: fx.Node) -> tuple[int, ...]:
     return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else ()
 
 
-def plan_decomposition(gm: fx.GraphModule, ranks: RanksArg = None, *, linear: bool = False, inplace: bool = False) -> fx.GraphModule:
+def plan_decomposition(gm: fx.GraphModule, ranks: RanksArg = None, *, linear: bool = False,
+                       round_to: Optional[int] = None, inplace: bool = False) -> fx.GraphModule:
     """Decide, without rewriting, how each conv would be decomposed.
 
     Writes a :class:`fxtucker.meta.LayerPlan` into ``node.meta["fxtucker"]`` of every conv
@@ -189,7 +195,7 @@ def plan_decomposition(gm: fx.GraphModule, ranks: RanksArg = None, *, linear: bo
     apply it. Arguments as in :func:`decompose_conv`.
     """
     gm = prepare(gm, inplace, "plan_decomposition")
-    _check_ranks_arg(ranks)
+    _check_ranks_arg(ranks, round_to)
     modules = dict(gm.named_modules())
     shared: dict[int, list[str]] = defaultdict(list)
     for pname, p in gm.named_parameters(remove_duplicate=False):
@@ -221,7 +227,7 @@ def plan_decomposition(gm: fx.GraphModule, ranks: RanksArg = None, *, linear: bo
             reason = f"{type(m).__name__} is not decomposed (transposed convs are left as they are)"
         if reason and isinstance(ranks, dict) and name in ranks:
             raise ValueError(f"ranks asks for {name!r}, which cannot be decomposed: {reason}")
-        chosen = None if reason else _choose_ranks(ranks, name, m)
+        chosen = None if reason else _choose_ranks(ranks, name, m, round_to)
         if chosen is None and not reason:
             reason = "not selected by the ranks argument"
         plan = (LayerPlan(source=name, kind="skip", reason=reason) if reason else
@@ -293,6 +299,7 @@ def decompose_conv(
     *,
     linear: bool = False,
     use_plan: bool = False,
+    round_to: Optional[int] = None,
     inplace: bool = False,
 ) -> fx.GraphModule:
     """Replace each eligible conv node by Tucker-2 factors ``first``, ``core`` and ``last``.
@@ -317,6 +324,8 @@ def decompose_conv(
         linear: also decompose ``nn.Linear`` layers into SVD pairs.
         use_plan: apply the plans already in ``node.meta`` (from :func:`plan_decomposition`,
             possibly edited) instead of ``ranks``.
+        round_to: with a fractional ``ranks``, round each rank up to a multiple of ``round_to``
+            (e.g. 8 or 16), never above the full rank; None (or full rank) rounds nothing.
         inplace: rewrite ``gm`` itself instead of a deep copy.
 
     Before::
@@ -335,11 +344,14 @@ def decompose_conv(
     """
     check_graph_module(gm, "decompose_conv")
     if use_plan:
+        if round_to is not None:
+            raise ValueError("decompose_conv(use_plan=True) applies the plans as they are: pass round_to to "
+                             "plan_decomposition(gm, ranks, round_to=...) instead")
         gm = prepare(gm, inplace, "decompose_conv")
         if not isinstance(gm.meta.get(KEY), GraphRecord) or gm.meta[KEY].stage != "plan_decomposition":
             raise ValueError("decompose_conv(use_plan=True) needs plans: run plan_decomposition(gm, ranks) first")
     else:
-        gm = plan_decomposition(gm, ranks, linear=linear, inplace=inplace)
+        gm = plan_decomposition(gm, ranks, linear=linear, round_to=round_to, inplace=inplace)
     modules = dict(gm.named_modules())
     sites: dict[str, list[fx.Node]] = defaultdict(list)
     for node in gm.graph.nodes:

@@ -191,3 +191,26 @@ def test_bad_round_to(bad):
         strip_gates(_gated(Net()), 0.01, round_to=bad)
     with pytest.raises(ValueError, match=r"round_to must be None or an int >= 1"):
         fxtucker.passes.kept_ranks(_gated(Net()), 0.01, round_to=bad)
+
+
+@given(st.integers(2, 70), st.integers(2, 70), st.sampled_from([1, 3]), st.floats(0.05, 1.0), st.sampled_from([1, 4, 8, 16]))
+@settings(max_examples=40, deadline=None)
+def test_decompose_conv_rounds_fractional_ranks(cin, cout, k, frac, round_to):
+    model = Wide(cin, cout, k)
+    plain = fxtucker.report(decompose_conv(fxtucker.trace(model), ranks=frac)).layers[0]
+    rounded = fxtucker.report(decompose_conv(fxtucker.trace(model), ranks=frac, round_to=round_to)).layers[0]
+    for r, p, f in zip(rounded.ranks, plain.ranks, rounded.full_ranks):
+        assert r == min(f, -(-p // round_to) * round_to)
+
+
+def test_decompose_conv_round_to_errors():
+    gm = fxtucker.trace(Net())
+    with pytest.raises(ValueError, match=r"round_to=8 applies to fractional ranks only \(a float in \(0, 1\]\), not to ranks='vbmf'"):
+        decompose_conv(gm, ranks="vbmf", round_to=8)
+    with pytest.raises(ValueError, match=r"round_to=8 applies to fractional ranks only"):
+        decompose_conv(gm, ranks={"conv": (2, 2)}, round_to=8)
+    with pytest.raises(ValueError, match=r"round_to must be None or an int >= 1"):
+        decompose_conv(gm, ranks=0.5, round_to=0)
+    with pytest.raises(ValueError, match=r"pass round_to to plan_decomposition"):
+        decompose_conv(fxtucker.passes.plan_decomposition(gm, 0.5), use_plan=True, round_to=8)
+    assert fxtucker.report(decompose_conv(gm, round_to=4)).layers[0].ranks == (4, 6)  # full rank: nothing to round
