@@ -24,7 +24,7 @@ from fxtucker.report import report
 from fxtucker.tracing import trace
 from fxtucker.train import TrainConfig, evaluate, train
 
-__all__ = ["CompressConfig", "CompressResult", "compress", "threshold_for_budget", "gate_histogram"]
+__all__ = ["CompressConfig", "CompressResult", "compress", "threshold_for_budget", "gate_histogram", "GatePenalty"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,12 @@ class CompressConfig:
     fine-tune ``finetune_epochs``, optionally distilling from the original model.
 
     ``target_macs`` (or ``target_speedup`` = MACs before / MACs after) replaces ``threshold``: the
-    smallest global threshold whose result, after fold-or-restore, fits the budget is used.
+    smallest global threshold whose result, after fold-or-restore, fits the budget is used. With a
+    budget and ``steer`` (the default), ``reg_weight`` is only lambda's starting value: every
+    ``steer_every`` steps of step 3, lambda is raised or lowered so that the MACs left by pruning
+    at ``threshold`` follow a path from the full model to the budget (reached one epoch before the
+    end of step 3), so that the gates cut at the end are the ones the funnel has already pulled
+    to about zero (see :class:`GatePenalty`).
     """
 
     ranks: Union[None, float, str] = None
@@ -58,6 +63,8 @@ class CompressConfig:
     threshold: float = 0.01
     target_macs: Optional[int] = None
     target_speedup: Optional[float] = None
+    steer: bool = True
+    steer_every: int = 10
     finetune_epochs: int = 3
     finetune_lr: float = 0.01
     optimizer: str = "sgd"
@@ -93,6 +100,10 @@ class CompressConfig:
             raise ValueError(f"CompressConfig.target_macs must be a positive integer, got {self.target_macs!r}")
         if self.target_speedup is not None and (not isinstance(self.target_speedup, numbers.Real) or not self.target_speedup >= 1):
             raise ValueError(f"CompressConfig.target_speedup must be a number >= 1, got {self.target_speedup!r}")
+        if not isinstance(self.steer, bool):
+            raise ValueError(f"CompressConfig.steer must be true or false, got {self.steer!r}")
+        if isinstance(self.steer_every, bool) or not isinstance(self.steer_every, numbers.Integral) or self.steer_every < 1:
+            raise ValueError(f"CompressConfig.steer_every must be an integer >= 1 (optimizer steps), got {self.steer_every!r}")
         self.c_schedule_fn()  # validates the schedule's arguments
 
     def c_schedule_fn(self) -> regularizers.CSchedule:
@@ -184,14 +195,76 @@ def gate_histogram(gm: fx.GraphModule, bins: int = 40) -> dict[str, list]:
             "zeros": int((flat == 0).sum()), "total": int(flat.numel())}
 
 
-def _gate_stats(threshold_fn) -> Any:
+def _gate_stats(threshold_fn, penalty: Optional["GatePenalty"] = None) -> Any:
     def stats(model: nn.Module) -> dict:
         gm = getattr(model, "module", model)
         flat = torch.cat([g.detach().abs().flatten() for g in _all_gates(gm)])
         th = threshold_fn(gm)
-        return {"gates": flat.numel(), "gates_below_threshold": int((flat < th).sum()), "threshold": th,
-                "gate_mean": float(flat.mean()), "macs_if_stripped": predict_macs(gm, th)}
+        out = {"gates": flat.numel(), "gates_below_threshold": int((flat < th).sum()), "threshold": th,
+               "gate_mean": float(flat.mean()), "macs_if_stripped": predict_macs(gm, th)}
+        if penalty is not None:
+            out["reg_weight"] = penalty.weight
+        return out
     return stats
+
+
+class GatePenalty:
+    """lambda x sum of ``reg``(gate, c) over all gates of all layers: step 3's penalty for :func:`train`.
+
+    Called as ``penalty(model, epoch, step)``. With ``target_macs``, lambda is steered: every
+    ``every`` optimizer steps, ``m`` = :func:`~fxtucker.passes.predict_macs` at ``threshold`` (what
+    pruning now would leave) is compared with the path ``d`` = macs_full x (target /
+    macs_full) ^ min(1, (epoch + 1) / max(1, epochs - 1)), a geometric descent to the budget that
+    is reached at the end of the last-but-one epoch and held in the last. lambda is multiplied by
+    ``(m / d) ^ 2``, clipped to [1/1.5, 1.5] per update: too few gates pulled under the threshold
+    raises it, too many lowers it. lambda depends only on the model's states so far, and its
+    value is part of the training checkpoint (``state_dict``), so a resumed run repeats the
+    uninterrupted one.
+
+    Args:
+        gated: the gated GraphModule, annotated by :func:`~fxtucker.passes.cost_model`.
+        reg: a name in :data:`fxtucker.regularizers.REGULARIZERS`.
+        weight: lambda (its start value when steered).
+        schedule: epoch -> c (used by the funnel kinds).
+        target_macs: the budget to steer to; None keeps lambda constant.
+        threshold: the gate threshold that ``predict_macs`` prunes at while steering.
+        epochs: the epochs of step 3.
+        every: steer every this many optimizer steps.
+    """
+
+    GAIN, MAX_CHANGE = 2.0, 1.5
+
+    def __init__(self, gated: fx.GraphModule, reg: str, weight: float, schedule: regularizers.CSchedule, *,
+                 target_macs: Optional[int] = None, threshold: float = 0.01, epochs: int = 1, every: int = 10):
+        self.gated, self.gate_list = gated, _all_gates(gated)
+        self.fn, self.uses_c = regularizers.get_regularizer(reg), reg in regularizers.FUNNEL_KINDS
+        self.schedule, self.target, self.threshold = schedule, target_macs, threshold
+        self.epochs, self.every = epochs, every
+        self.weight = float(weight)
+        self.macs_full = predict_macs(gated, 0.0) if target_macs is not None else None
+
+    def desired_macs(self, epoch: int) -> float:
+        """The MAC path that steering follows: the budget by the end of the last-but-one epoch."""
+        frac = min(1.0, (epoch + 1) / max(1, self.epochs - 1))
+        return self.macs_full * (self.target / self.macs_full) ** frac
+
+    def steer(self, epoch: int) -> None:
+        macs = predict_macs(self.gated, self.threshold)
+        ratio = max(macs, 1) / self.desired_macs(epoch)
+        self.weight *= min(self.MAX_CHANGE, max(1 / self.MAX_CHANGE, ratio ** self.GAIN))
+
+    def __call__(self, _model: nn.Module, epoch: int, step: int) -> torch.Tensor:
+        if self.target is not None and step > 0 and step % self.every == 0:
+            self.steer(epoch)
+        c = self.schedule(epoch)
+        terms = [self.fn(g, c) if self.uses_c else self.fn(g) for g in self.gate_list]
+        return self.weight * torch.stack([t.sum() for t in terms]).sum()
+
+    def state_dict(self) -> dict:
+        return {"weight": self.weight}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.weight = float(state["weight"])
 
 
 def compress(
@@ -266,18 +339,12 @@ def compress(
         rep["stages"]["trained"] = {"accuracy": acc(gated), "gate_histogram": gate_histogram(gated)}
 
     # 3. the funnel (or other) penalty on all gates of all layers at once
-    schedule = config.c_schedule_fn()
-    reg_fn = regularizers.get_regularizer(config.reg)
-    gate_list = _all_gates(gated)
-    uses_c = config.reg in regularizers.FUNNEL_KINDS
-
-    def penalty(_model: nn.Module, epoch: int, _step: int) -> torch.Tensor:
-        terms = [reg_fn(g, schedule(epoch)) if uses_c else reg_fn(g) for g in gate_list]
-        return config.reg_weight * torch.stack([t.sum() for t in terms]).sum()
-
+    penalty = GatePenalty(gated, config.reg, config.reg_weight, config.c_schedule_fn(),
+                          target_macs=target if config.steer else None, threshold=config.threshold,
+                          epochs=config.reg_epochs, every=config.steer_every)
     threshold_fn = (lambda g: threshold_for_budget(g, target)) if target is not None else (lambda g: config.threshold)
     history += train(gated, train_data, config.stage_config(config.reg_epochs, config.reg_lr), penalty=penalty,
-                     epoch_stats=_gate_stats(threshold_fn), stage="regularize", **kw)
+                     epoch_stats=_gate_stats(threshold_fn, penalty), stage="regularize", **kw)
     threshold = threshold_fn(gated)
     rep["threshold"] = threshold
     rep["stages"]["regularized"] = {"accuracy": acc(gated), "gate_histogram": gate_histogram(gated)}

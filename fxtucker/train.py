@@ -886,8 +886,25 @@ def _bar(total: Optional[int], desc: str, enabled: bool):
                  leave=True)
 
 
+def _stateful(**fns: Any) -> dict:
+    """The callbacks that carry state across epochs: those with state_dict and load_state_dict."""
+    return {name: fn for name, fn in fns.items()
+            if callable(getattr(fn, "state_dict", None)) and callable(getattr(fn, "load_state_dict", None))}
+
+
+def _callback_states(callbacks: dict) -> dict:
+    states = {}
+    for name, obj in callbacks.items():
+        st = obj.state_dict()
+        if not isinstance(st, dict):
+            raise TypeError(f"train: {name}.state_dict() returned a {type(st).__name__}; it must "
+                            f"return a dict of tensors, numbers, strings, lists and dicts")
+        states[name] = st
+    return states
+
+
 def _restore(payload: dict, path: Path, config: TrainConfig, model: nn.Module, opt, sched,
-             scaler, ctx: _Dist) -> None:
+             scaler, ctx: _Dist, callbacks: dict) -> None:
     """Load a verified checkpoint into the model, optimizer, schedule, scaler and RNGs."""
     stored = payload["config"]
     current = dataclasses.asdict(config)
@@ -912,6 +929,16 @@ def _restore(payload: dict, path: Path, config: TrainConfig, model: nn.Module, o
         ) from e
     if scaler is not None and payload["scaler"] is not None:
         scaler.load_state_dict(payload["scaler"])
+    stored_callbacks = payload.get("callbacks") or {}
+    missing = sorted(set(callbacks) - set(stored_callbacks))
+    if missing:
+        raise ValueError(
+            f"train: checkpoint {path} holds no state for the stateful {', '.join(missing)} of this "
+            f"call; resume with the callbacks the run started with, or pass resume=False to start "
+            f"the stage over"
+        )
+    for name, obj in callbacks.items():
+        obj.load_state_dict(stored_callbacks[name])
     states = payload["rng"]
     if len(states) != ctx.world:
         warnings.warn(f"train: checkpoint {path} was written by {len(states)} process(es), this "
@@ -969,6 +996,10 @@ def train(
         extra_loss: ``extra_loss(inputs, outputs, labels) -> scalar`` added to the loss of each
             batch (and logged with the penalty): for distillation, say.
 
+    A ``penalty``, ``epoch_stats`` or ``extra_loss`` that is an object with ``state_dict()`` and
+    ``load_state_dict()`` (a controller that steers lambda, say) has its state saved in every
+    checkpoint and restored on resume, so a resumed run still repeats the uninterrupted one.
+
     Returns:
         One record per epoch (all epochs of the stage, including those before a resume).
 
@@ -988,6 +1019,7 @@ def train(
     """
     _check_args(model, config, stage, penalty, epoch_stats, out_dir, resume)
     _check_train_data(train_data, config.epochs)
+    callbacks = _stateful(penalty=penalty, epoch_stats=epoch_stats, extra_loss=extra_loss)
     ddp = _wants_ddp()
     dev = _resolve_device(model, device, ddp)
     ctx = _setup_distributed(dev)
@@ -1014,7 +1046,7 @@ def train(
         ctx.barrier()  # every rank has read before rank 0 writes
     if loaded is not None:
         path, payload = loaded
-        _restore(payload, path, config, model, opt, sched, scaler, ctx)
+        _restore(payload, path, config, model, opt, sched, scaler, ctx, callbacks)
         state = _State(epoch=int(payload["epoch"]), step=int(payload["step"]),
                        history=list(payload["history"]), saved=path,
                        saved_epochs=int(payload["epoch"]))
@@ -1066,7 +1098,7 @@ def train(
             state.history.append(record)
             state.epoch += 1
             if files is not None:
-                _save_epoch(files, model, opt, sched, scaler, config, state, ctx, stage)
+                _save_epoch(files, model, opt, sched, scaler, config, state, ctx, stage, callbacks)
     except KeyboardInterrupt:
         if ctx.main:
             where = _saved_phrase(state, out_dir)
@@ -1195,7 +1227,7 @@ def _run_epoch(net, model, train_data, eval_data, config, penalty, epoch_stats, 
 
 
 def _save_epoch(files: _Files, model, opt, sched, scaler, config: TrainConfig, state: _State,
-                ctx: _Dist, stage: str) -> None:
+                ctx: _Dist, stage: str, callbacks: dict) -> None:
     """Rank 0 appends the record and writes the checkpoint; every rank learns if it failed."""
     rngs = ctx.gather(_rng_state())
     error: Optional[OSError] = None
@@ -1215,6 +1247,7 @@ def _save_epoch(files: _Files, model, opt, sched, scaler, config: TrainConfig, s
                 "scheduler": sched.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "rng": rngs,
+                "callbacks": _callback_states(callbacks),
             })
             files.save(payload)
         except OSError as e:

@@ -88,9 +88,14 @@ def _balance(first: nn.Module, core: nn.Module) -> None:
         w = core.weight  # (g*R2, R1, *k)
         g = w.reshape(groups, w.shape[0] // groups, w.shape[1], -1)
         norms = g.norm(dim=(1, 3))  # (groups, R1): per group, per input slice
-        safe = torch.where(norms > 0, norms, torch.ones_like(norms))
-        w.copy_((g / safe.view(groups, 1, -1, 1)).reshape(w.shape))
-        scale = torch.where(norms > 0, norms, torch.zeros_like(norms)).flatten()  # global index g*R1 + r
+        # Slices below the numerical rank (torch.linalg.matrix_rank's default tolerance) hold
+        # rounding noise; divided by their norms they would pose as unit-norm components, so they
+        # are zeroed instead (a change within rounding error of the weights).
+        tol = norms.amax(dim=1, keepdim=True) * torch.finfo(w.dtype).eps * max(g.shape[1], g.shape[2] * g.shape[3])
+        live = norms > tol
+        safe = torch.where(live, norms, torch.ones_like(norms))
+        w.copy_((g * live.view(groups, 1, -1, 1) / safe.view(groups, 1, -1, 1)).reshape(w.shape))
+        scale = torch.where(live, norms, torch.zeros_like(norms)).flatten()  # global index g*R1 + r
         first.weight.mul_(scale.view(-1, *([1] * (first.weight.dim() - 1))))
 
 

@@ -148,8 +148,8 @@ def test_killed_run_resumes_to_the_same_result(one_thread, tmp_path, monkeypatch
 
     real = flow._gate_stats
 
-    def dies_after_first_regularized_epoch(threshold_fn):
-        stats, calls = real(threshold_fn), []
+    def dies_after_first_regularized_epoch(*args):
+        stats, calls = real(*args), []
 
         def wrapped(model):
             calls.append(1)
@@ -171,3 +171,56 @@ def test_killed_run_resumes_to_the_same_result(one_thread, tmp_path, monkeypatch
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
     assert strip(resumed.history) == strip(straight.history)
+    # lambda was steered in epoch 0, so the resumed run only matches because its value was restored
+    reg = [r for r in straight.history if r["stage"] == "regularize"]
+    assert reg[0]["reg_weight"] != config.reg_weight
+
+
+def _gated_toy():
+    model, train, test, x = _toy_problem()
+    gm = cost_model(insert_gates(decompose_conv(fxtucker.trace(model))), x)
+    return gm, train, x
+
+
+@pytest.mark.parametrize("budget, direction", [(0.001, 1), (1.0, -1)])
+def test_gate_penalty_steers_lambda_toward_the_budget(budget, direction):
+    # The toy conv has Tucker rank (4, 6), so pruning its untrained gates at 0.01 already leaves
+    # 18% of the full MACs. Epoch 0 of 3 aims at full x budget^0.5: 3% for a budget of 0.1%, which
+    # is not met yet (lambda goes up), 100% for a budget of the full model (lambda goes down).
+    flow = importlib.import_module("fxtucker.compress")
+    gm, _, _ = _gated_toy()
+    full = predict_macs(gm, 0.0)
+    assert predict_macs(gm, 0.01) / full == pytest.approx(0.18, abs=0.01)
+    pen = flow.GatePenalty(gm, "funnel", 0.1, lambda e: 1.0, target_macs=int(full * budget), threshold=0.01,
+                           epochs=3, every=1)
+    pen(gm, 0, 0)  # step 0: no steering yet
+    assert pen.weight == 0.1
+    pen(gm, 0, 1)
+    assert (pen.weight - 0.1) * direction > 0
+    assert 0.1 / pen.MAX_CHANGE <= pen.weight <= 0.1 * pen.MAX_CHANGE
+
+
+def test_gate_penalty_value_gradient_and_state():
+    flow = importlib.import_module("fxtucker.compress")
+    gm, _, _ = _gated_toy()
+    gs = [g for layer in fxtucker.gates(gm).values() for g in layer.values()]
+    pen = flow.GatePenalty(gm, "funnel", 0.5, lambda e: 0.1 * (e + 1))
+    value = pen(gm, 1, 7)  # no budget: lambda stays, c comes from the schedule at epoch 1
+    expected = 0.5 * sum((g.abs() / (g.abs() + 0.2)).sum() for g in gs)
+    assert torch.allclose(value, expected)
+    value.backward()
+    assert all(g.grad is not None and g.grad.abs().sum() > 0 for g in gs)
+    assert pen.weight == 0.5
+    other = flow.GatePenalty(gm, "funnel", 1.0, lambda e: 1.0)
+    other.load_state_dict(pen.state_dict())
+    assert other.weight == 0.5
+
+
+def test_steering_can_be_switched_off(one_thread):
+    model, train, test, x = _toy_problem()
+    config = CompressConfig(train_epochs=0, reg_epochs=1, finetune_epochs=0, reg_weight=0.01, target_speedup=1.5,
+                            steer=False)
+    result = compress(model, train, x, config=config, progress=False)
+    assert [r["reg_weight"] for r in result.history if r["stage"] == "regularize"] == [0.01]
+    with pytest.raises(ValueError, match=r"steer_every must be an integer >= 1"):
+        CompressConfig(steer_every=0)

@@ -797,3 +797,42 @@ def test_ddp_two_processes(tmp_path):
     assert payload["epoch"] == 2 and len(payload["rng"]) == 2
     for k in s0:
         assert torch.equal(payload["model"][k], s0[k]), k
+
+
+class StatefulPenalty:
+    """A penalty whose weight grows 1.5x every step: a resume that lost it would diverge."""
+
+    def __init__(self) -> None:
+        self.weight = 1e-4
+
+    def __call__(self, model, epoch, step):
+        self.weight *= 1.5
+        return self.weight * (model.fc.weight ** 2).sum()
+
+    def state_dict(self):
+        return {"weight": self.weight}
+
+    def load_state_dict(self, state):
+        self.weight = state["weight"]
+
+
+def test_stateful_penalty_is_checkpointed_and_restored(tmp_path):
+    a = tiny()
+    ha = train(a, loader(), CFG, penalty=StatefulPenalty(), out_dir=tmp_path / "a", progress=False)
+    assert load_payload(tmp_path / "a" / "train.ckpt")["callbacks"]["penalty"]["weight"] == pytest.approx(1e-4 * 1.5 ** 12)
+    b = tiny()
+    with pytest.raises(KeyboardInterrupt):
+        train(b, loader(), CFG, penalty=StatefulPenalty(), epoch_stats=InterruptAt(1), out_dir=tmp_path / "b",
+              progress=False)
+    b, pen = tiny(), StatefulPenalty()
+    hb = train(b, loader(), CFG, penalty=pen, epoch_stats=fc_norm, out_dir=tmp_path / "b", resume=True, progress=False)
+    assert pen.weight == pytest.approx(1e-4 * 1.5 ** 12)
+    assert_same_state(a, b)
+    assert [r["penalty"] for r in hb] == [r["penalty"] for r in ha]
+
+
+def test_resume_without_the_stateful_penalty_state_is_refused(tmp_path):
+    train(tiny(), loader(), TrainConfig(epochs=1, lr=0.05), penalty=step_penalty, out_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"holds no state for the stateful penalty"):
+        train(tiny(), loader(), TrainConfig(epochs=1, lr=0.05), penalty=StatefulPenalty(), out_dir=tmp_path,
+              resume=True, progress=False)
