@@ -112,6 +112,11 @@ class FoldRecord:
     decision: str
     macs_original: int
     macs_decomposed: int
+    # Set by fold_or_restore(cost="latency"): the form kept ("dense", "tucker2", "merge_first",
+    # "merge_last" or "svd"), where it was timed ("eager/cpu/2 threads") and each form's time.
+    form: str = ""
+    timed_on: str = ""
+    timings_ms: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,11 @@ class LayerRecord:
     decision: str = SKIPPED
     reason: str = ""
     call_sites: int = 1
+    # Set by fold_or_restore(cost="latency"), as in FoldRecord: the form kept, where each
+    # candidate form was timed, and its time (ms, summed over the call sites).
+    form: str = ""
+    timed_on: str = ""
+    timings_ms: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)

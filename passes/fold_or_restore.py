@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Optional
 
@@ -25,11 +26,16 @@ from fxtucker.meta import (
     graph_record,
     set_graph_record,
 )
+from fxtucker.latency import TimingCache, check_backend, check_device, measure_latency
 from fxtucker.passes._common import CONV_TYPES, factor_nodes, layer_nodes, finish, prepare, set_submodule
 from fxtucker.passes.cost_model import conv_macs, cost_model
 from fxtucker.passes.strip_gates import kept_ranks
 
-__all__ = ["fold_or_restore", "dense_module", "predict_macs"]
+__all__ = ["fold_or_restore", "dense_module", "predict_macs", "COSTS", "FORMS"]
+
+COSTS = ("macs", "latency")
+DENSE, TUCKER2, MERGE_FIRST, MERGE_LAST, SVD = "dense", "tucker2", "merge_first", "merge_last", "svd"
+FORMS = (DENSE, TUCKER2, MERGE_FIRST, MERGE_LAST, SVD)
 
 
 def dense_module(container: nn.Module, spec: ConvSpec | None) -> nn.Module:
@@ -87,14 +93,16 @@ def _original_macs(last_nodes: list[fx.Node], spec: ConvSpec | None, in_features
     return macs
 
 
-def predict_macs(gm: fx.GraphModule, threshold: float, round_to: Optional[int] = None) -> int:
+def predict_macs(gm: fx.GraphModule, threshold: float, round_to: Optional[int] = None, *,
+                 relative: bool = False) -> int:
     """Total MACs of ``fold_or_restore(strip_gates(gm, threshold, round_to), x)``, without rewriting anything.
 
     ``gm`` is a gated GraphModule annotated by :func:`cost_model` (run once; training changes no
     shape). Each factor's MACs scale with its kept channels (first: outputs; core: inputs times
     outputs; last: inputs), and each layer then costs the smaller of factors and original, as
     fold_or_restore decides. Used to choose the threshold that meets a MAC budget; ``round_to``
-    counts the ranks rounded up as :func:`strip_gates` rounds them.
+    counts the ranks rounded up as :func:`strip_gates` rounds them, and ``relative`` compares
+    gates as it does.
     """
     nodes = [n for n in gm.graph.nodes if n.op != "output"]
     if any(MACS not in n.meta for n in nodes):
@@ -102,7 +110,7 @@ def predict_macs(gm: fx.GraphModule, threshold: float, round_to: Optional[int] =
     total = sum(n.meta[MACS] for n in nodes)
     by_source = layer_nodes(gm)
     specs = _layer_specs(gm, by_source)
-    for source, (_, built) in kept_ranks(gm, threshold, round_to).items():
+    for source, (_, built) in kept_ranks(gm, threshold, round_to, relative=relative).items():
         roles, c = by_source[source], gm.get_submodule(source)
         groups = getattr(c[FIRST], "groups", 1)
         r_in, r_out = c[FIRST].weight.shape[0] // groups, c[LAST].weight.shape[1]
@@ -117,7 +125,36 @@ def predict_macs(gm: fx.GraphModule, threshold: float, round_to: Optional[int] =
     return total
 
 
-def fold_or_restore(gm: fx.GraphModule, *example_inputs: Any, inplace: bool = False) -> fx.GraphModule:
+def _restore(gm: fx.GraphModule, source: str, roles: dict[str, list[fx.Node]], dense_mod: nn.Module,
+             site_macs: list[int], record: FoldRecord) -> None:
+    """Put ``dense_mod`` back at ``source`` and one call of it, under the original node name, per call site."""
+    set_submodule(gm, source, dense_mod)
+    for first, last, macs in zip(roles[FIRST], roles[LAST], site_macs):
+        with gm.graph.inserting_before(first):
+            dense = gm.graph.create_node("call_module", source, (first.args[0],), {})
+        dense.name = last.meta[KEY].replaces  # the original node name comes back
+        if first.stack_trace:
+            dense.stack_trace = first.stack_trace
+        dense.meta[KEY] = record
+        # What the cost model would write, known without running the model again.
+        dense.meta.update({MACS: macs, PARAMS: sum(p.numel() for p in dense_mod.parameters()),
+                           TENSOR_META: last.meta[TENSOR_META]})
+        last.replace_all_uses_with(dense)
+    for role in (LAST, CORE, FIRST):
+        for node in roles.get(role, []):
+            gm.graph.erase_node(node)
+
+
+def fold_or_restore(
+    gm: fx.GraphModule,
+    *example_inputs: Any,
+    cost: str = "macs",
+    backend: Optional[str] = None,
+    device: Optional[str] = None,
+    threads: Optional[int] = None,
+    max_macs: Optional[int] = None,
+    inplace: bool = False,
+) -> fx.GraphModule:
     """Per decomposed layer, keep the factors only where they cost fewer MACs than the original.
 
     The cost model runs on ``example_inputs``; for each layer the MACs of ``first + core +
@@ -127,9 +164,32 @@ def fold_or_restore(gm: fx.GraphModule, *example_inputs: Any, inplace: bool = Fa
     costs go into the layer's record (``fxtucker.report``) and onto the nodes' metadata, so the
     model's MACs never go up.
 
+    With ``cost="latency"`` the decision is the back end's instead: each layer's candidate forms
+    are timed at the layer's real input shape(s) on ``backend`` / ``device`` / ``threads``
+    (:func:`fxtucker.latency.measure_latency`) and the fastest is kept:
+
+    - ``"dense"``: the original layer (the factors multiplied back out, as above);
+    - ``"tucker2"``: first, core, last as they are (``"svd"`` for a 1x1 conv or Linear pair);
+    - ``"merge_first"``: first multiplied into the core (Tucker-1: a kxk conv C_in -> R2, then last);
+    - ``"merge_last"``: last multiplied into the core (Tucker-1: first, then a kxk conv R1 -> C_out).
+
+    Every form computes the same function (up to float rounding). With ``max_macs``, the
+    fastest forms are traded, least time lost per MAC saved first, for forms with fewer MACs
+    until the whole model has at most ``max_macs`` MACs. Timings are cached by back end,
+    device, threads, torch version, layer and input shape in
+    ``fxtucker.latency.cache_dir() / "latency.json"`` (``$FXTUCKER_CACHE_DIR`` overrides the
+    directory), so a second run times nothing. The form, where it was timed and every
+    candidate's time go into the layer's record (``form``, ``timed_on``, ``timings_ms``) and
+    the reason column of :func:`fxtucker.report`.
+
     Args:
         gm: output of :func:`strip_gates` (or of :func:`decompose_conv`); no gates may remain.
         example_inputs: one batch of ``gm``'s positional inputs, for the cost model.
+        cost: ``"macs"`` (the paper's rule, the default) or ``"latency"``.
+        backend: for ``cost="latency"``: ``"eager"`` (default), ``"compile"`` or ``"onnxruntime"``.
+        device: for ``cost="latency"``: ``"cpu"`` (default) or ``"cuda"``.
+        threads: for ``cost="latency"``: CPU threads while timing (None: torch's current setting).
+        max_macs: for ``cost="latency"``: an upper bound on the whole model's MACs.
         inplace: rewrite ``gm`` itself instead of a deep copy.
 
     Before (a layer whose factors cost more than the conv)::
@@ -145,7 +205,17 @@ def fold_or_restore(gm: fx.GraphModule, *example_inputs: Any, inplace: bool = Fa
     Example::
 
         >>> final = fold_or_restore(strip_gates(gated, 0.01), torch.randn(1, 3, 224, 224))
+        >>> fast = fold_or_restore(decomposed, x, cost="latency", backend="onnxruntime", threads=2)
     """
+    if cost not in COSTS:
+        raise ValueError(f"cost {cost!r} is not known to fold_or_restore; valid: {list(COSTS)}")
+    if cost == "latency":
+        return _fold_by_latency(gm, example_inputs, backend or "eager", device or "cpu", threads, max_macs, inplace)
+    given = {k: v for k, v in dict(backend=backend, device=device, threads=threads, max_macs=max_macs).items()
+             if v is not None}
+    if given:
+        raise ValueError(f"fold_or_restore: {sorted(given)} apply to cost='latency' only; cost='macs' decides by "
+                         f"MACs alone")
     gm = prepare(gm, inplace, "fold_or_restore")
     for node, rec in factor_nodes(gm):
         if rec.role in GATE_ROLES:
@@ -174,21 +244,8 @@ def fold_or_restore(gm: fx.GraphModule, *example_inputs: Any, inplace: bool = Fa
                                                          macs_original=before, macs_decomposed=after)
             continue
         dense_mod = dense_module(container, spec)
-        set_submodule(gm, source, dense_mod)
-        for first, last, macs in zip(roles[FIRST], roles[LAST], site_macs):
-            with gm.graph.inserting_before(first):
-                dense = gm.graph.create_node("call_module", source, (first.args[0],), {})
-            dense.name = last.meta[KEY].replaces  # the original node name comes back
-            if first.stack_trace:
-                dense.stack_trace = first.stack_trace
-            dense.meta[KEY] = FoldRecord(source=source, decision=RESTORED, macs_original=before, macs_decomposed=after)
-            # What the cost model would write, known without running the model again.
-            dense.meta.update({MACS: macs, PARAMS: sum(p.numel() for p in dense_mod.parameters()),
-                               TENSOR_META: last.meta[TENSOR_META]})
-            last.replace_all_uses_with(dense)
-        for role in (LAST, CORE, FIRST):
-            for node in roles.get(role, []):
-                gm.graph.erase_node(node)
+        _restore(gm, source, roles, dense_mod, site_macs,
+                 FoldRecord(source=source, decision=RESTORED, macs_original=before, macs_decomposed=after))
     layers = []
     for r in record.layers:
         if r.name in decisions:
@@ -200,3 +257,212 @@ def fold_or_restore(gm: fx.GraphModule, *example_inputs: Any, inplace: bool = Fa
         layers.append(r)
     set_graph_record(gm, dataclasses.replace(record, layers=tuple(layers), stage="fold_or_restore"))
     return finish(gm)
+
+
+# cost="latency": time each layer's forms on the target back end, keep the fastest.
+
+
+def _merge_first(first: nn.Module, core: nn.Module) -> nn.Module:
+    """One kxk conv equal to ``core(first(x))`` (first: a grouped 1x1 conv without bias)."""
+    g = core.groups
+    dtype = torch.float64 if core.weight.dtype == torch.float64 else torch.float32
+    c = core.weight.detach().to(dtype)
+    c = c.reshape(g, c.shape[0] // g, *c.shape[1:])  # (g, R2, R1, *k)
+    f = first.weight.detach().to(dtype).reshape(g, first.out_channels // g, -1)  # (g, R1, C_in/g)
+    weight = torch.einsum("gsr...,gri->gsi...", c, f).reshape(core.out_channels, first.in_channels // g, *core.kernel_size)
+    merged = type(core)(first.in_channels, core.out_channels, core.kernel_size, stride=core.stride, padding=core.padding,
+                        dilation=core.dilation, groups=g, bias=core.bias is not None, padding_mode=core.padding_mode)
+    merged = merged.to(device=core.weight.device, dtype=core.weight.dtype)
+    merged.weight.data = weight.to(core.weight.dtype)
+    if core.bias is not None:
+        merged.bias.data = core.bias.detach().clone()
+    return merged
+
+
+def _merge_last(core: nn.Module, last: nn.Module) -> nn.Module:
+    """One kxk conv equal to ``last(core(x))`` (last: a grouped 1x1 conv)."""
+    g = core.groups
+    dtype = torch.float64 if core.weight.dtype == torch.float64 else torch.float32
+    c = core.weight.detach().to(dtype)
+    c = c.reshape(g, c.shape[0] // g, *c.shape[1:])  # (g, R2, R1, *k)
+    l_ = last.weight.detach().to(dtype).reshape(g, last.out_channels // g, -1)  # (g, C_out/g, R2)
+    weight = torch.einsum("gos,gsr...->gor...", l_, c).reshape(last.out_channels, core.in_channels // g, *core.kernel_size)
+    has_bias = core.bias is not None or last.bias is not None
+    merged = type(core)(core.in_channels, last.out_channels, core.kernel_size, stride=core.stride, padding=core.padding,
+                        dilation=core.dilation, groups=g, bias=has_bias, padding_mode=core.padding_mode)
+    merged = merged.to(device=core.weight.device, dtype=core.weight.dtype)
+    merged.weight.data = weight.to(core.weight.dtype)
+    if has_bias:
+        bias = torch.zeros(last.out_channels, dtype=dtype, device=core.weight.device)
+        if core.bias is not None:  # last(core(x) + b) = last(core(x)) + last's weight applied to b
+            bias += torch.einsum("gos,gs->go", l_, core.bias.detach().to(dtype).reshape(g, -1)).reshape(-1)
+        if last.bias is not None:
+            bias += last.bias.detach().to(dtype)
+        merged.bias.data = bias.to(core.weight.dtype)
+    return merged
+
+
+def _forms(container: nn.Module, spec: ConvSpec | None) -> dict[str, list[nn.Module]]:
+    """Every form of one decomposed layer, each a chain of modules that computes the same function."""
+    first, last = container[FIRST], container[LAST]
+    forms = {DENSE: [dense_module(container, spec)]}
+    if CORE not in container:
+        forms[SVD] = [first, last]
+        return forms
+    core = container[CORE]
+    forms[TUCKER2] = [first, core, last]
+    if first.bias is None:  # a bias before the core's zero padding would not commute with merging
+        forms[MERGE_FIRST] = [_merge_first(first, core), last]
+    forms[MERGE_LAST] = [first, _merge_last(core, last)]
+    return forms
+
+
+def _module_key(m: nn.Module) -> list:
+    """What a module's speed depends on (its class and shape, not its weights), for the timing cache."""
+    if isinstance(m, nn.Linear):
+        return ["Linear", m.in_features, m.out_features, m.bias is not None]
+    return [type(m).__name__, m.in_channels, m.out_channels, list(m.kernel_size), list(m.stride),
+            m.padding if isinstance(m.padding, str) else list(m.padding), list(m.dilation), m.groups,
+            m.bias is not None, m.padding_mode]
+
+
+def _chain_macs(chain: list[nn.Module], x: torch.Tensor) -> int:
+    """MACs of running ``chain`` on ``x``, counted as the cost model counts them (bias excluded)."""
+    macs = 0
+    with torch.no_grad():
+        for m in chain:
+            x = m(x)
+            if isinstance(m, nn.Linear):
+                macs += x.numel() * m.in_features
+            else:
+                macs += conv_macs(x.numel(), m.in_channels // m.groups, m.kernel_size)
+    return macs
+
+
+def _time_chain(chain: list[nn.Module], x: torch.Tensor, backend: str, device: str, threads: Optional[int],
+                cache: TimingCache) -> float:
+    """Latency of ``chain`` on ``x`` in ms, from the cache when this shape was timed before."""
+    key = TimingCache.key(backend, device, threads if threads is not None else torch.get_num_threads(),
+                          what="fold_or_restore", input=list(x.shape), dtype=str(x.dtype),
+                          modules=[_module_key(m) for m in chain])
+    ms = cache.get(key)
+    if ms is None:
+        # A fresh GraphModule has its own generated forward: torch.compile caches per code object.
+        module = fx.symbolic_trace(nn.Sequential(*[copy.deepcopy(m) for m in chain]).eval())
+        ms = measure_latency(module, x, backend=backend, device=device, threads=threads)
+        cache.put(key, ms)
+    return ms
+
+
+def _choose(layers: dict[str, dict[str, tuple[float, int]]], other_macs: int,
+            max_macs: Optional[int]) -> tuple[dict[str, str], set[str]]:
+    """The fastest form per layer; with ``max_macs``, traded for forms with fewer MACs (least time
+    lost per MAC saved first) until the model fits. Also the layers where the budget forced a trade."""
+    choice = {s: min(forms, key=lambda f: (forms[f][0], forms[f][1])) for s, forms in layers.items()}
+    forced: set[str] = set()
+    if max_macs is None:
+        return choice, forced
+    total = lambda: other_macs + sum(layers[s][f][1] for s, f in choice.items())  # noqa: E731
+    while total() > max_macs:
+        moves = [((forms[f][0] - forms[choice[s]][0]) / (forms[choice[s]][1] - forms[f][1]), s, f)
+                 for s, forms in layers.items() for f in forms if forms[f][1] < forms[choice[s]][1]]
+        if not moves:
+            least = other_macs + sum(min(m for _, m in forms.values()) for forms in layers.values())
+            raise ValueError(f"fold_or_restore: max_macs={max_macs:,} cannot be met: the cheapest form of every "
+                             f"layer still leaves {least:,} MACs; raise max_macs or decompose at lower ranks")
+        _, s, f = min(moves)
+        choice[s] = f
+        forced.add(s)
+    return choice, forced
+
+
+def _fold_by_latency(gm: fx.GraphModule, example_inputs: tuple, backend: str, device: str, threads: Optional[int],
+                     max_macs: Optional[int], inplace: bool) -> fx.GraphModule:
+    """fold_or_restore(cost="latency"): see its docstring."""
+    check_backend(backend, "fold_or_restore")
+    check_device(device, "fold_or_restore")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive int or None (torch's current setting), got {threads!r}")
+    if max_macs is not None and (isinstance(max_macs, bool) or not isinstance(max_macs, int) or max_macs <= 0):
+        raise ValueError(f"max_macs must be a positive int (the whole model's MACs) or None, got {max_macs!r}")
+    gm = prepare(gm, inplace, "fold_or_restore")
+    for node, rec in factor_nodes(gm):
+        if rec.role in GATE_ROLES:
+            raise ValueError(f"{rec.source!r} still has gate node {node.name!r}: run strip_gates(gm, threshold) "
+                             f"before fold_or_restore")
+    by_source = layer_nodes(gm)
+    if not by_source:
+        raise ValueError("fold_or_restore found no decomposed layers: run decompose_conv(gm) first")
+    for source, roles in by_source.items():
+        if FIRST not in roles or LAST not in roles:
+            raise ValueError(f"layer {source!r} was already folded to {sorted(roles)}; fold_or_restore(cost='latency') "
+                             f"needs the first/core/last factors of decompose_conv or strip_gates")
+    specs = _layer_specs(gm, by_source)
+    record = graph_record(gm)
+    cost_model(gm, *example_inputs)
+    total_macs = sum(n.meta[MACS] for n in gm.graph.nodes if n.op != "output")
+    threads_used = threads if threads is not None else torch.get_num_threads()
+    timed_on = f"{backend}/{device}/{threads_used} thread{'s' if threads_used != 1 else ''}"
+    cache = TimingCache()
+    forms: dict[str, dict[str, list[nn.Module]]] = {}
+    costs: dict[str, dict[str, tuple[float, int]]] = {}
+    factor_macs = 0
+    for source, roles in by_source.items():
+        container = gm.get_submodule(source)
+        forms[source] = _forms(container, specs.get(source))
+        factor_macs += sum(n.meta[MACS] for role in (FIRST, CORE, LAST) for n in roles.get(role, []))
+        costs[source] = {f: (0.0, 0) for f in forms[source]}
+        for first in roles[FIRST]:
+            meta = first.args[0].meta[TENSOR_META]
+            x = torch.randn(tuple(meta.shape), dtype=meta.dtype, device=container[FIRST].weight.device)
+            for f, chain in forms[source].items():
+                ms, macs = costs[source][f]
+                costs[source][f] = (ms + _time_chain(chain, x, backend, device, threads, cache),
+                                    macs + _chain_macs(chain, x))
+    choice, forced = _choose(costs, total_macs - factor_macs, max_macs)
+    decisions = {}
+    for source, roles in by_source.items():
+        form, container, layer_costs = choice[source], gm.get_submodule(source), costs[source]
+        before, after = layer_costs[DENSE][1], layer_costs[form][1]
+        factors = layer_costs[TUCKER2 if TUCKER2 in layer_costs else SVD][1]
+        timings = tuple((f, round(ms, 4)) for f, (ms, _) in layer_costs.items())
+        others = ", ".join(f"{f} {ms:.3f}" for f, ms in timings if f != form)
+        why = "fastest within max_macs" if source in forced else "fastest"
+        reason = (f"{why} on {timed_on}: {form} {dict(timings)[form]:.3f} ms ({others}); "
+                  f"{after:,} MACs vs {before:,} of the original")
+        decision = RESTORED if form == DENSE else DECOMPOSED
+        decisions[source] = (decision, before, after, form, timings, reason)
+        if form == DENSE:
+            site_macs = _original_macs(roles[LAST], specs.get(source),
+                                       container[FIRST].in_features if isinstance(container[FIRST], nn.Linear) else 0)
+            _restore(gm, source, roles, forms[source][DENSE][0], site_macs,
+                     FoldRecord(source=source, decision=RESTORED, macs_original=before, macs_decomposed=factors,
+                                form=form, timed_on=timed_on, timings_ms=timings))
+            continue
+        if form == MERGE_FIRST:
+            container[CORE] = forms[source][form][0]
+            for first, core in zip(roles[FIRST], roles[CORE]):
+                core.args = (first.args[0],)
+                gm.graph.erase_node(first)
+            del container[FIRST]
+        elif form == MERGE_LAST:
+            container[CORE] = forms[source][form][1]
+            for core, last in zip(roles[CORE], roles[LAST]):
+                last.replace_all_uses_with(core)
+                gm.graph.erase_node(last)
+            del container[LAST]
+        kept = {MERGE_FIRST: (CORE, LAST), MERGE_LAST: (FIRST, CORE)}.get(form, (FIRST, CORE, LAST))
+        for node in (n for role in kept for n in roles.get(role, [])):
+            node.meta[KEY] = dataclasses.replace(node.meta[KEY], decision=DECOMPOSED, macs_original=before,
+                                                 macs_decomposed=after)
+    layers = []
+    for r in record.layers:
+        if r.name in decisions:
+            decision, before, after, form, timings, reason = decisions[r.name]
+            r = dataclasses.replace(r, decision=decision, macs_before=before, macs_after=after, reason=reason,
+                                    form=form, timed_on=timed_on, timings_ms=timings)
+        layers.append(r)
+    set_graph_record(gm, dataclasses.replace(record, layers=tuple(layers), stage="fold_or_restore"))
+    gm = finish(gm)
+    cost_model(gm, *example_inputs)  # the merged forms have new shapes: annotate them afresh
+    return gm

@@ -1,6 +1,10 @@
 """fold_or_restore: the cheaper form per layer, original names back, MACs never up."""
 
+import contextlib
 import copy
+import importlib
+import math
+import tempfile
 
 import pytest
 import torch
@@ -176,3 +180,172 @@ def test_predict_macs_with_round_to_on_resnet18():
     assert predict_macs(gated, 0.6, 16) == fxtucker.count_macs(final, x)
     ranks = [r for l in fxtucker.report(final).layers for r, f in zip(l.ranks, l.full_ranks) if r != f]
     assert ranks and all(r % 16 == 0 for r in ranks)
+
+
+# cost="latency": each layer's forms timed on the target back end, the fastest kept.
+
+FOLD_MODULE = importlib.import_module("fxtucker.passes.fold_or_restore")  # fxtucker.passes.fold_or_restore is the function
+FORMS_BY_KERNELS = {(True,): "dense", (False, True, False): "tucker2", (True, False): "merge_first",
+                    (False, True): "merge_last", (False, False): "svd", (False,): "dense"}
+
+
+def _form_of(module):
+    """Which form a timed chain is, from its modules' kernels (kxk or 1x1)."""
+    layers = [m for m in module.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
+    return FORMS_BY_KERNELS[tuple(math.prod(getattr(m, "kernel_size", (1,))) > 1 for m in layers)]
+
+
+class FakeTimer:
+    """Stands in for measure_latency: ``times[form]`` ms (default 2.0), and a log of the calls."""
+
+    def __init__(self, times=None):
+        self.times, self.calls = times or {}, []
+
+    def __call__(self, module, x, **kw):
+        self.calls.append((_form_of(module), tuple(x.shape), kw))
+        return self.times.get(_form_of(module), 2.0)
+
+
+@contextlib.contextmanager
+def fake_timing(times):
+    """A FakeTimer in place of measure_latency and an empty timing cache in a temporary directory."""
+    timer = FakeTimer(times)
+    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FXTUCKER_CACHE_DIR", tmp)
+        mp.setattr(FOLD_MODULE, "measure_latency", timer)
+        yield timer
+
+
+@pytest.fixture
+def timing_cache(tmp_path, monkeypatch):
+    """An empty timing cache in tmp_path."""
+    monkeypatch.setenv("FXTUCKER_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+@given(conv_and_input(), st.sampled_from(["dense", "tucker2", "merge_first", "merge_last"]), st.floats(0.3, 1.0))
+@settings(max_examples=40, deadline=None)
+def test_latency_every_form_keeps_the_function(case, form, frac):
+    conv, x = case
+    model = OneConv(conv).eval()
+    decomposed = decompose_conv(cost_model(fxtucker.trace(model), x), ranks=frac)
+    with fake_timing({form: 1.0, "svd": 1.0 if form != "dense" else 3.0}):
+        final = fold_or_restore(decomposed, x, cost="latency")
+    final.graph.lint()
+    layer = fxtucker.report(final).layers[0]
+    want = form if len(layer.full_ranks) == 2 else ("dense" if form == "dense" else "svd")
+    assert (layer.form, dict(layer.timings_ms)[want]) == (want, 1.0 * layer.call_sites)  # OneConv calls it twice
+    assert layer.decision == ("restored" if want == "dense" else "decomposed")
+    assert rel_error(final(x), decomposed(x)) < REL_CHAIN_FLOAT64
+    assert layer.macs_after == fxtucker.count_macs(final, x)  # the only layer with MACs
+    fresh = cost_model(copy.deepcopy(final), x)
+    assert [n.meta["macs"] for n in final.graph.nodes] == [n.meta["macs"] for n in fresh.graph.nodes]
+
+
+class Three(nn.Module):
+    """Three convs and a Linear: a 3x3, a grouped 3x3 with stride, a 1x1."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(16, 32, 3, padding=1)
+        self.b = nn.Conv2d(32, 32, 3, stride=2, padding=1, groups=2, bias=False)
+        self.c = nn.Conv2d(32, 24, 1)
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x):
+        return self.fc(self.c(torch.relu(self.b(torch.relu(self.a(x))))).mean((2, 3)))
+
+
+def _three(dtype=torch.float32, ranks=0.5):
+    model = Three().to(dtype).eval()
+    x = torch.randn(2, 16, 12, 12, dtype=dtype)
+    return model, x, decompose_conv(cost_model(fxtucker.trace(model), x), ranks=ranks, linear=True)
+
+
+def test_latency_second_run_times_nothing(timing_cache, monkeypatch):
+    _, x, decomposed = _three()
+    calls = []
+    real = FOLD_MODULE.measure_latency
+    monkeypatch.setattr(FOLD_MODULE, "measure_latency", lambda *a, **k: calls.append(k) or real(*a, **k))
+    first = fold_or_restore(decomposed, x, cost="latency", threads=1)
+    # a: dense, tucker2, merge_first, merge_last; b: the same; c and fc: dense, svd
+    assert len(calls) == 4 + 4 + 2 + 2 and all(k["threads"] == 1 and k["backend"] == "eager" for k in calls)
+    assert (timing_cache / "latency.json").is_file()
+    second = fold_or_restore(decomposed, x, cost="latency", threads=1)
+    assert len(calls) == 12  # every timing came from the cache
+    assert [l.timings_ms for l in fxtucker.report(first).layers] == [l.timings_ms for l in fxtucker.report(second).layers]
+    assert [l.form for l in fxtucker.report(first).layers] == [l.form for l in fxtucker.report(second).layers]
+    fold_or_restore(decomposed, x[:1], cost="latency", threads=1)  # another shape: timed again
+    assert len(calls) == 24
+
+
+def test_latency_records_and_real_timings(timing_cache):
+    model, x, decomposed = _three(torch.float64)
+    final = fold_or_restore(decomposed, x, cost="latency", threads=1)
+    assert rel_error(final(x), decomposed(x)) < REL_CHAIN_FLOAT64
+    for layer in fxtucker.report(final).layers:
+        times = dict(layer.timings_ms)
+        assert set(times) == ({"dense", "svd"} if layer.name in ("c", "fc") else {"dense", "tucker2", "merge_first", "merge_last"})
+        assert layer.form == min(times, key=times.get) and layer.timed_on == "eager/cpu/1 thread"
+        assert f"{layer.form} {times[layer.form]:.3f} ms" in layer.reason
+        if layer.form == "dense":
+            node = next(n for n in final.graph.nodes if n.target == layer.name)
+            rec = node.meta["fxtucker"]
+            assert isinstance(rec, FoldRecord) and rec.form == "dense" and dict(rec.timings_ms) == times
+    assert fxtucker.count_macs(final, x) == sum(n.meta["macs"] for n in final.graph.nodes)
+
+
+def test_latency_max_macs_trades_speed_for_macs():
+    model, x, decomposed = _three()
+    with fake_timing({"dense": 1.0}):  # the original is fastest everywhere
+        fastest = fold_or_restore(decomposed, x, cost="latency")
+    assert {l.form for l in fxtucker.report(fastest).layers} == {"dense"}
+    dense_macs = fxtucker.count_macs(fastest, x)
+    assert dense_macs == fxtucker.count_macs(model, x)
+    with fake_timing({"dense": 1.0}):
+        fitted = fold_or_restore(decomposed, x, cost="latency", max_macs=dense_macs - 1)
+    assert fxtucker.count_macs(fitted, x) <= dense_macs - 1
+    assert any("fastest within max_macs" in l.reason for l in fxtucker.report(fitted).layers)
+    assert rel_error(fitted(x), decomposed(x)) < REL_CHAIN_FLOAT32
+    least = fxtucker.count_macs(fold_or_restore(decomposed, x), x)  # cost="macs" takes the fewest MACs per layer
+    with fake_timing({"dense": 1.0}):
+        tight = fold_or_restore(decomposed, x, cost="latency", max_macs=least)
+        assert fxtucker.count_macs(tight, x) <= least
+        with pytest.raises(ValueError, match=r"max_macs=1,000 cannot be met: the cheapest form of every layer still leaves"):
+            fold_or_restore(decomposed, x, cost="latency", max_macs=1000)
+
+
+def test_latency_errors():
+    _, x, decomposed = _three()
+    with pytest.raises(ValueError, match=r"cost 'flops' is not known to fold_or_restore; valid: \['macs', 'latency'\]"):
+        fold_or_restore(decomposed, x, cost="flops")
+    with pytest.raises(ValueError, match=r"\['backend', 'max_macs'\] apply to cost='latency' only"):
+        fold_or_restore(decomposed, x, backend="eager", max_macs=10)
+    with pytest.raises(ValueError, match=r"backend 'tvm' is not supported by fold_or_restore; valid: \['eager', 'compile', 'onnxruntime'\]"):
+        fold_or_restore(decomposed, x, cost="latency", backend="tvm")
+    with pytest.raises(ValueError, match=r"device 'tpu' is not supported by fold_or_restore; valid: \['cpu', 'cuda'\]"):
+        fold_or_restore(decomposed, x, cost="latency", device="tpu")
+    with pytest.raises(ValueError, match=r"max_macs must be a positive int"):
+        fold_or_restore(decomposed, x, cost="latency", max_macs=-5)
+    with pytest.raises(ValueError, match=r"threads must be a positive int or None"):
+        fold_or_restore(decomposed, x, cost="latency", threads=0)
+    with fake_timing({"merge_first": 1.0}):
+        merged = fold_or_restore(decomposed, x, cost="latency")
+    with pytest.raises(ValueError, match=r"layer 'a' was already folded to \['core', 'last'\]"):
+        fold_or_restore(merged, x, cost="latency")
+
+
+def test_latency_on_onnxruntime(timing_cache):
+    pytest.importorskip("onnxruntime")
+    _, x, decomposed = _three()
+    final = fold_or_restore(decomposed, x, cost="latency", backend="onnxruntime", threads=1)
+    assert all(l.timed_on == "onnxruntime/cpu/1 thread" for l in fxtucker.report(final).layers)
+    assert rel_error(final(x), decomposed(x)) < REL_CHAIN_FLOAT32
+
+
+@pytest.mark.slow
+def test_latency_on_compile(timing_cache):
+    _, x, decomposed = _three()
+    final = fold_or_restore(decomposed, x, cost="latency", backend="compile", threads=1)
+    assert all(l.timed_on == "compile/cpu/1 thread" for l in fxtucker.report(final).layers)
+    assert rel_error(final(x), decomposed(x)) < REL_CHAIN_FLOAT32
