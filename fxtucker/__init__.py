@@ -20,6 +20,7 @@ from fxtucker.passes import (
 )
 from fxtucker.report import Report, report
 from fxtucker.compress import CompressConfig, CompressResult, compress
+from fxtucker.export import ExportError, ExportResult, export, load
 
 __all__ = [
     "__version__",
@@ -40,4 +41,8 @@ __all__ = [
     "compress",
     "CompressConfig",
     "CompressResult",
+    "export",
+    "load",
+    "ExportError",
+    "ExportResult",
 ]

@@ -205,6 +205,11 @@ def _compress(args: argparse.Namespace) -> int:
                                                  "history": result.history}, indent=2) + "\n")
     (out / "report.md").write_text(_markdown(summary, rep["layers"]))
     torch.save(result.model.state_dict(), out / "compressed_state_dict.pt")
+    # The manifest lets `fxtucker export --from <out>` (and fxtucker.load) rebuild the compressed model.
+    fxtucker.export(result.model, x, out / "manifest", "manifest",
+                    model_factory=lambda: models.get_model(args.model, num_classes=n_cls, in_channels=in_ch),
+                    config=config, extra={"model": args.model, "num_classes": n_cls, "in_channels": in_ch,
+                                          "input_shape": list(x.shape), "dataset": dataset})
     pngs = _histograms(rep["stages"], out)
     rows = [("", "original", "compressed", "ratio"),
             ("accuracy", f"{rep['accuracy_before']:.4f}", f"{rep['accuracy_after']:.4f}",
@@ -216,7 +221,80 @@ def _compress(args: argparse.Namespace) -> int:
     print()
     for r in rows:
         print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
-    print(f"\nwrote {out}/report.json, report.md, compressed_state_dict.pt" + (f", {', '.join(pngs)}" if pngs else ""))
+    print(f"\nwrote {out}/report.json, report.md, compressed_state_dict.pt, manifest/" + (f", {', '.join(pngs)}" if pngs else ""))
+    return 0
+
+
+def _manifest_dir(source: str) -> Path:
+    """The manifest directory of ``--from``: a manifest directory, a compress run directory or a file in one."""
+    path = Path(source)
+    for candidate in (path, path / "manifest", path.parent / "manifest"):
+        if (candidate / "manifest.json").is_file():
+            return candidate
+    if path.name == "manifest.json" and path.is_file():
+        return path.parent
+    if not path.exists():
+        raise FileNotFoundError(f"--from {source!r} does not exist")
+    raise _UsageError(f"--from {source!r} holds no fxtucker manifest (manifest.json): give the output directory of "
+                      f"`fxtucker compress` or a directory written by fxtucker.export(..., format='manifest'); a "
+                      f"compressed state_dict alone does not say how to rebuild the model")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from fxtucker.export import ExportError, export, read_manifest
+    from fxtucker.meta import graph_record
+
+    torch.manual_seed(args.seed)
+    extra, config = {}, None
+    if args.source:
+        if args.checkpoint:
+            raise _UsageError("give --from (a compressed model) or --checkpoint (an uncompressed one), not both")
+        folder = _manifest_dir(args.source)
+        manifest = read_manifest(folder)
+        extra, config = manifest.get("extra") or {}, manifest.get("config")
+        name = args.model or extra.get("model")
+        if not name:
+            raise _UsageError(f"the manifest in {str(folder)!r} does not name its model: give --model")
+        if args.model and extra.get("model") and args.model.lower() != str(extra["model"]).lower():
+            raise _UsageError(f"--model {args.model!r} differs from the model {extra['model']!r} the manifest was "
+                              f"written for")
+    elif not args.model:
+        raise _UsageError("give --from DIR (the output of `fxtucker compress`) or --model NAME [--checkpoint FILE]")
+    else:
+        name = args.model
+    n_cls = args.num_classes or extra.get("num_classes") or 1000
+    in_ch = args.in_channels or extra.get("in_channels") or 3
+    shape = extra.get("input_shape")
+    size = (args.input_size,) * 2 if args.input_size else tuple(shape[2:]) if shape else (224, 224)
+    factory = lambda: _model(name, n_cls, in_ch, None)  # noqa: E731
+    if args.source:
+        gm = fxtucker.load(folder, factory)
+        print(f"rebuilt {name} from {folder}: {sum(p.numel() for p in gm.parameters()):,} parameters")
+    else:
+        gm = fxtucker.trace(_model(name, n_cls, in_ch, args.checkpoint).eval())
+    if args.fold_bn:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            gm = fxtucker.fold_bn(gm)
+        folded = [b for b in graph_record(gm).batchnorms if b.folded]
+        print(f"folded {len(folded)} BatchNorm layer(s) into their convs")
+        for w in caught:
+            print(f"note: {w.message}")
+    x = torch.randn(args.batch, in_ch, *size)
+    kw = {}
+    if args.format == "manifest":
+        kw = dict(model_factory=factory, config=config,
+                  extra={**extra, "model": name, "num_classes": n_cls, "in_channels": in_ch, "input_shape": list(x.shape)})
+    try:
+        result = export(gm, x, args.out, args.format, rtol=args.rtol, atol=args.atol, **kw)
+    except ImportError as exc:
+        raise _UsageError(str(exc)) from None
+    except ExportError as exc:
+        print(f"fxtucker export: parity check failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {', '.join(str(f) for f in result.files)} ({result.format}, {result.method})")
+    print(f"reloaded and checked on a {'x'.join(map(str, x.shape))} input: max abs error {result.max_abs_error:.3g}, "
+          f"max rel error {result.max_rel_error:.3g} (atol={result.atol:g}, rtol={result.rtol:g})")
     return 0
 
 
@@ -259,6 +337,26 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", help="output directory: logs, checkpoints, report.json, report.md "
                                  "(default runs/<model>-<dataset>[-quick])")
     c.set_defaults(func=_compress)
+
+    from fxtucker.export import FORMATS
+
+    e = sub.add_parser("export", help="write a (compressed) model as ONNX, TorchScript, torch.export or a manifest, "
+                                      "and check the reloaded file computes the same")
+    e.add_argument("--from", "--compressed", dest="source", metavar="DIR",
+                   help="a compressed model: the output directory of `fxtucker compress` (or its manifest/)")
+    e.add_argument("--model", help="the model name (read from the manifest with --from); alone: export it uncompressed")
+    e.add_argument("--checkpoint", help="weights of an uncompressed --model (state_dict, loaded with weights_only=True)")
+    e.add_argument("--format", required=True, choices=FORMATS)
+    e.add_argument("--out", required=True, help="the file to write (a directory for --format manifest)")
+    e.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into the preceding convs first")
+    e.add_argument("--input-size", type=int, help="example input height and width (default: from the manifest, else 224)")
+    e.add_argument("--in-channels", type=int, help="default: from the manifest, else 3")
+    e.add_argument("--num-classes", type=int, help="default: from the manifest, else 1000")
+    e.add_argument("--batch", type=int, default=1, help="batch size of the example input")
+    e.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance of the parity check")
+    e.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance of the parity check")
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(func=_export)
     return parser
 
 

@@ -1,0 +1,479 @@
+"""fxtucker.export / fxtucker.load and `fxtucker export`: every format reloads to the same function."""
+
+import copy
+import dataclasses
+import json
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxtucker
+from fxtucker import models
+from fxtucker.cli import main
+from fxtucker.export import MANIFEST_VERSION, ExportError, ExportResult, export, load, read_manifest
+from fxtucker.meta import graph_record
+from fxtucker.passes import cost_model, decompose_conv, fold_bn, fold_or_restore, insert_gates, strip_gates
+from tests.conftest import EXACT
+
+export_module = sys.modules["fxtucker.export"]  # fxtucker.export is the function; this is its module
+
+
+class Net(nn.Module):
+    """conv-BN pairs (one kept decomposed, one restored), a grouped conv, a 1x1 conv and a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 32, 3, padding=1, bias=False)
+        self.bn_a = nn.BatchNorm2d(32)
+        self.b = nn.Conv2d(32, 32, 3, padding=1)
+        self.bn_b = nn.BatchNorm2d(32)
+        self.g = nn.Conv2d(32, 32, 3, padding=1, groups=4, bias=False)
+        self.p = nn.Conv2d(32, 16, 1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn_a(self.a(x)))
+        x = torch.relu(self.bn_b(self.b(x)))
+        x = torch.relu(self.g(x))
+        return self.fc(self.p(x).mean((2, 3)))
+
+
+def _randomize_bn(model):
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.5)
+            m.running_var.uniform_(0.3, 3.0)
+            m.weight.data.normal_(1, 0.5)
+            m.bias.data.normal_(0, 0.5)
+    return model
+
+
+def _compressed(dtype=torch.float64, fold=False):
+    """Net through the whole chain, with components pruned in b, g (a whole rank of g) and fc."""
+    torch.manual_seed(0)
+    model = _randomize_bn(Net()).to(dtype).eval()
+    x = torch.randn(2, 3, 12, 12, dtype=dtype)
+    gm = cost_model(fxtucker.trace(model), x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gated = insert_gates(decompose_conv(gm, ranks={"a": (3, 27), "b": (8, 8), "g": (4, 4), "p": 12, "fc": 8},
+                                            linear=True))
+    with torch.no_grad():  # stand-ins for training: some gates die
+        gated.get_submodule("b.gate_in").weight[:5] = 0.0
+        gated.get_submodule("g.gate_in").weight[:] = 0.0  # every input component of g: rank 0
+        gated.get_submodule("fc.gate_in").weight[:3] = 0.0
+    final = fold_or_restore(strip_gates(gated, 1e-6), x)
+    return (fold_bn(final) if fold else final), x
+
+
+@pytest.fixture(scope="module")
+def compressed():
+    return _compressed()
+
+
+def test_the_chain_in_the_fixture_prunes_and_restores(compressed):
+    final, _ = compressed
+    layers = {r.name: r for r in fxtucker.report(final).layers}
+    assert layers["a"].decision == "restored" and layers["b"].decision == "decomposed"
+    assert layers["b"].ranks == (3, 8) and layers["g"].ranks[0] == 0 and layers["fc"].ranks == (5,)
+
+
+@pytest.mark.parametrize("fold", [False, True], ids=["bn-kept", "bn-folded"])
+def test_manifest_round_trip(tmp_path, fold):
+    final, x = _compressed(fold=fold)
+    config = fxtucker.CompressConfig(threshold=1e-6, seed=7)
+    result = export(final, x, tmp_path / "m", "manifest", model_factory=lambda: Net().double(), config=config,
+                    extra={"model": "Net"})
+    assert isinstance(result, ExportResult) and result.method == "fxtucker.load"
+    assert result.files == (tmp_path / "m" / "manifest.json", tmp_path / "m" / "weights.pt")
+    assert result.max_abs_error == 0.0
+    loaded = load(tmp_path / "m", lambda: Net().double())
+    assert not loaded.training
+    torch.testing.assert_close(loaded(x), final(x), **EXACT)
+    assert all(isinstance(p, nn.Parameter) and p.requires_grad for p in loaded.parameters())
+    assert loaded.state_dict().keys() == final.state_dict().keys()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in final.state_dict().items())
+    assert loaded.code == final.code
+    # The records come back: the report and each node's record are the exported ones.
+    assert graph_record(loaded) == graph_record(final)
+    assert [n.meta.get("fxtucker") for n in loaded.graph.nodes] == [n.meta.get("fxtucker") for n in final.graph.nodes]
+    assert str(fxtucker.report(loaded)) == str(fxtucker.report(final))
+    assert any(isinstance(m, nn.BatchNorm2d) for m in loaded.modules()) != fold
+    data = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert data["format_version"] == MANIFEST_VERSION and data["fxtucker_version"] == fxtucker.__version__
+    assert data["torch_version"] == torch.__version__
+    assert data["config"]["threshold"] == 1e-6 and data["seed"] == 7 and data["extra"] == {"model": "Net"}
+    assert {l["name"]: (l["decision"], l["ranks"]) for l in data["layers"]}["b"] == ("decomposed", [3, 8])
+    assert [b["folded"] for b in data["batchnorms"]] == ([True, True] if fold else [])
+    assert data["state_dict"]["b.first.weight"] == {"shape": [3, 32, 1, 1], "dtype": "float64"}
+
+
+def test_manifest_of_a_model_fold_bn_alone_touched(tmp_path):
+    model = _randomize_bn(Net()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    folded = fold_bn(fxtucker.trace(model))
+    export(folded, x, tmp_path / "m", "manifest", model_factory=Net)
+    loaded = load(tmp_path / "m", Net)
+    torch.testing.assert_close(loaded(x), folded(x), **EXACT)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in loaded.modules())
+
+
+@pytest.fixture()
+def manifest_dir(tmp_path, compressed):
+    final, x = compressed
+    export(final, x, tmp_path / "m", "manifest", model_factory=lambda: Net().double())
+    return tmp_path / "m"
+
+
+def _edit(folder, change):
+    path = folder / "manifest.json"
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def _set_layer_ranks(data, name, ranks):
+    next(l for l in data["layers"] if l["name"] == name)["ranks"] = ranks
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda d: d.update(format_version=2), r"format_version 2 is not supported: this fxtucker reads version 1"),
+    (lambda d: d.update(format="something"), r"'format' must be 'fxtucker-manifest', got 'something'"),
+    (lambda d: d.pop("layers"), r"required key\(s\) \['layers'\] are missing"),
+    (lambda d: d.pop("weights_sha256"), r"required key\(s\) \['weights_sha256'\] are missing"),
+    (lambda d: d.update(layers="b"), r"'layers' must be list, got str"),
+    (lambda d: d["layers"][1].update(ranks="3x8"), r"layers\[1\].ranks must be list, got str"),
+    (lambda d: d["layers"][1].update(ranks=[3, True]), r"layers\[1\].ranks\[1\] must be int, got bool"),
+    (lambda d: d["layers"][1].pop("name"), r"layers\[1\] lacks the key\(s\) \['name'\]"),
+    (lambda d: d["layers"][1].update(code="import os"), r"layers\[1\] has unknown key\(s\) \['code'\]"),
+    (lambda d: d["nodes"][1].update(record={"type": "Evil"}), r"nodes\[1\].record.type must be one of"),
+    (lambda d: d.update(weights="../../etc/passwd"), r"'weights' must be a file name inside the manifest's directory"),
+    (lambda d: d["state_dict"]["b.first.weight"].update(shape=[4, 32, 1, 1]),
+     r"weight 'b.first.weight' is \(3, 32, 1, 1\) torch.float64, the manifest says \(4, 32, 1, 1\) float64"),
+    (lambda d: _set_layer_ranks(d, "b", [4, 8]),
+     r"weight 'b.first.weight' has shape \(3, 32, 1, 1\) in the manifest, the rebuilt model's is \(4, 32, 1, 1\): "
+     r"the recorded ranks and the weights disagree"),
+], ids=["version", "format", "missing-layers", "missing-sha", "layers-type", "ranks-type", "ranks-bool",
+        "missing-name", "unknown-key", "record-type", "weights-path", "state-dict-shape", "ranks-vs-weights"])
+def test_tampered_manifest_is_refused_with_a_clear_error(manifest_dir, change, match):
+    _edit(manifest_dir, change)
+    with pytest.raises(ValueError, match=match):
+        load(manifest_dir, lambda: Net().double())
+
+
+def test_not_a_manifest(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no fxtucker manifest at"):
+        load(tmp_path, Net)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a JSON manifest"):
+        load(tmp_path, Net)
+
+
+class _Evil:
+    """Unpickling this would run code: it must never happen."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _replace_weights(folder, obj):
+    torch.save(obj, folder / "weights.pt")
+    _edit(folder, lambda d: d.update(weights_sha256=export_module._sha256(folder / "weights.pt")))
+
+
+def test_weights_file_with_pickled_code_is_refused(manifest_dir, tmp_path):
+    marker = tmp_path / "pwned"
+    state = torch.load(manifest_dir / "weights.pt", weights_only=True)
+    _replace_weights(manifest_dir, {**state, "b.first.weight": _Evil(str(marker))})
+    with pytest.raises(ValueError, match=r"refused: it is not a plain state_dict of tensors .* never unpickles code"):
+        load(manifest_dir, lambda: Net().double())
+    assert not marker.exists()
+
+
+def test_weights_file_with_non_tensors_is_refused(manifest_dir):
+    state = torch.load(manifest_dir / "weights.pt", weights_only=True)
+    _replace_weights(manifest_dir, {**state, "b.first.weight": [1, 2, 3]})  # allowed by weights_only
+    with pytest.raises(ValueError, match=r"must hold a dict of name -> tensor, found 'b.first.weight': list"):
+        load(manifest_dir, lambda: Net().double())
+
+
+def test_weights_changed_after_export_are_refused(manifest_dir):
+    state = torch.load(manifest_dir / "weights.pt", weights_only=True)
+    state["b.first.weight"] = state["b.first.weight"] + 1
+    torch.save(state, manifest_dir / "weights.pt")
+    with pytest.raises(ValueError, match="does not match the SHA-256 recorded in the manifest"):
+        load(manifest_dir, lambda: Net().double())
+    (manifest_dir / "weights.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="names the weights file 'weights.pt', which is missing"):
+        load(manifest_dir, lambda: Net().double())
+
+
+def test_wrong_architecture_is_refused(manifest_dir):
+    class Other(Net):
+        def forward(self, x):
+            return self.fc(self.p(torch.relu(self.g(self.b(self.a(x))))).mean((2, 3)))
+
+    with pytest.raises(ValueError, match=r"the rebuilt graph differs from the exported one at node 2: the manifest "
+                                         r"has \('bn_a', 'call_module', 'bn_a'\)"):
+        load(manifest_dir, lambda: Other().double())
+    with pytest.raises(ValueError, match=r"the manifest does not fit the model that model_factory\(\) returned: "
+                                         r"ranks names \['b'"):
+        load(manifest_dir, lambda: nn.Sequential(nn.Conv2d(3, 4, 3)))
+    with pytest.raises(TypeError, match="model_factory\\(\\) must return an nn.Module, got str"):
+        load(manifest_dir, lambda: "Net")
+
+
+def test_manifest_refuses_gates_and_bad_arguments(tmp_path, compressed):
+    final, x = compressed
+    gated = insert_gates(decompose_conv(fxtucker.trace(Net().eval())))
+    with pytest.raises(ValueError, match=r"'a' still has gate node 'a_gate_in': run strip_gates"):
+        export(gated, torch.randn(1, 3, 8, 8), tmp_path / "g", "manifest", model_factory=Net)
+    with pytest.raises(TypeError, match="format='manifest' needs model_factory="):
+        export(final, x, tmp_path / "m", "manifest")
+    with pytest.raises(TypeError, match="format='manifest' needs a torch.fx.GraphModule"):
+        export(Net(), x, tmp_path / "m", "manifest", model_factory=Net)
+    with pytest.raises(ValueError, match="config and extra must hold JSON values only"):
+        export(final, x, tmp_path / "m", "manifest", model_factory=lambda: Net().double(), extra={"x": object()})
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is an existing file; give a directory path"):
+        export(final, x, tmp_path / "file", "manifest", model_factory=lambda: Net().double())
+
+
+# ----------------------------------------------------------------------------- the other formats
+
+
+@pytest.fixture(scope="module")
+def compressed32():
+    return _compressed(torch.float32, fold=True)
+
+
+def test_onnx_parity(tmp_path, compressed32):
+    import onnx
+
+    final, x = compressed32
+    result = export(final, x, tmp_path / "m.onnx", "onnx")
+    assert result.files == (tmp_path / "m.onnx",) and result.max_abs_error < 1e-5
+    onnx.checker.check_model(str(tmp_path / "m.onnx"))
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node}
+    assert "Conv" in ops and "BatchNormalization" not in ops
+
+
+def test_torchscript_parity(tmp_path, compressed32):
+    final, x = compressed32
+    result = export(final, x, tmp_path / "m.pt", "torchscript")
+    assert result.method == "script" and result.max_abs_error == 0.0
+    assert torch.equal(torch.jit.load(str(tmp_path / "m.pt"))(x), final(x))
+
+
+def test_torchscript_falls_back_to_trace(tmp_path):
+    class Unscriptable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, *xs):
+            return self.conv(xs[0])  # TorchScript has no *args
+
+    model = Unscriptable().eval()
+    x = torch.randn(1, 3, 6, 6)
+    with pytest.warns(UserWarning, match="torch.jit.script failed"):
+        result = export(model, x, tmp_path / "m.pt", "torchscript")
+    assert result.method == "trace" and result.max_abs_error == 0.0
+
+
+def test_torch_export_parity(tmp_path, compressed32):
+    final, x = compressed32
+    result = export(final, x, tmp_path / "m.pt2", "torch.export")
+    assert result.max_abs_error == 0.0
+    torch.testing.assert_close(torch.export.load(str(tmp_path / "m.pt2")).module()(x), final(x))
+
+
+def test_export_puts_the_modes_back(tmp_path):
+    model = Net().train()
+    export(model, torch.randn(2, 3, 8, 8), tmp_path / "m.pt2", "torch.export")
+    assert model.training and model.bn_a.training
+
+
+# ----------------------------------------------------------------------------- the check can fail
+
+
+def test_parity_failure_torchscript(tmp_path, compressed32, monkeypatch):
+    final, x = compressed32
+    real_load = torch.jit.load
+
+    class Off(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            out = self.inner(x)
+            return out + (out.abs().max() * 1e-3)  # a 0.1% error everywhere
+
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: Off(real_load(*a, **k)))
+    with pytest.raises(ExportError, match=r"the reloaded torchscript model does not match the model on the example "
+                                          r"inputs: max abs error [\d.e-]+, max rel error [\d.e+-]+, beyond the "
+                                          r"tolerance .* atol=1e-05, rtol=0.0001 \(output 0: \d+ of 20 elements\)"
+                       ) as info:
+        export(final, x, tmp_path / "m.pt", "torchscript")
+    ref = final(x).detach()
+    assert info.value.max_abs_error == pytest.approx(float(ref.abs().max()) * 1e-3, rel=1e-3)
+    assert isinstance(info.value, RuntimeError)
+    # A looser tolerance accepts the same difference.
+    assert export(final, x, tmp_path / "m.pt", "torchscript", atol=1.0).max_abs_error > 0
+
+
+def test_parity_failure_onnx(tmp_path, compressed32, monkeypatch):
+    import onnxruntime
+
+    final, x = compressed32
+    real_run = onnxruntime.InferenceSession.run
+
+    def run(self, *args, **kwargs):
+        outs = real_run(self, *args, **kwargs)
+        outs[0][0, 0] += 1.0
+        return outs
+
+    monkeypatch.setattr(onnxruntime.InferenceSession, "run", run)
+    with pytest.raises(ExportError, match=r"reloaded onnx model does not match .* \(output 0: 1 of 20 elements\)"):
+        export(final, x, tmp_path / "m.onnx", "onnx")
+
+
+def test_parity_failure_manifest_and_shapes(tmp_path, compressed, monkeypatch):
+    final, x = compressed
+    real = export_module.load
+    monkeypatch.setattr(export_module, "load", lambda *a, **k: nn.Sequential(real(*a, **k), nn.Dropout(0.5).train()))
+    with pytest.raises(ExportError, match="reloaded manifest model does not match"):
+        export(final, x, tmp_path / "m", "manifest", model_factory=lambda: Net().double())
+    monkeypatch.setattr(export_module, "load", lambda *a, **k: nn.Sequential(real(*a, **k), nn.Flatten(0)))
+    with pytest.raises(ExportError, match=r"output 0 of the reloaded manifest model has shape \(20,\), the model's \(2, 10\)"):
+        export(final, x, tmp_path / "m", "manifest", model_factory=lambda: Net().double())
+
+
+def test_compare_handles_nan_and_tuples():
+    a = torch.tensor([1.0, float("nan"), 3.0])
+    assert export_module._compare((a, a), (a.clone(), a.clone()), "f", 0.0, 0.0) == (0.0, 0.0)
+    b = a.clone()
+    b[0] = float("nan")
+    with pytest.raises(ExportError, match="output 0: 1 of 3 elements"):
+        export_module._compare(a, b, "f", 1e-4, 1e-5)
+    with pytest.raises(ExportError, match="returns 1 tensor\\(s\\), the model 2"):
+        export_module._compare((a, a), (a,), "f", 1e-4, 1e-5)
+
+
+# ----------------------------------------------------------------------------- argument errors
+
+
+def test_argument_errors(tmp_path, compressed):
+    final, x = compressed
+    with pytest.raises(ValueError, match="format 'tflite' is not known; valid: 'onnx', 'torchscript', 'torch.export', "
+                                         "'manifest'"):
+        export(final, x, tmp_path / "m", "tflite")
+    with pytest.raises(TypeError, match="example_inputs must be a tensor or a tuple of tensors"):
+        export(final, [1, 2], tmp_path / "m.pt", "torchscript")
+    with pytest.raises(ValueError, match="rtol must be a finite number >= 0, got -1"):
+        export(final, x, tmp_path / "m.pt", "torchscript", rtol=-1)
+    with pytest.raises(ValueError, match="model_factory is only used by format='manifest', not 'onnx'"):
+        export(final, x, tmp_path / "m.onnx", "onnx", model_factory=Net)
+    with pytest.raises(ValueError, match="format='torchscript' writes a file, but .* is a directory"):
+        export(final, x, tmp_path, "torchscript")
+    with pytest.raises(TypeError, match="export expects an nn.Module"):
+        export(lambda t: t, x, tmp_path / "m.pt", "torchscript")
+
+
+@pytest.mark.parametrize("missing", ["onnx", "onnxruntime", "onnxscript"])
+def test_missing_onnx_packages_name_the_extra(tmp_path, compressed32, monkeypatch, missing):
+    final, x = compressed32
+    monkeypatch.setitem(sys.modules, missing, None)  # import raises ImportError
+    with pytest.raises(ImportError, match=rf"format='onnx' needs {missing}, which is not installed: "
+                                          rf"pip install fxtucker\[export\]"):
+        export(final, x, tmp_path / "m.onnx", "onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+@pytest.fixture(scope="module")
+def resnet20_run(tmp_path_factory):
+    """A compressed resnet20 written the way `fxtucker compress` writes it: out/manifest/ with the model named."""
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("run")
+    model = models.get_model("resnet20", num_classes=10, in_channels=1).eval()
+    x = torch.randn(1, 1, 28, 28)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gated = insert_gates(decompose_conv(cost_model(fxtucker.trace(model), x), ranks=0.5))
+    final = fold_or_restore(strip_gates(gated, 0.0), x)
+    torch.save(final.state_dict(), out / "compressed_state_dict.pt")
+    export(final, x, out / "manifest", "manifest",
+           model_factory=lambda: models.get_model("resnet20", num_classes=10, in_channels=1),
+           extra={"model": "resnet20", "num_classes": 10, "in_channels": 1, "input_shape": [1, 1, 28, 28]})
+    return out, final, x
+
+
+def test_cli_export_from_a_run_to_each_format(tmp_path, resnet20_run, capsys):
+    run, final, x = resnet20_run
+    assert main(["export", "--from", str(run), "--format", "torchscript", "--out", str(tmp_path / "m.pt")]) == 0
+    out = capsys.readouterr().out
+    assert f"rebuilt resnet20 from {run / 'manifest'}: {sum(p.numel() for p in final.parameters()):,} parameters" in out
+    assert f"wrote {tmp_path / 'm.pt'} (torchscript, script)" in out
+    assert "reloaded and checked on a 1x1x28x28 input: max abs error 0, max rel error 0 (atol=1e-05, rtol=0.0001)" in out
+    torch.testing.assert_close(torch.jit.load(str(tmp_path / "m.pt"))(x), final(x))
+
+
+def test_cli_export_onnx_with_fold_bn(tmp_path, resnet20_run, capsys):
+    run, _, _ = resnet20_run
+    # --compressed is the same option; a file inside the run directory finds the manifest too.
+    assert main(["export", "--compressed", str(run / "compressed_state_dict.pt"), "--format", "onnx", "--fold-bn",
+                 "--out", str(tmp_path / "m.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "folded 21 BatchNorm layer(s) into their convs" in out and "(onnx, torch.onnx.export(dynamo=True))" in out
+
+
+def test_cli_export_manifest_again(tmp_path, resnet20_run):
+    run, final, x = resnet20_run
+    assert main(["export", "--from", str(run), "--format", "manifest", "--out", str(tmp_path / "again")]) == 0
+    again = fxtucker.load(tmp_path / "again", lambda: models.get_model("resnet20", num_classes=10, in_channels=1))
+    torch.testing.assert_close(again(x), final(x), **EXACT)
+    assert read_manifest(tmp_path / "again")["extra"]["model"] == "resnet20"
+
+
+def test_cli_export_uncompressed_model(tmp_path, capsys):
+    assert main(["export", "--model", "resnet20", "--num-classes", "10", "--input-size", "16", "--format",
+                 "torch.export", "--out", str(tmp_path / "m.pt2")]) == 0
+    assert "reloaded and checked on a 1x3x16x16 input" in capsys.readouterr().out
+    assert (tmp_path / "m.pt2").stat().st_size > 100_000
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--from", "NOPE", "--format", "onnx"], "--from 'NOPE' does not exist"),
+    (["--from", ".", "--format", "onnx"], "--from '.' holds no fxtucker manifest (manifest.json)"),
+    (["--format", "onnx"], "give --from DIR (the output of `fxtucker compress`) or --model NAME"),
+    (["--model", "resnet19", "--format", "onnx"], "unknown model 'resnet19'. Did you mean resnet18"),
+    (["--from", "RUN", "--checkpoint", "x.pt", "--format", "onnx"], "give --from (a compressed model) or --checkpoint"),
+    (["--from", "RUN", "--model", "resnet32", "--format", "onnx"], "--model 'resnet32' differs from the model 'resnet20'"),
+], ids=["missing", "no-manifest", "nothing", "unknown-model", "both", "other-model"])
+def test_cli_bad_input_exits_2(tmp_path, resnet20_run, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    argv = [str(resnet20_run[0]) if a == "RUN" else a for a in argv]
+    assert main(["export", *argv, "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fxtucker export: error: ") and message in err
+
+
+def test_cli_unknown_format_and_parity_failure(tmp_path, resnet20_run, monkeypatch, capsys):
+    run, _, _ = resnet20_run
+    with pytest.raises(SystemExit) as info:
+        main(["export", "--from", str(run), "--format", "tflite", "--out", str(tmp_path / "m")])
+    assert info.value.code == 2 and "invalid choice: 'tflite'" in capsys.readouterr().err
+    real_load = torch.jit.load
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: (lambda m: (lambda x: m(x) + 1.0))(real_load(*a, **k)))
+    assert main(["export", "--from", str(run), "--format", "torchscript", "--out", str(tmp_path / "m.pt")]) == 1
+    assert "fxtucker export: parity check failed: the reloaded torchscript model does not match" in capsys.readouterr().err
