@@ -148,7 +148,7 @@ def _histograms(stages: dict, out: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         edges = hist["log10_edges"]
         ax.bar(edges[:-1], hist["counts"], width=edges[1] - edges[0], align="edge")
-        ax.set_xlabel("log10 |gate|")
+        ax.set_xlabel("log10 (|gate| / mean |gate| of its vector)" if hist.get("relative") else "log10 |gate|")
         ax.set_ylabel("gates")
         ax.set_title(f"gates after stage '{stage}' ({hist['zeros']} of {hist['total']} exactly 0)")
         fig.tight_layout()

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from fxtucker import regularizers
 from fxtucker.passes import cost_model, decompose_conv, fold_or_restore, gates, insert_gates, predict_macs, strip_gates
+from fxtucker.passes.strip_gates import relative_gates
 from fxtucker.report import report
 from fxtucker.tracing import trace
 from fxtucker.train import TrainConfig, evaluate, train
@@ -45,6 +46,14 @@ class CompressConfig:
     at ``threshold`` follow a path from the full model to the budget (reached one epoch before the
     end of step 3), so that the gates cut at the end are the ones the funnel has already pulled
     to about zero (see :class:`GatePenalty`).
+
+    ``relative_gates`` (beyond the paper, on by default): the penalty and the threshold see each
+    gate relative to the mean magnitude of its gate vector. A BatchNorm after a layer makes the
+    scale of its gates arbitrary; with absolute gates the penalty shrinks whole layers instead of
+    sparsifying them, and without weight decay on the gates their scale drifts in training.
+    ``proximal`` (also on by default) applies the penalty by a proximal step after each
+    optimizer step, which takes small gates to exactly 0 instead of letting them oscillate
+    around it (see :class:`GatePenalty`).
     """
 
     ranks: Union[None, float, str] = None
@@ -65,6 +74,8 @@ class CompressConfig:
     target_speedup: Optional[float] = None
     steer: bool = True
     steer_every: int = 10
+    relative_gates: bool = True
+    proximal: bool = True
     finetune_epochs: int = 3
     finetune_lr: float = 0.01
     optimizer: str = "sgd"
@@ -100,11 +111,38 @@ class CompressConfig:
             raise ValueError(f"CompressConfig.target_macs must be a positive integer, got {self.target_macs!r}")
         if self.target_speedup is not None and (not isinstance(self.target_speedup, numbers.Real) or not self.target_speedup >= 1):
             raise ValueError(f"CompressConfig.target_speedup must be a number >= 1, got {self.target_speedup!r}")
-        if not isinstance(self.steer, bool):
-            raise ValueError(f"CompressConfig.steer must be true or false, got {self.steer!r}")
+        for name in ("steer", "relative_gates", "proximal"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"CompressConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if isinstance(self.steer_every, bool) or not isinstance(self.steer_every, numbers.Integral) or self.steer_every < 1:
             raise ValueError(f"CompressConfig.steer_every must be an integer >= 1 (optimizer steps), got {self.steer_every!r}")
         self.c_schedule_fn()  # validates the schedule's arguments
+        self._check_more()
+
+    def _check_more(self) -> None:
+        """The fields the checks above leave out: ranks, flags, distillation, TrainConfig's own."""
+        r = self.ranks
+        if not (r is None or r == "vbmf" or (isinstance(r, numbers.Real) and not isinstance(r, bool) and 0 < r <= 1)):
+            raise ValueError(f"CompressConfig.ranks must be None (full rank), a fraction in (0, 1] or 'vbmf', got {r!r}")
+        for name in ("linear", "distill"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"CompressConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        for name, low in (("distill_weight", ">= 0"), ("distill_temperature", "> 0")):
+            v = getattr(self, name)
+            if (isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0
+                    or (low == "> 0" and v == 0)):
+                raise ValueError(f"CompressConfig.{name} must be a finite number {low}, got {v!r}")
+        for name in ("train_lr", "reg_lr", "finetune_lr", "reg_weight", "target_speedup"):
+            if isinstance(getattr(self, name), bool):
+                raise ValueError(f"CompressConfig.{name} must be a number, got {getattr(self, name)!r}")
+        if isinstance(self.target_macs, bool):
+            raise ValueError(f"CompressConfig.target_macs must be a positive integer, got {self.target_macs!r}")
+        if self.target_speedup is not None and not math.isfinite(self.target_speedup):
+            raise ValueError(f"CompressConfig.target_speedup must be a finite number >= 1, got {self.target_speedup!r}")
+        try:  # optimizer, momentum, weight_decay, schedule, seed: checked by the TrainConfig they build
+            self.stage_config(1, 1.0)
+        except ValueError as e:
+            raise ValueError(str(e).replace("TrainConfig: ", "CompressConfig: ")) from None
 
     def c_schedule_fn(self) -> regularizers.CSchedule:
         """The c schedule, indexed by epoch of step 3."""
@@ -152,16 +190,19 @@ def _all_gates(gm: fx.GraphModule) -> list[torch.Tensor]:
     return [g for layer in gates(gm).values() for g in layer.values()]
 
 
-def threshold_for_budget(gated: fx.GraphModule, target_macs: int) -> float:
+def threshold_for_budget(gated: fx.GraphModule, target_macs: int, *, relative: bool = False,
+                         round_to: Optional[int] = None) -> float:
     """The smallest gate threshold whose stripped, folded model has at most ``target_macs`` MACs.
 
     ``gated`` must carry cost-model annotations (see :func:`fxtucker.passes.predict_macs`, which
-    is exact). Raises ValueError when even pruning every gate cannot meet the budget.
+    is exact). ``relative`` and ``round_to`` mean what they mean for :func:`strip_gates`. Raises
+    ValueError when even pruning every gate cannot meet the budget.
     """
-    values = torch.cat([g.detach().abs().flatten().double() for g in _all_gates(gated)]).unique().tolist()
+    values = torch.cat([(relative_gates(g.detach().double()) if relative else g.detach().abs().double()).flatten()
+                        for g in _all_gates(gated)]).unique().tolist()
     # Thresholds just above each gate magnitude: every distinct pruning set, smallest first.
     candidates = [0.0] + [math.nextafter(v, math.inf) for v in values]
-    macs = lambda i: predict_macs(gated, candidates[i])  # noqa: E731 - non-increasing in i
+    macs = lambda i: predict_macs(gated, candidates[i], round_to, relative=relative)  # noqa: E731 - non-increasing in i
     if macs(len(candidates) - 1) > target_macs:
         raise ValueError(
             f"the MAC budget {target_macs:,} cannot be met: pruning every gate still leaves "
@@ -185,23 +226,28 @@ def _distillation(teacher: nn.Module, config: CompressConfig):
     return loss
 
 
-def gate_histogram(gm: fx.GraphModule, bins: int = 40) -> dict[str, list]:
-    """Histogram of log10 |gate| over every gate (zeros counted apart), for plots like the paper's Fig. 4."""
-    flat = torch.cat([g.detach().abs().flatten().double() for g in _all_gates(gm)])
+def gate_histogram(gm: fx.GraphModule, bins: int = 40, relative: bool = False) -> dict[str, list]:
+    """Histogram of log10 |gate| over every gate (zeros counted apart), for plots like the paper's
+    Fig. 4; ``relative`` divides each gate vector by its mean magnitude first."""
+    flat = torch.cat([(relative_gates(g.detach().double()) if relative else g.detach().abs().double()).flatten()
+                      for g in _all_gates(gm)])
     nonzero = flat[flat > 0]
     counts = torch.histc(nonzero.log10().clamp(-6, 2), bins=bins, min=-6, max=2)
     edges = torch.linspace(-6, 2, bins + 1)
-    return {"log10_edges": [round(float(e), 4) for e in edges], "counts": [int(c) for c in counts],
+    return {"relative": relative, "log10_edges": [round(float(e), 4) for e in edges], "counts": [int(c) for c in counts],
             "zeros": int((flat == 0).sum()), "total": int(flat.numel())}
 
 
 def _gate_stats(threshold_fn, penalty: Optional["GatePenalty"] = None) -> Any:
+    relative = penalty.relative if penalty is not None else False
+
     def stats(model: nn.Module) -> dict:
         gm = getattr(model, "module", model)
-        flat = torch.cat([g.detach().abs().flatten() for g in _all_gates(gm)])
+        flat = torch.cat([(relative_gates(g.detach()) if relative else g.detach().abs()).flatten()
+                          for g in _all_gates(gm)])
         th = threshold_fn(gm)
         out = {"gates": flat.numel(), "gates_below_threshold": int((flat < th).sum()), "threshold": th,
-               "gate_mean": float(flat.mean()), "macs_if_stripped": predict_macs(gm, th)}
+               "gate_mean": float(flat.mean()), "macs_if_stripped": predict_macs(gm, th, relative=relative)}
         if penalty is not None:
             out["reg_weight"] = penalty.weight
         return out
@@ -211,15 +257,20 @@ def _gate_stats(threshold_fn, penalty: Optional["GatePenalty"] = None) -> Any:
 class GatePenalty:
     """lambda x sum of ``reg``(gate, c) over all gates of all layers: step 3's penalty for :func:`train`.
 
-    Called as ``penalty(model, epoch, step)``. With ``target_macs``, lambda is steered: every
-    ``every`` optimizer steps, ``m`` = :func:`~fxtucker.passes.predict_macs` at ``threshold`` (what
-    pruning now would leave) is compared with the path ``d`` = macs_full x (target /
-    macs_full) ^ min(1, (epoch + 1) / max(1, epochs - 1)), a geometric descent to the budget that
-    is reached at the end of the last-but-one epoch and held in the last. lambda is multiplied by
-    ``(m / d) ^ 2``, clipped to [1/1.5, 1.5] per update: too few gates pulled under the threshold
-    raises it, too many lowers it. lambda depends only on the model's states so far, and its
-    value is part of the training checkpoint (``state_dict``), so a resumed run repeats the
-    uninterrupted one.
+    Called as ``penalty(model, epoch, step)``. With ``relative``, each gate enters as ``|g|``
+    divided by the mean magnitude of its gate vector (differentiably), so the penalty cannot be
+    lowered by shrinking a whole layer's gates, which a BatchNorm after the layer would undo for
+    free; it can only be lowered by making the layer's components sparser.
+
+    With ``target_macs``, lambda is steered. Every ``every`` optimizer steps, ``t`` = the
+    threshold that would meet the budget now (:func:`threshold_for_budget`) is compared with a
+    path from its value at the start of step 3 down to ``threshold``, geometric in the epochs
+    and reached at the end of the last-but-one epoch: when meeting the budget would cut gates
+    that are still larger than the path allows, lambda is raised; when the cut gates are smaller
+    already, it is lowered. Each update multiplies lambda by ``(t / path) ^ 2`` clipped to
+    [1/1.25, 1.25]; lambda stays within [1/100, 100] times its start value. lambda depends only
+    on the model's states so far and is part of the training checkpoint (``state_dict``), so a
+    resumed run repeats the uninterrupted one.
 
     Args:
         gated: the gated GraphModule, annotated by :func:`~fxtucker.passes.cost_model`.
@@ -227,38 +278,71 @@ class GatePenalty:
         weight: lambda (its start value when steered).
         schedule: epoch -> c (used by the funnel kinds).
         target_macs: the budget to steer to; None keeps lambda constant.
-        threshold: the gate threshold that ``predict_macs`` prunes at while steering.
+        threshold: where the path of the budget threshold ends.
         epochs: the epochs of step 3.
         every: steer every this many optimizer steps.
+        relative: penalize and threshold gates relative to their vector's mean magnitude.
+        proximal: apply the penalty by a proximal step after each optimizer step
+            (:meth:`after_step`) instead of through the gradient. A gradient step overshoots 0 on
+            a penalty whose slope there is lambda / c, so small gates oscillate around 0 instead
+            of reaching it; the proximal step stops at 0, which is what the threshold then cuts.
     """
 
-    GAIN, MAX_CHANGE = 2.0, 1.5
+    GAIN, MAX_CHANGE, RANGE = 2.0, 1.25, 100.0
 
     def __init__(self, gated: fx.GraphModule, reg: str, weight: float, schedule: regularizers.CSchedule, *,
-                 target_macs: Optional[int] = None, threshold: float = 0.01, epochs: int = 1, every: int = 10):
+                 target_macs: Optional[int] = None, threshold: float = 0.01, epochs: int = 1, every: int = 10,
+                 relative: bool = True, proximal: bool = True):
         self.gated, self.gate_list = gated, _all_gates(gated)
+        self.proximal = proximal
         self.fn, self.uses_c = regularizers.get_regularizer(reg), reg in regularizers.FUNNEL_KINDS
         self.schedule, self.target, self.threshold = schedule, target_macs, threshold
-        self.epochs, self.every = epochs, every
-        self.weight = float(weight)
-        self.macs_full = predict_macs(gated, 0.0) if target_macs is not None else None
+        self.epochs, self.every, self.relative = epochs, every, relative
+        self.weight = self.start = float(weight)
+        self.start_threshold: Optional[float] = None
+        if target_macs is not None:
+            self.start_threshold = max(threshold, self.budget_threshold())
 
-    def desired_macs(self, epoch: int) -> float:
-        """The MAC path that steering follows: the budget by the end of the last-but-one epoch."""
+    def budget_threshold(self) -> float:
+        return threshold_for_budget(self.gated, self.target, relative=self.relative)
+
+    def desired_threshold(self, epoch: int) -> float:
+        """The path of the budget threshold: ``threshold`` by the end of the last-but-one epoch."""
         frac = min(1.0, (epoch + 1) / max(1, self.epochs - 1))
-        return self.macs_full * (self.target / self.macs_full) ** frac
+        return self.start_threshold * (self.threshold / self.start_threshold) ** frac
 
     def steer(self, epoch: int) -> None:
-        macs = predict_macs(self.gated, self.threshold)
-        ratio = max(macs, 1) / self.desired_macs(epoch)
-        self.weight *= min(self.MAX_CHANGE, max(1 / self.MAX_CHANGE, ratio ** self.GAIN))
+        ratio = max(self.budget_threshold(), 1e-12) / self.desired_threshold(epoch)
+        factor = min(self.MAX_CHANGE, max(1 / self.MAX_CHANGE, ratio ** self.GAIN))
+        self.weight = min(self.start * self.RANGE, max(self.start / self.RANGE, self.weight * factor))
+
+    def _value(self, g: torch.Tensor, c: float) -> torch.Tensor:
+        a = g.abs()
+        if self.relative:
+            a = a / a.mean().clamp_min(1e-12)
+        return (self.fn(a, c) if self.uses_c else self.fn(a)).sum()
 
     def __call__(self, _model: nn.Module, epoch: int, step: int) -> torch.Tensor:
         if self.target is not None and step > 0 and step % self.every == 0:
             self.steer(epoch)
         c = self.schedule(epoch)
-        terms = [self.fn(g, c) if self.uses_c else self.fn(g) for g in self.gate_list]
-        return self.weight * torch.stack([t.sum() for t in terms]).sum()
+        if self.proximal:  # applied in after_step; the value is only logged
+            with torch.no_grad():
+                return self.weight * torch.stack([self._value(g, c) for g in self.gate_list]).sum()
+        return self.weight * torch.stack([self._value(g, c) for g in self.gate_list]).sum()
+
+    def after_step(self, _model: nn.Module, epoch: int, _step: int, lr: float) -> None:
+        """With ``proximal``: shrink every gate towards 0 by lr x lambda x the penalty's slope at it,
+        stopping at exactly 0 (soft thresholding of the penalty linearized at the gate)."""
+        if not self.proximal:
+            return
+        c = self.schedule(epoch)
+        for g in self.gate_list:
+            with torch.enable_grad():
+                a = g.detach().abs().requires_grad_(True)
+                value = self._value(a, c)  # through the mean too, when relative
+                (slope,) = torch.autograd.grad(value, a)
+            g.copy_(g.sign() * (g.abs() - lr * self.weight * slope).clamp_min(0))
 
     def state_dict(self) -> dict:
         return {"weight": self.weight}
@@ -301,10 +385,15 @@ def compress(
         >>> result.report["macs_before"] / result.report["macs_after"]  # doctest: +SKIP
     """
     config = config or CompressConfig()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"compress: model must be an nn.Module (the trained network), got {type(model).__name__}")
     if not isinstance(config, CompressConfig):
         raise TypeError(f"config must be a CompressConfig, got {type(config).__name__}")
     if resume and out_dir is None:
         raise ValueError("resume=True needs out_dir: the checkpoints of the earlier run live there")
+    if not isinstance(example_inputs, (torch.Tensor, tuple, list)):
+        raise TypeError(f"example_inputs must be a tensor or a tuple of tensors (one batch of the model's inputs), "
+                        f"got {type(example_inputs).__name__}")
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise TypeError("example_inputs must be a tensor or a tuple of tensors (one batch of the model's inputs)")
@@ -330,27 +419,30 @@ def compress(
     rep["skipped_layers"] = [str(w.message) for w in caught]
     gated = cost_model(insert_gates(decomposed), *inputs)
     rep["stages"]["decomposed"] = {"accuracy": acc(gated), "macs": sum(n.meta["macs"] for n in gated.graph.nodes),
-                                   "gate_histogram": gate_histogram(gated)}
+                                   "gate_histogram": gate_histogram(gated, relative=config.relative_gates)}
 
     # 2. train the decomposed model on the classification loss alone
     if config.train_epochs:
         history += train(gated, train_data, config.stage_config(config.train_epochs, config.train_lr),
                          stage="decomposed", **kw)
-        rep["stages"]["trained"] = {"accuracy": acc(gated), "gate_histogram": gate_histogram(gated)}
+        rep["stages"]["trained"] = {"accuracy": acc(gated), "gate_histogram": gate_histogram(gated, relative=config.relative_gates)}
 
     # 3. the funnel (or other) penalty on all gates of all layers at once
     penalty = GatePenalty(gated, config.reg, config.reg_weight, config.c_schedule_fn(),
                           target_macs=target if config.steer else None, threshold=config.threshold,
-                          epochs=config.reg_epochs, every=config.steer_every)
-    threshold_fn = (lambda g: threshold_for_budget(g, target)) if target is not None else (lambda g: config.threshold)
+                          epochs=config.reg_epochs, every=config.steer_every, relative=config.relative_gates,
+                          proximal=config.proximal)
+    rel = config.relative_gates
+    threshold_fn = ((lambda g: threshold_for_budget(g, target, relative=rel)) if target is not None
+                    else (lambda g: config.threshold))
     history += train(gated, train_data, config.stage_config(config.reg_epochs, config.reg_lr), penalty=penalty,
                      epoch_stats=_gate_stats(threshold_fn, penalty), stage="regularize", **kw)
     threshold = threshold_fn(gated)
     rep["threshold"] = threshold
-    rep["stages"]["regularized"] = {"accuracy": acc(gated), "gate_histogram": gate_histogram(gated)}
+    rep["stages"]["regularized"] = {"accuracy": acc(gated), "gate_histogram": gate_histogram(gated, relative=config.relative_gates)}
 
     # strip, then keep each decomposition only where it is cheaper (gates folded into weights)
-    final = fold_or_restore(strip_gates(gated, threshold), *inputs)
+    final = fold_or_restore(strip_gates(gated, threshold, relative=rel), *inputs)
     rep["stages"]["pruned"] = {"accuracy": acc(final), "macs": sum(n.meta["macs"] for n in final.graph.nodes)}
 
     # 4. fine-tune the compressed model

@@ -996,6 +996,10 @@ def train(
         extra_loss: ``extra_loss(inputs, outputs, labels) -> scalar`` added to the loss of each
             batch (and logged with the penalty): for distillation, say.
 
+    A ``penalty`` object with an ``after_step(model, epoch, step, lr)`` method has it called
+    (under ``torch.no_grad``) after every optimizer step, with the learning rate of the step: a
+    proximal step for the penalty, say.
+
     A ``penalty``, ``epoch_stats`` or ``extra_loss`` that is an object with ``state_dict()`` and
     ``load_state_dict()`` (a controller that steers lambda, say) has its state saved in every
     checkpoint and restored on resume, so a resumed run still repeats the uninterrupted one.
@@ -1128,6 +1132,7 @@ def _run_epoch(net, model, train_data, eval_data, config, penalty, epoch_stats, 
     # Sums over the epoch, over every rank: ce * n, penalty * n, correct, n.
     sums = [0.0, 0.0, 0.0, 0.0]
     net.train()
+    after_step = getattr(penalty, "after_step", None)
     try:
         for i, batch in enumerate(batches):
             x, y = _split_batch(batch, "train: train_data", i)
@@ -1175,6 +1180,9 @@ def _run_epoch(net, model, train_data, eval_data, config, penalty, epoch_stats, 
                 if config.max_grad_norm is not None:
                     nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                 opt.step()
+            if after_step is not None:
+                with torch.no_grad():
+                    after_step(model, epoch, state.step, opt.param_groups[0]["lr"])
             state.step += 1
             for k in range(4):
                 sums[k] += step_sums[k]

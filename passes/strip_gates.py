@@ -28,7 +28,7 @@ from fxtucker.meta import (
 )
 from fxtucker.passes._common import CONV_TYPES, factor_nodes, layer_nodes, finish, prepare
 
-__all__ = ["strip_gates", "kept_ranks", "round_rank"]
+__all__ = ["strip_gates", "kept_ranks", "relative_gates", "round_rank"]
 
 
 def _plain(m: nn.Module, in_ch: int, out_ch: int, weight: torch.Tensor) -> nn.Module:
@@ -110,7 +110,16 @@ def check_round_to(round_to: object) -> None:
                          f"got {round_to!r}")
 
 
-def _selection(c: nn.Module, source: str, threshold: float, round_to: Optional[int] = None) -> _Selection:
+def relative_gates(g: torch.Tensor) -> torch.Tensor:
+    """``|g|`` divided by its mean: gate magnitudes on a scale that a BatchNorm after the layer
+    cannot shift (all zeros stay zeros)."""
+    a = g.abs()
+    mean = a.mean()
+    return a / mean if mean > 0 else a
+
+
+def _selection(c: nn.Module, source: str, threshold: float, round_to: Optional[int] = None,
+               relative: bool = False) -> _Selection:
     """The components of layer ``source`` (container ``c``) that survive ``threshold``."""
     # Compared in float64: against a float32 tensor, torch would round the threshold to float32.
     g_in, g_out = c[GATE_IN].weight.detach().double(), c[GATE_OUT].weight.detach().double()
@@ -118,6 +127,9 @@ def _selection(c: nn.Module, source: str, threshold: float, round_to: Optional[i
     for name, g in ((GATE_IN, g_in), (GATE_CORE, g_core), (GATE_OUT, g_out)):
         if g is not None and not torch.isfinite(g).all():
             raise ValueError(f"gates {source}.{name} hold NaN or Inf; the training diverged, nothing can be stripped")
+    if relative:
+        g_in, g_out = relative_gates(g_in), relative_gates(g_out)
+        g_core = relative_gates(g_core) if g_core is not None else None
     groups = getattr(c[FIRST], "groups", 1)
     if g_core is not None:
         keep_out = (g_out.abs() >= threshold) & (g_core.abs() >= threshold)
@@ -132,8 +144,8 @@ def _selection(c: nn.Module, source: str, threshold: float, round_to: Optional[i
     return _Selection(groups, idx_in, idx_out, zero_in, zero_out, ranks, fill_in or fill_out, round_in or round_out)
 
 
-def kept_ranks(gm: fx.GraphModule, threshold: float,
-               round_to: Optional[int] = None) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+def kept_ranks(gm: fx.GraphModule, threshold: float, round_to: Optional[int] = None, *,
+               relative: bool = False) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
     """What :func:`strip_gates` would keep, without rewriting: per gated layer, the ranks per group
     that survive (rounded up as ``strip_gates(gm, threshold, round_to=round_to)`` rounds them) and
     the channel counts per group the stripped modules get (a whole dead rank still builds one
@@ -142,14 +154,14 @@ def kept_ranks(gm: fx.GraphModule, threshold: float,
     check_round_to(round_to)
     out = {}
     for source in _gated_layers(gm):
-        sel = _selection(gm.get_submodule(source), source, threshold, round_to)
+        sel = _selection(gm.get_submodule(source), source, threshold, round_to, relative)
         built = (len(sel.idx_in[0]), len(sel.idx_out[0])) if len(sel.ranks) == 2 else (len(sel.idx_in[0]),)
         out[source] = (sel.ranks, built)
     return out
 
 
 def strip_gates(gm: fx.GraphModule, threshold: float = 0.0, round_to: Optional[int] = None, *,
-                inplace: bool = False) -> fx.GraphModule:
+                relative: bool = False, inplace: bool = False) -> fx.GraphModule:
     """Remove gated components below ``threshold`` and fold the surviving gates into the weights.
 
     A component whose gate magnitude is below ``threshold`` is dropped together with what it
@@ -168,6 +180,10 @@ def strip_gates(gm: fx.GraphModule, threshold: float = 0.0, round_to: Optional[i
             16, sizes that vector units and GEMM kernels like), never above the full rank: the
             largest gates below the threshold are kept to fill in. A rank that died entirely
             stays 0. None keeps the ranks as the threshold leaves them.
+        relative: compare each gate with ``threshold`` times the mean magnitude of its gate
+            vector (one per layer and role; :func:`relative_gates`) instead of with ``threshold``:
+            a BatchNorm after a layer makes the scale of its gates arbitrary, and training can
+            shrink or grow it at no cost. compress() prunes this way.
         inplace: rewrite ``gm`` itself instead of a deep copy.
 
     Before::
@@ -192,7 +208,7 @@ def strip_gates(gm: fx.GraphModule, threshold: float = 0.0, round_to: Optional[i
     kept: dict[str, tuple[tuple[int, ...], str]] = {}
     for source, roles in gated.items():
         c = gm.get_submodule(source)
-        sel = _selection(c, source, threshold, round_to)
+        sel = _selection(c, source, threshold, round_to, relative)
         groups, idx_in, idx_out = sel.groups, sel.idx_in, sel.idx_out
         first, last = c[FIRST], c[LAST]
         core = c[CORE] if CORE in c else None

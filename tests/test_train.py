@@ -836,3 +836,19 @@ def test_resume_without_the_stateful_penalty_state_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"holds no state for the stateful penalty"):
         train(tiny(), loader(), TrainConfig(epochs=1, lr=0.05), penalty=StatefulPenalty(), out_dir=tmp_path,
               resume=True, progress=False)
+
+
+def test_penalty_after_step_is_called_after_every_optimizer_step_with_its_lr():
+    calls = []
+
+    class Prox:
+        def __call__(self, model, epoch, step):
+            return torch.zeros(())
+
+        def after_step(self, model, epoch, step, lr):
+            calls.append((epoch, step, lr, torch.is_grad_enabled()))
+
+    cfg = TrainConfig(epochs=2, lr=0.05, schedule="constant")
+    train(tiny(), loader(), cfg, penalty=Prox(), progress=False)
+    assert [(e, s) for e, s, _, _ in calls] == [(e, s) for e in range(2) for s in range(4 * e, 4 * e + 4)]
+    assert all(lr == 0.05 and not grad for _, _, lr, grad in calls)
