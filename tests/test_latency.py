@@ -1,10 +1,18 @@
-"""measure_latency: median wall time, mode and threads restored, clear errors."""
+"""measure_latency: median wall time on each back end, mode and threads restored, clear errors; the timing cache."""
+
+import builtins
+import importlib.util
+import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
-from fxtucker.latency import measure_latency
+from fxtucker.latency import TimingCache, cache_dir, measure_latency
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_measures_and_restores_state():
@@ -19,11 +27,114 @@ def test_slower_model_measures_slower():
     assert measure_latency(big, torch.randn(1, 64, 32, 32), repeats=5) > measure_latency(small, torch.randn(1, 8, 4, 4), repeats=5)
 
 
+def test_onnxruntime_backend_runs_the_exported_model(monkeypatch):
+    ort = pytest.importorskip("onnxruntime")
+    seen = {}
+    real = ort.InferenceSession
+
+    def session(path, options, providers):
+        seen.update(threads=options.intra_op_num_threads, providers=providers)
+        s = real(path, options, providers=providers)
+        seen["inputs"] = [i.shape for i in s.get_inputs()]
+        return s
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()).train()
+    ms = measure_latency(model, torch.randn(2, 3, 16, 16), backend="onnxruntime", threads=1, warmup=1, repeats=3)
+    assert ms > 0 and model.training
+    assert seen == {"threads": 1, "providers": ["CPUExecutionProvider"], "inputs": [[2, 3, 16, 16]]}
+
+
+@pytest.mark.slow
+def test_compile_backend():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+    assert measure_latency(model, torch.randn(1, 3, 16, 16), backend="compile", threads=1, warmup=1, repeats=3) > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_events():
+    model = nn.Conv2d(3, 8, 3)
+    assert measure_latency(model, torch.randn(1, 3, 64, 64), device="cuda", repeats=3) > 0
+    assert next(model.parameters()).device.type == "cpu"  # timed on a copy
+
+
+def test_onnxruntime_missing_names_the_extra(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_ort(name, *args, **kwargs):
+        if name == "onnxruntime":
+            raise ImportError("No module named 'onnxruntime'", name="onnxruntime")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ort)
+    with pytest.raises(ImportError, match=r"needs the onnx and onnxruntime packages \(onnxruntime is missing\): "
+                                          r"pip install fxtucker\[export\]"):
+        measure_latency(nn.Conv2d(3, 3, 1), torch.randn(1, 3, 4, 4), backend="onnxruntime")
+
+
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(backend="tvm"), r"backend 'tvm' is not supported by measure_latency; valid: \['eager'\]"),
-    (dict(device="cuda"), r"device 'cuda' is not supported by measure_latency yet; valid: \['cpu'\]"),
+    (dict(backend="tvm"), r"backend 'tvm' is not supported by measure_latency; valid: \['eager', 'compile', 'onnxruntime'\]"),
+    (dict(device="tpu"), r"device 'tpu' is not supported by measure_latency; valid: \['cpu', 'cuda'\] \(or 'cuda:N'\)"),
+    (dict(device="cpu:1"), r"device 'cpu:1' is not supported by measure_latency"),
     (dict(repeats=0), r"repeats must be >= 1 and warmup >= 0, got repeats=0, warmup=3"),
+    (dict(threads=0), r"threads must be a positive int or None"),
 ])
 def test_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         measure_latency(nn.Identity(), torch.randn(1), **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_cuda():
+    with pytest.raises(ValueError, match=r"device 'cuda' was asked for, but torch.cuda.is_available\(\) is False"):
+        measure_latency(nn.Identity(), torch.randn(1), device="cuda")
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("FXTUCKER_CACHE_DIR", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("FXTUCKER_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "fxtucker"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "fxtucker"
+
+
+def test_timing_cache_persists_merges_and_survives_a_broken_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("FXTUCKER_CACHE_DIR", str(tmp_path))
+    key = TimingCache.key("eager", "cpu", 2, shape=[1, 3])
+    assert json.loads(key)["torch"] == torch.__version__ and json.loads(key)["threads"] == 2
+    assert key != TimingCache.key("eager", "cpu", 1, shape=[1, 3]) != TimingCache.key("onnxruntime", "cpu", 2, shape=[1, 3])
+    a, b = TimingCache(), TimingCache()  # two processes, say
+    a.put(key, 1.5)
+    b.put("other", 2.5)
+    assert TimingCache().get(key) == 1.5 and TimingCache().get("other") == 2.5
+    assert not [p for p in os.listdir(tmp_path) if p != "latency.json"]  # no temporary file left
+    (tmp_path / "latency.json").write_text("{not json")
+    with pytest.warns(UserWarning, match=r"ignoring the timing cache .*latency.json"):
+        broken = TimingCache()
+    assert broken.get(key) is None
+    broken.put(key, 3.0)
+    assert TimingCache().get(key) == 3.0
+
+
+def test_benchmark_quick_profile_runs_and_resumes(tmp_path, monkeypatch, capsys):
+    """benchmarks/latency.py --quick: a row per (batch, back end) appended at once; a rerun skips them."""
+    spec = importlib.util.spec_from_file_location("latency_benchmark", ROOT / "benchmarks" / "latency.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setenv("FXTUCKER_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "latency.json"
+    threads = torch.get_num_threads()
+    assert bench.main(["--quick", "--out", str(out)]) == 0
+    assert torch.get_num_threads() == threads  # restored
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["input_size"], r["batch"], r["backend"]) for r in rows] == [("resnet18", 32, 1, "eager")]
+    row = rows[0]
+    assert row["speedup"] == pytest.approx(row["baseline_ms"] / row["compressed_ms"])
+    assert row["macs_ratio"] == pytest.approx(row["baseline_macs"] / row["compressed_macs"]) and row["macs_ratio"] > 1.5
+    assert sum(row["forms"].values()) == 20 and row["layers_slower_than_dense"] == 0  # resnet18: 20 convs
+    assert bench.main(["--quick", "--out", str(out)]) == 0
+    assert "skip fxtucker resnet18 batch 1 eager" in capsys.readouterr().out
+    assert json.loads(out.read_text())["rows"] == rows

@@ -1,0 +1,187 @@
+"""Latency of the compressed model against its BN-folded original, side by side, on each back end.
+
+    .venv/bin/python benchmarks/latency.py                 # resnet18 at 224x224, 2 threads, batch 1 and 8
+    .venv/bin/python benchmarks/latency.py --quick         # a smoke run: resnet18 at 32x32, eager, batch 1
+    .venv/bin/python benchmarks/latency.py --torch-pruning # also Torch-Pruning at the same MACs (pip install fxtucker[bench])
+
+For each (model, batch, back end) the baseline is ``optimize_for_inference(model, x)`` (BatchNorm
+folded, nothing decomposed) and the compressed model is ``optimize_for_inference(model, x,
+ranks=R, backend=B, round_to=16)`` (per-layer forms chosen by timing on B). Both are timed in the
+same run, alternately, ``--rounds`` times a median of ``--repeats`` runs each; the row keeps the
+median over rounds. Each finished row is appended to the output JSON ({"rows": [...]}) at once; a
+rerun skips the rows already there (``--force`` redoes them). Random weights: latency does not
+depend on them. Run it on a quiet machine: other processes on the same cores distort every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import fxtucker
+from fxtucker import models
+from fxtucker.deploy import optimize_for_inference
+from fxtucker.latency import measure_latency
+
+RESULTS = Path(__file__).parent / "results" / "latency.json"
+FULL = dict(models=["resnet18"], input_size=224, batches=[1, 8], backends=["eager", "compile", "onnxruntime"],
+            threads=2, ranks=0.5, round_to=16, repeats=20, rounds=5)
+QUICK = dict(models=["resnet18"], input_size=32, batches=[1], backends=["eager"], threads=1, ranks=0.5,
+             round_to=16, repeats=5, rounds=2)
+# The issue's goals: MACs at ranks=0.5 at least halved, and these speed-ups at batch 1 and 8.
+GOALS = {"eager": 1.7, "compile": 2.1, "onnxruntime": 2.2}
+
+
+def _key(row: dict) -> tuple:
+    return (row["method"], row["model"], row["input_size"], row["batch"], row["backend"], row["threads"],
+            row["ranks"], row["round_to"])
+
+
+def _load(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["rows"] if path.is_file() else []
+
+
+def _append(path: Path, row: dict) -> None:
+    """Add ``row`` to the file at once (atomically), replacing a row with the same key."""
+    rows = [r for r in _load(path) if _key(r) != _key(row)] + [row]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".latency-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump({"rows": rows}, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def side_by_side(baseline, compressed, x, backend: str, threads: int, repeats: int, rounds: int) -> tuple[float, float]:
+    """Median over ``rounds`` of each model's median of ``repeats`` runs, timed alternately (ABBA order)."""
+    times: dict[str, list[float]] = {"base": [], "comp": []}
+    for i in range(rounds):
+        order = [("base", baseline), ("comp", compressed)]
+        for name, model in order if i % 2 == 0 else order[::-1]:
+            times[name].append(measure_latency(model, x, backend=backend, threads=threads, repeats=repeats))
+    return statistics.median(times["base"]), statistics.median(times["comp"])
+
+
+def _layers_slower(gm) -> int:
+    """Layers whose kept form was timed slower than the original conv (possible only under max_macs)."""
+    return sum(1 for l in fxtucker.report(gm).layers
+               if l.timings_ms and dict(l.timings_ms)[l.form] > dict(l.timings_ms)["dense"])
+
+
+def _torch_pruning(model, x, target_macs: int):
+    """Torch-Pruning (magnitude, L2 of each channel group) at the given MACs: prune in small steps until at or under."""
+    import torch_pruning as tp
+
+    model = copy.deepcopy(model).eval()
+    pruner = tp.pruner.MagnitudePruner(model, x, importance=tp.importance.MagnitudeImportance(p=2),
+                                       iterative_steps=200, pruning_ratio=0.95,
+                                       ignored_layers=[m for m in model.modules() if isinstance(m, torch.nn.Linear)])
+    for _ in range(200):
+        if fxtucker.count_macs(model, x) <= target_macs:
+            break
+        pruner.step()
+    return model
+
+
+def run_row(args, model_name: str, batch: int, backend: str, method: str) -> dict:
+    torch.manual_seed(0)
+    model = models.get_model(model_name, num_classes=1000, in_channels=3, checkpoint=None).eval()
+    x = torch.randn(batch, 3, args.input_size, args.input_size)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        baseline = optimize_for_inference(model, x)
+        compressed = optimize_for_inference(model, x, ranks=args.ranks, backend=backend, round_to=args.round_to,
+                                            threads=args.threads)
+        if method == "torch-pruning":
+            pruned = _torch_pruning(model, x, fxtucker.count_macs(compressed, x))
+            compressed = optimize_for_inference(pruned, x)  # its BatchNorms folded too, as the baseline's
+    prepare_s = time.perf_counter() - start
+    base_ms, comp_ms = side_by_side(baseline, compressed, x, backend, args.threads, args.repeats, args.rounds)
+    base_macs, comp_macs = fxtucker.count_macs(baseline, x), fxtucker.count_macs(compressed, x)
+    row = dict(method=method, model=model_name, input_size=args.input_size, batch=batch, backend=backend,
+               threads=args.threads, ranks=args.ranks, round_to=args.round_to, baseline_ms=base_ms,
+               compressed_ms=comp_ms, speedup=base_ms / comp_ms, baseline_macs=base_macs, compressed_macs=comp_macs,
+               macs_ratio=base_macs / comp_macs, repeats=args.repeats, rounds=args.rounds,
+               prepare_s=round(prepare_s, 2), torch=torch.__version__, python=platform.python_version(),
+               cpus=os.cpu_count(), quick=args.quick)
+    if method == "fxtucker":
+        forms = [l.form for l in fxtucker.report(compressed).layers if l.form]
+        row.update(forms={f: forms.count(f) for f in sorted(set(forms))}, layers_slower_than_dense=_layers_slower(compressed))
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the smoke profile: resnet18 at 32x32, eager, batch 1")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"results file (default {RESULTS})")
+    parser.add_argument("--models", nargs="+")
+    parser.add_argument("--input-size", type=int)
+    parser.add_argument("--batches", nargs="+", type=int)
+    parser.add_argument("--backends", nargs="+", choices=list(GOALS))
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--ranks", type=float)
+    parser.add_argument("--round-to", type=int)
+    parser.add_argument("--repeats", type=int)
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--torch-pruning", action="store_true", help="also Torch-Pruning at the same MACs")
+    parser.add_argument("--force", action="store_true", help="redo rows that are already in --out")
+    args = parser.parse_args(argv)
+    for name, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _run(args) -> int:
+    methods = ["fxtucker"] + (["torch-pruning"] if args.torch_pruning else [])
+    if args.torch_pruning:
+        try:
+            import torch_pruning  # noqa: F401
+        except ImportError:
+            print("--torch-pruning needs torch-pruning: pip install fxtucker[bench]", file=sys.stderr)
+            return 2
+    done = {_key(r) for r in _load(args.out)}
+    for method in methods:
+        for model_name in args.models:
+            for batch in args.batches:
+                for backend in args.backends:
+                    probe = dict(method=method, model=model_name, input_size=args.input_size, batch=batch,
+                                 backend=backend, threads=args.threads, ranks=args.ranks, round_to=args.round_to)
+                    if _key(probe) in done and not args.force:
+                        print(f"skip {method} {model_name} batch {batch} {backend}: already in {args.out}")
+                        continue
+                    row = run_row(args, model_name, batch, backend, method)
+                    _append(args.out, row)
+                    print(f"{method} {model_name} {args.input_size}x{args.input_size} batch {batch} {backend}: "
+                          f"{row['baseline_ms']:.2f} -> {row['compressed_ms']:.2f} ms ({row['speedup']:.2f}x), "
+                          f"MACs {row['macs_ratio']:.2f}x fewer", flush=True)
+    rows = [r for r in _load(args.out) if r["input_size"] == args.input_size and r["threads"] == args.threads]
+    if rows:
+        print(f"\n| method | model | batch | back end | baseline ms | compressed ms | speed-up (goal) | MACs ratio |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            goal = f" ({GOALS[r['backend']]}x)" if r["method"] == "fxtucker" else ""
+            print(f"| {r['method']} | {r['model']} | {r['batch']} | {r['backend']} | {r['baseline_ms']:.2f} | "
+                  f"{r['compressed_ms']:.2f} | {r['speedup']:.2f}x{goal} | {r['macs_ratio']:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
