@@ -51,7 +51,7 @@ def _randomize_bn(model):
     return model
 
 
-def _compressed(dtype=torch.float64, fold=False):
+def _compressed(dtype=torch.float64, fold=False, **fold_or_restore_kw):
     """Net through the whole chain, with components pruned in b, g (a whole rank of g) and fc."""
     torch.manual_seed(0)
     model = _randomize_bn(Net()).to(dtype).eval()
@@ -65,7 +65,7 @@ def _compressed(dtype=torch.float64, fold=False):
         gated.get_submodule("b.gate_in").weight[:5] = 0.0
         gated.get_submodule("g.gate_in").weight[:] = 0.0  # every input component of g: rank 0
         gated.get_submodule("fc.gate_in").weight[:3] = 0.0
-    final = fold_or_restore(strip_gates(gated, 1e-6), x)
+    final = fold_or_restore(strip_gates(gated, 1e-6), x, **fold_or_restore_kw)
     return (fold_bn(final) if fold else final), x
 
 
@@ -109,6 +109,29 @@ def test_manifest_round_trip(tmp_path, fold):
     assert {l["name"]: (l["decision"], l["ranks"]) for l in data["layers"]}["b"] == ("decomposed", [3, 8])
     assert [b["folded"] for b in data["batchnorms"]] == ([True, True] if fold else [])
     assert data["state_dict"]["b.first.weight"] == {"shape": [3, 32, 1, 1], "dtype": "float64"}
+
+
+@pytest.mark.parametrize("form", ["merge_first", "merge_last"])
+def test_manifest_round_trip_of_latency_forms(tmp_path, monkeypatch, form):
+    """fold_or_restore(cost="latency") may keep a Tucker-1 merge; load rebuilds it. The timings are
+    stubbed so that ``form`` wins wherever it is offered (a merge is a 2-module chain with a kxk conv)."""
+    fold_module = sys.modules["fxtucker.passes.fold_or_restore"]
+
+    def fake_time(chain, *args):
+        kxk = [m for m in chain if getattr(m, "kernel_size", (1,)) != (1,) * len(getattr(m, "kernel_size", (1,)))]
+        is_form = len(chain) == 2 and len(kxk) == 1 and (chain[0] is kxk[0]) == (form == "merge_first")
+        return 1.0 if is_form else 2.0
+
+    monkeypatch.setattr(fold_module, "_time_chain", fake_time)
+    final, x = _compressed(fold=True, cost="latency")
+    forms = {r.name: r.form for r in fxtucker.report(final).layers}
+    assert forms["b"] == forms["g"] == form
+    export(final, x, tmp_path / "m", "manifest", model_factory=lambda: Net().double())
+    loaded = load(tmp_path / "m", lambda: Net().double())
+    gone = "b_first" if form == "merge_first" else "b_last"
+    assert gone not in final.code and loaded.code == final.code
+    torch.testing.assert_close(loaded(x), final(x), **EXACT)
+    assert graph_record(loaded) == graph_record(final)
 
 
 def test_manifest_of_a_model_fold_bn_alone_touched(tmp_path):
@@ -477,3 +500,28 @@ def test_cli_unknown_format_and_parity_failure(tmp_path, resnet20_run, monkeypat
     monkeypatch.setattr(torch.jit, "load", lambda *a, **k: (lambda m: (lambda x: m(x) + 1.0))(real_load(*a, **k)))
     assert main(["export", "--from", str(run), "--format", "torchscript", "--out", str(tmp_path / "m.pt")]) == 1
     assert "fxtucker export: parity check failed: the reloaded torchscript model does not match" in capsys.readouterr().err
+
+
+FASHION = __import__("pathlib").Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FASHION.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_cli_compress_writes_a_manifest_that_export_reads(tmp_path, capsys):
+    config = tmp_path / "tiny.toml"
+    config.write_text("train_epochs = 0\nreg_epochs = 1\nfinetune_epochs = 0\ntarget_speedup = 1.5\n")
+    run = tmp_path / "run"
+    assert main(["compress", "--model", "resnet20", "--dataset", "fashion-mnist", "--config", str(config),
+                 "--train-subset", "128", "--eval-subset", "64", "--baseline-epochs", "1", "--no-progress",
+                 "--out", str(run)]) == 0
+    assert "compressed_state_dict.pt, manifest/" in capsys.readouterr().out
+    manifest = read_manifest(run / "manifest")
+    assert manifest["extra"] == {"model": "resnet20", "num_classes": 10, "in_channels": 1,
+                                 "input_shape": [1, 1, 28, 28], "dataset": "fashion-mnist"}
+    assert manifest["config"]["target_speedup"] == 1.5 and manifest["seed"] == 0
+    assert any(r.decision == "decomposed" for r in manifest["layers"])
+    state = torch.load(run / "compressed_state_dict.pt", weights_only=True)
+    loaded = fxtucker.load(run / "manifest", lambda: models.get_model("resnet20", num_classes=10, in_channels=1))
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+    assert main(["export", "--from", str(run), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
+    assert "reloaded and checked on a 1x1x28x28 input" in capsys.readouterr().out
