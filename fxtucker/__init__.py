@@ -21,6 +21,8 @@ from fxtucker.passes import (
 from fxtucker.report import Report, report
 from fxtucker.compress import CompressConfig, CompressResult, compress
 from fxtucker.export import ExportError, ExportResult, export, load
+from fxtucker.latency import measure_latency
+from fxtucker.deploy import optimize_for_inference
 
 __all__ = [
     "__version__",
@@ -45,4 +47,6 @@ __all__ = [
     "load",
     "ExportError",
     "ExportResult",
+    "measure_latency",
+    "optimize_for_inference",
 ]

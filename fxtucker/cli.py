@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -36,6 +37,39 @@ def _ranks(text: str):
         raise argparse.ArgumentTypeError(f"--ranks {text!r}: give a fraction in (0, 1], 'vbmf' or 'full'") from None
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"--ranks {text!r}: a fraction must be in (0, 1]")
+    return value
+
+
+def _positive(text: str) -> int:
+    """An integer >= 1 (channels, sizes, counts, epochs, threads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give an integer >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give an integer >= 1")
+    return value
+
+
+def _seed(text: str) -> int:
+    """A seed: an integer in [0, 2**32)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give a seed in [0, 2**32)") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a seed in [0, 2**32)")
+    return value
+
+
+def _threshold(text: str) -> float:
+    """A gate threshold: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a finite number >= 0") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number >= 0 (untrained gates: 0)")
     return value
 
 
@@ -298,6 +332,49 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from fxtucker.deploy import optimize_for_inference
+
+    if args.ranks is None:
+        raise _UsageError("bench compares the original with a compressed model: give --ranks a fraction in (0, 1] "
+                          "or 'vbmf', not 'full'")
+    torch.manual_seed(args.seed)
+    model = _model(args.model, args.num_classes, args.in_channels, args.checkpoint).eval()
+    x = torch.randn(args.batch, args.in_channels, args.input_size, args.input_size)
+    baseline = optimize_for_inference(model, x)
+    macs_before = fxtucker.count_macs(baseline, x)
+    threads = args.threads or torch.get_num_threads()
+    print(f"{args.model} at {args.input_size}x{args.input_size}, batch {args.batch}, {threads} thread(s); original: "
+          f"BatchNorm folded; compressed: ranks {args.ranks}" + (f" rounded to {args.round_to}" if args.round_to else "")
+          + ", each layer's form chosen by timing on the back end")
+    rows = [("back end", "original ms", "compressed ms", "speed-up", "original MACs", "compressed MACs", "MACs ratio")]
+    summary = []
+    for backend in args.backend:
+        try:
+            compressed = optimize_for_inference(model, x, ranks=args.ranks, backend=backend, round_to=args.round_to,
+                                                threads=args.threads)
+            before = measure_latency(baseline, x, backend=backend, threads=args.threads, repeats=args.repeats)
+            after = measure_latency(compressed, x, backend=backend, threads=args.threads, repeats=args.repeats)
+        except ImportError as exc:
+            raise _UsageError(str(exc)) from None
+        macs_after = fxtucker.count_macs(compressed, x)
+        rows.append((backend, f"{before:.2f}", f"{after:.2f}", f"{before / after:.2f}x", f"{macs_before:,}",
+                     f"{macs_after:,}", f"{macs_before / macs_after:.2f}x"))
+        summary.append({"backend": backend, "original_ms": before, "compressed_ms": after, "speedup": before / after,
+                        "original_macs": macs_before, "compressed_macs": macs_after})
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    if args.json:
+        out_path = Path(args.json)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps({"model": args.model, "input_size": args.input_size, "batch": args.batch,
+                                        "threads": threads, "ranks": args.ranks, "round_to": args.round_to,
+                                        "rows": summary}, indent=2))
+        print(f"wrote {out_path}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxtucker", description=fxtucker.__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"fxtucker {fxtucker.__version__}")
@@ -305,15 +382,15 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="run the pass chain at given ranks (nothing trained) and print the report")
     p.add_argument("--model", required=True, help="a torchvision classification model or resnet20/32/56, vgg_small")
     p.add_argument("--ranks", type=_ranks, default=0.5, help="fraction of each mode in (0, 1], 'vbmf' or 'full' (default 0.5)")
-    p.add_argument("--threshold", type=float, default=0.0, help="strip gates below this (untrained gates: keep 0)")
+    p.add_argument("--threshold", type=_threshold, default=0.0, help="strip gates below this (untrained gates: keep 0)")
     p.add_argument("--linear", action="store_true", help="also decompose Linear layers")
     p.add_argument("--checkpoint", help="state_dict of trained weights (loaded with weights_only=True)")
-    p.add_argument("--input-size", type=int, default=224)
-    p.add_argument("--in-channels", type=int, default=3)
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for the latency measurement")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--input-size", type=_positive, default=224)
+    p.add_argument("--in-channels", type=_positive, default=3)
+    p.add_argument("--num-classes", type=_positive, default=1000)
+    p.add_argument("--batch", type=_positive, default=1)
+    p.add_argument("--threads", type=_positive, default=None, help="CPU threads for the latency measurement")
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--graph", action="store_true", help="print the graph before and after")
     p.add_argument("--json", help="also write the numbers and the report to this JSON file")
     p.set_defaults(func=_inspect)
@@ -326,13 +403,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--checkpoint", help="trained weights (state_dict, loaded with weights_only=True); "
                                         "without it the baseline is trained first")
     c.add_argument("--quick", action="store_true", help="a ~10 minute run: data subsets and short stages")
-    c.add_argument("--baseline-epochs", type=int, help="epochs of baseline training (default 4 with --quick, else 30)")
-    c.add_argument("--batch-size", type=int, default=128)
-    c.add_argument("--train-subset", type=int, help="train on a fixed random subset of this many images")
-    c.add_argument("--eval-subset", type=int, help="evaluate on a fixed random subset of this many images")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--baseline-epochs", type=_positive, help="epochs of baseline training (default 4 with --quick, else 30)")
+    c.add_argument("--batch-size", type=_positive, default=128)
+    c.add_argument("--train-subset", type=_positive, help="train on a fixed random subset of this many images")
+    c.add_argument("--eval-subset", type=_positive, help="evaluate on a fixed random subset of this many images")
+    c.add_argument("--seed", type=_seed, default=0)
     c.add_argument("--resume", action="store_true", help="continue a killed run from the checkpoints in --out")
-    c.add_argument("--threads", type=int, default=None, help="CPU threads for the latency measurement")
+    c.add_argument("--threads", type=_positive, default=None, help="CPU threads for the latency measurement")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.add_argument("--out", help="output directory: logs, checkpoints, report.json, report.md "
                                  "(default runs/<model>-<dataset>[-quick])")
@@ -357,6 +434,24 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance of the parity check")
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=_export)
+
+    from fxtucker.latency import BACKENDS
+
+    b = sub.add_parser("bench", help="time the BN-folded original against the compressed model on each back end")
+    b.add_argument("--model", required=True, help="a torchvision classification model or resnet20/32/56, vgg_small")
+    b.add_argument("--ranks", type=_ranks, default=0.5, help="fraction of each mode in (0, 1] or 'vbmf' (default 0.5)")
+    b.add_argument("--backend", nargs="+", default=["eager"], choices=BACKENDS, help="one or more (default eager)")
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's setting)")
+    b.add_argument("--input-size", type=int, default=224)
+    b.add_argument("--round-to", type=int, default=None, help="round fractional ranks up to a multiple of this")
+    b.add_argument("--in-channels", type=int, default=3)
+    b.add_argument("--num-classes", type=int, default=1000)
+    b.add_argument("--checkpoint", help="state_dict of trained weights (loaded with weights_only=True)")
+    b.add_argument("--repeats", type=int, default=20, help="timed runs per model (the median is shown)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--json", help="also write the numbers to this JSON file")
+    b.set_defaults(func=_bench)
     return parser
 
 

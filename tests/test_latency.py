@@ -10,7 +10,9 @@ import pytest
 import torch
 import torch.nn as nn
 
+import fxtucker
 from fxtucker.latency import TimingCache, cache_dir, measure_latency
+from fxtucker.models import get_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,3 +140,34 @@ def test_benchmark_quick_profile_runs_and_resumes(tmp_path, monkeypatch, capsys)
     assert bench.main(["--quick", "--out", str(out)]) == 0
     assert "skip fxtucker resnet18 batch 1 eager" in capsys.readouterr().out
     assert json.loads(out.read_text())["rows"] == rows
+
+
+def test_cli_bench_prints_every_back_end_side_by_side(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("onnxruntime")
+    from fxtucker.cli import main
+
+    monkeypatch.setenv("FXTUCKER_CACHE_DIR", str(tmp_path))
+    argv = ["bench", "--model", "resnet20", "--input-size", "16", "--num-classes", "10", "--backend", "eager",
+            "onnxruntime", "--threads", "1", "--repeats", "3", "--round-to", "8", "--json", str(tmp_path / "b.json")]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("resnet20 at 16x16, batch 1, 1 thread(s)") and "ranks 0.5 rounded to 8" in lines[0]
+    assert lines[1].split() == ["back", "end", "original", "ms", "compressed", "ms", "speed-up", "original", "MACs",
+                                "compressed", "MACs", "MACs", "ratio"]
+    assert [l.split()[0] for l in lines[2:4]] == ["eager", "onnxruntime"]
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    macs = fxtucker.count_macs(get_model("resnet20", num_classes=10), torch.randn(1, 3, 16, 16))
+    for line, row in zip(lines[2:4], rows):
+        assert line.split()[1:4] == [f"{row['original_ms']:.2f}", f"{row['compressed_ms']:.2f}", f"{row['speedup']:.2f}x"]
+        assert row["original_macs"] == macs and row["compressed_macs"] < macs
+
+
+def test_cli_bench_errors(capsys):
+    from fxtucker.cli import main
+
+    assert main(["bench", "--model", "resnet20", "--ranks", "full"]) == 2
+    assert "bench compares the original with a compressed model: give --ranks a fraction" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--model", "resnet20", "--backend", "tvm"])
+    err = capsys.readouterr().err
+    assert "invalid choice: 'tvm'" in err and all(b in err for b in ("eager", "compile", "onnxruntime"))
