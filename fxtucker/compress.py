@@ -70,6 +70,7 @@ class CompressConfig:
     c_factor: Optional[float] = None
     c_every: Optional[int] = None
     threshold: float = 0.01
+    round_to: Optional[int] = None  # kept ranks rounded up to a multiple of this (strip_gates); the budget counts it
     target_macs: Optional[int] = None
     target_speedup: Optional[float] = None
     steer: bool = True
@@ -114,6 +115,9 @@ class CompressConfig:
         for name in ("steer", "relative_gates", "proximal"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"CompressConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.round_to is not None and (isinstance(self.round_to, bool) or not isinstance(self.round_to, numbers.Integral)
+                                          or self.round_to < 1):
+            raise ValueError(f"CompressConfig.round_to must be None or an integer >= 1 (e.g. 8 or 16), got {self.round_to!r}")
         if isinstance(self.steer_every, bool) or not isinstance(self.steer_every, numbers.Integral) or self.steer_every < 1:
             raise ValueError(f"CompressConfig.steer_every must be an integer >= 1 (optimizer steps), got {self.steer_every!r}")
         self.c_schedule_fn()  # validates the schedule's arguments
@@ -433,7 +437,7 @@ def compress(
                           epochs=config.reg_epochs, every=config.steer_every, relative=config.relative_gates,
                           proximal=config.proximal)
     rel = config.relative_gates
-    threshold_fn = ((lambda g: threshold_for_budget(g, target, relative=rel)) if target is not None
+    threshold_fn = ((lambda g: threshold_for_budget(g, target, relative=rel, round_to=config.round_to)) if target is not None
                     else (lambda g: config.threshold))
     history += train(gated, train_data, config.stage_config(config.reg_epochs, config.reg_lr), penalty=penalty,
                      epoch_stats=_gate_stats(threshold_fn, penalty), stage="regularize", **kw)
@@ -442,7 +446,7 @@ def compress(
     rep["stages"]["regularized"] = {"accuracy": acc(gated), "gate_histogram": gate_histogram(gated, relative=config.relative_gates)}
 
     # strip, then keep each decomposition only where it is cheaper (gates folded into weights)
-    final = fold_or_restore(strip_gates(gated, threshold, relative=rel), *inputs)
+    final = fold_or_restore(strip_gates(gated, threshold, config.round_to, relative=rel), *inputs)
     rep["stages"]["pruned"] = {"accuracy": acc(final), "macs": sum(n.meta["macs"] for n in final.graph.nodes)}
 
     # 4. fine-tune the compressed model

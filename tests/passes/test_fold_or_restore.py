@@ -349,3 +349,26 @@ def test_latency_on_compile(timing_cache):
     final = fold_or_restore(decomposed, x, cost="latency", backend="compile", threads=1)
     assert all(l.timed_on == "compile/cpu/1 thread" for l in fxtucker.report(final).layers)
     assert rel_error(final(x), decomposed(x)) < REL_CHAIN_FLOAT32
+
+
+def test_threshold_for_budget_with_round_to_meets_the_budget_exactly():
+    from fxtucker.compress import CompressConfig, threshold_for_budget
+
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 32, 32)
+    gated = cost_model(insert_gates(decompose_conv(fxtucker.trace(model))), x)
+    with torch.no_grad():
+        for layer in fxtucker.gates(gated).values():
+            for gate in layer.values():
+                gate.copy_(torch.rand(gate.shape))
+    target = fxtucker.count_macs(model, x) // 2
+    th = threshold_for_budget(gated, target, round_to=16)
+    final = fold_or_restore(strip_gates(gated, th, 16), x)
+    assert fxtucker.count_macs(final, x) == predict_macs(gated, th, 16) <= target
+    # the threshold is the smallest that fits: the next gate value below it would not
+    below = max(v for v in torch.cat([g.detach().abs().flatten().double() for l in fxtucker.gates(gated).values()
+                                      for g in l.values()]).tolist() if v < th)
+    assert predict_macs(gated, below, 16) > target
+    assert all(r % 16 == 0 or r == f for l in fxtucker.report(final).layers for r, f in zip(l.ranks, l.full_ranks) if r)
+    with pytest.raises(ValueError, match=r"CompressConfig.round_to must be None or an integer >= 1"):
+        CompressConfig(round_to=0)
