@@ -550,16 +550,21 @@ def _rebuild(model: nn.Module, manifest: dict, leaf_modules: Sequence[type]) -> 
                 raise ValueError(f"the manifest does not fit the model that model_factory() returned: {exc}") from None
     for rec in decomposed.values():
         _merge(gm, rec)
-    folded = {(b.name, b.conv) for b in manifest["batchnorms"] if b.folded}
-    if folded:
+    # The BatchNorm calls the exported graph no longer has were folded (whenever fold_bn ran: the
+    # node list says so even where a later decompose_conv dropped fold_bn's record).
+    exported = {n["name"] for n in manifest["nodes"]}
+    gone = [n.name for n in gm.graph.nodes if n.op == "call_module" and n.name not in exported
+            and isinstance(gm.get_submodule(n.target), nn.modules.batchnorm._BatchNorm)]
+    if gone:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            gm = fold_bn(gm, inplace=True)
-        got = {(b.name, b.conv) for b in graph_record(gm).batchnorms if b.folded}
-        if got != folded:
-            raise ValueError(f"folding BatchNorm on the rebuilt model gives {sorted(got - folded)[:3]} beyond and lacks "
-                             f"{sorted(folded - got)[:3]} of the manifest's folds: model_factory() does not return "
-                             f"the exported architecture")
+            gm = fold_bn(gm, nodes=gone, inplace=True)
+        left = [b.node for b in graph_record(gm).batchnorms if b.node in gone and not b.folded]
+        if left:
+            reason = next(b.reason for b in graph_record(gm).batchnorms if b.node == left[0])
+            raise ValueError(f"the exported graph has no BatchNorm node {left[0]!r}, but on the model from "
+                             f"model_factory() it cannot be folded ({reason}); model_factory() must return the "
+                             f"architecture the manifest was exported from")
     # The structure must now be the exported one, node for node.
     want = [(n["name"], n["op"], n.get("target")) for n in manifest["nodes"]]
     have = [(n.name, n.op, n.target if n.op in ("call_module", "get_attr") else None) for n in gm.graph.nodes]

@@ -6,7 +6,7 @@ import dataclasses
 import re
 import warnings
 from collections import Counter, defaultdict
-from typing import Optional
+from typing import Collection, Optional
 
 import torch
 import torch.fx as fx
@@ -104,7 +104,7 @@ def _fold(conv: nn.Module, bn: nn.Module) -> None:
     conv.bias = nn.Parameter(bias.to(w.dtype), requires_grad)
 
 
-def fold_bn(gm: fx.GraphModule, *, inplace: bool = False) -> fx.GraphModule:
+def fold_bn(gm: fx.GraphModule, *, nodes: Optional[Collection[str]] = None, inplace: bool = False) -> fx.GraphModule:
     """Fold every eval-mode BatchNorm that directly follows a conv into that conv's weight and bias.
 
     A ``BatchNorm1d/2d/3d`` call whose input is the output of an ``nn.Conv1d/2d/3d`` module
@@ -131,6 +131,9 @@ def fold_bn(gm: fx.GraphModule, *, inplace: bool = False) -> fx.GraphModule:
     Args:
         gm: a traced model, or the output of any pass of the chain after ``strip_gates``
             (``decompose_conv`` and ``fold_or_restore`` outputs work too).
+        nodes: fold only the BatchNorm calls with these graph node names (the others are left
+            as they are, without a record); None for all. ValueError for a name that is not a
+            BatchNorm call in the graph.
         inplace: rewrite ``gm`` itself instead of a deep copy.
 
     Returns:
@@ -163,9 +166,17 @@ def fold_bn(gm: fx.GraphModule, *, inplace: bool = False) -> fx.GraphModule:
     rec = graph_record(gm)
     records: list[BatchNormRecord] = []
     bias_gained: set[str] = set()
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.modules.batchnorm._BatchNorm):
-            continue
+    bn_nodes = [n for n in gm.graph.nodes
+                if n.op == "call_module" and isinstance(modules.get(n.target), nn.modules.batchnorm._BatchNorm)]
+    if nodes is not None:
+        if isinstance(nodes, str) or not all(isinstance(n, str) for n in nodes):
+            raise TypeError(f"nodes must be a collection of graph node names, got {nodes!r}")
+        unknown = sorted(set(nodes) - {n.name for n in bn_nodes})
+        if unknown:
+            raise ValueError(f"fold_bn: nodes names {unknown}, which are not BatchNorm calls in the graph; "
+                             f"BatchNorm nodes: {[n.name for n in bn_nodes]}")
+        bn_nodes = [n for n in bn_nodes if n.name in set(nodes)]
+    for node in bn_nodes:
         bn, src = modules[node.target], _input(node)
         conv = modules.get(src.target) if src is not None and src.op == "call_module" else None
         if not isinstance(conv, CONV_TYPES):
@@ -198,8 +209,9 @@ def fold_bn(gm: fx.GraphModule, *, inplace: bool = False) -> fx.GraphModule:
         if r.name in bias_gained and r.spec is not None else r
         for r in rec.layers
     )
-    # Folds from an earlier run stay on record; skips are decided again.
-    earlier = tuple(b for b in rec.batchnorms if b.folded)
+    # Folds from an earlier run stay on record; skips are decided again for the nodes looked at now.
+    considered = {n.name for n in bn_nodes}
+    earlier = tuple(b for b in rec.batchnorms if b.folded or b.node not in considered)
     set_graph_record(gm, dataclasses.replace(rec, layers=layers, stage="fold_bn", batchnorms=earlier + tuple(records)))
     skipped = [r for r in records if not r.folded]
     if skipped:

@@ -134,6 +134,21 @@ def test_manifest_round_trip_of_latency_forms(tmp_path, monkeypatch, form):
     assert graph_record(loaded) == graph_record(final)
 
 
+def test_manifest_when_fold_bn_ran_before_decompose_conv(tmp_path):
+    # decompose_conv starts a fresh record, so fold_bn's is gone; the node list still says which were folded.
+    model = _randomize_bn(Net()).double().eval()
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        decomposed = decompose_conv(cost_model(fold_bn(fxtucker.trace(model)), x), ranks=0.5, linear=True)
+    final = fold_or_restore(strip_gates(insert_gates(decomposed), 0.0), x)
+    assert graph_record(final).batchnorms == ()
+    export(final, x, tmp_path / "m", "manifest", model_factory=Net)
+    loaded = load(tmp_path / "m", Net)
+    torch.testing.assert_close(loaded(x), final(x), **EXACT)
+    assert loaded.code == final.code
+
+
 def test_manifest_of_a_model_fold_bn_alone_touched(tmp_path):
     model = _randomize_bn(Net()).eval()
     x = torch.randn(1, 3, 8, 8)

@@ -347,3 +347,20 @@ def test_second_run_keeps_earlier_folds_on_record():
     twice = fold_bn(once)
     assert twice.code == once.code
     assert graph_record(twice).batchnorms == graph_record(once).batchnorms
+
+
+def test_fold_only_the_named_nodes():
+    model = _randomize_bn(SmallNet()).double().eval()
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    gm = fxtucker.trace(model)
+    some = fold_bn(gm, nodes=["bn_b", "bn_p"])
+    assert [n.name for n in some.graph.nodes if n.name.startswith("bn_")] == ["bn_a", "bn_g"]
+    assert [(r.name, r.folded) for r in graph_record(some).batchnorms] == [("bn_b", True), ("bn_p", True)]
+    assert rel_error(some(x), model(x)) < REL_FLOAT64
+    rest = fold_bn(some)  # the others later; the earlier folds stay on record
+    assert _count_bn(rest) == 0 and len(graph_record(rest).batchnorms) == 4
+    with pytest.raises(ValueError, match=r"fold_bn: nodes names \['relu'\], which are not BatchNorm calls in the "
+                                         r"graph; BatchNorm nodes: \['bn_a', 'bn_b', 'bn_g', 'bn_p'\]"):
+        fold_bn(gm, nodes=["relu"])
+    with pytest.raises(TypeError, match="nodes must be a collection of graph node names, got 'bn_a'"):
+        fold_bn(gm, nodes="bn_a")
