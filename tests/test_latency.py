@@ -121,11 +121,17 @@ def test_timing_cache_persists_merges_and_survives_a_broken_file(monkeypatch, tm
     assert TimingCache().get(key) == 3.0
 
 
-def test_benchmark_quick_profile_runs_and_resumes(tmp_path, monkeypatch, capsys):
-    """benchmarks/latency.py --quick: a row per (batch, back end) appended at once; a rerun skips them."""
+def _benchmark_module():
+    """benchmarks/latency.py, loaded from its path (benchmarks/ is no package)."""
     spec = importlib.util.spec_from_file_location("latency_benchmark", ROOT / "benchmarks" / "latency.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_benchmark_quick_profile_runs_and_resumes(tmp_path, monkeypatch, capsys):
+    """benchmarks/latency.py --quick: a row per (batch, back end) appended at once; a rerun skips them."""
+    bench = _benchmark_module()
     monkeypatch.setenv("FXTUCKER_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "latency.json"
     threads = torch.get_num_threads()
@@ -171,3 +177,12 @@ def test_cli_bench_errors(capsys):
         main(["bench", "--model", "resnet20", "--backend", "tvm"])
     err = capsys.readouterr().err
     assert "invalid choice: 'tvm'" in err and all(b in err for b in ("eager", "compile", "onnxruntime"))
+
+
+def test_benchmark_torch_pruning_reaches_the_same_macs():
+    pytest.importorskip("torch_pruning")
+    model, x = get_model("resnet20", num_classes=10).eval(), torch.randn(1, 3, 16, 16)
+    target = fxtucker.count_macs(model, x) // 2
+    pruned = _benchmark_module()._torch_pruning(model, x, target)
+    assert 0.95 * target <= fxtucker.count_macs(pruned, x) <= target
+    assert fxtucker.count_macs(model, x) == 2 * target or fxtucker.count_macs(model, x) == 2 * target + 1  # untouched
