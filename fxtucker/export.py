@@ -80,7 +80,7 @@ class ExportResult:
 
     ``path`` is the file (or, for "manifest", the directory) written; ``files`` every file
     written; ``max_abs_error`` / ``max_rel_error`` the largest elementwise ``|out - ref|`` and
-    ``|out - ref| / |ref|`` over all outputs of the reloaded model on the example inputs;
+    ``|out - ref| / max(|ref|, atol)`` over all outputs of the reloaded model on the example inputs;
     ``method`` how the model was captured (e.g. ``"script"`` or ``"trace"`` for TorchScript).
     """
 
@@ -126,7 +126,8 @@ def _compare(ref: Any, got: Any, fmt: str, rtol: float, atol: float) -> tuple[fl
         diff = (g64 - r64).abs()
         both_nan = r64.isnan() & g64.isnan()
         diff = torch.where(both_nan, torch.zeros_like(diff), diff.nan_to_num(nan=math.inf))
-        rel = diff / r64.abs().clamp_min(torch.finfo(torch.float64).tiny)
+        # Relative to |ref|, floored at atol: a ReLU's exact zeros would make any rounding "infinitely" relative.
+        rel = diff / r64.abs().nan_to_num(nan=0.0).clamp_min(max(atol, torch.finfo(torch.float64).tiny))
         if diff.numel():
             max_abs, max_rel = max(max_abs, float(diff.max())), max(max_rel, float(rel.max()))
         n_bad = int((diff > atol + rtol * r64.abs().nan_to_num(nan=0.0)).sum())
@@ -164,7 +165,8 @@ def _export_onnx(model: nn.Module, inputs: tuple, path: Path) -> tuple[Any, tupl
     # Weights go inside the .onnx file unless they approach protobuf's 2 GB limit.
     large = sum(p.numel() * p.element_size() for p in model.parameters()) > 1 << 30
     torch.onnx.export(model, inputs, str(path), dynamo=True, verbose=False, external_data=large)
-    files = tuple(p for p in (path, path.with_name(path.name + ".data")) if p.exists())
+    data = path.with_name(path.name + ".data")
+    files = (path, data) if large and data.exists() else (path,)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     if len(names) != len(inputs):
