@@ -327,6 +327,11 @@ def get_dataset(
             to get them.
     """
     name = _check_name(name)
+    for arg, value in (("train", train), ("download", download)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"get_dataset: {arg} must be True or False, got {value!r}")
+    if root is not None and not isinstance(root, (str, os.PathLike)):
+        raise TypeError(f"get_dataset: root must be a path (str or os.PathLike) or None, got {type(root).__name__} {root!r}")
     if name == "fashion-mnist":
         return _fashion_mnist(bool(train), root, download)
     if name in _CIFAR_STATS:

@@ -102,6 +102,9 @@ def _onnx_runner(model: nn.Module, inputs: tuple, threads: Optional[int], device
 
 
 def _check_inputs(example_inputs: Union[torch.Tensor, Sequence[Any]]) -> tuple:
+    if not isinstance(example_inputs, (torch.Tensor, tuple, list)):
+        raise TypeError(f"measure_latency: example_inputs must be a tensor or a tuple/list of positional inputs, "
+                        f"got {type(example_inputs).__name__}")
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     return inputs
 
@@ -139,9 +142,12 @@ def measure_latency(
 
         >>> ms = measure_latency(model, torch.randn(1, 3, 224, 224), backend="compile", threads=2)
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"measure_latency: model must be an nn.Module, got {type(model).__name__}")
     check_backend(backend)
     check_device(device)
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or not isinstance(warmup, int) or repeats < 1 or warmup < 0:
+    if (isinstance(repeats, bool) or isinstance(warmup, bool) or not isinstance(repeats, int)
+            or not isinstance(warmup, int) or repeats < 1 or warmup < 0):
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive int or None (torch's current setting), got {threads!r}")

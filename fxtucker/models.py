@@ -221,6 +221,9 @@ def _format_keys(keys: list[str], limit: int = 5) -> str:
 
 def _load_checkpoint(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     """Load a state_dict file into ``model`` strictly, with errors that name the file and keys."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"get_model: checkpoint must be a path (str or os.PathLike) or None, got "
+                        f"{type(path).__name__} {path!r}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import operator
+import sys
 from typing import Any
 
 import torch
@@ -64,8 +67,10 @@ class _CostModel(ShapeProp):
     def __init__(self, gm: fx.GraphModule, include_elementwise: bool):
         super().__init__(gm)
         self.include_elementwise = include_elementwise
+        self.current: fx.Node | None = None  # the node being run, named when it fails
 
     def run_node(self, n: fx.Node) -> Any:
+        self.current = n
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         if self._has_formula(n):
             out = super().run_node(n)
@@ -157,6 +162,35 @@ class _CostModel(ShapeProp):
         return 0
 
 
+def _describe_input(t: Any) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"tensor {tuple(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device}"
+    return type(t).__name__
+
+
+def _check_inputs(gm: fx.GraphModule, example_inputs: tuple) -> None:
+    """A floating-point input must match the dtype and device of the model's floating-point parameters."""
+    params = [p for p in gm.parameters() if p.is_floating_point()]
+    if not params:
+        return
+    dtypes, devices = {p.dtype for p in params}, {p.device for p in params}
+    for i, t in enumerate(example_inputs):
+        if not isinstance(t, torch.Tensor):
+            continue
+        if t.is_floating_point() and len(dtypes) == 1 and t.dtype not in dtypes:
+            (dtype,) = dtypes
+            raise TypeError(
+                f"cost_model: example input {i} has dtype {t.dtype} but the model's parameters are {dtype}; "
+                f"pass the input as x.to({dtype}) or convert the model with model.to({t.dtype})"
+            )
+        if len(devices) == 1 and t.device not in devices:
+            (device,) = devices
+            raise ValueError(
+                f"cost_model: example input {i} is on {t.device} but the model's parameters are on {device}; "
+                f"pass the input as x.to({str(device)!r})"
+            )
+
+
 def cost_model(gm: fx.GraphModule, *example_inputs: Any, include_elementwise: bool = False) -> fx.GraphModule:
     """Annotate every node with its MACs, parameter count and output shape.
 
@@ -178,6 +212,11 @@ def cost_model(gm: fx.GraphModule, *example_inputs: Any, include_elementwise: bo
         example_inputs: the positional inputs of ``gm``, for one batch.
         include_elementwise: also count elementwise work (see above).
 
+    Raises:
+        TypeError: a floating-point input whose dtype is not the parameters' dtype.
+        ValueError: no inputs, an input on another device than the parameters, or inputs the
+            model does not run on (wrong shape, say); the message names the node that failed.
+
     Example::
 
         >>> gm = cost_model(fxtucker.trace(resnet18()), torch.randn(1, 3, 224, 224))
@@ -187,11 +226,30 @@ def cost_model(gm: fx.GraphModule, *example_inputs: Any, include_elementwise: bo
     check_graph_module(gm, "cost_model")
     if not example_inputs:
         raise ValueError("cost_model needs example inputs: call cost_model(gm, *example_inputs) with one batch")
+    if not isinstance(include_elementwise, bool):
+        raise TypeError(f"cost_model: include_elementwise must be True or False, got {include_elementwise!r}")
+    _check_inputs(gm, example_inputs)
     modes = {m: m.training for m in gm.modules()}
     gm.eval()
+    interpreter = _CostModel(gm, include_elementwise)
+    # ShapeProp prints a traceback before re-raising; the error below says it all, so what went
+    # to stderr is passed on only when the run succeeds.
+    stderr = io.StringIO()
     try:
-        with torch.no_grad():
-            _CostModel(gm, include_elementwise).propagate(*example_inputs)
+        with torch.no_grad(), contextlib.redirect_stderr(stderr):
+            interpreter.propagate(*example_inputs)
+        sys.stderr.write(stderr.getvalue())
+    except Exception as exc:
+        n = interpreter.current
+        cause = exc.__cause__ if exc.__cause__ is not None and "ShapeProp error" in str(exc) else exc
+        where = "" if n is None else f" at node {n.name!r} ({n.op} {getattr(n.target, '__name__', n.target)!s})"
+        found = ", ".join(_describe_input(t) for t in example_inputs)
+        first_line = (str(cause).strip().splitlines() or [""])[0]
+        raise ValueError(
+            f"cost_model could not run the model on the example inputs ({found}){where}: "
+            f"{type(cause).__name__}: {first_line}; pass one batch of the inputs the model expects "
+            f"(shape, dtype and device as in training)"
+        ) from cause
     finally:
         for m, training in modes.items():
             m.train(training)

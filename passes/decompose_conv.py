@@ -195,6 +195,8 @@ def plan_decomposition(gm: fx.GraphModule, ranks: RanksArg = None, *, linear: bo
     apply it. Arguments as in :func:`decompose_conv`.
     """
     gm = prepare(gm, inplace, "plan_decomposition")
+    if not isinstance(linear, bool):
+        raise TypeError(f"plan_decomposition: linear must be True or False, got {linear!r}")
     _check_ranks_arg(ranks, round_to)
     modules = dict(gm.named_modules())
     shared: dict[int, list[str]] = defaultdict(list)

@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from fxtucker.meta import CORE, FIRST, GATE_CORE, GATE_IN, GATE_OUT, LAST, FactorRecord, graph_record, set_graph_record
-from fxtucker.passes._common import factor_nodes, layer_nodes, finish, new_node, prepare
+from fxtucker.passes._common import check_graph_module, factor_nodes, layer_nodes, finish, new_node, prepare
 
 __all__ = ["insert_gates", "gates", "Gate", "UnitNorm"]
 
@@ -137,6 +137,8 @@ def insert_gates(gm: fx.GraphModule, *, balance: bool = True, inplace: bool = Fa
         >>> fxtucker.gates(gated)["layer1.0.conv1"]["gate_in"].shape
         torch.Size([64])
     """
+    if not isinstance(balance, bool):
+        raise TypeError(f"insert_gates: balance must be True or False, got {balance!r}")
     gm = prepare(gm, inplace, "insert_gates")
     by_source = layer_nodes(gm)
     if not by_source:
@@ -180,6 +182,7 @@ def gates(gm: fx.GraphModule) -> dict[str, dict[str, nn.Parameter]]:
 
     The tensors are the live parameters, for a regularizer to read during training.
     """
+    check_graph_module(gm, "gates")
     out: dict[str, dict[str, nn.Parameter]] = defaultdict(dict)
     for _, rec in factor_nodes(gm):
         if rec.role.startswith("gate"):
