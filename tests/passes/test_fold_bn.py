@@ -364,3 +364,25 @@ def test_fold_only_the_named_nodes():
         fold_bn(gm, nodes=["relu"])
     with pytest.raises(TypeError, match="nodes must be a collection of graph node names, got 'bn_a'"):
         fold_bn(gm, nodes="bn_a")
+
+
+@pytest.mark.parametrize("name,folded,left", [
+    ("mobilenet_v3_small", 34, 0),  # depthwise convs, SE blocks, Hardswish
+    ("efficientnet_b0", 49, 0),
+    ("regnet_x_400mf", 71, 0),  # grouped convs
+    ("googlenet", 57, 0),
+    ("densenet121", 59, 62),  # norm1 of each dense layer follows a concat
+])
+def test_torchvision_models(name, folded, left):
+    kw = {"aux_logits": False, "init_weights": False} if name == "googlenet" else {}
+    model = _randomize_bn(torchvision.models.get_model(name, num_classes=10, **kw)).double().eval()
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fold_bn(fxtucker.trace(model))
+    recs = graph_record(out).batchnorms
+    assert (sum(r.folded for r in recs), sum(not r.folded for r in recs)) == (folded, left)
+    assert all(r.reason.startswith("its input is cat()") for r in recs if not r.folded)
+    assert len(caught) == (1 if left else 0)
+    with torch.no_grad():
+        assert rel_error(out(x), model(x)) < REL_FLOAT64
