@@ -1,7 +1,5 @@
 """fxtucker.export / fxtucker.load and `fxtucker export`: every format reloads to the same function."""
 
-import copy
-import dataclasses
 import json
 import sys
 import warnings

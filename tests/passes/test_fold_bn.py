@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import fxtucker
 from fxtucker.meta import BatchNormRecord, FactorRecord, FoldRecord, graph_record
 from fxtucker.passes import cost_model, decompose_conv, fold_bn, fold_or_restore, insert_gates, strip_gates
-from tests.conftest import REL_FLOAT64, REL_FOLD_FLOAT32, reference, rel_error
+from tests.conftest import REL_FLOAT64, REL_FOLD_FLOAT32, rel_error
 from tests.strategies import conv_and_input
 
 BN = nn.modules.batchnorm._BatchNorm
