@@ -12,6 +12,7 @@ from torch.nn.utils import parametrize
 
 from fxtucker.meta import CORE, FIRST, GATE_CORE, GATE_IN, GATE_OUT, LAST, FactorRecord, graph_record, set_graph_record
 from fxtucker.passes._common import check_graph_module, factor_nodes, layer_nodes, finish, new_node, prepare
+from fxtucker.passes.decompose_conv import compute_dtype
 
 __all__ = ["insert_gates", "gates", "Gate", "UnitNorm"]
 
@@ -86,17 +87,20 @@ def _balance(first: nn.Module, core: nn.Module) -> None:
     groups = core.groups
     with torch.no_grad():
         w = core.weight  # (g*R2, R1, *k)
-        g = w.reshape(groups, w.shape[0] // groups, w.shape[1], -1)
+        # In the precision decompose_conv computed the factors in (float32 for fp16/bf16): the
+        # rounding noise below is that of the HOSVD, and fp16's eps would zero live slices.
+        dtype = compute_dtype(w.dtype)
+        g = w.to(dtype).reshape(groups, w.shape[0] // groups, w.shape[1], -1)
         norms = g.norm(dim=(1, 3))  # (groups, R1): per group, per input slice
         # Slices below the numerical rank (torch.linalg.matrix_rank's default tolerance) hold
         # rounding noise; divided by their norms they would pose as unit-norm components, so they
         # are zeroed instead (a change within rounding error of the weights).
-        tol = norms.amax(dim=1, keepdim=True) * torch.finfo(w.dtype).eps * max(g.shape[1], g.shape[2] * g.shape[3])
+        tol = norms.amax(dim=1, keepdim=True) * torch.finfo(dtype).eps * max(g.shape[1], g.shape[2] * g.shape[3])
         live = norms > tol
         safe = torch.where(live, norms, torch.ones_like(norms))
         w.copy_((g * live.view(groups, 1, -1, 1) / safe.view(groups, 1, -1, 1)).reshape(w.shape))
         scale = torch.where(live, norms, torch.zeros_like(norms)).flatten()  # global index g*R1 + r
-        first.weight.mul_(scale.view(-1, *([1] * (first.weight.dim() - 1))))
+        first.weight.copy_(first.weight.to(dtype) * scale.view(-1, *([1] * (first.weight.dim() - 1))))
 
 
 def insert_gates(gm: fx.GraphModule, *, balance: bool = True, inplace: bool = False) -> fx.GraphModule:

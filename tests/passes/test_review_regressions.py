@@ -1,5 +1,6 @@
 """Regression tests for defects found in review: each failed before its fix."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -117,3 +118,21 @@ def test_missing_layer_record_is_an_error_not_a_wrong_number():
         predict_macs(gated, 0.0)
     with pytest.raises(ValueError, match=r"no fxtucker layer record"):
         fold_or_restore(strip_gates(gated, 0.0), x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_balance_of_half_precision_factors_keeps_live_slices(dtype):
+    # insert_gates' balance zeroed core slices below a numerical-rank tolerance taken from the
+    # storage dtype's eps times the slice size: for fp16/bf16 that is above most slice norms, so
+    # live components were zeroed (bf16: 49% output change on a 3-conv net). The factors are
+    # computed in float32, and so is the tolerance now.
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+    with torch.no_grad():  # input-mode spectrum decaying from 1 to ~0.03
+        conv.weight.mul_((0.8 ** torch.arange(16.0)).view(1, -1, 1, 1))
+    model = nn.Sequential(conv).eval().to(dtype)
+    x = torch.randn(1, 16, 6, 6).to(dtype)
+    gated = insert_gates(decompose_conv(fxtucker.trace(model)))
+    ref = copy.deepcopy(model).float()
+    assert rel_error(gated(x).float(), ref(x.float())) < (5e-3 if dtype == torch.float16 else 3e-2)
+    assert (fxtucker.gates(gated)["0"]["gate_in"] > 0).all()
