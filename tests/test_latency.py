@@ -186,3 +186,21 @@ def test_benchmark_torch_pruning_reaches_the_same_macs():
     pruned = _benchmark_module()._torch_pruning(model, x, target)
     assert 0.95 * target <= fxtucker.count_macs(pruned, x) <= target
     assert fxtucker.count_macs(model, x) == 2 * target or fxtucker.count_macs(model, x) == 2 * target + 1  # untouched
+
+
+def test_onnxruntime_input_errors(monkeypatch):
+    ort = pytest.importorskip("onnxruntime")
+
+    class TwoInputs(nn.Module):
+        def forward(self, x, unused):
+            return x * 2
+
+    with pytest.raises(ValueError, match=r"the exported ONNX graph has 1 inputs .* but 2 example inputs were given"):
+        measure_latency(TwoInputs(), (torch.randn(2), torch.randn(2)), backend="onnxruntime")
+    with pytest.raises(TypeError, match=r"backend='onnxruntime' needs tensor inputs only"):
+        measure_latency(TwoInputs(), (torch.randn(2), 3), backend="onnxruntime")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(ValueError, match=r"backend='onnxruntime' on device 'cuda' needs onnxruntime's "
+                                         r"CUDAExecutionProvider \(pip install onnxruntime-gpu\)"):
+        measure_latency(nn.Conv2d(3, 3, 1), torch.randn(1, 3, 4, 4), backend="onnxruntime", device="cuda")
