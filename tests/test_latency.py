@@ -141,8 +141,10 @@ def test_benchmark_quick_profile_runs_and_resumes(tmp_path, monkeypatch, capsys)
     assert [(r["model"], r["input_size"], r["batch"], r["backend"]) for r in rows] == [("resnet18", 32, 1, "eager")]
     row = rows[0]
     assert row["speedup"] == pytest.approx(row["baseline_ms"] / row["compressed_ms"])
-    assert row["macs_ratio"] == pytest.approx(row["baseline_macs"] / row["compressed_macs"]) and row["macs_ratio"] > 1.5
-    assert sum(row["forms"].values()) == 20 and row["layers_slower_than_dense"] == 0  # resnet18: 20 convs
+    assert row["macs_ratio"] == pytest.approx(row["baseline_macs"] / row["compressed_macs"]) and row["macs_ratio"] >= 2.0
+    assert sum(row["forms"].values()) == 20  # resnet18: 20 convs
+    # only a layer traded for the MAC goal may run slower than the original conv
+    assert row["layers_slower_than_dense"] <= row["layers_traded_for_macs"]
     assert bench.main(["--quick", "--out", str(out)]) == 0
     assert "skip fxtucker resnet18 batch 1 eager" in capsys.readouterr().out
     assert json.loads(out.read_text())["rows"] == rows
