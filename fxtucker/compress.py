@@ -244,6 +244,7 @@ def gate_histogram(gm: fx.GraphModule, bins: int = 40, relative: bool = False) -
 
 def _gate_stats(threshold_fn, penalty: Optional["GatePenalty"] = None) -> Any:
     relative = penalty.relative if penalty is not None else False
+    round_to = penalty.round_to if penalty is not None else None
 
     def stats(model: nn.Module) -> dict:
         gm = getattr(model, "module", model)
@@ -251,7 +252,7 @@ def _gate_stats(threshold_fn, penalty: Optional["GatePenalty"] = None) -> Any:
                           for g in _all_gates(gm)])
         th = threshold_fn(gm)
         out = {"gates": flat.numel(), "gates_below_threshold": int((flat < th).sum()), "threshold": th,
-               "gate_mean": float(flat.mean()), "macs_if_stripped": predict_macs(gm, th, relative=relative)}
+               "gate_mean": float(flat.mean()), "macs_if_stripped": predict_macs(gm, th, round_to, relative=relative)}
         if penalty is not None:
             out["reg_weight"] = penalty.weight
         return out
@@ -262,9 +263,9 @@ class GatePenalty:
     """lambda x sum of ``reg``(gate, c) over all gates of all layers: step 3's penalty for :func:`train`.
 
     Called as ``penalty(model, epoch, step)``. With ``relative``, each gate enters as ``|g|``
-    divided by the mean magnitude of its gate vector (differentiably), so the penalty cannot be
-    lowered by shrinking a whole layer's gates, which a BatchNorm after the layer would undo for
-    free; it can only be lowered by making the layer's components sparser.
+    divided by the mean magnitude of its gate vector (a constant of the step, not differentiated),
+    so the penalty is measured in units of the layer's own gates, whose scale a BatchNorm after
+    the layer makes arbitrary: the same lambda and c mean the same in every layer.
 
     With ``target_macs``, lambda is steered. Every ``every`` optimizer steps, ``t`` = the
     threshold that would meet the budget now (:func:`threshold_for_budget`) is compared with a
@@ -290,15 +291,16 @@ class GatePenalty:
             (:meth:`after_step`) instead of through the gradient. A gradient step overshoots 0 on
             a penalty whose slope there is lambda / c, so small gates oscillate around 0 instead
             of reaching it; the proximal step stops at 0, which is what the threshold then cuts.
+        round_to: ranks rounded up as :func:`strip_gates` rounds them, when steering.
     """
 
     GAIN, MAX_CHANGE, RANGE = 2.0, 1.25, 100.0
 
     def __init__(self, gated: fx.GraphModule, reg: str, weight: float, schedule: regularizers.CSchedule, *,
                  target_macs: Optional[int] = None, threshold: float = 0.01, epochs: int = 1, every: int = 10,
-                 relative: bool = True, proximal: bool = True):
+                 relative: bool = True, proximal: bool = True, round_to: Optional[int] = None):
         self.gated, self.gate_list = gated, _all_gates(gated)
-        self.proximal = proximal
+        self.proximal, self.round_to = proximal, round_to
         self.fn, self.uses_c = regularizers.get_regularizer(reg), reg in regularizers.FUNNEL_KINDS
         self.schedule, self.target, self.threshold = schedule, target_macs, threshold
         self.epochs, self.every, self.relative = epochs, every, relative
@@ -308,7 +310,7 @@ class GatePenalty:
             self.start_threshold = max(threshold, self.budget_threshold())
 
     def budget_threshold(self) -> float:
-        return threshold_for_budget(self.gated, self.target, relative=self.relative)
+        return threshold_for_budget(self.gated, self.target, relative=self.relative, round_to=self.round_to)
 
     def desired_threshold(self, epoch: int) -> float:
         """The path of the budget threshold: ``threshold`` by the end of the last-but-one epoch."""
@@ -323,7 +325,9 @@ class GatePenalty:
     def _value(self, g: torch.Tensor, c: float) -> torch.Tensor:
         a = g.abs()
         if self.relative:
-            a = a / a.mean().clamp_min(1e-12)
+            # The mean is a unit, not a target: through it, the pull on the small gates would be
+            # cancelled by a push on the large ones, and a vector of equal gates would not move.
+            a = a / a.detach().mean().clamp_min(1e-12)
         return (self.fn(a, c) if self.uses_c else self.fn(a)).sum()
 
     def __call__(self, _model: nn.Module, epoch: int, step: int) -> torch.Tensor:
@@ -344,7 +348,7 @@ class GatePenalty:
         for g in self.gate_list:
             with torch.enable_grad():
                 a = g.detach().abs().requires_grad_(True)
-                value = self._value(a, c)  # through the mean too, when relative
+                value = self._value(a, c)
                 (slope,) = torch.autograd.grad(value, a)
             g.copy_(g.sign() * (g.abs() - lr * self.weight * slope).clamp_min(0))
 
@@ -435,7 +439,7 @@ def compress(
     penalty = GatePenalty(gated, config.reg, config.reg_weight, config.c_schedule_fn(),
                           target_macs=target if config.steer else None, threshold=config.threshold,
                           epochs=config.reg_epochs, every=config.steer_every, relative=config.relative_gates,
-                          proximal=config.proximal)
+                          proximal=config.proximal, round_to=config.round_to)
     rel = config.relative_gates
     threshold_fn = ((lambda g: threshold_for_budget(g, target, relative=rel, round_to=config.round_to)) if target is not None
                     else (lambda g: config.threshold))

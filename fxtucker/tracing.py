@@ -22,7 +22,8 @@ class TraceError(RuntimeError):
 class _Tracer(fx.Tracer):
     """An fx.Tracer that treats extra modules as leaves and remembers which module it is in."""
 
-    def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str]):
+    # Defaults, because unpickling a GraphModule re-creates its tracer class without arguments.
+    def __init__(self, leaf_types: tuple[type, ...] = (), leaf_names: frozenset[str] = frozenset()):
         super().__init__()
         self._leaf_types = leaf_types
         self._leaf_names = leaf_names

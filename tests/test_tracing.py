@@ -70,3 +70,18 @@ def test_errors():
         fxtucker.trace(Net(), leaf_modules=[3])
     with pytest.raises(ValueError, match=r"leaf_modules names \['nope'\] that are not submodules of Net"):
         fxtucker.trace(Net(), leaf_modules=["nope"])
+
+
+def test_traced_graph_module_pickles_and_saves(tmp_path):
+    import io
+    import pickle
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    gm = fxtucker.trace(model)
+    x = torch.randn(1, 3, 8, 8)
+    again = pickle.loads(pickle.dumps(gm))
+    assert torch.equal(again(x), gm(x))
+    buf = io.BytesIO()
+    torch.save(gm, buf)  # a whole-module save (weights_only=False on load: trusted files only)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf, weights_only=False)(x), gm(x))
