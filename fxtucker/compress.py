@@ -20,12 +20,15 @@ import torch.nn.functional as F
 
 from fxtucker import regularizers
 from fxtucker.passes import cost_model, decompose_conv, fold_or_restore, gates, insert_gates, predict_macs, strip_gates
+from fxtucker.meta import CORE, FIRST, GATE_CORE, GATE_IN, GATE_OUT, LAST, MACS
+from fxtucker.passes._common import layer_nodes
 from fxtucker.passes.strip_gates import relative_gates
 from fxtucker.report import report
 from fxtucker.tracing import trace
 from fxtucker.train import TrainConfig, evaluate, train
 
-__all__ = ["CompressConfig", "CompressResult", "compress", "threshold_for_budget", "gate_histogram", "GatePenalty"]
+__all__ = ["CompressConfig", "CompressResult", "compress", "threshold_for_budget", "gate_histogram", "GatePenalty",
+           "component_macs"]
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,8 @@ class CompressConfig:
     sparsifying them, and without weight decay on the gates their scale drifts in training.
     ``proximal`` (also on by default) applies the penalty by a proximal step after each
     optimizer step, which takes small gates to exactly 0 instead of letting them oscillate
-    around it (see :class:`GatePenalty`).
+    around it (see :class:`GatePenalty`). ``mac_weighted`` (on by default) weights each gate's
+    penalty by the MACs of its component, since the budget is in MACs.
     """
 
     ranks: Union[None, float, str] = None
@@ -77,6 +81,7 @@ class CompressConfig:
     steer_every: int = 10
     relative_gates: bool = True
     proximal: bool = True
+    mac_weighted: bool = True
     finetune_epochs: int = 3
     finetune_lr: float = 0.01
     optimizer: str = "sgd"
@@ -112,7 +117,7 @@ class CompressConfig:
             raise ValueError(f"CompressConfig.target_macs must be a positive integer, got {self.target_macs!r}")
         if self.target_speedup is not None and (not isinstance(self.target_speedup, numbers.Real) or not self.target_speedup >= 1):
             raise ValueError(f"CompressConfig.target_speedup must be a number >= 1, got {self.target_speedup!r}")
-        for name in ("steer", "relative_gates", "proximal"):
+        for name in ("steer", "relative_gates", "proximal", "mac_weighted"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"CompressConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.round_to is not None and (isinstance(self.round_to, bool) or not isinstance(self.round_to, numbers.Integral)
@@ -192,6 +197,29 @@ def _params(m: nn.Module) -> int:
 
 def _all_gates(gm: fx.GraphModule) -> list[torch.Tensor]:
     return [g for layer in gates(gm).values() for g in layer.values()]
+
+
+def component_macs(gated: fx.GraphModule) -> dict[str, dict[str, float]]:
+    """MACs per component of every gate vector: ``{layer: {gate role: MACs}}``.
+
+    An input-mode component (``gate_in``) costs its share of ``first`` and ``core``; an
+    output-mode one (``gate_core``, ``gate_out``) its share of ``core`` and ``last``; an SVD
+    pair's component its share of both factors. Needs cost-model annotations.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for source, roles in layer_nodes(gated).items():
+        if GATE_IN not in roles:
+            continue
+        macs = {r: sum(n.meta.get(MACS, 0) for n in roles.get(r, [])) for r in (FIRST, CORE, LAST)}
+        c = gated.get_submodule(source)
+        r_in, r_out = c[GATE_IN].weight.numel(), c[GATE_OUT].weight.numel()
+        if CORE in roles:
+            per_in, per_out = (macs[FIRST] + macs[CORE]) / r_in, (macs[CORE] + macs[LAST]) / r_out
+            out[source] = {GATE_IN: per_in, GATE_CORE: per_out, GATE_OUT: per_out}
+        else:
+            per = (macs[FIRST] + macs[LAST]) / r_in
+            out[source] = {GATE_IN: per, GATE_OUT: per}
+    return out
 
 
 def threshold_for_budget(gated: fx.GraphModule, target_macs: int, *, relative: bool = False,
@@ -292,19 +320,31 @@ class GatePenalty:
             a penalty whose slope there is lambda / c, so small gates oscillate around 0 instead
             of reaching it; the proximal step stops at 0, which is what the threshold then cuts.
         round_to: ranks rounded up as :func:`strip_gates` rounds them, when steering.
+        mac_weighted: weight each gate's penalty by the MACs its component costs
+            (:func:`component_macs`), divided by the mean over all gates, so that lambda buys
+            MACs, not components: a component of a wide, high-resolution layer costs more than
+            one of a small layer, and the budget is in MACs.
     """
 
     GAIN, MAX_CHANGE, RANGE = 2.0, 1.25, 100.0
 
     def __init__(self, gated: fx.GraphModule, reg: str, weight: float, schedule: regularizers.CSchedule, *,
                  target_macs: Optional[int] = None, threshold: float = 0.01, epochs: int = 1, every: int = 10,
-                 relative: bool = True, proximal: bool = True, round_to: Optional[int] = None):
+                 relative: bool = True, proximal: bool = True, round_to: Optional[int] = None,
+                 mac_weighted: bool = True):
         self.gated, self.gate_list = gated, _all_gates(gated)
         self.proximal, self.round_to = proximal, round_to
         self.fn, self.uses_c = regularizers.get_regularizer(reg), reg in regularizers.FUNNEL_KINDS
         self.schedule, self.target, self.threshold = schedule, target_macs, threshold
         self.epochs, self.every, self.relative = epochs, every, relative
         self.weight = self.start = float(weight)
+        self.scales = [1.0] * len(self.gate_list)
+        if mac_weighted:
+            costs = component_macs(gated)
+            per = [costs[layer][role] for layer, roles in gates(gated).items() for role in roles]
+            total = sum(p * g.numel() for p, g in zip(per, self.gate_list))
+            mean = total / max(1, sum(g.numel() for g in self.gate_list))
+            self.scales = [p / mean if mean > 0 else 1.0 for p in per]
         self.start_threshold: Optional[float] = None
         if target_macs is not None:
             self.start_threshold = max(threshold, self.budget_threshold())
@@ -322,13 +362,13 @@ class GatePenalty:
         factor = min(self.MAX_CHANGE, max(1 / self.MAX_CHANGE, ratio ** self.GAIN))
         self.weight = min(self.start * self.RANGE, max(self.start / self.RANGE, self.weight * factor))
 
-    def _value(self, g: torch.Tensor, c: float) -> torch.Tensor:
+    def _value(self, g: torch.Tensor, c: float, scale: float = 1.0) -> torch.Tensor:
         a = g.abs()
         if self.relative:
             # The mean is a unit, not a target: through it, the pull on the small gates would be
             # cancelled by a push on the large ones, and a vector of equal gates would not move.
             a = a / a.detach().mean().clamp_min(1e-12)
-        return (self.fn(a, c) if self.uses_c else self.fn(a)).sum()
+        return scale * (self.fn(a, c) if self.uses_c else self.fn(a)).sum()
 
     def __call__(self, _model: nn.Module, epoch: int, step: int) -> torch.Tensor:
         if self.target is not None and step > 0 and step % self.every == 0:
@@ -336,8 +376,8 @@ class GatePenalty:
         c = self.schedule(epoch)
         if self.proximal:  # applied in after_step; the value is only logged
             with torch.no_grad():
-                return self.weight * torch.stack([self._value(g, c) for g in self.gate_list]).sum()
-        return self.weight * torch.stack([self._value(g, c) for g in self.gate_list]).sum()
+                return self.weight * torch.stack([self._value(g, c, k) for g, k in zip(self.gate_list, self.scales)]).sum()
+        return self.weight * torch.stack([self._value(g, c, k) for g, k in zip(self.gate_list, self.scales)]).sum()
 
     def after_step(self, _model: nn.Module, epoch: int, _step: int, lr: float) -> None:
         """With ``proximal``: shrink every gate towards 0 by lr x lambda x the penalty's slope at it,
@@ -345,10 +385,10 @@ class GatePenalty:
         if not self.proximal:
             return
         c = self.schedule(epoch)
-        for g in self.gate_list:
+        for g, k in zip(self.gate_list, self.scales):
             with torch.enable_grad():
                 a = g.detach().abs().requires_grad_(True)
-                value = self._value(a, c)
+                value = self._value(a, c, k)
                 (slope,) = torch.autograd.grad(value, a)
             g.copy_(g.sign() * (g.abs() - lr * self.weight * slope).clamp_min(0))
 
@@ -439,7 +479,7 @@ def compress(
     penalty = GatePenalty(gated, config.reg, config.reg_weight, config.c_schedule_fn(),
                           target_macs=target if config.steer else None, threshold=config.threshold,
                           epochs=config.reg_epochs, every=config.steer_every, relative=config.relative_gates,
-                          proximal=config.proximal, round_to=config.round_to)
+                          proximal=config.proximal, round_to=config.round_to, mac_weighted=config.mac_weighted)
     rel = config.relative_gates
     threshold_fn = ((lambda g: threshold_for_budget(g, target, relative=rel, round_to=config.round_to)) if target is not None
                     else (lambda g: config.threshold))

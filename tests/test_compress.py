@@ -204,7 +204,8 @@ def test_gate_penalty_value_gradient_and_state():
     flow = importlib.import_module("fxtucker.compress")
     gm, _, _ = _gated_toy()
     gs = [g for layer in fxtucker.gates(gm).values() for g in layer.values()]
-    pen = flow.GatePenalty(gm, "funnel", 0.5, lambda e: 0.1 * (e + 1), relative=False, proximal=False)
+    pen = flow.GatePenalty(gm, "funnel", 0.5, lambda e: 0.1 * (e + 1), relative=False, proximal=False,
+                           mac_weighted=False)
     value = pen(gm, 1, 7)  # no budget: lambda stays, c comes from the schedule at epoch 1
     expected = 0.5 * sum((g.abs() / (g.abs() + 0.2)).sum() for g in gs)
     assert torch.allclose(value, expected)
@@ -244,7 +245,7 @@ def test_proximal_step_stops_at_zero_and_shrinks_by_lr_times_slope():
     with torch.no_grad():
         g.copy_(torch.linspace(-1.0, 1.0, g.numel()))
     before = g.detach().clone()
-    pen = flow.GatePenalty(gm, "l1", 0.5, lambda e: 1.0, relative=False, proximal=True)
+    pen = flow.GatePenalty(gm, "l1", 0.5, lambda e: 1.0, relative=False, proximal=True, mac_weighted=False)
     value = pen(gm, 0, 0)
     assert not value.requires_grad  # the penalty acts through after_step only
     with torch.no_grad():
@@ -252,3 +253,17 @@ def test_proximal_step_stops_at_zero_and_shrinks_by_lr_times_slope():
     expected = before.sign() * (before.abs() - 0.2).clamp_min(0)
     assert torch.allclose(g.detach(), expected)
     assert (g.detach() == 0).sum() == (before.abs() <= 0.2).sum() > 0
+
+
+def test_mac_weights_are_the_macs_per_component_and_average_to_one():
+    flow = importlib.import_module("fxtucker.compress")
+    gm, _, x = _gated_toy()
+    costs = flow.component_macs(gm)["conv"]
+    roles = {n.meta["fxtucker"].role: n for n in gm.graph.nodes if "fxtucker" in n.meta}
+    macs = {r: roles[r].meta["macs"] for r in ("first", "core", "last")}
+    assert costs["gate_in"] * 16 == pytest.approx(macs["first"] + macs["core"])
+    assert costs["gate_core"] * 24 == costs["gate_out"] * 24 == pytest.approx(macs["core"] + macs["last"])
+    pen = flow.GatePenalty(gm, "l1", 1.0, lambda e: 1.0, relative=False, proximal=False)
+    sizes = [g.numel() for layer in fxtucker.gates(gm).values() for g in layer.values()]
+    assert sum(k * n for k, n in zip(pen.scales, sizes)) / sum(sizes) == pytest.approx(1.0)
+    assert pen.scales[0] != pen.scales[1]  # input and output components cost differently here
