@@ -700,9 +700,52 @@ def _read_checkpoint(path: Path, stage: str) -> dict:
                            "scheduler", "scaler", "rng") if k not in payload]
     if missing:
         raise _Unusable(f"its payload lacks {missing}")
+    _check_schema(payload)
     if payload["stage"] != stage:
         raise _Unusable(f"it belongs to stage {payload['stage']!r}, not {stage!r}")
     return payload
+
+
+def _check_schema(payload: dict) -> None:
+    """_Unusable unless every entry of the payload has the type and range train() writes.
+
+    The checksum finds damage, not a file written to fool the loader (anyone can recompute it),
+    and weights_only loading still allows any dict, list, str or number: this checks the rest.
+    """
+    def bad(key: str, need: str) -> _Unusable:
+        return _Unusable(f"its payload does not have the structure train() writes: {key} must be {need}, "
+                         f"got {type(payload[key]).__name__} {str(payload[key])[:60]!r}")
+
+    for key in ("epoch", "step"):
+        if not _is_int(payload[key]) or payload[key] < 0:
+            raise bad(key, "an integer >= 0")
+    for key in ("stage",):
+        if not isinstance(payload[key], str):
+            raise bad(key, "a str")
+    for key in ("config", "scheduler"):
+        if not isinstance(payload[key], dict):
+            raise bad(key, "a dict")
+    epochs = payload["config"].get("epochs")
+    if not _is_int(epochs) or payload["epoch"] > epochs:
+        raise bad("epoch", f"at most the config's epochs ({epochs!r})")
+    history = payload["history"]
+    if not isinstance(history, list) or len(history) != payload["epoch"] or not all(isinstance(r, dict) for r in history):
+        raise bad("history", f"a list of {payload['epoch']} records (one per epoch)")
+    model = payload["model"]
+    if not isinstance(model, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
+        raise bad("model", "a state_dict (str -> tensor)")
+    opt = payload["optimizer"]
+    if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list):
+        raise bad("optimizer", "an optimizer state_dict (state, param_groups)")
+    if payload["scaler"] is not None and not isinstance(payload["scaler"], dict):
+        raise bad("scaler", "a dict or None")
+    rng = payload["rng"]
+    if not isinstance(rng, list) or not rng or not all(
+            isinstance(r, dict) and {"torch", "cuda", "numpy", "python"} <= set(r) for r in rng):
+        raise bad("rng", "a non-empty list of RNG states (torch, cuda, numpy, python)")
+    if "callbacks" in payload and not (isinstance(payload["callbacks"], dict)
+                                       and all(isinstance(v, dict) for v in payload["callbacks"].values())):
+        raise bad("callbacks", "a dict of state dicts")
 
 
 @dataclass
