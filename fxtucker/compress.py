@@ -301,7 +301,7 @@ class GatePenalty:
     and reached at the end of the last-but-one epoch: when meeting the budget would cut gates
     that are still larger than the path allows, lambda is raised; when the cut gates are smaller
     already, it is lowered. Each update multiplies lambda by ``(t / path) ^ 2`` clipped to
-    [1/1.25, 1.25]; lambda stays within [1/100, 100] times its start value. lambda depends only
+    [1/1.1, 1.1]; lambda stays within [1/100, 100] times its start value. lambda depends only
     on the model's states so far and is part of the training checkpoint (``state_dict``), so a
     resumed run repeats the uninterrupted one.
 
@@ -326,7 +326,7 @@ class GatePenalty:
             one of a small layer, and the budget is in MACs.
     """
 
-    GAIN, MAX_CHANGE, RANGE = 2.0, 1.25, 100.0
+    GAIN, MAX_CHANGE, RANGE = 2.0, 1.1, 100.0
 
     def __init__(self, gated: fx.GraphModule, reg: str, weight: float, schedule: regularizers.CSchedule, *,
                  target_macs: Optional[int] = None, threshold: float = 0.01, epochs: int = 1, every: int = 10,
@@ -385,12 +385,25 @@ class GatePenalty:
         if not self.proximal:
             return
         c = self.schedule(epoch)
+        before = [g.detach().clone() for g in self.gate_list] if self.target is not None else None
         for g, k in zip(self.gate_list, self.scales):
             with torch.enable_grad():
                 a = g.detach().abs().requires_grad_(True)
                 value = self._value(a, c, k)
                 (slope,) = torch.autograd.grad(value, a)
-            g.copy_(g.sign() * (g.abs() - lr * self.weight * slope).clamp_min(0))
+            with torch.no_grad():
+                g.copy_(g.sign() * (g.abs() - lr * self.weight * slope).clamp_min(0))
+        # A gate at exactly 0 does not come back, so never zero past the budget: if the gates at
+        # 0 now leave fewer MACs than the budget, this step zeroes none (the new zeros get their
+        # values back), and the budget threshold chooses among the small gates at the end.
+        if before is not None and self._zeros_macs() < self.target:
+            for g, old in zip(self.gate_list, before):
+                with torch.no_grad():
+                    g.copy_(torch.where((g == 0) & (old != 0), old, g))
+
+    def _zeros_macs(self) -> int:
+        """MACs left by cutting exactly the gates that are 0."""
+        return predict_macs(self.gated, math.nextafter(0.0, 1.0), self.round_to, relative=self.relative)
 
     def state_dict(self) -> dict:
         return {"weight": self.weight}

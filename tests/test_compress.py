@@ -267,3 +267,19 @@ def test_mac_weights_are_the_macs_per_component_and_average_to_one():
     sizes = [g.numel() for layer in fxtucker.gates(gm).values() for g in layer.values()]
     assert sum(k * n for k, n in zip(pen.scales, sizes)) / sum(sizes) == pytest.approx(1.0)
     assert pen.scales[0] != pen.scales[1]  # input and output components cost differently here
+
+
+def test_proximal_steps_never_zero_gates_past_the_budget():
+    flow = importlib.import_module("fxtucker.compress")
+    gm, _, _ = _gated_toy()
+    full = predict_macs(gm, 0.0)
+    tiny = math.nextafter(0.0, 1.0)
+    target = predict_macs(gm, 0.01, relative=True)  # what the rank-(4, 6) structure leaves
+    pen = flow.GatePenalty(gm, "l1", 50.0, lambda e: 1.0, target_macs=target, epochs=2, proximal=True)
+    for step in range(20):  # a huge lambda: unchecked, it would zero every gate at once
+        pen.after_step(gm, 0, step, lr=0.1)
+        assert predict_macs(gm, tiny, relative=True) >= target
+    assert predict_macs(gm, 0.0) == full  # threshold 0 keeps everything, zeros too
+    unbounded = flow.GatePenalty(gm, "l1", 50.0, lambda e: 1.0, proximal=True)
+    unbounded.after_step(gm, 0, 0, lr=0.1)
+    assert predict_macs(gm, tiny, relative=True) < target

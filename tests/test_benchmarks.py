@@ -1,0 +1,56 @@
+"""The benchmark runner's quick profile: rows written at once, a rerun skips them, the plot draws."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fxtucker import data
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def compare(tmp_path, monkeypatch):
+    try:
+        data.get_dataset("fashion-mnist", False)
+    except (FileNotFoundError, RuntimeError) as e:
+        pytest.skip(f"Fashion-MNIST is not installed here: {e}")
+    module = _load("compare")
+    monkeypatch.setattr(module, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(module, "CACHE", tmp_path / "cache")
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield module
+    torch.set_num_threads(old)
+
+
+def test_quick_baselines_write_rows_and_a_rerun_skips_them(compare, tmp_path, capsys):
+    compare.main(["--exp", "baselines", "--profile", "quick", "--no-progress"])
+    rows = json.loads((tmp_path / "results" / "baselines.json").read_text())["rows"]
+    final = {r["method"]: r for r in rows if r["stage"] == "final"}
+    assert {"uncompressed", "funnel", "vbmf", "musco", "uniform"} <= set(final)
+    base = final["uncompressed"]["macs"]
+    for method in ("funnel", "musco", "uniform"):  # matched to half the MACs
+        assert final[method]["macs"] <= base // 2
+    for r in rows:
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["params"] > 0 and r["latency_ms"] > 0
+        assert {"method", "dataset", "model", "setting", "seed", "stage", "wall_s"} <= set(r)
+    capsys.readouterr()
+    compare.main(["--exp", "baselines", "--profile", "quick", "--no-progress"])  # nothing left to run
+    assert "[baselines]" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "results" / "baselines.json").read_text())["rows"] == rows
+    pytest.importorskip("matplotlib")
+    compare.main(["--plot"])
+    assert (tmp_path / "results" / "pareto.png").stat().st_size > 0
