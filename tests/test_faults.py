@@ -352,6 +352,8 @@ class FullDisk:
         if self.calls != self.n:
             return f
         self.fired = True
+        ckpt = Path(file).parent / "train.ckpt"
+        self.ckpt_before = ckpt.read_bytes() if ckpt.exists() else None  # the last good checkpoint
         return _FillsUp(f)
 
 
@@ -388,6 +390,7 @@ def test_disk_full_mid_write_keeps_the_last_good_checkpoint(tmp_path, reference,
     monkeypatch.undo()
     assert full.fired
     good = tmp_path / "train.ckpt"
+    assert good.read_bytes() == full.ckpt_before  # byte for byte
     assert checkpoint_epoch(good) == 2 and checkpoint_epoch(tmp_path / "train.ckpt.prev") == 1
     assert not [p.name for p in tmp_path.iterdir() if ".tmp." in p.name]
     if what == "log":  # half a JSON line is on disk; the resume rewrites the log from the checkpoint
