@@ -135,7 +135,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 # The --quick profile: a ~10-minute run on 2 CPU cores (resnet20, Fashion-MNIST).
 QUICK = dict(train_subset=10000, eval_subset=2000, baseline_epochs=4)
-QUICK_CONFIG = dict(train_epochs=1, reg_epochs=4, finetune_epochs=2, reg_weight=0.01, target_speedup=2.0)
+QUICK_CONFIG = dict(train_epochs=1, reg_epochs=4, finetune_epochs=2, reg_weight=0.2, target_speedup=2.0)
 
 
 def _dataset(name: str):

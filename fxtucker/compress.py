@@ -67,7 +67,7 @@ class CompressConfig:
     reg_epochs: int = 6
     reg_lr: float = 0.01
     reg: str = "funnel"
-    reg_weight: float = 2e-4
+    reg_weight: float = 0.2
     c_schedule: str = "linear"
     c_start: float = 1.0
     c_end: Optional[float] = 0.01
@@ -479,6 +479,8 @@ def compress(
         decomposed = decompose_conv(gm, ranks=config.ranks, linear=config.linear)
     rep["skipped_layers"] = [str(w.message) for w in caught]
     gated = cost_model(insert_gates(decomposed), *inputs)
+    if target is not None:  # an impossible budget fails now, not after hours of training
+        threshold_for_budget(gated, target, relative=config.relative_gates, round_to=config.round_to)
     rep["stages"]["decomposed"] = {"accuracy": acc(gated), "macs": sum(n.meta["macs"] for n in gated.graph.nodes),
                                    "gate_histogram": gate_histogram(gated, relative=config.relative_gates)}
 

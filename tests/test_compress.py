@@ -283,3 +283,11 @@ def test_proximal_steps_never_zero_gates_past_the_budget():
     unbounded = flow.GatePenalty(gm, "l1", 50.0, lambda e: 1.0, proximal=True)
     unbounded.after_step(gm, 0, 0, lr=0.1)
     assert predict_macs(gm, tiny, relative=True) < target
+
+
+def test_an_impossible_budget_fails_before_any_training(monkeypatch):
+    flow = importlib.import_module("fxtucker.compress")
+    model, train, _, x = _toy_problem()
+    monkeypatch.setattr(flow, "train", lambda *a, **k: pytest.fail("trained before checking the budget"))
+    with pytest.raises(ValueError, match=r"the MAC budget 10 cannot be met"):
+        compress(model, train, x, config=CompressConfig(target_macs=10), progress=False)
