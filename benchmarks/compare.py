@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import importlib.util
 import json
 import math
 import platform
@@ -315,6 +316,9 @@ def run_experiment(exp: str, s: Setup, progress: bool = True) -> None:
         if _done(exp, key):
             continue
         name = f"{exp}-{run['method']}-{run['setting']}".replace(" ", "_").replace("/", "_")
+        if run.get("baseline") == "torch-pruning" and importlib.util.find_spec("torch_pruning") is None:
+            print("skipping torch-pruning: it needs `pip install fxtucker[bench]` (torch-pruning)")
+            continue
         print(f"[{exp}] {s.model_name}/{s.dataset} seed {s.seed}: {run['method']} ({run['setting']})", flush=True)
         start = time.perf_counter()
         extra: dict = {}
@@ -323,11 +327,7 @@ def run_experiment(exp: str, s: Setup, progress: bool = True) -> None:
         elif "flow" in run:
             model, extra, rep = run_flow(s, name, progress, **run["flow"])
         else:
-            try:
-                model, extra = BASELINE_METHODS[run["baseline"]](s, s.macs // 2, progress)
-            except ImportError as e:
-                print(f"  skipped: {e}")
-                continue
+            model, extra = BASELINE_METHODS[run["baseline"]](s, s.macs // 2, progress)
             pruned = _measure(s, model)
             _append(exp, {**key, "stage": "pruned", **pruned, "wall_s": round(time.perf_counter() - start, 1)})
             _finetune(s, model, name, progress)
