@@ -381,7 +381,8 @@ class GatePenalty:
 
     def after_step(self, _model: nn.Module, epoch: int, _step: int, lr: float) -> None:
         """With ``proximal``: shrink every gate towards 0 by lr x lambda x the penalty's slope at it,
-        stopping at exactly 0 (soft thresholding of the penalty linearized at the gate)."""
+        stopping at exactly 0 (soft thresholding of the penalty linearized at the gate); with
+        ``relative``, each gate vector then gets its mean magnitude back."""
         if not self.proximal:
             return
         c = self.schedule(epoch)
@@ -392,7 +393,13 @@ class GatePenalty:
                 value = self._value(a, c, k)
                 (slope,) = torch.autograd.grad(value, a)
             with torch.no_grad():
+                scale = g.abs().mean()
                 g.copy_(g.sign() * (g.abs() - lr * self.weight * slope).clamp_min(0))
+                if self.relative and g.abs().mean() > 0:
+                    # Relative gates: shrink the small ones against the large ones, not the vector.
+                    # Unchecked, the step shrinks a whole vector, which a BatchNorm after the layer
+                    # undoes in training mode while its running statistics fall behind.
+                    g.mul_(scale / g.abs().mean())
         # A gate at exactly 0 does not come back, so never zero past the budget: if the gates at
         # 0 now leave fewer MACs than the budget, this step zeroes none (the new zeros get their
         # values back), and the budget threshold chooses among the small gates at the end.

@@ -291,3 +291,17 @@ def test_an_impossible_budget_fails_before_any_training(monkeypatch):
     monkeypatch.setattr(flow, "train", lambda *a, **k: pytest.fail("trained before checking the budget"))
     with pytest.raises(ValueError, match=r"the MAC budget 10 cannot be met"):
         compress(model, train, x, config=CompressConfig(target_macs=10), progress=False)
+
+
+def test_relative_proximal_step_keeps_each_vector_mean_and_zeroes_the_small_gates():
+    flow = importlib.import_module("fxtucker.compress")
+    gm, _, _ = _gated_toy()
+    g = fxtucker.gates(gm)["conv"]["gate_in"]
+    with torch.no_grad():
+        g.copy_(torch.linspace(0.05, 2.0, g.numel()))
+    mean = g.detach().abs().mean()
+    pen = flow.GatePenalty(gm, "l1", 1.0, lambda e: 1.0, relative=True, proximal=True, mac_weighted=False)
+    pen.after_step(gm, 0, 0, lr=0.2)
+    assert torch.allclose(g.detach().abs().mean(), mean)
+    assert (g.detach() == 0).any() and (g.detach() > 0).any()
+    assert torch.all(g.detach()[1:] >= g.detach()[:-1])  # the order of the gates is kept
