@@ -363,6 +363,23 @@ def plot(out: Optional[Path] = None) -> Optional[Path]:
     return out
 
 
+def table(exp: str) -> str:
+    """The stored rows of ``exp`` as a markdown table: final rows, with accuracy before fine-tuning."""
+    rows = _load(exp)
+    pruned = {(r["model"], r["seed"], r["method"], r["setting"]): r["accuracy"] for r in rows if r["stage"] == "pruned"}
+    lines = ["| model | seed | method | setting | accuracy | before fine-tuning | MACs | MAC ratio | params | "
+             "latency ms | wall s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["stage"] != "final":
+            continue
+        before = r.get("accuracy_pruned", pruned.get((r["model"], r["seed"], r["method"], r["setting"])))
+        ratio = r.get("macs_baseline", r["macs"]) / r["macs"]
+        lines.append(f"| {r['model']} | {r['seed']} | {r['method']} | {r['setting']} | {r['accuracy']:.4f} | "
+                     f"{'-' if before is None else f'{before:.4f}'} | {r['macs']:,} | {ratio:.2f}x | {r['params']:,} | "
+                     f"{r['latency_ms']:.2f} | {r['wall_s']:.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--exp", nargs="+", default=["baselines"], help=f"{', '.join(EXPERIMENTS)} or all")
@@ -372,8 +389,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--plot", action="store_true", help="only draw results/pareto.png from the stored rows")
+    parser.add_argument("--table", metavar="EXP", help="only print EXP's stored rows as a markdown table")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.table:
+        print(table(args.table))
+        return 0
     if args.plot:
         print(plot() or "no rows to plot")
         return 0
