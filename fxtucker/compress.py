@@ -199,6 +199,12 @@ def _all_gates(gm: fx.GraphModule) -> list[torch.Tensor]:
     return [g for layer in gates(gm).values() for g in layer.values()]
 
 
+def _magnitudes(gm: fx.GraphModule, relative: bool) -> torch.Tensor:
+    """Every gate's magnitude in float64, divided by its vector's mean magnitude when ``relative``."""
+    return torch.cat([(relative_gates(g.detach().double()) if relative else g.detach().abs().double()).flatten()
+                      for g in _all_gates(gm)])
+
+
 def component_macs(gated: fx.GraphModule) -> dict[str, dict[str, float]]:
     """MACs per component of every gate vector: ``{layer: {gate role: MACs}}``.
 
@@ -230,8 +236,7 @@ def threshold_for_budget(gated: fx.GraphModule, target_macs: int, *, relative: b
     is exact). ``relative`` and ``round_to`` mean what they mean for :func:`strip_gates`. Raises
     ValueError when even pruning every gate cannot meet the budget.
     """
-    values = torch.cat([(relative_gates(g.detach().double()) if relative else g.detach().abs().double()).flatten()
-                        for g in _all_gates(gated)]).unique().tolist()
+    values = _magnitudes(gated, relative).unique().tolist()
     # Thresholds just above each gate magnitude: every distinct pruning set, smallest first.
     candidates = [0.0] + [math.nextafter(v, math.inf) for v in values]
     macs = lambda i: predict_macs(gated, candidates[i], round_to, relative=relative)  # noqa: E731 - non-increasing in i
@@ -261,8 +266,7 @@ def _distillation(teacher: nn.Module, config: CompressConfig):
 def gate_histogram(gm: fx.GraphModule, bins: int = 40, relative: bool = False) -> dict[str, list]:
     """Histogram of log10 |gate| over every gate (zeros counted apart), for plots like the paper's
     Fig. 4; ``relative`` divides each gate vector by its mean magnitude first."""
-    flat = torch.cat([(relative_gates(g.detach().double()) if relative else g.detach().abs().double()).flatten()
-                      for g in _all_gates(gm)])
+    flat = _magnitudes(gm, relative)
     nonzero = flat[flat > 0]
     counts = torch.histc(nonzero.log10().clamp(-6, 2), bins=bins, min=-6, max=2)
     edges = torch.linspace(-6, 2, bins + 1)
@@ -276,8 +280,7 @@ def _gate_stats(threshold_fn, penalty: Optional["GatePenalty"] = None) -> Any:
 
     def stats(model: nn.Module) -> dict:
         gm = getattr(model, "module", model)
-        flat = torch.cat([(relative_gates(g.detach()) if relative else g.detach().abs()).flatten()
-                          for g in _all_gates(gm)])
+        flat = _magnitudes(gm, relative)
         th = threshold_fn(gm)
         out = {"gates": flat.numel(), "gates_below_threshold": int((flat < th).sum()), "threshold": th,
                "gate_mean": float(flat.mean()), "macs_if_stripped": predict_macs(gm, th, round_to, relative=relative)}
@@ -374,10 +377,8 @@ class GatePenalty:
         if self.target is not None and step > 0 and step % self.every == 0:
             self.steer(epoch)
         c = self.schedule(epoch)
-        if self.proximal:  # applied in after_step; the value is only logged
-            with torch.no_grad():
-                return self.weight * torch.stack([self._value(g, c, k) for g, k in zip(self.gate_list, self.scales)]).sum()
-        return self.weight * torch.stack([self._value(g, c, k) for g, k in zip(self.gate_list, self.scales)]).sum()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.proximal):  # proximal: only logged
+            return self.weight * torch.stack([self._value(g, c, k) for g, k in zip(self.gate_list, self.scales)]).sum()
 
     def after_step(self, _model: nn.Module, epoch: int, _step: int, lr: float) -> None:
         """With ``proximal``: shrink every gate towards 0 by lr x lambda x the penalty's slope at it,

@@ -145,6 +145,19 @@ def _restore(gm: fx.GraphModule, source: str, roles: dict[str, list[fx.Node]], d
             gm.graph.erase_node(node)
 
 
+def _prepare_layers(gm: fx.GraphModule, inplace: bool) -> tuple[fx.GraphModule, dict]:
+    """The copy (or ``gm``) to rewrite and its decomposed layers; an error if gates remain or no layer does."""
+    gm = prepare(gm, inplace, "fold_or_restore")
+    for node, rec in factor_nodes(gm):
+        if rec.role in GATE_ROLES:
+            raise ValueError(f"{rec.source!r} still has gate node {node.name!r}: run strip_gates(gm, threshold) "
+                             f"before fold_or_restore")
+    by_source = layer_nodes(gm)
+    if not by_source:
+        raise ValueError("fold_or_restore found no decomposed layers: run decompose_conv(gm) first")
+    return gm, by_source
+
+
 def fold_or_restore(
     gm: fx.GraphModule,
     *example_inputs: Any,
@@ -216,14 +229,7 @@ def fold_or_restore(
     if given:
         raise ValueError(f"fold_or_restore: {sorted(given)} apply to cost='latency' only; cost='macs' decides by "
                          f"MACs alone")
-    gm = prepare(gm, inplace, "fold_or_restore")
-    for node, rec in factor_nodes(gm):
-        if rec.role in GATE_ROLES:
-            raise ValueError(f"{rec.source!r} still has gate node {node.name!r}: run strip_gates(gm, threshold) "
-                             f"before fold_or_restore")
-    by_source = layer_nodes(gm)
-    if not by_source:
-        raise ValueError("fold_or_restore found no decomposed layers: run decompose_conv(gm) first")
+    gm, by_source = _prepare_layers(gm, inplace)
     specs = _layer_specs(gm, by_source)
     record = graph_record(gm)
     cost_model(gm, *example_inputs)
@@ -385,14 +391,7 @@ def _fold_by_latency(gm: fx.GraphModule, example_inputs: tuple, backend: str, de
         raise ValueError(f"threads must be a positive int or None (torch's current setting), got {threads!r}")
     if max_macs is not None and (isinstance(max_macs, bool) or not isinstance(max_macs, int) or max_macs <= 0):
         raise ValueError(f"max_macs must be a positive int (the whole model's MACs) or None, got {max_macs!r}")
-    gm = prepare(gm, inplace, "fold_or_restore")
-    for node, rec in factor_nodes(gm):
-        if rec.role in GATE_ROLES:
-            raise ValueError(f"{rec.source!r} still has gate node {node.name!r}: run strip_gates(gm, threshold) "
-                             f"before fold_or_restore")
-    by_source = layer_nodes(gm)
-    if not by_source:
-        raise ValueError("fold_or_restore found no decomposed layers: run decompose_conv(gm) first")
+    gm, by_source = _prepare_layers(gm, inplace)
     for source, roles in by_source.items():
         if FIRST not in roles or LAST not in roles:
             raise ValueError(f"layer {source!r} was already folded to {sorted(roles)}; fold_or_restore(cost='latency') "
