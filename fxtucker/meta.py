@@ -80,8 +80,9 @@ class LayerPlan:
     """decompose_conv's decision for one conv node, written before anything is rewritten.
 
     ``kind`` is ``"tucker2"`` (first/core/last), ``"svd"`` (first/last, for 1x1 kernels and
-    Linear layers) or ``"skip"`` with ``reason`` saying why. ``ranks`` are (R1, R2) for tucker2
-    and (R,) for svd; a user may edit a plan (``dataclasses.replace``) before the rewrite runs.
+    Linear layers, and for kxk kernels with ``method="svd"``: then ``first`` is kxk) or
+    ``"skip"`` with ``reason`` saying why. ``ranks`` are (R1, R2) for tucker2 and (R,) for svd;
+    a user may edit a plan (``dataclasses.replace``) before the rewrite runs.
     """
 
     source: str
@@ -126,7 +127,7 @@ class LayerRecord:
     name: str  # qualified module name (or node name for functional calls)
     node: str  # graph node name of the original call
     op: str  # "Conv2d", "Linear", ...
-    kind: str  # "tucker2", "svd" or "skip"
+    kind: str  # "tucker2", "svd" (first/last; first is kxk for a kxk conv) or "skip"
     spec: Optional[ConvSpec] = None  # None for Linear and skipped layers
     in_shape: tuple[int, ...] = ()
     out_shape: tuple[int, ...] = ()

@@ -1,4 +1,4 @@
-"""decompose_conv: replace each eligible conv by Tucker-2 factors (first, core, last)."""
+"""decompose_conv: replace each eligible conv by Tucker-2 factors (first, core, last), or by an SVD pair."""
 
 from __future__ import annotations
 
@@ -34,10 +34,15 @@ from fxtucker.meta import (
 from fxtucker.passes._common import CONV_TYPES, check_graph_module, finish, new_node, prepare, set_submodule
 from fxtucker.passes.strip_gates import check_round_to, round_rank
 
-__all__ = ["decompose_conv", "plan_decomposition", "RanksArg"]
+__all__ = ["decompose_conv", "plan_decomposition", "RanksArg", "METHODS"]
 
 Ranks = Union[int, tuple[int, ...]]
 RanksArg = Union[None, float, str, dict[str, Ranks], Callable[[str, nn.Module], Optional[Ranks]]]
+
+# How a conv with a kernel larger than 1x1 is decomposed: Tucker-2 (first, core, last) or an SVD
+# pair of the kernel reshaped to (C_out, C_in/g * k) (first: kxk, last: 1x1). 1x1 convs and
+# Linear layers are SVD pairs under either.
+METHODS = ("tucker2", "svd")
 
 _CONV_FUNCTION_NAMES = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
 
@@ -84,10 +89,16 @@ def _unsupported(m: nn.Module, name: str, shared: dict[int, list[str]], read: fr
     return ""
 
 
-def _kind(m: nn.Module) -> str:
+def _kind(m: nn.Module, method: str = "tucker2") -> str:
+    """How ``m`` is decomposed under ``method``: "svd" for Linear and 1x1 convs, else ``method``."""
     if isinstance(m, nn.Linear):
         return "svd"
-    return "svd" if math.prod(m.kernel_size) == 1 else "tucker2"
+    return "svd" if math.prod(m.kernel_size) == 1 else method
+
+
+def _kinds(m: nn.Module) -> tuple[str, ...]:
+    """The kinds a plan for ``m`` may carry: either method for a kxk conv, "svd" otherwise."""
+    return tuple(dict.fromkeys(_kind(m, method) for method in METHODS))
 
 
 def _group_shape(m: nn.Module) -> tuple[int, ...]:
@@ -97,9 +108,12 @@ def _group_shape(m: nn.Module) -> tuple[int, ...]:
     return (m.out_channels // m.groups, m.in_channels // m.groups, *m.kernel_size)
 
 
-def _full_ranks(m: nn.Module) -> tuple[int, ...]:
+def _full_ranks(m: nn.Module, kind: Optional[str] = None) -> tuple[int, ...]:
+    """The ranks at which decomposing ``m`` by ``kind`` (default: its kind under "tucker2") is exact."""
     shape = _group_shape(m)
-    return (min(shape[0], shape[1]),) if _kind(m) == "svd" else tucker.tucker2_full_ranks(shape)
+    if (kind or _kind(m)) == "svd":
+        return (min(shape[0], math.prod(shape[1:])),)
+    return tucker.tucker2_full_ranks(shape)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -107,37 +121,40 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _group_weights(m: nn.Module) -> list[torch.Tensor]:
-    """The kernel of each group in compute precision; 1x1 kernels as matrices (C_out/g, C_in/g)."""
+def _group_weights(m: nn.Module, kind: str) -> list[torch.Tensor]:
+    """The kernel of each group in compute precision; for ``kind`` "svd" as matrices (C_out/g, C_in/g * k)."""
     w = m.weight.detach().to(compute_dtype(m.weight.dtype))
     if isinstance(m, nn.Linear):
         return [w]
     w = w.reshape(m.groups, m.out_channels // m.groups, *w.shape[1:])
-    return [g.reshape(g.shape[0], g.shape[1]) if _kind(m) == "svd" else g for g in w]
+    return [g.reshape(g.shape[0], -1) if kind == "svd" else g for g in w]
 
 
-def _fraction_ranks(m: nn.Module, frac: float, round_to: Optional[int] = None) -> tuple[int, ...]:
-    shape, full = _group_shape(m), _full_ranks(m)
-    modes = (min(shape[0], shape[1]),) if _kind(m) == "svd" else (shape[1], shape[0])
+def _fraction_ranks(m: nn.Module, kind: str, frac: float, round_to: Optional[int] = None) -> tuple[int, ...]:
+    shape, full = _group_shape(m), _full_ranks(m, kind)
+    modes = full if kind == "svd" else (shape[1], shape[0])
     return tuple(round_rank(min(f, max(1, round(frac * size))), round_to, f) for size, f in zip(modes, full))
 
 
-def _vbmf_ranks(m: nn.Module) -> tuple[int, ...]:
+def _vbmf_ranks(m: nn.Module, kind: str) -> tuple[int, ...]:
     per_group = [
-        (max(1, tucker.evbmf(w)),) if _kind(m) == "svd" else tucker.vbmf_ranks(w) for w in _group_weights(m)
+        (max(1, tucker.evbmf(w)),) if kind == "svd" else tucker.vbmf_ranks(w) for w in _group_weights(m, kind)
     ]
     return tuple(max(r) for r in zip(*per_group))
 
 
-def _normalise_ranks(value: Ranks, m: nn.Module, name: str) -> tuple[int, ...]:
-    """Check user-given ranks for module ``m`` and return them as a tuple."""
-    kind, full = _kind(m), _full_ranks(m)
+def _normalise_ranks(value: Ranks, m: nn.Module, name: str, kind: str) -> tuple[int, ...]:
+    """Check user-given ranks for module ``m`` decomposed by ``kind`` and return them as a tuple."""
+    full = _full_ranks(m, kind)
     want = "an int R or (R,)" if kind == "svd" else "a pair (R1, R2)"
     ranks = (value,) if isinstance(value, numbers.Integral) and kind == "svd" else value
     if not isinstance(ranks, (tuple, list)) or len(ranks) != len(full) or not all(
         isinstance(r, numbers.Integral) and not isinstance(r, bool) for r in ranks
     ):
-        raise ValueError(f"ranks for {name!r} ({type(m).__name__}, decomposed by {kind}) must be {want}, got {value!r}")
+        one = isinstance(value, numbers.Integral) or (isinstance(value, (tuple, list)) and len(value) == 1)
+        hint = "; or pass method='svd' to decompose kxk convs as SVD pairs of rank R" if kind == "tucker2" and one else ""
+        raise ValueError(f"ranks for {name!r} ({type(m).__name__}, decomposed by {kind}) must be {want}, "
+                         f"got {value!r}{hint}")
     ranks = tuple(int(r) for r in ranks)
     if any(not 1 <= r <= f for r, f in zip(ranks, full)):
         bounds = " and ".join(f"1 <= {n} <= {f}" for n, f in zip(("R1", "R2") if kind == "tucker2" else ("R",), full))
@@ -145,18 +162,26 @@ def _normalise_ranks(value: Ranks, m: nn.Module, name: str) -> tuple[int, ...]:
     return ranks
 
 
-def _choose_ranks(ranks: RanksArg, name: str, m: nn.Module, round_to: Optional[int] = None) -> Optional[tuple[int, ...]]:
-    """The ranks for ``m`` from the user's ``ranks`` argument, or None to skip it."""
+def _choose_ranks(ranks: RanksArg, name: str, m: nn.Module, kind: str,
+                  round_to: Optional[int] = None) -> Optional[tuple[int, ...]]:
+    """The ranks for ``m`` decomposed by ``kind`` from the user's ``ranks`` argument, or None to skip it."""
     if ranks is None:
-        return _full_ranks(m)
+        return _full_ranks(m, kind)
     if isinstance(ranks, str):
-        return _vbmf_ranks(m)
+        return _vbmf_ranks(m, kind)
     if isinstance(ranks, numbers.Real) and not isinstance(ranks, bool):
-        return _fraction_ranks(m, float(ranks), round_to)
+        return _fraction_ranks(m, kind, float(ranks), round_to)
     if isinstance(ranks, dict):
-        return _normalise_ranks(ranks[name], m, name) if name in ranks else None
+        return _normalise_ranks(ranks[name], m, name, kind) if name in ranks else None
     chosen = ranks(name, m)
-    return None if chosen is None else _normalise_ranks(chosen, m, name)
+    return None if chosen is None else _normalise_ranks(chosen, m, name, kind)
+
+
+def _check_method(method: object, pass_name: str) -> None:
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"{pass_name}: method={method!r} is not known; valid: {', '.join(map(repr, METHODS))} "
+                         f"(how a conv with a kernel larger than 1x1 is decomposed; 1x1 convs and Linear layers are "
+                         f"SVD pairs under either)")
 
 
 def _check_ranks_arg(ranks: RanksArg, round_to: Optional[int] = None) -> None:
@@ -185,15 +210,17 @@ def _shape(node: fx.Node) -> tuple[int, ...]:
     return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else ()
 
 
-def plan_decomposition(gm: fx.GraphModule, ranks: RanksArg = None, *, linear: bool = False,
+def plan_decomposition(gm: fx.GraphModule, ranks: RanksArg = None, *, method: str = "tucker2", linear: bool = False,
                        round_to: Optional[int] = None, inplace: bool = False) -> fx.GraphModule:
     """Decide, without rewriting, how each conv would be decomposed.
 
     Writes a :class:`fxtucker.meta.LayerPlan` into ``node.meta["fxtucker"]`` of every conv
     (and Linear, with ``linear=True``) call and the layer table into ``gm.meta["fxtucker"]``.
     Edit a plan with ``dataclasses.replace`` and run ``decompose_conv(gm, use_plan=True)`` to
-    apply it. Arguments as in :func:`decompose_conv`.
+    apply it; a kxk conv's plan may switch ``kind`` between "tucker2" and "svd" when its
+    ``full_ranks`` and ``ranks`` are changed to fit. Arguments as in :func:`decompose_conv`.
     """
+    _check_method(method, "plan_decomposition")
     gm = prepare(gm, inplace, "plan_decomposition")
     if not isinstance(linear, bool):
         raise TypeError(f"plan_decomposition: linear must be True or False, got {linear!r}")
@@ -229,11 +256,12 @@ def plan_decomposition(gm: fx.GraphModule, ranks: RanksArg = None, *, linear: bo
             reason = f"{type(m).__name__} is not decomposed (transposed convs are left as they are)"
         if reason and isinstance(ranks, dict) and name in ranks:
             raise ValueError(f"ranks asks for {name!r}, which cannot be decomposed: {reason}")
-        chosen = None if reason else _choose_ranks(ranks, name, m, round_to)
+        kind = _kind(m, method)
+        chosen = None if reason else _choose_ranks(ranks, name, m, kind, round_to)
         if chosen is None and not reason:
             reason = "not selected by the ranks argument"
         plan = (LayerPlan(source=name, kind="skip", reason=reason) if reason else
-                LayerPlan(source=name, kind=_kind(m), full_ranks=_full_ranks(m), ranks=chosen))
+                LayerPlan(source=name, kind=kind, full_ranks=_full_ranks(m, kind), ranks=chosen))
         for node in nodes:
             node.meta[KEY] = plan
         macs = [n.meta.get(MACS) for n in nodes]
@@ -241,7 +269,7 @@ def plan_decomposition(gm: fx.GraphModule, ranks: RanksArg = None, *, linear: bo
             name=name, node=nodes[0].name, op=type(m).__name__, kind=plan.kind,
             spec=_spec(m) if isinstance(m, CONV_TYPES) else None,
             in_shape=_shape(nodes[0].args[0]) if nodes[0].args else (), out_shape=_shape(nodes[0]),
-            full_ranks=plan.full_ranks if plan.kind != "skip" else (_full_ranks(m) if not reason.startswith(type(m).__name__) else ()),
+            full_ranks=plan.full_ranks if plan.kind != "skip" else (_full_ranks(m, kind) if not reason.startswith(type(m).__name__) else ()),
             ranks=plan.ranks, macs_before=None if None in macs else sum(macs), decision=SKIPPED,
             reason=plan.reason, call_sites=len(nodes),
         ))
@@ -254,7 +282,7 @@ def plan_decomposition(gm: fx.GraphModule, ranks: RanksArg = None, *, linear: bo
 def _factor_modules(m: nn.Module, kind: str, ranks: tuple[int, ...]) -> dict[str, nn.Module]:
     """first/core/last modules that compose to ``m``, truncated to ``ranks``."""
     groups = 1 if isinstance(m, nn.Linear) else m.groups
-    weights = _group_weights(m)
+    weights = _group_weights(m, kind)
     bias = None if m.bias is None else m.bias.detach()
     if isinstance(m, nn.Linear):
         left, right = tucker.svd_pair(weights[0], ranks[0])
@@ -267,12 +295,12 @@ def _factor_modules(m: nn.Module, kind: str, ranks: tuple[int, ...]) -> dict[str
         if kind == "svd":
             r = ranks[0]
             pairs = [tucker.svd_pair(w, r) for w in weights]
-            # A 1x1 kernel commutes with zero/reflect/... padding and with striding: the input
-            # factor takes them, so the second factor runs on the smaller output.
-            first = conv(m.in_channels, groups * r, ones, stride=m.stride, padding=m.padding, dilation=m.dilation,
-                         groups=groups, bias=False, padding_mode=m.padding_mode)
+            # The input factor is the kernel's rows (kxk, or 1x1 for a 1x1 conv) and takes stride,
+            # padding and dilation; a 1x1 second factor commutes with them, and runs on the output.
+            first = conv(m.in_channels, groups * r, m.kernel_size, stride=m.stride, padding=m.padding,
+                         dilation=m.dilation, groups=groups, bias=False, padding_mode=m.padding_mode)
             last = conv(groups * r, m.out_channels, ones, groups=groups, bias=bias is not None)
-            first.weight.data = torch.cat([p[1] for p in pairs]).reshape(groups * r, -1, *ones)
+            first.weight.data = torch.cat([p[1] for p in pairs]).reshape(groups * r, -1, *m.kernel_size)
             last.weight.data = torch.cat([p[0] for p in pairs]).reshape(m.out_channels, r, *ones)
             mods = {FIRST: first, LAST: last}
         else:
@@ -299,19 +327,23 @@ def decompose_conv(
     gm: fx.GraphModule,
     ranks: RanksArg = None,
     *,
+    method: str = "tucker2",
     linear: bool = False,
     use_plan: bool = False,
     round_to: Optional[int] = None,
     inplace: bool = False,
 ) -> fx.GraphModule:
-    """Replace each eligible conv node by Tucker-2 factors ``first``, ``core`` and ``last``.
+    """Replace each eligible conv node by Tucker-2 factors ``first``, ``core`` and ``last``, or an SVD pair.
 
     A conv ``W: (C_out, C_in/g, *k)`` becomes a 1x1 conv ``first`` (C_in -> R1), a kxk conv
     ``core`` (R1 -> R2, with the original stride, padding, dilation and padding_mode) and a 1x1
     conv ``last`` (R2 -> C_out, with the original bias), from HOSVD over the output- and
     input-channel modes; grouped convs are decomposed per group. 1x1 convs (and Linear layers
-    when ``linear=True``) become SVD pairs ``first``/``last``. At full rank the function is
-    unchanged; truncated, each kernel is its HOSVD truncation.
+    when ``linear=True``) become SVD pairs ``first``/``last``. With ``method="svd"`` a kxk conv
+    becomes an SVD pair too: its kernel reshaped to ``(C_out, C_in/g * k)`` and factored by
+    truncated SVD, ``first`` a kxk conv (C_in -> R, with the original stride, padding, dilation
+    and padding_mode) and ``last`` a 1x1 conv (R -> C_out, with the original bias). At full
+    rank the function is unchanged; truncated, each kernel is its HOSVD (or SVD) truncation.
 
     Depthwise and transposed convs, functional ``F.conv*`` calls, convs with tied weights,
     hooks, parametrizations or a custom forward are skipped with the reason recorded (see
@@ -322,10 +354,13 @@ def decompose_conv(
         ranks: ``None`` for full rank; a float in (0, 1] for that fraction of each mode; a dict
             qualified name -> ``(R1, R2)`` (or ``R`` for SVD pairs), decomposing only those;
             a callable ``(name, module) -> ranks or None``; or ``"vbmf"`` for EVBMF ranks of
-            the two unfoldings (Kim et al. 2015). Ranks are per group.
+            the two unfoldings (Kim et al. 2015; of the reshaped kernel for SVD pairs). Ranks
+            are per group.
+        method: ``"tucker2"`` (the default) or ``"svd"``: how convs with a kernel larger than
+            1x1 are decomposed (the paper's Table 4 compares the two).
         linear: also decompose ``nn.Linear`` layers into SVD pairs.
         use_plan: apply the plans already in ``node.meta`` (from :func:`plan_decomposition`,
-            possibly edited) instead of ``ranks``.
+            possibly edited) instead of ``ranks`` and ``method``.
         round_to: with a fractional ``ranks``, round each rank up to a multiple of ``round_to``
             (e.g. 8 or 16), never above the full rank; None (or full rank) rounds nothing.
         inplace: rewrite ``gm`` itself instead of a deep copy.
@@ -340,20 +375,30 @@ def decompose_conv(
         %layer1_0_conv1_core : call_module[target=layer1.0.conv1.core](args = (%layer1_0_conv1_first,))
         %layer1_0_conv1_last : call_module[target=layer1.0.conv1.last](args = (%layer1_0_conv1_core,))
 
+    With ``method="svd"`` a kxk conv becomes ``first`` (kxk) and ``last`` (1x1) alone::
+
+        %layer1_0_conv1_first : call_module[target=layer1.0.conv1.first](args = (%maxpool,))
+        %layer1_0_conv1_last : call_module[target=layer1.0.conv1.last](args = (%layer1_0_conv1_first,))
+
     Example::
 
         >>> gm = decompose_conv(fxtucker.trace(resnet18()), ranks=0.5)
+        >>> svd = decompose_conv(fxtucker.trace(resnet18()), ranks=0.5, method="svd")
     """
     check_graph_module(gm, "decompose_conv")
+    _check_method(method, "decompose_conv")
     if use_plan:
         if round_to is not None:
             raise ValueError("decompose_conv(use_plan=True) applies the plans as they are: pass round_to to "
                              "plan_decomposition(gm, ranks, round_to=...) instead")
+        if method != "tucker2":
+            raise ValueError(f"decompose_conv(use_plan=True) applies the plans as they are: pass method={method!r} "
+                             f"to plan_decomposition(gm, ranks, method=...) instead")
         gm = prepare(gm, inplace, "decompose_conv")
         if not isinstance(gm.meta.get(KEY), GraphRecord) or gm.meta[KEY].stage != "plan_decomposition":
             raise ValueError("decompose_conv(use_plan=True) needs plans: run plan_decomposition(gm, ranks) first")
     else:
-        gm = plan_decomposition(gm, ranks, linear=linear, round_to=round_to, inplace=inplace)
+        gm = plan_decomposition(gm, ranks, method=method, linear=linear, round_to=round_to, inplace=inplace)
     modules = dict(gm.named_modules())
     sites: dict[str, list[fx.Node]] = defaultdict(list)
     for node in gm.graph.nodes:
@@ -369,7 +414,7 @@ def decompose_conv(
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target in sites:
             all_sites[node.target].append(node)
-    done: dict[str, tuple[int, ...]] = {}
+    done: dict[str, LayerPlan] = {}  # the plan applied, with normalised ranks
     for name, nodes in sites.items():
         plan, m = nodes[0].meta[KEY], modules[name]
         # An edited plan gets the same checks as a computed one.
@@ -379,10 +424,10 @@ def decompose_conv(
         reason = _unsupported(m, name, shared, read)
         if reason:
             raise ValueError(f"the plan asks to decompose {name!r}, which cannot be: {reason}")
-        if plan.kind != _kind(m) or plan.full_ranks != _full_ranks(m):
-            raise ValueError(f"the plan for {name!r} ({plan}) does not fit {type(m).__name__}: "
-                             f"kind must be {_kind(m)!r} and full_ranks {_full_ranks(m)}")
-        ranks_ = _normalise_ranks(plan.ranks, m, name)
+        if plan.kind not in _kinds(m) or plan.full_ranks != _full_ranks(m, plan.kind):
+            valid = " or ".join(f"kind {k!r} with full_ranks {_full_ranks(m, k)}" for k in _kinds(m))
+            raise ValueError(f"the plan for {name!r} ({plan}) does not fit {type(m).__name__}: it must have {valid}")
+        ranks_ = _normalise_ranks(plan.ranks, m, name, plan.kind)
         factors = _factor_modules(m, plan.kind, ranks_)
         set_submodule(gm, name, nn.ModuleDict(factors).train(m.training))
         for node in nodes:
@@ -394,12 +439,13 @@ def decompose_conv(
                                  FactorRecord(source=name, role=role, ranks=ranks_, replaces=node.name))
             node.replace_all_uses_with(x)
             graph.erase_node(node)
-        done[name] = ranks_
+        done[name] = dataclasses.replace(plan, ranks=ranks_)
     for node in gm.graph.nodes:
         if isinstance(node.meta.get(KEY), LayerPlan):
             del node.meta[KEY]
     layers = tuple(
-        dataclasses.replace(r, ranks=done[r.name], decision=DECOMPOSED, reason="") if r.name in done else r
+        dataclasses.replace(r, kind=done[r.name].kind, full_ranks=done[r.name].full_ranks, ranks=done[r.name].ranks,
+                            decision=DECOMPOSED, reason="") if r.name in done else r
         for r in rec.layers
     )
     set_graph_record(gm, GraphRecord(layers=layers, stage="decompose_conv"))

@@ -49,14 +49,15 @@ def dense_module(container: nn.Module, spec: ConvSpec | None) -> nn.Module:
         weight = l_ @ f
     else:
         g = spec.groups
-        f = f.reshape(g, f.shape[0] // g, f.shape[1])  # (g, R1, C_in/g)
+        # first is 1x1 (Tucker-2, or a 1x1 conv's SVD pair) or kxk (a kxk conv's SVD pair): (g, R1, C_in/g, *k_first)
+        f = f.reshape(g, f.shape[0] // g, *f.shape[1:])
         l_ = l_.reshape(g, l_.shape[0] // g, l_.shape[1])  # (g, C_out/g, R2)
         if core is None:
-            weight = torch.einsum("gor,gri->goi", l_, f)
+            weight = torch.einsum("gor,gri...->goi...", l_, f)
         else:
             c = core.weight.detach().to(dtype)
             c = c.reshape(g, c.shape[0] // g, *c.shape[1:])  # (g, R2, R1, *k)
-            weight = torch.einsum("gos,gsr...,gri->goi...", l_, c, f)
+            weight = torch.einsum("gos,gsr...,gri->goi...", l_, c, f.reshape(*f.shape[:3]))
         weight = weight.reshape(spec.out_channels, spec.in_channels // g, *spec.kernel_size)
         dense = getattr(nn, spec.cls_name)(
             spec.in_channels, spec.out_channels, spec.kernel_size, stride=spec.stride, padding=spec.padding,
@@ -182,7 +183,8 @@ def fold_or_restore(
     (:func:`fxtucker.latency.measure_latency`) and the fastest is kept:
 
     - ``"dense"``: the original layer (the factors multiplied back out, as above);
-    - ``"tucker2"``: first, core, last as they are (``"svd"`` for a 1x1 conv or Linear pair);
+    - ``"tucker2"``: first, core, last as they are (``"svd"`` for an SVD pair: a 1x1 conv, a
+      Linear layer, or a kxk conv decomposed with ``method="svd"``);
     - ``"merge_first"``: first multiplied into the core (Tucker-1: a kxk conv C_in -> R2, then last);
     - ``"merge_last"``: last multiplied into the core (Tucker-1: first, then a kxk conv R1 -> C_out).
 
