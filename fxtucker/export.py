@@ -542,12 +542,19 @@ def _rebuild(model: nn.Module, manifest: dict, leaf_modules: Sequence[type]) -> 
     decomposed = {r.name: r for r in layers if r.decision == DECOMPOSED and r.kind != "skip"}
     if decomposed:
         # A whole dead rank (0) is built as one zeroed component, as strip_gates does.
-        ranks = {name: tuple(max(1, r) for r in rec.ranks) for name, rec in decomposed.items()}
+        # A kxk conv recorded as an SVD pair was decomposed with method="svd"; 1x1 convs and
+        # Linear layers are SVD pairs under either method.
+        by_method: dict[str, dict[str, tuple[int, ...]]] = {}
+        for name, rec in decomposed.items():
+            kxk = rec.spec is not None and math.prod(rec.spec.kernel_size) > 1
+            method = "svd" if rec.kind == "svd" and kxk else "tucker2"
+            by_method.setdefault(method, {})[name] = tuple(max(1, r) for r in rec.ranks)
         linear = any(r.op == "Linear" for r in decomposed.values())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the summary of layers left alone; the records say which
             try:
-                gm = decompose_conv(gm, ranks=ranks, linear=linear, inplace=True)
+                for method, ranks in by_method.items():
+                    gm = decompose_conv(gm, ranks=ranks, method=method, linear=linear, inplace=True)
             except ValueError as exc:
                 raise ValueError(f"the manifest does not fit the model that model_factory() returned: {exc}") from None
     for rec in decomposed.values():
