@@ -6,7 +6,7 @@ A hypothesis strategy builds random traceable networks over a pool of tensors: C
 sharing one weight Parameter), residual adds, ``torch.cat``, branches (any tensor can feed several
 ops), BatchNorm and ReLU, on odd input shapes down to one pixel. Every network goes through
 ``trace -> cost_model -> decompose_conv -> insert_gates -> strip_gates -> fold_or_restore`` in
-float64 and must:
+float64, with kxk convs decomposed by either method (Tucker-2 or SVD pairs), and must:
 
 - keep its function at full rank with threshold 0 (REL_CHAIN_FLOAT64 per output);
 - decompose exactly the convs that can be decomposed and list every other conv (transposed,
@@ -34,6 +34,7 @@ from hypothesis import strategies as st
 import fxtucker
 from fxtucker.meta import DECOMPOSED, RESTORED, SKIPPED
 from fxtucker.passes import cost_model, decompose_conv, fold_bn, fold_or_restore, insert_gates, predict_macs, strip_gates
+from fxtucker.passes.decompose_conv import METHODS
 from tests.conftest import REL_CHAIN_FLOAT64
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel lengths:UserWarning")
@@ -273,10 +274,10 @@ def _assert_same_function(got, want, rel: float, what: str) -> None:
         assert err < rel, f"{what}: output {i} changed by {err:.3g} (relative), more than {rel}"
 
 
-def _decompose(gm):
+def _decompose(gm, method: str):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        decomposed = decompose_conv(gm)
+        decomposed = decompose_conv(gm, method=method)
     return decomposed, [w for w in caught if issubclass(w.category, UserWarning)]
 
 
@@ -309,10 +310,11 @@ def _check_records(net: FuzzNet, decomposed, caught) -> list[str]:
     return [r.name for r in layers if r.decision == DECOMPOSED]
 
 
-def check_full_rank_chain(net: FuzzNet, x: torch.Tensor) -> None:
+def check_full_rank_chain(net: FuzzNet, x: torch.Tensor, method: str) -> None:
     want = _outputs(net, x)
     gm = cost_model(fxtucker.trace(net), x)
-    decomposed, caught = _decompose(gm)
+    decomposed, caught = _decompose(gm, method)
+    event(f"method {method}")
     decomposed.graph.lint()
     done = _check_records(net, decomposed, caught)
     _assert_same_function(_outputs(decomposed, x), want, REL_CHAIN_FLOAT64, "decompose_conv")
@@ -343,9 +345,9 @@ def check_full_rank_chain(net: FuzzNet, x: torch.Tensor) -> None:
         event(f"fold_bn: {'all' if not left else 'some' if left < bns else 'none'} folded")
 
 
-def check_pruned_chain(net: FuzzNet, x: torch.Tensor, scales: list[float], quantile: float) -> None:
+def check_pruned_chain(net: FuzzNet, x: torch.Tensor, method: str, scales: list[float], quantile: float) -> None:
     gm = cost_model(fxtucker.trace(net), x)
-    decomposed, _ = _decompose(gm)
+    decomposed, _ = _decompose(gm, method)
     if not any(r.decision == DECOMPOSED for r in fxtucker.report(decomposed).layers):
         return
     gated = insert_gates(decomposed)
@@ -377,32 +379,33 @@ def check_pruned_chain(net: FuzzNet, x: torch.Tensor, scales: list[float], quant
 
 _SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 _scales = st.lists(st.sampled_from([0.0, 1e-3, 0.1, 0.5, 1.0, 2.0]), min_size=1, max_size=12)
+_methods = st.sampled_from(METHODS)
 
 
-@given(networks())
+@given(networks(), _methods)
 @settings(max_examples=FUZZ_EXAMPLES, **_SETTINGS)
-def test_random_networks_keep_their_function_at_full_rank(case):
-    check_full_rank_chain(*case)
+def test_random_networks_keep_their_function_at_full_rank(case, method):
+    check_full_rank_chain(*case, method)
 
 
-@given(networks(), _scales, st.floats(0.0, 1.0))
+@given(networks(), _methods, _scales, st.floats(0.0, 1.0))
 @settings(max_examples=FUZZ_EXAMPLES, **_SETTINGS)
-def test_random_networks_pruned_fold_keeps_the_stripped_function(case, scales, quantile):
-    check_pruned_chain(*case, scales, quantile)
+def test_random_networks_pruned_fold_keeps_the_stripped_function(case, method, scales, quantile):
+    check_pruned_chain(*case, method, scales, quantile)
 
 
 @pytest.mark.slow
-@given(networks())
+@given(networks(), _methods)
 @settings(max_examples=FUZZ_EXAMPLES_SLOW, **_SETTINGS)
-def test_random_networks_keep_their_function_at_full_rank_many(case):
-    check_full_rank_chain(*case)
+def test_random_networks_keep_their_function_at_full_rank_many(case, method):
+    check_full_rank_chain(*case, method)
 
 
 @pytest.mark.slow
-@given(networks(), _scales, st.floats(0.0, 1.0))
+@given(networks(), _methods, _scales, st.floats(0.0, 1.0))
 @settings(max_examples=FUZZ_EXAMPLES_SLOW, **_SETTINGS)
-def test_random_networks_pruned_fold_keeps_the_stripped_function_many(case, scales, quantile):
-    check_pruned_chain(*case, scales, quantile)
+def test_random_networks_pruned_fold_keeps_the_stripped_function_many(case, method, scales, quantile):
+    check_pruned_chain(*case, method, scales, quantile)
 
 
 # --- the strategy covers what it claims -----------------------------------------------------------
