@@ -36,11 +36,14 @@ cached; every method starts from it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
+import fcntl
 import importlib.util
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -297,21 +300,35 @@ def _load(exp: str) -> list[dict]:
     return json.loads(path.read_text())["rows"] if path.exists() else []
 
 
+@contextlib.contextmanager
+def _locked(exp: str):
+    """Hold ``results/<exp>.json.lock``: two runners (other seeds, other methods) may share a file."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / f"{exp}.json.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _append(exp: str, row: dict) -> None:
-    rows = _load(exp) + [row]
-    path = RESULTS / f"{exp}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
-    tmp.replace(path)
+    with _locked(exp):
+        rows = _load(exp) + [row]
+        path = RESULTS / f"{exp}.json"
+        tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+        tmp.replace(path)
 
 
 def _done(exp: str, key: dict) -> bool:
     return any(all(r.get(k) == v for k, v in key.items()) for r in _load(exp))
 
 
-def run_experiment(exp: str, s: Setup, progress: bool = True) -> None:
+def run_experiment(exp: str, s: Setup, progress: bool = True, methods: Optional[list[str]] = None) -> None:
     for run in _plan(exp, s):
+        if methods and run["method"] not in methods:
+            continue
         key = {**s.key, "method": run["method"], "setting": run["setting"], "stage": "final"}
         if _done(exp, key):
             continue
@@ -387,6 +404,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--models", nargs="+", default=["resnet20"])
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--methods", nargs="+", metavar="METHOD",
+                        help=f"only these methods' runs ({', '.join(METHODS)}); default: all")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--plot", action="store_true", help="only draw results/pareto.png from the stored rows")
     parser.add_argument("--table", metavar="EXP", help="only print EXP's stored rows as a markdown table")
@@ -402,13 +421,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     bad = [e for e in exps if e not in EXPERIMENTS]
     if bad:
         parser.error(f"unknown experiment(s) {bad}; valid: {', '.join(EXPERIMENTS)} or all")
+    bad = [m for m in args.methods or [] if m not in METHODS]
+    if bad:
+        parser.error(f"unknown method(s) {bad}; valid: {', '.join(METHODS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     for model_name in args.models:
         for seed in args.seeds:
             s = setup(model_name, args.dataset, seed, args.profile, progress=not args.no_progress)
             for exp in exps:
-                run_experiment(exp, s, progress=not args.no_progress)
+                run_experiment(exp, s, progress=not args.no_progress, methods=args.methods)
     return 0
 
 

@@ -37,7 +37,10 @@ def compare(tmp_path, monkeypatch):
 
 
 def test_quick_baselines_write_rows_and_a_rerun_skips_them(compare, tmp_path, capsys):
-    compare.main(["--exp", "baselines", "--profile", "quick", "--no-progress"])
+    compare.main(["--exp", "baselines", "--profile", "quick", "--no-progress", "--methods", "uncompressed", "uniform"])
+    rows = json.loads((tmp_path / "results" / "baselines.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == {"uncompressed", "uniform"}  # --methods: only those runs
+    compare.main(["--exp", "baselines", "--profile", "quick", "--no-progress"])  # the rest, into the same file
     rows = json.loads((tmp_path / "results" / "baselines.json").read_text())["rows"]
     final = {r["method"]: r for r in rows if r["stage"] == "final"}
     assert {"uncompressed", "funnel", "vbmf", "musco", "uniform"} <= set(final)
@@ -54,3 +57,10 @@ def test_quick_baselines_write_rows_and_a_rerun_skips_them(compare, tmp_path, ca
     pytest.importorskip("matplotlib")
     compare.main(["--plot"])
     assert (tmp_path / "results" / "pareto.png").stat().st_size > 0
+
+
+def test_unknown_method_is_refused(compare, capsys):
+    with pytest.raises(SystemExit):
+        compare.main(["--exp", "baselines", "--profile", "quick", "--methods", "svd-magic"])
+    err = capsys.readouterr().err
+    assert "svd-magic" in err and "torch-pruning" in err
