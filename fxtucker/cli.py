@@ -96,7 +96,7 @@ def _inspect(args: argparse.Namespace) -> int:
         print(gm.graph)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        decomposed = decompose_conv(gm, ranks=args.ranks, linear=args.linear)
+        decomposed = decompose_conv(gm, ranks=args.ranks, linear=args.linear, method=args.method)
     final = fold_or_restore(strip_gates(insert_gates(decomposed), args.threshold), x)
     if args.graph:
         print("== graph after ==")
@@ -211,7 +211,7 @@ def _compress(args: argparse.Namespace) -> int:
         config = CompressConfig.from_toml(args.config)
     else:
         config = CompressConfig(**QUICK_CONFIG) if args.quick else CompressConfig()
-    config = dataclasses.replace(config, seed=args.seed)
+    config = dataclasses.replace(config, seed=args.seed, **({"method": args.method} if args.method else {}))
     out = Path(args.out or f"runs/{args.model}-{dataset}" + ("-quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
     baseline_history = []
@@ -351,8 +351,8 @@ def _bench(args: argparse.Namespace) -> int:
     summary = []
     for backend in args.backend:
         try:
-            compressed = optimize_for_inference(model, x, ranks=args.ranks, backend=backend, round_to=args.round_to,
-                                                threads=args.threads)
+            compressed = optimize_for_inference(model, x, ranks=args.ranks, method=args.method, backend=backend,
+                                                round_to=args.round_to, threads=args.threads)
             before = measure_latency(baseline, x, backend=backend, threads=args.threads, repeats=args.repeats)
             after = measure_latency(compressed, x, backend=backend, threads=args.threads, repeats=args.repeats)
         except ImportError as exc:
@@ -384,6 +384,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks", type=_ranks, default=0.5, help="fraction of each mode in (0, 1], 'vbmf' or 'full' (default 0.5)")
     p.add_argument("--threshold", type=_threshold, default=0.0, help="strip gates below this (untrained gates: keep 0)")
     p.add_argument("--linear", action="store_true", help="also decompose Linear layers")
+    p.add_argument("--method", choices=("tucker2", "svd"), default="tucker2",
+                   help="how kxk convs are decomposed: Tucker-2 (first/core/last) or an SVD pair (default tucker2)")
     p.add_argument("--checkpoint", help="state_dict of trained weights (loaded with weights_only=True)")
     p.add_argument("--input-size", type=_positive, default=224)
     p.add_argument("--in-channels", type=_positive, default=3)
@@ -400,6 +402,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--dataset", required=True, help=f"one of {', '.join(data.DATASETS)}")
     c.add_argument("--root", help="dataset directory (default: Debian's /usr/share/datasets/fashion-mnist, ...)")
     c.add_argument("--config", help="a TOML file of CompressConfig fields")
+    c.add_argument("--method", choices=("tucker2", "svd"),
+                   help="how kxk convs are decomposed (overrides the config's method; default tucker2)")
     c.add_argument("--checkpoint", help="trained weights (state_dict, loaded with weights_only=True); "
                                         "without it the baseline is trained first")
     c.add_argument("--quick", action="store_true", help="a ~10 minute run: data subsets and short stages")
@@ -445,6 +449,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's setting)")
     b.add_argument("--input-size", type=int, default=224)
     b.add_argument("--round-to", type=int, default=None, help="round fractional ranks up to a multiple of this")
+    b.add_argument("--method", choices=("tucker2", "svd"), default="tucker2",
+                   help="how kxk convs are decomposed: Tucker-2 (first/core/last) or an SVD pair (default tucker2)")
     b.add_argument("--in-channels", type=int, default=3)
     b.add_argument("--num-classes", type=int, default=1000)
     b.add_argument("--checkpoint", help="state_dict of trained weights (loaded with weights_only=True)")

@@ -22,6 +22,7 @@ from fxtucker import regularizers
 from fxtucker.passes import cost_model, decompose_conv, fold_or_restore, gates, insert_gates, predict_macs, strip_gates
 from fxtucker.meta import CORE, FIRST, GATE_CORE, GATE_IN, GATE_OUT, LAST, MACS
 from fxtucker.passes._common import layer_nodes
+from fxtucker.passes.decompose_conv import METHODS as DECOMPOSITION_METHODS
 from fxtucker.passes.strip_gates import relative_gates
 from fxtucker.report import report
 from fxtucker.tracing import trace
@@ -35,7 +36,8 @@ __all__ = ["CompressConfig", "CompressResult", "compress", "threshold_for_budget
 class CompressConfig:
     """Hyper-parameters of :func:`compress`; every field can come from a TOML file.
 
-    Steps (Chu and Lee 2021): 1. decompose at ``ranks`` (full rank by default) and insert gates;
+    Steps (Chu and Lee 2021): 1. decompose at ``ranks`` (full rank by default; kxk convs by Tucker-2,
+    or as SVD pairs with ``method="svd"``, see :func:`~fxtucker.passes.decompose_conv`) and insert gates;
     2. train ``train_epochs`` with cross-entropy at ``train_lr``; 3. train ``reg_epochs`` with
     cross-entropy + ``reg_weight`` x sum of ``reg``(gate, c) over all gates of all layers, c
     following ``c_schedule`` from ``c_start`` (to ``c_end`` for "linear"; times ``c_factor`` every
@@ -61,6 +63,7 @@ class CompressConfig:
     """
 
     ranks: Union[None, float, str] = None
+    method: str = "tucker2"  # how kxk convs are decomposed: "tucker2" or "svd" (decompose_conv's method)
     linear: bool = False
     train_epochs: int = 2
     train_lr: float = 0.01
@@ -133,6 +136,9 @@ class CompressConfig:
         r = self.ranks
         if not (r is None or r == "vbmf" or (isinstance(r, numbers.Real) and not isinstance(r, bool) and 0 < r <= 1)):
             raise ValueError(f"CompressConfig.ranks must be None (full rank), a fraction in (0, 1] or 'vbmf', got {r!r}")
+        if self.method not in DECOMPOSITION_METHODS:
+            raise ValueError(f"CompressConfig.method must be one of {list(DECOMPOSITION_METHODS)} (how kxk convs are "
+                             f"decomposed), got {self.method!r}")
         for name in ("linear", "distill"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"CompressConfig.{name} must be true or false, got {getattr(self, name)!r}")
@@ -484,7 +490,7 @@ def compress(
     # 1. decompose at full rank and gate every component
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        decomposed = decompose_conv(gm, ranks=config.ranks, linear=config.linear)
+        decomposed = decompose_conv(gm, ranks=config.ranks, linear=config.linear, method=config.method)
     rep["skipped_layers"] = [str(w.message) for w in caught]
     gated = cost_model(insert_gates(decomposed), *inputs)
     if target is not None:  # an impossible budget fails now, not after hours of training

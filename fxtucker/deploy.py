@@ -29,6 +29,7 @@ def optimize_for_inference(
     example_inputs: Union[torch.Tensor, Sequence[Any]],
     *,
     ranks: RanksArg = None,
+    method: str = "tucker2",
     backend: str = "eager",
     device: str = "cpu",
     round_to: Optional[int] = None,
@@ -64,6 +65,7 @@ def optimize_for_inference(
             are timed at the shapes this batch gives them).
         ranks: as in :func:`decompose_conv` (a fraction in (0, 1], a dict, a callable,
             ``"vbmf"``); None decomposes nothing.
+        method: how kxk convs are decomposed: ``"tucker2"`` or ``"svd"`` (see :func:`decompose_conv`).
         backend: ``"eager"``, ``"compile"`` or ``"onnxruntime"``.
         device: ``"cpu"`` or ``"cuda"``: where the layers are timed.
         round_to: round fractional ranks up to a multiple of this (e.g. 8 or 16).
@@ -100,7 +102,7 @@ def optimize_for_inference(
     gm = fold_bn(gm, inplace=True)
     cost_model(gm, *inputs)
     if ranks is not None:
-        gm = decompose_conv(gm, ranks, linear=linear, round_to=round_to, inplace=True)
+        gm = decompose_conv(gm, ranks, method=method, linear=linear, round_to=round_to, inplace=True)
     if ranks is not None or decomposed:
         gm = fold_or_restore(gm, *inputs, cost="latency", backend=backend, device=device, threads=threads,
                              max_macs=max_macs, inplace=True)

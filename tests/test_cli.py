@@ -97,3 +97,15 @@ def test_compress_bad_dataset_and_missing_root(tmp_path, capsys):
     assert main(["compress", "--model", "resnet20", "--dataset", "fashion-mnist", "--root", str(tmp_path / "none"),
                  "--out", str(tmp_path)]) == 2
     assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
+
+
+def test_inspect_method_svd_decomposes_kxk_convs_as_svd_pairs(tmp_path, capsys):
+    out_json = tmp_path / "r.json"
+    rc = main(["inspect", "--model", "resnet20", "--input-size", "32", "--num-classes", "10", "--ranks", "0.5",
+               "--method", "svd", "--json", str(out_json)])
+    assert rc == 0
+    layers = {l["name"]: l for l in json.loads(out_json.read_text())["report"]["layers"]}
+    assert layers["layer1.0.conv1"]["kind"] == "svd" and layers["layer1.0.conv1"]["ranks"] == [8]  # half of 16
+    with pytest.raises(SystemExit):  # argparse: an invalid choice
+        main(["inspect", "--model", "resnet20", "--method", "cp"])
+    assert "invalid choice: 'cp'" in capsys.readouterr().err

@@ -58,6 +58,17 @@ def test_funnel_flow_recovers_a_known_tucker_rank(one_thread):
     assert result.report["accuracy_after"] > 0.95
 
 
+def test_svd_method_recovers_the_matrix_rank(one_thread):
+    # The toy kernel's output mode has rank 6, so its (24, 16*3*3) reshaping has matrix rank 6.
+    model, train, test, x = _toy_problem()
+    config = CompressConfig(method="svd", train_epochs=0, reg_epochs=12, finetune_epochs=0, reg_weight=0.05,
+                            reg_lr=0.01, weight_decay=0.0, c_start=1.0, c_end=0.01, threshold=0.01)
+    result = compress(model, train, x, eval_data=test, config=config, progress=False)
+    (layer,) = [l for l in result.report["layers"] if l["name"] == "conv"]
+    assert layer["kind"] == "svd" and layer["ranks"] == [6] and layer["decision"] == "decomposed"
+    assert result.report["accuracy_after"] > 0.95
+
+
 def test_compress_end_to_end_report_history_and_files(one_thread, tmp_path):
     model, train, test, x = _toy_problem(1)
     config = CompressConfig(train_epochs=1, reg_epochs=2, finetune_epochs=1, reg_weight=0.05, target_speedup=2.0)
@@ -132,6 +143,8 @@ def test_config_from_toml_and_errors(tmp_path):
         CompressConfig(target_speedup=0.5)
     with pytest.raises(ValueError, match=r"reg_epochs must be >= 1"):
         CompressConfig(reg_epochs=0)
+    with pytest.raises(ValueError, match=r"CompressConfig.method must be one of \['tucker2', 'svd'\].*got 'cp'"):
+        CompressConfig(method="cp")
     model, train, _, x = _toy_problem()
     with pytest.raises(ValueError, match=r"resume=True needs out_dir"):
         compress(model, train, x, resume=True)

@@ -81,6 +81,17 @@ def test_ranks_decompose_fold_and_keep_the_function_exactly():
     assert fxtucker.count_macs(fast, x) == sum(n.meta["macs"] for n in fast.graph.nodes)
 
 
+def test_svd_method_decomposes_kxk_convs_as_svd_pairs():
+    model = _trained_like(torch.float64)
+    x = torch.randn(1, 3, 16, 16, dtype=torch.float64)
+    fast = optimize_for_inference(model, x, ranks=0.5, method="svd", threads=1)
+    by_hand = decompose_conv(cost_model(fold_bn(fxtucker.trace(copy.deepcopy(model))), x), ranks=0.5, method="svd")
+    assert rel_error(fast(x), by_hand(x)) < REL_CHAIN_FLOAT64
+    layers = {l.name: l for l in fxtucker.report(fast).layers}
+    assert {layers[n].kind for n in ("conv1", "conv2", "short")} == {"svd"}
+    assert layers["conv2"].ranks == (24,)  # half of min(48, 32 * 3 * 3)
+
+
 def test_round_to_rounds_the_ranks():
     model = _trained_like()
     x = torch.randn(1, 3, 16, 16)
