@@ -25,9 +25,8 @@ Experiments (the paper's counterpart in brackets):
   threshold and epoch count, no fine-tuning, with the gate histogram.
 - ``c_schedules`` (Table 8): constant c at several values, linear and exponential decay.
 - ``thresholds`` (Table 6): fixed thresholds; ``budgets``: ``target_speedup`` 2, 3 and 4.
-
-Not yet here: the paper's Table 4 (SVD-only against Tucker-2), as decompose_conv has no SVD-only
-mode for kxk convs.
+- ``decomposition`` (Table 4): the funnel flow with kxk convs as SVD pairs (``method="svd"``) at the
+  2x budget, against the Tucker-2 funnel row of ``baselines``.
 
 The baseline network of each (model, dataset, seed) is trained once with one fixed recipe and
 cached; every method starts from it.
@@ -45,6 +44,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 import warnings
@@ -65,20 +65,28 @@ HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 CACHE = HERE / "cache"
 
-#: Data sizes and epochs per profile. "quick" is a smoke test (the suite runs it); "cpu" fits a
-#: 2-core machine (about 2 minutes per full-data ResNet-20 epoch); "full" is the paper-like recipe.
+#: Data sizes and epochs per profile. "quick" is a smoke test (the suite runs it); "small" runs the
+#: ablations on a 2-core machine in minutes; "cpu" is the main comparison's (about 2 minutes per
+#: full-data ResNet-20 epoch here); "full" is a paper-like recipe. ``flow``: the funnel flow's
+#: epochs in the method comparisons (their sum is every other method's fine-tuning epochs);
+#: ``ablation``: the regularized epochs of the Table 7/8 runs (no fine-tuning there).
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": dict(train_subset=256, eval_subset=128, baseline_epochs=1, batch_size=64,
-                  flow=dict(train_epochs=0, reg_epochs=1, finetune_epochs=1)),
+                  flow=dict(train_epochs=0, reg_epochs=1, finetune_epochs=1), ablation=dict(reg_epochs=1)),
+    "small": dict(train_subset=5000, eval_subset=None, baseline_epochs=8, batch_size=128,
+                  flow=dict(train_epochs=0, reg_epochs=2, finetune_epochs=6), ablation=dict(reg_epochs=4)),
     "cpu": dict(train_subset=20000, eval_subset=None, baseline_epochs=8, batch_size=128,
-                flow=dict(train_epochs=1, reg_epochs=4, finetune_epochs=3)),
+                flow=dict(train_epochs=0, reg_epochs=2, finetune_epochs=6), ablation=dict(reg_epochs=4)),
     "full": dict(train_subset=None, eval_subset=None, baseline_epochs=30, batch_size=128,
-                 flow=dict(train_epochs=2, reg_epochs=10, finetune_epochs=8)),
+                 flow=dict(train_epochs=0, reg_epochs=8, finetune_epochs=12), ablation=dict(reg_epochs=10)),
 }
+
+#: lambda of the ablations (fixed, no steering).
+ABLATION_LAMBDA = 0.5
 
 METHODS = ("uncompressed", "funnel", "funnel_scaled", "l1", "l2", "vbmf", "musco", "uniform", "torch-pruning")
 
-EXPERIMENTS = ("baselines", "design", "regularizers", "c_schedules", "thresholds", "budgets")
+EXPERIMENTS = ("baselines", "design", "regularizers", "c_schedules", "thresholds", "budgets", "decomposition")
 
 
 @dataclasses.dataclass
@@ -123,7 +131,8 @@ def setup(model_name: str, dataset: str, seed: int, profile: str, progress: bool
         print(f"training the {model_name} baseline on {dataset} (seed {seed}, {p['baseline_epochs']} epochs)")
         train(model, tr, TrainConfig(epochs=p["baseline_epochs"], lr=0.1, seed=seed), eval_data=ev, out_dir=cache,
               stage="baseline", resume=True, progress=progress)
-        torch.save(model.state_dict(), weights)
+        torch.save(model.state_dict(), weights.with_suffix(".tmp"))
+        weights.with_suffix(".tmp").replace(weights)  # atomic: another runner may be waiting for this file
     model.eval()
     x = torch.randn(1, in_ch, size, size)
     return Setup(model_name, dataset, seed, profile, tr, ev, x, model, count_macs(model, x), cache)
@@ -250,7 +259,10 @@ def run_flow(s: Setup, name: str, progress: bool, **overrides) -> tuple[nn.Modul
     result = compress(s.baseline, s.train_loader, s.x, eval_data=s.eval_loader, config=config,
                       out_dir=s.cache / name, resume=True, progress=progress)
     rep = result.report
+    last = next((h for h in reversed(result.history) if h.get("stage") == "regularize" and "gates" in h), None)
     extra = {"threshold": rep["threshold"], "accuracy_pruned": rep["stages"]["pruned"]["accuracy"],
+             "pruning_ratio": None if last is None else round(last["gates_below_threshold"] / last["gates"], 4),
+             "gate_histogram": rep["stages"]["regularized"]["gate_histogram"],
              "config": {k: v for k, v in dataclasses.asdict(config).items() if k in overrides}}
     return result.model, extra, rep
 
@@ -274,12 +286,15 @@ def _plan(exp: str, s: Setup) -> list[dict]:
                  ("+relative +proximal", dict(paper, relative_gates=True, proximal=True)),
                  ("+relative +proximal +mac-weighted (default)", {})]
         return [dict(method="funnel", setting=name, flow=dict(target_macs=half, **kw)) for name, kw in steps]
+    # Tables 6-8: a fixed lambda, no steering, no fine-tuning: the regularizer alone decides what is cut.
+    ablation = dict(train_epochs=0, finetune_epochs=0, reg_weight=ABLATION_LAMBDA, steer=False,
+                    **PROFILES[s.profile]["ablation"])
     if exp == "regularizers":
-        common = dict(finetune_epochs=0, threshold=0.01, reg_weight=0.05, steer=False)
-        return [dict(method=r, setting=f"lambda=0.05 th=0.01 no-ft", flow=dict(common, reg=r))
+        common = dict(ablation, threshold=0.01)
+        return [dict(method=r, setting=f"lambda={ABLATION_LAMBDA} th=0.01 no-ft", flow=dict(common, reg=r))
                 for r in ("funnel", "funnel_scaled", "l1", "l2")]
     if exp == "c_schedules":
-        common = dict(finetune_epochs=0, threshold=0.01, reg_weight=0.05, steer=False)
+        common = dict(ablation, threshold=0.01)
         runs = [dict(method="funnel", setting=f"constant c={c}", flow=dict(common, c_schedule="constant", c_start=c))
                 for c in (1.0, 0.1, 0.01, 0.001)]
         runs.append(dict(method="funnel", setting="linear 1->0.01", flow=dict(common, c_schedule="linear",
@@ -288,8 +303,12 @@ def _plan(exp: str, s: Setup) -> list[dict]:
                                                                                  c_start=1.0, c_factor=0.3, c_every=1)))
         return runs
     if exp == "thresholds":
-        return [dict(method="funnel", setting=f"threshold={t}", flow=dict(threshold=t, reg_weight=0.05, steer=False))
+        return [dict(method="funnel", setting=f"threshold={t} no-ft", flow=dict(ablation, threshold=t))
                 for t in (0.005, 0.01, 0.02, 0.05)]
+    if exp == "decomposition":
+        # Table 4: kxk convs as SVD pairs instead of Tucker-2, the same flow and budget; the Tucker-2
+        # row of the same seed is the funnel row of "baselines".
+        return [dict(method="funnel", setting="svd 2x", flow=dict(target_macs=half, method="svd"))]
     if exp == "budgets":
         return [dict(method="funnel", setting=f"{k}x", flow=dict(target_speedup=float(k))) for k in (2, 3, 4)]
     raise ValueError(f"unknown experiment {exp!r}; valid: {list(EXPERIMENTS)}")
@@ -377,6 +396,26 @@ def plot(out: Optional[Path] = None) -> Optional[Path]:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+    _plot_histograms(plt, out.parent / "gate_histograms.png")
+    return out
+
+
+def _plot_histograms(plt, out: Path) -> Optional[Path]:
+    """The paper's Figure 4: log10 of the relative gates after step 3, one panel per regularizer run."""
+    rows = [r for r in _load("regularizers") if r.get("stage") == "final" and r.get("gate_histogram")]
+    if not rows:
+        return None
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 2.8), sharey=True, squeeze=False)
+    for ax, r in zip(axes[0], rows):
+        h = r["gate_histogram"]
+        edges = h["log10_edges"]
+        ax.bar(edges[:-1], h["counts"], width=edges[1] - edges[0], align="edge")
+        ax.set_title(f"{r['method']} (seed {r['seed']}): {h['zeros']} of {h['total']} at 0", fontsize=8)
+        ax.set_xlabel("log10 relative gate")
+    axes[0][0].set_ylabel("gates")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
     return out
 
 
@@ -397,6 +436,30 @@ def table(exp: str) -> str:
     return "\n".join(lines)
 
 
+def summary(exp: str) -> str:
+    """Mean +- std over seeds of the final rows of ``exp``, per (model, profile, method, setting)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in _load(exp):
+        if r["stage"] == "final":
+            groups.setdefault((r["model"], r.get("profile", "?"), r["method"], r["setting"]), []).append(r)
+    base = {(r["model"], r.get("profile", "?"), r["seed"]): r["accuracy"] for r in _load(exp)
+            if r["method"] == "uncompressed" and r["stage"] == "final"}
+
+    def ms(values: list[float], scale: float = 100.0) -> str:
+        mean = statistics.fmean(values) * scale
+        return f"{mean:.2f}" if len(values) < 2 else f"{mean:.2f} ± {statistics.stdev(values) * scale:.2f}"
+
+    lines = ["| model | profile | method | setting | seeds | accuracy % | drop (points) | MAC ratio |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (model, profile, method, setting), rows in groups.items():
+        drops = [base[(model, profile, r["seed"])] - r["accuracy"] for r in rows if (model, profile, r["seed"]) in base]
+        ratios = [r.get("macs_baseline", r["macs"]) / r["macs"] for r in rows]
+        lines.append(f"| {model} | {profile} | {method} | {setting} | {','.join(str(r['seed']) for r in rows)} | "
+                     f"{ms([r['accuracy'] for r in rows])} | {ms(drops) if drops else '-'} | "
+                     f"{ms(ratios, 1.0)}x |")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--exp", nargs="+", default=["baselines"], help=f"{', '.join(EXPERIMENTS)} or all")
@@ -408,11 +471,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help=f"only these methods' runs ({', '.join(METHODS)}); default: all")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--plot", action="store_true", help="only draw results/pareto.png from the stored rows")
-    parser.add_argument("--table", metavar="EXP", help="only print EXP's stored rows as a markdown table")
+    parser.add_argument("--table", metavar="EXP", help="only print EXP's stored rows as markdown tables: every "
+                                                       "final row, then the mean and std over seeds")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.table:
         print(table(args.table))
+        print()
+        print(summary(args.table))
         return 0
     if args.plot:
         print(plot() or "no rows to plot")

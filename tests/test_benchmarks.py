@@ -50,6 +50,12 @@ def test_quick_baselines_write_rows_and_a_rerun_skips_them(compare, tmp_path, ca
     for r in rows:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["params"] > 0 and r["latency_ms"] > 0
         assert {"method", "dataset", "model", "setting", "seed", "stage", "wall_s"} <= set(r)
+    funnel = final["funnel"]
+    assert 0.0 <= funnel["pruning_ratio"] <= 1.0 and funnel["gate_histogram"]["total"] > 0
+    summary = compare.summary("baselines").splitlines()
+    (line,) = [l for l in summary if "| funnel |" in l]
+    drop = final["uncompressed"]["accuracy"] - funnel["accuracy"]
+    assert f"| {100 * funnel['accuracy']:.2f} | {100 * drop:.2f} |" in line  # one seed: no std
     capsys.readouterr()
     compare.main(["--exp", "baselines", "--profile", "quick", "--no-progress"])  # nothing left to run
     assert "[baselines]" not in capsys.readouterr().out
