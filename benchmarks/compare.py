@@ -19,6 +19,8 @@ Experiments (the paper's counterpart in brackets):
   fxtucker[bench]``; skipped with a message without it). Every method gets the same number of
   training epochs after the baseline: the funnel flow's train + regularize + fine-tune epochs are
   the others' fine-tuning epochs.
+- ``epochs``: the funnel flow's epochs split three ways between training, regularizing and
+  fine-tuning, at the same total (how the profiles' ``flow`` was chosen).
 - ``design``: fxtucker's departures from the paper (relative gates, the proximal step, MAC
   weights) added one at a time, at the 2x budget.
 - ``regularizers`` (Table 7, Figure 4): funnel, funnel_scaled, L1 and L2 at one lambda,
@@ -86,7 +88,7 @@ ABLATION_LAMBDA = 0.5
 
 METHODS = ("uncompressed", "funnel", "funnel_scaled", "l1", "l2", "vbmf", "musco", "uniform", "torch-pruning")
 
-EXPERIMENTS = ("baselines", "design", "regularizers", "c_schedules", "thresholds", "budgets", "decomposition")
+EXPERIMENTS = ("baselines", "epochs", "design", "regularizers", "c_schedules", "thresholds", "budgets", "decomposition")
 
 
 @dataclasses.dataclass
@@ -279,6 +281,12 @@ def _plan(exp: str, s: Setup) -> list[dict]:
         runs += [dict(method=m, setting="2x" if m != "vbmf" else "evbmf ranks", baseline=m)
                  for m in ("vbmf", "musco", "uniform", "torch-pruning")]
         return runs
+    if exp == "epochs":
+        # How the profile's split of the funnel flow's epochs (train + regularize + fine-tune) was chosen.
+        total = _finetune_epochs(s)
+        splits = sorted({(1, 4, total - 5), (0, 3, total - 3), (0, 2, total - 2)} if total >= 5 else set())
+        return [dict(method="funnel", setting=f"2x, {a}+{b}+{c}",
+                     flow=dict(target_macs=half, train_epochs=a, reg_epochs=b, finetune_epochs=c)) for a, b, c in splits]
     if exp == "design":
         # fxtucker's departures from the paper, added one at a time, at the 2x budget.
         paper = dict(relative_gates=False, proximal=False, mac_weighted=False)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import copy
+import numbers
 from collections import defaultdict
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch.fx as fx
 import torch.nn as nn
@@ -12,6 +13,20 @@ import torch.nn as nn
 from fxtucker.meta import KEY, FactorRecord, factor_record
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def round_rank(k: int, round_to: Optional[int], full: int) -> int:
+    """``k`` rounded up to a multiple of ``round_to``, never above ``full``; 0 stays 0."""
+    if not round_to or k == 0:
+        return k
+    return min(full, -(-k // round_to) * round_to)
+
+
+def check_round_to(round_to: object) -> None:
+    """A ValueError unless ``round_to`` is None or an int >= 1."""
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, numbers.Integral) or round_to < 1):
+        raise ValueError(f"round_to must be None or an int >= 1 (e.g. 8 or 16: ranks rounded up to a multiple), "
+                         f"got {round_to!r}")
 
 
 def check_graph_module(gm: object, pass_name: str) -> fx.GraphModule:

@@ -31,8 +31,16 @@ from fxtucker.meta import (
     graph_record,
     set_graph_record,
 )
-from fxtucker.passes._common import CONV_TYPES, check_graph_module, finish, new_node, prepare, set_submodule
-from fxtucker.passes.strip_gates import check_round_to, round_rank
+from fxtucker.passes._common import (
+    CONV_TYPES,
+    check_graph_module,
+    check_round_to,
+    finish,
+    new_node,
+    prepare,
+    round_rank,
+    set_submodule,
+)
 
 __all__ = ["decompose_conv", "plan_decomposition", "RanksArg", "METHODS"]
 

@@ -26,7 +26,7 @@ from fxtucker.meta import (
     graph_record,
     set_graph_record,
 )
-from fxtucker.passes._common import CONV_TYPES, factor_nodes, layer_nodes, finish, prepare
+from fxtucker.passes._common import CONV_TYPES, check_round_to, factor_nodes, finish, layer_nodes, prepare, round_rank
 
 __all__ = ["strip_gates", "kept_ranks", "relative_gates", "round_rank"]
 
@@ -44,13 +44,6 @@ def _plain(m: nn.Module, in_ch: int, out_ch: int, weight: torch.Tensor) -> nn.Mo
     if m.bias is not None:
         new.bias.data = m.bias.detach().clone()
     return new
-
-
-def round_rank(k: int, round_to: Optional[int], full: int) -> int:
-    """``k`` rounded up to a multiple of ``round_to``, never above ``full``; 0 stays 0."""
-    if not round_to or k == 0:
-        return k
-    return min(full, -(-k // round_to) * round_to)
 
 
 def _select(score: torch.Tensor, keep: torch.Tensor, groups: int,
@@ -101,13 +94,6 @@ def _gated_layers(gm: fx.GraphModule) -> dict[str, dict[str, list[fx.Node]]]:
     if not gated:
         raise ValueError("strip_gates found no gates: run insert_gates(gm) first")
     return gated
-
-
-def check_round_to(round_to: object) -> None:
-    """A ValueError unless ``round_to`` is None or an int >= 1."""
-    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, numbers.Integral) or round_to < 1):
-        raise ValueError(f"round_to must be None or an int >= 1 (e.g. 8 or 16: ranks rounded up to a multiple), "
-                         f"got {round_to!r}")
 
 
 def relative_gates(g: torch.Tensor) -> torch.Tensor:
