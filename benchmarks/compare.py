@@ -1,8 +1,15 @@
 """The paper's experiments at CPU scale: fxtucker's funnel flow against the usual baselines.
 
     .venv/bin/python benchmarks/compare.py --exp baselines --profile cpu --seeds 0 1 2
+    .venv/bin/python benchmarks/compare.py --exp baselines --profile small --models vgg_small
+    .venv/bin/python benchmarks/compare.py --exp regularizers c_schedules thresholds budgets --profile small
     .venv/bin/python benchmarks/compare.py --exp all --profile cpu          # every experiment
-    .venv/bin/python benchmarks/compare.py --plot                           # pareto.png from the rows
+    .venv/bin/python benchmarks/compare.py --plot                           # pareto.png, gate_histograms.png
+    .venv/bin/python benchmarks/compare.py --table baselines                # rows, then mean +- std over seeds
+
+Runners for other seeds, models or ``--methods`` may run side by side (``--threads 1`` each on a
+2-core machine): rows are appended under a lock, and a runner that needs a baseline another one is
+training waits for it.
 
 Every finished run is appended at once to ``benchmarks/results/<exp>.json`` as one row
 (``{"rows": [...]}``); a rerun skips the rows already there, and every training stage
@@ -84,7 +91,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 #: lambda of the ablations (fixed, no steering).
-ABLATION_LAMBDA = 0.5
+ABLATION_LAMBDA = 10.0
 
 METHODS = ("uncompressed", "funnel", "funnel_scaled", "l1", "l2", "vbmf", "musco", "uniform", "torch-pruning")
 
@@ -127,14 +134,17 @@ def setup(model_name: str, dataset: str, seed: int, profile: str, progress: bool
     torch.manual_seed(seed)
     model = models.get_model(model_name, n_cls, in_ch)
     weights = cache / "baseline_state_dict.pt"
-    if weights.exists():
-        model.load_state_dict(torch.load(weights, weights_only=True))
-    else:
-        print(f"training the {model_name} baseline on {dataset} (seed {seed}, {p['baseline_epochs']} epochs)")
-        train(model, tr, TrainConfig(epochs=p["baseline_epochs"], lr=0.1, seed=seed), eval_data=ev, out_dir=cache,
-              stage="baseline", resume=True, progress=progress)
-        torch.save(model.state_dict(), weights.with_suffix(".tmp"))
-        weights.with_suffix(".tmp").replace(weights)  # atomic: another runner may be waiting for this file
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / "baseline.lock", "w") as lock:  # another runner of this setup waits for the baseline
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if weights.exists():
+            model.load_state_dict(torch.load(weights, weights_only=True))
+        else:
+            print(f"training the {model_name} baseline on {dataset} (seed {seed}, {p['baseline_epochs']} epochs)")
+            train(model, tr, TrainConfig(epochs=p["baseline_epochs"], lr=0.1, seed=seed), eval_data=ev,
+                  out_dir=cache, stage="baseline", resume=True, progress=progress)
+            torch.save(model.state_dict(), weights.with_suffix(".tmp"))
+            weights.with_suffix(".tmp").replace(weights)
     model.eval()
     x = torch.randn(1, in_ch, size, size)
     return Setup(model_name, dataset, seed, profile, tr, ev, x, model, count_macs(model, x), cache)
@@ -261,9 +271,8 @@ def run_flow(s: Setup, name: str, progress: bool, **overrides) -> tuple[nn.Modul
     result = compress(s.baseline, s.train_loader, s.x, eval_data=s.eval_loader, config=config,
                       out_dir=s.cache / name, resume=True, progress=progress)
     rep = result.report
-    last = next((h for h in reversed(result.history) if h.get("stage") == "regularize" and "gates" in h), None)
     extra = {"threshold": rep["threshold"], "accuracy_pruned": rep["stages"]["pruned"]["accuracy"],
-             "pruning_ratio": None if last is None else round(last["gates_below_threshold"] / last["gates"], 4),
+             "pruning_ratio": round(rep["stages"]["regularized"]["pruning_ratio"], 4),
              "gate_histogram": rep["stages"]["regularized"]["gate_histogram"],
              "config": {k: v for k, v in dataclasses.asdict(config).items() if k in overrides}}
     return result.model, extra, rep
@@ -311,8 +320,11 @@ def _plan(exp: str, s: Setup) -> list[dict]:
                                                                                  c_start=1.0, c_factor=0.3, c_every=1)))
         return runs
     if exp == "thresholds":
-        return [dict(method="funnel", setting=f"threshold={t} no-ft", flow=dict(ablation, threshold=t))
-                for t in (0.005, 0.01, 0.02, 0.05)]
+        # The training does not depend on the threshold (lambda is not steered), so every threshold
+        # cuts the model of the regularizers experiment's funnel run, whose checkpoints it resumes.
+        shared = f"regularizers-funnel-lambda={ABLATION_LAMBDA}_th=0.01_no-ft"
+        return [dict(method="funnel", setting=f"lambda={ABLATION_LAMBDA} threshold={t} no-ft", cache=shared,
+                     flow=dict(ablation, threshold=t)) for t in (0.005, 0.01, 0.02, 0.05)]
     if exp == "decomposition":
         # Table 4: kxk convs as SVD pairs instead of Tucker-2, the same flow and budget; the Tucker-2
         # row of the same seed is the funnel row of "baselines".
@@ -359,7 +371,7 @@ def run_experiment(exp: str, s: Setup, progress: bool = True, methods: Optional[
         key = {**s.key, "method": run["method"], "setting": run["setting"], "stage": "final"}
         if _done(exp, key):
             continue
-        name = f"{exp}-{run['method']}-{run['setting']}".replace(" ", "_").replace("/", "_")
+        name = run.get("cache") or f"{exp}-{run['method']}-{run['setting']}".replace(" ", "_").replace("/", "_")
         if run.get("baseline") == "torch-pruning" and importlib.util.find_spec("torch_pruning") is None:
             print("skipping torch-pruning: it needs `pip install fxtucker[bench]` (torch-pruning)")
             continue

@@ -516,7 +516,8 @@ def compress(
                      epoch_stats=_gate_stats(threshold_fn, penalty), stage="regularize", **kw)
     threshold = threshold_fn(gated)
     rep["threshold"] = threshold
-    rep["stages"]["regularized"] = {"accuracy": acc(gated), "gate_histogram": gate_histogram(gated, relative=config.relative_gates)}
+    rep["stages"]["regularized"] = {"accuracy": acc(gated), "gate_histogram": gate_histogram(gated, relative=config.relative_gates),
+                                    "pruning_ratio": float((_magnitudes(gated, rel) < threshold).double().mean())}
 
     # strip, then keep each decomposition only where it is cheaper (gates folded into weights)
     final = fold_or_restore(strip_gates(gated, threshold, config.round_to, relative=rel), *inputs)
