@@ -306,13 +306,14 @@ def _plan(exp: str, s: Setup) -> list[dict]:
     # Tables 6-8: a fixed lambda, no steering, no fine-tuning: the regularizer alone decides what is cut.
     ablation = dict(train_epochs=0, finetune_epochs=0, reg_weight=ABLATION_LAMBDA, steer=False,
                     **PROFILES[s.profile]["ablation"])
+    base = [dict(method="uncompressed", setting="baseline")]  # the drop of each row is measured from it
     if exp == "regularizers":
         common = dict(ablation, threshold=0.01)
-        return [dict(method=r, setting=f"lambda={ABLATION_LAMBDA} th=0.01 no-ft", flow=dict(common, reg=r))
+        return base + [dict(method=r, setting=f"lambda={ABLATION_LAMBDA} th=0.01 no-ft", flow=dict(common, reg=r))
                 for r in ("funnel", "funnel_scaled", "l1", "l2")]
     if exp == "c_schedules":
         common = dict(ablation, threshold=0.01)
-        runs = [dict(method="funnel", setting=f"constant c={c}", flow=dict(common, c_schedule="constant", c_start=c))
+        runs = base + [dict(method="funnel", setting=f"constant c={c}", flow=dict(common, c_schedule="constant", c_start=c))
                 for c in (1.0, 0.1, 0.01, 0.001)]
         runs.append(dict(method="funnel", setting="linear 1->0.01", flow=dict(common, c_schedule="linear",
                                                                                c_start=1.0, c_end=0.01)))
@@ -323,14 +324,14 @@ def _plan(exp: str, s: Setup) -> list[dict]:
         # The training does not depend on the threshold (lambda is not steered), so every threshold
         # cuts the model of the regularizers experiment's funnel run, whose checkpoints it resumes.
         shared = f"regularizers-funnel-lambda={ABLATION_LAMBDA}_th=0.01_no-ft"
-        return [dict(method="funnel", setting=f"lambda={ABLATION_LAMBDA} threshold={t} no-ft", cache=shared,
+        return base + [dict(method="funnel", setting=f"lambda={ABLATION_LAMBDA} threshold={t} no-ft", cache=shared,
                      flow=dict(ablation, threshold=t)) for t in (0.005, 0.01, 0.02, 0.05)]
     if exp == "decomposition":
         # Table 4: kxk convs as SVD pairs instead of Tucker-2, the same flow and budget; the Tucker-2
         # row of the same seed is the funnel row of "baselines".
         return [dict(method="funnel", setting="svd 2x", flow=dict(target_macs=half, method="svd"))]
     if exp == "budgets":
-        return [dict(method="funnel", setting=f"{k}x", flow=dict(target_speedup=float(k))) for k in (2, 3, 4)]
+        return base + [dict(method="funnel", setting=f"{k}x", flow=dict(target_speedup=float(k))) for k in (2, 3, 4)]
     raise ValueError(f"unknown experiment {exp!r}; valid: {list(EXPERIMENTS)}")
 
 
