@@ -405,15 +405,20 @@ def plot(out: Optional[Path] = None) -> Optional[Path]:
     rows = [r for exp in EXPERIMENTS for r in _load(exp) if r.get("stage") == "final"]
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in METHODS:
-        pts = [(r["macs"] / 1e6, 100 * r["accuracy"]) for r in rows if r["method"] == method]
-        if pts:
-            ax.scatter(*zip(*pts), label=method, s=18)
-    ax.set_xlabel("MMACs")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    # One panel per (model, profile): their baselines differ, so their points do not share axes.
+    panels = sorted({(r["model"], r.get("profile", "?")) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+    for ax, (model, profile) in zip(axes[0], panels):
+        for method in METHODS:
+            pts = [(r["macs"] / 1e6, 100 * r["accuracy"]) for r in rows
+                   if r["method"] == method and (r["model"], r.get("profile", "?")) == (model, profile)]
+            if pts:
+                ax.scatter(*zip(*pts), label=method, s=18)
+        ax.set_title(f"{model}, {profile} profile", fontsize=9)
+        ax.set_xlabel("MMACs")
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
