@@ -124,6 +124,17 @@ def _quiet(fn: Callable, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Hold an exclusive lock on ``path`` (created if missing): runners side by side take turns."""
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def setup(model_name: str, dataset: str, seed: int, profile: str, progress: bool = True) -> Setup:
     """Data loaders and the baseline, trained with the profile's fixed recipe (cached, resumable)."""
     p = PROFILES[profile]
@@ -135,8 +146,7 @@ def setup(model_name: str, dataset: str, seed: int, profile: str, progress: bool
     model = models.get_model(model_name, n_cls, in_ch)
     weights = cache / "baseline_state_dict.pt"
     cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / "baseline.lock", "w") as lock:  # another runner of this setup waits for the baseline
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _locked(cache / "baseline.lock"):  # another runner of this setup waits for the baseline
         if weights.exists():
             model.load_state_dict(torch.load(weights, weights_only=True))
         else:
@@ -340,20 +350,9 @@ def _load(exp: str) -> list[dict]:
     return json.loads(path.read_text())["rows"] if path.exists() else []
 
 
-@contextlib.contextmanager
-def _locked(exp: str):
-    """Hold ``results/<exp>.json.lock``: two runners (other seeds, other methods) may share a file."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS / f"{exp}.json.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def _append(exp: str, row: dict) -> None:
-    with _locked(exp):
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with _locked(RESULTS / f"{exp}.json.lock"):  # two runners (other seeds, methods) may share a file
         rows = _load(exp) + [row]
         path = RESULTS / f"{exp}.json"
         tmp = path.with_suffix(f".json.{os.getpid()}.tmp")

@@ -31,6 +31,13 @@ def _seed():
     torch.manual_seed(0)
 
 
+def factor_roles(gm) -> list[tuple[str, str]]:
+    """(node name, factor role) of every factor node a decomposition wrote, in graph order."""
+    from fxtucker.meta import FactorRecord
+
+    return [(n.name, n.meta["fxtucker"].role) for n in gm.graph.nodes if isinstance(n.meta.get("fxtucker"), FactorRecord)]
+
+
 def reference(model: torch.nn.Module) -> torch.nn.Module:
     """A deep copy in eval mode, taken before a pass runs."""
     return copy.deepcopy(model).eval()

@@ -19,6 +19,18 @@ class OneConv(nn.Module):
         return self.act(self.conv(x)) + self.conv(x).mean()
 
 
+class TwoConvs(nn.Module):
+    """Two 16 -> 16 3x3 convs in a row (their MACs make fold-or-restore decisions easy to predict)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(16, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
 class Twice(nn.Module):
     """One conv called at two sites."""
 

@@ -14,12 +14,8 @@ import fxtucker
 from fxtucker.meta import FactorRecord, LayerPlan
 from fxtucker.passes import decompose_conv, plan_decomposition
 from fxtucker.passes.fold_or_restore import dense_module
-from tests.conftest import EXACT, REL_FLOAT64, reference, rel_error
+from tests.conftest import EXACT, REL_FLOAT64, factor_roles, reference, rel_error
 from tests.strategies import OneConv, conv_and_input
-
-
-def _roles(gm):
-    return [(n.name, n.meta["fxtucker"].role) for n in gm.graph.nodes if isinstance(n.meta.get("fxtucker"), FactorRecord)]
 
 
 class Small(nn.Module):
@@ -45,7 +41,7 @@ def test_full_rank_preserves_function_float64(case):
     gm = decompose_conv(fxtucker.trace(model))
     gm.graph.lint()
     assert rel_error(gm(x), ref(x)) < REL_FLOAT64
-    roles = [r for _, r in _roles(gm)]
+    roles = [r for _, r in factor_roles(gm)]
     assert roles == (["first", "last"] if conv.kernel_size == (1,) * len(conv.kernel_size) else ["first", "core", "last"]) * 2
 
 
@@ -60,7 +56,7 @@ def test_full_rank_preserves_function_float32(case):
 
 def test_names_and_graph_of_a_small_cnn():
     gm = decompose_conv(fxtucker.trace(Small()), linear=True)
-    assert _roles(gm) == [
+    assert factor_roles(gm) == [
         ("conv1_first", "first"), ("conv1_core", "core"), ("conv1_last", "last"),
         ("conv2_first", "first"), ("conv2_core", "core"), ("conv2_last", "last"),
         ("pw_first", "first"), ("pw_last", "last"), ("fc_first", "first"), ("fc_last", "last"),

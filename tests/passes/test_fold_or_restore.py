@@ -17,7 +17,7 @@ import fxtucker
 from fxtucker.meta import FoldRecord
 from fxtucker.passes import cost_model, decompose_conv, fold_or_restore, insert_gates, kept_ranks, predict_macs, strip_gates
 from tests.conftest import REL_CHAIN_FLOAT32, REL_CHAIN_FLOAT64, reference, rel_error
-from tests.strategies import OneConv, conv_and_input
+from tests.strategies import OneConv, TwoConvs, conv_and_input
 
 
 def _chain(model, x, ranks=None, threshold=0.0):
@@ -64,16 +64,7 @@ def test_restore_puts_back_original_names_and_code_golden():
 
 
 def test_decision_follows_the_macs():
-    class Two(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Conv2d(16, 16, 3, padding=1)
-            self.b = nn.Conv2d(16, 16, 3, padding=1)
-
-        def forward(self, x):
-            return self.b(self.a(x))
-
-    model = Two().double().eval()
+    model = TwoConvs().double().eval()
     x = torch.randn(1, 16, 8, 8, dtype=torch.float64)
     gm = cost_model(fxtucker.trace(model), x)
     final = fold_or_restore(strip_gates(insert_gates(decompose_conv(gm, ranks={"a": (4, 4), "b": (15, 15)})), 0.0), x)

@@ -31,16 +31,12 @@ from fxtucker.passes import (
     strip_gates,
 )
 from fxtucker.passes.fold_or_restore import dense_module
-from tests.conftest import EXACT, REL_CHAIN_FLOAT64, REL_FLOAT64, REL_FOLD_FLOAT32, reference, rel_error
-from tests.strategies import OneConv, conv_and_input
+from tests.conftest import EXACT, REL_CHAIN_FLOAT64, REL_FLOAT64, REL_FOLD_FLOAT32, factor_roles, reference, rel_error
+from tests.strategies import OneConv, TwoConvs, conv_and_input
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel lengths:UserWarning")
 
 FOLD_MODULE = importlib.import_module("fxtucker.passes.fold_or_restore")  # the module, not the function
-
-
-def _roles(gm):
-    return [(n.name, n.meta["fxtucker"].role) for n in gm.graph.nodes if isinstance(n.meta.get("fxtucker"), FactorRecord)]
 
 
 def _truncated_svd(w: torch.Tensor, groups: int, rank: int) -> torch.Tensor:
@@ -93,7 +89,7 @@ def test_full_rank_preserves_function_float64(case):
     gm = decompose_conv(fxtucker.trace(model), method="svd")
     gm.graph.lint()
     assert rel_error(gm(x), ref(x)) < REL_FLOAT64
-    assert [r for _, r in _roles(gm)] == ["first", "last"] * 2
+    assert [r for _, r in factor_roles(gm)] == ["first", "last"] * 2
     first, last = gm.get_submodule("conv.first"), gm.get_submodule("conv.last")
     group = (conv.out_channels // conv.groups, conv.in_channels // conv.groups * math.prod(conv.kernel_size))
     r = min(group)
@@ -119,7 +115,7 @@ def test_full_rank_preserves_function_float32(case):
 def test_graph_names_and_records():
     model, x = _net()
     gm = decompose_conv(fxtucker.trace(model), method="svd", linear=True)
-    assert _roles(gm) == [("a_first", "first"), ("a_last", "last"), ("b_first", "first"), ("b_last", "last"),
+    assert factor_roles(gm) == [("a_first", "first"), ("a_last", "last"), ("b_first", "first"), ("b_last", "last"),
                           ("p_first", "first"), ("p_last", "last"), ("fc_first", "first"), ("fc_last", "last")]
     assert "core" not in dict(gm.named_modules())["b"]
     b = {l.name: l for l in fxtucker.report(gm).layers}["b"]
@@ -203,7 +199,7 @@ def test_plan_with_the_method_and_edited_kinds():
                                          r"plan_decomposition\(gm, ranks, method=...\) instead"):
         decompose_conv(gm, use_plan=True, method="svd")
     d = decompose_conv(gm, use_plan=True)
-    assert [r for n, r in _roles(d) if n.startswith("b_")] == ["first", "last"]
+    assert [r for n, r in factor_roles(d) if n.startswith("b_")] == ["first", "last"]
     # a kxk conv's plan may switch kind, with full ranks and ranks that fit it
     node.meta["fxtucker"] = LayerPlan(source="b", kind="tucker2", full_ranks=(8, 12), ranks=(4, 6))
     d = decompose_conv(gm, use_plan=True)
@@ -293,16 +289,7 @@ def test_strip_relative_and_round_to_with_predicted_macs():
 
 
 def test_fold_or_restore_follows_the_macs_of_a_kxk_first():
-    class Two(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Conv2d(16, 16, 3, padding=1)
-            self.b = nn.Conv2d(16, 16, 3, padding=1)
-
-        def forward(self, x):
-            return self.b(self.a(x))
-
-    model = Two().double().eval()
+    model = TwoConvs().double().eval()
     x = torch.randn(1, 16, 8, 8, dtype=torch.float64)
     gm = cost_model(fxtucker.trace(model), x)
     decomposed = decompose_conv(gm, ranks={"a": 4, "b": 15}, method="svd")
