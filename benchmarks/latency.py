@@ -6,8 +6,9 @@
 
 For each (model, batch, back end) the baseline is ``optimize_for_inference(model, x)`` (BatchNorm
 folded, nothing decomposed) and the compressed model is ``optimize_for_inference(model, x,
-ranks=R, backend=B, round_to=16, max_macs=baseline MACs / 2)`` (per-layer forms chosen by timing
-on B, within the issue's MAC goal: ``--min-macs-ratio``). Both are timed in the
+ranks=R, backend=B, round_to=16, max_macs=baseline MACs / 2, search=S)`` (per-layer forms chosen
+by timing on B, within the issue's MAC goal: ``--min-macs-ratio``; ``--search model`` also times
+whole models with candidate form sets). Both are timed in the
 same run, alternately, ``--rounds`` times a median of ``--repeats`` runs each; the row keeps the
 median over rounds. Each finished row is appended to the output JSON ({"rows": [...]}) at once; a
 rerun skips the rows already there (``--force`` redoes them). Random weights: latency does not
@@ -37,16 +38,16 @@ from fxtucker.latency import measure_latency
 
 RESULTS = Path(__file__).parent / "results" / "latency.json"
 FULL = dict(models=["resnet18"], input_size=224, batches=[1, 8], backends=["eager", "compile", "onnxruntime"],
-            threads=2, ranks=0.5, round_to=16, min_macs_ratio=2.0, repeats=20, rounds=5)
+            threads=2, ranks=0.5, round_to=16, min_macs_ratio=2.0, search="layer", repeats=20, rounds=5)
 QUICK = dict(models=["resnet18"], input_size=32, batches=[1], backends=["eager"], threads=1, ranks=0.5,
-             round_to=16, min_macs_ratio=2.0, repeats=5, rounds=2)
+             round_to=16, min_macs_ratio=2.0, search="layer", repeats=5, rounds=2)
 # The goals: MACs at ranks=0.5 at least halved, and these speed-ups at batch 1 and 8.
 GOALS = {"eager": 1.7, "compile": 2.1, "onnxruntime": 2.2}
 
 
 def _key(row: dict) -> tuple:
     return (row["method"], row["model"], row["input_size"], row["batch"], row["backend"], row["threads"],
-            row["ranks"], row["round_to"], row.get("min_macs_ratio"))
+            row["ranks"], row["round_to"], row.get("min_macs_ratio"), row.get("search", "layer"))
 
 
 def _load(path: Path) -> list[dict]:
@@ -106,7 +107,7 @@ def run_row(args, model_name: str, batch: int, backend: str, method: str) -> dic
         # The MAC goal (>= 2x fewer) as a bound: forms with fewer MACs replace the fastest where needed.
         max_macs = int(fxtucker.count_macs(baseline, x) / args.min_macs_ratio) if args.min_macs_ratio else None
         compressed = optimize_for_inference(model, x, ranks=args.ranks, backend=backend, round_to=args.round_to,
-                                            threads=args.threads, max_macs=max_macs)
+                                            threads=args.threads, max_macs=max_macs, search=args.search)
         if method == "torch-pruning":
             pruned = _torch_pruning(model, x, fxtucker.count_macs(compressed, x))
             compressed = optimize_for_inference(pruned, x)  # its BatchNorms folded too, as the baseline's
@@ -115,7 +116,7 @@ def run_row(args, model_name: str, batch: int, backend: str, method: str) -> dic
     base_macs, comp_macs = fxtucker.count_macs(baseline, x), fxtucker.count_macs(compressed, x)
     row = dict(method=method, model=model_name, input_size=args.input_size, batch=batch, backend=backend,
                threads=args.threads, ranks=args.ranks, round_to=args.round_to, min_macs_ratio=args.min_macs_ratio,
-               baseline_ms=base_ms,
+               search=args.search, baseline_ms=base_ms,
                compressed_ms=comp_ms, speedup=base_ms / comp_ms, baseline_macs=base_macs, compressed_macs=comp_macs,
                macs_ratio=base_macs / comp_macs, repeats=args.repeats, rounds=args.rounds,
                prepare_s=round(prepare_s, 2), torch=torch.__version__, python=platform.python_version(),
@@ -141,6 +142,8 @@ def main(argv=None) -> int:
     parser.add_argument("--round-to", type=int)
     parser.add_argument("--min-macs-ratio", type=float,
                         help="keep at least this many times fewer MACs than the baseline (default 2.0; 0: no bound)")
+    parser.add_argument("--search", choices=("layer", "model"),
+                        help="fxtucker's form choice: each layer's fastest (default) or also whole models")
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--torch-pruning", action="store_true", help="also Torch-Pruning at the same MACs")
@@ -172,7 +175,7 @@ def _run(args) -> int:
                 for backend in args.backends:
                     probe = dict(method=method, model=model_name, input_size=args.input_size, batch=batch,
                                  backend=backend, threads=args.threads, ranks=args.ranks, round_to=args.round_to,
-                                 min_macs_ratio=args.min_macs_ratio)
+                                 min_macs_ratio=args.min_macs_ratio, search=args.search)
                     if _key(probe) in done and not args.force:
                         print(f"skip {method} {model_name} batch {batch} {backend}: already in {args.out}")
                         continue

@@ -346,13 +346,14 @@ def _bench(args: argparse.Namespace) -> int:
     threads = args.threads or torch.get_num_threads()
     print(f"{args.model} at {args.input_size}x{args.input_size}, batch {args.batch}, {threads} thread(s); original: "
           f"BatchNorm folded; compressed: ranks {args.ranks}" + (f" rounded to {args.round_to}" if args.round_to else "")
-          + ", each layer's form chosen by timing on the back end")
+          + (", each layer's form chosen by timing on the back end" if args.search == "layer" else
+             ", forms chosen by timing each layer and then whole models on the back end"))
     rows = [("back end", "original ms", "compressed ms", "speed-up", "original MACs", "compressed MACs", "MACs ratio")]
     summary = []
     for backend in args.backend:
         try:
             compressed = optimize_for_inference(model, x, ranks=args.ranks, method=args.method, backend=backend,
-                                                round_to=args.round_to, threads=args.threads)
+                                                round_to=args.round_to, threads=args.threads, search=args.search)
             before = measure_latency(baseline, x, backend=backend, threads=args.threads, repeats=args.repeats)
             after = measure_latency(compressed, x, backend=backend, threads=args.threads, repeats=args.repeats)
         except ImportError as exc:
@@ -451,6 +452,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--round-to", type=int, default=None, help="round fractional ranks up to a multiple of this")
     b.add_argument("--method", choices=("tucker2", "svd"), default="tucker2",
                    help="how kxk convs are decomposed: Tucker-2 (first/core/last) or an SVD pair (default tucker2)")
+    b.add_argument("--search", choices=("layer", "model"), default="layer",
+                   help="layer: each layer's fastest form; model: also whole models timed with candidate form sets, "
+                        "the fastest kept (slower to prepare; default layer)")
     b.add_argument("--in-channels", type=int, default=3)
     b.add_argument("--num-classes", type=int, default=1000)
     b.add_argument("--checkpoint", help="state_dict of trained weights (loaded with weights_only=True)")

@@ -35,6 +35,7 @@ def optimize_for_inference(
     round_to: Optional[int] = None,
     threads: Optional[int] = None,
     max_macs: Optional[int] = None,
+    search: str = "layer",
     linear: bool = False,
 ) -> fx.GraphModule:
     """Trace, fold BatchNorm, decompose at ``ranks`` and keep per layer the form that runs fastest on ``backend``.
@@ -71,6 +72,9 @@ def optimize_for_inference(
         round_to: round fractional ranks up to a multiple of this (e.g. 8 or 16).
         threads: CPU threads while timing (None: torch's current setting).
         max_macs: an upper bound on the result's MACs (see ``fold_or_restore``).
+        search: ``"layer"`` (each layer's fastest form) or ``"model"`` (also a few whole models
+            timed with candidate form sets, the fastest kept: slower to prepare, it sees what
+            the back end does across layers; see ``fold_or_restore``).
         linear: also decompose Linear layers.
 
     Returns:
@@ -105,5 +109,5 @@ def optimize_for_inference(
         gm = decompose_conv(gm, ranks, method=method, linear=linear, round_to=round_to, inplace=True)
     if ranks is not None or decomposed:
         gm = fold_or_restore(gm, *inputs, cost="latency", backend=backend, device=device, threads=threads,
-                             max_macs=max_macs, inplace=True)
+                             max_macs=max_macs, search=search, inplace=True)
     return gm.eval()

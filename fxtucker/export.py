@@ -43,6 +43,7 @@ from fxtucker.meta import (
     GATE_ROLES,
     KEY,
     LAST,
+    RESTORED,
     BatchNormRecord,
     ConvSpec,
     FactorRecord,
@@ -53,6 +54,8 @@ from fxtucker.meta import (
     set_graph_record,
 )
 from fxtucker.passes import decompose_conv, fold_bn
+from fxtucker.passes._common import CONV_TYPES
+from fxtucker.passes.fold_or_restore import LINEAR, pointwise_as_linear
 from fxtucker.tracing import trace
 
 __all__ = ["export", "load", "read_manifest", "ExportError", "ExportResult", "FORMATS", "MANIFEST_VERSION"]
@@ -506,32 +509,47 @@ def _load_weights(file: Path, manifest: dict) -> dict[str, torch.Tensor]:
     return state
 
 
-def _merge(gm: fx.GraphModule, rec: LayerRecord) -> None:
-    """Give a decomposed layer the form fold_or_restore(cost="latency") kept: ``merge_first`` (first
-    multiplied into core) or ``merge_last`` (last into core). Shapes only: the weights come later."""
-    form = getattr(rec, "form", "")
-    if form not in ("merge_first", "merge_last"):
-        return
-    container = gm.get_submodule(rec.name)
-    first, core, last = container[FIRST], container[CORE], container[LAST]
-    in_ch = first.in_channels if form == "merge_first" else core.in_channels
-    out_ch = last.out_channels if form == "merge_last" else core.out_channels
-    bias = core.bias is not None or (form == "merge_last" and last.bias is not None)
-    container[CORE] = type(core)(in_ch, out_ch, core.kernel_size, stride=core.stride, padding=core.padding,
-                                 dilation=core.dilation, groups=core.groups, bias=bias,
-                                 padding_mode=core.padding_mode).to(core.weight.dtype)
-    nodes = {role: [n for n in gm.graph.nodes if n.op == "call_module" and n.target == f"{rec.name}.{role}"]
-             for role in (FIRST, CORE, LAST)}
-    if form == "merge_first":
-        for f, c in zip(nodes[FIRST], nodes[CORE]):
-            c.args = (f.args[0],)
-            gm.graph.erase_node(f)
-        del container[FIRST]
-    else:
-        for c, l_ in zip(nodes[CORE], nodes[LAST]):
-            l_.replace_all_uses_with(c)
-            gm.graph.erase_node(l_)
-        del container[LAST]
+def _give_form(gm: fx.GraphModule, rec: LayerRecord) -> None:
+    """Give a layer the form fold_or_restore(cost="latency") kept: ``merge_first`` (first multiplied
+    into core) or ``merge_last`` (last into core), and with ``+linear`` its pointwise convs as
+    nn.Linear between permutes. Shapes only: the weights come later."""
+    form = getattr(rec, "form", "") or ""
+    base, linear = form.removesuffix(LINEAR), form.endswith(LINEAR)
+    if base in ("merge_first", "merge_last"):
+        container = gm.get_submodule(rec.name)
+        first, core, last = container[FIRST], container[CORE], container[LAST]
+        in_ch = first.in_channels if base == "merge_first" else core.in_channels
+        out_ch = last.out_channels if base == "merge_last" else core.out_channels
+        bias = core.bias is not None or (base == "merge_last" and last.bias is not None)
+        container[CORE] = type(core)(in_ch, out_ch, core.kernel_size, stride=core.stride, padding=core.padding,
+                                     dilation=core.dilation, groups=core.groups, bias=bias,
+                                     padding_mode=core.padding_mode).to(core.weight.dtype)
+        nodes = {role: [n for n in gm.graph.nodes if n.op == "call_module" and n.target == f"{rec.name}.{role}"]
+                 for role in (FIRST, CORE, LAST)}
+        if base == "merge_first":
+            for f, c in zip(nodes[FIRST], nodes[CORE]):
+                c.args = (f.args[0],)
+                gm.graph.erase_node(f)
+            del container[FIRST]
+        else:
+            for c, l_ in zip(nodes[CORE], nodes[LAST]):
+                l_.replace_all_uses_with(c)
+                gm.graph.erase_node(l_)
+            del container[LAST]
+    if linear:
+        targets = [rec.name] if rec.decision != DECOMPOSED else [f"{rec.name}.{role}" for role in (FIRST, CORE, LAST)]
+        for target in targets:
+            try:
+                module = gm.get_submodule(target)
+            except AttributeError:  # a factor merged away above
+                continue
+            if isinstance(module, CONV_TYPES) and all(k == 1 for k in module.kernel_size):
+                try:
+                    pointwise_as_linear(gm, target, [n for n in gm.graph.nodes
+                                                     if n.op == "call_module" and n.target == target])
+                except ValueError as exc:
+                    raise ValueError(f"the manifest's form {form!r} for layer {rec.name!r} does not fit the model "
+                                     f"that model_factory() returned: {exc}") from None
     gm.recompile()
 
 
@@ -557,8 +575,9 @@ def _rebuild(model: nn.Module, manifest: dict, leaf_modules: Sequence[type]) -> 
                     gm = decompose_conv(gm, ranks=ranks, method=method, linear=linear, inplace=True)
             except ValueError as exc:
                 raise ValueError(f"the manifest does not fit the model that model_factory() returned: {exc}") from None
-    for rec in decomposed.values():
-        _merge(gm, rec)
+    for rec in layers:
+        if rec.decision in (DECOMPOSED, RESTORED) and rec.kind != "skip":
+            _give_form(gm, rec)
     # The BatchNorm calls the exported graph no longer has were folded (whenever fold_bn ran: the
     # node list says so even where a later decompose_conv dropped fold_bn's record).
     exported = {n["name"] for n in manifest["nodes"]}

@@ -114,7 +114,7 @@ class FoldRecord:
     macs_original: int
     macs_decomposed: int
     # Set by fold_or_restore(cost="latency"): the form kept ("dense", "tucker2", "merge_first",
-    # "merge_last" or "svd"), where it was timed ("eager/cpu/2 threads") and each form's time.
+    # "merge_last" or "svd", each possibly with "+linear"), where it was timed ("eager/cpu/2 threads") and each form's time.
     form: str = ""
     timed_on: str = ""
     timings_ms: tuple[tuple[str, float], ...] = ()

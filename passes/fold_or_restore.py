@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
+import statistics
 from typing import Any, Optional
 
 import torch
@@ -31,11 +34,18 @@ from fxtucker.passes._common import CONV_TYPES, factor_nodes, layer_nodes, finis
 from fxtucker.passes.cost_model import conv_macs, cost_model
 from fxtucker.passes.strip_gates import kept_ranks
 
-__all__ = ["fold_or_restore", "dense_module", "predict_macs", "COSTS", "FORMS"]
+__all__ = ["fold_or_restore", "dense_module", "predict_macs", "pointwise_as_linear", "COSTS", "FORMS", "SEARCHES",
+           "LINEAR"]
 
 COSTS = ("macs", "latency")
+SEARCHES = ("layer", "model")
 DENSE, TUCKER2, MERGE_FIRST, MERGE_LAST, SVD = "dense", "tucker2", "merge_first", "merge_last", "svd"
 FORMS = (DENSE, TUCKER2, MERGE_FIRST, MERGE_LAST, SVD)
+# A form's suffix: its pointwise convs (1x1, stride 1, no padding, ungrouped) run as nn.Linear over
+# the channel dimension, between two permutes ("tucker2+linear"). Under torch.compile the permutes
+# are free (inductor keeps convs' activations channels-last) and the Linear is a plain GEMM, which
+# beats a oneDNN 1x1 convolution call on small batches.
+LINEAR = "+linear"
 
 
 def dense_module(container: nn.Module, spec: ConvSpec | None) -> nn.Module:
@@ -167,6 +177,7 @@ def fold_or_restore(
     device: Optional[str] = None,
     threads: Optional[int] = None,
     max_macs: Optional[int] = None,
+    search: Optional[str] = None,
     inplace: bool = False,
 ) -> fx.GraphModule:
     """Per decomposed layer, keep the factors only where they cost fewer MACs than the original.
@@ -186,12 +197,25 @@ def fold_or_restore(
     - ``"tucker2"``: first, core, last as they are (``"svd"`` for an SVD pair: a 1x1 conv, a
       Linear layer, or a kxk conv decomposed with ``method="svd"``);
     - ``"merge_first"``: first multiplied into the core (Tucker-1: a kxk conv C_in -> R2, then last);
-    - ``"merge_last"``: last multiplied into the core (Tucker-1: first, then a kxk conv R1 -> C_out).
+    - ``"merge_last"``: last multiplied into the core (Tucker-1: first, then a kxk conv R1 -> C_out);
+    - each of these with ``"+linear"`` (``"tucker2+linear"``, ...) where it has pointwise convs
+      (1x1, stride 1, no padding, groups 1): those run as ``nn.Linear`` over the channel
+      dimension between two permutes (:func:`pointwise_as_linear`), a plain GEMM that
+      ``torch.compile`` runs without layout conversions.
 
     Every form computes the same function (up to float rounding). With ``max_macs``, the
     fastest forms are traded, least time lost per MAC saved first, for forms with fewer MACs
-    until the whole model has at most ``max_macs`` MACs. Timings are cached by back end,
-    device, threads, torch version, layer and input shape in
+    until the whole model has at most ``max_macs`` MACs.
+
+    Layers timed one by one miss what a back end does across layers (inductor's fusions and
+    layout choices). With ``search="model"`` the whole model is also built and timed (side by
+    side, 3 rounds) with a few candidate form sets: the per-layer choice, it without and with
+    ``+linear`` everywhere, halfway to and at the fewest MACs (within ``max_macs``), and, where
+    it fits ``max_macs``, every layer dense; the fastest set is kept. It costs a few whole-model
+    compilations and timings on the first run.
+
+    Timings are cached by back end, device, threads, torch version, layer (or whole model) and
+    input shape in
     ``fxtucker.latency.cache_dir() / "latency.json"`` (``$FXTUCKER_CACHE_DIR`` overrides the
     directory), so a second run times nothing. The form, where it was timed and every
     candidate's time go into the layer's record (``form``, ``timed_on``, ``timings_ms``) and
@@ -205,6 +229,8 @@ def fold_or_restore(
         device: for ``cost="latency"``: ``"cpu"`` (default) or ``"cuda"``.
         threads: for ``cost="latency"``: CPU threads while timing (None: torch's current setting).
         max_macs: for ``cost="latency"``: an upper bound on the whole model's MACs.
+        search: for ``cost="latency"``: ``"layer"`` (default: each layer's fastest form) or
+            ``"model"`` (also whole models timed with candidate form sets, the fastest kept).
         inplace: rewrite ``gm`` itself instead of a deep copy.
 
     Before (a layer whose factors cost more than the conv)::
@@ -225,8 +251,10 @@ def fold_or_restore(
     if cost not in COSTS:
         raise ValueError(f"cost {cost!r} is not known to fold_or_restore; valid: {list(COSTS)}")
     if cost == "latency":
-        return _fold_by_latency(gm, example_inputs, backend or "eager", device or "cpu", threads, max_macs, inplace)
-    given = {k: v for k, v in dict(backend=backend, device=device, threads=threads, max_macs=max_macs).items()
+        return _fold_by_latency(gm, example_inputs, backend or "eager", device or "cpu", threads, max_macs,
+                                search or "layer", inplace)
+    given = {k: v for k, v in dict(backend=backend, device=device, threads=threads, max_macs=max_macs,
+                                   search=search).items()
              if v is not None}
     if given:
         raise ValueError(f"fold_or_restore: {sorted(given)} apply to cost='latency' only; cost='macs' decides by "
@@ -325,8 +353,76 @@ def _forms(container: nn.Module, spec: ConvSpec | None) -> dict[str, list[nn.Mod
     return forms
 
 
+def _with_linear(forms: dict[str, list[nn.Module]]) -> dict[str, list[nn.Module]]:
+    """``forms`` and, for each form with a pointwise conv, its "+linear" variant."""
+    out = dict(forms)
+    for name, chain in forms.items():
+        if any(_pointwise(m) for m in chain):
+            out[name + LINEAR] = [_ChannelsLinear(_as_linear(m), m.weight.dim() - 2) if _pointwise(m) else m
+                                  for m in chain]
+    return out
+
+
+def _pointwise(m: nn.Module) -> bool:
+    """A conv that is a matrix product over channels at each position: 1x1, stride 1, no padding, ungrouped."""
+    return (isinstance(m, CONV_TYPES) and all(k == 1 for k in m.kernel_size) and all(s == 1 for s in m.stride)
+            and m.groups == 1 and (isinstance(m.padding, str) or all(p == 0 for p in m.padding)))
+
+
+def _as_linear(conv: nn.Module) -> nn.Linear:
+    """The nn.Linear over channels with ``conv``'s (pointwise) weight and bias."""
+    linear = nn.Linear(conv.in_channels, conv.out_channels, bias=conv.bias is not None)
+    linear = linear.to(device=conv.weight.device, dtype=conv.weight.dtype)
+    linear.weight.data = conv.weight.detach().reshape(conv.out_channels, conv.in_channels).clone()
+    if conv.bias is not None:
+        linear.bias.data = conv.bias.detach().clone()
+    return linear
+
+
+def _permutes(spatial: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(channels first -> last, channels last -> first) dims for ``spatial`` spatial dimensions."""
+    return (0, *range(2, spatial + 2), 1), (0, spatial + 1, *range(1, spatial + 1))
+
+
+class _ChannelsLinear(nn.Module):
+    """A "+linear" form's pointwise conv while it is timed: the graph code pointwise_as_linear writes."""
+
+    def __init__(self, linear: nn.Linear, spatial: int):
+        super().__init__()
+        self.linear, self.spatial = linear, spatial
+
+    def forward(self, x):
+        last, first = _permutes(self.spatial)
+        return self.linear(x.permute(*last)).permute(*first)
+
+
+def pointwise_as_linear(gm: fx.GraphModule, target: str, nodes: list[fx.Node]) -> None:
+    """Swap the pointwise conv at ``target`` for the equal nn.Linear over channels, and wrap each of
+    its call ``nodes`` in permutes: ``x.permute(0, 2, 3, 1)`` before, ``.permute(0, 3, 1, 2)`` after
+    (for Conv2d). The call node keeps its name, target and record; the permutes are named after it
+    (``<node>_channels_last``, ``<node>_channels_first``). In place; ``gm.recompile()`` is the caller's."""
+    conv = gm.get_submodule(target)
+    if not _pointwise(conv):
+        raise ValueError(f"{target!r} is not a pointwise conv (1x1, stride 1, no padding, groups 1): {conv}")
+    to_last, to_first = _permutes(conv.weight.dim() - 2)
+    set_submodule(gm, target, _as_linear(conv))
+    for node in nodes:
+        with gm.graph.inserting_before(node):
+            before = gm.graph.create_node("call_method", "permute", (node.args[0], *to_last), {},
+                                          name=f"{node.name}_channels_last")
+        node.args = (before,)
+        with gm.graph.inserting_after(node):
+            after = gm.graph.create_node("call_method", "permute", (node, *to_first), {},
+                                         name=f"{node.name}_channels_first")
+        node.replace_all_uses_with(after, delete_user_cb=lambda user: user is not after)
+        for new in (before, after):
+            new.stack_trace = node.stack_trace
+
+
 def _module_key(m: nn.Module) -> list:
     """What a module's speed depends on (its class and shape, not its weights), for the timing cache."""
+    if isinstance(m, _ChannelsLinear):
+        return ["ChannelsLinear", m.spatial, *_module_key(m.linear)[1:]]
     if isinstance(m, nn.Linear):
         return ["Linear", m.in_features, m.out_features, m.bias is not None]
     return [type(m).__name__, m.in_channels, m.out_channels, list(m.kernel_size), list(m.stride),
@@ -340,8 +436,8 @@ def _chain_macs(chain: list[nn.Module], x: torch.Tensor) -> int:
     with torch.no_grad():
         for m in chain:
             x = m(x)
-            if isinstance(m, nn.Linear):
-                macs += x.numel() * m.in_features
+            if isinstance(m, (nn.Linear, _ChannelsLinear)):
+                macs += x.numel() * getattr(m, "linear", m).in_features
             else:
                 macs += conv_macs(x.numel(), m.in_channels // m.groups, m.kernel_size)
     return macs
@@ -385,7 +481,7 @@ def _choose(layers: dict[str, dict[str, tuple[float, int]]], other_macs: int,
 
 
 def _fold_by_latency(gm: fx.GraphModule, example_inputs: tuple, backend: str, device: str, threads: Optional[int],
-                     max_macs: Optional[int], inplace: bool) -> fx.GraphModule:
+                     max_macs: Optional[int], search: str, inplace: bool) -> fx.GraphModule:
     """fold_or_restore(cost="latency"): see its docstring."""
     check_backend(backend, "fold_or_restore")
     check_device(device, "fold_or_restore")
@@ -393,6 +489,9 @@ def _fold_by_latency(gm: fx.GraphModule, example_inputs: tuple, backend: str, de
         raise ValueError(f"threads must be a positive int or None (torch's current setting), got {threads!r}")
     if max_macs is not None and (isinstance(max_macs, bool) or not isinstance(max_macs, int) or max_macs <= 0):
         raise ValueError(f"max_macs must be a positive int (the whole model's MACs) or None, got {max_macs!r}")
+    if search not in SEARCHES:
+        raise ValueError(f"search {search!r} is not known to fold_or_restore; valid: {list(SEARCHES)} (each layer's "
+                         f"fastest form, or also whole models timed with candidate form sets)")
     gm, by_source = _prepare_layers(gm, inplace)
     for source, roles in by_source.items():
         if FIRST not in roles or LAST not in roles:
@@ -410,7 +509,7 @@ def _fold_by_latency(gm: fx.GraphModule, example_inputs: tuple, backend: str, de
     factor_macs = 0
     for source, roles in by_source.items():
         container = gm.get_submodule(source)
-        forms[source] = _forms(container, specs.get(source))
+        forms[source] = _with_linear(_forms(container, specs.get(source)))
         factor_macs += sum(n.meta[MACS] for role in (FIRST, CORE, LAST) for n in roles.get(role, []))
         costs[source] = {f: (0.0, 0) for f in forms[source]}
         for first in roles[FIRST]:
@@ -421,45 +520,23 @@ def _fold_by_latency(gm: fx.GraphModule, example_inputs: tuple, backend: str, de
                 costs[source][f] = (ms + _time_chain(chain, x, backend, device, threads, cache),
                                     macs + _chain_macs(chain, x))
     choice, forced = _choose(costs, total_macs - factor_macs, max_macs)
-    decisions = {}
-    for source, roles in by_source.items():
-        form, container, layer_costs = choice[source], gm.get_submodule(source), costs[source]
-        before, after = layer_costs[DENSE][1], layer_costs[form][1]
-        factors = layer_costs[TUCKER2 if TUCKER2 in layer_costs else SVD][1]
-        timings = tuple((f, round(ms, 4)) for f, (ms, _) in layer_costs.items())
-        others = ", ".join(f"{f} {ms:.3f}" for f, ms in timings if f != form)
-        why = "fastest within max_macs" if source in forced else "fastest"
-        reason = (f"{why} on {timed_on}: {form} {dict(timings)[form]:.3f} ms ({others}); "
-                  f"{after:,} MACs vs {before:,} of the original")
-        decision = RESTORED if form == DENSE else DECOMPOSED
-        decisions[source] = (decision, before, after, form, timings, reason)
-        if form == DENSE:
-            site_macs = _original_macs(roles[LAST], specs.get(source),
-                                       container[FIRST].in_features if isinstance(container[FIRST], nn.Linear) else 0)
-            _restore(gm, source, roles, forms[source][DENSE][0], site_macs,
-                     FoldRecord(source=source, decision=RESTORED, macs_original=before, macs_decomposed=factors,
-                                form=form, timed_on=timed_on, timings_ms=timings))
-            continue
-        if form == MERGE_FIRST:
-            container[CORE] = forms[source][form][0]
-            for first, core in zip(roles[FIRST], roles[CORE]):
-                core.args = (first.args[0],)
-                gm.graph.erase_node(first)
-            del container[FIRST]
-        elif form == MERGE_LAST:
-            container[CORE] = forms[source][form][1]
-            for core, last in zip(roles[CORE], roles[LAST]):
-                last.replace_all_uses_with(core)
-                gm.graph.erase_node(last)
-            del container[LAST]
-        kept = {MERGE_FIRST: (CORE, LAST), MERGE_LAST: (FIRST, CORE)}.get(form, (FIRST, CORE, LAST))
-        for node in (n for role in kept for n in roles.get(role, [])):
-            node.meta[KEY] = dataclasses.replace(node.meta[KEY], decision=DECOMPOSED, macs_original=before,
-                                                 macs_decomposed=after)
+    whys = {s: "fastest within max_macs" if s in forced else "fastest" for s in choice}
+    if search == "model":
+        kept, why = _search_model(gm, example_inputs, specs, forms, costs, choice, total_macs - factor_macs, max_macs,
+                                  backend, device, threads, timed_on, cache)
+        whys.update({s: why for s in choice if kept[s] != choice[s]})
+        choice = kept
+    _apply(gm, by_source, specs, forms, costs, choice, timed_on)
     layers = []
     for r in record.layers:
-        if r.name in decisions:
-            decision, before, after, form, timings, reason = decisions[r.name]
+        if r.name in choice:
+            form, layer_costs = choice[r.name], costs[r.name]
+            before, after = layer_costs[DENSE][1], layer_costs[form][1]
+            timings = tuple((f, round(ms, 4)) for f, (ms, _) in layer_costs.items())
+            others = ", ".join(f"{f} {ms:.3f}" for f, ms in timings if f != form)
+            reason = (f"{whys[r.name]} on {timed_on}: {form} {dict(timings)[form]:.3f} ms ({others}); "
+                      f"{after:,} MACs vs {before:,} of the original")
+            decision = RESTORED if form.removesuffix(LINEAR) == DENSE else DECOMPOSED
             r = dataclasses.replace(r, decision=decision, macs_before=before, macs_after=after, reason=reason,
                                     form=form, timed_on=timed_on, timings_ms=timings)
         layers.append(r)
@@ -467,3 +544,107 @@ def _fold_by_latency(gm: fx.GraphModule, example_inputs: tuple, backend: str, de
     gm = finish(gm)
     cost_model(gm, *example_inputs)  # the merged forms have new shapes: annotate them afresh
     return gm
+
+
+def _apply(gm: fx.GraphModule, by_source: dict, specs: dict, forms: dict, costs: dict, choice: dict[str, str],
+           timed_on: str) -> None:
+    """Rewrite each decomposed layer of ``gm`` (in place) to its form in ``choice``; records on the nodes."""
+    for source, roles in by_source.items():
+        form, container, layer_costs = choice[source], gm.get_submodule(source), costs[source]
+        base, linear = form.removesuffix(LINEAR), form.endswith(LINEAR)
+        before, after = layer_costs[DENSE][1], layer_costs[form][1]
+        if base == DENSE:
+            factors = layer_costs[TUCKER2 if TUCKER2 in layer_costs else SVD][1]
+            timings = tuple((f, round(ms, 4)) for f, (ms, _) in layer_costs.items())
+            site_macs = _original_macs(roles[LAST], specs.get(source),
+                                       container[FIRST].in_features if isinstance(container[FIRST], nn.Linear) else 0)
+            _restore(gm, source, roles, forms[source][DENSE][0], site_macs,
+                     FoldRecord(source=source, decision=RESTORED, macs_original=before, macs_decomposed=factors,
+                                form=form, timed_on=timed_on, timings_ms=timings))
+            if linear:
+                pointwise_as_linear(gm, source, [n for n in gm.graph.nodes
+                                                 if n.op == "call_module" and n.target == source])
+            continue
+        if base == MERGE_FIRST:
+            container[CORE] = forms[source][base][0]
+            for first, core in zip(roles[FIRST], roles[CORE]):
+                core.args = (first.args[0],)
+                gm.graph.erase_node(first)
+            del container[FIRST]
+        elif base == MERGE_LAST:
+            container[CORE] = forms[source][base][1]
+            for core, last in zip(roles[CORE], roles[LAST]):
+                last.replace_all_uses_with(core)
+                gm.graph.erase_node(last)
+            del container[LAST]
+        kept = {MERGE_FIRST: (CORE, LAST), MERGE_LAST: (FIRST, CORE)}.get(base, (FIRST, CORE, LAST))
+        for node in (n for role in kept for n in roles.get(role, [])):
+            node.meta[KEY] = dataclasses.replace(node.meta[KEY], decision=DECOMPOSED, macs_original=before,
+                                                 macs_decomposed=after)
+        if linear:
+            for role in kept:
+                if role in container and _pointwise(container[role]):
+                    pointwise_as_linear(gm, f"{source}.{role}", roles[role])
+
+
+def _candidates(costs: dict, choice: dict[str, str], other_macs: int,
+                max_macs: Optional[int]) -> dict[str, dict[str, str]]:
+    """Form sets to time as whole models: the per-layer choice first, then variations of it."""
+    macs = lambda c: other_macs + sum(costs[s][f][1] for s, f in c.items())  # noqa: E731
+    least = other_macs + sum(min(m for _, m in forms.values()) for forms in costs.values())
+    linear = {s: f + LINEAR if f + LINEAR in costs[s] else f for s, f in choice.items()}
+    found = {
+        "per-layer choice": choice,
+        "no +linear": {s: f.removesuffix(LINEAR) for s, f in choice.items()},
+        "+linear wherever possible": linear,
+        "halfway to the fewest MACs": _choose(costs, other_macs, (macs(choice) + least) // 2)[0],
+        "fewest MACs": _choose(costs, other_macs, least)[0],
+    }
+    dense = {s: min((f for f in (DENSE, DENSE + LINEAR) if f in forms), key=lambda f: forms[f][0])
+             for s, forms in costs.items()}
+    if max_macs is None or macs(dense) <= max_macs:
+        found["all dense"] = dense
+    candidates: dict[str, dict[str, str]] = {}
+    for name, c in found.items():
+        if c not in candidates.values():
+            candidates[name] = c
+    return candidates
+
+
+def _search_model(gm: fx.GraphModule, example_inputs: tuple, specs: dict, forms: dict, costs: dict,
+                  choice: dict[str, str], other_macs: int, max_macs: Optional[int], backend: str, device: str,
+                  threads: Optional[int], timed_on: str, cache: TimingCache, rounds: int = 3) -> tuple[dict, str]:
+    """The fastest whole model among the candidate form sets, timed side by side (``rounds`` rounds,
+    alternating, the median kept; cached by the model's code and modules). Returns its form per
+    layer and the reason for the layers where it differs from ``choice``."""
+    trials, keys = {}, {}
+    for name, c in _candidates(costs, choice, other_macs, max_macs).items():
+        trial = copy.deepcopy(gm)
+        _apply(trial, layer_nodes(trial), specs, forms, costs, c, timed_on)
+        trials[name] = (c, finish(trial))
+        keys[name] = TimingCache.key(backend, device, threads if threads is not None else torch.get_num_threads(),
+                                     what="fold_or_restore/model", model=_model_digest(trials[name][1]),
+                                     inputs=[[list(t.shape), str(t.dtype)] if isinstance(t, torch.Tensor) else repr(t)
+                                             for t in example_inputs])
+    times = {name: cache.get(key) for name, key in keys.items()}
+    pending = [name for name, ms in times.items() if ms is None]
+    runs: dict[str, list[float]] = {name: [] for name in pending}
+    for _ in range(rounds if len(pending) > 1 else 1):
+        for name in pending:
+            runs[name].append(measure_latency(trials[name][1], example_inputs, backend=backend, device=device,
+                                              threads=threads))
+    for name in pending:
+        times[name] = statistics.median(runs[name])
+        cache.put(keys[name], times[name])
+    best = min(times, key=times.get)
+    timed = ", ".join(f"{name} {ms:.3f}" for name, ms in times.items() if name != best)
+    why = f"in the fastest whole model, form set '{best}' {times[best]:.3f} ms ({timed})"
+    return trials[best][0], why
+
+
+def _model_digest(gm: fx.GraphModule) -> str:
+    """What a whole model's speed depends on: its graph code and each called module's class and shape."""
+    modules = [[n.target, _module_key(gm.get_submodule(n.target))] for n in gm.graph.nodes if n.op == "call_module"
+               if isinstance(gm.get_submodule(n.target), (nn.Linear, *CONV_TYPES))]
+    text = json.dumps([gm.code, modules], default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]

@@ -1,5 +1,6 @@
 """fxtucker.export / fxtucker.load and `fxtucker export`: every format reloads to the same function."""
 
+import copy
 import json
 import sys
 import warnings
@@ -130,6 +131,28 @@ def test_manifest_round_trip_of_latency_forms(tmp_path, monkeypatch, form):
     assert gone not in final.code and loaded.code == final.code
     torch.testing.assert_close(loaded(x), final(x), **EXACT)
     assert graph_record(loaded) == graph_record(final)
+
+
+def test_linear_forms_round_trip_and_export_to_every_format(tmp_path, monkeypatch):
+    """The +linear forms (pointwise convs as nn.Linear between permutes): the manifest rebuilds them
+    node for node, and every format's own parity check passes."""
+    fold_module = sys.modules["fxtucker.passes.fold_or_restore"]
+    monkeypatch.setattr(fold_module, "_time_chain",
+                        lambda chain, *a: 1.0 if any(isinstance(m, fold_module._ChannelsLinear) for m in chain) else 2.0)
+    final, x = _compressed(fold=True, cost="latency")
+    forms = {r.name: r.form for r in fxtucker.report(final).layers}
+    # ties at 1 ms go to the fewest MACs; g is grouped (no pointwise factor), p is restored as a Linear
+    assert forms == {"a": "merge_last+linear", "b": "tucker2+linear", "g": "tucker2", "p": "dense+linear",
+                     "fc": "svd"}
+    export(final, x, tmp_path / "m", "manifest", model_factory=lambda: Net().double())
+    loaded = load(tmp_path / "m", lambda: Net().double())
+    assert "b_last_channels_first" in final.code and loaded.code == final.code
+    torch.testing.assert_close(loaded(x), final(x), **EXACT)
+    assert graph_record(loaded) == graph_record(final)
+    final32 = copy.deepcopy(final).float()
+    x32 = x.float()
+    for fmt, name in (("onnx", "m.onnx"), ("torchscript", "m.pt"), ("torch.export", "m.pt2")):
+        assert export(final32, x32, tmp_path / name, fmt).max_abs_error < 1e-5
 
 
 def test_manifest_when_fold_bn_ran_before_decompose_conv(tmp_path):

@@ -3,6 +3,7 @@
 import contextlib
 import copy
 import importlib
+import json
 import math
 import tempfile
 
@@ -259,15 +260,24 @@ def test_latency_second_run_times_nothing(timing_cache, monkeypatch):
     real = FOLD_MODULE.measure_latency
     monkeypatch.setattr(FOLD_MODULE, "measure_latency", lambda *a, **k: calls.append(k) or real(*a, **k))
     first = fold_or_restore(decomposed, x, cost="latency", threads=1)
-    # a: dense, tucker2, merge_first, merge_last; b: the same; c and fc: dense, svd
-    assert len(calls) == 4 + 4 + 2 + 2 and all(k["threads"] == 1 and k["backend"] == "eager" for k in calls)
+    # a: dense, tucker2, merge_first, merge_last and the last three +linear; b (grouped, so no pointwise
+    # factor): dense, tucker2, merge_first, merge_last; c (1x1): dense, svd, both +linear; fc: dense, svd
+    assert len(calls) == 7 + 4 + 4 + 2 and all(k["threads"] == 1 and k["backend"] == "eager" for k in calls)
     assert (timing_cache / "latency.json").is_file()
     second = fold_or_restore(decomposed, x, cost="latency", threads=1)
-    assert len(calls) == 12  # every timing came from the cache
+    assert len(calls) == 17  # every timing came from the cache
     assert [l.timings_ms for l in fxtucker.report(first).layers] == [l.timings_ms for l in fxtucker.report(second).layers]
     assert [l.form for l in fxtucker.report(first).layers] == [l.form for l in fxtucker.report(second).layers]
     fold_or_restore(decomposed, x[:1], cost="latency", threads=1)  # another shape: timed again
-    assert len(calls) == 24
+    assert len(calls) == 34
+
+
+FORMS_OF_THREE = {
+    "a": {"dense", "tucker2", "merge_first", "merge_last", "tucker2+linear", "merge_first+linear", "merge_last+linear"},
+    "b": {"dense", "tucker2", "merge_first", "merge_last"},  # grouped: no pointwise factor
+    "c": {"dense", "svd", "dense+linear", "svd+linear"},
+    "fc": {"dense", "svd"},
+}
 
 
 def test_latency_records_and_real_timings(timing_cache):
@@ -276,7 +286,7 @@ def test_latency_records_and_real_timings(timing_cache):
     assert rel_error(final(x), decomposed(x)) < REL_CHAIN_FLOAT64
     for layer in fxtucker.report(final).layers:
         times = dict(layer.timings_ms)
-        assert set(times) == ({"dense", "svd"} if layer.name in ("c", "fc") else {"dense", "tucker2", "merge_first", "merge_last"})
+        assert set(times) == FORMS_OF_THREE[layer.name]
         assert layer.form == min(times, key=times.get) and layer.timed_on == "eager/cpu/1 thread"
         assert f"{layer.form} {times[layer.form]:.3f} ms" in layer.reason
         if layer.form == "dense":
@@ -340,6 +350,109 @@ def test_latency_on_compile(timing_cache):
     final = fold_or_restore(decomposed, x, cost="latency", backend="compile", threads=1)
     assert all(l.timed_on == "compile/cpu/1 thread" for l in fxtucker.report(final).layers)
     assert rel_error(final(x), decomposed(x)) < REL_CHAIN_FLOAT32
+
+
+# "+linear" forms: pointwise convs as nn.Linear over channels, between permutes.
+
+
+def _prefer_linear(chain, *args):
+    """Stands in for _time_chain: a chain with a +linear pointwise conv takes 1 ms, any other 2 ms."""
+    return 1.0 if any(isinstance(m, FOLD_MODULE._ChannelsLinear) for m in chain) else 2.0
+
+
+def test_linear_forms_keep_the_function_in_both_layouts(monkeypatch, timing_cache):
+    _, x, decomposed = _three(torch.float64)
+    monkeypatch.setattr(FOLD_MODULE, "_time_chain", _prefer_linear)
+    final = fold_or_restore(decomposed, x, cost="latency")
+    final.graph.lint()
+    forms = {l.name: l.form for l in fxtucker.report(final).layers}
+    # a: the +linear forms tie at 1 ms and the fewest MACs wins; b is grouped and c's SVD pair has fewer MACs than c.
+    assert forms == {"a": "tucker2+linear", "b": "tucker2", "c": "svd+linear", "fc": "svd"}
+    assert isinstance(final.get_submodule("a.first"), nn.Linear) and isinstance(final.get_submodule("c.last"), nn.Linear)
+    permutes = [n for n in final.graph.nodes if n.op == "call_method" and n.target == "permute"]
+    assert [n.name for n in permutes] == ["a_first_channels_last", "a_first_channels_first", "a_last_channels_last",
+                                          "a_last_channels_first", "c_first_channels_last", "c_first_channels_first",
+                                          "c_last_channels_last", "c_last_channels_first"]
+    assert rel_error(final(x), decomposed(x)) < REL_CHAIN_FLOAT64
+    cl = copy.deepcopy(final).to(memory_format=torch.channels_last)
+    assert rel_error(cl(x.contiguous(memory_format=torch.channels_last)), decomposed(x)) < REL_CHAIN_FLOAT64
+    layers = fxtucker.report(final).layers
+    assert fxtucker.count_macs(final, x) == sum(l.macs_after for l in layers)  # the Linear counted as the conv was
+    assert fxtucker.count_macs(final, x) == fxtucker.count_macs(fold_or_restore(decomposed, x), x)
+
+
+def test_pointwise_as_linear_refuses_other_convs():
+    _, x, decomposed = _three()
+    node = next(n for n in decomposed.graph.nodes if n.target == "a.core")
+    with pytest.raises(ValueError, match=r"'a.core' is not a pointwise conv \(1x1, stride 1, no padding, groups 1\)"):
+        FOLD_MODULE.pointwise_as_linear(decomposed, "a.core", [node])
+
+
+# search="model": whole models timed with candidate form sets.
+
+
+class WholeTimer:
+    """Stands in for measure_latency on whole models: ``ms(macs)``; logs the models timed."""
+
+    def __init__(self, ms):
+        self.ms, self.timed = ms, []
+
+    def __call__(self, model, inputs, **kw):
+        self.timed.append(model)
+        return self.ms(fxtucker.count_macs(model, *inputs))
+
+
+def test_model_search_keeps_the_fastest_whole_model(monkeypatch, timing_cache):
+    _, x, decomposed = _three()
+    monkeypatch.setattr(FOLD_MODULE, "_time_chain", lambda chain, *a: 1.0 if len(chain) == 1 else 2.0)
+    by_layer = fold_or_restore(decomposed, x, cost="latency")
+    assert {l.form for l in fxtucker.report(by_layer).layers} == {"dense"}  # each layer alone: dense is fastest
+    timer = WholeTimer(lambda macs: macs / 1e6)  # as whole models, fewer MACs are faster
+    monkeypatch.setattr(FOLD_MODULE, "measure_latency", timer)
+    final = fold_or_restore(decomposed, x, cost="latency", search="model")
+    least = fxtucker.count_macs(fold_or_restore(decomposed, x), x)  # cost="macs": the fewest MACs per layer
+    assert fxtucker.count_macs(final, x) <= least < fxtucker.count_macs(by_layer, x)
+    layers = fxtucker.report(final).layers
+    assert all("in the fastest whole model, form set 'fewest MACs'" in l.reason for l in layers if l.form != "dense")
+    assert any(l.form != "dense" for l in layers)
+    assert rel_error(final(x), decomposed(x)) < REL_CHAIN_FLOAT32
+    # per-layer choice (all dense), +linear wherever possible, halfway, fewest MACs: 3 rounds each
+    # (no "no +linear": it is the per-layer choice; no "all dense": the same again)
+    assert len(timer.timed) == 4 * 3
+    again = fold_or_restore(decomposed, x, cost="latency", search="model")
+    assert len(timer.timed) == 12  # the whole models' timings came from the cache
+    assert [l.form for l in fxtucker.report(again).layers] == [l.form for l in layers]
+
+
+def test_model_search_can_keep_every_layer_dense(monkeypatch, timing_cache):
+    """Layers alone say decompose; the whole model says dense: search="model" never keeps the slower."""
+    _, x, decomposed = _three()
+    monkeypatch.setattr(FOLD_MODULE, "_time_chain", lambda chain, *a: 2.0 if len(chain) == 1 else 1.0)
+    monkeypatch.setattr(FOLD_MODULE, "measure_latency", WholeTimer(lambda macs: 1e9 / macs))  # more MACs: faster
+    final = fold_or_restore(decomposed, x, cost="latency", search="model")
+    assert {l.form.removesuffix("+linear") for l in fxtucker.report(final).layers} == {"dense"}
+    dense_macs = fxtucker.count_macs(final, x)
+    # under max_macs, "all dense" is no candidate: the most MACs within the bound wins
+    bounded = fold_or_restore(decomposed, x, cost="latency", search="model", max_macs=dense_macs - 1)
+    assert fxtucker.count_macs(bounded, x) <= dense_macs - 1
+    assert rel_error(bounded(x), decomposed(x)) < REL_CHAIN_FLOAT32
+
+
+def test_model_search_with_real_timings(timing_cache):
+    _, x, decomposed = _three()
+    final = fold_or_restore(decomposed, x, cost="latency", threads=1, search="model")
+    assert rel_error(final(x), decomposed(x)) < REL_CHAIN_FLOAT32
+    assert all(l.timed_on == "eager/cpu/1 thread" for l in fxtucker.report(final).layers)
+    entries = json.loads((timing_cache / "latency.json").read_text())["entries"]
+    assert sum('"fold_or_restore/model"' in k for k in entries) >= 2  # the per-layer choice and at least one other
+
+
+def test_search_errors():
+    _, x, decomposed = _three()
+    with pytest.raises(ValueError, match=r"search 'models' is not known to fold_or_restore; valid: \['layer', 'model'\]"):
+        fold_or_restore(decomposed, x, cost="latency", search="models")
+    with pytest.raises(ValueError, match=r"\['search'\] apply to cost='latency' only"):
+        fold_or_restore(decomposed, x, search="model")
 
 
 def test_threshold_for_budget_with_round_to_meets_the_budget_exactly():

@@ -321,6 +321,8 @@ def test_latency_forms_keep_the_function(case, form, frac):
 
     def fake_time(chain, *args):
         timed.append(len(chain))
+        if any(isinstance(m, FOLD_MODULE._ChannelsLinear) for m in chain):
+            return 3.0  # the +linear variants lose
         return 1.0 if (len(chain) == 1) == (form == "dense") else 2.0
 
     with pytest.MonkeyPatch.context() as mp:
@@ -328,7 +330,12 @@ def test_latency_forms_keep_the_function(case, form, frac):
         final = fold_or_restore(decomposed, x, cost="latency")
     final.graph.lint()
     layer = fxtucker.report(final).layers[0]
-    assert set(dict(layer.timings_ms)) == {"dense", "svd"} and sorted(timed) == [1, 1, 2, 2]  # two call sites
+    # A form with a pointwise conv (1x1, stride 1, no padding, ungrouped) also comes as +linear.
+    factors = decomposed.get_submodule(layer.name)
+    dense_pw, svd_pw = FOLD_MODULE._pointwise(conv), any(FOLD_MODULE._pointwise(m) for m in factors.children())
+    want = {"dense", "svd"} | ({"dense+linear"} if dense_pw else set()) | ({"svd+linear"} if svd_pw else set())
+    assert set(dict(layer.timings_ms)) == want
+    assert sorted(timed) == sorted([1, 1] * (1 + dense_pw) + [2, 2] * (1 + svd_pw))  # two call sites
     assert (layer.form, layer.decision) == (form, "restored" if form == "dense" else "decomposed")
     assert rel_error(final(x), decomposed(x)) < REL_CHAIN_FLOAT64
     assert layer.macs_after == fxtucker.count_macs(final, x)
