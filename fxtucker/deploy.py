@@ -14,7 +14,7 @@ from fxtucker.meta import factor_record
 from fxtucker.passes.cost_model import cost_model
 from fxtucker.passes.decompose_conv import RanksArg, decompose_conv
 from fxtucker.passes.fold_bn import fold_bn
-from fxtucker.passes.fold_or_restore import fold_or_restore
+from fxtucker.passes.fold_or_restore import SEARCHES, fold_or_restore
 from fxtucker.tracing import trace
 
 __all__ = ["optimize_for_inference"]
@@ -88,6 +88,8 @@ def optimize_for_inference(
     """
     check_backend(backend, "optimize_for_inference")
     check_device(device, "optimize_for_inference")
+    if search not in SEARCHES:
+        raise ValueError(f"search {search!r} is not known to optimize_for_inference; valid: {list(SEARCHES)}")
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise TypeError("example_inputs must be a tensor or a tuple of tensors (one batch of the model's inputs)")

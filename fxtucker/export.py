@@ -54,8 +54,7 @@ from fxtucker.meta import (
     set_graph_record,
 )
 from fxtucker.passes import decompose_conv, fold_bn
-from fxtucker.passes._common import CONV_TYPES
-from fxtucker.passes.fold_or_restore import LINEAR, pointwise_as_linear
+from fxtucker.passes.fold_or_restore import LINEAR, _pointwise, pointwise_as_linear
 from fxtucker.tracing import trace
 
 __all__ = ["export", "load", "read_manifest", "ExportError", "ExportResult", "FORMATS", "MANIFEST_VERSION"]
@@ -543,13 +542,9 @@ def _give_form(gm: fx.GraphModule, rec: LayerRecord) -> None:
                 module = gm.get_submodule(target)
             except AttributeError:  # a factor merged away above
                 continue
-            if isinstance(module, CONV_TYPES) and all(k == 1 for k in module.kernel_size):
-                try:
-                    pointwise_as_linear(gm, target, [n for n in gm.graph.nodes
-                                                     if n.op == "call_module" and n.target == target])
-                except ValueError as exc:
-                    raise ValueError(f"the manifest's form {form!r} for layer {rec.name!r} does not fit the model "
-                                     f"that model_factory() returned: {exc}") from None
+            if _pointwise(module):  # the rule fold_or_restore applied
+                pointwise_as_linear(gm, target, [n for n in gm.graph.nodes
+                                                 if n.op == "call_module" and n.target == target])
     gm.recompile()
 
 
@@ -575,9 +570,6 @@ def _rebuild(model: nn.Module, manifest: dict, leaf_modules: Sequence[type]) -> 
                     gm = decompose_conv(gm, ranks=ranks, method=method, linear=linear, inplace=True)
             except ValueError as exc:
                 raise ValueError(f"the manifest does not fit the model that model_factory() returned: {exc}") from None
-    for rec in layers:
-        if rec.decision in (DECOMPOSED, RESTORED) and rec.kind != "skip":
-            _give_form(gm, rec)
     # The BatchNorm calls the exported graph no longer has were folded (whenever fold_bn ran: the
     # node list says so even where a later decompose_conv dropped fold_bn's record).
     exported = {n["name"] for n in manifest["nodes"]}
@@ -593,6 +585,11 @@ def _rebuild(model: nn.Module, manifest: dict, leaf_modules: Sequence[type]) -> 
             raise ValueError(f"the exported graph has no BatchNorm node {left[0]!r}, but on the model from "
                              f"model_factory() it cannot be folded ({reason}); model_factory() must return the "
                              f"architecture the manifest was exported from")
+    # After fold_bn: fold_or_restore gave the forms to the BN-folded layers (a "+linear" form's
+    # permute would stand between a conv and its BatchNorm).
+    for rec in layers:
+        if rec.decision in (DECOMPOSED, RESTORED) and rec.kind != "skip":
+            _give_form(gm, rec)
     # The structure must now be the exported one, node for node.
     want = [(n["name"], n["op"], n.get("target")) for n in manifest["nodes"]]
     have = [(n.name, n.op, n.target if n.op in ("call_module", "get_attr") else None) for n in gm.graph.nodes]

@@ -7,6 +7,7 @@ import numbers
 from collections import defaultdict
 from typing import Iterator, Optional
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -27,6 +28,13 @@ def check_round_to(round_to: object) -> None:
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, numbers.Integral) or round_to < 1):
         raise ValueError(f"round_to must be None or an int >= 1 (e.g. 8 or 16: ranks rounded up to a multiple), "
                          f"got {round_to!r}")
+
+
+def standard_strides(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` with row-major strides. A kernel whose strides also read as channels-last (a
+    1x1 kernel's size-1 dims allow both; ``.contiguous()`` keeps them) makes the conv's output
+    channels-last, and a later ``.view()`` of it fail."""
+    return weight.clone(memory_format=torch.contiguous_format)
 
 
 def check_graph_module(gm: object, pass_name: str) -> fx.GraphModule:

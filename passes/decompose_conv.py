@@ -40,6 +40,7 @@ from fxtucker.passes._common import (
     prepare,
     round_rank,
     set_submodule,
+    standard_strides,
 )
 
 __all__ = ["decompose_conv", "plan_decomposition", "RanksArg", "METHODS"]
@@ -308,8 +309,9 @@ def _factor_modules(m: nn.Module, kind: str, ranks: tuple[int, ...]) -> dict[str
             first = conv(m.in_channels, groups * r, m.kernel_size, stride=m.stride, padding=m.padding,
                          dilation=m.dilation, groups=groups, bias=False, padding_mode=m.padding_mode)
             last = conv(groups * r, m.out_channels, ones, groups=groups, bias=bias is not None)
-            first.weight.data = torch.cat([p[1] for p in pairs]).reshape(groups * r, -1, *m.kernel_size)
-            last.weight.data = torch.cat([p[0] for p in pairs]).reshape(m.out_channels, r, *ones)
+            first.weight.data = standard_strides(
+                torch.cat([p[1] for p in pairs]).reshape(groups * r, -1, *m.kernel_size))
+            last.weight.data = standard_strides(torch.cat([p[0] for p in pairs]).reshape(m.out_channels, r, *ones))
             mods = {FIRST: first, LAST: last}
         else:
             r1, r2 = ranks
@@ -318,9 +320,12 @@ def _factor_modules(m: nn.Module, kind: str, ranks: tuple[int, ...]) -> dict[str
             core = conv(groups * r1, groups * r2, m.kernel_size, stride=m.stride, padding=m.padding,
                         dilation=m.dilation, groups=groups, bias=False, padding_mode=m.padding_mode)
             last = conv(groups * r2, m.out_channels, ones, groups=groups, bias=bias is not None)
-            first.weight.data = torch.cat([u_in.T for _, _, u_in in parts]).reshape(groups * r1, -1, *ones)
-            core.weight.data = torch.cat([c for c, _, _ in parts])
-            last.weight.data = torch.cat([u_out for _, u_out, _ in parts]).reshape(m.out_channels, r2, *ones)
+            # the HOSVD core comes out permuted: see standard_strides
+            first.weight.data = standard_strides(
+                torch.cat([u_in.T for _, _, u_in in parts]).reshape(groups * r1, -1, *ones))
+            core.weight.data = standard_strides(torch.cat([c for c, _, _ in parts]))
+            last.weight.data = standard_strides(
+                torch.cat([u_out for _, u_out, _ in parts]).reshape(m.out_channels, r2, *ones))
             mods = {FIRST: first, CORE: core, LAST: last}
     mods = {k: v.to(device=m.weight.device, dtype=m.weight.dtype).train(m.training) for k, v in mods.items()}
     if bias is not None:

@@ -6,7 +6,9 @@ import copy
 import dataclasses
 import hashlib
 import json
+import operator
 import statistics
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -30,7 +32,8 @@ from fxtucker.meta import (
     set_graph_record,
 )
 from fxtucker.latency import TimingCache, check_backend, check_device, measure_latency
-from fxtucker.passes._common import CONV_TYPES, factor_nodes, layer_nodes, finish, prepare, set_submodule
+from fxtucker.passes._common import (CONV_TYPES, factor_nodes, finish, layer_nodes, prepare, set_submodule,
+                                     standard_strides)
 from fxtucker.passes.cost_model import conv_macs, cost_model
 from fxtucker.passes.strip_gates import kept_ranks
 
@@ -74,7 +77,7 @@ def dense_module(container: nn.Module, spec: ConvSpec | None) -> nn.Module:
             dilation=spec.dilation, groups=spec.groups, bias=spec.bias, padding_mode=spec.padding_mode,
         )
     dense = dense.to(device=first.weight.device, dtype=first.weight.dtype)
-    dense.weight.data = weight.to(first.weight.dtype)
+    dense.weight.data = standard_strides(weight.to(first.weight.dtype))
     if last.bias is not None:
         dense.bias.data = last.bias.detach().clone()
     return dense
@@ -166,6 +169,11 @@ def _prepare_layers(gm: fx.GraphModule, inplace: bool) -> tuple[fx.GraphModule, 
     by_source = layer_nodes(gm)
     if not by_source:
         raise ValueError("fold_or_restore found no decomposed layers: run decompose_conv(gm) first")
+    convs = {r.name for r in graph_record(gm).layers if r.spec is not None}
+    for source in by_source:
+        if source in convs and any(isinstance(m, nn.Linear) for m in gm.get_submodule(source).children()):
+            raise ValueError(f"layer {source!r} already has a '+linear' form (its pointwise convs run as nn.Linear): "
+                             f"fold_or_restore ran on this model before; run it on the model from before that call")
     return gm, by_source
 
 
@@ -252,7 +260,7 @@ def fold_or_restore(
         raise ValueError(f"cost {cost!r} is not known to fold_or_restore; valid: {list(COSTS)}")
     if cost == "latency":
         return _fold_by_latency(gm, example_inputs, backend or "eager", device or "cpu", threads, max_macs,
-                                search or "layer", inplace)
+                                "layer" if search is None else search, inplace)
     given = {k: v for k, v in dict(backend=backend, device=device, threads=threads, max_macs=max_macs,
                                    search=search).items()
              if v is not None}
@@ -309,7 +317,7 @@ def _merge_first(first: nn.Module, core: nn.Module) -> nn.Module:
     merged = type(core)(first.in_channels, core.out_channels, core.kernel_size, stride=core.stride, padding=core.padding,
                         dilation=core.dilation, groups=g, bias=core.bias is not None, padding_mode=core.padding_mode)
     merged = merged.to(device=core.weight.device, dtype=core.weight.dtype)
-    merged.weight.data = weight.to(core.weight.dtype)
+    merged.weight.data = standard_strides(weight.to(core.weight.dtype))
     if core.bias is not None:
         merged.bias.data = core.bias.detach().clone()
     return merged
@@ -327,7 +335,7 @@ def _merge_last(core: nn.Module, last: nn.Module) -> nn.Module:
     merged = type(core)(core.in_channels, last.out_channels, core.kernel_size, stride=core.stride, padding=core.padding,
                         dilation=core.dilation, groups=g, bias=has_bias, padding_mode=core.padding_mode)
     merged = merged.to(device=core.weight.device, dtype=core.weight.dtype)
-    merged.weight.data = weight.to(core.weight.dtype)
+    merged.weight.data = standard_strides(weight.to(core.weight.dtype))
     if has_bias:
         bias = torch.zeros(last.out_channels, dtype=dtype, device=core.weight.device)
         if core.bias is not None:  # last(core(x) + b) = last(core(x)) + last's weight applied to b
@@ -353,9 +361,12 @@ def _forms(container: nn.Module, spec: ConvSpec | None) -> dict[str, list[nn.Mod
     return forms
 
 
-def _with_linear(forms: dict[str, list[nn.Module]]) -> dict[str, list[nn.Module]]:
-    """``forms`` and, for each form with a pointwise conv, its "+linear" variant."""
+def _with_linear(forms: dict[str, list[nn.Module]], batched: bool) -> dict[str, list[nn.Module]]:
+    """``forms`` and, for each form with a pointwise conv, its "+linear" variant (for batched
+    inputs: the permutes assume a batch dimension)."""
     out = dict(forms)
+    if not batched:
+        return out
     for name, chain in forms.items():
         if any(_pointwise(m) for m in chain):
             out[name + LINEAR] = [_ChannelsLinear(_as_linear(m), m.weight.dim() - 2) if _pointwise(m) else m
@@ -509,7 +520,9 @@ def _fold_by_latency(gm: fx.GraphModule, example_inputs: tuple, backend: str, de
     factor_macs = 0
     for source, roles in by_source.items():
         container = gm.get_submodule(source)
-        forms[source] = _with_linear(_forms(container, specs.get(source)))
+        batched = specs.get(source) is not None and all(
+            len(n.args[0].meta[TENSOR_META].shape) == container[FIRST].weight.dim() for n in roles[FIRST])
+        forms[source] = _with_linear(_forms(container, specs.get(source)), batched)
         factor_macs += sum(n.meta[MACS] for role in (FIRST, CORE, LAST) for n in roles.get(role, []))
         costs[source] = {f: (0.0, 0) for f in forms[source]}
         for first in roles[FIRST]:
@@ -519,6 +532,13 @@ def _fold_by_latency(gm: fx.GraphModule, example_inputs: tuple, backend: str, de
                 ms, macs = costs[source][f]
                 costs[source][f] = (ms + _time_chain(chain, x, backend, device, threads, cache),
                                     macs + _chain_macs(chain, x))
+    broken = _linear_breaks(gm, example_inputs, specs, forms, costs, timed_on)
+    if broken:
+        warnings.warn(f"fold_or_restore: the '+linear' forms are not used: the model does not run with them "
+                      f"({broken}); each of them leaves a channels-last tensor, which a later .view() cannot take",
+                      stacklevel=3)
+        costs = {s: {f: c for f, c in fs.items() if not f.endswith(LINEAR)} for s, fs in costs.items()}
+        forms = {s: {f: c for f, c in fs.items() if not f.endswith(LINEAR)} for s, fs in forms.items()}
     choice, forced = _choose(costs, total_macs - factor_macs, max_macs)
     whys = {s: "fastest within max_macs" if s in forced else "fastest" for s in choice}
     if search == "model":
@@ -587,6 +607,29 @@ def _apply(gm: fx.GraphModule, by_source: dict, specs: dict, forms: dict, costs:
                     pointwise_as_linear(gm, f"{source}.{role}", roles[role])
 
 
+def _linear_breaks(gm: fx.GraphModule, example_inputs: tuple, specs: dict, forms: dict, costs: dict,
+                   timed_on: str) -> str:
+    """Why the model does not run with every layer in a "+linear" form ("" if it does, or none has one).
+
+    The output permute leaves a channels-last tensor; an op that needs a contiguous one (``.view``)
+    fails. One trial run with each layer's fastest "+linear" form tells."""
+    trial_choice = {}
+    for s, fs in costs.items():
+        linear = [f for f in fs if f.endswith(LINEAR)]
+        trial_choice[s] = min(linear or fs, key=lambda f: fs[f])
+    if not any(f.endswith(LINEAR) for f in trial_choice.values()):
+        return ""
+    trial = copy.deepcopy(gm)
+    _apply(trial, layer_nodes(trial), specs, forms, costs, trial_choice, timed_on)
+    finish(trial)
+    try:
+        with torch.no_grad():
+            trial(*example_inputs)
+    except Exception as exc:  # noqa: BLE001 - any failure means: not with these forms
+        return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+    return ""
+
+
 def _candidates(costs: dict, choice: dict[str, str], other_macs: int,
                 max_macs: Optional[int]) -> dict[str, dict[str, str]]:
     """Form sets to time as whole models: the per-layer choice first, then variations of it."""
@@ -627,9 +670,10 @@ def _search_model(gm: fx.GraphModule, example_inputs: tuple, specs: dict, forms:
                                      inputs=[[list(t.shape), str(t.dtype)] if isinstance(t, torch.Tensor) else repr(t)
                                              for t in example_inputs])
     times = {name: cache.get(key) for name, key in keys.items()}
-    pending = [name for name, ms in times.items() if ms is None]
+    # Timings of one sitting only are compared: if any is missing, every candidate is timed again.
+    pending = list(keys) if any(ms is None for ms in times.values()) else []
     runs: dict[str, list[float]] = {name: [] for name in pending}
-    for _ in range(rounds if len(pending) > 1 else 1):
+    for _ in range(rounds if pending else 0):
         for name in pending:
             runs[name].append(measure_latency(trials[name][1], example_inputs, backend=backend, device=device,
                                               threads=threads))
@@ -643,8 +687,17 @@ def _search_model(gm: fx.GraphModule, example_inputs: tuple, specs: dict, forms:
 
 
 def _model_digest(gm: fx.GraphModule) -> str:
-    """What a whole model's speed depends on: its graph code and each called module's class and shape."""
-    modules = [[n.target, _module_key(gm.get_submodule(n.target))] for n in gm.graph.nodes if n.op == "call_module"
-               if isinstance(gm.get_submodule(n.target), (nn.Linear, *CONV_TYPES))]
-    text = json.dumps([gm.code, modules], default=str)
+    """What a whole model's speed depends on: its graph code, each called module's class and
+    settings (``extra_repr``: shapes, strides, ...) and each attribute read's shape and dtype."""
+    parts = []
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            m = gm.get_submodule(n.target)
+            parts.append([n.target, type(m).__module__, type(m).__qualname__, m.extra_repr(),
+                          [[k, list(p.shape), str(p.dtype)] for k, p in m.named_parameters()]])
+        elif n.op == "get_attr":
+            t = operator.attrgetter(n.target)(gm)
+            parts.append([n.target, list(t.shape) if isinstance(t, torch.Tensor) else repr(type(t)),
+                          str(getattr(t, "dtype", ""))])
+    text = json.dumps([gm.code, parts], default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]

@@ -1,6 +1,7 @@
 """optimize_for_inference: the BN-folded baseline, the back-end-aware compressed model, plain torch throughout."""
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -133,11 +134,34 @@ def test_an_already_decomposed_model_keeps_its_ranks():
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
 
 
+def test_linear_forms_after_fold_bn_and_strided_1x1_reload(tmp_path, monkeypatch):
+    """BatchNorm folded before decomposing, then +linear forms: conv2 (3x3 stride 2) and short (a 1x1
+    with stride 2, so only its second SVD factor is pointwise) reload from a manifest node for node."""
+    fold_module = sys.modules["fxtucker.passes.fold_or_restore"]
+    monkeypatch.setattr(fold_module, "_time_chain",
+                        lambda chain, *a: 1.0 if any(isinstance(m, fold_module._ChannelsLinear) for m in chain) else 2.0)
+    monkeypatch.setenv("FXTUCKER_CACHE_DIR", str(tmp_path / "cache"))
+    model = _trained_like(torch.float64)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    fast = optimize_for_inference(model, x, ranks=0.5)
+    forms = {l.name: l.form for l in fxtucker.report(fast).layers}
+    assert forms["short"] == "svd+linear" and forms["conv2"].endswith("+linear")
+    assert isinstance(fast.get_submodule("short.first"), nn.Conv2d)  # stride 2: not pointwise
+    assert isinstance(fast.get_submodule("short.last"), nn.Linear)
+    assert rel_error(fast(x), model(x)) < 1.0  # ranks 0.5 of random weights: an approximation, not a copy
+    fxtucker.export(fast, x, tmp_path / "m", "manifest", model_factory=lambda: Small().double())
+    loaded = fxtucker.load(tmp_path / "m", lambda: Small().double())
+    assert loaded.code == fast.code
+    torch.testing.assert_close(loaded(x), fast(x), rtol=0, atol=0)
+
+
 def test_errors():
     model = _trained_like()
     x = torch.randn(1, 3, 8, 8)
     with pytest.raises(ValueError, match=r"backend 'tvm' is not supported by optimize_for_inference; valid: \['eager', 'compile', 'onnxruntime'\]"):
         optimize_for_inference(model, x, backend="tvm")
+    with pytest.raises(ValueError, match=r"search 'whole' is not known to optimize_for_inference; valid: \['layer', 'model'\]"):
+        optimize_for_inference(model, x, search="whole")
     with pytest.raises(ValueError, match=r"device 'tpu' is not supported by optimize_for_inference"):
         optimize_for_inference(model, x, device="tpu")
     with pytest.raises(TypeError, match=r"example_inputs must be a tensor or a tuple of tensors"):

@@ -388,6 +388,55 @@ def test_pointwise_as_linear_refuses_other_convs():
         FOLD_MODULE.pointwise_as_linear(decomposed, "a.core", [node])
 
 
+class ViewAfterPointwise(nn.Module):
+    """A 1x1 conv whose output is .view()-ed: a channels-last tensor cannot be."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 16, 3, padding=1)
+        self.point = nn.Conv2d(16, 16, 1)
+
+    def forward(self, x):
+        y = self.point(torch.relu(self.conv(x)))
+        return y.view(y.shape[0], -1)
+
+
+def test_linear_forms_are_dropped_where_the_model_cannot_run_with_them(monkeypatch, timing_cache):
+    model = ViewAfterPointwise().eval()
+    x = torch.randn(2, 8, 6, 6)
+    decomposed = decompose_conv(cost_model(fxtucker.trace(model), x), ranks=0.5)
+    assert decomposed(x).shape == (2, 16 * 36)  # decomposed at all: the factors' outputs are contiguous
+    monkeypatch.setattr(FOLD_MODULE, "_time_chain", _prefer_linear)
+    with pytest.warns(UserWarning, match=r"the '\+linear' forms are not used: the model does not run with them "
+                                         r"\(RuntimeError: view size is not compatible"):
+        final = fold_or_restore(decomposed, x, cost="latency")
+    assert not any(l.form.endswith("+linear") for l in fxtucker.report(final).layers)
+    assert rel_error(final(x), decomposed(x)) < REL_CHAIN_FLOAT32
+    for gm in (decomposed, final, fold_or_restore(decomposed, x)):  # every kernel the passes write is row-major
+        for name, p in gm.named_parameters():
+            assert p.stride() == torch.empty(p.shape).stride(), name
+
+
+def test_linear_forms_need_a_batch_dimension(monkeypatch, timing_cache):
+    model = nn.Sequential(nn.Conv2d(8, 16, 1), nn.ReLU(), nn.Conv2d(16, 8, 3)).eval()
+    x = torch.randn(8, 6, 6)  # unbatched: (C, H, W)
+    decomposed = decompose_conv(cost_model(fxtucker.trace(model), x), ranks=0.5)
+    monkeypatch.setattr(FOLD_MODULE, "_time_chain", _prefer_linear)
+    final = fold_or_restore(decomposed, x, cost="latency")
+    assert all("+linear" not in f for l in fxtucker.report(final).layers for f, _ in l.timings_ms)
+    assert rel_error(final(x), decomposed(x)) < REL_CHAIN_FLOAT32
+
+
+def test_a_model_with_linear_forms_is_not_folded_again(monkeypatch, timing_cache):
+    _, x, decomposed = _three()
+    monkeypatch.setattr(FOLD_MODULE, "_time_chain", _prefer_linear)
+    final = fold_or_restore(decomposed, x, cost="latency")
+    for kw in (dict(cost="latency"), dict()):
+        with pytest.raises(ValueError, match=r"layer 'a' already has a '\+linear' form \(its pointwise convs run as "
+                                             r"nn.Linear\): fold_or_restore ran on this model before"):
+            fold_or_restore(final, x, **kw)
+
+
 # search="model": whole models timed with candidate form sets.
 
 
