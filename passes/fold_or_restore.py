@@ -426,8 +426,8 @@ def pointwise_as_linear(gm: fx.GraphModule, target: str, nodes: list[fx.Node]) -
             after = gm.graph.create_node("call_method", "permute", (node, *to_first), {},
                                          name=f"{node.name}_channels_first")
         node.replace_all_uses_with(after, delete_user_cb=lambda user: user is not after)
-        for new in (before, after):
-            new.stack_trace = node.stack_trace
+        if node.stack_trace:  # a None stack trace in the meta breaks torch.compile's autograd tracing
+            before.stack_trace = after.stack_trace = node.stack_trace
 
 
 def _module_key(m: nn.Module) -> list:
