@@ -7,6 +7,7 @@ import dataclasses
 import difflib
 import json
 import math
+import statistics
 import sys
 import warnings
 from pathlib import Path
@@ -347,22 +348,30 @@ def _bench(args: argparse.Namespace) -> int:
     print(f"{args.model} at {args.input_size}x{args.input_size}, batch {args.batch}, {threads} thread(s); original: "
           f"BatchNorm folded; compressed: ranks {args.ranks}" + (f" rounded to {args.round_to}" if args.round_to else "")
           + (", each layer's form chosen by timing on the back end" if args.search == "layer" else
-             ", forms chosen by timing each layer and then whole models on the back end"))
+             ", forms chosen by timing each layer and then whole models on the back end")
+          + f"; timed alternately, median of {args.rounds} round{'s' if args.rounds != 1 else ''}")
     rows = [("back end", "original ms", "compressed ms", "speed-up", "original MACs", "compressed MACs", "MACs ratio")]
     summary = []
     for backend in args.backend:
         try:
             compressed = optimize_for_inference(model, x, ranks=args.ranks, method=args.method, backend=backend,
                                                 round_to=args.round_to, threads=args.threads, search=args.search)
-            before = measure_latency(baseline, x, backend=backend, threads=args.threads, repeats=args.repeats)
-            after = measure_latency(compressed, x, backend=backend, threads=args.threads, repeats=args.repeats)
+            # Alternately (original, compressed, compressed, original, ...): a slow phase of a
+            # shared machine then falls on both; the median round is shown.
+            times: dict[str, list[float]] = {"before": [], "after": []}
+            for i in range(args.rounds):
+                pair = [("before", baseline), ("after", compressed)]
+                for key, m in pair if i % 2 == 0 else pair[::-1]:
+                    times[key].append(measure_latency(m, x, backend=backend, threads=args.threads,
+                                                      repeats=args.repeats))
+            before, after = statistics.median(times["before"]), statistics.median(times["after"])
         except ImportError as exc:
             raise _UsageError(str(exc)) from None
         macs_after = fxtucker.count_macs(compressed, x)
         rows.append((backend, f"{before:.2f}", f"{after:.2f}", f"{before / after:.2f}x", f"{macs_before:,}",
                      f"{macs_after:,}", f"{macs_before / macs_after:.2f}x"))
         summary.append({"backend": backend, "original_ms": before, "compressed_ms": after, "speedup": before / after,
-                        "original_macs": macs_before, "compressed_macs": macs_after})
+                        "original_macs": macs_before, "compressed_macs": macs_after, "rounds": args.rounds})
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
@@ -458,7 +467,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--in-channels", type=int, default=3)
     b.add_argument("--num-classes", type=int, default=1000)
     b.add_argument("--checkpoint", help="state_dict of trained weights (loaded with weights_only=True)")
-    b.add_argument("--repeats", type=int, default=20, help="timed runs per model (the median is shown)")
+    b.add_argument("--repeats", type=int, default=20, help="timed runs per model and round (their median is taken)")
+    b.add_argument("--rounds", type=_positive, default=3,
+                   help="rounds, the two models timed alternately in each (the median round is shown; default 3)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", help="also write the numbers to this JSON file")
     b.set_defaults(func=_bench)

@@ -156,10 +156,17 @@ def test_cli_bench_prints_every_back_end_side_by_side(tmp_path, monkeypatch, cap
 
     monkeypatch.setenv("FXTUCKER_CACHE_DIR", str(tmp_path))
     argv = ["bench", "--model", "resnet20", "--input-size", "16", "--num-classes", "10", "--backend", "eager",
-            "onnxruntime", "--threads", "1", "--repeats", "3", "--round-to", "8", "--json", str(tmp_path / "b.json")]
+            "onnxruntime", "--threads", "1", "--repeats", "3", "--rounds", "2", "--round-to", "8",
+            "--json", str(tmp_path / "b.json")]
+    timed = []
+    real = fxtucker.cli.measure_latency
+    monkeypatch.setattr(fxtucker.cli, "measure_latency", lambda m, *a, **k: timed.append(m) or real(m, *a, **k))
     assert main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("resnet20 at 16x16, batch 1, 1 thread(s)") and "ranks 0.5 rounded to 8" in lines[0]
+    assert lines[0].endswith("; timed alternately, median of 2 rounds")
+    # per back end: original, compressed, then compressed, original
+    assert len(timed) == 8 and timed[0] is timed[3] is timed[4] is timed[7] and timed[1] is timed[2]
     assert lines[1].split() == ["back", "end", "original", "ms", "compressed", "ms", "speed-up", "original", "MACs",
                                 "compressed", "MACs", "MACs", "ratio"]
     assert [l.split()[0] for l in lines[2:4]] == ["eager", "onnxruntime"]
