@@ -22,7 +22,6 @@ import copy
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ import torch
 import fxtucker
 from fxtucker import models
 from fxtucker.deploy import optimize_for_inference
-from fxtucker.latency import measure_latency
+from fxtucker.latency import measure_side_by_side
 
 RESULTS = Path(__file__).parent / "results" / "latency.json"
 FULL = dict(models=["resnet18"], input_size=224, batches=[1, 8], backends=["eager", "compile", "onnxruntime"],
@@ -63,16 +62,6 @@ def _append(path: Path, row: dict) -> None:
         json.dump({"rows": rows}, f, indent=1)
         f.write("\n")
     os.replace(tmp, path)
-
-
-def side_by_side(baseline, compressed, x, backend: str, threads: int, repeats: int, rounds: int) -> tuple[float, float]:
-    """Median over ``rounds`` of each model's median of ``repeats`` runs, timed alternately (ABBA order)."""
-    times: dict[str, list[float]] = {"base": [], "comp": []}
-    for i in range(rounds):
-        order = [("base", baseline), ("comp", compressed)]
-        for name, model in order if i % 2 == 0 else order[::-1]:
-            times[name].append(measure_latency(model, x, backend=backend, threads=threads, repeats=repeats))
-    return statistics.median(times["base"]), statistics.median(times["comp"])
 
 
 def _layers_slower(gm) -> int:
@@ -112,7 +101,8 @@ def run_row(args, model_name: str, batch: int, backend: str, method: str) -> dic
             pruned = _torch_pruning(model, x, fxtucker.count_macs(compressed, x))
             compressed = optimize_for_inference(pruned, x)  # its BatchNorms folded too, as the baseline's
     prepare_s = time.perf_counter() - start
-    base_ms, comp_ms = side_by_side(baseline, compressed, x, backend, args.threads, args.repeats, args.rounds)
+    base_ms, comp_ms = measure_side_by_side([baseline, compressed], x, rounds=args.rounds, backend=backend,
+                                            threads=args.threads, repeats=args.repeats)
     base_macs, comp_macs = fxtucker.count_macs(baseline, x), fxtucker.count_macs(compressed, x)
     row = dict(method=method, model=model_name, input_size=args.input_size, batch=batch, backend=backend,
                threads=args.threads, ranks=args.ranks, round_to=args.round_to, min_macs_ratio=args.min_macs_ratio,

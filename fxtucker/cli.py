@@ -7,7 +7,6 @@ import dataclasses
 import difflib
 import json
 import math
-import statistics
 import sys
 import warnings
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 
 import fxtucker
 from fxtucker import data, models
-from fxtucker.latency import measure_latency
+from fxtucker.latency import measure_latency, measure_side_by_side
 from fxtucker.passes import cost_model, decompose_conv, fold_or_restore, insert_gates, strip_gates
 
 __all__ = ["main"]
@@ -356,15 +355,8 @@ def _bench(args: argparse.Namespace) -> int:
         try:
             compressed = optimize_for_inference(model, x, ranks=args.ranks, method=args.method, backend=backend,
                                                 round_to=args.round_to, threads=args.threads, search=args.search)
-            # Alternately (original, compressed, compressed, original, ...): a slow phase of a
-            # shared machine then falls on both; the median round is shown.
-            times: dict[str, list[float]] = {"before": [], "after": []}
-            for i in range(args.rounds):
-                pair = [("before", baseline), ("after", compressed)]
-                for key, m in pair if i % 2 == 0 else pair[::-1]:
-                    times[key].append(measure_latency(m, x, backend=backend, threads=args.threads,
-                                                      repeats=args.repeats))
-            before, after = statistics.median(times["before"]), statistics.median(times["after"])
+            before, after = measure_side_by_side([baseline, compressed], x, rounds=args.rounds, backend=backend,
+                                                 threads=args.threads, repeats=args.repeats)
         except ImportError as exc:
             raise _UsageError(str(exc)) from None
         macs_after = fxtucker.count_macs(compressed, x)

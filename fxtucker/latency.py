@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-__all__ = ["measure_latency", "BACKENDS", "DEVICES", "cache_dir", "TimingCache", "check_backend", "check_device"]
+__all__ = ["measure_latency", "measure_side_by_side", "BACKENDS", "DEVICES", "cache_dir", "TimingCache", "check_backend", "check_device"]
 
 BACKENDS = ("eager", "compile", "onnxruntime")
 DEVICES = ("cpu", "cuda")
@@ -195,6 +195,21 @@ def measure_latency(
     finally:
         torch.set_num_threads(old_threads)
         model.train(was_training)
+
+
+def measure_side_by_side(models: Sequence[nn.Module], example_inputs: Union[torch.Tensor, Sequence[Any]], *,
+                         rounds: int = 3, **kwargs: Any) -> list[float]:
+    """Each model's median over ``rounds`` of :func:`measure_latency` (``kwargs`` passed on), the
+    models timed alternately, in reverse order every other round (A B, B A, ...), so that a slow
+    phase of a shared machine falls on all of them. Milliseconds, in the order of ``models``."""
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
+    times: list[list[float]] = [[] for _ in models]
+    for r in range(rounds):
+        order = list(range(len(models)))
+        for i in order if r % 2 == 0 else order[::-1]:
+            times[i].append(measure_latency(models[i], example_inputs, **kwargs))
+    return [statistics.median(t) for t in times]
 
 
 def _on(model: nn.Module, device: str) -> bool:

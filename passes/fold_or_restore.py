@@ -607,6 +607,14 @@ def _apply(gm: fx.GraphModule, by_source: dict, specs: dict, forms: dict, costs:
                     pointwise_as_linear(gm, f"{source}.{role}", roles[role])
 
 
+def _trial(gm: fx.GraphModule, specs: dict, forms: dict, costs: dict, choice: dict[str, str],
+           timed_on: str) -> fx.GraphModule:
+    """A copy of ``gm`` with every layer in its form in ``choice`` (``gm`` is left as it is)."""
+    trial = copy.deepcopy(gm)
+    _apply(trial, layer_nodes(trial), specs, forms, costs, choice, timed_on)
+    return finish(trial)
+
+
 def _linear_breaks(gm: fx.GraphModule, example_inputs: tuple, specs: dict, forms: dict, costs: dict,
                    timed_on: str) -> str:
     """Why the model does not run with every layer in a "+linear" form ("" if it does, or none has one).
@@ -619,9 +627,7 @@ def _linear_breaks(gm: fx.GraphModule, example_inputs: tuple, specs: dict, forms
         trial_choice[s] = min(linear or fs, key=lambda f: fs[f])
     if not any(f.endswith(LINEAR) for f in trial_choice.values()):
         return ""
-    trial = copy.deepcopy(gm)
-    _apply(trial, layer_nodes(trial), specs, forms, costs, trial_choice, timed_on)
-    finish(trial)
+    trial = _trial(gm, specs, forms, costs, trial_choice, timed_on)
     try:
         with torch.no_grad():
             trial(*example_inputs)
@@ -662,9 +668,7 @@ def _search_model(gm: fx.GraphModule, example_inputs: tuple, specs: dict, forms:
     layer and the reason for the layers where it differs from ``choice``."""
     trials, keys = {}, {}
     for name, c in _candidates(costs, choice, other_macs, max_macs).items():
-        trial = copy.deepcopy(gm)
-        _apply(trial, layer_nodes(trial), specs, forms, costs, c, timed_on)
-        trials[name] = (c, finish(trial))
+        trials[name] = (c, _trial(gm, specs, forms, costs, c, timed_on))
         keys[name] = TimingCache.key(backend, device, threads if threads is not None else torch.get_num_threads(),
                                      what="fold_or_restore/model", model=_model_digest(trials[name][1]),
                                      inputs=[[list(t.shape), str(t.dtype)] if isinstance(t, torch.Tensor) else repr(t)

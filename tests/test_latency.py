@@ -159,8 +159,8 @@ def test_cli_bench_prints_every_back_end_side_by_side(tmp_path, monkeypatch, cap
             "onnxruntime", "--threads", "1", "--repeats", "3", "--rounds", "2", "--round-to", "8",
             "--json", str(tmp_path / "b.json")]
     timed = []
-    real = fxtucker.cli.measure_latency
-    monkeypatch.setattr(fxtucker.cli, "measure_latency", lambda m, *a, **k: timed.append(m) or real(m, *a, **k))
+    real = fxtucker.latency.measure_latency
+    monkeypatch.setattr(fxtucker.latency, "measure_latency", lambda m, *a, **k: timed.append(m) or real(m, *a, **k))
     assert main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("resnet20 at 16x16, batch 1, 1 thread(s)") and "ranks 0.5 rounded to 8" in lines[0]
