@@ -80,13 +80,13 @@ CACHE = HERE / "cache"
 #: epochs in the method comparisons (their sum is every other method's fine-tuning epochs);
 #: ``ablation``: the regularized epochs of the Table 7/8 runs (no fine-tuning there).
 PROFILES: dict[str, dict[str, Any]] = {
-    "quick": dict(train_subset=256, eval_subset=128, baseline_epochs=1, batch_size=64,
+    "quick": dict(train_subset=256, eval_subset=128, val_subset=128, baseline_epochs=1, batch_size=64,
                   flow=dict(train_epochs=0, reg_epochs=1, finetune_epochs=1), ablation=dict(reg_epochs=1)),
-    "small": dict(train_subset=5000, eval_subset=None, baseline_epochs=8, batch_size=128,
+    "small": dict(train_subset=5000, eval_subset=None, val_subset=5000, baseline_epochs=8, batch_size=128,
                   flow=dict(train_epochs=0, reg_epochs=2, finetune_epochs=6), ablation=dict(reg_epochs=4)),
-    "cpu": dict(train_subset=20000, eval_subset=None, baseline_epochs=8, batch_size=128,
+    "cpu": dict(train_subset=20000, eval_subset=None, val_subset=5000, baseline_epochs=8, batch_size=128,
                 flow=dict(train_epochs=0, reg_epochs=2, finetune_epochs=6), ablation=dict(reg_epochs=4)),
-    "full": dict(train_subset=None, eval_subset=None, baseline_epochs=30, batch_size=128,
+    "full": dict(train_subset=55000, eval_subset=None, val_subset=5000, baseline_epochs=30, batch_size=128,
                  flow=dict(train_epochs=0, reg_epochs=8, finetune_epochs=12), ablation=dict(reg_epochs=10)),
 }
 
@@ -95,18 +95,27 @@ ABLATION_LAMBDA = 10.0
 
 METHODS = ("uncompressed", "funnel", "funnel_scaled", "l1", "l2", "vbmf", "musco", "uniform", "torch-pruning")
 
-EXPERIMENTS = ("baselines", "epochs", "design", "regularizers", "c_schedules", "thresholds", "budgets", "decomposition")
+#: The MAC budgets (times fewer MACs) of the quality experiment.
+QUALITY_BUDGETS = (2, 3, 4)
+
+EXPERIMENTS = ("quality", "baselines", "epochs", "design", "regularizers", "c_schedules", "thresholds", "budgets", "decomposition")
 
 
 @dataclasses.dataclass
 class Setup:
-    """Everything one (model, dataset, seed, profile) shares: data, the trained baseline, its MACs."""
+    """Everything one (model, dataset, seed, profile) shares: data, the trained baseline, its MACs.
+
+    ``val_loader`` holds training images disjoint from ``train_loader``'s: every choice (epochs,
+    lambda, thresholds, learning rates) is made on it. ``eval_loader`` is the test set, read only
+    for the final rows.
+    """
 
     model_name: str
     dataset: str
     seed: int
     profile: str
     train_loader: Any
+    val_loader: Any
     eval_loader: Any
     x: torch.Tensor
     baseline: nn.Module
@@ -135,11 +144,25 @@ def _locked(path: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def split(n: int, train: Optional[int], val: int, seed: int) -> tuple[list[int], list[int]]:
+    """Disjoint training and validation indices of a training set of ``n`` items, drawn by ``seed``:
+    the first ``train`` (all but ``val`` when None) of one permutation, and the last ``val``."""
+    train = n - val if train is None else train
+    if train + val > n:
+        raise ValueError(f"train_subset {train} + val_subset {val} > {n} training images")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[:train].sort().values.tolist(), perm[n - val:].sort().values.tolist()
+
+
 def setup(model_name: str, dataset: str, seed: int, profile: str, progress: bool = True) -> Setup:
     """Data loaders and the baseline, trained with the profile's fixed recipe (cached, resumable)."""
     p = PROFILES[profile]
     in_ch, n_cls, size = data.dataset_info(dataset)
-    tr = data.make_loader(data.get_dataset(dataset, True), p["batch_size"], True, subset=p["train_subset"], seed=seed)
+    full = data.get_dataset(dataset, True)
+    tr_idx, val_idx = split(len(full), p["train_subset"], p["val_subset"], seed)
+    tr = torch.utils.data.DataLoader(torch.utils.data.Subset(full, tr_idx), batch_size=p["batch_size"], shuffle=True,
+                                     generator=torch.Generator().manual_seed(seed))
+    val = torch.utils.data.DataLoader(torch.utils.data.Subset(full, val_idx), batch_size=256)
     ev = data.make_loader(data.get_dataset(dataset, False), 256, False, subset=p["eval_subset"], seed=seed)
     cache = CACHE / profile / f"{model_name}-{dataset}-s{seed}"
     torch.manual_seed(seed)
@@ -151,23 +174,26 @@ def setup(model_name: str, dataset: str, seed: int, profile: str, progress: bool
             model.load_state_dict(torch.load(weights, weights_only=True))
         else:
             print(f"training the {model_name} baseline on {dataset} (seed {seed}, {p['baseline_epochs']} epochs)")
-            train(model, tr, TrainConfig(epochs=p["baseline_epochs"], lr=0.1, seed=seed), eval_data=ev,
+            train(model, tr, TrainConfig(epochs=p["baseline_epochs"], lr=0.1, seed=seed), eval_data=val,
                   out_dir=cache, stage="baseline", resume=True, progress=progress)
             torch.save(model.state_dict(), weights.with_suffix(".tmp"))
             weights.with_suffix(".tmp").replace(weights)
     model.eval()
     x = torch.randn(1, in_ch, size, size)
-    return Setup(model_name, dataset, seed, profile, tr, ev, x, model, count_macs(model, x), cache)
+    return Setup(model_name, dataset, seed, profile, tr, val, ev, x, model, count_macs(model, x), cache)
 
 
 # --- the methods -------------------------------------------------------------------------------
 
 
-def _measure(s: Setup, model: nn.Module) -> dict:
+def _measure(s: Setup, model: nn.Module, latency: bool = True) -> dict:
+    """Test accuracy (``accuracy``), validation accuracy, MACs, params and batch-1 latency."""
     model.eval()
-    return {"accuracy": evaluate(model, s.eval_loader), "macs": count_macs(model, s.x),
-            "params": sum(p.numel() for p in model.parameters()),
-            "latency_ms": round(measure_latency(model, s.x, threads=1, repeats=30), 4)}
+    out = {"accuracy": evaluate(model, s.eval_loader), "val_accuracy": evaluate(model, s.val_loader),
+           "macs": count_macs(model, s.x), "params": sum(p.numel() for p in model.parameters())}
+    if latency:
+        out["latency_ms"] = round(measure_latency(model, s.x, threads=1, repeats=30), 4)
+    return out
 
 
 def _decomposed(s: Setup, ranks: Any, *, linear: bool = False) -> nn.Module:
@@ -177,6 +203,7 @@ def _decomposed(s: Setup, ranks: Any, *, linear: bool = False) -> nn.Module:
 
 
 def _finetune_epochs(s: Setup) -> int:
+    """Every method's epochs after the baseline: the funnel flow's train + regularize + fine-tune."""
     return sum(PROFILES[s.profile]["flow"].values())
 
 
@@ -185,7 +212,7 @@ def _finetune(s: Setup, model: nn.Module, name: str, progress: bool) -> list[dic
     if not epochs:
         return []
     cfg = TrainConfig(epochs=epochs, lr=0.01, seed=s.seed)
-    return train(model, s.train_loader, cfg, eval_data=s.eval_loader, out_dir=s.cache / name, stage="finetune",
+    return train(model, s.train_loader, cfg, eval_data=s.val_loader, out_dir=s.cache / name, stage="finetune",
                  resume=True, progress=progress)
 
 
@@ -197,48 +224,105 @@ def _conv_weights(s: Setup) -> dict[str, torch.Tensor]:
     return {n: mods[n].weight.detach() for n in names if isinstance(mods[n], nn.Conv2d) and mods[n].kernel_size != (1, 1)}
 
 
+class RankCost:
+    """MACs of the baseline with the kxk convs of a rank dict decomposed, as fold_or_restore counts them.
+
+    Read once from the cost model of the full-rank decomposition: each factor's MACs scale with its
+    kept ranks (first: R1, core: R1 x R2, last: R2) and a layer costs the smaller of its factors and
+    its original conv. ``check`` compares it with the real count of the built model.
+    """
+
+    def __init__(self, s: Setup):
+        from fxtucker.meta import CORE, FIRST, LAST, MACS
+        from fxtucker.passes._common import layer_nodes
+
+        self.weights = _conv_weights(s)
+        self.full = {n: tucker.tucker2_full_ranks(w.shape) for n, w in self.weights.items()}
+        base = cost_model(fxtucker.trace(copy.deepcopy(s.baseline)), s.x)
+        self.dense = {n.target: n.meta[MACS] for n in base.graph.nodes if n.op == "call_module" and n.target in self.full}
+        gm = cost_model(_quiet(decompose_conv, cost_model(fxtucker.trace(copy.deepcopy(s.baseline)), s.x),
+                               ranks=self.full), s.x)
+        self.parts = {src: tuple(sum(n.meta[MACS] for n in roles.get(r, [])) for r in (FIRST, CORE, LAST))
+                      for src, roles in layer_nodes(gm).items()}
+        self.rest = s.macs - sum(self.dense.values())
+
+    def __call__(self, ranks: dict) -> int:
+        total = self.rest
+        for n, (f, c, l) in self.parts.items():
+            (R1, R2), (r1, r2) = self.full[n], ranks.get(n, self.full[n])
+            total += min(f * r1 // R1 + c * r1 * r2 // (R1 * R2) + l * r2 // R2, self.dense[n])
+        return total
+
+    def fill(self, ranks: dict, target: int) -> dict:
+        """Raise ranks one at a time, always the mode with the smallest share of its full rank, while the
+        MACs stay within ``target``: a step function of one scale factor lands up to a few % under a
+        budget; this closes the gap without changing the method's proportions."""
+        ranks = {n: tuple(r) for n, r in ranks.items()}
+        blocked: set = set()
+        while True:
+            moves = sorted(((ranks[n][i] / self.full[n][i], n, i) for n in ranks for i in (0, 1)
+                            if ranks[n][i] < self.full[n][i] and (n, i) not in blocked))
+            if not moves:
+                return ranks
+            _, n, i = moves[0]
+            r = list(ranks[n])
+            r[i] += 1
+            cand = {**ranks, n: tuple(r)}
+            if self(cand) <= target and self(cand) > self(ranks):
+                ranks = cand
+            else:  # this mode cannot grow within the budget (or buys nothing: the layer stays dense)
+                blocked.add((n, i))
+
+
 def _match(macs_of: Callable[[float], int], target: int, lo: float = 0.0, hi: float = 1.0) -> float:
     """The largest t in [lo, hi] with macs_of(t) <= target (macs_of non-decreasing in t)."""
     if macs_of(lo) > target:
         raise ValueError(f"even the smallest setting leaves {macs_of(lo):,} MACs > target {target:,}")
-    for _ in range(12):
+    for _ in range(30):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if macs_of(mid) <= target else (lo, mid)
     return lo
 
 
-def _scaled_ranks(weights: dict[str, torch.Tensor], base: dict[str, tuple[int, int]], t: float) -> dict:
+def _scaled_ranks(full: dict[str, tuple[int, int]], base: dict[str, tuple[int, int]], t: float) -> dict:
     """Ranks ``full - (1 - t) * (full - base)``: base at t = 0, full rank at t = 1 (MUSCO's weakening)."""
-    out = {}
-    for n, w in weights.items():
-        full = tucker.tucker2_full_ranks(w.shape)
-        out[n] = tuple(max(1, min(f, math.ceil(f - (1 - t) * (f - b)))) for f, b in zip(full, base[n]))
-    return out
+    return {n: tuple(max(1, min(f, math.ceil(f - (1 - t) * (f - b)))) for f, b in zip(full[n], base[n])) for n in full}
 
 
-def method_vbmf(s: Setup, target: int, progress: bool) -> tuple[nn.Module, dict]:
-    weights = _conv_weights(s)
-    ranks = {n: tucker.vbmf_ranks(w) for n, w in weights.items()}
-    model = _decomposed(s, ranks)
-    return model, {"ranks": {n: list(r) for n, r in ranks.items()}}
+def _times_ranks(full: dict[str, tuple[int, int]], base: dict[str, tuple[int, int]], t: float) -> dict:
+    """Ranks ``t * base``, each within [1, full]: EVBMF's ranks scaled to a budget."""
+    return {n: tuple(max(1, min(f, math.ceil(t * b))) for f, b in zip(full[n], base[n])) for n in full}
+
+
+def _matched(s: Setup, target: int, rank_fn: Callable[[float], dict], hi: float, cost: RankCost) -> tuple[nn.Module, dict]:
+    """The ranks ``rank_fn(t)`` at the largest t that fits ``target``, filled to it, built."""
+    t = _match(lambda t: cost(rank_fn(t)), target, 0.0, hi)
+    ranks = cost.fill(rank_fn(t), target)
+    return _decomposed(s, ranks), {"t": round(t, 4), "ranks": {n: list(r) for n, r in ranks.items()}}
+
+
+def method_vbmf(s: Setup, target: Optional[int], progress: bool) -> tuple[nn.Module, dict]:
+    """Tucker-2 at EVBMF's ranks (Kim et al. 2015); with a ``target``, the ranks scaled to it."""
+    cost = RankCost(s)
+    vb = {n: tucker.vbmf_ranks(w) for n, w in cost.weights.items()}
+    if target is None:
+        return _decomposed(s, vb), {"ranks": {n: list(r) for n, r in vb.items()}}
+    hi = max(f / b for n in vb for f, b in zip(cost.full[n], vb[n]))
+    return _matched(s, target, lambda t: _times_ranks(cost.full, vb, t), hi, cost)
 
 
 def method_musco(s: Setup, target: int, progress: bool) -> tuple[nn.Module, dict]:
     # MUSCO (Gusak et al. 2019) weakens EVBMF's ranks towards full rank, r = R - w (R - r_vbmf),
     # and compresses in several rounds; one round here, w chosen to meet the MAC target.
-    weights = _conv_weights(s)
-    vb = {n: tucker.vbmf_ranks(w) for n, w in weights.items()}
-    t = _match(lambda t: count_macs(_decomposed(s, _scaled_ranks(weights, vb, t)), s.x), target)
-    ranks = _scaled_ranks(weights, vb, t)
-    return _decomposed(s, ranks), {"weakening": round(1 - t, 4), "ranks": {n: list(r) for n, r in ranks.items()}}
+    cost = RankCost(s)
+    vb = {n: tucker.vbmf_ranks(w) for n, w in cost.weights.items()}
+    return _matched(s, target, lambda t: _scaled_ranks(cost.full, vb, t), 1.0, cost)
 
 
 def method_uniform(s: Setup, target: int, progress: bool) -> tuple[nn.Module, dict]:
-    weights = _conv_weights(s)
-    zero = {n: (1, 1) for n in weights}
-    t = _match(lambda t: count_macs(_decomposed(s, _scaled_ranks(weights, zero, t)), s.x), target)
-    ranks = _scaled_ranks(weights, zero, t)
-    return _decomposed(s, ranks), {"fraction": round(t, 4), "ranks": {n: list(r) for n, r in ranks.items()}}
+    cost = RankCost(s)
+    ones = {n: (1, 1) for n in cost.full}
+    return _matched(s, target, lambda t: _scaled_ranks(cost.full, ones, t), 1.0, cost)
 
 
 def method_torch_pruning(s: Setup, target: int, progress: bool) -> tuple[nn.Module, dict]:
@@ -256,8 +340,40 @@ def method_torch_pruning(s: Setup, target: int, progress: bool) -> tuple[nn.Modu
         pruner.step()
         return model
 
+    # The global ratio moves whole coupled groups (a residual stage's channels) at once, which can
+    # land several % under the budget: prune at the largest ratio still above it, then single
+    # channels, least important first by the same L1 magnitude, skipping any whose removal would
+    # land more than 1% under the budget.
     ratio = _match_up(lambda r: count_macs(pruned(r), s.x), target)
-    return pruned(ratio), {"pruning_ratio": round(ratio, 4)}
+    model = pruned(ratio)
+    if count_macs(model, s.x) < 0.99 * target:
+        lo = max(0.0, ratio - 0.95 / 2 ** 16)
+        model = pruned(lo)
+        importance = tp.importance.MagnitudeImportance(p=1)
+        while count_macs(model, s.x) > target:
+            ignored = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=s.x)
+            scored = []
+            for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]):
+                scores = importance(group)
+                if scores is None or len(scores) < 2:
+                    continue
+                for i in scores.argsort()[:2].tolist():  # the group's weakest channels
+                    scored.append((float(scores[i]), len(scored), group, i))
+            for _, _, group, i in sorted(scored, key=lambda t: t[:2]):
+                trial = copy.deepcopy(model)
+                g2 = tp.DependencyGraph().build_dependency(trial, example_inputs=s.x)
+                dep = group[0].dep
+                mod = dict(trial.named_modules())[next(n for n, m in model.named_modules() if m is dep.target.module)]
+                g2.get_pruning_group(mod, dep.handler, idxs=[i]).prune()
+                if count_macs(trial, s.x) >= 0.99 * target:
+                    model = trial
+                    break
+            else:
+                break  # nothing fits: keep the ratio's result
+        if count_macs(model, s.x) > target:
+            model = pruned(ratio)
+    return model, {"pruning_ratio": round(ratio, 4)}
 
 
 def _match_up(macs_of: Callable[[float], int], target: int) -> float:
@@ -265,7 +381,7 @@ def _match_up(macs_of: Callable[[float], int], target: int) -> float:
     lo, hi = 0.0, 0.95
     if macs_of(hi) > target:
         raise ValueError(f"pruning 95% still leaves {macs_of(hi):,} MACs > target {target:,}")
-    for _ in range(12):
+    for _ in range(16):
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if macs_of(mid) <= target else (mid, hi)
     return hi
@@ -276,14 +392,18 @@ BASELINE_METHODS = {"vbmf": method_vbmf, "musco": method_musco, "uniform": metho
 
 
 def run_flow(s: Setup, name: str, progress: bool, **overrides) -> tuple[nn.Module, dict, dict]:
-    """The funnel (or other regularizer's) flow with the profile's epochs and ``overrides``."""
+    """The funnel (or other regularizer's) flow with the profile's epochs and ``overrides``; every
+    stage is measured on the validation split."""
     config = CompressConfig(**{**PROFILES[s.profile]["flow"], "seed": s.seed, **overrides})
-    result = compress(s.baseline, s.train_loader, s.x, eval_data=s.eval_loader, config=config,
+    result = compress(s.baseline, s.train_loader, s.x, eval_data=s.val_loader, config=config,
                       out_dir=s.cache / name, resume=True, progress=progress)
     rep = result.report
-    extra = {"threshold": rep["threshold"], "accuracy_pruned": rep["stages"]["pruned"]["accuracy"],
+    hist = rep["stages"]["regularized"]["gate_histogram"]
+    extra = {"threshold": rep["threshold"], "val_pruned": rep["stages"]["pruned"]["accuracy"],
+             "val_regularized": rep["stages"]["regularized"]["accuracy"],
              "pruning_ratio": round(rep["stages"]["regularized"]["pruning_ratio"], 4),
-             "gate_histogram": rep["stages"]["regularized"]["gate_histogram"],
+             "gates_zero": hist["zeros"], "gates_total": hist["total"], "gate_histogram": hist,
+             "reg_weight_end": rep.get("reg_weight_end"),
              "config": {k: v for k, v in dataclasses.asdict(config).items() if k in overrides}}
     return result.model, extra, rep
 
@@ -294,6 +414,16 @@ def run_flow(s: Setup, name: str, progress: bool, **overrides) -> tuple[nn.Modul
 def _plan(exp: str, s: Setup) -> list[dict]:
     """The runs of experiment ``exp``: method, setting and how to run it."""
     half = s.macs // 2
+    if exp == "quality":
+        # Issue 15's comparison: every method at 2x, 3x and 4x fewer MACs, the same epochs after the
+        # baseline, every baseline within 1% of the budget; EVBMF's own ranks as a row apart.
+        runs = [dict(method="uncompressed", setting="baseline"), dict(method="vbmf", setting="evbmf ranks", baseline="vbmf")]
+        for k in QUALITY_BUDGETS:
+            target = s.macs // k
+            runs.append(dict(method="funnel", setting=f"{k}x", flow=dict(target_macs=target), target=target))
+            runs += [dict(method=m, setting=f"{k}x", baseline=m, target=target)
+                     for m in ("uniform", "torch-pruning", "musco", "vbmf")]
+        return runs
     if exp == "baselines":
         runs = [dict(method="uncompressed", setting="baseline")]
         runs.append(dict(method="funnel", setting="2x", flow=dict(target_macs=half)))
@@ -364,9 +494,39 @@ def _done(exp: str, key: dict) -> bool:
     return any(all(r.get(k) == v for k, v in key.items()) for r in _load(exp))
 
 
-def run_experiment(exp: str, s: Setup, progress: bool = True, methods: Optional[list[str]] = None) -> None:
+def _git_commit() -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fxtucker", "passes", "benchmarks/compare.py"],
+                               cwd=HERE.parent, capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _provenance() -> dict:
+    """Where and how a row was made: the code, the machine, what else ran on it."""
+    try:
+        import torch_pruning
+        tp_version = getattr(torch_pruning, "__version__", "unknown")
+    except ImportError:
+        tp_version = None
+    others = len([p for p in Path("/proc").glob("[0-9]*/cmdline")
+                  if b"compare.py" in (p.read_bytes() if p.exists() else b"") and p.parent.name != str(os.getpid())])
+    return {"commit": _git_commit(), "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "load_avg_1m": round(os.getloadavg()[0], 2), "other_runners": others,
+            "torch": torch.__version__, "torch_pruning": tp_version, "machine": platform.machine(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def run_experiment(exp: str, s: Setup, progress: bool = True, methods: Optional[list[str]] = None,
+                   settings: Optional[list[str]] = None) -> None:
     for run in _plan(exp, s):
         if methods and run["method"] not in methods:
+            continue
+        if settings and run["setting"] not in settings:
             continue
         key = {**s.key, "method": run["method"], "setting": run["setting"], "stage": "final"}
         if _done(exp, key):
@@ -377,18 +537,20 @@ def run_experiment(exp: str, s: Setup, progress: bool = True, methods: Optional[
             continue
         print(f"[{exp}] {s.model_name}/{s.dataset} seed {s.seed}: {run['method']} ({run['setting']})", flush=True)
         start = time.perf_counter()
+        target = run.get("target", s.macs // 2 if exp != "quality" else None)
         extra: dict = {}
         if run["method"] == "uncompressed":
             model = s.baseline
         elif "flow" in run:
             model, extra, rep = run_flow(s, name, progress, **run["flow"])
         else:
-            model, extra = BASELINE_METHODS[run["baseline"]](s, s.macs // 2, progress)
-            pruned = _measure(s, model)
-            _append(exp, {**key, "stage": "pruned", **pruned, "wall_s": round(time.perf_counter() - start, 1)})
+            model, extra = BASELINE_METHODS[run["baseline"]](s, target, progress)
+            extra["val_pruned"] = evaluate(model, s.val_loader)
             _finetune(s, model, name, progress)
         row = {**key, **_measure(s, model), "wall_s": round(time.perf_counter() - start, 1), **extra,
-               "macs_baseline": s.macs, "torch": torch.__version__, "machine": platform.machine()}
+               "macs_baseline": s.macs, "target_macs": target, **_provenance()}
+        if target is not None:
+            row["macs_vs_target"] = round(row["macs"] / target, 5)  # <= 1; >= 0.99 is within 1%
         _append(exp, row)
         print(f"  accuracy {row['accuracy']:.4f}, MACs {row['macs']:,} ({s.macs / row['macs']:.2f}x)", flush=True)
 
@@ -494,6 +656,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--methods", nargs="+", metavar="METHOD",
                         help=f"only these methods' runs ({', '.join(METHODS)}); default: all")
+    parser.add_argument("--settings", nargs="+", metavar="SETTING", help="only runs with these settings (e.g. 2x 3x)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--plot", action="store_true", help="only draw results/pareto.png from the stored rows")
     parser.add_argument("--table", metavar="EXP", help="only print EXP's stored rows as markdown tables: every "
@@ -521,7 +684,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         for seed in args.seeds:
             s = setup(model_name, args.dataset, seed, args.profile, progress=not args.no_progress)
             for exp in exps:
-                run_experiment(exp, s, progress=not args.no_progress, methods=args.methods)
+                run_experiment(exp, s, progress=not args.no_progress, methods=args.methods, settings=args.settings)
     return 0
 
 
