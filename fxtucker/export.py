@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import math
 import numbers
-import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +34,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
+from fxtucker.io import load_error, save_torch, sha256_file, write_text
 from fxtucker.meta import (
     CORE,
     DECOMPOSED,
@@ -293,15 +292,14 @@ def _write_manifest(gm: fx.GraphModule, path: Path, config: Any, extra: Any) -> 
             raise ValueError(f"state_dict entry {k!r} is a {type(v).__name__}, not a tensor; a manifest holds tensors only")
         state[k] = v.detach().cpu().clone()
     path.mkdir(parents=True, exist_ok=True)
-    weights = path / WEIGHTS_NAME
-    torch.save(state, weights)
-    manifest = _manifest(gm, state, _sha256(weights), _config_dict(config), extra)
+    weights = save_torch(state, path / WEIGHTS_NAME)
+    manifest = _manifest(gm, state, sha256_file(weights), _config_dict(config), extra)
     try:
         text = _dumps(manifest)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"config and extra must hold JSON values only (str, int, float, bool, None, lists, dicts): "
                          f"{exc}") from None
-    (path / MANIFEST_NAME).write_text(text + "\n")
+    write_text(path / MANIFEST_NAME, text + "\n")
     return path / MANIFEST_NAME, weights
 
 
@@ -315,14 +313,6 @@ def _dumps(value: Any, indent: str = "") -> str:
         items = [f"{inner}{json.dumps(str(k))}: {_dumps(v, inner)}" for k, v in value.items()]
         return "{\n" + ",\n".join(items) + f"\n{indent}}}"
     return "[\n" + ",\n".join(f"{inner}{_dumps(v, inner)}" for v in value) + f"\n{indent}]"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- manifest: reading
@@ -343,6 +333,15 @@ def _expect(value: Any, types: Union[type, tuple], where: str) -> Any:
 def _ints(value: Any, where: str) -> tuple[int, ...]:
     _expect(value, list, where)
     return tuple(_expect(v, int, f"{where}[{i}]") for i, v in enumerate(value))
+
+
+def _counts(value: Any, where: str) -> tuple[int, ...]:
+    """A list of ints >= 0 (ranks, shapes): a negative one is refused, never clamped."""
+    out = _ints(value, where)
+    for i, v in enumerate(out):
+        if v < 0:
+            raise _Bad(f"{where}[{i}] is {v}; it must be >= 0 (a rank or size cannot be negative)")
+    return out
 
 
 def _opt_int(value: Any, where: str) -> Optional[int]:
@@ -384,11 +383,11 @@ def _generic(value: Any, where: str) -> Any:
 # fxtucker) is read as a JSON scalar or tuple.
 _STR, _INT, _BOOL = (lambda v, w: _expect(v, str, w)), (lambda v, w: _expect(v, int, w)), (lambda v, w: _expect(v, bool, w))
 _FIELDS: dict[type, dict[str, Callable[[Any, str], Any]]] = {
-    LayerRecord: {"name": _STR, "node": _STR, "op": _STR, "kind": _STR, "spec": _spec, "in_shape": _ints,
-                  "out_shape": _ints, "full_ranks": _ints, "ranks": _ints, "macs_before": _opt_int,
+    LayerRecord: {"name": _STR, "node": _STR, "op": _STR, "kind": _STR, "spec": _spec, "in_shape": _counts,
+                  "out_shape": _counts, "full_ranks": _counts, "ranks": _counts, "macs_before": _opt_int,
                   "macs_after": _opt_int, "decision": _STR, "reason": _STR, "call_sites": _INT},
     BatchNormRecord: {"name": _STR, "node": _STR, "conv": _STR, "folded": _BOOL, "reason": _STR},
-    FactorRecord: {"source": _STR, "role": _STR, "ranks": _ints, "replaces": _STR, "decision": _STR,
+    FactorRecord: {"source": _STR, "role": _STR, "ranks": _counts, "replaces": _STR, "decision": _STR,
                    "macs_original": _opt_int, "macs_decomposed": _opt_int},
     FoldRecord: {"source": _STR, "decision": _STR, "macs_original": _INT, "macs_decomposed": _INT},
 }
@@ -415,16 +414,64 @@ _REQUIRED = {"format": str, "format_version": int, "fxtucker_version": str, "tor
              "state_dict": dict}
 
 
+#: Bounds on what a manifest may ask for: its own size, and the sizes in its ``extra`` block.
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_CLASSES = 1_000_000
+MAX_CHANNELS = 65_536
+MAX_INPUT_ELEMENTS = 1 << 26  # one example input of at most 64 Mi elements (256 MiB in float32)
+
+
+def _inside(file: Path, folder: Path, what: str) -> Path:
+    """``file`` unless it resolves (through links) outside ``folder``: ValueError naming both."""
+    real, home = file.resolve(), folder.resolve()
+    if home not in real.parents:
+        raise ValueError(f"{file}: refused: the manifest's {what} resolves to {str(real)!r}, outside the manifest "
+                         f"directory {str(home)!r} (a symbolic link?); fxtucker reads only files inside that "
+                         f"directory: copy the real file there")
+    return file
+
+
+def _check_extra(extra: dict) -> dict:
+    """The ``extra`` block's known fields, type- and bound-checked (they size tensors and models)."""
+    for key in ("model", "dataset"):
+        if key in extra and extra[key] is not None:
+            value = _expect(extra[key], str, f"extra.{key}")
+            if not 0 < len(value) <= 200:
+                raise _Bad(f"extra.{key} must be a name of 1 to 200 characters, got {len(value)}")
+    for key, high in (("num_classes", MAX_CLASSES), ("in_channels", MAX_CHANNELS)):
+        if key in extra and extra[key] is not None:
+            value = _expect(extra[key], int, f"extra.{key}")
+            if not 1 <= value <= high:
+                raise _Bad(f"extra.{key} must be an integer in [1, {high:,}], got {value:,}")
+    if extra.get("input_shape") is not None:
+        shape = _ints(extra["input_shape"], "extra.input_shape")
+        if not 3 <= len(shape) <= 5 or min(shape) < 1:
+            raise _Bad(f"extra.input_shape must be 3 to 5 sizes >= 1 (batch, channels, spatial...), got {list(shape)}")
+        if math.prod(shape) > MAX_INPUT_ELEMENTS:
+            raise _Bad(f"extra.input_shape {list(shape)} has {math.prod(shape):,} elements, above the "
+                       f"{MAX_INPUT_ELEMENTS:,} fxtucker allocates for an example input")
+    return extra
+
+
 def _read_manifest(path: Path) -> tuple[dict, Path]:
     """The parsed and checked manifest of ``path`` (a directory or its manifest.json) and its directory."""
+    folder = path if path.is_dir() else path.parent
     file = path / MANIFEST_NAME if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"no fxtucker manifest at {str(path)!r}: expected a directory written by "
                                 f"fxtucker.export(..., format='manifest') holding {MANIFEST_NAME}")
+    _inside(file, folder, MANIFEST_NAME)
+    with file.open("rb") as f:
+        raw = f.read(MAX_MANIFEST_BYTES + 1)
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ValueError(f"{file}: refused: larger than {MAX_MANIFEST_BYTES:,} bytes, which no manifest fxtucker "
+                         f"writes is")
     try:
-        manifest = json.loads(file.read_text())
+        manifest = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{file}: not a JSON manifest ({exc})") from None
+    except RecursionError:
+        raise ValueError(f"{file}: refused: its JSON is nested too deeply to be an fxtucker manifest") from None
     try:
         _expect(manifest, dict, "the manifest")
         if manifest.get("format") != _MANIFEST_FORMAT:
@@ -442,6 +489,7 @@ def _read_manifest(path: Path) -> tuple[dict, Path]:
         for key in ("config", "extra"):
             if manifest.get(key) is not None:
                 _expect(manifest[key], dict, f"'{key}'")
+        _check_extra(manifest.get("extra") or {})
         if Path(manifest["weights"]).name != manifest["weights"]:
             raise _Bad(f"'weights' must be a file name inside the manifest's directory, got {manifest['weights']!r}")
         manifest["layers"] = tuple(_record(LayerRecord, v, f"layers[{i}]") for i, v in enumerate(manifest["layers"]))
@@ -484,15 +532,16 @@ def read_manifest(path: Union[str, Path]) -> dict[str, Any]:
 def _load_weights(file: Path, manifest: dict) -> dict[str, torch.Tensor]:
     if not file.is_file():
         raise FileNotFoundError(f"the manifest names the weights file {file.name!r}, which is missing from {str(file.parent)!r}")
-    if _sha256(file) != manifest["weights_sha256"]:
+    _inside(file, file.parent, "weights file")
+    if sha256_file(file) != manifest["weights_sha256"]:
         raise ValueError(f"{file}: the weights file does not match the SHA-256 recorded in the manifest; it was changed "
                          f"or replaced after export")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ValueError(f"{file}: refused: it is not a plain state_dict of tensors (fxtucker.load only reads tensors, "
-                         f"with torch.load(weights_only=True), and never unpickles code): "
-                         f"{str(exc).splitlines()[0]}") from None
+    except (FileNotFoundError, PermissionError, IsADirectoryError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a refused global, a torn zip, garbage that matches its checksum
+        raise ValueError(f"{file}: refused: not a plain state_dict of tensors: {load_error(exc)}") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         bad = type(state).__name__ if not isinstance(state, dict) else next(
             f"{k!r}: {type(v).__name__}" for k, v in state.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor)))

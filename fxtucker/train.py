@@ -59,6 +59,7 @@ from torch.utils.data import (
 )
 from torch.utils.data.distributed import DistributedSampler
 
+from fxtucker.io import append_line, write_atomic
 from fxtucker.meta import GATE_ROLES, factor_record
 
 try:
@@ -629,49 +630,6 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
-def _fsync_dir(directory: Path) -> None:
-    """fsync a directory so a rename in it survives a crash (not possible on every OS)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, write: Callable[[Any], None], keep_prev: bool) -> None:
-    """Write ``path`` through a temp file in its directory, fsync, rotate to .prev, replace."""
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    prev = path.with_name(path.name + ".prev")
-    prev_tmp = prev.with_name(f".{prev.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if keep_prev and path.exists():
-            # A hard link leaves path in place until the final replace; without hard links
-            # there is a moment with only .prev, which resume handles.
-            try:
-                os.link(path, prev_tmp)
-            except OSError:
-                os.replace(path, prev)
-            else:
-                os.replace(prev_tmp, prev)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        for leftover in (tmp, prev_tmp):
-            try:
-                leftover.unlink()
-            except FileNotFoundError:
-                pass
-
-
 class _Unusable(Exception):
     """A checkpoint file that cannot be used, with the reason."""
 
@@ -827,19 +785,16 @@ class _Files:
 
     def append(self, record: dict) -> None:
         """Append one JSON line and make it durable."""
-        with open(self.log, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_line(self.log, json.dumps(record) + "\n")
 
     def rewrite_log(self, history: list[dict]) -> None:
         """Make the JSONL hold exactly ``history`` (on resume; empty when nothing was usable)."""
         text = "".join(json.dumps(r) + "\n" for r in history)
-        _write_atomic(self.log, lambda f: f.write(text.encode("utf-8")), keep_prev=False)
+        write_atomic(self.log, text)
 
     def save(self, payload: dict) -> None:
         checkpoint = {"format": CHECKPOINT_FORMAT, "sha256": _digest(payload), "payload": payload}
-        _write_atomic(self.ckpt, lambda f: torch.save(checkpoint, f), keep_prev=True)
+        write_atomic(self.ckpt, lambda f: torch.save(checkpoint, f), keep_prev=True)
 
 
 # --- the loop ---------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import fxtucker
 from fxtucker import models
 from fxtucker.cli import main
 from fxtucker.export import MANIFEST_VERSION, ExportError, ExportResult, export, load, read_manifest
+from fxtucker.io import sha256_file
 from fxtucker.meta import graph_record
 from fxtucker.passes import cost_model, decompose_conv, fold_bn, fold_or_restore, insert_gates, strip_gates
 from tests.conftest import EXACT
@@ -206,6 +207,7 @@ def _set_layer_ranks(data, name, ranks):
     (lambda d: d.update(layers="b"), r"'layers' must be list, got str"),
     (lambda d: d["layers"][1].update(ranks="3x8"), r"layers\[1\].ranks must be list, got str"),
     (lambda d: d["layers"][1].update(ranks=[3, True]), r"layers\[1\].ranks\[1\] must be int, got bool"),
+    (lambda d: _set_layer_ranks(d, "b", [-3, 8]), r"layers\[1\].ranks\[0\] is -3; it must be >= 0"),
     (lambda d: d["layers"][1].pop("name"), r"layers\[1\] lacks the key\(s\) \['name'\]"),
     (lambda d: d["layers"][1].update(code="import os"), r"layers\[1\] has unknown key\(s\) \['code'\]"),
     (lambda d: d["nodes"][1].update(record={"type": "Evil"}), r"nodes\[1\].record.type must be one of"),
@@ -215,7 +217,7 @@ def _set_layer_ranks(data, name, ranks):
     (lambda d: _set_layer_ranks(d, "b", [4, 8]),
      r"weight 'b.first.weight' has shape \(3, 32, 1, 1\) in the manifest, the rebuilt model's is \(4, 32, 1, 1\): "
      r"the recorded ranks and the weights disagree"),
-], ids=["version", "format", "missing-layers", "missing-sha", "layers-type", "ranks-type", "ranks-bool",
+], ids=["version", "format", "missing-layers", "missing-sha", "layers-type", "ranks-type", "ranks-bool", "ranks-negative",
         "missing-name", "unknown-key", "record-type", "weights-path", "state-dict-shape", "ranks-vs-weights"])
 def test_tampered_manifest_is_refused_with_a_clear_error(manifest_dir, change, match):
     _edit(manifest_dir, change)
@@ -243,16 +245,84 @@ class _Evil:
 
 def _replace_weights(folder, obj):
     torch.save(obj, folder / "weights.pt")
-    _edit(folder, lambda d: d.update(weights_sha256=export_module._sha256(folder / "weights.pt")))
+    _edit(folder, lambda d: d.update(weights_sha256=sha256_file(folder / "weights.pt")))
 
 
 def test_weights_file_with_pickled_code_is_refused(manifest_dir, tmp_path):
     marker = tmp_path / "pwned"
     state = torch.load(manifest_dir / "weights.pt", weights_only=True)
     _replace_weights(manifest_dir, {**state, "b.first.weight": _Evil(str(marker))})
-    with pytest.raises(ValueError, match=r"refused: it is not a plain state_dict of tensors .* never unpickles code"):
+    with pytest.raises(ValueError, match=r"refused: not a plain state_dict of tensors: refused to unpickle the "
+                                         r"global 'io.open'.* never runs code from a file") as info:
         load(manifest_dir, lambda: Net().double())
+    assert "weights_only" not in str(info.value)  # torch's advice to load it unsafely is not repeated
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"PK\x03\x04" + b"\x00" * 40, b"garbage, not a zip" * 50, None],
+                         ids=["torn-zip", "garbage", "truncated"])
+def test_weights_file_truncated_or_garbage_with_its_checksum_is_refused(manifest_dir, content):
+    weights = manifest_dir / "weights.pt"
+    data = weights.read_bytes()
+    weights.write_bytes(content if content is not None else data[: len(data) // 2])
+    _edit(manifest_dir, lambda d: d.update(weights_sha256=sha256_file(weights)))
+    with pytest.raises(ValueError, match=r"weights.pt: refused: not a plain state_dict of tensors: it cannot be read "
+                                         r"\(.*\); the file is truncated or not a torch.save file"):
+        load(manifest_dir, lambda: Net().double())
+
+
+@pytest.mark.parametrize("name", ["weights.pt", "manifest.json"])
+def test_manifest_files_that_link_out_of_the_directory_are_refused(manifest_dir, tmp_path, name):
+    outside = tmp_path / f"outside-{name}"
+    (manifest_dir / name).rename(outside)
+    (manifest_dir / name).symlink_to(outside)
+    with pytest.raises(ValueError, match=rf"{name}: refused: the manifest's .* resolves to '.*outside-{name}', outside "
+                                         rf"the manifest directory"):
+        load(manifest_dir, lambda: Net().double())
+
+
+def test_export_never_writes_through_links_planted_in_the_output(tmp_path, compressed):
+    final, x = compressed
+    out = tmp_path / "m"
+    out.mkdir()
+    victims = {}
+    for name in ("weights.pt", "manifest.json"):
+        victims[name] = tmp_path / f"victim-{name}"
+        victims[name].write_text("precious")
+        (out / name).symlink_to(victims[name])
+    export(final, x, out, "manifest", model_factory=lambda: Net().double())
+    for name, victim in victims.items():
+        assert victim.read_text() == "precious"
+        assert not (out / name).is_symlink() and (out / name).is_file()
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "weights.pt"]  # no temp file left
+    load(out, lambda: Net().double())
+
+
+def test_deeply_nested_or_huge_manifest_json_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=r"manifest.json: refused: its JSON is nested too deeply"):
+        read_manifest(tmp_path)
+    monkeypatch.setattr(export_module, "MAX_MANIFEST_BYTES", 1000)
+    (tmp_path / "manifest.json").write_text(" " * 1001)
+    with pytest.raises(ValueError, match=r"manifest.json: refused: larger than 1,000 bytes"):
+        read_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("extra,match", [
+    ({"num_classes": 10**12}, r"extra.num_classes must be an integer in \[1, 1,000,000\], got 1,000,000,000,000"),
+    ({"num_classes": "10"}, r"extra.num_classes must be int, got str"),
+    ({"in_channels": 0}, r"extra.in_channels must be an integer in \[1, 65,536\], got 0"),
+    ({"input_shape": [1, 1, 10**7, 10**7]}, r"extra.input_shape \[1, 1, 10000000, 10000000\] has "
+                                            r"100,000,000,000,000 elements, above the 67,108,864"),
+    ({"input_shape": [1, 1, 0, 28]}, r"extra.input_shape must be 3 to 5 sizes >= 1"),
+    ({"input_shape": "1x1x28x28"}, r"extra.input_shape must be list, got str"),
+    ({"input_shape": [1, 1, 28.0, 28]}, r"extra.input_shape\[2\] must be int, got float"),
+    ({"model": ["resnet20"]}, r"extra.model must be str, got list"),
+], ids=["classes-huge", "classes-str", "channels-0", "shape-huge", "shape-0", "shape-str", "shape-float", "model-list"])
+def test_manifest_extra_is_type_and_bound_checked(manifest_dir, extra, match):
+    _edit(manifest_dir, lambda d: d.update(extra=extra))
+    with pytest.raises(ValueError, match=r"invalid fxtucker manifest: " + match):
+        read_manifest(manifest_dir)
 
 
 def test_weights_file_with_non_tensors_is_refused(manifest_dir):

@@ -40,9 +40,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+import fxtucker.io  # noqa: F401
 from fxtucker.train import TrainConfig, TrainingDiverged, train
 
 train_module = sys.modules["fxtucker.train"]
+io_module = sys.modules["fxtucker.io"]  # every file write goes through fxtucker.io
 
 REPO = Path(__file__).resolve().parent.parent
 EPOCHS = 5
@@ -338,7 +340,7 @@ def test_sigkill_after_the_kth_checkpoint_then_resume(tmp_path, reference, k):
 
 
 class FullDisk:
-    """``open`` for fxtucker.train whose ``n``-th file opened with ``mode`` takes half of what is
+    """``open`` for fxtucker.io whose ``n``-th file opened with ``mode`` takes half of what is
     written to it, then raises ENOSPC, as a disk that fills up mid-write does."""
 
     def __init__(self, mode: str, n: int, name_part: str) -> None:
@@ -379,10 +381,10 @@ class _FillsUp:
         return False
 
 
-@pytest.mark.parametrize("mode, name_part, what", [("wb", ".ckpt.tmp.", "checkpoint"), ("a", ".jsonl", "log")])
+@pytest.mark.parametrize("mode, name_part, what", [("xb", ".ckpt.tmp.", "checkpoint"), ("a", ".jsonl", "log")])
 def test_disk_full_mid_write_keeps_the_last_good_checkpoint(tmp_path, reference, monkeypatch, mode, name_part, what):
     full = FullDisk(mode, 3, name_part)  # the third epoch's write fails halfway
-    monkeypatch.setattr(train_module, "open", full, raising=False)
+    monkeypatch.setattr(io_module, "open", full, raising=False)
     with pytest.raises(OSError, match=r"could not write .* after epoch 2 \(0-based\) of stage 'train': .*No space "
                                       r"left on device.*the previous checkpoint .* \(after 2 epoch\(s\)\) is left "
                                       r"as it was"):
@@ -401,8 +403,8 @@ def test_disk_full_mid_write_keeps_the_last_good_checkpoint(tmp_path, reference,
 
 
 def test_disk_full_on_the_first_write_leaves_nothing_half_written(tmp_path, monkeypatch):
-    full = FullDisk("wb", 1, ".ckpt.tmp.")
-    monkeypatch.setattr(train_module, "open", full, raising=False)
+    full = FullDisk("xb", 1, ".ckpt.tmp.")
+    monkeypatch.setattr(io_module, "open", full, raising=False)
     with pytest.raises(OSError, match=r"no earlier checkpoint exists"):
         run(tmp_path, epochs=2)
     monkeypatch.undo()
