@@ -73,13 +73,37 @@ def _threshold(text: str) -> float:
     return value
 
 
-def _model(name: str, num_classes: int, in_channels: int, checkpoint: Optional[str]) -> torch.nn.Module:
+def _json_object(text: str) -> dict:
+    """--model-kwargs: a JSON object of keyword arguments."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"--model-kwargs {text!r} is not JSON ({e}); give an object such as "
+                                         f"'{{\"width\": 32}}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"--model-kwargs {text!r} is a JSON {type(value).__name__}, not an object; "
+                                         f"give keyword arguments such as '{{\"width\": 32}}'")
+    return value
+
+
+_MODEL_HELP = ("resnet20/32/56, vgg_small, a torchvision classification model, timm:NAME (pip install fxtucker[timm]), "
+               "or your own factory as module.path:callable or path/to/file.py:callable")
+_MODEL_KWARGS_HELP = "keyword arguments for the model's constructor or factory, as a JSON object"
+
+
+def _model(name: str, num_classes: int, in_channels: int, checkpoint: Optional[str],
+           model_kwargs: Optional[dict] = None) -> torch.nn.Module:
     choices = models.list_models()
-    if name.lower() not in [c.lower() for c in choices]:
+    if ":" not in name and name.lower() not in [c.lower() for c in choices]:
         close = difflib.get_close_matches(name, choices, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise _UsageError(f"unknown model {name!r}.{hint} Choices: {', '.join(choices)}")
-    return models.get_model(name, num_classes=num_classes, in_channels=in_channels, checkpoint=checkpoint)
+        raise _UsageError(f"unknown model {name!r}.{hint} Choices: {', '.join(choices)}, or timm:NAME, "
+                          f"module.path:callable, path/to/file.py:callable")
+    try:
+        return models.get_model(name, num_classes=num_classes, in_channels=in_channels, checkpoint=checkpoint,
+                                model_kwargs=model_kwargs)
+    except ImportError as exc:  # timm missing
+        raise _UsageError(str(exc)) from None
 
 
 def _params(module: torch.nn.Module) -> int:
@@ -88,7 +112,7 @@ def _params(module: torch.nn.Module) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
-    model = _model(args.model, args.num_classes, args.in_channels, args.checkpoint).eval()
+    model = _model(args.model, args.num_classes, args.in_channels, args.checkpoint, args.model_kwargs).eval()
     x = torch.randn(args.batch, args.in_channels, args.input_size, args.input_size)
     gm = cost_model(fxtucker.trace(model), x)
     if args.graph:
@@ -199,7 +223,7 @@ def _compress(args: argparse.Namespace) -> int:
 
     dataset = _dataset(args.dataset)
     in_ch, n_cls, size = data.dataset_info(dataset, root=args.root)
-    model = _model(args.model, n_cls, in_ch, args.checkpoint)
+    model = _model(args.model, n_cls, in_ch, args.checkpoint, args.model_kwargs)
     train_set = data.get_dataset(dataset, True, root=args.root)
     eval_set = data.get_dataset(dataset, False, root=args.root)
     quick = QUICK if args.quick else {}
@@ -212,7 +236,7 @@ def _compress(args: argparse.Namespace) -> int:
     else:
         config = CompressConfig(**QUICK_CONFIG) if args.quick else CompressConfig()
     config = dataclasses.replace(config, seed=args.seed, **({"method": args.method} if args.method else {}))
-    out = Path(args.out or f"runs/{args.model}-{dataset}" + ("-quick" if args.quick else ""))
+    out = Path(args.out or f"runs/{models.model_label(args.model)}-{dataset}" + ("-quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
     baseline_history = []
     if args.checkpoint is None:
@@ -228,7 +252,8 @@ def _compress(args: argparse.Namespace) -> int:
     rep = result.report
     lat_before, lat_after = measure_latency(model, x, threads=args.threads), measure_latency(result.model, x, threads=args.threads)
     summary = {
-        "command": "fxtucker " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("fxtucker") else "fxtucker compress",
+        "command": ("fxtucker " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name in ("fxtucker", "__main__.py")
+                    else "fxtucker compress"),
         "model": args.model, "dataset": dataset, "quick": args.quick,
         "accuracy_before": rep["accuracy_before"], "accuracy_after": rep["accuracy_after"],
         "macs_before": rep["macs_before"], "macs_after": rep["macs_after"],
@@ -241,8 +266,10 @@ def _compress(args: argparse.Namespace) -> int:
     torch.save(result.model.state_dict(), out / "compressed_state_dict.pt")
     # The manifest lets `fxtucker export --from <out>` (and fxtucker.load) rebuild the compressed model.
     fxtucker.export(result.model, x, out / "manifest", "manifest",
-                    model_factory=lambda: models.get_model(args.model, num_classes=n_cls, in_channels=in_ch),
-                    config=config, extra={"model": args.model, "num_classes": n_cls, "in_channels": in_ch,
+                    model_factory=lambda: models.get_model(args.model, num_classes=n_cls, in_channels=in_ch,
+                                                           model_kwargs=args.model_kwargs),
+                    config=config, extra={"model": args.model, "model_kwargs": args.model_kwargs or {},
+                                          "num_classes": n_cls, "in_channels": in_ch,
                                           "input_shape": list(x.shape), "dataset": dataset})
     pngs = _histograms(rep["stages"], out)
     rows = [("", "original", "compressed", "ratio"),
@@ -300,12 +327,13 @@ def _export(args: argparse.Namespace) -> int:
     in_ch = args.in_channels or extra.get("in_channels") or 3
     shape = extra.get("input_shape")
     size = (args.input_size,) * 2 if args.input_size else tuple(shape[2:]) if shape else (224, 224)
-    factory = lambda: _model(name, n_cls, in_ch, None)  # noqa: E731
+    model_kwargs = args.model_kwargs if args.model_kwargs is not None else extra.get("model_kwargs") or {}
+    factory = lambda: _model(name, n_cls, in_ch, None, model_kwargs)  # noqa: E731
     if args.source:
         gm = fxtucker.load(folder, factory)
         print(f"rebuilt {name} from {folder}: {sum(p.numel() for p in gm.parameters()):,} parameters")
     else:
-        gm = fxtucker.trace(_model(name, n_cls, in_ch, args.checkpoint).eval())
+        gm = fxtucker.trace(_model(name, n_cls, in_ch, args.checkpoint, model_kwargs).eval())
     if args.fold_bn:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -318,7 +346,7 @@ def _export(args: argparse.Namespace) -> int:
     kw = {}
     if args.format == "manifest":
         kw = dict(model_factory=factory, config=config,
-                  extra={**extra, "model": name, "num_classes": n_cls, "in_channels": in_ch, "input_shape": list(x.shape)})
+                  extra={**extra, "model": name, "model_kwargs": model_kwargs, "num_classes": n_cls, "in_channels": in_ch, "input_shape": list(x.shape)})
     try:
         result = export(gm, x, args.out, args.format, rtol=args.rtol, atol=args.atol, **kw)
     except ImportError as exc:
@@ -339,7 +367,7 @@ def _bench(args: argparse.Namespace) -> int:
         raise _UsageError("bench compares the original with a compressed model: give --ranks a fraction in (0, 1] "
                           "or 'vbmf', not 'full'")
     torch.manual_seed(args.seed)
-    model = _model(args.model, args.num_classes, args.in_channels, args.checkpoint).eval()
+    model = _model(args.model, args.num_classes, args.in_channels, args.checkpoint, args.model_kwargs).eval()
     x = torch.randn(args.batch, args.in_channels, args.input_size, args.input_size)
     baseline = optimize_for_inference(model, x)
     macs_before = fxtucker.count_macs(baseline, x)
@@ -382,7 +410,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fxtucker {fxtucker.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="run the pass chain at given ranks (nothing trained) and print the report")
-    p.add_argument("--model", required=True, help="a torchvision classification model or resnet20/32/56, vgg_small")
+    p.add_argument("--model", required=True, help=_MODEL_HELP)
+    p.add_argument("--model-kwargs", type=_json_object, help=_MODEL_KWARGS_HELP)
     p.add_argument("--ranks", type=_ranks, default=0.5, help="fraction of each mode in (0, 1], 'vbmf' or 'full' (default 0.5)")
     p.add_argument("--threshold", type=_threshold, default=0.0, help="strip gates below this (untrained gates: keep 0)")
     p.add_argument("--linear", action="store_true", help="also decompose Linear layers")
@@ -400,7 +429,8 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_inspect)
 
     c = sub.add_parser("compress", help="train (if needed) and compress a model with the funnel flow")
-    c.add_argument("--model", required=True, help="resnet20/32/56, vgg_small or a torchvision classification model")
+    c.add_argument("--model", required=True, help=_MODEL_HELP)
+    c.add_argument("--model-kwargs", type=_json_object, help=_MODEL_KWARGS_HELP)
     c.add_argument("--dataset", required=True, help=f"one of {', '.join(data.DATASETS)}")
     c.add_argument("--root", help="dataset directory (default: Debian's /usr/share/datasets/fashion-mnist, ...)")
     c.add_argument("--config", help="a TOML file of CompressConfig fields")
@@ -427,7 +457,9 @@ def _parser() -> argparse.ArgumentParser:
                                       "and check the reloaded file computes the same")
     e.add_argument("--from", "--compressed", dest="source", metavar="DIR",
                    help="a compressed model: the output directory of `fxtucker compress` (or its manifest/)")
-    e.add_argument("--model", help="the model name (read from the manifest with --from); alone: export it uncompressed")
+    e.add_argument("--model", help="the model (read from the manifest with --from); alone: export it uncompressed; "
+                                   + _MODEL_HELP)
+    e.add_argument("--model-kwargs", type=_json_object, help=_MODEL_KWARGS_HELP + " (default: from the manifest)")
     e.add_argument("--checkpoint", help="weights of an uncompressed --model (state_dict, loaded with weights_only=True)")
     e.add_argument("--format", required=True, choices=FORMATS)
     e.add_argument("--out", required=True, help="the file to write (a directory for --format manifest)")
@@ -444,7 +476,8 @@ def _parser() -> argparse.ArgumentParser:
     from fxtucker.latency import BACKENDS
 
     b = sub.add_parser("bench", help="time the BN-folded original against the compressed model on each back end")
-    b.add_argument("--model", required=True, help="a torchvision classification model or resnet20/32/56, vgg_small")
+    b.add_argument("--model", required=True, help=_MODEL_HELP)
+    b.add_argument("--model-kwargs", type=_json_object, help=_MODEL_KWARGS_HELP)
     b.add_argument("--ranks", type=_ranks, default=0.5, help="fraction of each mode in (0, 1] or 'vbmf' (default 0.5)")
     b.add_argument("--backend", nargs="+", default=["eager"], choices=BACKENDS, help="one or more (default eager)")
     b.add_argument("--batch", type=int, default=1)

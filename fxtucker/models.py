@@ -8,15 +8,24 @@ adaptively before the classifier, so 28x28 (Fashion-MNIST) and 32x32 (CIFAR) inp
 
 Module names copy torchvision's ResNet (``conv1``, ``bn1``, ``layer1.0.conv1``, ``downsample``,
 ``avgpool``, ``fc``) so that graph node names read the same for both families.
+
+:func:`get_model` also takes model specs beyond these names: ``timm:NAME`` (a timm model, without
+pretrained weights), ``package.module:callable`` and ``path/to/file.py:callable`` (the user's own
+factory), each with optional keyword arguments.
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
+import importlib
+import importlib.util
+import inspect
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torchvision
@@ -29,6 +38,7 @@ __all__ = [
     "CIFAR_MODELS",
     "get_model",
     "list_models",
+    "model_label",
 ]
 
 
@@ -280,13 +290,155 @@ def _load_checkpoint(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     model.load_state_dict(state, strict=True)
 
 
+TIMM_PREFIX = "timm:"
+
+
+def _is_spec(name: str) -> bool:
+    """Whether ``name`` is a ``timm:NAME``, ``module:callable`` or ``file.py:callable`` spec."""
+    return ":" in name
+
+
+def model_label(name: str) -> str:
+    """A short name for ``name`` that is safe in a file name: ``timm-resnet10t``, ``mynet-build``."""
+    if not _is_spec(name):
+        return name
+    if name.startswith(TIMM_PREFIX):
+        return "timm-" + name[len(TIMM_PREFIX):].replace("/", "-")
+    source, _, attr = name.rpartition(":")
+    stem = Path(source).stem if _looks_like_file(source) else source
+    return f"{stem}-{attr}".replace("/", "-").replace(os.sep, "-")
+
+
+def _looks_like_file(source: str) -> bool:
+    """``path/to/file.py`` rather than ``package.module``."""
+    return source.endswith(".py") or "/" in source or os.sep in source
+
+
+def _timm_model(name: str, spec: str, num_classes: int, in_channels: int, kwargs: dict) -> nn.Module:
+    """``timm.create_model(name, pretrained=False, num_classes=, in_chans=, **kwargs)``."""
+    try:
+        import timm
+    except ImportError as e:
+        raise ImportError(
+            f"--model {spec!r} needs timm, which is not installed; fxtucker builds nothing for it. "
+            f"Install it with `pip install fxtucker[timm]` (or `pip install timm`)"
+        ) from e
+    if not timm.is_model(name):
+        names = timm.list_models()
+        close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
+        suggestion = f" (close matches: {', '.join(repr('timm:' + c) for c in close)})" if close else ""
+        raise ValueError(
+            f"timm {timm.__version__} has no model {name!r}{suggestion}; timm.list_models() lists its "
+            f"{len(names)} architectures (timm.list_models('resnet*') filters them)"
+        )
+    if kwargs.get("pretrained"):
+        raise ValueError(
+            f"--model {spec!r} with pretrained=true in the model kwargs: fxtucker creates timm models "
+            f"without pretrained weights and downloads nothing; save the weights you want with "
+            f"torch.save(model.state_dict(), path) and pass that file as the checkpoint"
+        )
+    kw = {"num_classes": num_classes, "in_chans": in_channels, **kwargs, "pretrained": False}
+    return timm.create_model(name, **kw)
+
+
+def _import_source(source: str, spec: str) -> Any:
+    """The module named by a spec's part before the colon: a dotted module path or a .py file."""
+    if _looks_like_file(source):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"--model {spec!r}: the model file {source!r} does not exist or is not a file; give "
+                f"path/to/file.py:callable with a path relative to {os.getcwd()!r} or an absolute one"
+            )
+        path = path.resolve()
+        # One module per file, under a name that cannot shadow an installed package.
+        mod_name = f"_fxtucker_model_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+        if mod_name in sys.modules:
+            return sys.modules[mod_name]
+        loader_spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(loader_spec)
+        # Like `python file.py`: the file's folder comes first on sys.path for its own imports.
+        if str(path.parent) not in sys.path:
+            sys.path.insert(0, str(path.parent))
+        sys.modules[mod_name] = module
+        try:
+            loader_spec.loader.exec_module(module)
+        except Exception as e:
+            del sys.modules[mod_name]
+            raise ValueError(
+                f"--model {spec!r}: running the model file {str(path)!r} raised "
+                f"{type(e).__name__}: {e}; fix the file (or install what it imports)"
+            ) from e
+        return module
+    try:
+        return importlib.import_module(source)
+    except ModuleNotFoundError as e:
+        if e.name is not None and (source == e.name or source.startswith(e.name + ".")):
+            raise ValueError(
+                f"--model {spec!r}: no module named {e.name!r} can be imported; install the package "
+                f"that holds {source!r}, or give a file as path/to/file.py:callable"
+            ) from e
+        raise ValueError(
+            f"--model {spec!r}: the module {source!r} was found but importing it failed: "
+            f"{type(e).__name__}: {e}; install what it imports"
+        ) from e
+    except Exception as e:
+        raise ValueError(
+            f"--model {spec!r}: importing the module {source!r} raised {type(e).__name__}: {e}; fix it"
+        ) from e
+
+
+def _factory_model(spec: str, num_classes: int, in_channels: int, kwargs: dict) -> nn.Module:
+    """Call the user's ``module:callable`` or ``file.py:callable`` with ``kwargs``."""
+    source, _, attr = spec.rpartition(":")
+    if not source or not attr:
+        raise ValueError(f"--model {spec!r}: give module.path:callable or path/to/file.py:callable "
+                         f"(both sides of the colon), or timm:NAME")
+    module = _import_source(source, spec)
+    fn: Any = module
+    for i, part in enumerate(attr.split(".")):
+        if not hasattr(fn, part):
+            owner = ".".join([source] + attr.split(".")[:i])
+            names = [n for n in dir(fn) if not n.startswith("_")]
+            close = difflib.get_close_matches(part, names, n=3, cutoff=0.6)
+            hint = f" (close matches: {', '.join(close)})" if close else ""
+            raise ValueError(f"--model {spec!r}: {owner!r} has no attribute {part!r}{hint}; name a function or "
+                             f"class that returns an nn.Module")
+        fn = getattr(fn, part)
+    if not callable(fn):
+        raise ValueError(f"--model {spec!r}: {attr!r} is a {type(fn).__name__}, not a callable; name a function "
+                         f"or class that returns an nn.Module")
+    kw = dict(kwargs)
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # some builtins have no signature: call as given
+        params = {}
+    # The dataset's classes and channels go to a factory that names them, unless given explicitly.
+    for key, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+        if key in params and key not in kw:
+            kw[key] = value
+    if params:
+        sig = inspect.signature(fn).replace(return_annotation=inspect.Signature.empty)
+        try:
+            sig.bind(**kw)
+        except TypeError as e:
+            raise ValueError(f"--model {spec!r}: {attr}{sig} cannot be called with keyword arguments {kwargs!r} "
+                             f"({e}); change the model kwargs (--model-kwargs)") from None
+    model = fn(**kw)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"--model {spec!r}: {attr}(**{kw!r}) returned a {type(model).__name__}, not an "
+                         f"nn.Module; the callable must build and return the model")
+    return model
+
+
 def get_model(
     name: str,
     num_classes: int = 10,
     in_channels: int = 3,
     checkpoint: Optional[Union[str, os.PathLike]] = None,
+    model_kwargs: Optional[Mapping[str, Any]] = None,
 ) -> nn.Module:
-    """Build a model by name, randomly initialized or loaded from a state_dict file.
+    """Build a model by name or spec, randomly initialized or loaded from a state_dict file.
 
     Names are matched case-insensitively. Torchvision models are built with ``weights=None``
     (nothing is downloaded); for ``in_channels != 3`` their first ``nn.Conv2d`` in module order
@@ -294,21 +446,30 @@ def get_model(
     default initialization.
 
     Args:
-        name: ``"resnet20"``, ``"resnet32"``, ``"resnet56"``, ``"vgg_small"``, or any name in
-            ``torchvision.models.list_models(module=torchvision.models)``; see :func:`list_models`.
+        name: ``"resnet20"``, ``"resnet32"``, ``"resnet56"``, ``"vgg_small"``, any name in
+            ``torchvision.models.list_models(module=torchvision.models)`` (see :func:`list_models`),
+            or a spec: ``"timm:NAME"`` (``timm.create_model(NAME, pretrained=False,
+            num_classes=, in_chans=)``; needs ``pip install fxtucker[timm]``),
+            ``"package.module:callable"`` or ``"path/to/file.py:callable"`` (called with
+            ``model_kwargs``, plus ``num_classes`` and ``in_channels`` when it has parameters of
+            those names that ``model_kwargs`` does not set).
         num_classes: outputs of the classifier.
         in_channels: channels of the input image (1 for Fashion-MNIST).
         checkpoint: optional path of a file saved with ``torch.save``: a bare state_dict, or a
             dict holding one under ``"model"`` or ``"state_dict"``. Loaded strictly on the CPU
             with ``weights_only=True``.
+        model_kwargs: keyword arguments for the model's constructor (torchvision, timm or the
+            user's callable); the CIFAR models take none.
 
     Returns:
         The model, in training mode, on the CPU.
 
     Raises:
-        ValueError: unknown name (with close matches), bad counts, or a checkpoint whose keys
-            or shapes do not match.
-        FileNotFoundError: ``checkpoint`` does not exist.
+        ValueError: unknown name (with close matches), a spec whose module, attribute or timm
+            name does not exist or whose callable does not return an nn.Module, bad counts, or
+            a checkpoint whose keys or shapes do not match.
+        FileNotFoundError: ``checkpoint`` or a spec's model file does not exist.
+        ImportError: a ``timm:`` spec without timm installed.
 
     Example:
         >>> model = get_model("resnet20", num_classes=10, in_channels=1)
@@ -320,11 +481,22 @@ def get_model(
                          f"list_models() lists the valid names")
     num_classes = _check_count(num_classes, "num_classes")
     in_channels = _check_count(in_channels, "in_channels")
+    if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
+        raise ValueError(f"get_model: model_kwargs must be a mapping of keyword arguments or None, got "
+                         f"{type(model_kwargs).__name__} {model_kwargs!r}")
+    kwargs = dict(model_kwargs or {})
     key = name.lower()
-    if key in CIFAR_MODELS:
+    if name.startswith(TIMM_PREFIX):
+        model = _timm_model(name[len(TIMM_PREFIX):], name, num_classes, in_channels, kwargs)
+    elif _is_spec(name):
+        model = _factory_model(name, num_classes, in_channels, kwargs)
+    elif key in CIFAR_MODELS:
+        if kwargs:
+            raise ValueError(f"get_model({name!r}): the CIFAR models take no model_kwargs, got {kwargs!r}; "
+                             f"drop them (num_classes and in_channels are their only settings)")
         model = CIFAR_MODELS[key](num_classes, in_channels)
     elif key in _torchvision_names():
-        model = torchvision.models.get_model(key, weights=None, num_classes=num_classes)
+        model = torchvision.models.get_model(key, weights=None, num_classes=num_classes, **kwargs)
         if in_channels != 3:
             _replace_first_conv(model, in_channels, key)
     else:
@@ -332,7 +504,8 @@ def get_model(
         suggestion = f" (close matches: {', '.join(repr(c) for c in close)})" if close else ""
         raise ValueError(
             f"unknown model {name!r}{suggestion}; list_models() lists all "
-            f"{len(list_models())} valid names"
+            f"{len(list_models())} valid names, and timm:NAME, module.path:callable or "
+            f"path/to/file.py:callable name others"
         )
     if checkpoint is not None:
         _load_checkpoint(model, checkpoint)
