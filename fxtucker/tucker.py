@@ -38,10 +38,16 @@ def tucker2_full_ranks(shape: Sequence[int]) -> tuple[int, int]:
     return min(c_in, c_out * k), min(c_out, c_in * k)
 
 
-def _leading_eigenvectors(gram: torch.Tensor, rank: int) -> torch.Tensor:
-    """The ``rank`` leading eigenvectors of a symmetric PSD matrix, as columns, largest first."""
-    _, vecs = torch.linalg.eigh(gram)
-    return vecs.flip(-1)[:, :rank]
+def _leading_eigenvectors(matrix: torch.Tensor, rank: int) -> torch.Tensor:
+    """The ``rank`` leading eigenvectors of ``matrix @ matrix.T``, as columns, largest first.
+
+    The Gram matrix is formed and diagonalised in float64 whatever the input's dtype: it squares
+    the condition number, and in float32 that measurably worsened truncations.
+    """
+    work = matrix.cpu() if matrix.device.type == "mps" else matrix  # MPS has no float64
+    work = work.double()
+    _, vecs = torch.linalg.eigh(work @ work.T)
+    return vecs.flip(-1)[:, :rank].to(dtype=matrix.dtype, device=matrix.device)
 
 
 def _leading_left_singular_vectors(matrix: torch.Tensor, rank: int) -> torch.Tensor:
@@ -54,7 +60,7 @@ def _leading_left_singular_vectors(matrix: torch.Tensor, rank: int) -> torch.Ten
     # at a fraction of the cost of a wide SVD (LAPACK's wide float64 path was up to 50x slower
     # here). At full rank they form a complete orthonormal basis, so the decomposition stays
     # exact whatever their precision.
-    return _leading_eigenvectors(matrix @ matrix.T, rank)
+    return _leading_eigenvectors(matrix, rank)
 
 
 def tucker2(
@@ -103,65 +109,111 @@ def svd_pair(matrix: torch.Tensor, rank: Optional[int] = None) -> tuple[torch.Te
     if not 1 <= rank <= full:
         raise ValueError(f"svd_pair rank {rank} out of range for a matrix of shape {tuple(matrix.shape)}: valid is 1..{full}")
     if matrix.shape[0] >= matrix.shape[1]:
-        v = _leading_eigenvectors(matrix.T @ matrix, rank)
+        v = _leading_eigenvectors(matrix.T, rank)
         return matrix @ v, v.T
-    u = _leading_eigenvectors(matrix @ matrix.T, rank)
+    u = _leading_eigenvectors(matrix, rank)
     return u, u.T @ matrix
 
 
 # --- EVBMF (Nakajima, Sugiyama, Babacan and Tomioka 2013), as used for ranks by Kim et al. 2015 ---
+
+_GRID_POINTS = 1024  # uniform in log sigma^2 over the admissible interval
+_PIECE_POINTS = 8  # more per piece on which the set of components above threshold is fixed
+_REFINED_PIECES = 4  # pieces, best on the grid first, refined by a bounded 1-D minimisation
 
 
 def _tau(x: np.ndarray, alpha: float) -> np.ndarray:
     return 0.5 * (x - (1 + alpha) + np.sqrt((x - (1 + alpha)) ** 2 - 4 * alpha))
 
 
-def _free_energy(sigma2: float, s: np.ndarray, L: int, M: int, residual: float, x_bar: float) -> float:
-    """The EVB free energy as a function of the noise variance (up to constants)."""
-    alpha = L / M
-    x = s**2 / (M * sigma2)
-    small, large = x[x <= x_bar], x[x > x_bar]
-    tau = _tau(large, alpha)
-    return float(
-        np.sum(small - np.log(small))
-        + np.sum(large - tau + np.log((tau + 1) / large) + alpha * np.log(tau / alpha + 1))
-        + residual / (M * sigma2)
-        + (L - len(s)) * np.log(sigma2)
-    )
+def _free_energy(t: np.ndarray, s2: np.ndarray, M: int, alpha: float, x_bar: float) -> np.ndarray:
+    """The EVB free energy at noise variances ``exp(t)`` (any shape), up to a constant.
+
+    ``-log x_h = log sigma^2 + log M - log gamma_h^2`` for every component, so the constants
+    are dropped and the ``log sigma^2`` terms collect into ``L t``: exact, and finite when some
+    singular values are zero.
+    """
+    t = np.asarray(t, float)
+    x = s2 / (M * np.exp(t)[..., None])
+    large = x > x_bar
+    xl = np.where(large, x, x_bar + 1.0)  # any value in tau's domain; masked out below
+    tau = _tau(xl, alpha)
+    per = np.where(large, x - tau + np.log1p(tau) + alpha * np.log1p(tau / alpha), x)
+    return per.sum(-1) + len(s2) * t
 
 
 def evbmf(matrix: torch.Tensor | np.ndarray) -> int:
     """Rank estimate of ``matrix`` by empirical variational Bayesian matrix factorization.
 
-    The noise variance is estimated by minimising the EVB free energy, then every singular
-    value above the analytic EVB threshold ``sqrt(M sigma^2 (1 + tau)(1 + alpha / tau))`` counts.
+    The noise variance is the global minimiser of the EVB free energy over the interval in which
+    Nakajima et al. (2013) show it lies; every singular value above the EVB threshold
+    ``sqrt(M sigma^2 (1 + tau)(1 + alpha / tau))`` counts, with their code's approximation
+    ``tau = 2.5129 sqrt(alpha)``. The search runs on singular values divided by the largest and
+    in ``log sigma^2``, so the rank is the same for the matrix times any positive factor.
     Returns 0 for a matrix that is pure noise.
     """
-    y = matrix.detach().cpu().double().numpy() if isinstance(matrix, torch.Tensor) else np.asarray(matrix, float)
+    if isinstance(matrix, torch.Tensor):
+        y = matrix.detach().cpu().double().numpy()
+    else:
+        y = np.asarray(matrix, float)
     if y.ndim != 2 or min(y.shape) == 0:
         raise ValueError(f"evbmf expects a non-empty 2-D matrix, got shape {y.shape}")
     if y.shape[0] > y.shape[1]:
         y = y.T
     L, M = y.shape
     s = np.linalg.svd(y, compute_uv=False)
-    if not np.any(s > 0):
+    if not s[0] > 0:
         return 0
+    s2 = (s / s[0]) ** 2  # the free energy depends on s^2 / sigma^2 only: the rank is scale-free
     alpha = L / M
     tau_bar = 2.5129 * math.sqrt(alpha)
     x_bar = (1 + tau_bar) * (1 + alpha / tau_bar)
-    residual = 0.0  # all L singular values are kept
-    upper = float(np.sum(s**2) / (L * M))
-    # The noise variance is at least what the smallest "noise-only" singular values imply.
-    idx = min(int(math.ceil(L / (1 + alpha))), L - 1)
-    lower = max(s[idx] ** 2 / (M * x_bar), float(np.mean(s[idx:] ** 2)) / M, upper * 1e-12)
+    upper = float(np.sum(s2) / (L * M))
+    # Their bound: with H = ceil(L / (1 + alpha)) - 1, sigma^2 >= max(gamma_{H+1}^2 / (M x_bar),
+    # mean_{h > H} gamma_h^2 / M), 1-based; 0-based that is index H.
+    idx = int(math.ceil(L / (1 + alpha))) - 1
+    lower = max(s2[idx] / (M * x_bar), float(np.mean(s2[idx:])) / M, upper * 1e-12)
     if lower >= upper:
         sigma2 = upper
     else:
-        sigma2 = minimize_scalar(
-            _free_energy, args=(s, L, M, residual, x_bar), bounds=(lower, upper), method="bounded"
-        ).x
-    threshold = math.sqrt(M * sigma2 * x_bar)
-    return int(np.sum(s > threshold))
+        t = _minimise_free_energy(math.log(lower), math.log(upper), s2, M, alpha, x_bar)
+        sigma2 = math.exp(t)
+    return int(np.sum(s2 > M * sigma2 * x_bar))
+
+
+def _minimise_free_energy(
+    lo: float, hi: float, s2: np.ndarray, M: int, alpha: float, x_bar: float
+) -> float:
+    """Global minimiser in ``t = log sigma^2`` over ``[lo, hi]``: a grid, best pieces refined."""
+    # Between the knots where some gamma_h^2 / (M sigma^2) crosses x_bar the free energy is
+    # smooth and the rank fixed, but it has a local minimum in several pieces: a bounded local
+    # search (as in the published code) may stop in the wrong one, so every piece is sampled.
+    knots = np.log(s2[s2 > 0] / (M * x_bar))
+    knots = np.unique(np.concatenate([[lo, hi], knots[(knots > lo) & (knots < hi)]]))
+    frac = (np.arange(_PIECE_POINTS) + 0.5) / _PIECE_POINTS
+    in_pieces = knots[:-1, None] + np.diff(knots)[:, None] * frac
+    grid = np.unique(np.concatenate([np.linspace(lo, hi, _GRID_POINTS), in_pieces.ravel()]))
+    energy = _free_energy(grid, s2, M, alpha, x_bar)
+    piece = np.clip(np.searchsorted(knots, grid, side="right") - 1, 0, len(knots) - 2)
+    best_t, best_f = float(grid[np.argmin(energy)]), float(np.min(energy))
+    refined: set[int] = set()
+    for i in np.argsort(energy):
+        if piece[i] in refined:
+            continue
+        refined.add(piece[i])
+        # Bracket the piece's grid minimum by its neighbours, kept inside the piece.
+        a = max(grid[max(i - 1, 0)], knots[piece[i]])
+        b = min(grid[min(i + 1, len(grid) - 1)], knots[piece[i] + 1])
+        if b > a:
+            res = minimize_scalar(
+                lambda t: float(_free_energy(t, s2, M, alpha, x_bar)),
+                bounds=(a, b), method="bounded", options={"xatol": 1e-10},
+            )
+            if res.fun < best_f:
+                best_t, best_f = float(res.x), float(res.fun)
+        if len(refined) == _REFINED_PIECES:
+            break
+    return best_t
 
 
 def vbmf_ranks(weight: torch.Tensor) -> tuple[int, int]:
