@@ -16,6 +16,7 @@ import torch
 
 import fxtucker
 from fxtucker import data, models
+from fxtucker.io import save_torch, write_atomic, write_text
 from fxtucker.latency import measure_latency, measure_side_by_side
 from fxtucker.passes import cost_model, decompose_conv, fold_or_restore, insert_gates, strip_gates
 
@@ -152,7 +153,7 @@ def _inspect(args: argparse.Namespace) -> int:
         summary = {"macs_before": macs_before, "macs_after": macs_after, "params_before": _params(model),
                    "params_after": _params(final), "latency_ms_before": lat_before, "latency_ms_after": lat_after,
                    "relative_output_change": err, "report": rep.to_dict()}
-        out_path.write_text(json.dumps(summary, indent=2))
+        write_text(out_path, json.dumps(summary, indent=2))
         print(f"wrote {out_path}")
     return 0
 
@@ -211,7 +212,7 @@ def _histograms(stages: dict, out: Path) -> list[str]:
         ax.set_title(f"gates after stage '{stage}' ({hist['zeros']} of {hist['total']} exactly 0)")
         fig.tight_layout()
         path = out / f"gates_{stage}.png"
-        fig.savefig(path, dpi=100)
+        write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
         plt.close(fig)
         written.append(path.name)
     return written
@@ -245,7 +246,7 @@ def _compress(args: argparse.Namespace) -> int:
         baseline_history = train(model, train_loader, TrainConfig(epochs=epochs, lr=0.1, seed=args.seed),
                                  eval_data=eval_loader, out_dir=out, stage="baseline", resume=args.resume,
                                  progress=not args.no_progress)
-        torch.save(model.state_dict(), out / "baseline_state_dict.pt")
+        save_torch(model.state_dict(), out / "baseline_state_dict.pt")
     x = torch.randn(1, in_ch, size, size)
     result = compress(model, train_loader, x, eval_data=eval_loader, config=config, out_dir=out,
                       resume=args.resume, progress=not args.no_progress)
@@ -260,10 +261,10 @@ def _compress(args: argparse.Namespace) -> int:
         "params_before": rep["params_before"], "params_after": rep["params_after"],
         "latency_ms_before": lat_before, "latency_ms_after": lat_after, "stages": rep["stages"],
     }
-    (out / "report.json").write_text(json.dumps({**rep, **summary, "baseline_history": baseline_history,
-                                                 "history": result.history}, indent=2) + "\n")
-    (out / "report.md").write_text(_markdown(summary, rep["layers"]))
-    torch.save(result.model.state_dict(), out / "compressed_state_dict.pt")
+    write_text(out / "report.json", json.dumps({**rep, **summary, "baseline_history": baseline_history,
+                                                "history": result.history}, indent=2) + "\n")
+    write_text(out / "report.md", _markdown(summary, rep["layers"]))
+    save_torch(result.model.state_dict(), out / "compressed_state_dict.pt")
     # The manifest lets `fxtucker export --from <out>` (and fxtucker.load) rebuild the compressed model.
     fxtucker.export(result.model, x, out / "manifest", "manifest",
                     model_factory=lambda: models.get_model(args.model, num_classes=n_cls, in_channels=in_ch,
@@ -398,9 +399,9 @@ def _bench(args: argparse.Namespace) -> int:
     if args.json:
         out_path = Path(args.json)
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps({"model": args.model, "input_size": args.input_size, "batch": args.batch,
-                                        "threads": threads, "ranks": args.ranks, "round_to": args.round_to,
-                                        "rows": summary}, indent=2))
+        write_text(out_path, json.dumps({"model": args.model, "input_size": args.input_size, "batch": args.batch,
+                                         "threads": threads, "ranks": args.ranks, "round_to": args.round_to,
+                                         "rows": summary}, indent=2))
         print(f"wrote {out_path}")
     return 0
 

@@ -25,6 +25,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from fxtucker.io import write_atomic
+
 __all__ = ["measure_latency", "measure_side_by_side", "BACKENDS", "DEVICES", "cache_dir", "TimingCache", "check_backend", "check_device"]
 
 BACKENDS = ("eager", "compile", "onnxruntime")
@@ -269,10 +271,7 @@ class TimingCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         merged = {**self._read(), **self._entries} if self.path.is_file() else dict(self._entries)
         self._entries = merged
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".latency-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"version": self.VERSION, "entries": merged}, f, indent=0, sort_keys=True)
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps({"version": self.VERSION, "entries": merged}, indent=0, sort_keys=True))
 
     def __len__(self) -> int:
         return len(self._entries)

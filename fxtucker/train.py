@@ -59,7 +59,7 @@ from torch.utils.data import (
 )
 from torch.utils.data.distributed import DistributedSampler
 
-from fxtucker.io import append_line, write_atomic
+from fxtucker.io import append_line, load_error, write_atomic
 from fxtucker.meta import GATE_ROLES, factor_record
 
 try:
@@ -639,7 +639,7 @@ def _read_checkpoint(path: Path, stage: str) -> dict:
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torn zip, truncated pickle, unknown type: all mean "unusable"
-        raise _Unusable(f"it does not load ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        raise _Unusable(f"it does not load: {load_error(e)}")
     if not isinstance(raw, dict) or raw.get("format") != CHECKPOINT_FORMAT:
         found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
         raise _Unusable(f"it is not an fxtucker training checkpoint (format {found!r}, "
@@ -701,9 +701,27 @@ def _check_schema(payload: dict) -> None:
     if not isinstance(rng, list) or not rng or not all(
             isinstance(r, dict) and {"torch", "cuda", "numpy", "python"} <= set(r) for r in rng):
         raise bad("rng", "a non-empty list of RNG states (torch, cuda, numpy, python)")
+    if not all(_rng_well_typed(r) for r in rng):
+        raise bad("rng", "RNG states of the types train() writes (torch: a uint8 tensor, cuda: a list of them, "
+                         "numpy: name, keys, pos, has_gauss, cached; python: version, internal state, gauss)")
     if "callbacks" in payload and not (isinstance(payload["callbacks"], dict)
                                        and all(isinstance(v, dict) for v in payload["callbacks"].values())):
         raise bad("callbacks", "a dict of state dicts")
+
+
+def _rng_well_typed(state: dict) -> bool:
+    """Whether one rank's RNG state has the types _rng_state() writes (so _set_rng_state cannot crash)."""
+    def u8(t: Any) -> bool:
+        return isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1
+
+    n, py = state["numpy"], state["python"]
+    return (u8(state["torch"]) and isinstance(state["cuda"], list) and all(u8(t) for t in state["cuda"])
+            and isinstance(n, dict) and isinstance(n.get("name"), str)
+            and isinstance(n.get("keys"), torch.Tensor) and n["keys"].dtype == torch.int64 and n["keys"].numel() == 624
+            and _is_int(n.get("pos")) and _is_int(n.get("has_gauss")) and isinstance(n.get("cached"), float)
+            and isinstance(py, (list, tuple)) and len(py) == 3 and _is_int(py[0])
+            and isinstance(py[1], (list, tuple)) and len(py[1]) == 625 and all(_is_int(v) for v in py[1])
+            and (py[2] is None or isinstance(py[2], float)))
 
 
 @dataclass

@@ -121,6 +121,21 @@ def test_timing_cache_persists_merges_and_survives_a_broken_file(monkeypatch, tm
     assert TimingCache().get(key) == 3.0
 
 
+def test_timing_cache_is_fsynced_and_never_written_through_a_link(monkeypatch, tmp_path):
+    monkeypatch.setenv("FXTUCKER_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    victim = tmp_path / "victim.json"
+    victim.write_text('{"version": 1, "entries": {}}')
+    (tmp_path / "cache" / "latency.json").symlink_to(victim)
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    TimingCache().put("k", 1.0)
+    assert synced  # the data reached the disk before the rename
+    assert victim.read_text() == '{"version": 1, "entries": {}}'
+    assert not (tmp_path / "cache" / "latency.json").is_symlink() and TimingCache().get("k") == 1.0
+
+
 def _benchmark_module():
     """benchmarks/latency.py, loaded from its path (benchmarks/ is no package)."""
     spec = importlib.util.spec_from_file_location("latency_benchmark", ROOT / "benchmarks" / "latency.py")

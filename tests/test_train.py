@@ -596,7 +596,7 @@ def test_resume_starts_over_when_no_checkpoint_is_usable(tmp_path):
     assert_same_state(a, b)
     assert without_seconds(hb) == without_seconds(ha)
     messages = [str(w.message) for w in record]
-    assert any(re.search(r"train.ckpt is unusable because it does not load .*trying", m)
+    assert any(re.search(r"train.ckpt is unusable because it does not load: .*trying", m)
                for m in messages), messages
     assert any(re.search(r"train.ckpt.prev is unusable because its SHA-256 checksum does not "
                          r"match .*not using it either", m) for m in messages), messages
@@ -693,7 +693,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch, t
 
 
 def test_rotation_works_without_hard_links(tmp_path, monkeypatch):
-    def no_link(*args):
+    def no_link(*args, **kwargs):
         raise OSError(1, "Operation not permitted")
 
     monkeypatch.setattr(os, "link", no_link)
