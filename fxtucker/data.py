@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from pathlib import Path
 from typing import Optional, Union
 
@@ -74,50 +75,79 @@ _IDX_DTYPES = {
 }
 
 
-def read_idx(path: PathLike) -> np.ndarray:
+#: The most data bytes read_idx reads from one file unless told otherwise (Fashion-MNIST's
+#: training images are 47 MB).
+MAX_IDX_BYTES = 1 << 30
+
+
+def read_idx(path: PathLike, *, max_bytes: int = MAX_IDX_BYTES,
+             expect: Optional[tuple[Optional[int], ...]] = None) -> np.ndarray:
     """Read an IDX file (gzip-compressed if its name ends in ``.gz``) into a numpy array.
 
     The header is the magic number ``00 00 <type> <ndim>`` and ``ndim`` big-endian uint32
-    sizes, followed by the data in C order.
+    sizes, followed by the data in C order. The header is checked (against ``expect`` and
+    ``max_bytes``) before any data is read or decompressed, and no more than the data bytes the
+    header announces (plus one, to detect trailing bytes) is ever read: a small gzip file that
+    decompresses to gigabytes is refused after its header.
 
     Args:
         path: the file.
+        max_bytes: the most data bytes accepted.
+        expect: the expected shape, None for a size that may be anything (e.g. ``(None, 28, 28)``).
 
     Returns:
         An array of the file's shape, in native byte order.
 
     Raises:
-        ValueError: a bad magic number, an unknown type code, or a data length that does not
-            match the header.
+        ValueError: a bad magic number, an unknown type code, a shape other than ``expect``,
+            more data than ``max_bytes``, or a data length that does not match the header.
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise ValueError(
-            f"{path} is not an IDX file: the magic number must start with bytes 00 00, found "
-            f"{raw[:4].hex(' ') or 'an empty file'}"
-        )
-    code, ndim = raw[2], raw[3]
-    if code not in _IDX_DTYPES:
-        valid = ", ".join(f"0x{c:02X}" for c in _IDX_DTYPES)
-        raise ValueError(f"{path}: unknown IDX type code 0x{code:02X}; valid codes are {valid}")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise ValueError(
-            f"{path}: the IDX header announces {ndim} dimensions ({header} header bytes) but "
-            f"the file has only {len(raw)} bytes"
-        )
-    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    dtype = _IDX_DTYPES[code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(raw) - header != expected:
+    try:
+        with opener(path, "rb") as f:
+            magic = f.read(4)
+            if len(magic) < 4 or magic[0] != 0 or magic[1] != 0:
+                raise ValueError(
+                    f"{path} is not an IDX file: the magic number must start with bytes 00 00, found "
+                    f"{magic.hex(' ') or 'an empty file'}"
+                )
+            code, ndim = magic[2], magic[3]
+            if code not in _IDX_DTYPES:
+                valid = ", ".join(f"0x{c:02X}" for c in _IDX_DTYPES)
+                raise ValueError(f"{path}: unknown IDX type code 0x{code:02X}; valid codes are {valid}")
+            header = 4 + 4 * ndim
+            sizes = f.read(4 * ndim)
+            if len(sizes) < 4 * ndim:
+                raise ValueError(
+                    f"{path}: the IDX header announces {ndim} dimensions ({header} header bytes) but "
+                    f"the file has only {4 + len(sizes)} bytes"
+                )
+            shape = tuple(int(d) for d in np.frombuffer(sizes, dtype=">u4", count=ndim))
+            dtype = _IDX_DTYPES[code]
+            if expect is not None and (len(shape) != len(expect)
+                                       or any(e is not None and e != d for e, d in zip(expect, shape))):
+                want = " x ".join("N" if e is None else str(e) for e in expect)
+                raise ValueError(f"{path}: the IDX header says shape {shape}, expected {want}; the file is not "
+                                 f"the one fxtucker looks for here, or it is corrupt")
+            expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if expected > max_bytes:
+                raise ValueError(f"{path}: the IDX header says shape {shape} of {dtype.name}, which is "
+                                 f"{expected:,} data bytes, above the {max_bytes:,} fxtucker reads; refused "
+                                 f"before reading (or decompressing) the data")
+            raw = f.read(expected + 1)  # one byte more: trailing data means a corrupt file
+    except (OSError, EOFError, zlib.error) as exc:
+        if isinstance(exc, (FileNotFoundError, PermissionError)):
+            raise
+        raise ValueError(f"{path}: cannot be read as an IDX file ({type(exc).__name__}: {exc}); it is "
+                         f"truncated or corrupt") from None
+    if len(raw) != expected:
+        got = f"{len(raw)}" if len(raw) <= expected else f"more than {expected}"
         raise ValueError(
             f"{path}: the IDX header says shape {shape} of {dtype.name}, which is {expected} "
-            f"data bytes, but the file has {len(raw) - header}; the file is truncated or corrupt"
+            f"data bytes, but the file has {got}; the file is truncated or corrupt"
         )
-    data = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    data = np.frombuffer(raw, dtype=dtype).reshape(shape)
     return data.astype(dtype.newbyteorder("="), copy=True)
 
 
@@ -184,8 +214,8 @@ def _load_fashion_mnist(directory: Path, train: bool) -> IdxImageDataset:
             f"Fashion-MNIST {prefix} files ({prefix}-images-idx3-ubyte[.gz], "
             f"{prefix}-labels-idx1-ubyte[.gz]) not found in {directory}"
         )
-    images = read_idx(images_path)
-    labels = read_idx(labels_path)
+    images = read_idx(images_path, expect=(None, 28, 28))
+    labels = read_idx(labels_path, expect=(None,))
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
         raise ValueError(
             f"{images_path}: Fashion-MNIST images must be uint8 of shape N x 28 x 28, found "

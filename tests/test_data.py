@@ -93,6 +93,50 @@ def test_read_idx_truncated(tmp_path):
         read_idx(path)
 
 
+def test_read_idx_refuses_a_huge_header_before_decompressing(tmp_path, monkeypatch):
+    # A gzip "Fashion-MNIST" of a few hundred KB that would inflate to gigabytes.
+    header = bytes([0, 0, 0x08, 3]) + struct.pack(">3I", 3_000_000, 28, 28)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(header)
+        for _ in range(64):
+            f.write(bytes(1 << 20))
+    assert path.stat().st_size < 200_000
+    read = []
+    real_open = gzip.open
+
+    def counting_open(*args, **kwargs):
+        f = real_open(*args, **kwargs)
+        real_read = f.read
+        f.read = lambda n=-1: (lambda b: (read.append(len(b)), b)[1])(real_read(n))
+        return f
+
+    monkeypatch.setattr(gzip, "open", counting_open)
+    with pytest.raises(ValueError, match=r"header says shape \(3000000, 28, 28\) of uint8, which is 2,352,000,000 "
+                                         r"data bytes, above the 1,073,741,824 fxtucker reads; refused before reading"):
+        read_idx(path)
+    assert sum(read) == len(header)  # nothing past the header was decompressed
+    with pytest.raises(ValueError, match=r"which is 2,352,000,000 data bytes, above the 1,000 fxtucker reads"):
+        read_idx(path, max_bytes=1000)
+
+
+def test_read_idx_stops_at_the_announced_size(tmp_path):
+    payload = _idx_bytes(np.zeros((3, 4), dtype=np.uint8)) + bytes(10_000)
+    path = _write(tmp_path / "long-idx2-ubyte", payload, True)
+    with pytest.raises(ValueError, match=r"which is 12 data bytes, but the file has more than 12; the file is "
+                                         r"truncated or corrupt"):
+        read_idx(path)
+    with pytest.raises(ValueError, match=r"the IDX header says shape \(3, 4\), expected N x 28 x 28"):
+        read_idx(path, expect=(None, 28, 28))
+
+
+def test_read_idx_torn_gzip_is_a_value_error(tmp_path):
+    path = _write(tmp_path / "torn-idx2-ubyte", _idx_bytes(np.zeros((30, 40), dtype=np.uint8)), True)
+    path.write_bytes(path.read_bytes()[:-12])
+    with pytest.raises(ValueError, match=r"torn-idx2-ubyte.gz: cannot be read as an IDX file \(EOFError"):
+        read_idx(path)
+
+
 def test_read_idx_short_header(tmp_path):
     path = _write(tmp_path / "h", bytes([0, 0, 0x08, 3, 0, 0]), False)
     with pytest.raises(ValueError, match=r"announces 3 dimensions \(16 header bytes\) but the "
@@ -165,8 +209,8 @@ def test_fashion_mnist_wrong_image_shape(tmp_path):
     _fake_split(tmp_path, gz=False)
     _write(tmp_path / "train-images-idx3-ubyte",
            _idx_bytes(np.zeros((6, 32, 32), dtype=np.uint8)), False)
-    with pytest.raises(ValueError, match=r"images must be uint8 of shape N x 28 x 28, found uint8 "
-                       r"of shape \(6, 32, 32\)"):
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte: the IDX header says shape \(6, 32, 32\), "
+                       r"expected N x 28 x 28"):
         get_dataset("fashion-mnist", train=True, root=tmp_path)
 
 
