@@ -98,7 +98,7 @@ METHODS = ("uncompressed", "funnel", "funnel_scaled", "l1", "l2", "vbmf", "musco
 #: The MAC budgets (times fewer MACs) of the quality experiment.
 QUALITY_BUDGETS = (2, 3, 4)
 
-EXPERIMENTS = ("quality", "baselines", "epochs", "design", "regularizers", "c_schedules", "thresholds", "budgets", "decomposition")
+EXPERIMENTS = ("quality", "tuning", "baselines", "epochs", "design", "regularizers", "c_schedules", "thresholds", "budgets", "decomposition")
 
 
 @dataclasses.dataclass
@@ -186,10 +186,11 @@ def setup(model_name: str, dataset: str, seed: int, profile: str, progress: bool
 # --- the methods -------------------------------------------------------------------------------
 
 
-def _measure(s: Setup, model: nn.Module, latency: bool = True) -> dict:
-    """Test accuracy (``accuracy``), validation accuracy, MACs, params and batch-1 latency."""
+def _measure(s: Setup, model: nn.Module, latency: bool = True, test: bool = True) -> dict:
+    """Test accuracy (``accuracy``; not with ``test=False``), validation accuracy, MACs, params and
+    batch-1 latency."""
     model.eval()
-    out = {"accuracy": evaluate(model, s.eval_loader), "val_accuracy": evaluate(model, s.val_loader),
+    out = {"accuracy": evaluate(model, s.eval_loader) if test else None, "val_accuracy": evaluate(model, s.val_loader),
            "macs": count_macs(model, s.x), "params": sum(p.numel() for p in model.parameters())}
     if latency:
         out["latency_ms"] = round(measure_latency(model, s.x, threads=1, repeats=30), 4)
@@ -424,6 +425,20 @@ def _plan(exp: str, s: Setup) -> list[dict]:
             runs += [dict(method=m, setting=f"{k}x", baseline=m, target=target)
                      for m in ("uniform", "torch-pruning", "musco", "vbmf")]
         return runs
+    if exp == "tuning":
+        # The funnel flow's choices, made on the validation split (these rows never read the test
+        # set): does step 3 alone reach each budget with gates at 0 (no fine-tuning), how much does
+        # a plain threshold prune at a fixed lambda, and how to split the epochs.
+        no_ft = dict(train_epochs=0, finetune_epochs=0)
+        runs = [dict(method="funnel", setting=f"{k}x reg{e} no-ft", flow=dict(no_ft, reg_epochs=e, target_macs=s.macs // k))
+                for k in QUALITY_BUDGETS for e in (2,)]
+        runs += [dict(method="funnel", setting=f"threshold lambda={lam} reg2 no-ft",
+                      flow=dict(no_ft, reg_epochs=2, reg_weight=lam, steer=False)) for lam in (0.2, 1.0, 5.0)]
+        total = _finetune_epochs(s)
+        runs += [dict(method="funnel", setting=f"{k}x {a}+{b}+{total - a - b}",
+                      flow=dict(target_macs=s.macs // k, train_epochs=a, reg_epochs=b, finetune_epochs=total - a - b))
+                 for k in (3,) for a, b in ((0, 2), (0, 3), (0, 4)) if a + b <= total]
+        return runs
     if exp == "baselines":
         runs = [dict(method="uncompressed", setting="baseline")]
         runs.append(dict(method="funnel", setting="2x", flow=dict(target_macs=half)))
@@ -547,12 +562,13 @@ def run_experiment(exp: str, s: Setup, progress: bool = True, methods: Optional[
             model, extra = BASELINE_METHODS[run["baseline"]](s, target, progress)
             extra["val_pruned"] = evaluate(model, s.val_loader)
             _finetune(s, model, name, progress)
-        row = {**key, **_measure(s, model), "wall_s": round(time.perf_counter() - start, 1), **extra,
+        row = {**key, **_measure(s, model, test=exp != "tuning"), "wall_s": round(time.perf_counter() - start, 1), **extra,
                "macs_baseline": s.macs, "target_macs": target, **_provenance()}
         if target is not None:
             row["macs_vs_target"] = round(row["macs"] / target, 5)  # <= 1; >= 0.99 is within 1%
         _append(exp, row)
-        print(f"  accuracy {row['accuracy']:.4f}, MACs {row['macs']:,} ({s.macs / row['macs']:.2f}x)", flush=True)
+        shown = f"accuracy {row['accuracy']:.4f}" if row["accuracy"] is not None else f"val {row['val_accuracy']:.4f}"
+        print(f"  {shown}, MACs {row['macs']:,} ({s.macs / row['macs']:.2f}x)", flush=True)
 
 
 def plot(out: Optional[Path] = None) -> Optional[Path]:
@@ -606,44 +622,84 @@ def _plot_histograms(plt, out: Path) -> Optional[Path]:
     return out
 
 
+def _fmt(v: Optional[float], spec: str = ".4f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
 def table(exp: str) -> str:
-    """The stored rows of ``exp`` as a markdown table: final rows, with accuracy before fine-tuning."""
+    """The stored rows of ``exp`` as a markdown table: final rows, with accuracy before fine-tuning
+    (the test set for the old rows' "pruned" stage; the validation split for rows with ``val_pruned``)."""
     rows = _load(exp)
     pruned = {(r["model"], r["seed"], r["method"], r["setting"]): r["accuracy"] for r in rows if r["stage"] == "pruned"}
-    lines = ["| model | seed | method | setting | accuracy | before fine-tuning | MACs | MAC ratio | params | "
-             "latency ms | wall s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | seed | method | setting | test accuracy | val accuracy | val before fine-tuning | "
+             "test before fine-tuning | MACs | MAC ratio | params | wall s | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["stage"] != "final":
             continue
         before = r.get("accuracy_pruned", pruned.get((r["model"], r["seed"], r["method"], r["setting"])))
         ratio = r.get("macs_baseline", r["macs"]) / r["macs"]
-        lines.append(f"| {r['model']} | {r['seed']} | {r['method']} | {r['setting']} | {r['accuracy']:.4f} | "
-                     f"{'-' if before is None else f'{before:.4f}'} | {r['macs']:,} | {ratio:.2f}x | {r['params']:,} | "
-                     f"{r['latency_ms']:.2f} | {r['wall_s']:.0f} |")
+        lines.append(f"| {r['model']} | {r['seed']} | {r['method']} | {r['setting']} | {_fmt(r.get('accuracy'))} | "
+                     f"{_fmt(r.get('val_accuracy'))} | {_fmt(r.get('val_pruned'))} | {_fmt(before)} | {r['macs']:,} | "
+                     f"{ratio:.2f}x | {r['params']:,} | {r['wall_s']:.0f} | {str(r.get('commit', '-'))[:8]} |")
     return "\n".join(lines)
 
 
+def _ms(values: list[float], scale: float = 100.0) -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values) * scale
+    return f"{mean:.2f}" if len(values) < 2 else f"{mean:.2f} ± {statistics.stdev(values) * scale:.2f}"
+
+
 def summary(exp: str) -> str:
-    """Mean +- std over seeds of the final rows of ``exp``, per (model, profile, method, setting)."""
+    """Mean +- std over seeds of the final rows of ``exp``, per (model, profile, method, setting):
+    test accuracy, its drop from the same seed's uncompressed model, the pruning cost (the drop on
+    the validation split right before fine-tuning) and the MAC ratio."""
+    rows = [r for r in _load(exp) if r["stage"] == "final"]
     groups: dict[tuple, list[dict]] = {}
-    for r in _load(exp):
-        if r["stage"] == "final":
-            groups.setdefault((r["model"], r.get("profile", "?"), r["method"], r["setting"]), []).append(r)
-    base = {(r["model"], r.get("profile", "?"), r["seed"]): r["accuracy"] for r in _load(exp)
-            if r["method"] == "uncompressed" and r["stage"] == "final"}
+    for r in rows:
+        groups.setdefault((r["model"], r.get("profile", "?"), r["setting"], r["method"]), []).append(r)
+    base = {(r["model"], r.get("profile", "?"), r["seed"]): r for r in rows if r["method"] == "uncompressed"}
+    lines = ["| model | profile | setting | method | seeds | accuracy % | drop (points) | pruning cost (val, points) "
+             "| MAC ratio |", "|---|---|---|---|---|---|---|---|---|"]
+    for (model, profile, setting, method), rs in sorted(groups.items(), key=lambda kv: kv[0]):
+        b = [base.get((model, profile, r["seed"])) for r in rs]
+        drops = [x["accuracy"] - r["accuracy"] for x, r in zip(b, rs) if x and x.get("accuracy") is not None
+                 and r.get("accuracy") is not None]
+        cost = [x["val_accuracy"] - r["val_pruned"] for x, r in zip(b, rs)
+                if x and x.get("val_accuracy") is not None and r.get("val_pruned") is not None]
+        accs = [r["accuracy"] for r in rs if r.get("accuracy") is not None]
+        ratios = [r.get("macs_baseline", r["macs"]) / r["macs"] for r in rs]
+        lines.append(f"| {model} | {profile} | {setting} | {method} | {','.join(str(r['seed']) for r in rs)} | "
+                     f"{_ms(accs)} | {_ms(drops)} | {_ms(cost)} | {_ms(ratios, 1.0)}x |")
+    return "\n".join(lines)
 
-    def ms(values: list[float], scale: float = 100.0) -> str:
-        mean = statistics.fmean(values) * scale
-        return f"{mean:.2f}" if len(values) < 2 else f"{mean:.2f} ± {statistics.stdev(values) * scale:.2f}"
 
-    lines = ["| model | profile | method | setting | seeds | accuracy % | drop (points) | MAC ratio |",
-             "|---|---|---|---|---|---|---|---|"]
-    for (model, profile, method, setting), rows in groups.items():
-        drops = [base[(model, profile, r["seed"])] - r["accuracy"] for r in rows if (model, profile, r["seed"]) in base]
-        ratios = [r.get("macs_baseline", r["macs"]) / r["macs"] for r in rows]
-        lines.append(f"| {model} | {profile} | {method} | {setting} | {','.join(str(r['seed']) for r in rows)} | "
-                     f"{ms([r['accuracy'] for r in rows])} | {ms(drops) if drops else '-'} | "
-                     f"{ms(ratios, 1.0)}x |")
+def paired(exp: str, reference: str = "funnel") -> str:
+    """Per (model, profile, budget): ``reference`` minus each other method on the same seeds, in
+    points: mean, std and the two-sided paired t-test's p (scipy), over the seeds both have."""
+    from scipy import stats
+
+    rows = [r for r in _load(exp) if r["stage"] == "final" and r.get("accuracy") is not None]
+    acc = {(r["model"], r.get("profile", "?"), r["setting"], r["method"], r["seed"]): r["accuracy"] for r in rows}
+    lines = [f"| model | profile | setting | {reference} minus | seeds | mean (points) | std | paired t-test p | "
+             f"{reference} ahead on |", "|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(m, p, st) for (m, p, st, meth, _) in acc if meth == reference})
+    for model, profile, setting in keys:
+        others = sorted({meth for (m, p, st, meth, _) in acc if (m, p, st) == (model, profile, setting) and meth != reference})
+        for other in others:
+            seeds = sorted(sd for (m, p, st, meth, sd) in acc if (m, p, st, meth) == (model, profile, setting, reference)
+                           and (model, profile, setting, other, sd) in acc)
+            d = [100 * (acc[(model, profile, setting, reference, sd)] - acc[(model, profile, setting, other, sd)])
+                 for sd in seeds]
+            if not d:
+                continue
+            p = stats.ttest_rel([acc[(model, profile, setting, reference, sd)] for sd in seeds],
+                                [acc[(model, profile, setting, other, sd)] for sd in seeds]).pvalue if len(d) > 1 else None
+            std = statistics.stdev(d) if len(d) > 1 else None
+            lines.append(f"| {model} | {profile} | {setting} | {other} | {len(d)} | {statistics.fmean(d):+.2f} | "
+                         f"{_fmt(std, '.2f')} | {_fmt(p, '.3g')} | {sum(x > 0 for x in d)} of {len(d)} |")
     return "\n".join(lines)
 
 
@@ -667,6 +723,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(table(args.table))
         print()
         print(summary(args.table))
+        print()
+        print(paired(args.table))
         return 0
     if args.plot:
         print(plot() or "no rows to plot")

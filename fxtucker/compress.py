@@ -256,6 +256,13 @@ def threshold_for_budget(gated: fx.GraphModule, target_macs: int, *, relative: b
     return candidates[i]
 
 
+def _len(data: Iterable) -> Optional[int]:
+    try:
+        return len(data)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
 def _distillation(teacher: nn.Module, config: CompressConfig):
     """weight * T^2 * KL(teacher || student) at temperature T (Hinton et al. 2015)."""
     t, w = config.distill_temperature, config.distill_weight
@@ -304,14 +311,17 @@ class GatePenalty:
     so the penalty is measured in units of the layer's own gates, whose scale a BatchNorm after
     the layer makes arbitrary: the same lambda and c mean the same in every layer.
 
-    With ``target_macs``, lambda is steered. Every ``every`` optimizer steps, ``t`` = the
-    threshold that would meet the budget now (:func:`threshold_for_budget`) is compared with a
-    path from its value at the start of step 3 down to ``threshold``, geometric in the epochs
-    and reached at the end of the last-but-one epoch: when meeting the budget would cut gates
-    that are still larger than the path allows, lambda is raised; when the cut gates are smaller
-    already, it is lowered. Each update multiplies lambda by ``(t / path) ^ 2`` clipped to
-    [1/1.1, 1.1]; lambda stays within [1/100, 100] times its start value. lambda depends only
-    on the model's states so far and is part of the training checkpoint (``state_dict``), so a
+    With ``target_macs``, lambda is steered so that the funnel itself removes what the budget
+    removes. Every ``every`` optimizer steps, the MACs left by cutting only the gates that are
+    exactly 0 are compared with a path that runs straight from the full model at the start of
+    step 3 to the budget at ``reach`` of its epochs (by default all but the last, which is left
+    for the network to adapt to the components already at 0): lambda is multiplied by
+    ``exp(GAIN x gap)``, clipped to [1/``MAX_CHANGE``, ``MAX_CHANGE``], where ``gap`` is how far the
+    MACs are above the path, as a fraction of the MACs to remove. Behind the path lambda grows
+    fast (it may double every ``every`` steps), ahead of it lambda shrinks, and the proximal step
+    never zeroes past the budget, so at the end of step 3 the budget cuts gates that are already
+    0 or close to it. lambda stays within [1/``RANGE``, ``RANGE``] times its start value, depends
+    only on the states so far, and is part of the training checkpoint (``state_dict``), so a
     resumed run repeats the uninterrupted one.
 
     Args:
@@ -320,7 +330,7 @@ class GatePenalty:
         weight: lambda (its start value when steered).
         schedule: epoch -> c (used by the funnel kinds).
         target_macs: the budget to steer to; None keeps lambda constant.
-        threshold: where the path of the budget threshold ends.
+        threshold: the relative (or absolute) gate size below which a gate counts as cut.
         epochs: the epochs of step 3.
         every: steer every this many optimizer steps.
         relative: penalize and threshold gates relative to their vector's mean magnitude.
@@ -333,19 +343,25 @@ class GatePenalty:
             (:func:`component_macs`), divided by the mean over all gates, so that lambda buys
             MACs, not components: a component of a wide, high-resolution layer costs more than
             one of a small layer, and the budget is in MACs.
+        steps_per_epoch: optimizer steps in one epoch (``len`` of the training data), so the
+            path can move within an epoch; None: it moves once an epoch.
+        reach: the epoch (a float) by whose end the zeros meet the budget; default
+            ``max(epochs - 1, epochs / 2)``.
     """
 
-    GAIN, MAX_CHANGE, RANGE = 2.0, 1.1, 100.0
+    GAIN, MAX_CHANGE, RANGE = 4.0, 2.0, 1e4
 
     def __init__(self, gated: fx.GraphModule, reg: str, weight: float, schedule: regularizers.CSchedule, *,
                  target_macs: Optional[int] = None, threshold: float = 0.01, epochs: int = 1, every: int = 10,
                  relative: bool = True, proximal: bool = True, round_to: Optional[int] = None,
-                 mac_weighted: bool = True):
+                 mac_weighted: bool = True, steps_per_epoch: Optional[int] = None, reach: Optional[float] = None):
         self.gated, self.gate_list = gated, _all_gates(gated)
         self.proximal, self.round_to = proximal, round_to
         self.fn, self.uses_c = regularizers.get_regularizer(reg), reg in regularizers.FUNNEL_KINDS
         self.schedule, self.target, self.threshold = schedule, target_macs, threshold
         self.epochs, self.every, self.relative = epochs, every, relative
+        self.steps_per_epoch = steps_per_epoch
+        self.reach = max(epochs - 1, epochs / 2) if reach is None else float(reach)
         self.weight = self.start = float(weight)
         self.scales = [1.0] * len(self.gate_list)
         if mac_weighted:
@@ -354,21 +370,24 @@ class GatePenalty:
             total = sum(p * g.numel() for p, g in zip(per, self.gate_list))
             mean = total / max(1, sum(g.numel() for g in self.gate_list))
             self.scales = [p / mean if mean > 0 else 1.0 for p in per]
-        self.start_threshold: Optional[float] = None
-        if target_macs is not None:
-            self.start_threshold = max(threshold, self.budget_threshold())
+        self.full_macs = predict_macs(gated, 0.0, round_to, relative=relative)
+        self.zeros_macs = self._zeros_macs()
 
     def budget_threshold(self) -> float:
         return threshold_for_budget(self.gated, self.target, relative=self.relative, round_to=self.round_to)
 
-    def desired_threshold(self, epoch: int) -> float:
-        """The path of the budget threshold: ``threshold`` by the end of the last-but-one epoch."""
-        frac = min(1.0, (epoch + 1) / max(1, self.epochs - 1))
-        return self.start_threshold * (self.threshold / self.start_threshold) ** frac
+    def path(self, epoch: int, step: int) -> float:
+        """The MACs the zeroed gates should leave at this point of step 3."""
+        done = float(epoch)
+        if self.steps_per_epoch:
+            done = max(done, min(epoch + 1.0, step / self.steps_per_epoch))
+        frac = min(1.0, done / max(self.reach, 1e-9))
+        return self.full_macs - (self.full_macs - self.target) * frac
 
-    def steer(self, epoch: int) -> None:
-        ratio = max(self.budget_threshold(), 1e-12) / self.desired_threshold(epoch)
-        factor = min(self.MAX_CHANGE, max(1 / self.MAX_CHANGE, ratio ** self.GAIN))
+    def steer(self, epoch: int, step: int) -> None:
+        span = max(1, self.full_macs - self.target)
+        gap = (self.zeros_macs - self.path(epoch, step)) / span
+        factor = min(self.MAX_CHANGE, max(1 / self.MAX_CHANGE, math.exp(self.GAIN * gap)))
         self.weight = min(self.start * self.RANGE, max(self.start / self.RANGE, self.weight * factor))
 
     def _value(self, g: torch.Tensor, c: float, scale: float = 1.0) -> torch.Tensor:
@@ -381,7 +400,7 @@ class GatePenalty:
 
     def __call__(self, _model: nn.Module, epoch: int, step: int) -> torch.Tensor:
         if self.target is not None and step > 0 and step % self.every == 0:
-            self.steer(epoch)
+            self.steer(epoch, step)
         c = self.schedule(epoch)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.proximal):  # proximal: only logged
             return self.weight * torch.stack([self._value(g, c, k) for g, k in zip(self.gate_list, self.scales)]).sum()
@@ -393,27 +412,47 @@ class GatePenalty:
         if not self.proximal:
             return
         c = self.schedule(epoch)
-        before = [g.detach().clone() for g in self.gate_list] if self.target is not None else None
-        for g, k in zip(self.gate_list, self.scales):
-            with torch.enable_grad():
-                a = g.detach().abs().requires_grad_(True)
-                value = self._value(a, c, k)
-                (slope,) = torch.autograd.grad(value, a)
-            with torch.no_grad():
-                scale = g.abs().mean()
-                g.copy_(g.sign() * (g.abs() - lr * self.weight * slope).clamp_min(0))
-                if self.relative and g.abs().mean() > 0:
-                    # Relative gates: shrink the small ones against the large ones, not the vector.
-                    # Unchecked, the step shrinks a whole vector, which a BatchNorm after the layer
-                    # undoes in training mode while its running statistics fall behind.
-                    g.mul_(scale / g.abs().mean())
-        # A gate at exactly 0 does not come back, so never zero past the budget: if the gates at
-        # 0 now leave fewer MACs than the budget, this step zeroes none (the new zeros get their
-        # values back), and the budget threshold chooses among the small gates at the end.
-        if before is not None and self._zeros_macs() < self.target:
-            for g, old in zip(self.gate_list, before):
-                with torch.no_grad():
-                    g.copy_(torch.where((g == 0) & (old != 0), old, g))
+        with torch.no_grad():
+            flat = torch.cat([g.detach().flatten() for g in self.gate_list])
+            sizes = [g.numel() for g in self.gate_list]
+            a = flat.abs()
+            means = torch.stack([v.mean() for v in a.split(sizes)]) if self.relative else torch.ones(len(sizes))
+            means = means.clamp_min(1e-12)
+            unit = torch.repeat_interleave(means, torch.tensor(sizes)) if self.relative else torch.ones_like(a)
+            scale = torch.repeat_interleave(torch.tensor(self.scales, dtype=a.dtype), torch.tensor(sizes))
+        with torch.enable_grad():
+            u = (a / unit).requires_grad_(True)
+            value = (self.fn(u, c) if self.uses_c else self.fn(u)).mul(scale).sum()
+            (slope,) = torch.autograd.grad(value, u)
+        with torch.no_grad():
+            new = (a - lr * self.weight * slope / unit).clamp_min(0)
+            if self.relative:
+                # Relative gates: shrink the small ones against the large ones, not the vector.
+                # Unchecked, the step shrinks a whole vector, which a BatchNorm after the layer
+                # undoes in training mode while its running statistics fall behind.
+                new_means = torch.stack([v.mean() for v in new.split(sizes)])
+                ratio = torch.where(new_means > 0, means / new_means.clamp_min(1e-30), torch.ones_like(means))
+                new = new * torch.repeat_interleave(ratio, torch.tensor(sizes))
+            if self.target is not None and bool(((new == 0) & (a != 0)).any()):
+                # A gate at exactly 0 does not come back, so never zero past the budget: if the
+                # gates at 0 would leave fewer MACs than the budget, this step zeroes none (the new
+                # zeros keep their values), and the budget threshold chooses among the small gates
+                # at the end.
+                old = [g.detach().clone() for g in self.gate_list]
+                self._write(flat.sign() * new, sizes)
+                zeros = self._zeros_macs()
+                if zeros < self.target:
+                    new = torch.where((new == 0) & (a != 0), a, new)
+                    self._write(flat.sign() * new, sizes)
+                    zeros = self._zeros_macs()
+                self.zeros_macs = zeros
+                del old
+            else:
+                self._write(flat.sign() * new, sizes)
+
+    def _write(self, flat: torch.Tensor, sizes: list[int]) -> None:
+        for g, v in zip(self.gate_list, flat.split(sizes)):
+            g.copy_(v.view_as(g))
 
     def _zeros_macs(self) -> int:
         """MACs left by cutting exactly the gates that are 0."""
@@ -424,6 +463,7 @@ class GatePenalty:
 
     def load_state_dict(self, state: dict) -> None:
         self.weight = float(state["weight"])
+        self.zeros_macs = self._zeros_macs()
 
 
 def compress(
@@ -485,6 +525,10 @@ def compress(
     acc = (lambda m: evaluate(m, eval_data)) if eval_data is not None else (lambda m: None)
     rep["accuracy_before"] = acc(original)
     kw = dict(eval_data=eval_data, out_dir=out_dir, resume=resume, progress=progress)
+    if out_dir is not None:  # a resume may only continue the run whose config trained the stored gates
+        from fxtucker.runs import record_run
+
+        record_run(out_dir, {"config": rep["config"]}, resume=resume, name="compress.json")
     history: list[dict] = []
 
     # 1. decompose at full rank and gate every component
@@ -492,6 +536,14 @@ def compress(
         warnings.simplefilter("always")
         decomposed = decompose_conv(gm, ranks=config.ranks, linear=config.linear, method=config.method)
     rep["skipped_layers"] = [str(w.message) for w in caught]
+    if not layer_nodes(decomposed):  # nothing could be decomposed: the model comes back as it is, with the reasons
+        warnings.warn(f"compress: no layer of the model can be decomposed, so it is returned unchanged and untrained"
+                      f"{' (the MAC budget cannot be met)' if target is not None and target < macs_before else ''}: "
+                      f"{'; '.join(rep['skipped_layers']) or 'it has no conv layer'}", stacklevel=2)
+        final = decomposed.eval()
+        rep.update(macs_after=macs_before, params_after=_params(final), accuracy_after=rep["accuracy_before"],
+                   target_macs=target, threshold=None, layers=report(final).to_dict()["layers"])
+        return CompressResult(model=final, report=rep, history=history)
     gated = cost_model(insert_gates(decomposed), *inputs)
     if target is not None:  # an impossible budget fails now, not after hours of training
         threshold_for_budget(gated, target, relative=config.relative_gates, round_to=config.round_to)
@@ -508,14 +560,15 @@ def compress(
     penalty = GatePenalty(gated, config.reg, config.reg_weight, config.c_schedule_fn(),
                           target_macs=target if config.steer else None, threshold=config.threshold,
                           epochs=config.reg_epochs, every=config.steer_every, relative=config.relative_gates,
-                          proximal=config.proximal, round_to=config.round_to, mac_weighted=config.mac_weighted)
+                          proximal=config.proximal, round_to=config.round_to, mac_weighted=config.mac_weighted,
+                          steps_per_epoch=_len(train_data))
     rel = config.relative_gates
     threshold_fn = ((lambda g: threshold_for_budget(g, target, relative=rel, round_to=config.round_to)) if target is not None
                     else (lambda g: config.threshold))
     history += train(gated, train_data, config.stage_config(config.reg_epochs, config.reg_lr), penalty=penalty,
                      epoch_stats=_gate_stats(threshold_fn, penalty), stage="regularize", **kw)
     threshold = threshold_fn(gated)
-    rep["threshold"] = threshold
+    rep["threshold"], rep["reg_weight_end"] = threshold, penalty.weight
     rep["stages"]["regularized"] = {"accuracy": acc(gated), "gate_histogram": gate_histogram(gated, relative=config.relative_gates),
                                     "pruning_ratio": float((_magnitudes(gated, rel) < threshold).double().mean())}
 

@@ -195,21 +195,30 @@ def _gated_toy():
     return gm, train, x
 
 
-@pytest.mark.parametrize("tight, direction", [(True, 1), (False, -1)])
-def test_gate_penalty_steers_lambda_toward_the_budget(tight, direction):
-    # A tight budget must cut gates far above the threshold now, which the path (3 epochs: half
-    # way down, on a log scale, from there to the threshold by the end of epoch 0) does not
-    # allow: lambda goes up. A budget of the full model cuts nothing: lambda goes down.
+@pytest.mark.parametrize("ahead", [False, True])
+def test_gate_penalty_steers_lambda_along_the_mac_path(ahead):
+    # The zeroed gates' MACs should run from the full model to the budget by epoch 2 of 3. With no
+    # gate at 0 a quarter of the way there, they are behind: lambda goes up (by at most
+    # MAX_CHANGE). With the budget met by zeros already, they are ahead: lambda goes down.
     flow = importlib.import_module("fxtucker.compress")
     gm, _, _ = _gated_toy()
     full = predict_macs(gm, 0.0)
-    target = int(0.8 * predict_macs(gm, 0.01, relative=True)) if tight else full
-    pen = flow.GatePenalty(gm, "funnel", 0.1, lambda e: 1.0, target_macs=target, threshold=0.01, epochs=3, every=1)
-    assert (pen.start_threshold > 0.1) == tight
+    tiny = math.nextafter(0.0, 1.0)
+    target = predict_macs(gm, tiny, relative=True)  # the toy's rank-(4, 6) structure: gates at exactly 0
+    assert target < full
+    if not ahead:  # no gate at 0 yet
+        with torch.no_grad():
+            for layer in fxtucker.gates(gm).values():
+                for g in layer.values():
+                    g.add_(1e-3)
+    pen = flow.GatePenalty(gm, "funnel", 0.1, lambda e: 1.0, target_macs=target, threshold=0.01, epochs=3, every=1,
+                           steps_per_epoch=2, reach=2.0)
+    assert pen.zeros_macs == (target if ahead else full)
+    assert pen.path(0, 1) == full - (full - target) / 4
     pen(gm, 0, 0)  # step 0: no steering yet
     assert pen.weight == 0.1
     pen(gm, 0, 1)
-    assert (pen.weight - 0.1) * direction > 0
+    assert (pen.weight < 0.1) == ahead and pen.weight != 0.1
     assert 0.1 / pen.MAX_CHANGE <= pen.weight <= 0.1 * pen.MAX_CHANGE
 
 
