@@ -720,7 +720,16 @@ def _as_inputs(example_inputs: Any) -> tuple:
     if not isinstance(inputs, (tuple, list)) or not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise TypeError(f"example_inputs must be a tensor or a tuple of tensors (one batch of the model's positional "
                         f"inputs), got {type(example_inputs).__name__}")
+    for i, t in enumerate(inputs):
+        if t.dim() and t.numel() == 0:
+            raise ValueError(f"example input {i} has shape {tuple(t.shape)}: it holds no elements, so the parity check "
+                             f"would compare empty tensors; pass one batch of at least one sample")
     return tuple(inputs)
+
+
+def _fresh(inputs: tuple) -> tuple:
+    """Copies of the example inputs: each run sees them as given, and the caller's are never changed."""
+    return tuple(t.clone() for t in inputs)
 
 
 def _check_tolerance(name: str, value: Any) -> float:
@@ -798,18 +807,18 @@ def export(
     gm.eval()
     try:
         with torch.no_grad():
-            ref = gm(*inputs)
+            ref = gm(*_fresh(inputs))
         if format == "onnx":
-            got, files, method = _export_onnx(gm, inputs, path)
+            got, files, method = _export_onnx(gm, _fresh(inputs), path)
         elif format == "torchscript":
-            got, files, method = _export_torchscript(gm, inputs, path)
+            got, files, method = _export_torchscript(gm, _fresh(inputs), path)
         elif format == "torch.export":
-            got, files, method = _export_torch_export(gm, inputs, path)
+            got, files, method = _export_torch_export(gm, _fresh(inputs), path)
         else:
             files = _write_manifest(gm, path, config, extra)
             rebuilt = load(path, model_factory).to(next((t.device for t in inputs), "cpu"))
             with torch.no_grad():
-                got, method = rebuilt(*inputs), "fxtucker.load"
+                got, method = rebuilt(*_fresh(inputs)), "fxtucker.load"
     finally:
         for m, training in modes.items():
             m.train(training)

@@ -108,7 +108,12 @@ def _check_inputs(example_inputs: Union[torch.Tensor, Sequence[Any]]) -> tuple:
         raise TypeError(f"measure_latency: example_inputs must be a tensor or a tuple/list of positional inputs, "
                         f"got {type(example_inputs).__name__}")
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    return inputs
+    for i, t in enumerate(inputs):
+        if isinstance(t, torch.Tensor) and t.dim() and t.numel() == 0:
+            raise ValueError(f"measure_latency: example input {i} has shape {tuple(t.shape)}: it holds no elements, so "
+                             f"there is nothing to time; pass one batch of at least one sample")
+    # Copies: a model that changes its input in place must not change the caller's tensors.
+    return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in inputs)
 
 
 def measure_latency(

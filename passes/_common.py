@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from fxtucker.meta import KEY, FactorRecord, factor_record
+from fxtucker.meta import KEY, FactorRecord, factor_record, graph_record
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -45,6 +45,17 @@ def check_graph_module(gm: object, pass_name: str) -> fx.GraphModule:
             f"trace the model first with fxtucker.trace(model) or torch.fx.symbolic_trace(model)"
         )
     return gm
+
+
+_AFTER_DECOMPOSE = ("decompose_conv", "insert_gates", "strip_gates", "fold_or_restore")
+
+
+def nothing_decomposed(gm: fx.GraphModule) -> bool:
+    """Whether decompose_conv ran on ``gm`` but decomposed no layer (each skipped with a reason in the
+    record): the later passes then have nothing to do and pass the model through unchanged."""
+    rec = graph_record(gm)
+    ran = rec.stage in _AFTER_DECOMPOSE or (bool(rec.layers) and rec.stage != "plan_decomposition")
+    return ran and not any(factor_record(n) is not None for n in gm.graph.nodes)
 
 
 def prepare(gm: fx.GraphModule, inplace: bool, pass_name: str) -> fx.GraphModule:

@@ -171,12 +171,15 @@ def _describe_input(t: Any) -> str:
 def _check_inputs(gm: fx.GraphModule, example_inputs: tuple) -> None:
     """A floating-point input must match the dtype and device of the model's floating-point parameters."""
     params = [p for p in gm.parameters() if p.is_floating_point()]
-    if not params:
-        return
     dtypes, devices = {p.dtype for p in params}, {p.device for p in params}
     for i, t in enumerate(example_inputs):
         if not isinstance(t, torch.Tensor):
             continue
+        if t.dim() and t.numel() == 0:
+            raise ValueError(
+                f"cost_model: example input {i} has shape {tuple(t.shape)}: it holds no elements, so every layer "
+                f"would cost 0 MACs and every decision would be void; pass one batch of at least one sample"
+            )
         if t.is_floating_point() and len(dtypes) == 1 and t.dtype not in dtypes:
             (dtype,) = dtypes
             raise TypeError(
@@ -229,6 +232,8 @@ def cost_model(gm: fx.GraphModule, *example_inputs: Any, include_elementwise: bo
     if not isinstance(include_elementwise, bool):
         raise TypeError(f"cost_model: include_elementwise must be True or False, got {include_elementwise!r}")
     _check_inputs(gm, example_inputs)
+    # A model that changes its input in place must not change the caller's example tensors.
+    example_inputs = tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in example_inputs)
     modes = {m: m.training for m in gm.modules()}
     gm.eval()
     interpreter = _CostModel(gm, include_elementwise)

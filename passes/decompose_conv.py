@@ -28,6 +28,7 @@ from fxtucker.meta import (
     GraphRecord,
     LayerPlan,
     LayerRecord,
+    factor_record,
     graph_record,
     set_graph_record,
 )
@@ -240,7 +241,13 @@ def plan_decomposition(gm: fx.GraphModule, ranks: RanksArg = None, *, method: st
         shared[id(p)].append(pname)
     sites: dict[str, list[fx.Node]] = defaultdict(list)
     records: list[LayerRecord] = []
+    # Factors of a layer decomposed by an earlier call are that layer's, not layers of their own:
+    # they are left alone (decomposing them would nest factors) and the earlier records are kept.
+    factors = {n.target: factor_record(n).source for n in gm.graph.nodes if factor_record(n) is not None}
+    earlier = [r for r in graph_record(gm).layers if r.decision != SKIPPED] if factors else []
     for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target in factors:
+            continue
         if node.op == "call_module" and isinstance(modules.get(node.target), (nn.modules.conv._ConvNd, nn.Linear)):
             if isinstance(modules[node.target], nn.Linear) and not linear:
                 continue
@@ -252,6 +259,11 @@ def plan_decomposition(gm: fx.GraphModule, ranks: RanksArg = None, *, method: st
                                        out_shape=_shape(node), macs_before=node.meta.get(MACS), reason=reason))
     if isinstance(ranks, dict):
         unknown = sorted(set(ranks) - set(sites))
+        done = [f"{k!r} (a factor of {factors[k]!r})" for k in unknown if k in factors]
+        if done:
+            raise ValueError(f"ranks names {', '.join(done)}, already decomposed by an earlier decompose_conv: "
+                             f"a layer is decomposed once; give the ranks of the original layer to a "
+                             f"decompose_conv of the model from before that call")
         if unknown:
             raise ValueError(f"ranks names {unknown}, which are not {'conv or Linear' if linear else 'conv'} "
                              f"modules called in the graph; known: {sorted(sites)}")
@@ -283,6 +295,11 @@ def plan_decomposition(gm: fx.GraphModule, ranks: RanksArg = None, *, method: st
             reason=plan.reason, call_sites=len(nodes),
         ))
     position = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    for i, n in enumerate(gm.graph.nodes):  # a decomposed layer sits where its first factor is
+        if factor_record(n) is not None:
+            position.setdefault(factor_record(n).replaces, i)
+    names = {r.name for r in records}
+    records += [r for r in earlier if r.name not in names and r.node in position]
     records.sort(key=lambda r: position[r.node])
     set_graph_record(gm, GraphRecord(layers=tuple(records), stage="plan_decomposition"))
     return gm

@@ -32,8 +32,8 @@ from fxtucker.meta import (
     set_graph_record,
 )
 from fxtucker.latency import TimingCache, check_backend, check_device, measure_latency
-from fxtucker.passes._common import (CONV_TYPES, factor_nodes, finish, layer_nodes, prepare, set_submodule,
-                                     standard_strides)
+from fxtucker.passes._common import (CONV_TYPES, factor_nodes, finish, layer_nodes, nothing_decomposed, prepare,
+                                     set_submodule, standard_strides)
 from fxtucker.passes.cost_model import conv_macs, cost_model
 from fxtucker.passes.strip_gates import kept_ranks
 
@@ -78,8 +78,11 @@ def dense_module(container: nn.Module, spec: ConvSpec | None) -> nn.Module:
         )
     dense = dense.to(device=first.weight.device, dtype=first.weight.dtype)
     dense.weight.data = standard_strides(weight.to(first.weight.dtype))
+    # Frozen factors give a frozen layer (strip_gates and decompose_conv keep requires_grad too).
+    dense.weight.requires_grad_(any(m.weight.requires_grad for m in (first, core, last) if m is not None))
     if last.bias is not None:
         dense.bias.data = last.bias.detach().clone()
+        dense.bias.requires_grad_(last.bias.requires_grad)
     return dense
 
 
@@ -167,7 +170,7 @@ def _prepare_layers(gm: fx.GraphModule, inplace: bool) -> tuple[fx.GraphModule, 
             raise ValueError(f"{rec.source!r} still has gate node {node.name!r}: run strip_gates(gm, threshold) "
                              f"before fold_or_restore")
     by_source = layer_nodes(gm)
-    if not by_source:
+    if not by_source and not nothing_decomposed(gm):
         raise ValueError("fold_or_restore found no decomposed layers: run decompose_conv(gm) first")
     convs = {r.name for r in graph_record(gm).layers if r.spec is not None}
     for source in by_source:
@@ -630,7 +633,7 @@ def _linear_breaks(gm: fx.GraphModule, example_inputs: tuple, specs: dict, forms
     trial = _trial(gm, specs, forms, costs, trial_choice, timed_on)
     try:
         with torch.no_grad():
-            trial(*example_inputs)
+            trial(*(t.clone() if isinstance(t, torch.Tensor) else t for t in example_inputs))
     except Exception as exc:  # noqa: BLE001 - any failure means: not with these forms
         return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
     return ""

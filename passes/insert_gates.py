@@ -11,7 +11,8 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from fxtucker.meta import CORE, FIRST, GATE_CORE, GATE_IN, GATE_OUT, LAST, FactorRecord, graph_record, set_graph_record
-from fxtucker.passes._common import check_graph_module, factor_nodes, layer_nodes, finish, new_node, prepare
+from fxtucker.passes._common import (check_graph_module, factor_nodes, layer_nodes, finish, new_node,
+                                     nothing_decomposed, prepare)
 from fxtucker.passes.decompose_conv import compute_dtype
 
 __all__ = ["insert_gates", "gates", "Gate", "UnitNorm"]
@@ -145,6 +146,9 @@ def insert_gates(gm: fx.GraphModule, *, balance: bool = True, inplace: bool = Fa
         raise TypeError(f"insert_gates: balance must be True or False, got {balance!r}")
     gm = prepare(gm, inplace, "insert_gates")
     by_source = layer_nodes(gm)
+    if not by_source and nothing_decomposed(gm):  # every layer skipped, with its reason: nothing to gate
+        set_graph_record(gm, dataclasses.replace(graph_record(gm), stage="insert_gates"))
+        return finish(gm)
     if not by_source:
         raise ValueError("insert_gates found no decomposed layers: run decompose_conv(gm) first")
     for source, roles in by_source.items():

@@ -26,7 +26,8 @@ from fxtucker.meta import (
     graph_record,
     set_graph_record,
 )
-from fxtucker.passes._common import CONV_TYPES, check_round_to, factor_nodes, finish, layer_nodes, prepare, round_rank
+from fxtucker.passes._common import (CONV_TYPES, check_round_to, factor_nodes, finish, layer_nodes,
+                                     nothing_decomposed, prepare, round_rank)
 
 __all__ = ["strip_gates", "kept_ranks", "relative_gates", "round_rank"]
 
@@ -41,8 +42,12 @@ def _plain(m: nn.Module, in_ch: int, out_ch: int, weight: torch.Tensor) -> nn.Mo
                   groups=m.groups, bias=m.bias is not None, padding_mode=m.padding_mode)
     new = new.to(device=weight.device, dtype=weight.dtype)
     new.weight.data = weight.detach().clone()
+    # A frozen factor stays frozen: the parametrized weight's trainable tensor is its "original".
+    parametrized = getattr(getattr(m, "parametrizations", None), "weight", None)
+    new.weight.requires_grad_((parametrized.original if parametrized is not None else m.weight).requires_grad)
     if m.bias is not None:
         new.bias.data = m.bias.detach().clone()
+        new.bias.requires_grad_(m.bias.requires_grad)
     return new
 
 
@@ -190,6 +195,9 @@ def strip_gates(gm: fx.GraphModule, threshold: float = 0.0, round_to: Optional[i
     _check_threshold(threshold)
     check_round_to(round_to)
     gm = prepare(gm, inplace, "strip_gates")
+    if nothing_decomposed(gm):  # every layer skipped, with its reason: no gate to strip
+        set_graph_record(gm, dataclasses.replace(graph_record(gm), stage="strip_gates"))
+        return finish(gm)
     gated = _gated_layers(gm)
     kept: dict[str, tuple[tuple[int, ...], str]] = {}
     for source, roles in gated.items():

@@ -9,7 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxtucker
-from fxtucker.passes import cost_model, decompose_conv, fold_or_restore, insert_gates, plan_decomposition, predict_macs, strip_gates
+from fxtucker.passes import (cost_model, decompose_conv, fold_bn, fold_or_restore, insert_gates, plan_decomposition,
+                             predict_macs, strip_gates)
 from fxtucker.passes.decompose_conv import _full_ranks
 from tests.conftest import REL_FLOAT64, rel_error
 from tests.strategies import Twice
@@ -136,3 +137,107 @@ def test_balance_of_half_precision_factors_keeps_live_slices(dtype):
     ref = copy.deepcopy(model).float()
     assert rel_error(gated(x).float(), ref(x.float())) < (5e-3 if dtype == torch.float16 else 3e-2)
     assert (fxtucker.gates(gated)["0"]["gate_in"] > 0).all()
+
+
+# --- issue 16: hostile inputs and faults ----------------------------------------------------------
+
+
+def _two_convs():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1),
+                         nn.Conv2d(6, 4, 1)).double().eval()
+
+
+def test_decompose_conv_twice_leaves_the_factors_alone():
+    model, x = _two_convs(), torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    once = decompose_conv(cost_model(fxtucker.trace(model), x), 0.5)
+    twice = decompose_conv(once, 0.5)
+    assert str(twice.graph) == str(once.graph)  # no factor of a factor
+    assert fxtucker.report(twice).layers == fxtucker.report(once).layers  # one record per original layer
+    torch.testing.assert_close(twice(x), once(x))
+    with pytest.raises(ValueError, match=r"ranks names '0.core' \(a factor of '0'\), already decomposed by an earlier "
+                                         r"decompose_conv"):
+        decompose_conv(once, {"0.core": (2, 2)})
+    final = fold_or_restore(strip_gates(insert_gates(twice), 0.0), x)
+    assert {r.name for r in fxtucker.report(final).layers} == {"0", "2", "3"}
+
+
+@pytest.mark.parametrize("ranks", [0.5, None], ids=["kept", "restored"])
+def test_frozen_parameters_stay_frozen_through_the_chain(ranks):
+    model, x = _two_convs(), torch.randn(1, 3, 7, 7, dtype=torch.float64)
+    model.requires_grad_(False)
+    gated = insert_gates(decompose_conv(cost_model(fxtucker.trace(model), x), ranks))
+    for name, p in gated.named_parameters():
+        if "gate" not in name:
+            assert not p.requires_grad, name
+    gated.requires_grad_(False)
+    stripped = strip_gates(gated, 0.0)
+    assert not [n for n, p in stripped.named_parameters() if p.requires_grad]
+    assert not [n for n, p in fold_or_restore(stripped, x).named_parameters() if p.requires_grad]
+    # and trainable ones stay trainable
+    trainable = strip_gates(insert_gates(decompose_conv(fxtucker.trace(_two_convs()), 0.5)), 0.0)
+    assert all(p.requires_grad for p in trainable.parameters())
+
+
+def test_passes_never_change_the_callers_inputs():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            x.mul_(2)
+            return self.conv(x)
+
+    model = InPlace().double().eval()
+    x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    before = x.clone()
+    gm = cost_model(fxtucker.trace(model), x)
+    final = fold_or_restore(strip_gates(insert_gates(decompose_conv(gm, 0.5)), 0.0), x)
+    fold_or_restore(decompose_conv(gm, 0.5), x, cost="latency", threads=1)
+    fxtucker.count_macs(final, x)
+    assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 7, 7), (2, 3, 0, 7)], ids=["batch-0", "height-0"])
+def test_empty_example_inputs_are_refused(shape):
+    model = _two_convs()
+    empty = torch.randn(*shape, dtype=torch.float64)
+    with pytest.raises(ValueError, match=rf"example input 0 has shape \({', '.join(map(str, shape))}\): it holds no "
+                                         rf"elements, so every layer would cost 0 MACs"):
+        cost_model(fxtucker.trace(model), empty)
+    decomposed = decompose_conv(cost_model(fxtucker.trace(model), torch.randn(1, 3, 7, 7, dtype=torch.float64)), 0.5)
+    with pytest.raises(ValueError, match=r"it holds no elements"):
+        fold_or_restore(decomposed, empty)
+    from fxtucker.latency import measure_latency
+
+    with pytest.raises(ValueError, match=r"measure_latency: example input 0 has shape .*: it holds no elements"):
+        measure_latency(model, empty)
+
+
+class _FunctionalOnly(nn.Module):
+    """Nothing decomposable: a functional conv on a parameter and a weight-standardized conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3, 3, 3))
+        self.ws = nn.Conv2d(4, 5, 3)
+
+    def forward(self, x):
+        x = F.conv2d(x, self.w)
+        w = self.ws.weight - self.ws.weight.mean((1, 2, 3), keepdim=True)
+        return F.conv2d(x, w, self.ws.bias)
+
+
+def test_a_model_with_nothing_to_decompose_goes_through_the_chain_unchanged():
+    model = _FunctionalOnly().double().eval()
+    x = torch.randn(1, 3, 9, 9, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"decompose_conv left 2 layer\(s\) as they are"):
+        decomposed = decompose_conv(cost_model(fxtucker.trace(model), x))
+    final = fold_bn(fold_or_restore(strip_gates(insert_gates(decomposed), 0.01), x))
+    torch.testing.assert_close(final(x), model(x), rtol=0, atol=0)
+    layers = fxtucker.report(final).layers
+    assert [r.decision for r in layers] == ["skipped", "skipped"] and all("functional call" in r.reason for r in layers)
+    assert fxtucker.gates(insert_gates(decomposed)) == {}
+    # passes run out of order still say so
+    with pytest.raises(ValueError, match=r"insert_gates found no decomposed layers: run decompose_conv\(gm\) first"):
+        insert_gates(fxtucker.trace(model))
