@@ -22,6 +22,7 @@ from fxtucker import regularizers
 from fxtucker.passes import cost_model, decompose_conv, fold_or_restore, gates, insert_gates, predict_macs, strip_gates
 from fxtucker.meta import CORE, FIRST, GATE_CORE, GATE_IN, GATE_OUT, LAST, MACS
 from fxtucker.passes._common import layer_nodes
+from fxtucker.passes.compose_factors import compose_factors
 from fxtucker.passes.decompose_conv import METHODS as DECOMPOSITION_METHODS
 from fxtucker.passes.strip_gates import relative_gates
 from fxtucker.report import report
@@ -85,6 +86,7 @@ class CompressConfig:
     relative_gates: bool = True
     proximal: bool = True
     mac_weighted: bool = True
+    compose: bool = True  # train through compose_factors: one conv per layer, same function and gradients
     finetune_epochs: int = 3
     finetune_lr: float = 0.01
     optimizer: str = "sgd"
@@ -120,7 +122,7 @@ class CompressConfig:
             raise ValueError(f"CompressConfig.target_macs must be a positive integer, got {self.target_macs!r}")
         if self.target_speedup is not None and (not isinstance(self.target_speedup, numbers.Real) or not self.target_speedup >= 1):
             raise ValueError(f"CompressConfig.target_speedup must be a number >= 1, got {self.target_speedup!r}")
-        for name in ("steer", "relative_gates", "proximal", "mac_weighted"):
+        for name in ("steer", "relative_gates", "proximal", "mac_weighted", "compose"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"CompressConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.round_to is not None and (isinstance(self.round_to, bool) or not isinstance(self.round_to, numbers.Integral)
@@ -287,12 +289,12 @@ def gate_histogram(gm: fx.GraphModule, bins: int = 40, relative: bool = False) -
             "zeros": int((flat == 0).sum()), "total": int(flat.numel())}
 
 
-def _gate_stats(threshold_fn, penalty: Optional["GatePenalty"] = None) -> Any:
+def _gate_stats(threshold_fn, penalty: Optional["GatePenalty"] = None, gated: Optional[fx.GraphModule] = None) -> Any:
     relative = penalty.relative if penalty is not None else False
     round_to = penalty.round_to if penalty is not None else None
 
     def stats(model: nn.Module) -> dict:
-        gm = getattr(model, "module", model)
+        gm = gated if gated is not None else getattr(model, "module", model)
         flat = _magnitudes(gm, relative)
         th = threshold_fn(gm)
         out = {"gates": flat.numel(), "gates_below_threshold": int((flat < th).sum()), "threshold": th,
@@ -551,8 +553,11 @@ def compress(
                                    "gate_histogram": gate_histogram(gated, relative=config.relative_gates)}
 
     # 2. train the decomposed model on the classification loss alone
+    # Training runs each layer as one conv composed from its factors and gates: the same function
+    # and gradients as the gated chain, at about the original model's cost (compose_factors).
+    view = compose_factors(gated) if config.compose else gated
     if config.train_epochs:
-        history += train(gated, train_data, config.stage_config(config.train_epochs, config.train_lr),
+        history += train(view, train_data, config.stage_config(config.train_epochs, config.train_lr),
                          stage="decomposed", **kw)
         rep["stages"]["trained"] = {"accuracy": acc(gated), "gate_histogram": gate_histogram(gated, relative=config.relative_gates)}
 
@@ -565,8 +570,8 @@ def compress(
     rel = config.relative_gates
     threshold_fn = ((lambda g: threshold_for_budget(g, target, relative=rel, round_to=config.round_to)) if target is not None
                     else (lambda g: config.threshold))
-    history += train(gated, train_data, config.stage_config(config.reg_epochs, config.reg_lr), penalty=penalty,
-                     epoch_stats=_gate_stats(threshold_fn, penalty), stage="regularize", **kw)
+    history += train(view, train_data, config.stage_config(config.reg_epochs, config.reg_lr), penalty=penalty,
+                     epoch_stats=_gate_stats(threshold_fn, penalty, gated), stage="regularize", **kw)
     threshold = threshold_fn(gated)
     rep["threshold"], rep["reg_weight_end"] = threshold, penalty.weight
     rep["stages"]["regularized"] = {"accuracy": acc(gated), "gate_histogram": gate_histogram(gated, relative=config.relative_gates),

@@ -497,7 +497,9 @@ def evaluate(model: nn.Module, data: Iterable, *, device: Any = None) -> float:
 
 def _gate_parameters(model: nn.Module) -> set[int]:
     """ids of the gate parameters of a gated GraphModule (found through node.meta)."""
-    ids: set[int] = set()
+    from fxtucker.passes.insert_gates import Gate  # a training view (compose_factors) holds gates without nodes
+
+    ids: set[int] = {id(p) for m in model.modules() if isinstance(m, Gate) for p in m.parameters()}
     graph_modules = [m for m in model.modules() if isinstance(m, fx.GraphModule)]
     for gm in graph_modules:
         for node in gm.graph.nodes:

@@ -1,6 +1,6 @@
 """The FX passes of fxtucker, in pipeline order.
 
-    cost_model -> decompose_conv -> insert_gates -> (train) -> strip_gates -> fold_or_restore -> fold_bn
+    cost_model -> decompose_conv -> insert_gates -> (train, through compose_factors) -> strip_gates -> fold_or_restore -> fold_bn
 
 Each takes a GraphModule and returns one (a copy unless ``inplace=True``; cost_model annotates
 and returns its argument).
@@ -9,6 +9,7 @@ and returns its argument).
 from fxtucker.passes.cost_model import cost_model, count_macs
 from fxtucker.passes.decompose_conv import decompose_conv, plan_decomposition
 from fxtucker.passes.insert_gates import Gate, UnitNorm, gates, insert_gates
+from fxtucker.passes.compose_factors import ComposedConv, compose_factors
 from fxtucker.passes.strip_gates import kept_ranks, strip_gates
 from fxtucker.passes.fold_or_restore import fold_or_restore, predict_macs
 from fxtucker.passes.fold_bn import fold_bn
@@ -22,6 +23,8 @@ __all__ = [
     "gates",
     "Gate",
     "UnitNorm",
+    "compose_factors",
+    "ComposedConv",
     "strip_gates",
     "kept_ranks",
     "fold_or_restore",
