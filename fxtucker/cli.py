@@ -7,6 +7,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -218,12 +219,32 @@ def _histograms(stages: dict, out: Path) -> list[str]:
     return written
 
 
+def _launch_rank() -> int:
+    """This process's rank under torchrun (0 in a single process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def _finish_distributed() -> None:
+    """Under torchrun: wait until rank 0 has written everything, then leave the process group."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Every rank stays until the last one is done: a rank that tears gloo down early can abort the others.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def _compress(args: argparse.Namespace) -> int:
     from fxtucker.compress import CompressConfig, compress
     from fxtucker.train import TrainConfig, evaluate, train
 
+    # Under torchrun every rank runs the whole flow (train() shards the data and keeps the models
+    # identical); only rank 0 prints and writes files.
+    main_rank = _launch_rank() == 0
+    say = print if main_rank else (lambda *_a, **_k: None)
     dataset = _dataset(args.dataset)
     in_ch, n_cls, size = data.dataset_info(dataset, root=args.root)
+    torch.manual_seed(args.seed)  # before the model's initial weights are drawn: --seed fixes the whole run
     model = _model(args.model, n_cls, in_ch, args.checkpoint, args.model_kwargs)
     train_set = data.get_dataset(dataset, True, root=args.root)
     eval_set = data.get_dataset(dataset, False, root=args.root)
@@ -242,14 +263,18 @@ def _compress(args: argparse.Namespace) -> int:
     baseline_history = []
     if args.checkpoint is None:
         epochs = args.baseline_epochs or quick.get("baseline_epochs", 30)
-        print(f"training the baseline {args.model} for {epochs} epochs (no --checkpoint given)")
+        say(f"training the baseline {args.model} for {epochs} epochs (no --checkpoint given)")
         baseline_history = train(model, train_loader, TrainConfig(epochs=epochs, lr=0.1, seed=args.seed),
                                  eval_data=eval_loader, out_dir=out, stage="baseline", resume=args.resume,
                                  progress=not args.no_progress)
-        save_torch(model.state_dict(), out / "baseline_state_dict.pt")
+        if main_rank:
+            save_torch(model.state_dict(), out / "baseline_state_dict.pt")
     x = torch.randn(1, in_ch, size, size)
     result = compress(model, train_loader, x, eval_data=eval_loader, config=config, out_dir=out,
                       resume=args.resume, progress=not args.no_progress)
+    if not main_rank:
+        _finish_distributed()
+        return 0
     rep = result.report
     lat_before, lat_after = measure_latency(model, x, threads=args.threads), measure_latency(result.model, x, threads=args.threads)
     summary = {
@@ -284,6 +309,7 @@ def _compress(args: argparse.Namespace) -> int:
     for r in rows:
         print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
     print(f"\nwrote {out}/report.json, report.md, compressed_state_dict.pt, manifest/" + (f", {', '.join(pngs)}" if pngs else ""))
+    _finish_distributed()
     return 0
 
 

@@ -248,6 +248,15 @@ class _Dist:
         dist.all_gather_object(out, obj)
         return out
 
+    def broadcast_buffers(self, model: nn.Module) -> None:
+        """Give every rank rank 0's buffers (BatchNorm statistics, say)."""
+        if not self.active:
+            return
+        for b in model.buffers():
+            t = b.detach().to(self.comm_device)
+            dist.broadcast(t, src=0)
+            b.detach().copy_(t)
+
 
 def _env_world_size() -> int:
     """WORLD_SIZE from the environment (1 when unset)."""
@@ -1214,6 +1223,10 @@ def _run_epoch(net, model, train_data, eval_data, config, penalty, epoch_stats, 
                 f"must yield at least one (input, label) batch per epoch (a generator is used up "
                 f"after one pass: pass a list or a DataLoader)"
             )
+        # DDP sends rank 0's buffers before each forward, so after the last one every rank has
+        # its own batch statistics: without this, evaluation, the checkpoint and the model a
+        # stage returns would differ between the ranks.
+        ctx.broadcast_buffers(model)
         sched.step()
         accuracy = None
         if eval_data is not None:
