@@ -234,6 +234,13 @@ def _finish_distributed() -> None:
         torch.distributed.destroy_process_group()
 
 
+def _flow_device() -> torch.device:
+    """Where train() puts this rank's model: the local GPU under torchrun with GPUs, else the CPU."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0))
+    return torch.device("cpu")
+
+
 def _compress(args: argparse.Namespace) -> int:
     from fxtucker.compress import CompressConfig, compress
     from fxtucker.train import TrainConfig, evaluate, train
@@ -270,11 +277,16 @@ def _compress(args: argparse.Namespace) -> int:
         if main_rank:
             save_torch(model.state_dict(), out / "baseline_state_dict.pt")
     x = torch.randn(1, in_ch, size, size)
-    result = compress(model, train_loader, x, eval_data=eval_loader, config=config, out_dir=out,
+    # compress() traces and measures with x on the model's device, and train() moves the model to the
+    # local GPU under torchrun: both start there. The report and the files are made on the CPU.
+    dev = _flow_device()
+    result = compress(model.to(dev), train_loader, x.to(dev), eval_data=eval_loader, config=config, out_dir=out,
                       resume=args.resume, progress=not args.no_progress)
     if not main_rank:
         _finish_distributed()
         return 0
+    model.cpu()
+    result.model.cpu()
     rep = result.report
     lat_before, lat_after = measure_latency(model, x, threads=args.threads), measure_latency(result.model, x, threads=args.threads)
     summary = {
