@@ -9,6 +9,8 @@ import json
 import math
 import os
 import sys
+import tempfile
+import tomllib
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
@@ -18,6 +20,7 @@ import torch
 import fxtucker
 from fxtucker import data, models
 from fxtucker.io import save_torch, write_atomic, write_text
+from fxtucker.runs import record_run
 from fxtucker.latency import measure_latency, measure_side_by_side
 from fxtucker.passes import cost_model, decompose_conv, fold_or_restore, insert_gates, strip_gates
 
@@ -172,6 +175,49 @@ def _dataset(name: str):
     return name
 
 
+def _check_out(out: Path, resume: bool) -> None:
+    """--out must be a directory that exists (with --resume) or can be made, and can be written: checked
+    before any training, not after the first epoch."""
+    for folder in (out, *out.parents):
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                where = "is" if folder == out else f"is under {str(folder)!r}, which is"
+                raise _UsageError(f"--out {str(out)!r} {where} an existing file, not a directory; give the path of "
+                                  f"a directory (it is made if needed)")
+            break
+    if resume and not out.is_dir():
+        return  # record_run says that there is no run to continue
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise _UsageError(f"--out {str(out)!r} cannot be written ({exc.strerror or exc}); give a directory you can "
+                          f"write to") from None
+
+
+def _check_toml(path: str) -> str:
+    """``path`` if it is a readable TOML file whose ``compress`` key, if any, is a table; else a usage error
+    naming the file."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read(1 << 20)
+        parsed = tomllib.loads(text.decode("utf-8"))
+    except FileNotFoundError:
+        raise _UsageError(f"--config {path!r} does not exist") from None
+    except OSError as exc:
+        raise _UsageError(f"--config {path!r} cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise _UsageError(f"--config {path!r} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as "
+                          f"UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise _UsageError(f"--config {path!r} is not valid TOML: {exc}") from None
+    if "compress" in parsed and not isinstance(parsed["compress"], dict):
+        raise _UsageError(f"--config {path!r}: 'compress' must be a table ([compress] followed by key = value "
+                          f"lines), got a {type(parsed['compress']).__name__}")
+    return path
+
+
 def _markdown(summary: dict, layers: list[dict]) -> str:
     lines = ["# fxtucker compress", "", f"`{summary['command']}`", "",
              "| | original | compressed | ratio |", "|---|---|---|---|"]
@@ -261,15 +307,22 @@ def _compress(args: argparse.Namespace) -> int:
     train_loader = data.make_loader(train_set, args.batch_size, True, subset=train_subset, seed=args.seed)
     eval_loader = data.make_loader(eval_set, 256, False, subset=eval_subset, seed=args.seed)
     if args.config:
-        config = CompressConfig.from_toml(args.config)
+        config = CompressConfig.from_toml(_check_toml(args.config))
     else:
         config = CompressConfig(**QUICK_CONFIG) if args.quick else CompressConfig()
     config = dataclasses.replace(config, seed=args.seed, **({"method": args.method} if args.method else {}))
     out = Path(args.out or f"runs/{models.model_label(args.model)}-{dataset}" + ("-quick" if args.quick else ""))
-    out.mkdir(parents=True, exist_ok=True)
+    epochs = args.baseline_epochs or quick.get("baseline_epochs", 30)
+    # The whole run configuration is stored with the checkpoints; --resume continues only that run.
+    run = {"model": args.model, "model_kwargs": args.model_kwargs or {}, "checkpoint": args.checkpoint,
+           "dataset": dataset, "train_subset": train_subset, "eval_subset": eval_subset,
+           "batch_size": args.batch_size, "seed": args.seed,
+           "baseline_epochs": epochs if args.checkpoint is None else None, "config": dataclasses.asdict(config)}
+    _check_out(out, args.resume)
+    if main_rank or args.resume:
+        record_run(out, run, resume=args.resume, require=True)
     baseline_history = []
     if args.checkpoint is None:
-        epochs = args.baseline_epochs or quick.get("baseline_epochs", 30)
         say(f"training the baseline {args.model} for {epochs} epochs (no --checkpoint given)")
         baseline_history = train(model, train_loader, TrainConfig(epochs=epochs, lr=0.1, seed=args.seed),
                                  eval_data=eval_loader, out_dir=out, stage="baseline", resume=args.resume,
@@ -503,13 +556,14 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--format", required=True, choices=FORMATS)
     e.add_argument("--out", required=True, help="the file to write (a directory for --format manifest)")
     e.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into the preceding convs first")
-    e.add_argument("--input-size", type=int, help="example input height and width (default: from the manifest, else 224)")
-    e.add_argument("--in-channels", type=int, help="default: from the manifest, else 3")
-    e.add_argument("--num-classes", type=int, help="default: from the manifest, else 1000")
-    e.add_argument("--batch", type=int, default=1, help="batch size of the example input")
+    e.add_argument("--input-size", type=_positive,
+                   help="example input height and width (default: from the manifest, else 224)")
+    e.add_argument("--in-channels", type=_positive, help="default: from the manifest, else 3")
+    e.add_argument("--num-classes", type=_positive, help="default: from the manifest, else 1000")
+    e.add_argument("--batch", type=_positive, default=1, help="batch size of the example input")
     e.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance of the parity check")
     e.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance of the parity check")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=_seed, default=0)
     e.set_defaults(func=_export)
 
     from fxtucker.latency import BACKENDS
@@ -519,22 +573,22 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--model-kwargs", type=_json_object, help=_MODEL_KWARGS_HELP)
     b.add_argument("--ranks", type=_ranks, default=0.5, help="fraction of each mode in (0, 1] or 'vbmf' (default 0.5)")
     b.add_argument("--backend", nargs="+", default=["eager"], choices=BACKENDS, help="one or more (default eager)")
-    b.add_argument("--batch", type=int, default=1)
-    b.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's setting)")
-    b.add_argument("--input-size", type=int, default=224)
-    b.add_argument("--round-to", type=int, default=None, help="round fractional ranks up to a multiple of this")
+    b.add_argument("--batch", type=_positive, default=1)
+    b.add_argument("--threads", type=_positive, default=None, help="CPU threads (default: torch's setting)")
+    b.add_argument("--input-size", type=_positive, default=224)
+    b.add_argument("--round-to", type=_positive, default=None, help="round fractional ranks up to a multiple of this")
     b.add_argument("--method", choices=("tucker2", "svd"), default="tucker2",
                    help="how kxk convs are decomposed: Tucker-2 (first/core/last) or an SVD pair (default tucker2)")
     b.add_argument("--search", choices=("layer", "model"), default="layer",
                    help="layer: each layer's fastest form; model: also whole models timed with candidate form sets, "
                         "the fastest kept (slower to prepare; default layer)")
-    b.add_argument("--in-channels", type=int, default=3)
-    b.add_argument("--num-classes", type=int, default=1000)
+    b.add_argument("--in-channels", type=_positive, default=3)
+    b.add_argument("--num-classes", type=_positive, default=1000)
     b.add_argument("--checkpoint", help="state_dict of trained weights (loaded with weights_only=True)")
-    b.add_argument("--repeats", type=int, default=20, help="timed runs per model and round (their median is taken)")
+    b.add_argument("--repeats", type=_positive, default=20, help="timed runs per model and round (their median is taken)")
     b.add_argument("--rounds", type=_positive, default=3,
                    help="rounds, the two models timed alternately in each (the median round is shown; default 3)")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=_seed, default=0)
     b.add_argument("--json", help="also write the numbers to this JSON file")
     b.set_defaults(func=_bench)
     return parser

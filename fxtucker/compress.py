@@ -531,6 +531,10 @@ def compress(
         from fxtucker.runs import record_run
 
         record_run(out_dir, {"config": rep["config"]}, resume=resume, name="compress.json")
+    if out_dir is not None:  # a resume may only continue the run whose config trained the stored gates
+        from fxtucker.runs import record_run
+
+        record_run(out_dir, {"config": rep["config"]}, resume=resume, name="compress.json")
     history: list[dict] = []
 
     # 1. decompose at full rank and gate every component
@@ -538,6 +542,14 @@ def compress(
         warnings.simplefilter("always")
         decomposed = decompose_conv(gm, ranks=config.ranks, linear=config.linear, method=config.method)
     rep["skipped_layers"] = [str(w.message) for w in caught]
+    if not layer_nodes(decomposed):  # nothing could be decomposed: the model comes back as it is, with the reasons
+        warnings.warn(f"compress: no layer of the model can be decomposed, so it is returned unchanged and untrained"
+                      f"{' (the MAC budget cannot be met)' if target is not None and target < macs_before else ''}: "
+                      f"{'; '.join(rep['skipped_layers']) or 'it has no conv layer'}", stacklevel=2)
+        final = decomposed.eval()
+        rep.update(macs_after=macs_before, params_after=_params(final), accuracy_after=rep["accuracy_before"],
+                   target_macs=target, threshold=None, layers=report(final).to_dict()["layers"])
+        return CompressResult(model=final, report=rep, history=history)
     if not layer_nodes(decomposed):  # nothing could be decomposed: the model comes back as it is, with the reasons
         warnings.warn(f"compress: no layer of the model can be decomposed, so it is returned unchanged and untrained"
                       f"{' (the MAC budget cannot be met)' if target is not None and target < macs_before else ''}: "

@@ -306,7 +306,20 @@ def _imagefolder(train: bool, root: Optional[PathLike]) -> Dataset:
     else:
         steps = [T.Resize(256), T.CenterCrop(224)]
     transform = T.Compose(steps + [T.ToTensor(), T.Normalize(_IMAGENET_MEAN, _IMAGENET_STD)])
-    return torchvision.datasets.ImageFolder(str(directory), transform=transform)
+    return torchvision.datasets.ImageFolder(str(directory), transform=transform, loader=_load_image)
+
+
+def _load_image(path: str):
+    """ImageFolder's default loader, with a ValueError naming the file when an image cannot be decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"imagefolder: the image {path} cannot be decoded ({type(exc).__name__}: {exc}); remove or "
+                         f"replace the file") from None
 
 
 def _imagefolder_root(root: Optional[PathLike]) -> Path:
