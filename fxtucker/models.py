@@ -240,11 +240,13 @@ def _load_checkpoint(model: nn.Module, path: Union[str, os.PathLike]) -> None:
             f"checkpoint file {str(path)!r} does not exist or is not a file; pass the path of a "
             f"file written by torch.save(model.state_dict(), path)"
         )
+    from fxtucker.io import load_error
+
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle and zip errors have many types; all mean "not loadable"
         raise ValueError(
-            f"could not load checkpoint {str(path)!r} with torch.load(weights_only=True): {e}; "
+            f"could not load checkpoint {str(path)!r} with torch.load(weights_only=True): {load_error(e)}; "
             f"save a plain state_dict with torch.save(model.state_dict(), path)"
         ) from e
     state = obj
