@@ -258,7 +258,7 @@ class TimingCache:
             if data.get("version") != self.VERSION or not isinstance(data.get("entries"), dict):
                 raise ValueError(f"unknown layout (version {data.get('version')!r})")
             return {str(k): float(v) for k, v in data["entries"].items()}
-        except (OSError, ValueError, TypeError, AttributeError) as exc:
+        except (OSError, ValueError, TypeError, AttributeError, RecursionError) as exc:
             warnings.warn(f"ignoring the timing cache {self.path}: {exc}; it will be rewritten", stacklevel=3)
             return {}
 

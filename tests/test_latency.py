@@ -134,6 +134,9 @@ def test_timing_cache_is_fsynced_and_never_written_through_a_link(monkeypatch, t
     assert synced  # the data reached the disk before the rename
     assert victim.read_text() == '{"version": 1, "entries": {}}'
     assert not (tmp_path / "cache" / "latency.json").is_symlink() and TimingCache().get("k") == 1.0
+    (tmp_path / "cache" / "latency.json").write_text("[" * 100_000)  # deeply nested JSON: ignored, not a crash
+    with pytest.warns(UserWarning, match=r"ignoring the timing cache .*latency.json: maximum recursion depth"):
+        assert TimingCache().get("k") is None
 
 
 def _benchmark_module():
