@@ -562,7 +562,8 @@ def run_experiment(exp: str, s: Setup, progress: bool = True, methods: Optional[
             model, extra = BASELINE_METHODS[run["baseline"]](s, target, progress)
             extra["val_pruned"] = evaluate(model, s.val_loader)
             _finetune(s, model, name, progress)
-        row = {**key, **_measure(s, model, test=exp != "tuning"), "wall_s": round(time.perf_counter() - start, 1), **extra,
+        # The quality rows leave latency to benchmarks/latency.py (timed alone, side by side).
+        row = {**key, **_measure(s, model, latency=exp not in ("quality", "tuning"), test=exp != "tuning"), "wall_s": round(time.perf_counter() - start, 1), **extra,
                "macs_baseline": s.macs, "target_macs": target, **_provenance()}
         if target is not None:
             row["macs_vs_target"] = round(row["macs"] / target, 5)  # <= 1; >= 0.99 is within 1%

@@ -70,3 +70,36 @@ def test_unknown_method_is_refused(compare, capsys):
         compare.main(["--exp", "baselines", "--profile", "quick", "--methods", "svd-magic"])
     err = capsys.readouterr().err
     assert "svd-magic" in err and "torch-pruning" in err
+
+
+def test_split_gives_disjoint_training_and_validation_indices(compare):
+    train, val = compare.split(100, 60, 20, seed=3)
+    assert len(train) == 60 and len(val) == 20 and not set(train) & set(val)
+    assert (train, val) == compare.split(100, 60, 20, seed=3) != compare.split(100, 60, 20, seed=4)
+    everything, _ = compare.split(100, None, 20, seed=3)
+    assert len(everything) == 80 and not set(everything) & set(val)
+    with pytest.raises(ValueError, match=r"train_subset 90 \+ val_subset 20 > 100"):
+        compare.split(100, 90, 20, seed=0)
+
+
+def test_quality_rows_are_matched_to_the_budget_and_paired(compare, tmp_path, capsys):
+    compare.main(["--exp", "quality", "--profile", "quick", "--no-progress", "--methods", "uncompressed", "funnel",
+                  "uniform", "vbmf", "--settings", "baseline", "3x", "evbmf ranks"])
+    rows = json.loads((tmp_path / "results" / "quality.json").read_text())["rows"]
+    final = {(r["method"], r["setting"]): r for r in rows if r["stage"] == "final"}
+    assert set(final) == {("uncompressed", "baseline"), ("funnel", "3x"), ("uniform", "3x"), ("vbmf", "3x"),
+                          ("vbmf", "evbmf ranks")}
+    base = final[("uncompressed", "baseline")]["macs"]
+    for method in ("funnel", "uniform", "vbmf"):  # within 1% under the budget
+        r = final[(method, "3x")]
+        assert r["target_macs"] == base // 3 and 0.99 <= r["macs"] / r["target_macs"] <= 1.0, (method, r["macs"])
+        assert 0.0 <= r["val_pruned"] <= 1.0 and 0.0 <= r["val_accuracy"] <= 1.0
+    assert final[("vbmf", "evbmf ranks")]["target_macs"] is None  # EVBMF's own ranks: a row apart
+    for r in final.values():
+        assert {"commit", "threads", "torch", "torch_pruning", "time", "other_runners", "load_avg_1m"} <= set(r)
+    capsys.readouterr()
+    compare.main(["--table", "quality"])
+    out = capsys.readouterr().out
+    (line,) = [l for l in out.splitlines() if l.startswith("| resnet20 | quick | 3x | uniform | 1 |")]
+    diff = 100 * (final[("funnel", "3x")]["accuracy"] - final[("uniform", "3x")]["accuracy"])
+    assert f"| {diff:+.2f} |" in line and line.endswith(f"| {int(diff > 0)} of 1 |")

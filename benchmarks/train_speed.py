@@ -1,0 +1,107 @@
+"""What one training step costs: the original model, the gated chain, and the composed training view.
+
+    .venv/bin/python benchmarks/train_speed.py                      # ResNet-20, batch 128, 28x28, 2 threads
+    .venv/bin/python benchmarks/train_speed.py --threads 1 --rounds 7
+
+A step is forward, cross-entropy, backward and an SGD step; the gated ones also compute the
+funnel penalty (logged) and take its proximal step, steered to a 2x budget, as step 3 of the flow
+does. The three models are timed in alternating rounds (each round runs every model ``--steps``
+times), so a slow phase of a shared machine hits all of them; the median round is kept. One row
+per run is appended to ``benchmarks/results/train_speed.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import fxtucker
+from fxtucker import models, regularizers
+from fxtucker.compress import GatePenalty
+from fxtucker.passes import compose_factors, cost_model, decompose_conv, insert_gates
+
+RESULTS = Path(__file__).parent / "results" / "train_speed.json"
+
+
+def _step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, penalty=None):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(x), y)
+        if penalty is not None:
+            loss = loss + penalty(model, 0, 1)
+        loss.backward()
+        opt.step()
+        if penalty is not None:
+            penalty.after_step(model, 0, 1, 0.01)
+    return step
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--size", type=int, default=28)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="steps of each model per round")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = models.get_model(args.model, 10, 1)
+        x = torch.randn(args.batch, 1, args.size, args.size)
+        y = torch.randint(0, 10, (args.batch,))
+        gated = cost_model(insert_gates(decompose_conv(cost_model(fxtucker.trace(plain), x[:1]))), x[:1])
+    macs = sum(n.meta["macs"] for n in cost_model(fxtucker.trace(plain), x[:1]).graph.nodes)
+
+    def penalty():
+        return GatePenalty(gated, "funnel", 0.2, regularizers.c_schedule("constant", c_start=1.0),
+                           target_macs=macs // 2, epochs=2, steps_per_epoch=100)
+
+    view = compose_factors(gated)
+    steps = {"plain": _step_fn(plain, x, y), "gated chain": _step_fn(gated, x, y, penalty()),
+             "composed view": _step_fn(view, x, y, penalty())}
+    for step in steps.values():  # warm up
+        step()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            times[name].append((time.perf_counter() - start) / args.steps)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    row = {"model": args.model, "batch": args.batch, "size": args.size, "threads": args.threads,
+           "rounds": args.rounds, "steps_per_round": args.steps,
+           "median_s": {k: round(v, 5) for k, v in med.items()},
+           "ratio_to_plain": {k: round(v / med["plain"], 3) for k, v in med.items()},
+           "rounds_s": {k: [round(t, 5) for t in v] for k, v in times.items()},
+           "load_avg_1m": round(os.getloadavg()[0], 2), "torch": torch.__version__, "machine": platform.machine(),
+           "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    print(f"{'step':<16}{'median s':>10}{'x plain':>9}")
+    for k in steps:
+        print(f"{k:<16}{med[k]:>10.4f}{med[k] / med['plain']:>9.2f}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    rows = json.loads(RESULTS.read_text())["rows"] if RESULTS.exists() else []
+    tmp = RESULTS.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"rows": rows + [row]}, indent=1) + "\n")
+    tmp.replace(RESULTS)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
