@@ -34,7 +34,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
-from fxtucker.io import load_error, save_torch, sha256_file, write_text
+from fxtucker.io import load_error, save_torch, sha256_file, write_atomic, write_text
 from fxtucker.meta import (
     CORE,
     DECOMPOSED,
@@ -197,7 +197,7 @@ def _export_torchscript(model: nn.Module, inputs: tuple, path: Path) -> tuple[An
                       f"the example inputs instead", stacklevel=3)
         with torch.no_grad():
             scripted, method = torch.jit.trace(model, inputs, check_trace=False), "trace"
-    torch.jit.save(scripted, str(path))
+    write_atomic(path, lambda f: torch.jit.save(scripted, f))
     loaded = torch.jit.load(str(path), map_location="cpu")
     with torch.no_grad():
         return loaded(*[t.cpu() for t in inputs]), (path,), method
@@ -205,7 +205,7 @@ def _export_torchscript(model: nn.Module, inputs: tuple, path: Path) -> tuple[An
 
 def _export_torch_export(model: nn.Module, inputs: tuple, path: Path) -> tuple[Any, tuple[Path, ...], str]:
     program = torch.export.export(model, inputs)
-    torch.export.save(program, str(path))
+    write_atomic(path, lambda f: torch.export.save(program, f))
     loaded = torch.export.load(str(path)).module()
     with torch.no_grad():
         return loaded(*inputs), (path,), "torch.export.export"

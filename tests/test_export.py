@@ -298,6 +298,16 @@ def test_export_never_writes_through_links_planted_in_the_output(tmp_path, compr
     load(out, lambda: Net().double())
 
 
+@pytest.mark.parametrize("fmt", ["torchscript", "torch.export"])
+def test_file_formats_never_write_through_a_planted_link(tmp_path, compressed32, fmt):
+    final, x = compressed32
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (tmp_path / "m.pt").symlink_to(victim)
+    export(final, x, tmp_path / "m.pt", fmt)
+    assert victim.read_text() == "precious" and not (tmp_path / "m.pt").is_symlink()
+
+
 def test_deeply_nested_or_huge_manifest_json_is_refused(tmp_path, monkeypatch):
     (tmp_path / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(ValueError, match=r"manifest.json: refused: its JSON is nested too deeply"):
