@@ -269,6 +269,8 @@ def _launch_rank() -> int:
     """This process's rank under torchrun (0 in a single process)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return 0  # a stray RANK without torchrun's WORLD_SIZE must not silence the only process
     return int(os.environ.get("RANK", "0") or 0)
 
 
