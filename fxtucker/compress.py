@@ -351,12 +351,13 @@ class GatePenalty:
             ``max(epochs - 1, epochs / 2)``.
     """
 
-    GAIN, MAX_CHANGE, RANGE = 4.0, 2.0, 1e4
+    GAIN, MAX_CHANGE, RANGE, MAX_SHRINK = 4.0, 2.0, 1e4, 0.02
 
     def __init__(self, gated: fx.GraphModule, reg: str, weight: float, schedule: regularizers.CSchedule, *,
                  target_macs: Optional[int] = None, threshold: float = 0.01, epochs: int = 1, every: int = 10,
                  relative: bool = True, proximal: bool = True, round_to: Optional[int] = None,
-                 mac_weighted: bool = True, steps_per_epoch: Optional[int] = None, reach: Optional[float] = None):
+                 mac_weighted: bool = True, steps_per_epoch: Optional[int] = None, reach: Optional[float] = None,
+                 c_follows_budget: bool = False):
         self.gated, self.gate_list = gated, _all_gates(gated)
         self.proximal, self.round_to = proximal, round_to
         self.fn, self.uses_c = regularizers.get_regularizer(reg), reg in regularizers.FUNNEL_KINDS
@@ -365,6 +366,8 @@ class GatePenalty:
         self.steps_per_epoch = steps_per_epoch
         self.reach = max(epochs - 1, epochs / 2) if reach is None else float(reach)
         self.weight = self.start = float(weight)
+        self.lr: Optional[float] = None  # the last step's learning rate (after_step), for MAX_SHRINK
+        self.zero_mask: Optional[torch.Tensor] = None  # which gates the last proximal step left at 0
         self.scales = [1.0] * len(self.gate_list)
         if mac_weighted:
             costs = component_macs(gated)
@@ -374,6 +377,8 @@ class GatePenalty:
             self.scales = [p / mean if mean > 0 else 1.0 for p in per]
         self.full_macs = predict_macs(gated, 0.0, round_to, relative=relative)
         self.zeros_macs = self._zeros_macs()
+        self.c_follows_budget = c_follows_budget and target_macs is not None
+        self.cut: Optional[float] = self.budget_threshold() if self.c_follows_budget else None
 
     def budget_threshold(self) -> float:
         return threshold_for_budget(self.gated, self.target, relative=self.relative, round_to=self.round_to)
@@ -391,6 +396,17 @@ class GatePenalty:
         gap = (self.zeros_macs - self.path(epoch, step)) / span
         factor = min(self.MAX_CHANGE, max(1 / self.MAX_CHANGE, math.exp(self.GAIN * gap)))
         self.weight = min(self.start * self.RANGE, max(self.start / self.RANGE, self.weight * factor))
+        if self.lr:  # at most MAX_SHRINK of a vector's mean per step at slope 1: BatchNorm keeps up
+            self.weight = min(self.weight, self.MAX_SHRINK / self.lr)
+        if self.c_follows_budget:
+            self.cut = self.budget_threshold()
+
+    def c(self, epoch: int) -> float:
+        """The funnel's c: the schedule's, or with ``c_follows_budget`` the gate size at which the
+        budget would cut now (never below the schedule's end value)."""
+        if self.cut is not None:
+            return max(self.cut, self.schedule(10**9))
+        return self.schedule(epoch)
 
     def _value(self, g: torch.Tensor, c: float, scale: float = 1.0) -> torch.Tensor:
         a = g.abs()
@@ -403,7 +419,7 @@ class GatePenalty:
     def __call__(self, _model: nn.Module, epoch: int, step: int) -> torch.Tensor:
         if self.target is not None and step > 0 and step % self.every == 0:
             self.steer(epoch, step)
-        c = self.schedule(epoch)
+        c = self.c(epoch)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.proximal):  # proximal: only logged
             return self.weight * torch.stack([self._value(g, c, k) for g, k in zip(self.gate_list, self.scales)]).sum()
 
@@ -411,9 +427,10 @@ class GatePenalty:
         """With ``proximal``: shrink every gate towards 0 by lr x lambda x the penalty's slope at it,
         stopping at exactly 0 (soft thresholding of the penalty linearized at the gate); with
         ``relative``, each gate vector then gets its mean magnitude back."""
+        self.lr = lr
         if not self.proximal:
             return
-        c = self.schedule(epoch)
+        c = self.c(epoch)
         with torch.no_grad():
             flat = torch.cat([g.detach().flatten() for g in self.gate_list])
             sizes = [g.numel() for g in self.gate_list]
@@ -435,22 +452,21 @@ class GatePenalty:
                 new_means = torch.stack([v.mean() for v in new.split(sizes)])
                 ratio = torch.where(new_means > 0, means / new_means.clamp_min(1e-30), torch.ones_like(means))
                 new = new * torch.repeat_interleave(ratio, torch.tensor(sizes))
-            if self.target is not None and bool(((new == 0) & (a != 0)).any()):
-                # A gate at exactly 0 does not come back, so never zero past the budget: if the
-                # gates at 0 would leave fewer MACs than the budget, this step zeroes none (the new
-                # zeros keep their values), and the budget threshold chooses among the small gates
-                # at the end.
-                old = [g.detach().clone() for g in self.gate_list]
+            # Gates at 0 after the last proximal step that the optimizer step moved off 0 are not
+            # new zeros: the proximal step decides again whether they stay.
+            was_zero = self.zero_mask if self.zero_mask is not None and self.zero_mask.numel() == a.numel() else (a == 0)
+            fresh = (new == 0) & ~was_zero
+            if self.target is not None and bool(fresh.any()):
+                # Never zero past the budget: if the gates at 0 would leave fewer MACs than the
+                # budget, this step zeroes no new gate (they keep their values), and the budget
+                # threshold chooses among the small gates at the end.
                 self._write(flat.sign() * new, sizes)
-                zeros = self._zeros_macs()
-                if zeros < self.target:
-                    new = torch.where((new == 0) & (a != 0), a, new)
-                    self._write(flat.sign() * new, sizes)
-                    zeros = self._zeros_macs()
-                self.zeros_macs = zeros
-                del old
-            else:
-                self._write(flat.sign() * new, sizes)
+                if self._zeros_macs() < self.target:
+                    new = torch.where(fresh, a, new)
+            self._write(flat.sign() * new, sizes)
+            self.zero_mask = new == 0
+            if self.target is not None and not torch.equal(self.zero_mask, was_zero):
+                self.zeros_macs = self._zeros_macs()
 
     def _write(self, flat: torch.Tensor, sizes: list[int]) -> None:
         for g, v in zip(self.gate_list, flat.split(sizes)):
@@ -531,10 +547,6 @@ def compress(
         from fxtucker.runs import record_run
 
         record_run(out_dir, {"config": rep["config"]}, resume=resume, name="compress.json")
-    if out_dir is not None:  # a resume may only continue the run whose config trained the stored gates
-        from fxtucker.runs import record_run
-
-        record_run(out_dir, {"config": rep["config"]}, resume=resume, name="compress.json")
     history: list[dict] = []
 
     # 1. decompose at full rank and gate every component
@@ -542,14 +554,6 @@ def compress(
         warnings.simplefilter("always")
         decomposed = decompose_conv(gm, ranks=config.ranks, linear=config.linear, method=config.method)
     rep["skipped_layers"] = [str(w.message) for w in caught]
-    if not layer_nodes(decomposed):  # nothing could be decomposed: the model comes back as it is, with the reasons
-        warnings.warn(f"compress: no layer of the model can be decomposed, so it is returned unchanged and untrained"
-                      f"{' (the MAC budget cannot be met)' if target is not None and target < macs_before else ''}: "
-                      f"{'; '.join(rep['skipped_layers']) or 'it has no conv layer'}", stacklevel=2)
-        final = decomposed.eval()
-        rep.update(macs_after=macs_before, params_after=_params(final), accuracy_after=rep["accuracy_before"],
-                   target_macs=target, threshold=None, layers=report(final).to_dict()["layers"])
-        return CompressResult(model=final, report=rep, history=history)
     if not layer_nodes(decomposed):  # nothing could be decomposed: the model comes back as it is, with the reasons
         warnings.warn(f"compress: no layer of the model can be decomposed, so it is returned unchanged and untrained"
                       f"{' (the MAC budget cannot be met)' if target is not None and target < macs_before else ''}: "
