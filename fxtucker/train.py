@@ -905,12 +905,12 @@ def _saved_phrase(state: _State, out_dir: Optional[PathLike]) -> str:
             f"{state.saved}")
 
 
-def _bar(total: Optional[int], desc: str, enabled: bool):
+def _bar(total: Optional[int], desc: str, enabled: bool, initial: int = 0):
     """A tqdm bar on stderr; tqdm itself turns it off when stderr is not a terminal."""
     if _tqdm is None or not enabled:
         return None
     return _tqdm(total=total, desc=desc, disable=None, file=sys.stderr, dynamic_ncols=True,
-                 leave=True)
+                 leave=True, initial=initial)
 
 
 def _stateful(**fns: Any) -> dict:
@@ -1017,7 +1017,8 @@ def train(
         resume: continue from the checkpoint in ``out_dir`` (``.prev`` if the newest is
             corrupted); a stage that finished loads its weights and returns its history at
             once. Needs the same config.
-        progress: show a tqdm bar per epoch (when tqdm is installed and stderr is a terminal).
+        progress: show one tqdm bar for the stage, named after it, over all its epochs' steps,
+            with its ETA (when tqdm is installed and stderr is a terminal).
         device: where to train; by default the local GPU under DDP, else the model's device.
         epoch_stats: ``epoch_stats(model) -> dict`` of JSON-ready values added to each record.
         extra_loss: ``extra_loss(inputs, outputs, labels) -> scalar`` added to the loss of each
@@ -1121,11 +1122,14 @@ def train(
             model, device_ids=[dev.index] if on_cuda else None)
 
     was_training = model.training
+    # One bar for the whole stage, so that its ETA covers every epoch left (made at the first epoch,
+    # when the number of batches per epoch is known).
+    stage_bar: list = [None] if progress and ctx.main else []
     try:
         while state.epoch < config.epochs:
             record = _run_epoch(net, model, train_data, eval_data, config, penalty, epoch_stats,
                                 opt, sched, scaler, state, ctx, dev, amp, channels_last, stage,
-                                out_dir, progress, extra_loss)
+                                out_dir, stage_bar, extra_loss)
             state.history.append(record)
             state.epoch += 1
             if files is not None:
@@ -1140,13 +1144,15 @@ def train(
         raise
     finally:
         model.train(was_training)
+        if stage_bar and stage_bar[0] is not None:
+            stage_bar[0].close()
     return state.history
 
 
 def _run_epoch(net, model, train_data, eval_data, config, penalty, epoch_stats, opt, sched,
                scaler, state: _State, ctx: _Dist, dev, amp, channels_last, stage, out_dir,
-               progress, extra_loss=None) -> dict:
-    """Train one epoch, evaluate, and return its record."""
+               stage_bar: list, extra_loss=None) -> dict:
+    """Train one epoch, evaluate, and return its record; ``stage_bar`` holds the stage's bar (or is empty)."""
     epoch = state.epoch
     start = time.perf_counter()
     lr = float(opt.param_groups[0]["lr"])
@@ -1155,109 +1161,110 @@ def _run_epoch(net, model, train_data, eval_data, config, penalty, epoch_stats, 
         total = len(batches)  # type: ignore[arg-type]
     except TypeError:
         total = None
-    bar = _bar(total, f"{stage} {epoch + 1}/{config.epochs}", progress and ctx.main)
+    if stage_bar and stage_bar[0] is None:
+        # After a resume the bar starts at the epochs already done; tqdm's ETA counts only the steps timed here.
+        stage_bar[0] = _bar(None if total is None else total * config.epochs, stage, True,
+                            initial=0 if total is None else total * epoch)
+    bar = stage_bar[0] if stage_bar else None
+    epoch_text = f"{epoch + 1}/{config.epochs}"
     # Sums over the epoch, over every rank: ce * n, penalty * n, correct, n.
     sums = [0.0, 0.0, 0.0, 0.0]
     net.train()
     after_step = getattr(penalty, "after_step", None)
-    try:
-        for i, batch in enumerate(batches):
-            x, y = _split_batch(batch, "train: train_data", i)
-            x = _to_device(x, dev, channels_last)
-            y = y.to(dev, non_blocking=True)
-            with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=amp):
-                out = net(x)
-                ce = F.cross_entropy(out, y)  # float32 under autocast, the model's dtype otherwise
-            pen = torch.zeros((), device=ce.device)
-            if penalty is not None:
-                pen = _check_penalty(penalty(model, epoch, state.step), epoch, state.step)
-            if extra_loss is not None:  # e.g. distillation: it sees the batch and the outputs
-                pen = pen.to(ce.device) + _check_penalty(extra_loss(x, out, y), epoch, state.step).to(ce.device)
-            loss = ce + pen.to(device=ce.device, dtype=ce.dtype)
-            n = y.shape[0]
-            correct = (out.detach().argmax(dim=1) == y).sum()
-            step_sums = torch.stack([
-                ce.detach().double() * n,
-                pen.detach().double().to(ce.device) * n,
-                correct.double(),
-                torch.tensor(float(n), dtype=torch.float64, device=ce.device),
-            ])
-            # All ranks see the same sums, so all of them stop together on a NaN.
-            step_sums = ctx.sum(step_sums.cpu()).tolist()
-            step_ce, step_pen = step_sums[0] / step_sums[3], step_sums[1] / step_sums[3]
-            if not math.isfinite(step_ce + step_pen):
-                raise TrainingDiverged(
-                    f"train: stage {stage!r} diverged in epoch {epoch} (0-based) at step "
-                    f"{state.step} (batch {i} of the epoch): the loss is {step_ce + step_pen} "
-                    f"(cross-entropy {step_ce}, penalty {step_pen}), so training stopped before "
-                    f"this step; {_saved_phrase(state, out_dir)}. Lower lr (it is {lr:g}), set "
-                    f"max_grad_norm or weaken the penalty, then run the stage again",
-                    stage=stage, epoch=epoch, step=state.step, checkpoint=state.saved,
-                )
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                if config.max_grad_norm is not None:
-                    scaler.unscale_(opt)
-                    nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                if config.max_grad_norm is not None:
-                    nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                opt.step()
-            if after_step is not None:
-                with torch.no_grad():
-                    after_step(model, epoch, state.step, opt.param_groups[0]["lr"])
-            state.step += 1
-            for k in range(4):
-                sums[k] += step_sums[k]
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{(sums[0] + sums[1]) / sums[3]:.4f}",
-                                acc=f"{sums[2] / sums[3]:.3f}", refresh=False)
-        if sums[3] == 0:
-            raise ValueError(
-                f"train: train_data yielded no batches in epoch {epoch} of stage {stage!r}; it "
-                f"must yield at least one (input, label) batch per epoch (a generator is used up "
-                f"after one pass: pass a list or a DataLoader)"
+    for i, batch in enumerate(batches):
+        x, y = _split_batch(batch, "train: train_data", i)
+        x = _to_device(x, dev, channels_last)
+        y = y.to(dev, non_blocking=True)
+        with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=amp):
+            out = net(x)
+            ce = F.cross_entropy(out, y)  # float32 under autocast, the model's dtype otherwise
+        pen = torch.zeros((), device=ce.device)
+        if penalty is not None:
+            pen = _check_penalty(penalty(model, epoch, state.step), epoch, state.step)
+        if extra_loss is not None:  # e.g. distillation: it sees the batch and the outputs
+            pen = pen.to(ce.device) + _check_penalty(extra_loss(x, out, y), epoch, state.step).to(ce.device)
+        loss = ce + pen.to(device=ce.device, dtype=ce.dtype)
+        n = y.shape[0]
+        correct = (out.detach().argmax(dim=1) == y).sum()
+        step_sums = torch.stack([
+            ce.detach().double() * n,
+            pen.detach().double().to(ce.device) * n,
+            correct.double(),
+            torch.tensor(float(n), dtype=torch.float64, device=ce.device),
+        ])
+        # All ranks see the same sums, so all of them stop together on a NaN.
+        step_sums = ctx.sum(step_sums.cpu()).tolist()
+        step_ce, step_pen = step_sums[0] / step_sums[3], step_sums[1] / step_sums[3]
+        if not math.isfinite(step_ce + step_pen):
+            raise TrainingDiverged(
+                f"train: stage {stage!r} diverged in epoch {epoch} (0-based) at step "
+                f"{state.step} (batch {i} of the epoch): the loss is {step_ce + step_pen} "
+                f"(cross-entropy {step_ce}, penalty {step_pen}), so training stopped before "
+                f"this step; {_saved_phrase(state, out_dir)}. Lower lr (it is {lr:g}), set "
+                f"max_grad_norm or weaken the penalty, then run the stage again",
+                stage=stage, epoch=epoch, step=state.step, checkpoint=state.saved,
             )
-        # DDP sends rank 0's buffers before each forward, so after the last one every rank has
-        # its own batch statistics: without this, evaluation, the checkpoint and the model a
-        # stage returns would differ between the ranks.
-        ctx.broadcast_buffers(model)
-        sched.step()
-        accuracy = None
-        if eval_data is not None:
-            c, t = _count_correct(model, _eval_batches(eval_data, config.seed, ctx), dev, amp,
-                                  "train: eval_data")
-            c, t = ctx.sum(torch.tensor([c, t], dtype=torch.float64)).tolist()
-            if t == 0:
-                raise ValueError(f"train: eval_data yielded no batches in epoch {epoch} of stage "
-                                 f"{stage!r}; pass at least one (input, label) batch, or "
-                                 f"eval_data=None")
-            accuracy = c / t
-        count = sums[3]
-        record = {
-            "stage": stage,
-            "epoch": epoch,
-            "loss": (sums[0] + sums[1]) / count,
-            "ce": sums[0] / count,
-            "penalty": sums[1] / count,
-            "train_accuracy": sums[2] / count,
-            "accuracy": accuracy,
-            "lr": lr,
-            "seconds": 0.0,  # set below, once epoch_stats has run too
-        }
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            if config.max_grad_norm is not None:
+                scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            if config.max_grad_norm is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            opt.step()
+        if after_step is not None:
+            with torch.no_grad():
+                after_step(model, epoch, state.step, opt.param_groups[0]["lr"])
+        state.step += 1
+        for k in range(4):
+            sums[k] += step_sums[k]
         if bar is not None:
-            post = {"loss": f"{record['loss']:.4f}", "acc": f"{record['train_accuracy']:.3f}"}
-            if accuracy is not None:
-                post["eval_acc"] = f"{accuracy:.3f}"
-            bar.set_postfix(post)
-    finally:
-        if bar is not None:
-            bar.close()
+            bar.update(1)
+            bar.set_postfix(epoch=epoch_text, loss=f"{(sums[0] + sums[1]) / sums[3]:.4f}",
+                            acc=f"{sums[2] / sums[3]:.3f}", refresh=False)
+    if sums[3] == 0:
+        raise ValueError(
+            f"train: train_data yielded no batches in epoch {epoch} of stage {stage!r}; it "
+            f"must yield at least one (input, label) batch per epoch (a generator is used up "
+            f"after one pass: pass a list or a DataLoader)"
+        )
+    # DDP sends rank 0's buffers before each forward, so after the last one every rank has
+    # its own batch statistics: without this, evaluation, the checkpoint and the model a
+    # stage returns would differ between the ranks.
+    ctx.broadcast_buffers(model)
+    sched.step()
+    accuracy = None
+    if eval_data is not None:
+        c, t = _count_correct(model, _eval_batches(eval_data, config.seed, ctx), dev, amp,
+                              "train: eval_data")
+        c, t = ctx.sum(torch.tensor([c, t], dtype=torch.float64)).tolist()
+        if t == 0:
+            raise ValueError(f"train: eval_data yielded no batches in epoch {epoch} of stage "
+                             f"{stage!r}; pass at least one (input, label) batch, or "
+                             f"eval_data=None")
+        accuracy = c / t
+    count = sums[3]
+    record = {
+        "stage": stage,
+        "epoch": epoch,
+        "loss": (sums[0] + sums[1]) / count,
+        "ce": sums[0] / count,
+        "penalty": sums[1] / count,
+        "train_accuracy": sums[2] / count,
+        "accuracy": accuracy,
+        "lr": lr,
+        "seconds": 0.0,  # set below, once epoch_stats has run too
+    }
+    if bar is not None:
+        post = {"epoch": epoch_text, "loss": f"{record['loss']:.4f}", "acc": f"{record['train_accuracy']:.3f}"}
+        if accuracy is not None:
+            post["eval_acc"] = f"{accuracy:.3f}"
+        bar.set_postfix(post)
     if epoch_stats is not None:
         record.update(_check_stats(epoch_stats(model)))
     record["seconds"] = time.perf_counter() - start

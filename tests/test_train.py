@@ -719,9 +719,46 @@ def test_progress_bar_shows_loss_and_accuracy(monkeypatch, progress):
           progress=progress)
     text = err.getvalue()
     if progress:
-        assert "ft 1/1" in text and "loss=" in text and "acc=" in text and "eval_acc=" in text
+        assert "ft:" in text and "epoch=1/1" in text and "loss=" in text and "acc=" in text and "eval_acc=" in text
     else:
         assert text == ""
+
+
+def test_one_progress_bar_per_stage_with_its_name_and_eta(monkeypatch, tmp_path):
+    """Every epoch of a stage advances one bar (total: epochs x batches), so its ETA covers the stage;
+    a resumed stage's bar starts at the epochs already done."""
+    tqdm = pytest.importorskip("tqdm")
+    made = []
+    real = tqdm.tqdm
+
+    def spy(*args, **kwargs):
+        bar = real(*args, **kwargs)
+        made.append(bar)
+        return bar
+
+    monkeypatch.setattr("fxtucker.train._tqdm", spy)
+    err = FakeTTY()
+    monkeypatch.setattr(sys, "stderr", err)
+    train(tiny(), loader(), TrainConfig(epochs=2), stage="regularize", out_dir=tmp_path)
+    assert len(made) == 1  # not one per epoch
+    bar = made[0]
+    assert bar.desc == "regularize" and bar.total == 2 * 4 and bar.n == 2 * 4  # 64 images in batches of 16
+    last = err.getvalue().split("\r")[-1]
+    assert last.startswith("regularize: 100%") and "8/8 [" in last and "<00:00" in last  # elapsed<ETA
+    assert "epoch=2/2" in last
+    train(tiny(), loader(), TrainConfig(epochs=3), stage="more", out_dir=tmp_path)  # a new stage: a new bar
+    assert len(made) == 2 and made[1].desc == "more" and made[1].total == 12
+
+    def stop_in_epoch_1(model, epoch, step):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return torch.zeros(())
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(), loader(), TrainConfig(epochs=2), stage="killed", out_dir=tmp_path, penalty=stop_in_epoch_1)
+    assert made[2].n == 4  # the first epoch's steps, then the interrupt
+    train(tiny(), loader(), TrainConfig(epochs=2), stage="killed", out_dir=tmp_path, resume=True)
+    assert made[3].initial == 4 and made[3].n == 8 and made[3].total == 8
 
 
 # --- gated GraphModules -----------------------------------------------------------------------
