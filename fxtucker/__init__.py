@@ -21,7 +21,7 @@ from fxtucker.passes import (
 from fxtucker.report import Report, report
 from fxtucker.compress import CompressConfig, CompressResult, compress
 from fxtucker.export import ExportError, ExportResult, export, load
-from fxtucker.latency import measure_latency
+from fxtucker.latency import LatencyComparison, compare_latency, measure_latency
 from fxtucker.deploy import optimize_for_inference
 
 __all__ = [
@@ -48,5 +48,7 @@ __all__ = [
     "ExportError",
     "ExportResult",
     "measure_latency",
+    "compare_latency",
+    "LatencyComparison",
     "optimize_for_inference",
 ]

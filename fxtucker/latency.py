@@ -4,6 +4,12 @@ Back ends: ``"eager"`` (the module as it is), ``"compile"`` (``torch.compile``, 
 ``"onnxruntime"`` (exported with ``torch.onnx.export`` and run by an ``onnxruntime.InferenceSession``).
 Devices: ``"cpu"`` (wall time, ``time.perf_counter``) and ``"cuda"`` (CUDA events).
 
+Every speed-up fxtucker prints (``fxtucker bench``, ``fxtucker inspect``, the report of
+``fxtucker compress``) comes from :func:`compare_latency`: the two models are timed alternately
+over several rounds with :func:`measure_latency`, the round with the median speed-up is kept, and
+when the rounds' speed-ups disagree by more than :data:`MAX_SPREAD` (max / min) the result is
+marked unreliable and no number is printed.
+
 :class:`TimingCache` keeps timings in a JSON file under the user's cache directory
 (:func:`cache_dir`), so that back-end-aware passes time each layer shape once per machine.
 """
@@ -12,13 +18,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import json
+import math
 import os
 import statistics
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -27,7 +36,8 @@ import torch.nn as nn
 
 from fxtucker.io import write_atomic
 
-__all__ = ["measure_latency", "measure_side_by_side", "BACKENDS", "DEVICES", "cache_dir", "TimingCache", "check_backend", "check_device"]
+__all__ = ["measure_latency", "measure_side_by_side", "compare_latency", "LatencyComparison", "MAX_SPREAD",
+           "BACKENDS", "DEVICES", "cache_dir", "TimingCache", "check_backend", "check_device"]
 
 BACKENDS = ("eager", "compile", "onnxruntime")
 DEVICES = ("cpu", "cuda")
@@ -204,11 +214,9 @@ def measure_latency(
         model.train(was_training)
 
 
-def measure_side_by_side(models: Sequence[nn.Module], example_inputs: Union[torch.Tensor, Sequence[Any]], *,
-                         rounds: int = 3, **kwargs: Any) -> list[float]:
-    """Each model's median over ``rounds`` of :func:`measure_latency` (``kwargs`` passed on), the
-    models timed alternately, in reverse order every other round (A B, B A, ...), so that a slow
-    phase of a shared machine falls on all of them. Milliseconds, in the order of ``models``."""
+def _alternate(models: Sequence[nn.Module], example_inputs: Union[torch.Tensor, Sequence[Any]], rounds: int,
+               on_round: Optional[Callable[[int], None]] = None, **kwargs: Any) -> list[list[float]]:
+    """Per model, its :func:`measure_latency` in each round; the models in reverse order every other round."""
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
     times: list[list[float]] = [[] for _ in models]
@@ -216,7 +224,157 @@ def measure_side_by_side(models: Sequence[nn.Module], example_inputs: Union[torc
         order = list(range(len(models)))
         for i in order if r % 2 == 0 else order[::-1]:
             times[i].append(measure_latency(models[i], example_inputs, **kwargs))
-    return [statistics.median(t) for t in times]
+        if on_round is not None:
+            on_round(r)
+    return times
+
+
+def measure_side_by_side(models: Sequence[nn.Module], example_inputs: Union[torch.Tensor, Sequence[Any]], *,
+                         rounds: int = 3, **kwargs: Any) -> list[float]:
+    """Each model's median over ``rounds`` of :func:`measure_latency` (``kwargs`` passed on), the
+    models timed alternately, in reverse order every other round (A B, B A, ...), so that a slow
+    phase of a shared machine falls on all of them. Milliseconds, in the order of ``models``.
+
+    To compare two models use :func:`compare_latency`, which also says whether the rounds agree."""
+    return [statistics.median(t) for t in _alternate(models, example_inputs, rounds, **kwargs)]
+
+
+# The rounds' speed-ups (baseline ms / candidate ms, one per round) may differ by at most this factor,
+# max / min, for a timing to count as reliable: 1.2 means that no round saw a speed-up more than 20%
+# away from another's. A machine busy with other work makes single rounds fast or slow at random;
+# a spread above this says that a rerun could well print another number.
+MAX_SPREAD = 1.2
+
+
+@dataclass(frozen=True)
+class LatencyComparison:
+    """Two models timed alternately over rounds by :func:`compare_latency`; milliseconds per round.
+
+    The kept round is the one whose speed-up is the median (the lower of the two middle ones for an
+    even count), so its two times and its speed-up belong together. ``reliable`` is False when the
+    rounds' speed-ups differ by more than ``max_spread`` (max / min): then :meth:`describe` says so
+    and :meth:`to_dict` gives no speed-up.
+    """
+
+    backend: str
+    device: str
+    threads: int
+    input_shape: tuple[int, ...]
+    baseline_rounds_ms: tuple[float, ...]
+    candidate_rounds_ms: tuple[float, ...]
+    max_spread: float = MAX_SPREAD
+    repeats: int = 20
+
+    @property
+    def batch(self) -> Optional[int]:
+        return self.input_shape[0] if self.input_shape else None
+
+    @property
+    def rounds(self) -> int:
+        return len(self.baseline_rounds_ms)
+
+    @property
+    def ratios(self) -> tuple[float, ...]:
+        """The speed-up of each round: baseline ms / candidate ms."""
+        return tuple(b / c if c > 0 else math.inf for b, c in zip(self.baseline_rounds_ms, self.candidate_rounds_ms))
+
+    @property
+    def spread(self) -> float:
+        """max / min of the rounds' speed-ups (1.0: every round agreed)."""
+        r = self.ratios
+        return max(r) / min(r) if min(r) > 0 else math.inf
+
+    @property
+    def reliable(self) -> bool:
+        return self.spread <= self.max_spread
+
+    @property
+    def kept_round(self) -> int:
+        return self.ratios.index(statistics.median_low(self.ratios))
+
+    @property
+    def baseline_ms(self) -> float:
+        return self.baseline_rounds_ms[self.kept_round]
+
+    @property
+    def candidate_ms(self) -> float:
+        return self.candidate_rounds_ms[self.kept_round]
+
+    @property
+    def speedup(self) -> float:
+        return self.ratios[self.kept_round]
+
+    def setting(self) -> str:
+        """What was timed and how, e.g. ``onnxruntime, cpu, batch 64 (64x1x28x28), 2 thread(s), ...``."""
+        shape = "x".join(map(str, self.input_shape))
+        return (f"{self.backend}, {self.device}, batch {self.batch} ({shape}), {self.threads} thread(s); timed "
+                f"alternately over {self.rounds} round(s) of {self.repeats} runs, the median round kept, unreliable "
+                f"when the rounds' speed-ups differ by more than {self.max_spread:.2f}x")
+
+    def unreliable_reason(self) -> str:
+        r = self.ratios
+        return (f"timing unreliable: the {self.rounds} rounds' speed-ups range from {min(r):.2f}x to {max(r):.2f}x "
+                f"(spread {self.spread:.2f}x > {self.max_spread:.2f}x allowed); the machine is probably busy: rerun "
+                f"when it is quiet, or with more rounds")
+
+    def describe(self) -> str:
+        """``"2.18 -> 1.02 ms, 2.14x"``, or why no number is given."""
+        if not self.reliable:
+            return self.unreliable_reason()
+        return f"{self.baseline_ms:.2f} -> {self.candidate_ms:.2f} ms, {self.speedup:.2f}x"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the setting, every round, the spread; the kept times and speed-up only when reliable."""
+        d = {f.name: (list(v) if isinstance(v, tuple) else v)
+             for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
+        d.update(batch=self.batch, ratios=list(self.ratios), spread=self.spread, reliable=self.reliable,
+                 kept_round=self.kept_round)
+        kept = dict(baseline_ms=self.baseline_ms, candidate_ms=self.candidate_ms, speedup=self.speedup)
+        d.update(kept if self.reliable else {k: None for k in kept})
+        if not self.reliable:
+            d["note"] = self.unreliable_reason()
+        return d
+
+
+def compare_latency(baseline: nn.Module, candidate: nn.Module, example_inputs: Union[torch.Tensor, Sequence[Any]],
+                    *, rounds: int = 5, max_spread: float = MAX_SPREAD, backend: str = "eager",
+                    threads: Optional[int] = None, device: str = "cpu", warmup: int = 3, repeats: int = 20,
+                    on_round: Optional[Callable[[int], None]] = None) -> LatencyComparison:
+    """Time ``baseline`` and ``candidate`` alternately over ``rounds`` and keep the median round.
+
+    Each round times both models with :func:`measure_latency` (median of ``repeats`` runs after
+    ``warmup``), in reverse order every other round, so a slow phase of a shared machine falls on
+    both. The round whose speed-up (baseline / candidate) is the median is kept; the result is
+    unreliable when the rounds' speed-ups differ by more than ``max_spread`` (max / min; see
+    :data:`MAX_SPREAD`). With one round there is nothing to compare, so use three or more.
+
+    Args:
+        baseline, candidate: the two models (e.g. the BN-folded original and the deployed model).
+        example_inputs: one batch at the shape to time.
+        rounds: alternating rounds (>= 1).
+        max_spread: the largest max / min of the rounds' speed-ups still counted as reliable (>= 1).
+        backend, threads, device, warmup, repeats: as in :func:`measure_latency`.
+        on_round: called with the round's index after each round (a progress bar, say).
+
+    Returns:
+        A :class:`LatencyComparison`; ``str(result.describe())`` is what to print.
+
+    Example::
+
+        >>> cmp = compare_latency(optimize_for_inference(model, x), deployed, x, backend="onnxruntime")
+        >>> print(cmp.describe() if cmp.reliable else cmp.unreliable_reason())
+    """
+    if (isinstance(max_spread, bool) or not isinstance(max_spread, (int, float)) or not math.isfinite(max_spread)
+            or max_spread < 1):
+        raise ValueError(f"max_spread must be a finite number >= 1 (the largest max / min of the rounds' speed-ups), "
+                         f"got {max_spread!r}")
+    base, cand = _alternate([baseline, candidate], example_inputs, rounds, on_round, backend=backend,
+                            threads=threads, device=device, warmup=warmup, repeats=repeats)
+    first = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    shape = tuple(first[0].shape) if first and isinstance(first[0], torch.Tensor) else ()
+    return LatencyComparison(backend=backend, device=device, threads=threads or torch.get_num_threads(),
+                             input_shape=shape, baseline_rounds_ms=tuple(base), candidate_rounds_ms=tuple(cand),
+                             max_spread=float(max_spread), repeats=repeats)
 
 
 def _on(model: nn.Module, device: str) -> bool:

@@ -231,3 +231,83 @@ def test_onnxruntime_input_errors(monkeypatch):
     with pytest.raises(ValueError, match=r"backend='onnxruntime' on device 'cuda' needs onnxruntime's "
                                          r"CUDAExecutionProvider \(pip install onnxruntime-gpu\)"):
         measure_latency(nn.Conv2d(3, 3, 1), torch.randn(1, 3, 4, 4), backend="onnxruntime", device="cuda")
+
+
+# --- compare_latency: alternating rounds, the median round, the unreliable-timing rule ---------------
+
+
+def _scripted(monkeypatch, times: dict):
+    """measure_latency replaced by a fake clock: each model's next scripted time, in call order."""
+    calls = []
+    queues = {id(m): list(ts) for m, ts in times.items()}
+
+    def fake(model, *args, **kwargs):
+        calls.append((model, kwargs))
+        return queues[id(model)].pop(0)
+
+    monkeypatch.setattr(fxtucker.latency, "measure_latency", fake)
+    return calls
+
+
+def test_compare_latency_keeps_the_median_round_and_alternates(monkeypatch):
+    from fxtucker.latency import compare_latency
+
+    a, b = nn.Identity(), nn.ReLU()
+    # speed-ups per round: 2.0, 2.1, 1.95, 2.05, 2.2 -> median 2.05 (round 3), spread 2.2 / 1.95 = 1.128
+    calls = _scripted(monkeypatch, {a: [10.0, 21.0, 19.5, 20.5, 11.0], b: [5.0, 10.0, 10.0, 10.0, 5.0]})
+    cmp = compare_latency(a, b, torch.randn(4, 3), rounds=5, backend="eager", threads=1, repeats=7)
+    assert [m for m, _ in calls] == [a, b, b, a, a, b, b, a, a, b]  # A B, B A, ...
+    assert all(k == dict(backend="eager", threads=1, device="cpu", warmup=3, repeats=7) for _, k in calls)
+    assert cmp.reliable and cmp.kept_round == 3 and cmp.spread == pytest.approx(2.2 / 1.95)
+    assert (cmp.baseline_ms, cmp.candidate_ms, cmp.speedup) == (20.5, 10.0, 2.05)
+    assert cmp.describe() == "20.50 -> 10.00 ms, 2.05x"
+    assert cmp.batch == 4 and cmp.setting().startswith("eager, cpu, batch 4 (4x3), 1 thread(s); timed alternately "
+                                                        "over 5 round(s) of 7 runs, the median round kept")
+    d = cmp.to_dict()
+    assert d["reliable"] and d["speedup"] == 2.05 and d["baseline_rounds_ms"] == [10.0, 21.0, 19.5, 20.5, 11.0]
+    assert json.loads(json.dumps(d)) == d
+
+
+def test_compare_latency_says_unreliable_when_the_rounds_disagree(monkeypatch):
+    from fxtucker.latency import MAX_SPREAD, compare_latency
+
+    a, b = nn.Identity(), nn.ReLU()
+    # the issue's busy machine: one slow moment for the original, speed-ups 1.0, 185, 0.9
+    _scripted(monkeypatch, {a: [2.2, 329.5, 2.2], b: [2.2, 1.78, 2.44]})
+    cmp = compare_latency(a, b, torch.randn(1, 3), rounds=3)
+    assert not cmp.reliable and cmp.spread > MAX_SPREAD
+    text = cmp.describe()
+    assert text.startswith("timing unreliable: the 3 rounds' speed-ups range from 0.90x to 185.11x (spread "
+                           "205.") and "> 1.20x allowed); the machine is probably busy" in text
+    assert "ms" not in text.split(";")[0]  # no number of milliseconds is printed
+    d = cmp.to_dict()
+    assert d["reliable"] is False and d["speedup"] is None and d["baseline_ms"] is None and d["note"] == text
+    # just above and just below the limit
+    _scripted(monkeypatch, {a: [1.0, 1.0, 1.0], b: [1.0, 1.0, 1.0 / 1.21]})
+    assert not compare_latency(a, b, torch.randn(1), rounds=3).reliable
+    _scripted(monkeypatch, {a: [1.0, 1.0, 1.0], b: [1.0, 1.0, 1.0 / 1.19]})
+    assert compare_latency(a, b, torch.randn(1), rounds=3).reliable
+    _scripted(monkeypatch, {a: [1.0, 1.0, 1.0], b: [1.0, 1.0, 1.0 / 1.19]})
+    assert not compare_latency(a, b, torch.randn(1), rounds=3, max_spread=1.1).reliable
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(rounds=0), r"rounds must be an int >= 1, got 0"),
+    (dict(max_spread=0.9), r"max_spread must be a finite number >= 1 \(the largest max / min of the rounds' "
+                           r"speed-ups\), got 0.9"),
+    (dict(max_spread=float("nan")), r"max_spread must be a finite number >= 1"),
+])
+def test_compare_latency_errors(kwargs, match):
+    from fxtucker.latency import compare_latency
+
+    with pytest.raises(ValueError, match=match):
+        compare_latency(nn.Identity(), nn.Identity(), torch.randn(1), **kwargs)
+
+
+def test_compare_latency_really_times(monkeypatch):
+    from fxtucker.latency import compare_latency
+
+    small, big = nn.Conv2d(8, 8, 1), nn.Sequential(*[nn.Conv2d(8, 8, 3, padding=1) for _ in range(3)])
+    cmp = compare_latency(small, big, torch.randn(1, 8, 8, 8), rounds=2, warmup=1, repeats=2, threads=1)
+    assert cmp.rounds == 2 and all(t > 0 for t in cmp.baseline_rounds_ms + cmp.candidate_rounds_ms)
+    assert cmp.threads == 1 and cmp.input_shape == (1, 8, 8, 8)
