@@ -430,14 +430,14 @@ def _plan(exp: str, s: Setup) -> list[dict]:
         # set): does step 3 alone reach each budget with gates at 0 (no fine-tuning), how much does
         # a plain threshold prune at a fixed lambda, and how to split the epochs.
         no_ft = dict(train_epochs=0, finetune_epochs=0)
-        runs = [dict(method="funnel", setting=f"{k}x reg{e} no-ft", flow=dict(no_ft, reg_epochs=e, target_macs=s.macs // k))
-                for k in QUALITY_BUDGETS for e in (2,)]
+        total = _finetune_epochs(s)
+        runs = [dict(method="funnel", setting=f"{k}x {a}+{b}+{total - a - b}",
+                     flow=dict(target_macs=s.macs // k, train_epochs=a, reg_epochs=b, finetune_epochs=total - a - b))
+                for k in (3,) for a, b in ((0, 2), (0, 3), (0, 4)) if a + b <= total]
         runs += [dict(method="funnel", setting=f"threshold lambda={lam} reg2 no-ft",
                       flow=dict(no_ft, reg_epochs=2, reg_weight=lam, steer=False)) for lam in (0.2, 1.0, 5.0)]
-        total = _finetune_epochs(s)
-        runs += [dict(method="funnel", setting=f"{k}x {a}+{b}+{total - a - b}",
-                      flow=dict(target_macs=s.macs // k, train_epochs=a, reg_epochs=b, finetune_epochs=total - a - b))
-                 for k in (3,) for a, b in ((0, 2), (0, 3), (0, 4)) if a + b <= total]
+        runs += [dict(method="funnel", setting=f"{k}x reg{e} no-ft", flow=dict(no_ft, reg_epochs=e, target_macs=s.macs // k))
+                 for k in QUALITY_BUDGETS for e in (2,)]
         return runs
     if exp == "baselines":
         runs = [dict(method="uncompressed", setting="baseline")]

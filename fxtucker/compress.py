@@ -87,6 +87,7 @@ class CompressConfig:
     proximal: bool = True
     mac_weighted: bool = True
     compose: bool = True  # train through compose_factors: one conv per layer, same function and gradients
+    c_follows_budget: bool = False  # with a budget: c = the gate size the budget would cut now (GatePenalty)
     finetune_epochs: int = 3
     finetune_lr: float = 0.01
     optimizer: str = "sgd"
@@ -122,7 +123,7 @@ class CompressConfig:
             raise ValueError(f"CompressConfig.target_macs must be a positive integer, got {self.target_macs!r}")
         if self.target_speedup is not None and (not isinstance(self.target_speedup, numbers.Real) or not self.target_speedup >= 1):
             raise ValueError(f"CompressConfig.target_speedup must be a number >= 1, got {self.target_speedup!r}")
-        for name in ("steer", "relative_gates", "proximal", "mac_weighted", "compose"):
+        for name in ("steer", "relative_gates", "proximal", "mac_weighted", "compose", "c_follows_budget"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"CompressConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.round_to is not None and (isinstance(self.round_to, bool) or not isinstance(self.round_to, numbers.Integral)
@@ -351,7 +352,7 @@ class GatePenalty:
             ``max(epochs - 1, epochs / 2)``.
     """
 
-    GAIN, MAX_CHANGE, RANGE, MAX_SHRINK = 4.0, 2.0, 1e4, 0.02
+    GAIN, MAX_CHANGE, RANGE, MAX_SHRINK = 4.0, 2.0, 1e4, 0.05
 
     def __init__(self, gated: fx.GraphModule, reg: str, weight: float, schedule: regularizers.CSchedule, *,
                  target_macs: Optional[int] = None, threshold: float = 0.01, epochs: int = 1, every: int = 10,
@@ -582,7 +583,7 @@ def compress(
                           target_macs=target if config.steer else None, threshold=config.threshold,
                           epochs=config.reg_epochs, every=config.steer_every, relative=config.relative_gates,
                           proximal=config.proximal, round_to=config.round_to, mac_weighted=config.mac_weighted,
-                          steps_per_epoch=_len(train_data))
+                          steps_per_epoch=_len(train_data), c_follows_budget=config.c_follows_budget)
     rel = config.relative_gates
     threshold_fn = ((lambda g: threshold_for_budget(g, target, relative=rel, round_to=config.round_to)) if target is not None
                     else (lambda g: config.threshold))

@@ -9,7 +9,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fxtucker
-from fxtucker import tucker
+from fxtucker import regularizers, tucker
 from fxtucker.compress import CompressConfig, compress, threshold_for_budget
 from fxtucker.passes import cost_model, decompose_conv, insert_gates, predict_macs
 
@@ -327,3 +327,37 @@ def test_relative_proximal_step_keeps_each_vector_mean_and_zeroes_the_small_gate
     assert torch.allclose(g.detach().abs().mean(), mean)
     assert (g.detach() == 0).any() and (g.detach() > 0).any()
     assert torch.all(g.detach()[1:] >= g.detach()[:-1])  # the order of the gates is kept
+
+
+def test_gates_the_optimizer_moved_off_zero_are_zeroed_again_at_the_budget():
+    # Regression: the budget guard took every gate that the optimizer step had moved off 0 for a
+    # new zero, and once the zeros were at the budget it gave them all their values back.
+    flow = importlib.import_module("fxtucker.compress")
+    gm, _, _ = _gated_toy()
+    tiny = math.nextafter(0.0, 1.0)
+    target = predict_macs(gm, 0.5, relative=True)
+    pen = flow.GatePenalty(gm, "l1", 50.0, lambda e: 1.0, target_macs=target, epochs=2, proximal=True)
+    for step in range(10):
+        pen.after_step(gm, 0, step, lr=0.1)
+    at_budget = predict_macs(gm, tiny, relative=True)
+    assert target <= at_budget < predict_macs(gm, 0.0) and pen.zeros_macs == at_budget
+    gs = [g for layer in fxtucker.gates(gm).values() for g in layer.values()]
+    zeros = [g.detach() == 0 for g in gs]
+    with torch.no_grad():  # what an optimizer step with momentum does to a gate at 0
+        for g, z in zip(gs, zeros):
+            g.add_(1e-4 * z)
+    pen.after_step(gm, 0, 10, lr=0.1)
+    assert all(bool((g.detach()[z] == 0).all()) for g, z in zip(gs, zeros))  # every old zero is 0 again
+    assert pen.zeros_macs == predict_macs(gm, tiny, relative=True) >= target
+
+
+def test_c_follows_the_budget_threshold():
+    flow = importlib.import_module("fxtucker.compress")
+    gm, _, _ = _gated_toy()
+    target = predict_macs(gm, 0.5, relative=True)
+    schedule = regularizers.c_schedule("linear", c_start=1.0, c_end=0.01, total=2)
+    pen = flow.GatePenalty(gm, "funnel", 1.0, schedule, target_macs=target, c_follows_budget=True)
+    assert pen.c(0) == max(pen.budget_threshold(), 0.01) != schedule(0)
+    plain = flow.GatePenalty(gm, "funnel", 1.0, schedule, target_macs=target)
+    assert plain.c(1) == schedule(1)
+    assert CompressConfig(c_follows_budget=True).c_follows_budget
