@@ -21,7 +21,7 @@ import fxtucker
 from fxtucker import data, models
 from fxtucker.io import save_torch, write_atomic, write_text
 from fxtucker.runs import record_run
-from fxtucker.latency import measure_latency, measure_side_by_side
+from fxtucker.latency import MAX_SPREAD, BACKENDS, LatencyComparison, compare_latency, default_backend
 from fxtucker.passes import cost_model, decompose_conv, fold_or_restore, insert_gates, strip_gates
 
 __all__ = ["main"]
@@ -115,6 +115,46 @@ def _params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _max_spread(text: str) -> float:
+    """--max-spread: a finite number >= 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give the largest max/min of the rounds' "
+                                         f"speed-ups still counted as reliable, a number >= 1 (default {MAX_SPREAD})") from None
+    if not math.isfinite(value) or value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number >= 1 (default {MAX_SPREAD})")
+    return value
+
+
+def _forms(gm: torch.nn.Module) -> dict[str, int]:
+    """How many layers run in each form (``fold_or_restore(cost="latency")``'s choice), e.g. {"tucker2": 12}."""
+    forms = [layer.form for layer in fxtucker.report(gm).layers if layer.form]
+    return {f: forms.count(f) for f in sorted(set(forms))}
+
+
+def _forms_text(forms: dict[str, int]) -> str:
+    return ", ".join(f"{f} {n}" for f, n in forms.items()) or "none timed"
+
+
+def _ms(cmp: LatencyComparison, which: str) -> str:
+    """A cell of a latency row: the kept round's milliseconds or speed-up, or "unreliable"."""
+    if not cmp.reliable:
+        return "unreliable"
+    return f"{cmp.speedup:.2f}x" if which == "speedup" else f"{getattr(cmp, which):.2f}"
+
+
+def _add_timing_args(p: argparse.ArgumentParser, rounds: int = 5) -> None:
+    p.add_argument("--rounds", type=_positive, default=rounds,
+                   help=f"rounds, the two models timed alternately in each; the round with the median speed-up is "
+                        f"shown (default {rounds})")
+    p.add_argument("--repeats", type=_positive, default=20, help="timed runs per model and round (their median is "
+                                                                 "the round's time; default 20)")
+    p.add_argument("--max-spread", type=_max_spread, default=MAX_SPREAD,
+                   help=f"the timing is reported as unreliable, with no number, when the rounds' speed-ups differ by "
+                        f"more than this factor, max/min (default {MAX_SPREAD})")
+
+
 def _inspect(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model = _model(args.model, args.num_classes, args.in_channels, args.checkpoint, args.model_kwargs).eval()
@@ -138,31 +178,52 @@ def _inspect(args: argparse.Namespace) -> int:
         ref_out, out = model(x), final(x)
     err = ((out - ref_out).norm() / ref_out.norm()).item()
     macs_before, macs_after = fxtucker.count_macs(model, x), fxtucker.count_macs(final, x)
-    lat_before = measure_latency(model, x, threads=args.threads)
-    lat_after = measure_latency(final, x, threads=args.threads)
+    # What is timed is what would be deployed: BatchNorm folded on both sides, and the compressed
+    # model's forms chosen on the back end by optimize_for_inference (not the eager MAC-based chain).
+    from fxtucker.deploy import optimize_for_inference
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            baseline = optimize_for_inference(model, x)
+            deployed = optimize_for_inference(final, x, backend=args.backend, threads=args.threads)
+        cmp = compare_latency(baseline, deployed, x, rounds=args.rounds, max_spread=args.max_spread,
+                              backend=args.backend, threads=args.threads, repeats=args.repeats)
+    except ImportError as exc:
+        raise _UsageError(str(exc)) from None
+    forms = _forms(deployed)
     rows = [
         ("", "original", "compressed", "ratio"),
         ("MACs", f"{macs_before:,}", f"{macs_after:,}", f"{macs_before / macs_after:.2f}x"),
         ("params", f"{_params(model):,}", f"{_params(final):,}", f"{_params(model) / _params(final):.2f}x"),
-        (f"CPU latency, batch {args.batch} (ms)", f"{lat_before:.2f}", f"{lat_after:.2f}", f"{lat_before / lat_after:.2f}x"),
+        (f"latency, {args.backend}, batch {args.batch} (ms)", _ms(cmp, "baseline_ms"), _ms(cmp, "candidate_ms"),
+         _ms(cmp, "speedup")),
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     print()
     for r in rows:
         print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    print(f"latency: {cmp.setting()}; original: BatchNorm folded; compressed: BatchNorm folded, each layer's form "
+          f"chosen by optimize_for_inference on {args.backend} ({_forms_text(forms)}; "
+          f"{fxtucker.count_macs(deployed, x):,} MACs as deployed)")
+    if not cmp.reliable:
+        print(f"latency: {cmp.unreliable_reason()}")
     print(f"relative output change (untrained, ranks={args.ranks}): {err:.3g}")
     if args.json:
         out_path = Path(args.json)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         summary = {"macs_before": macs_before, "macs_after": macs_after, "params_before": _params(model),
-                   "params_after": _params(final), "latency_ms_before": lat_before, "latency_ms_after": lat_after,
+                   "params_after": _params(final), "latency_ms_before": cmp.to_dict()["baseline_ms"],
+                   "latency_ms_after": cmp.to_dict()["candidate_ms"],
+                   "latency": {**cmp.to_dict(), "forms": forms, "deployed_macs": fxtucker.count_macs(deployed, x)},
                    "relative_output_change": err, "report": rep.to_dict()}
         write_text(out_path, json.dumps(summary, indent=2))
         print(f"wrote {out_path}")
     return 0
 
 
-# The --quick profile: a ~10-minute run on 2 CPU cores (resnet20, Fashion-MNIST).
+# The --quick profile: a ~10-minute run on 2 CPU cores (resnet20, Fashion-MNIST). eval_subset is what
+# the stages are watched on; accuracy before and after is measured on the whole test set.
 QUICK = dict(train_subset=10000, eval_subset=2000, baseline_epochs=4)
 QUICK_CONFIG = dict(train_epochs=1, reg_epochs=4, finetune_epochs=2, reg_weight=0.2, target_speedup=2.0)
 
@@ -219,15 +280,9 @@ def _check_toml(path: str) -> str:
 
 
 def _markdown(summary: dict, layers: list[dict]) -> str:
-    lines = ["# fxtucker compress", "", f"`{summary['command']}`", "",
-             "| | original | compressed | ratio |", "|---|---|---|---|"]
-    for key, label in (("accuracy", "accuracy"), ("macs", "MACs"), ("params", "params"), ("latency_ms", "CPU latency, batch 1 (ms)")):
-        b, a = summary[f"{key}_before"], summary[f"{key}_after"]
-        if key == "accuracy":
-            lines.append(f"| {label} | {b:.4f} | {a:.4f} | {a - b:+.4f} |")
-        else:
-            lines.append(f"| {label} | {b:,.6g} | {a:,.6g} | {b / a:.2f}x |")
-    lines += ["", "## Accuracy after each stage", "", "| stage | accuracy |", "|---|---|"]
+    lines = ["# fxtucker compress", "", f"`{summary['command']}`", "", "```text", _summary_text(summary), "```",
+             "", "## Accuracy after each stage", "",
+             f"On {summary['stage_accuracy_images']:,} test images.", "", "| stage | accuracy |", "|---|---|"]
     lines += [f"| {k} | {v['accuracy']:.4f} |" for k, v in summary["stages"].items() if v.get("accuracy") is not None]
     lines += ["", "## Layers", "", "| layer | full ranks | ranks | MACs before | MACs after | decision |", "|---|---|---|---|---|---|"]
     for l in layers:
@@ -235,6 +290,101 @@ def _markdown(summary: dict, layers: list[dict]) -> str:
         lines.append(f"| {l['name']} | {fmt(l['full_ranks'])} | {fmt(l['ranks'])} | {l['macs_before'] or '-'} | "
                      f"{l['macs_after'] or '-'} | {l['decision']} |")
     return "\n".join(lines) + "\n"
+
+
+def _deploy(args: argparse.Namespace, model: torch.nn.Module, compressed: torch.nn.Module, x: torch.Tensor,
+            n_cls: int, out: Path, say) -> tuple[dict, dict]:
+    """The end of the main job: the compressed model deployed for ``--backend`` (BatchNorm folded, each layer's
+    form chosen by timing at batch ``--latency-batch``), written with its parity check, and timed side by side
+    against the BN-folded original at batch 1 and at ``--latency-batch``. Returns (deployed, latency) for the
+    report."""
+    from fxtucker.deploy import optimize_for_inference
+
+    backend = args.backend or default_backend()
+    batches = sorted({1, args.latency_batch})
+    big = torch.randn(args.latency_batch, *x.shape[1:])
+    say(f"deploying for {backend}: BatchNorm folded, each layer's form chosen by timing at batch {args.latency_batch} "
+        f"among those within the compressed model's MACs")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            baseline = optimize_for_inference(model.eval(), x)
+            # max_macs: a dense form may win on time, but the deployed model keeps the MACs compress() reached.
+            deployed = optimize_for_inference(compressed, big, backend=backend, threads=args.threads,
+                                              max_macs=fxtucker.count_macs(compressed, big))
+        if backend == "onnxruntime":
+            result = fxtucker.export(deployed, x, out / "deployed.onnx", "onnx")
+        else:  # eager and compile run the GraphModule itself: a manifest rebuilds it (fxtucker.load)
+            result = fxtucker.export(deployed, x, out / "deployed", "manifest",
+                                     model_factory=lambda: models.get_model(args.model, num_classes=n_cls,
+                                                                            in_channels=x.shape[1],
+                                                                            model_kwargs=args.model_kwargs),
+                                     extra={"model": args.model, "model_kwargs": args.model_kwargs or {},
+                                            "num_classes": n_cls, "in_channels": x.shape[1],
+                                            "input_shape": list(x.shape), "backend": backend})
+    except ImportError as exc:
+        raise _UsageError(f"--backend {backend}: {exc}") from None
+    say(f"wrote {result.path} ({result.format}); reloaded and checked on a {'x'.join(map(str, x.shape))} input: max "
+        f"abs error {result.max_abs_error:.3g}, max rel error {result.max_rel_error:.3g}")
+    forms = _forms(deployed)
+    info = {"backend": backend, "file": result.path.name + ("/" if result.format == "manifest" else ""),
+            "format": result.format, "forms": forms, "forms_chosen_at_batch": args.latency_batch,
+            "macs": fxtucker.count_macs(deployed, x), "params": _params(deployed),
+            "parity": {"input_shape": list(x.shape), "max_abs_error": result.max_abs_error,
+                       "max_rel_error": result.max_rel_error, "atol": result.atol, "rtol": result.rtol}}
+    latency = {}
+    from fxtucker.train import _bar  # the training loop's progress bar, so every stage looks the same
+
+    bar = _bar(len(batches) * args.rounds, f"timing on {backend}", not args.no_progress)
+    try:
+        for b in batches:
+            xb = x if b == 1 else big
+            cmp = compare_latency(baseline, deployed, xb, rounds=args.rounds, max_spread=args.max_spread,
+                                  backend=backend, threads=args.threads, repeats=args.repeats,
+                                  on_round=(lambda _r: bar.update(1)) if bar is not None else None)
+            latency[f"batch_{b}"] = {**cmp.to_dict(), "rounds": cmp.rounds, "setting": cmp.setting(),
+                                     "baseline": "the original, BatchNorm folded (optimize_for_inference, no ranks)",
+                                     "candidate": f"the deployed model ({_forms_text(forms)})"}
+    finally:
+        if bar is not None:
+            bar.close()
+    return info, latency
+
+
+def _summary_text(summary: dict) -> str:
+    """The table the main job prints: accuracy, MACs, params and the deployed speed at each timed batch."""
+    acc_b, acc_a = summary["accuracy_before"], summary["accuracy_after"]
+    rows = [("", "original", "compressed", "ratio"),
+            (f"accuracy ({summary['accuracy_images']:,} test images)", f"{acc_b:.4f}", f"{acc_a:.4f}",
+             f"{acc_a - acc_b:+.4f}"),
+            ("MACs", f"{summary['macs_before']:,}", f"{summary['macs_after']:,}",
+             f"{summary['macs_before'] / summary['macs_after']:.2f}x"),
+            ("params", f"{summary['params_before']:,}", f"{summary['params_after']:,}",
+             f"{summary['params_before'] / summary['params_after']:.2f}x")]
+    dep = summary["deployed"]
+    for key, t in summary["latency"].items():
+        cells = [("unreliable" if t[k] is None else f"{t[k]:.2f}") for k in ("baseline_ms", "candidate_ms")]
+        ratio = "unreliable" if t["speedup"] is None else f"{t['speedup']:.2f}x"
+        rows.append((f"latency, {dep['backend']}, batch {t['batch']} (ms)", *cells, ratio))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    e = summary["epochs"]
+    base = f"{e['baseline']} epoch(s), trained here" if e["baseline_from"] == "trained here" else "given by --checkpoint"
+    lines.append(f"epochs: original {base}; compressed: {e['decomposed']} decomposed + {e['regularize']} regularized "
+                 f"+ {e['finetune']} fine-tuning on top of it")
+    if summary["stage_accuracy_images"] != summary["accuracy_images"]:
+        lines.append(f"accuracy after each stage (report.md) on {summary['stage_accuracy_images']:,} of the test images")
+    t = next(iter(summary["latency"].values()), None)
+    if t is not None:
+        lines.append(f"latency: the original with BatchNorm folded against the deployed model "
+                     f"({_forms_text(dep['forms'])}; {dep['macs']:,} MACs; forms chosen at batch "
+                     f"{dep['forms_chosen_at_batch']} within the compressed model's MACs), on {t['backend']}, {t['device']}, {t['threads']} thread(s); "
+                     f"timed alternately over {t['rounds']} rounds of {t['repeats']} runs, the round with the median "
+                     f"speed-up shown; unreliable when the rounds' speed-ups differ by more than {t['max_spread']:.2f}x")
+    lines += [f"latency at batch {t['batch']}: {t['note']}" for t in summary["latency"].values() if not t["reliable"]]
+    lines.append(f"deployed: {dep['file']} ({dep['format']}), reloaded and checked: max abs error "
+                 f"{dep['parity']['max_abs_error']:.3g} (atol {dep['parity']['atol']:g}, rtol {dep['parity']['rtol']:g})")
+    return "\n".join(lines)
 
 
 def _histograms(stages: dict, out: Path) -> list[str]:
@@ -308,6 +458,9 @@ def _compress(args: argparse.Namespace) -> int:
     eval_subset = args.eval_subset or quick.get("eval_subset")
     train_loader = data.make_loader(train_set, args.batch_size, True, subset=train_subset, seed=args.seed)
     eval_loader = data.make_loader(eval_set, 256, False, subset=eval_subset, seed=args.seed)
+    # Accuracy before and after: the whole test set, unless --eval-subset asks for less.
+    test_loader = (eval_loader if eval_subset == args.eval_subset
+                   else data.make_loader(eval_set, 256, False, subset=args.eval_subset, seed=args.seed))
     if args.config:
         config = CompressConfig.from_toml(_check_toml(args.config))
     else:
@@ -343,15 +496,25 @@ def _compress(args: argparse.Namespace) -> int:
     model.cpu()
     result.model.cpu()
     rep = result.report
-    lat_before, lat_after = measure_latency(model, x, threads=args.threads), measure_latency(result.model, x, threads=args.threads)
+    n_test = len(test_loader.dataset)
+    if test_loader is eval_loader and rep["accuracy_before"] is not None:
+        acc_before, acc_after = rep["accuracy_before"], rep["accuracy_after"]
+    else:
+        say(f"measuring accuracy before and after on {n_test:,} test images")
+        acc_before, acc_after = evaluate(model.eval(), test_loader), evaluate(result.model.eval(), test_loader)
+    deployed, latency = _deploy(args, model, result.model, x, n_cls, out, say)
+    epochs_of = {"baseline": epochs if args.checkpoint is None else None,
+                 "baseline_from": "trained here" if args.checkpoint is None else "given by --checkpoint",
+                 "decomposed": config.train_epochs, "regularize": config.reg_epochs, "finetune": config.finetune_epochs}
     summary = {
         "command": ("fxtucker " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name in ("fxtucker", "__main__.py")
                     else "fxtucker compress"),
         "model": args.model, "dataset": dataset, "quick": args.quick,
-        "accuracy_before": rep["accuracy_before"], "accuracy_after": rep["accuracy_after"],
+        "accuracy_before": acc_before, "accuracy_after": acc_after, "accuracy_images": n_test,
+        "stage_accuracy_images": len(eval_loader.dataset), "epochs": epochs_of,
         "macs_before": rep["macs_before"], "macs_after": rep["macs_after"],
         "params_before": rep["params_before"], "params_after": rep["params_after"],
-        "latency_ms_before": lat_before, "latency_ms_after": lat_after, "stages": rep["stages"],
+        "deployed": deployed, "latency": latency, "stages": rep["stages"],
     }
     write_text(out / "report.json", json.dumps({**rep, **summary, "baseline_history": baseline_history,
                                                 "history": result.history}, indent=2) + "\n")
@@ -365,17 +528,10 @@ def _compress(args: argparse.Namespace) -> int:
                                           "num_classes": n_cls, "in_channels": in_ch,
                                           "input_shape": list(x.shape), "dataset": dataset})
     pngs = _histograms(rep["stages"], out)
-    rows = [("", "original", "compressed", "ratio"),
-            ("accuracy", f"{rep['accuracy_before']:.4f}", f"{rep['accuracy_after']:.4f}",
-             f"{rep['accuracy_after'] - rep['accuracy_before']:+.4f}"),
-            ("MACs", f"{rep['macs_before']:,}", f"{rep['macs_after']:,}", f"{rep['macs_before'] / rep['macs_after']:.2f}x"),
-            ("params", f"{rep['params_before']:,}", f"{rep['params_after']:,}", f"{rep['params_before'] / rep['params_after']:.2f}x"),
-            ("CPU latency, batch 1 (ms)", f"{lat_before:.2f}", f"{lat_after:.2f}", f"{lat_before / lat_after:.2f}x")]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
     print()
-    for r in rows:
-        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
-    print(f"\nwrote {out}/report.json, report.md, compressed_state_dict.pt, manifest/" + (f", {', '.join(pngs)}" if pngs else ""))
+    print(_summary_text(summary))
+    print(f"\nwrote {out}/report.json, report.md, compressed_state_dict.pt, manifest/, {deployed['file']}"
+          + (f", {', '.join(pngs)}" if pngs else ""))
     _finish_distributed()
     return 0
 
@@ -470,25 +626,31 @@ def _bench(args: argparse.Namespace) -> int:
           f"BatchNorm folded; compressed: ranks {args.ranks}" + (f" rounded to {args.round_to}" if args.round_to else "")
           + (", each layer's form chosen by timing on the back end" if args.search == "layer" else
              ", forms chosen by timing each layer and then whole models on the back end")
-          + f"; timed alternately, median of {args.rounds} round{'s' if args.rounds != 1 else ''}")
+          + f"; timed alternately over {args.rounds} round{'s' if args.rounds != 1 else ''}, the round with the "
+            f"median speed-up shown, unreliable when the rounds' speed-ups differ by more than {args.max_spread:.2f}x")
     rows = [("back end", "original ms", "compressed ms", "speed-up", "original MACs", "compressed MACs", "MACs ratio")]
     summary = []
     for backend in args.backend:
         try:
             compressed = optimize_for_inference(model, x, ranks=args.ranks, method=args.method, backend=backend,
                                                 round_to=args.round_to, threads=args.threads, search=args.search)
-            before, after = measure_side_by_side([baseline, compressed], x, rounds=args.rounds, backend=backend,
-                                                 threads=args.threads, repeats=args.repeats)
+            cmp = compare_latency(baseline, compressed, x, rounds=args.rounds, max_spread=args.max_spread,
+                                  backend=backend, threads=args.threads, repeats=args.repeats)
         except ImportError as exc:
             raise _UsageError(str(exc)) from None
         macs_after = fxtucker.count_macs(compressed, x)
-        rows.append((backend, f"{before:.2f}", f"{after:.2f}", f"{before / after:.2f}x", f"{macs_before:,}",
-                     f"{macs_after:,}", f"{macs_before / macs_after:.2f}x"))
-        summary.append({"backend": backend, "original_ms": before, "compressed_ms": after, "speedup": before / after,
-                        "original_macs": macs_before, "compressed_macs": macs_after, "rounds": args.rounds})
+        rows.append((backend, _ms(cmp, "baseline_ms"), _ms(cmp, "candidate_ms"), _ms(cmp, "speedup"),
+                     f"{macs_before:,}", f"{macs_after:,}", f"{macs_before / macs_after:.2f}x"))
+        d = cmp.to_dict()
+        summary.append({"backend": backend, "original_ms": d["baseline_ms"], "compressed_ms": d["candidate_ms"],
+                        "speedup": d["speedup"], "original_macs": macs_before, "compressed_macs": macs_after,
+                        "rounds": args.rounds, "forms": _forms(compressed), "timing": d})
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    for row in summary:
+        if not row["timing"]["reliable"]:
+            print(f"{row['backend']}: {row['timing']['note']}")
     if args.json:
         out_path = Path(args.json)
         out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -517,6 +679,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=_positive, default=1000)
     p.add_argument("--batch", type=_positive, default=1)
     p.add_argument("--threads", type=_positive, default=None, help="CPU threads for the latency measurement")
+    p.add_argument("--backend", choices=BACKENDS, default="eager",
+                   help="the back end the compressed model's forms are chosen for and both models are timed on "
+                        "(default eager)")
+    _add_timing_args(p)
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--graph", action="store_true", help="print the graph before and after")
     p.add_argument("--json", help="also write the numbers and the report to this JSON file")
@@ -536,10 +702,20 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--baseline-epochs", type=_positive, help="epochs of baseline training (default 4 with --quick, else 30)")
     c.add_argument("--batch-size", type=_positive, default=128)
     c.add_argument("--train-subset", type=_positive, help="train on a fixed random subset of this many images")
-    c.add_argument("--eval-subset", type=_positive, help="evaluate on a fixed random subset of this many images")
+    c.add_argument("--eval-subset", type=_positive,
+                   help="evaluate on a fixed random subset of this many test images (default: all of them; "
+                        "--quick watches the stages on 2,000 and measures accuracy before and after on all)")
     c.add_argument("--seed", type=_seed, default=0)
     c.add_argument("--resume", action="store_true", help="continue a killed run from the checkpoints in --out")
     c.add_argument("--threads", type=_positive, default=None, help="CPU threads for the latency measurement")
+    c.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="the back end to deploy the compressed model for and time it on (default: the fastest "
+                        "installed: onnxruntime with fxtucker[export], else eager); onnxruntime writes deployed.onnx, "
+                        "eager and compile a manifest in deployed/")
+    c.add_argument("--latency-batch", type=_positive, default=64,
+                   help="the larger batch the deployed model is timed at, besides batch 1, and its forms are chosen "
+                        "for (default 64)")
+    _add_timing_args(c)
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.add_argument("--out", help="output directory: logs, checkpoints, report.json, report.md "
                                  "(default runs/<model>-<dataset>[-quick])")
@@ -568,8 +744,6 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=_seed, default=0)
     e.set_defaults(func=_export)
 
-    from fxtucker.latency import BACKENDS
-
     b = sub.add_parser("bench", help="time the BN-folded original against the compressed model on each back end")
     b.add_argument("--model", required=True, help=_MODEL_HELP)
     b.add_argument("--model-kwargs", type=_json_object, help=_MODEL_KWARGS_HELP)
@@ -587,9 +761,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--in-channels", type=_positive, default=3)
     b.add_argument("--num-classes", type=_positive, default=1000)
     b.add_argument("--checkpoint", help="state_dict of trained weights (loaded with weights_only=True)")
-    b.add_argument("--repeats", type=_positive, default=20, help="timed runs per model and round (their median is taken)")
-    b.add_argument("--rounds", type=_positive, default=3,
-                   help="rounds, the two models timed alternately in each (the median round is shown; default 3)")
+    _add_timing_args(b)
     b.add_argument("--seed", type=_seed, default=0)
     b.add_argument("--json", help="also write the numbers to this JSON file")
     b.set_defaults(func=_bench)

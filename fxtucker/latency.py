@@ -36,7 +36,7 @@ import torch.nn as nn
 
 from fxtucker.io import write_atomic
 
-__all__ = ["measure_latency", "measure_side_by_side", "compare_latency", "LatencyComparison", "MAX_SPREAD",
+__all__ = ["measure_latency", "measure_side_by_side", "compare_latency", "LatencyComparison", "MAX_SPREAD", "default_backend",
            "BACKENDS", "DEVICES", "cache_dir", "TimingCache", "check_backend", "check_device"]
 
 BACKENDS = ("eager", "compile", "onnxruntime")
@@ -60,6 +60,17 @@ def check_device(device: object, where: str = "measure_latency") -> str:
         raise ValueError(f"device {device!r} was asked for, but torch.cuda.is_available() is False on this machine; "
                          f"use device='cpu'")
     return device
+
+
+def default_backend() -> str:
+    """The fastest back end installed here: ``"onnxruntime"`` when onnx, onnxruntime and onnxscript are
+    (``pip install fxtucker[export]``), else ``"eager"`` (``"compile"`` needs a compiler and minutes of
+    compiling per model, so it is never chosen for the user)."""
+    import importlib.util
+
+    if all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime", "onnxscript")):
+        return "onnxruntime"
+    return "eager"
 
 
 def _onnxruntime():

@@ -17,9 +17,17 @@ def test_inspect_small_model_prints_report_and_writes_json(tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "layer1.0.conv1" in out and "decomposed" in out
-    assert "MACs" in out and "CPU latency, batch 1 (ms)" in out
+    assert "MACs" in out and "latency, eager, batch 1 (ms)" in out
+    # what was timed: the deployable forms, BatchNorm folded on both sides, alternating rounds
+    assert ("latency: eager, cpu, batch 1 (1x3x32x32)" in out and "timed alternately over 5 round(s)" in out
+            and "original: BatchNorm folded; compressed: BatchNorm folded, each layer's form chosen by "
+                "optimize_for_inference on eager" in out)
     data = json.loads(out_json.read_text())
     assert data["macs_after"] < data["macs_before"]
+    timing = data["latency"]
+    assert timing["backend"] == "eager" and len(timing["ratios"]) == 5
+    assert sum(timing["forms"].values()) == 21  # every decomposed layer (all 21 here) got a form chosen by timing
+    assert timing["reliable"] == (timing["speedup"] is not None) == (data["latency_ms_after"] is not None)
     assert data["report"]["stage"] == "fold_or_restore" and len(data["report"]["layers"]) == 21  # stem + 18 in blocks + 2 downsample
     assert f"{data['macs_before']:,}" in out
 
@@ -58,13 +66,27 @@ def test_compress_small_run_writes_reports(tmp_path, capsys):
     config.write_text("train_epochs = 1\nreg_epochs = 1\nfinetune_epochs = 1\nreg_weight = 0.01\ntarget_speedup = 1.5\n")
     out = tmp_path / "run"
     argv = ["compress", "--model", "resnet20", "--dataset", "fashion-mnist", "--config", str(config),
-            "--train-subset", "256", "--eval-subset", "128", "--baseline-epochs", "1", "--no-progress", "--out", str(out)]
+            "--train-subset", "256", "--eval-subset", "128", "--baseline-epochs", "1", "--no-progress", "--out", str(out),
+            "--backend", "eager", "--latency-batch", "4", "--rounds", "2", "--repeats", "2"]
     assert main(argv) == 0
     text = capsys.readouterr().out
-    for row in ("accuracy", "MACs", "params", "CPU latency, batch 1 (ms)"):
+    for row in ("accuracy (128 test images)", "MACs", "params", "latency, eager, batch 1 (ms)",
+                "latency, eager, batch 4 (ms)", "epochs: original 1 epoch(s), trained here; compressed: 1 decomposed "
+                "+ 1 regularized + 1 fine-tuning", "deployed: deployed/ (manifest), reloaded and checked"):
         assert row in text
     rep = json.loads((out / "report.json").read_text())
     assert rep["macs_after"] <= rep["macs_before"] / 1.5
+    assert rep["epochs"] == {"baseline": 1, "baseline_from": "trained here", "decomposed": 1, "regularize": 1,
+                             "finetune": 1}
+    assert rep["accuracy_images"] == rep["stage_accuracy_images"] == 128
+    assert list(rep["latency"]) == ["batch_1", "batch_4"] and rep["latency"]["batch_4"]["input_shape"] == [4, 1, 28, 28]
+    dep = rep["deployed"]
+    assert dep["backend"] == "eager" and dep["macs"] <= rep["macs_after"] and dep["parity"]["max_abs_error"] <= 1e-5
+    import fxtucker
+    from fxtucker.models import get_model
+
+    deployed = fxtucker.load(out / "deployed", lambda: get_model("resnet20", num_classes=10, in_channels=1))
+    assert not any("bn" in name for name, _ in deployed.named_modules())  # BatchNorm folded
     assert rep["model"] == "resnet20" and len(rep["baseline_history"]) == 1
     assert list(rep["stages"]) == ["decomposed", "trained", "regularized", "pruned", "finetuned"]
     md = (out / "report.md").read_text()
@@ -109,3 +131,116 @@ def test_inspect_method_svd_decomposes_kxk_convs_as_svd_pairs(tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse: an invalid choice
         main(["inspect", "--model", "resnet20", "--method", "cp"])
     assert "invalid choice: 'cp'" in capsys.readouterr().err
+
+
+def _compressed_resnet20(x):
+    """resnet20 through the pass chain at ranks 0.5 (untrained): a compressed model as compress() returns one."""
+    import fxtucker
+    from fxtucker.models import get_model
+    from fxtucker.passes import cost_model, decompose_conv, fold_or_restore, insert_gates, strip_gates
+
+    model = get_model("resnet20", num_classes=10, in_channels=1).eval()
+    with pytest.warns(UserWarning, match="one input channel per group"):  # the 1-channel stem
+        gm = decompose_conv(cost_model(fxtucker.trace(model), x), ranks=0.5)
+    return model, fold_or_restore(strip_gates(insert_gates(gm), 0.0), x).eval()
+
+
+def _deploy_args(**kw):
+    import argparse
+
+    base = dict(backend="onnxruntime", latency_batch=3, rounds=3, repeats=2, max_spread=1.2, threads=1,
+                no_progress=True, model="resnet20", model_kwargs=None)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_compress_deploys_an_onnx_file_that_matches_and_times_it_side_by_side(tmp_path, monkeypatch):
+    """The end of the main job: deployed.onnx reloads in onnxruntime and computes what the compressed model
+    computes; both batches are timed, the BN-folded original against the deployed model, alternately."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import torch
+
+    import fxtucker.latency
+    from fxtucker.cli import _deploy
+
+    monkeypatch.setenv("FXTUCKER_CACHE_DIR", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 16, 16)
+    model, compressed = _compressed_resnet20(x)
+    timed = []
+    real = fxtucker.latency.measure_latency
+    monkeypatch.setattr(fxtucker.latency, "measure_latency",
+                        lambda m, xb, **k: timed.append((m, tuple(xb.shape), k["backend"])) or real(m, xb, **k))
+    info, latency = _deploy(_deploy_args(), model, compressed, x, 10, tmp_path, lambda *a: None)
+    assert info["file"] == "deployed.onnx" and info["format"] == "onnx" and info["forms_chosen_at_batch"] == 3
+    assert info["macs"] <= fxtucker.count_macs(compressed, x)  # forms kept within the compressed model's MACs
+    session = ort.InferenceSession(str(tmp_path / "deployed.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        want = compressed(x).numpy()
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert abs(got - want).max() <= 1e-4
+    assert list(latency) == ["batch_1", "batch_3"]
+    assert [shape for _, shape, _ in timed] == [(1, 1, 16, 16)] * 6 + [(3, 1, 16, 16)] * 6  # 3 rounds x 2 models
+    assert {b for _, _, b in timed} == {"onnxruntime"}
+    baseline, deployed = timed[0][0], timed[1][0]
+    assert baseline is not deployed and [m for m, _, _ in timed[:6]] == [baseline, deployed, deployed, baseline,
+                                                                        baseline, deployed]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in baseline.modules())  # the original, BN folded
+    for t in latency.values():
+        assert t["backend"] == "onnxruntime" and t["rounds"] == 3 and len(t["ratios"]) == 3
+
+
+def test_compress_report_says_unreliable_instead_of_a_number(tmp_path, monkeypatch):
+    """A busy machine (scripted here: the rounds' speed-ups 2x, 0.5x, 1x) gives no latency number."""
+    import torch
+
+    import fxtucker.latency
+    from fxtucker.cli import _deploy, _summary_text
+
+    monkeypatch.setenv("FXTUCKER_CACHE_DIR", str(tmp_path / "cache"))
+    x = torch.randn(1, 1, 16, 16)
+    model, compressed = _compressed_resnet20(x)
+    clock = iter([2.0, 1.0, 2.0, 1.0, 1.0, 1.0] * 2)  # per batch: A=2 B=1 | B=2 A=1 | A=1 B=1
+    monkeypatch.setattr(fxtucker.latency, "measure_latency", lambda *a, **k: next(clock))
+    info, latency = _deploy(_deploy_args(backend="eager"), model, compressed, x, 10, tmp_path, lambda *a: None)
+    assert all(not t["reliable"] and t["speedup"] is None for t in latency.values())
+    summary = dict(accuracy_before=0.9, accuracy_after=0.89, accuracy_images=10000, stage_accuracy_images=2000,
+                   macs_before=100, macs_after=50, params_before=10, params_after=5, deployed=info, latency=latency,
+                   epochs=dict(baseline=None, baseline_from="given by --checkpoint", decomposed=1, regularize=4,
+                               finetune=2))
+    text = _summary_text(summary)
+    rows = {line.split("  ")[0]: line.split() for line in text.splitlines()[:7]}
+    assert rows["latency, eager, batch 1 (ms)"][-3:] == ["unreliable"] * 3
+    assert rows["latency, eager, batch 3 (ms)"][-3:] == ["unreliable"] * 3
+    assert ("latency at batch 1: timing unreliable: the 3 rounds' speed-ups range from 0.50x to 2.00x (spread 4.00x "
+            "> 1.20x allowed)") in text
+    assert "epochs: original given by --checkpoint; compressed: 1 decomposed + 4 regularized + 2 fine-tuning" in text
+    assert "accuracy (10,000 test images)" in text and "accuracy after each stage (report.md) on 2,000" in text
+
+
+def test_quick_measures_accuracy_before_and_after_on_the_whole_test_set(tmp_path, monkeypatch):
+    """--quick watches the stages on a subset but judges the models on every test image."""
+    import torch
+
+    import fxtucker.cli as cli
+    from fxtucker import data
+    from fxtucker.models import get_model
+    from fxtucker.train import evaluate
+    from tests.test_robustness import _fake_fashion_mnist
+
+    monkeypatch.setenv("FXTUCKER_CACHE_DIR", str(tmp_path / "cache"))
+    root = _fake_fashion_mnist(tmp_path / "fm")  # 96 training, 48 test images
+    monkeypatch.setattr(cli, "QUICK", dict(train_subset=64, eval_subset=16, baseline_epochs=1))
+    monkeypatch.setattr(cli, "QUICK_CONFIG", dict(train_epochs=0, reg_epochs=1, finetune_epochs=1, target_speedup=1.2))
+    out = tmp_path / "run"
+    assert main(["compress", "--model", "resnet20", "--dataset", "fashion-mnist", "--root", str(root), "--quick",
+                 "--batch-size", "32", "--no-progress", "--threads", "1", "--backend", "eager", "--latency-batch", "2",
+                 "--rounds", "1", "--repeats", "1", "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["accuracy_images"] == 48 and rep["stage_accuracy_images"] == 16
+    baseline = get_model("resnet20", num_classes=10, in_channels=1)
+    baseline.load_state_dict(torch.load(out / "baseline_state_dict.pt", weights_only=True))
+    full = data.make_loader(data.get_dataset("fashion-mnist", False, root=str(root)), 256, False)
+    assert rep["accuracy_before"] == evaluate(baseline, full)
+    assert rep["epochs"] == {"baseline": 1, "baseline_from": "trained here", "decomposed": 0, "regularize": 1,
+                             "finetune": 1}

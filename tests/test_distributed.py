@@ -40,7 +40,8 @@ def _torchrun(tmp: Path, out: Path, results: Path, kill_at: str = "-", resume: b
     config.write_text(CONFIG)
     argv = ["compress", "--model", "resnet20", "--dataset", "fashion-mnist", "--config", str(config),
             "--train-subset", "256", "--eval-subset", "128", "--batch-size", "32", "--baseline-epochs", "1",
-            "--no-progress", "--out", str(out)] + (["--resume"] if resume else [])
+            "--no-progress", "--backend", "eager", "--latency-batch", "2", "--rounds", "1", "--repeats", "1",
+            "--out", str(out)] + (["--resume"] if resume else [])
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
          "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(WORKER), str(results), kill_at, *argv],

@@ -632,7 +632,7 @@ def test_cli_compress_writes_a_manifest_that_export_reads(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["compress", "--model", "resnet20", "--dataset", "fashion-mnist", "--config", str(config),
                  "--train-subset", "128", "--eval-subset", "64", "--baseline-epochs", "1", "--no-progress",
-                 "--out", str(run)]) == 0
+                 "--backend", "eager", "--latency-batch", "2", "--rounds", "1", "--repeats", "1", "--out", str(run)]) == 0
     assert "compressed_state_dict.pt, manifest/" in capsys.readouterr().out
     manifest = read_manifest(run / "manifest")
     assert manifest["extra"] == {"model": "resnet20", "num_classes": 10, "in_channels": 1,

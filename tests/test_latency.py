@@ -174,7 +174,7 @@ def test_cli_bench_prints_every_back_end_side_by_side(tmp_path, monkeypatch, cap
 
     monkeypatch.setenv("FXTUCKER_CACHE_DIR", str(tmp_path))
     argv = ["bench", "--model", "resnet20", "--input-size", "16", "--num-classes", "10", "--backend", "eager",
-            "onnxruntime", "--threads", "1", "--repeats", "3", "--rounds", "2", "--round-to", "8",
+            "onnxruntime", "--threads", "1", "--repeats", "3", "--rounds", "2", "--round-to", "8", "--max-spread", "1e9",
             "--json", str(tmp_path / "b.json")]
     timed = []
     real = fxtucker.latency.measure_latency
@@ -182,7 +182,8 @@ def test_cli_bench_prints_every_back_end_side_by_side(tmp_path, monkeypatch, cap
     assert main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("resnet20 at 16x16, batch 1, 1 thread(s)") and "ranks 0.5 rounded to 8" in lines[0]
-    assert lines[0].endswith("; timed alternately, median of 2 rounds")
+    assert lines[0].endswith("; timed alternately over 2 rounds, the round with the median speed-up shown, "
+                             "unreliable when the rounds' speed-ups differ by more than 1000000000.00x")
     # per back end: original, compressed, then compressed, original
     assert len(timed) == 8 and timed[0] is timed[3] is timed[4] is timed[7] and timed[1] is timed[2]
     assert lines[1].split() == ["back", "end", "original", "ms", "compressed", "ms", "speed-up", "original", "MACs",
@@ -311,3 +312,20 @@ def test_compare_latency_really_times(monkeypatch):
     cmp = compare_latency(small, big, torch.randn(1, 8, 8, 8), rounds=2, warmup=1, repeats=2, threads=1)
     assert cmp.rounds == 2 and all(t > 0 for t in cmp.baseline_rounds_ms + cmp.candidate_rounds_ms)
     assert cmp.threads == 1 and cmp.input_shape == (1, 8, 8, 8)
+
+
+def test_cli_bench_prints_unreliable_instead_of_a_number(tmp_path, monkeypatch, capsys):
+    from fxtucker.cli import main
+
+    monkeypatch.setenv("FXTUCKER_CACHE_DIR", str(tmp_path))
+    clock = iter([4.0, 2.0, 2.0, 1.0, 2.0, 2.0])  # A=4 B=2 | B=2 A=1 | A=2 B=2: speed-ups 2.0, 0.5, 1.0
+    monkeypatch.setattr(fxtucker.latency, "measure_latency", lambda *a, **k: next(clock))
+    argv = ["bench", "--model", "resnet20", "--input-size", "16", "--num-classes", "10", "--threads", "1",
+            "--rounds", "3", "--json", str(tmp_path / "b.json")]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].split()[:4] == ["eager", "unreliable", "unreliable", "unreliable"]
+    assert lines[3].startswith("eager: timing unreliable: the 3 rounds' speed-ups range from 0.50x to 2.00x "
+                               "(spread 4.00x > 1.20x allowed)")
+    row = json.loads((tmp_path / "b.json").read_text())["rows"][0]
+    assert row["speedup"] is None and row["original_ms"] is None and row["timing"]["ratios"] == [2.0, 0.5, 1.0]
