@@ -71,7 +71,7 @@ class CompressConfig:
     reg_epochs: int = 6
     reg_lr: float = 0.01
     reg: str = "funnel"
-    reg_weight: float = 0.2
+    reg_weight: Union[float, str] = "auto"  # lambda; "auto": AUTO_SHRINK over step 3 (see auto_reg_weight)
     c_schedule: str = "linear"
     c_start: float = 1.0
     c_end: Optional[float] = 0.01
@@ -112,8 +112,10 @@ class CompressConfig:
                 raise ValueError(f"CompressConfig.{name} must be a finite number > 0, got {v!r}")
         if self.reg not in regularizers.REGULARIZERS:
             raise ValueError(f"CompressConfig.reg {self.reg!r} is not known; valid: {sorted(regularizers.REGULARIZERS)}")
-        if not isinstance(self.reg_weight, numbers.Real) or not math.isfinite(self.reg_weight) or self.reg_weight < 0:
-            raise ValueError(f"CompressConfig.reg_weight (lambda) must be a finite number >= 0, got {self.reg_weight!r}")
+        if self.reg_weight != "auto" and (isinstance(self.reg_weight, bool) or not isinstance(self.reg_weight, numbers.Real)
+                                          or not math.isfinite(self.reg_weight) or self.reg_weight < 0):
+            raise ValueError(f"CompressConfig.reg_weight (lambda) must be 'auto' or a finite number >= 0, "
+                             f"got {self.reg_weight!r}")
         if (not isinstance(self.threshold, numbers.Real) or isinstance(self.threshold, bool)
                 or not math.isfinite(self.threshold) or self.threshold < 0):
             raise ValueError(f"CompressConfig.threshold must be a finite number >= 0 (paper: 0.01 to 0.02), got {self.threshold!r}")
@@ -150,7 +152,7 @@ class CompressConfig:
             if (isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0
                     or (low == "> 0" and v == 0)):
                 raise ValueError(f"CompressConfig.{name} must be a finite number {low}, got {v!r}")
-        for name in ("train_lr", "reg_lr", "finetune_lr", "reg_weight", "target_speedup"):
+        for name in ("train_lr", "reg_lr", "finetune_lr", "target_speedup"):
             if isinstance(getattr(self, name), bool):
                 raise ValueError(f"CompressConfig.{name} must be a number, got {getattr(self, name)!r}")
         if isinstance(self.target_macs, bool):
@@ -257,6 +259,25 @@ def threshold_for_budget(gated: fx.GraphModule, target_macs: int, *, relative: b
         )
     i = bisect.bisect_left(range(len(candidates)), True, key=lambda i: macs(i) <= target_macs)
     return candidates[i]
+
+
+#: With reg_weight="auto": the shrink, in units of a gate vector's mean, that the proximal steps of
+#: step 3 add up to at slope 1 (chosen on the validation split: benchmarks/RESULTS.md, "tuning").
+AUTO_SHRINK = 2.0
+
+
+def auto_reg_weight(config: "CompressConfig", steps_per_epoch: Optional[int]) -> float:
+    """lambda for ``reg_weight="auto"``: calibrated from the learning rate and the number of steps,
+    so that the proximal steps of step 3 shrink a gate at slope 1 by :data:`AUTO_SHRINK` times its
+    vector's mean in all (the cosine schedule's mean learning rate is half its start), whatever
+    the data size and batch; a given number is used as it is."""
+    if config.reg_weight != "auto":
+        return float(config.reg_weight)
+    if not steps_per_epoch:
+        raise ValueError("CompressConfig.reg_weight='auto' needs train_data with a len() (a DataLoader or a list) to "
+                         "count the steps of step 3; give reg_weight a number instead")
+    mean_lr = config.reg_lr / 2 if config.schedule == "cosine" else config.reg_lr
+    return AUTO_SHRINK / (mean_lr * steps_per_epoch * config.reg_epochs)
 
 
 def _len(data: Iterable) -> Optional[int]:
@@ -579,7 +600,8 @@ def compress(
         rep["stages"]["trained"] = {"accuracy": acc(gated), "gate_histogram": gate_histogram(gated, relative=config.relative_gates)}
 
     # 3. the funnel (or other) penalty on all gates of all layers at once
-    penalty = GatePenalty(gated, config.reg, config.reg_weight, config.c_schedule_fn(),
+    rep["reg_weight_start"] = auto_reg_weight(config, _len(train_data))
+    penalty = GatePenalty(gated, config.reg, rep["reg_weight_start"], config.c_schedule_fn(),
                           target_macs=target if config.steer else None, threshold=config.threshold,
                           epochs=config.reg_epochs, every=config.steer_every, relative=config.relative_gates,
                           proximal=config.proximal, round_to=config.round_to, mac_weighted=config.mac_weighted,

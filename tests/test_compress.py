@@ -361,3 +361,39 @@ def test_c_follows_the_budget_threshold():
     plain = flow.GatePenalty(gm, "funnel", 1.0, schedule, target_macs=target)
     assert plain.c(1) == schedule(1)
     assert CompressConfig(c_follows_budget=True).c_follows_budget
+
+
+def test_auto_reg_weight_is_calibrated_from_the_learning_rate_and_the_steps():
+    flow = importlib.import_module("fxtucker.compress")
+    config = CompressConfig(reg_epochs=2, reg_lr=0.01)
+    assert config.reg_weight == "auto"
+    lam = flow.auto_reg_weight(config, 100)
+    assert lam * (0.01 / 2) * 100 * 2 == pytest.approx(flow.AUTO_SHRINK)  # cosine: the mean lr is half
+    assert flow.auto_reg_weight(config, 400) == pytest.approx(lam / 4)  # 4x the steps: a quarter of lambda
+    constant = CompressConfig(reg_epochs=2, reg_lr=0.01, schedule="constant")
+    assert flow.auto_reg_weight(constant, 100) == pytest.approx(lam / 2)
+    assert flow.auto_reg_weight(CompressConfig(reg_weight=0.3), None) == 0.3
+    with pytest.raises(ValueError, match=r"reg_weight='auto' needs train_data with a len\(\)"):
+        flow.auto_reg_weight(config, None)
+    with pytest.raises(ValueError, match=r"reg_weight \(lambda\) must be 'auto' or a finite number >= 0, got 'big'"):
+        CompressConfig(reg_weight="big")
+
+
+def test_a_plain_threshold_prunes_with_the_defaults(one_thread):
+    # The paper's own mode: no budget, a threshold. With the default lambda (calibrated to the
+    # steps of step 3), the funnel pulls part of the gates of a full-rank conv to 0 and the
+    # threshold removes them; with lambda 0 nothing is removed.
+    torch.manual_seed(0)
+    model = Toy()  # random weights: full Tucker rank, no gate starts at 0
+    with torch.no_grad():
+        x = torch.randn(1024, 16, 4, 4)
+        y = model(x).argmax(1)
+    train = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
+    macs = {}
+    for lam in ("auto", 0.0):
+        config = CompressConfig(train_epochs=0, reg_epochs=2, finetune_epochs=0, reg_weight=lam)
+        result = compress(model, train, x[:1], config=config, progress=False)
+        macs[lam] = result.report["macs_after"]
+        zeros = result.report["stages"]["regularized"]["gate_histogram"]["zeros"]
+        assert (zeros > 0) == (lam == "auto")
+    assert macs[0.0] == result.report["macs_before"] > macs["auto"]

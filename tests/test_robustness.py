@@ -87,7 +87,7 @@ def test_the_same_command_with_the_same_seed_gives_the_same_report(two_runs):
 
 
 @pytest.mark.parametrize("change,keys", [
-    (["--config", "OTHER"], r"config.reg_weight: 0.2 then, 0.5 now"),
+    (["--config", "OTHER"], r"config.reg_weight: 'auto' then, 0.5 now"),
     (["--train-subset", "64"], r"train_subset: None then, 64 now"),
     (["--batch-size", "16"], r"batch_size: 32 then, 16 now"),
     (["--seed", "4"], r"config.seed: 3 then, 4 now; seed: 3 then, 4 now"),
