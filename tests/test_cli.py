@@ -244,3 +244,15 @@ def test_quick_measures_accuracy_before_and_after_on_the_whole_test_set(tmp_path
     assert rep["accuracy_before"] == evaluate(baseline, full)
     assert rep["epochs"] == {"baseline": 1, "baseline_from": "trained here", "decomposed": 0, "regularize": 1,
                              "finetune": 1}
+
+
+@pytest.mark.parametrize("value, message", [("0.5", "'0.5': give a finite number >= 1 (default 1.2)"),
+                                            ("nan", "'nan': give a finite number >= 1"),
+                                            ("x", "'x' is not a number; give the largest max/min")])
+def test_bad_max_spread_exits_2(value, message, capsys):
+    for command in (["inspect", "--model", "resnet20"], ["bench", "--model", "resnet20"],
+                    ["compress", "--model", "resnet20", "--dataset", "fashion-mnist"]):
+        with pytest.raises(SystemExit) as info:
+            main(command + ["--max-spread", value])
+        assert info.value.code == 2
+        assert message in capsys.readouterr().err
