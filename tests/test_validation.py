@@ -161,7 +161,7 @@ CONFIGS = [
     ("target_macs-bool", dict(target_macs=True), r"target_macs must be a positive integer, got True"),
     ("target_macs-float", dict(target_macs=1.5), r"target_macs must be a positive integer, got 1.5"),
     ("both-targets", dict(target_macs=10, target_speedup=2.0), r"give CompressConfig.target_macs or target_speedup, not both"),
-    ("reg_weight-nan", dict(reg_weight=NAN), r"reg_weight \(lambda\) must be a finite number >= 0, got nan"),
+    ("reg_weight-nan", dict(reg_weight=NAN), r"reg_weight \(lambda\) must be 'auto' or a finite number >= 0, got nan"),
     ("reg-unknown", dict(reg="l3"), r"CompressConfig.reg 'l3' is not known; valid: \["),
     ("lr-bool", dict(train_lr=True), r"CompressConfig.train_lr must be a number, got True"),
     ("lr-zero", dict(reg_lr=0.0), r"CompressConfig.reg_lr must be a finite number > 0, got 0.0"),
