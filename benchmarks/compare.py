@@ -521,8 +521,15 @@ def _git_commit() -> str:
         return "unknown"
 
 
+_COMMIT: Optional[str] = None
+
+
 def _provenance() -> dict:
-    """Where and how a row was made: the code, the machine, what else ran on it."""
+    """Where and how a row was made: the code (as it was when this runner started: see main), the
+    machine, what else ran on it."""
+    global _COMMIT
+    if _COMMIT is None:
+        _COMMIT = _git_commit()
     try:
         import torch_pruning
         tp_version = getattr(torch_pruning, "__version__", "unknown")
@@ -530,7 +537,7 @@ def _provenance() -> dict:
         tp_version = None
     others = len([p for p in Path("/proc").glob("[0-9]*/cmdline")
                   if b"compare.py" in (p.read_bytes() if p.exists() else b"") and p.parent.name != str(os.getpid())])
-    return {"commit": _git_commit(), "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+    return {"commit": _COMMIT, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "load_avg_1m": round(os.getloadavg()[0], 2), "other_runners": others,
             "torch": torch.__version__, "torch_pruning": tp_version, "machine": platform.machine(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -739,6 +746,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"unknown method(s) {bad}; valid: {', '.join(METHODS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    _provenance()  # the code's commit now, before any run: a commit made while it runs is not its code
     for model_name in args.models:
         for seed in args.seeds:
             s = setup(model_name, args.dataset, seed, args.profile, progress=not args.no_progress)
