@@ -48,10 +48,13 @@ class CompressConfig:
     ``target_macs`` (or ``target_speedup`` = MACs before / MACs after) replaces ``threshold``: the
     smallest global threshold whose result, after fold-or-restore, fits the budget is used. With a
     budget and ``steer`` (the default), ``reg_weight`` is only lambda's starting value: every
-    ``steer_every`` steps of step 3, lambda is raised or lowered so that the MACs left by pruning
-    at ``threshold`` follow a path from the full model to the budget (reached one epoch before the
-    end of step 3), so that the gates cut at the end are the ones the funnel has already pulled
-    to about zero (see :class:`GatePenalty`).
+    ``steer_every`` steps of step 3, lambda is raised or lowered so that the MACs left by cutting
+    the gates at exactly 0 follow a path from the full model to the budget (reached one epoch
+    before the end of step 3), so that the gates cut at the end are the ones the funnel has
+    already pulled to zero (see :class:`GatePenalty`). ``reg_weight="auto"`` (the default)
+    calibrates lambda from ``reg_lr`` and the steps of step 3 (:func:`auto_reg_weight`).
+    ``compose`` trains steps 2 and 3 through :func:`~fxtucker.passes.compose_factors` (one conv per
+    layer; the same function and gradients, at about the original model's cost).
 
     ``relative_gates`` (beyond the paper, on by default): the penalty and the threshold see each
     gate relative to the mean magnitude of its gate vector. A BatchNorm after a layer makes the
