@@ -66,6 +66,7 @@ import torch.nn as nn
 import fxtucker
 from fxtucker import data, models, tucker
 from fxtucker.compress import CompressConfig, compress
+from fxtucker.io import save_torch, write_atomic
 from fxtucker.latency import measure_latency
 from fxtucker.passes import cost_model, count_macs, decompose_conv, fold_or_restore
 from fxtucker.train import TrainConfig, evaluate, train
@@ -176,8 +177,7 @@ def setup(model_name: str, dataset: str, seed: int, profile: str, progress: bool
             print(f"training the {model_name} baseline on {dataset} (seed {seed}, {p['baseline_epochs']} epochs)")
             train(model, tr, TrainConfig(epochs=p["baseline_epochs"], lr=0.1, seed=seed), eval_data=val,
                   out_dir=cache, stage="baseline", resume=True, progress=progress)
-            torch.save(model.state_dict(), weights.with_suffix(".tmp"))
-            weights.with_suffix(".tmp").replace(weights)
+            save_torch(model.state_dict(), weights)
     model.eval()
     x = torch.randn(1, in_ch, size, size)
     return Setup(model_name, dataset, seed, profile, tr, val, ev, x, model, count_macs(model, x), cache)
@@ -500,9 +500,7 @@ def _append(exp: str, row: dict) -> None:
     with _locked(RESULTS / f"{exp}.json.lock"):  # two runners (other seeds, methods) may share a file
         rows = _load(exp) + [row]
         path = RESULTS / f"{exp}.json"
-        tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
-        tmp.replace(path)
+        write_atomic(path, json.dumps({"rows": rows}, indent=1) + "\n")
 
 
 def _done(exp: str, key: dict) -> bool:

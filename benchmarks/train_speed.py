@@ -28,6 +28,7 @@ import torch.nn as nn
 import fxtucker
 from fxtucker import models, regularizers
 from fxtucker.compress import GatePenalty
+from fxtucker.io import write_atomic
 from fxtucker.passes import compose_factors, cost_model, decompose_conv, insert_gates
 
 RESULTS = Path(__file__).parent / "results" / "train_speed.json"
@@ -97,9 +98,7 @@ def main(argv=None) -> int:
         print(f"{k:<16}{med[k]:>10.4f}{med[k] / med['plain']:>9.2f}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     rows = json.loads(RESULTS.read_text())["rows"] if RESULTS.exists() else []
-    tmp = RESULTS.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"rows": rows + [row]}, indent=1) + "\n")
-    tmp.replace(RESULTS)
+    write_atomic(RESULTS, json.dumps({"rows": rows + [row]}, indent=1) + "\n")
     return 0
 
 
