@@ -6,6 +6,9 @@ Implements "Low-rank Tensor Decomposition for Compression of CNNs Using Funnel R
 
 __version__ = "0.1.0"
 
+import importlib
+import types
+
 from fxtucker.tracing import TraceError, trace
 from fxtucker.passes import (
     cost_model,
@@ -19,10 +22,49 @@ from fxtucker.passes import (
     strip_gates,
 )
 from fxtucker.report import Report, report
-from fxtucker.compress import CompressConfig, CompressResult, compress
-from fxtucker.export import ExportError, ExportResult, export, load
-from fxtucker.latency import LatencyComparison, compare_latency, measure_latency
-from fxtucker.deploy import optimize_for_inference
+
+# The flow, export and latency tools load the training loop, torch.distributed, ONNX hooks: they
+# are imported on first use, so that ``import fxtucker.passes`` (which runs this file first) loads
+# the passes alone.
+_LAZY = {
+    "compress": "fxtucker.compress", "CompressConfig": "fxtucker.compress", "CompressResult": "fxtucker.compress",
+    "export": "fxtucker.export", "load": "fxtucker.export", "ExportError": "fxtucker.export",
+    "ExportResult": "fxtucker.export",
+    "measure_latency": "fxtucker.latency", "compare_latency": "fxtucker.latency", "LatencyComparison": "fxtucker.latency",
+    "optimize_for_inference": "fxtucker.deploy",
+}
+
+
+_SHADOWED = ("compress", "export", "report")
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'fxtucker' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+class _Package(types.ModuleType):
+    """``fxtucker.compress``, ``fxtucker.export`` and ``fxtucker.report`` are functions that share
+    their names with the submodules defining them. Importing a submodule binds it on its package;
+    this keeps the function bound instead, whichever is imported first (as the eager imports did)."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in _SHADOWED and isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}":
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+import sys as _sys  # noqa: E402
+
+_sys.modules[__name__].__class__ = _Package
+del _sys
 
 __all__ = [
     "__version__",

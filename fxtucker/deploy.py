@@ -9,12 +9,11 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from fxtucker import pipeline
 from fxtucker.latency import check_backend, check_device
 from fxtucker.meta import factor_record
-from fxtucker.passes.cost_model import cost_model
-from fxtucker.passes.decompose_conv import RanksArg, decompose_conv
-from fxtucker.passes.fold_bn import fold_bn
-from fxtucker.passes.fold_or_restore import SEARCHES, fold_or_restore
+from fxtucker.passes.decompose_conv import RanksArg
+from fxtucker.passes.fold_or_restore import SEARCHES
 from fxtucker.tracing import trace
 
 __all__ = ["optimize_for_inference"]
@@ -105,11 +104,7 @@ def optimize_for_inference(
                          "with ranks=None)")
     gm = copy.deepcopy(model).eval() if decomposed else trace(copy.deepcopy(model).eval())
     gm.eval()
-    gm = fold_bn(gm, inplace=True)
-    cost_model(gm, *inputs)
-    if ranks is not None:
-        gm = decompose_conv(gm, ranks, method=method, linear=linear, round_to=round_to, inplace=True)
-    if ranks is not None or decomposed:
-        gm = fold_or_restore(gm, *inputs, cost="latency", backend=backend, device=device, threads=threads,
-                             max_macs=max_macs, search=search, inplace=True)
-    return gm.eval()
+    chain = pipeline.deployment(inputs, ranks=ranks, decomposed=decomposed, method=method, linear=linear,
+                                round_to=round_to, backend=backend, device=device, threads=threads,
+                                max_macs=max_macs, search=search)
+    return chain(gm).eval()

@@ -6,6 +6,7 @@ Each takes a GraphModule and returns one (a copy unless ``inplace=True``; cost_m
 and returns its argument).
 """
 
+from fxtucker.passes._common import layer_nodes
 from fxtucker.passes.cost_model import cost_model, count_macs
 from fxtucker.passes.decompose_conv import decompose_conv, plan_decomposition
 from fxtucker.passes.insert_gates import Gate, UnitNorm, gates, insert_gates
@@ -15,6 +16,7 @@ from fxtucker.passes.fold_or_restore import fold_or_restore, predict_macs
 from fxtucker.passes.fold_bn import fold_bn
 
 __all__ = [
+    "layer_nodes",
     "cost_model",
     "count_macs",
     "plan_decomposition",

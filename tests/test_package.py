@@ -38,3 +38,28 @@ def test_built_wheel_maps_passes_under_fxtucker(tmp_path):
     # PYTHONPATH comes before site-packages, so the wheel's copy wins over the editable install
     env = {**__import__("os").environ, "PYTHONPATH": str(target)}
     subprocess.run([sys.executable, "-c", code, str(target)], check=True, env=env, cwd=tmp_path)
+
+
+def test_import_passes_loads_neither_the_training_loop_nor_the_flow(tmp_path):
+    code = ("import fxtucker.passes, sys; loaded = [m for m in ('fxtucker.train', 'fxtucker.compress', "
+            "'fxtucker.checkpoint', 'fxtucker.distributed', 'fxtucker.data', 'fxtucker.cli') if m in sys.modules]; "
+            "assert not loaded, loaded")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+
+
+def test_lazy_public_names_resolve_and_keep_functions_over_submodules(tmp_path):
+    # Importing the submodule first must not shadow the function of the same name (the import
+    # system binds a loaded submodule on its package).
+    code = ("import fxtucker.compress, fxtucker.export, fxtucker.report, fxtucker; "
+            "assert callable(fxtucker.compress) and fxtucker.compress.__name__ == 'compress'; "
+            "assert fxtucker.export.__name__ == 'export' and fxtucker.report.__name__ == 'report'; "
+            "from fxtucker import CompressConfig, optimize_for_inference, measure_latency, load; "
+            "assert {'compress', 'CompressConfig', 'optimize_for_inference'} <= set(dir(fxtucker))")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        fxtucker.nonexistent  # noqa: B018
+
+
+def test_every_public_name_is_importable():
+    for name in fxtucker.__all__:
+        assert getattr(fxtucker, name) is not None, name

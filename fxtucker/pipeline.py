@@ -1,0 +1,131 @@
+"""The pass chain, composed in one place.
+
+A :class:`Pipeline` is a named sequence of passes, each a ``GraphModule -> GraphModule`` callable
+run in place on the pipeline's own copy, in the spirit of ``torch.fx.passes.infra.PassManager``.
+The builders below are the only places fxtucker writes its chain out:
+
+- :func:`decomposition` and :func:`pruning`: steps 1 and 4 of :func:`fxtucker.compress` (the
+  gated model is trained between them);
+- :func:`deployment`: :func:`fxtucker.optimize_for_inference`;
+- ``replay``: loading a manifest (:func:`fxtucker.load`) replays the recorded plan.
+
+``print(pipeline)`` shows the steps::
+
+    >>> print(decomposition(torch.randn(1, 1, 28, 28), ranks=1.0))
+    Pipeline(cost_model -> decompose_conv -> insert_gates -> cost_model)
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+
+import torch.fx as fx
+
+from fxtucker.passes.cost_model import cost_model
+from fxtucker.passes.decompose_conv import RanksArg, decompose_conv
+from fxtucker.passes.fold_bn import fold_bn
+from fxtucker.passes.fold_or_restore import fold_or_restore
+from fxtucker.passes.insert_gates import insert_gates
+from fxtucker.passes.strip_gates import strip_gates
+
+__all__ = ["Step", "Pipeline", "decomposition", "pruning", "deployment"]
+
+Pass = Callable[[fx.GraphModule], fx.GraphModule]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One pass of a pipeline: its name (for ``print``) and the callable, which works in place."""
+
+    name: str
+    run: Pass
+
+
+class Pipeline:
+    """Passes applied in order: ``pipeline(gm)`` returns the last pass's GraphModule.
+
+    The first pass gets ``gm`` itself, so the caller hands over a GraphModule it owns (every
+    builder here uses the passes with ``inplace=True``: one graph is rewritten step by step).
+    """
+
+    def __init__(self, steps: Iterable[Step]):
+        self.steps: tuple[Step, ...] = tuple(steps)
+        for s in self.steps:
+            if not isinstance(s, Step):
+                raise TypeError(f"a Pipeline holds Step(name, run) items, got {type(s).__name__}")
+
+    def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
+        if not isinstance(gm, fx.GraphModule):
+            raise TypeError(f"a Pipeline runs on a torch.fx.GraphModule (see fxtucker.trace), got {type(gm).__name__}")
+        for step in self.steps:
+            out = step.run(gm)
+            if not isinstance(out, fx.GraphModule):
+                raise TypeError(f"pipeline step {step.name!r} returned {type(out).__name__}, not a GraphModule")
+            gm = out
+        return gm
+
+    def __add__(self, other: "Pipeline") -> "Pipeline":
+        return Pipeline(self.steps + other.steps)
+
+    def __iter__(self) -> Iterator[Step]:
+        return iter(self.steps)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.steps]
+
+    def __repr__(self) -> str:
+        return f"Pipeline({' -> '.join(self.names) or 'nothing'})"
+
+
+def _step(fn: Callable[..., fx.GraphModule], *args: Any, **kwargs: Any) -> Step:
+    """``fn(gm, *args, **kwargs)`` as a step named after ``fn``."""
+    return Step(fn.__name__, functools.partial(_call, fn, args, kwargs))
+
+
+def _call(fn: Callable[..., fx.GraphModule], args: tuple, kwargs: dict, gm: fx.GraphModule) -> fx.GraphModule:
+    return fn(gm, *args, **kwargs)
+
+
+def _measure(inputs: Sequence[Any]) -> Step:
+    return _step(cost_model, *inputs)
+
+
+def decomposition(example_inputs: Sequence[Any], *, ranks: RanksArg = 1.0, method: str = "tucker2",
+                  linear: bool = False, round_to: Optional[int] = None, gated: bool = True) -> Pipeline:
+    """Step 1 of the flow: annotate MACs, decompose every layer it can at ``ranks``, and (``gated``)
+    write each component as gate x unit direction, MACs annotated again for the budget."""
+    steps = [_measure(example_inputs),
+             _step(decompose_conv, ranks, method=method, linear=linear, round_to=round_to, inplace=True)]
+    if gated:
+        steps += [_step(insert_gates, inplace=True), _measure(example_inputs)]
+    return Pipeline(steps)
+
+
+def pruning(example_inputs: Sequence[Any], threshold: float, *, round_to: Optional[int] = None,
+            relative: bool = False) -> Pipeline:
+    """After step 3: drop the components whose gate is below ``threshold``, fold the surviving
+    gates into the weights, and keep each decomposition only where it costs fewer MACs."""
+    return Pipeline([_step(strip_gates, threshold, round_to, relative=relative, inplace=True),
+                     _step(fold_or_restore, *example_inputs, inplace=True)])
+
+
+def deployment(example_inputs: Sequence[Any], *, ranks: RanksArg = None, decomposed: bool = False,
+               method: str = "tucker2", linear: bool = False, round_to: Optional[int] = None,
+               backend: str = "eager", device: str = "cpu", threads: Optional[int] = None,
+               max_macs: Optional[int] = None, search: str = "layer") -> Pipeline:
+    """:func:`fxtucker.optimize_for_inference`'s chain: fold BatchNorm, annotate MACs, decompose at
+    ``ranks`` (None: nothing), and give each decomposed layer (new, or ``decomposed`` already)
+    the form that runs fastest on ``backend``."""
+    steps = [_step(fold_bn, inplace=True), _measure(example_inputs)]
+    if ranks is not None:
+        steps.append(_step(decompose_conv, ranks, method=method, linear=linear, round_to=round_to, inplace=True))
+    if ranks is not None or decomposed:
+        steps.append(_step(fold_or_restore, *example_inputs, cost="latency", backend=backend, device=device,
+                           threads=threads, max_macs=max_macs, search=search, inplace=True))
+    return Pipeline(steps)
