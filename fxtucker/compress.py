@@ -30,6 +30,14 @@ __all__ = ["CompressConfig", "CompressResult", "compress", "threshold_for_budget
            "component_macs"]
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: object) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
 @dataclass(frozen=True)
 class CompressConfig:
     """Hyper-parameters of :func:`compress`; every field can come from a TOML file.
@@ -100,65 +108,53 @@ class CompressConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        """Every field checked here, in one place; the training fields by the TrainConfig they build."""
+        bad = lambda name, want: ValueError(f"CompressConfig.{name} must be {want}, got {getattr(self, name)!r}")  # noqa: E731
         for name in ("train_epochs", "reg_epochs", "finetune_epochs"):
-            v = getattr(self, name)
-            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"CompressConfig.{name} must be an integer >= 0, got {v!r}")
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+                raise bad(name, "an integer >= 0")
         if self.reg_epochs < 1:
             raise ValueError("CompressConfig.reg_epochs must be >= 1: step 3 is what chooses the ranks")
-        for name in ("train_lr", "reg_lr", "finetune_lr"):
-            v = getattr(self, name)
-            if not isinstance(v, numbers.Real) or not v > 0 or not math.isfinite(v):
-                raise ValueError(f"CompressConfig.{name} must be a finite number > 0, got {v!r}")
-        if self.reg not in regularizers.REGULARIZERS:
-            raise ValueError(f"CompressConfig.reg {self.reg!r} is not known; valid: {sorted(regularizers.REGULARIZERS)}")
-        if self.reg_weight != "auto" and (isinstance(self.reg_weight, bool) or not isinstance(self.reg_weight, numbers.Real)
-                                          or not math.isfinite(self.reg_weight) or self.reg_weight < 0):
-            raise ValueError(f"CompressConfig.reg_weight (lambda) must be 'auto' or a finite number >= 0, "
-                             f"got {self.reg_weight!r}")
-        if (not isinstance(self.threshold, numbers.Real) or isinstance(self.threshold, bool)
-                or not math.isfinite(self.threshold) or self.threshold < 0):
-            raise ValueError(f"CompressConfig.threshold must be a finite number >= 0 (paper: 0.01 to 0.02), got {self.threshold!r}")
-        if self.target_macs is not None and self.target_speedup is not None:
-            raise ValueError("give CompressConfig.target_macs or target_speedup, not both")
-        if self.target_macs is not None and (not isinstance(self.target_macs, numbers.Integral) or self.target_macs <= 0):
-            raise ValueError(f"CompressConfig.target_macs must be a positive integer, got {self.target_macs!r}")
-        if self.target_speedup is not None and (not isinstance(self.target_speedup, numbers.Real) or not self.target_speedup >= 1):
-            raise ValueError(f"CompressConfig.target_speedup must be a number >= 1, got {self.target_speedup!r}")
-        for name in ("steer", "relative_gates", "proximal", "mac_weighted", "compose", "c_follows_budget"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"CompressConfig.{name} must be true or false, got {getattr(self, name)!r}")
-        if self.round_to is not None and (isinstance(self.round_to, bool) or not isinstance(self.round_to, numbers.Integral)
-                                          or self.round_to < 1):
-            raise ValueError(f"CompressConfig.round_to must be None or an integer >= 1 (e.g. 8 or 16), got {self.round_to!r}")
-        if isinstance(self.steer_every, bool) or not isinstance(self.steer_every, numbers.Integral) or self.steer_every < 1:
-            raise ValueError(f"CompressConfig.steer_every must be an integer >= 1 (optimizer steps), got {self.steer_every!r}")
-        self.c_schedule_fn()  # validates the schedule's arguments
-        self._check_more()
-
-    def _check_more(self) -> None:
-        """The fields the checks above leave out: ranks, flags, distillation, TrainConfig's own."""
-        r = self.ranks
-        if not (r is None or r == "vbmf" or (isinstance(r, numbers.Real) and not isinstance(r, bool) and 0 < r <= 1)):
-            raise ValueError(f"CompressConfig.ranks must be None (full rank), a fraction in (0, 1] or 'vbmf', got {r!r}")
-        if self.method not in DECOMPOSITION_METHODS:
-            raise ValueError(f"CompressConfig.method must be one of {list(DECOMPOSITION_METHODS)} (how kxk convs are "
-                             f"decomposed), got {self.method!r}")
-        for name in ("linear", "distill"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"CompressConfig.{name} must be true or false, got {getattr(self, name)!r}")
-        for name, low in (("distill_weight", ">= 0"), ("distill_temperature", "> 0")):
-            v = getattr(self, name)
-            if (isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0
-                    or (low == "> 0" and v == 0)):
-                raise ValueError(f"CompressConfig.{name} must be a finite number {low}, got {v!r}")
         for name in ("train_lr", "reg_lr", "finetune_lr", "target_speedup"):
             if isinstance(getattr(self, name), bool):
-                raise ValueError(f"CompressConfig.{name} must be a number, got {getattr(self, name)!r}")
-        if isinstance(self.target_macs, bool):
-            raise ValueError(f"CompressConfig.target_macs must be a positive integer, got {self.target_macs!r}")
+                raise bad(name, "a number")
+        for name in ("train_lr", "reg_lr", "finetune_lr"):
+            if not _is_real(getattr(self, name)) or not getattr(self, name) > 0:
+                raise bad(name, "a finite number > 0")
+        if self.reg not in regularizers.REGULARIZERS:
+            raise ValueError(f"CompressConfig.reg {self.reg!r} is not known; valid: {sorted(regularizers.REGULARIZERS)}")
+        if self.reg_weight != "auto" and (not _is_real(self.reg_weight) or self.reg_weight < 0):
+            raise ValueError(f"CompressConfig.reg_weight (lambda) must be 'auto' or a finite number >= 0, "
+                             f"got {self.reg_weight!r}")
+        if not _is_real(self.threshold) or self.threshold < 0:
+            raise bad("threshold", "a finite number >= 0 (paper: 0.01 to 0.02)")
+        if self.target_macs is not None and self.target_speedup is not None:
+            raise ValueError("give CompressConfig.target_macs or target_speedup, not both")
+        if self.target_macs is not None and (not _is_int(self.target_macs) or self.target_macs <= 0):
+            raise bad("target_macs", "a positive integer")
+        if self.target_speedup is not None and (not isinstance(self.target_speedup, numbers.Real)
+                                                or not self.target_speedup >= 1):
+            raise bad("target_speedup", "a number >= 1")
         if self.target_speedup is not None and not math.isfinite(self.target_speedup):
-            raise ValueError(f"CompressConfig.target_speedup must be a finite number >= 1, got {self.target_speedup!r}")
+            raise bad("target_speedup", "a finite number >= 1")
+        for name in ("steer", "relative_gates", "proximal", "mac_weighted", "compose", "c_follows_budget", "linear",
+                     "distill"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "true or false")
+        if self.round_to is not None and (not _is_int(self.round_to) or self.round_to < 1):
+            raise bad("round_to", "None or an integer >= 1 (e.g. 8 or 16)")
+        if not _is_int(self.steer_every) or self.steer_every < 1:
+            raise bad("steer_every", "an integer >= 1 (optimizer steps)")
+        r = self.ranks
+        if not (r is None or r == "vbmf" or (_is_real(r) and 0 < r <= 1)):
+            raise bad("ranks", "None (full rank), a fraction in (0, 1] or 'vbmf'")
+        if self.method not in DECOMPOSITION_METHODS:
+            raise bad("method", f"one of {list(DECOMPOSITION_METHODS)} (how kxk convs are decomposed)")
+        if not _is_real(self.distill_weight) or self.distill_weight < 0:
+            raise bad("distill_weight", "a finite number >= 0")
+        if not _is_real(self.distill_temperature) or not self.distill_temperature > 0:
+            raise bad("distill_temperature", "a finite number > 0")
+        self.c_schedule_fn()  # validates the schedule's arguments
         try:  # optimizer, momentum, weight_decay, schedule, seed: checked by the TrainConfig they build
             self.stage_config(1, 1.0)
         except ValueError as e:
