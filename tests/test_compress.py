@@ -1,7 +1,6 @@
 """compress(): the four-step flow end to end, rank recovery, MAC budgets, configs and errors."""
 
 import importlib
-import math
 
 import pytest
 import torch
@@ -9,9 +8,9 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fxtucker
-from fxtucker import regularizers, tucker
-from fxtucker.compress import CompressConfig, compress, threshold_for_budget
-from fxtucker.passes import cost_model, decompose_conv, insert_gates, predict_macs
+from fxtucker.compress import CompressConfig, compress
+
+from .toys import Toy, toy_problem
 
 
 @pytest.fixture
@@ -23,33 +22,8 @@ def one_thread():
     torch.set_num_threads(old)
 
 
-class Toy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(16, 24, 3, padding=1, bias=False)
-        self.fc = nn.Linear(24 * 16, 10)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.conv(x)).flatten(1))
-
-
-def _toy_problem(seed=0):
-    """A conv of Tucker rank (4, 6) and data labelled by the model itself."""
-    torch.manual_seed(seed)
-    model = Toy()
-    core = torch.randn(6, 4, 3, 3)
-    u_out, u_in = torch.linalg.qr(torch.randn(24, 6))[0], torch.linalg.qr(torch.randn(16, 4))[0]
-    with torch.no_grad():
-        model.conv.weight.copy_(0.5 * tucker.reconstruct_tucker2(core, u_out, u_in))
-        x = torch.randn(2048, 16, 4, 4)
-        y = model(x).argmax(1)
-    train = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
-    test = DataLoader(TensorDataset(x[:512], y[:512]), batch_size=256)
-    return model, train, test, x[:1]
-
-
 def test_funnel_flow_recovers_a_known_tucker_rank(one_thread):
-    model, train, test, x = _toy_problem()
+    model, train, test, x = toy_problem()
     config = CompressConfig(train_epochs=0, reg_epochs=12, finetune_epochs=0, reg_weight=0.05, reg_lr=0.01,
                             weight_decay=0.0, c_start=1.0, c_end=0.01, threshold=0.01)
     result = compress(model, train, x, eval_data=test, config=config, progress=False)
@@ -60,7 +34,7 @@ def test_funnel_flow_recovers_a_known_tucker_rank(one_thread):
 
 def test_svd_method_recovers_the_matrix_rank(one_thread):
     # The toy kernel's output mode has rank 6, so its (24, 16*3*3) reshaping has matrix rank 6.
-    model, train, test, x = _toy_problem()
+    model, train, test, x = toy_problem()
     config = CompressConfig(method="svd", train_epochs=0, reg_epochs=12, finetune_epochs=0, reg_weight=0.05,
                             reg_lr=0.01, weight_decay=0.0, c_start=1.0, c_end=0.01, threshold=0.01)
     result = compress(model, train, x, eval_data=test, config=config, progress=False)
@@ -70,7 +44,7 @@ def test_svd_method_recovers_the_matrix_rank(one_thread):
 
 
 def test_compress_end_to_end_report_history_and_files(one_thread, tmp_path):
-    model, train, test, x = _toy_problem(1)
+    model, train, test, x = toy_problem(1)
     config = CompressConfig(train_epochs=1, reg_epochs=2, finetune_epochs=1, reg_weight=0.05, target_speedup=2.0)
     result = compress(model, train, x, eval_data=test, config=config, out_dir=tmp_path, progress=False)
     rep = result.report
@@ -96,31 +70,12 @@ def test_compress_end_to_end_report_history_and_files(one_thread, tmp_path):
 
 @pytest.mark.parametrize("speedup", [2.0, 3.0])
 def test_mac_budget_is_met_with_the_smallest_threshold(one_thread, speedup):
-    model, train, test, x = _toy_problem(2)
+    model, train, test, x = toy_problem(2)
     config = CompressConfig(train_epochs=0, reg_epochs=1, finetune_epochs=0, reg_weight=0.01, target_speedup=speedup)
     result = compress(model, train, x, config=config, progress=False)
     target = int(result.report["macs_before"] / speedup)
     assert result.report["target_macs"] == target
     assert result.report["macs_after"] <= target
-
-
-def test_threshold_for_budget_is_the_smallest_that_fits():
-    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3))
-    x = torch.randn(1, 8, 12, 12)
-    gated = cost_model(insert_gates(decompose_conv(fxtucker.trace(model))), x)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for layer in fxtucker.gates(gated).values():
-            for g in layer.values():
-                g.copy_(torch.rand(g.shape))
-    full = predict_macs(gated, 0.0)
-    for target in (full, int(full * 0.6), int(full * 0.3)):
-        th = threshold_for_budget(gated, target)
-        assert predict_macs(gated, th) <= target
-        if th > 0:  # any smaller threshold keeps one more component and breaks the budget
-            assert predict_macs(gated, math.nextafter(th, 0)) > target
-    with pytest.raises(ValueError, match=r"the MAC budget 10 cannot be met: pruning every gate still leaves"):
-        threshold_for_budget(gated, 10)
 
 
 def test_config_from_toml_and_errors(tmp_path):
@@ -145,7 +100,7 @@ def test_config_from_toml_and_errors(tmp_path):
         CompressConfig(reg_epochs=0)
     with pytest.raises(ValueError, match=r"CompressConfig.method must be one of \['tucker2', 'svd'\].*got 'cp'"):
         CompressConfig(method="cp")
-    model, train, _, x = _toy_problem()
+    model, train, _, x = toy_problem()
     with pytest.raises(ValueError, match=r"resume=True needs out_dir"):
         compress(model, train, x, resume=True)
     with pytest.raises(TypeError, match=r"example_inputs must be a tensor or a tuple of tensors"):
@@ -153,7 +108,7 @@ def test_config_from_toml_and_errors(tmp_path):
 
 
 def test_killed_run_resumes_to_the_same_result(one_thread, tmp_path, monkeypatch):
-    model, train, test, x = _toy_problem(4)
+    model, train, test, x = toy_problem(4)
     config = CompressConfig(train_epochs=1, reg_epochs=3, finetune_epochs=1, reg_weight=0.05, target_speedup=2.0)
     straight = compress(model, train, x, eval_data=test, config=config, out_dir=tmp_path / "a", progress=False)
 
@@ -189,58 +144,8 @@ def test_killed_run_resumes_to_the_same_result(one_thread, tmp_path, monkeypatch
     assert reg[0]["reg_weight"] != config.reg_weight
 
 
-def _gated_toy():
-    model, train, test, x = _toy_problem()
-    gm = cost_model(insert_gates(decompose_conv(fxtucker.trace(model))), x)
-    return gm, train, x
-
-
-@pytest.mark.parametrize("ahead", [False, True])
-def test_gate_penalty_steers_lambda_along_the_mac_path(ahead):
-    # The zeroed gates' MACs should run from the full model to the budget by epoch 2 of 3. With no
-    # gate at 0 a quarter of the way there, they are behind: lambda goes up (by at most
-    # MAX_CHANGE). With the budget met by zeros already, they are ahead: lambda goes down.
-    flow = importlib.import_module("fxtucker.compress")
-    gm, _, _ = _gated_toy()
-    full = predict_macs(gm, 0.0)
-    tiny = math.nextafter(0.0, 1.0)
-    target = predict_macs(gm, tiny, relative=True)  # the toy's rank-(4, 6) structure: gates at exactly 0
-    assert target < full
-    if not ahead:  # no gate at 0 yet
-        with torch.no_grad():
-            for layer in fxtucker.gates(gm).values():
-                for g in layer.values():
-                    g.add_(1e-3)
-    pen = flow.GatePenalty(gm, "funnel", 0.1, lambda e: 1.0, target_macs=target, threshold=0.01, epochs=3, every=1,
-                           steps_per_epoch=2, reach=2.0)
-    assert pen.zeros_macs == (target if ahead else full)
-    assert pen.path(0, 1) == full - (full - target) / 4
-    pen(gm, 0, 0)  # step 0: no steering yet
-    assert pen.weight == 0.1
-    pen(gm, 0, 1)
-    assert (pen.weight < 0.1) == ahead and pen.weight != 0.1
-    assert 0.1 / pen.MAX_CHANGE <= pen.weight <= 0.1 * pen.MAX_CHANGE
-
-
-def test_gate_penalty_value_gradient_and_state():
-    flow = importlib.import_module("fxtucker.compress")
-    gm, _, _ = _gated_toy()
-    gs = [g for layer in fxtucker.gates(gm).values() for g in layer.values()]
-    pen = flow.GatePenalty(gm, "funnel", 0.5, lambda e: 0.1 * (e + 1), relative=False, proximal=False,
-                           mac_weighted=False)
-    value = pen(gm, 1, 7)  # no budget: lambda stays, c comes from the schedule at epoch 1
-    expected = 0.5 * sum((g.abs() / (g.abs() + 0.2)).sum() for g in gs)
-    assert torch.allclose(value, expected)
-    value.backward()
-    assert all(g.grad is not None and g.grad.abs().sum() > 0 for g in gs)
-    assert pen.weight == 0.5
-    other = flow.GatePenalty(gm, "funnel", 1.0, lambda e: 1.0)
-    other.load_state_dict(pen.state_dict())
-    assert other.weight == 0.5
-
-
 def test_steering_can_be_switched_off(one_thread):
-    model, train, test, x = _toy_problem()
+    model, train, test, x = toy_problem()
     config = CompressConfig(train_epochs=0, reg_epochs=1, finetune_epochs=0, reg_weight=0.01, target_speedup=1.5,
                             steer=False)
     result = compress(model, train, x, config=config, progress=False)
@@ -249,118 +154,12 @@ def test_steering_can_be_switched_off(one_thread):
         CompressConfig(steer_every=0)
 
 
-def test_relative_penalty_ignores_the_scale_of_a_gate_vector():
-    flow = importlib.import_module("fxtucker.compress")
-    gm, _, _ = _gated_toy()
-    pen = flow.GatePenalty(gm, "funnel", 1.0, lambda e: 0.1, proximal=False)
-    before = pen(gm, 0, 0)
-    with torch.no_grad():
-        for layer in fxtucker.gates(gm).values():
-            layer["gate_in"].mul_(7.0)
-    assert torch.allclose(pen(gm, 0, 0), before)
-
-
-def test_proximal_step_stops_at_zero_and_shrinks_by_lr_times_slope():
-    flow = importlib.import_module("fxtucker.compress")
-    gm, _, _ = _gated_toy()
-    g = fxtucker.gates(gm)["conv"]["gate_in"]
-    with torch.no_grad():
-        g.copy_(torch.linspace(-1.0, 1.0, g.numel()))
-    before = g.detach().clone()
-    pen = flow.GatePenalty(gm, "l1", 0.5, lambda e: 1.0, relative=False, proximal=True, mac_weighted=False)
-    value = pen(gm, 0, 0)
-    assert not value.requires_grad  # the penalty acts through after_step only
-    with torch.no_grad():
-        pen.after_step(gm, 0, 0, lr=0.4)  # l1's slope is 1: shrink every gate by 0.2, stop at 0
-    expected = before.sign() * (before.abs() - 0.2).clamp_min(0)
-    assert torch.allclose(g.detach(), expected)
-    assert (g.detach() == 0).sum() == (before.abs() <= 0.2).sum() > 0
-
-
-def test_mac_weights_are_the_macs_per_component_and_average_to_one():
-    flow = importlib.import_module("fxtucker.compress")
-    gm, _, x = _gated_toy()
-    costs = flow.component_macs(gm)["conv"]
-    roles = {n.meta["fxtucker"].role: n for n in gm.graph.nodes if "fxtucker" in n.meta}
-    macs = {r: roles[r].meta["macs"] for r in ("first", "core", "last")}
-    assert costs["gate_in"] * 16 == pytest.approx(macs["first"] + macs["core"])
-    assert costs["gate_core"] * 24 == costs["gate_out"] * 24 == pytest.approx(macs["core"] + macs["last"])
-    pen = flow.GatePenalty(gm, "l1", 1.0, lambda e: 1.0, relative=False, proximal=False)
-    sizes = [g.numel() for layer in fxtucker.gates(gm).values() for g in layer.values()]
-    assert sum(k * n for k, n in zip(pen.scales, sizes)) / sum(sizes) == pytest.approx(1.0)
-    assert pen.scales[0] != pen.scales[1]  # input and output components cost differently here
-
-
-def test_proximal_steps_never_zero_gates_past_the_budget():
-    flow = importlib.import_module("fxtucker.compress")
-    gm, _, _ = _gated_toy()
-    full = predict_macs(gm, 0.0)
-    tiny = math.nextafter(0.0, 1.0)
-    target = predict_macs(gm, 0.01, relative=True)  # what the rank-(4, 6) structure leaves
-    pen = flow.GatePenalty(gm, "l1", 50.0, lambda e: 1.0, target_macs=target, epochs=2, proximal=True)
-    for step in range(20):  # a huge lambda: unchecked, it would zero every gate at once
-        pen.after_step(gm, 0, step, lr=0.1)
-        assert predict_macs(gm, tiny, relative=True) >= target
-    assert predict_macs(gm, 0.0) == full  # threshold 0 keeps everything, zeros too
-    unbounded = flow.GatePenalty(gm, "l1", 50.0, lambda e: 1.0, proximal=True)
-    unbounded.after_step(gm, 0, 0, lr=0.1)
-    assert predict_macs(gm, tiny, relative=True) < target
-
-
 def test_an_impossible_budget_fails_before_any_training(monkeypatch):
     flow = importlib.import_module("fxtucker.compress")
-    model, train, _, x = _toy_problem()
+    model, train, _, x = toy_problem()
     monkeypatch.setattr(flow, "train", lambda *a, **k: pytest.fail("trained before checking the budget"))
     with pytest.raises(ValueError, match=r"the MAC budget 10 cannot be met"):
         compress(model, train, x, config=CompressConfig(target_macs=10), progress=False)
-
-
-def test_relative_proximal_step_keeps_each_vector_mean_and_zeroes_the_small_gates():
-    flow = importlib.import_module("fxtucker.compress")
-    gm, _, _ = _gated_toy()
-    g = fxtucker.gates(gm)["conv"]["gate_in"]
-    with torch.no_grad():
-        g.copy_(torch.linspace(0.05, 2.0, g.numel()))
-    mean = g.detach().abs().mean()
-    pen = flow.GatePenalty(gm, "l1", 1.0, lambda e: 1.0, relative=True, proximal=True, mac_weighted=False)
-    pen.after_step(gm, 0, 0, lr=0.2)
-    assert torch.allclose(g.detach().abs().mean(), mean)
-    assert (g.detach() == 0).any() and (g.detach() > 0).any()
-    assert torch.all(g.detach()[1:] >= g.detach()[:-1])  # the order of the gates is kept
-
-
-def test_gates_the_optimizer_moved_off_zero_are_zeroed_again_at_the_budget():
-    # Regression: the budget guard took every gate that the optimizer step had moved off 0 for a
-    # new zero, and once the zeros were at the budget it gave them all their values back.
-    flow = importlib.import_module("fxtucker.compress")
-    gm, _, _ = _gated_toy()
-    tiny = math.nextafter(0.0, 1.0)
-    target = predict_macs(gm, 0.5, relative=True)
-    pen = flow.GatePenalty(gm, "l1", 50.0, lambda e: 1.0, target_macs=target, epochs=2, proximal=True)
-    for step in range(10):
-        pen.after_step(gm, 0, step, lr=0.1)
-    at_budget = predict_macs(gm, tiny, relative=True)
-    assert target <= at_budget < predict_macs(gm, 0.0) and pen.zeros_macs == at_budget
-    gs = [g for layer in fxtucker.gates(gm).values() for g in layer.values()]
-    zeros = [g.detach() == 0 for g in gs]
-    with torch.no_grad():  # what an optimizer step with momentum does to a gate at 0
-        for g, z in zip(gs, zeros):
-            g.add_(1e-4 * z)
-    pen.after_step(gm, 0, 10, lr=0.1)
-    assert all(bool((g.detach()[z] == 0).all()) for g, z in zip(gs, zeros))  # every old zero is 0 again
-    assert pen.zeros_macs == predict_macs(gm, tiny, relative=True) >= target
-
-
-def test_c_follows_the_budget_threshold():
-    flow = importlib.import_module("fxtucker.compress")
-    gm, _, _ = _gated_toy()
-    target = predict_macs(gm, 0.5, relative=True)
-    schedule = regularizers.c_schedule("linear", c_start=1.0, c_end=0.01, total=2)
-    pen = flow.GatePenalty(gm, "funnel", 1.0, schedule, target_macs=target, c_follows_budget=True)
-    assert pen.c(0) == max(pen.budget_threshold(), 0.01) != schedule(0)
-    plain = flow.GatePenalty(gm, "funnel", 1.0, schedule, target_macs=target)
-    assert plain.c(1) == schedule(1)
-    assert CompressConfig(c_follows_budget=True).c_follows_budget
 
 
 def test_auto_reg_weight_is_calibrated_from_the_learning_rate_and_the_steps():
