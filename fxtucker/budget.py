@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
 from fxtucker import regularizers
 from fxtucker.meta import CORE, FIRST, GATE_CORE, GATE_IN, GATE_OUT, LAST, MACS
