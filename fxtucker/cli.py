@@ -19,7 +19,7 @@ import torch
 
 import fxtucker
 from fxtucker import data, models
-from fxtucker.io import save_torch, write_atomic, write_text
+from fxtucker.io import save_torch, sha256_file, write_atomic, write_text
 from fxtucker.runs import record_run
 from fxtucker.latency import MAX_SPREAD, BACKENDS, LatencyComparison, compare_latency, default_backend
 from fxtucker.passes import cost_model, decompose_conv, fold_or_restore, insert_gates, strip_gates
@@ -439,6 +439,41 @@ def _flow_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _train(args: argparse.Namespace) -> int:
+    """Train a model from scratch: the starting point that `fxtucker compress --checkpoint` takes."""
+    from fxtucker.train import TrainConfig, evaluate, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dataset = _dataset(args.dataset)
+    in_ch, n_cls, _size = data.dataset_info(dataset, root=args.root)
+    torch.manual_seed(args.seed)  # before the model's initial weights are drawn
+    model = _model(args.model, n_cls, in_ch, None, args.model_kwargs)
+    train_loader = data.make_loader(data.get_dataset(dataset, True, root=args.root), args.batch_size, True,
+                                    subset=args.train_subset, seed=args.seed)
+    test_loader = data.make_loader(data.get_dataset(dataset, False, root=args.root), 256, False, seed=args.seed)
+    out = Path(args.out or f"runs/{models.model_label(args.model)}-{dataset}-train")
+    _check_out(out, args.resume)
+    run = {"model": args.model, "model_kwargs": args.model_kwargs or {}, "dataset": dataset, "epochs": args.epochs,
+           "lr": args.lr, "batch_size": args.batch_size, "train_subset": args.train_subset, "seed": args.seed,
+           "threads": torch.get_num_threads()}
+    record_run(out, run, resume=args.resume, require=True, name="train-run.json")
+    print(f"training {args.model} on {dataset} for {args.epochs} epochs "
+          f"({len(train_loader.dataset):,} images, {torch.get_num_threads()} thread(s)); test accuracy after each epoch")
+    history = train(model, train_loader, TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed),
+                    eval_data=test_loader, out_dir=out, stage="train", resume=args.resume,
+                    progress=not args.no_progress)
+    weights = save_torch(model.state_dict(), out / "state_dict.pt")
+    accuracy = evaluate(model.eval(), test_loader)
+    summary = {"command": "fxtucker " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name in ("fxtucker", "__main__.py")
+               else "fxtucker train", **run, "test_accuracy": accuracy, "test_images": len(test_loader.dataset),
+               "state_dict": weights.name, "sha256": sha256_file(weights), "history": history}
+    write_text(out / "train.json", json.dumps(summary, indent=2) + "\n")
+    print(f"test accuracy {accuracy:.4f} on {len(test_loader.dataset):,} images; weights {weights} "
+          f"(SHA-256 {summary['sha256']}); compress them with --checkpoint {weights}")
+    return 0
+
+
 def _compress(args: argparse.Namespace) -> int:
     from fxtucker.compress import CompressConfig, compress
     from fxtucker.train import TrainConfig, evaluate, train
@@ -687,6 +722,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--graph", action="store_true", help="print the graph before and after")
     p.add_argument("--json", help="also write the numbers and the report to this JSON file")
     p.set_defaults(func=_inspect)
+
+    t = sub.add_parser("train", help="train a model from scratch (the starting point for compress --checkpoint)")
+    t.add_argument("--model", required=True, help=_MODEL_HELP)
+    t.add_argument("--model-kwargs", type=_json_object, help=_MODEL_KWARGS_HELP)
+    t.add_argument("--dataset", required=True, help=f"one of {', '.join(data.DATASETS)}")
+    t.add_argument("--root", help="dataset directory (default: Debian's /usr/share/datasets/fashion-mnist, ...)")
+    t.add_argument("--epochs", type=_positive, default=15, help="training epochs (SGD, cosine schedule; default 15)")
+    t.add_argument("--lr", type=float, default=0.1, help="the initial learning rate (default 0.1)")
+    t.add_argument("--batch-size", type=_positive, default=128)
+    t.add_argument("--train-subset", type=_positive, help="train on a fixed random subset of this many images")
+    t.add_argument("--seed", type=_seed, default=0)
+    t.add_argument("--threads", type=_positive, default=None,
+                   help="CPU threads for training (default: torch's setting; the result depends on it bit for bit)")
+    t.add_argument("--resume", action="store_true", help="continue a killed run from the checkpoint in --out")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.add_argument("--out", help="output directory: state_dict.pt, train.json, the log and checkpoint "
+                                 "(default runs/<model>-<dataset>-train)")
+    t.set_defaults(func=_train)
 
     c = sub.add_parser("compress", help="train (if needed) and compress a model with the funnel flow")
     c.add_argument("--model", required=True, help=_MODEL_HELP)
