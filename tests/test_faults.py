@@ -41,9 +41,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import fxtucker.io  # noqa: F401
+from fxtucker.checkpoint import CheckpointFiles, digest
 from fxtucker.train import TrainConfig, TrainingDiverged, train
 
-train_module = sys.modules["fxtucker.train"]
 io_module = sys.modules["fxtucker.io"]  # every file write goes through fxtucker.io
 
 REPO = Path(__file__).resolve().parent.parent
@@ -115,7 +115,7 @@ def _install_pause(out_dir: Path, pause: str) -> None:
     n = int(n)
     count = {"save": 0, "append": 0}
     real_save, real_link, real_replace = torch.save, os.link, os.replace
-    real_append = train_module._Files.append
+    real_append = CheckpointFiles.append
 
     def save(obj, f, *args, **kwargs):
         count["save"] += 1
@@ -151,7 +151,7 @@ def _install_pause(out_dir: Path, pause: str) -> None:
         _pause(out_dir, what)
 
     torch.save, os.link, os.replace = save, link, replace
-    train_module._Files.append = append
+    CheckpointFiles.append = append
 
 
 def _worker(argv: list[str]) -> None:
@@ -532,7 +532,7 @@ def test_checkpoint_with_a_valid_checksum_but_wrong_structure_is_refused(tmp_pat
     run(tmp_path)
     raw = torch.load(tmp_path / "train.ckpt", weights_only=True)
     change(raw["payload"])
-    raw["sha256"] = train_module._digest(raw["payload"])
+    raw["sha256"] = digest(raw["payload"])
     torch.save(raw, tmp_path / "train.ckpt")
     with pytest.warns(UserWarning, match=rf"train.ckpt is unusable because its payload does not have the structure "
                                          rf"train\(\) writes: {key} must be"):

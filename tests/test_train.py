@@ -736,7 +736,7 @@ def test_one_progress_bar_per_stage_with_its_name_and_eta(monkeypatch, tmp_path)
         made.append(bar)
         return bar
 
-    monkeypatch.setattr("fxtucker.train._tqdm", spy)
+    monkeypatch.setattr("tqdm.tqdm", spy)  # progress_bar imports tqdm when it makes a bar
     err = FakeTTY()
     monkeypatch.setattr(sys, "stderr", err)
     train(tiny(), loader(), TrainConfig(epochs=2), stage="regularize", out_dir=tmp_path)
