@@ -53,7 +53,7 @@ from fxtucker.meta import (
     set_graph_record,
 )
 from fxtucker.passes import decompose_conv, fold_bn
-from fxtucker.passes.fold_or_restore import LINEAR, _pointwise, pointwise_as_linear
+from fxtucker.passes.forms import LINEAR, pointwise_as_linear, is_pointwise as _pointwise
 from fxtucker.tracing import trace
 
 __all__ = ["export", "load", "read_manifest", "ExportError", "ExportResult", "FORMATS", "MANIFEST_VERSION"]

@@ -17,8 +17,9 @@ Everything else lives under ``node.meta["fxtucker"]`` (a :class:`FactorRecord` o
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch.fx as fx
 
@@ -37,6 +38,10 @@ __all__ = [
     "graph_record",
     "set_graph_record",
     "update_layer",
+    "RECORDS",
+    "RecordError",
+    "to_json",
+    "from_json",
 ]
 
 MACS = "macs"
@@ -111,10 +116,11 @@ class FoldRecord:
 
     source: str
     decision: str
-    macs_original: int
-    macs_decomposed: int
-    # Set by fold_or_restore(cost="latency"): the form kept ("dense", "tucker2", "merge_first",
-    # "merge_last" or "svd", each possibly with "+linear"), where it was timed ("eager/cpu/2 threads") and each form's time.
+    macs_original: Optional[int]  # None where fold_or_restore gave a plan's forms without example inputs
+    macs_decomposed: Optional[int]
+    # Set by fold_or_restore from a form plan (cost="latency", or plan=): the form kept ("dense", "tucker2",
+    # "merge_first", "merge_last" or "svd", each possibly with "+linear"), where it was timed
+    # ("eager/cpu/2 threads") and each form's time (by plan_forms).
     form: str = ""
     timed_on: str = ""
     timings_ms: tuple[tuple[str, float], ...] = ()
@@ -138,8 +144,8 @@ class LayerRecord:
     decision: str = SKIPPED
     reason: str = ""
     call_sites: int = 1
-    # Set by fold_or_restore(cost="latency"), as in FoldRecord: the form kept, where each
-    # candidate form was timed, and its time (ms, summed over the call sites).
+    # Set by plan_forms(cost="latency") and fold_or_restore, as in FoldRecord: the form kept, where
+    # each candidate form was timed, and its time (ms, summed over the call sites).
     form: str = ""
     timed_on: str = ""
     timings_ms: tuple[tuple[str, float], ...] = ()
@@ -192,3 +198,85 @@ def factor_record(node: fx.Node) -> Optional[FactorRecord]:
     """The FactorRecord of ``node``, or None for nodes fxtucker did not create."""
     rec = node.meta.get(KEY)
     return rec if isinstance(rec, FactorRecord) else None
+
+
+# --- records as JSON: derived from the dataclasses' own fields and types ---
+
+#: Every record type fxtucker stores, by class name (the ``"type"`` of a record written as JSON).
+RECORDS: dict[str, type] = {cls.__name__: cls for cls in (ConvSpec, LayerPlan, FactorRecord, FoldRecord, LayerRecord,
+                                                           BatchNormRecord, GraphRecord)}
+
+
+class RecordError(ValueError):
+    """A JSON value that is not the record it should be; the message names where (``layers[1].ranks``)."""
+
+
+def to_json(value: Any) -> Any:
+    """A record (any dataclass), tuple, list or dict as JSON values: fields in declaration order."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): to_json(v) for k, v in value.items()}
+    return value
+
+
+def _expect(value: Any, types: tuple, where: str) -> Any:
+    """``value`` if it is one of ``types`` (a bool is no int here), else RecordError."""
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):  # True is an int
+        names = " or ".join(t.__name__ for t in types)
+        raise RecordError(f"{where} must be {names}, got {type(value).__name__} {value!r:.60}")
+    return value
+
+
+def _typed(hint: Any, value: Any, where: str) -> Any:
+    """``value`` read as type ``hint`` (a field's annotation): ints >= 0 inside tuples (ranks, shapes)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return _typed(options[0], value, where)
+        if isinstance(value, str) and str in options:  # Padding: "same" or a tuple
+            return value
+        return _typed(next(a for a in options if a is not str), value, where)
+    if origin is tuple:
+        _expect(value, (list,), where)
+        if len(args) == 2 and args[1] is Ellipsis:
+            out = tuple(_typed(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+            if args[0] is int:
+                for i, v in enumerate(out):
+                    if v < 0:
+                        raise RecordError(f"{where}[{i}] is {v}; it must be >= 0 (a rank or size cannot be negative)")
+            return out
+        if len(value) != len(args):
+            raise RecordError(f"{where} must have {len(args)} items, got {len(value)}")
+        return tuple(_typed(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if dataclasses.is_dataclass(hint):
+        return from_json(hint, value, where)
+    if hint is float:
+        return float(_expect(value, (int, float), where))
+    if hint in (int, str, bool):
+        return _expect(value, (hint,), where)
+    raise TypeError(f"{where}: no JSON form for a field of type {hint!r}")  # a record type this module lacks
+
+
+def from_json(cls: type, value: Any, where: str = "the record") -> Any:
+    """The record ``cls`` from its JSON form (:func:`to_json`), every field checked against its type.
+
+    Unknown keys and missing required keys are refused; RecordError names the first problem.
+    """
+    _expect(value, (dict,), where)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - set(fields))
+    if unknown:
+        raise RecordError(f"{where} has unknown key(s) {unknown}; a {cls.__name__} has {sorted(fields)}")
+    required = [n for n, f in fields.items()
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = sorted(set(required) - set(value))
+    if missing:
+        raise RecordError(f"{where} lacks the key(s) {missing}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _typed(hints[k], v, f"{where}.{k}") for k, v in value.items()})

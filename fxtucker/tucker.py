@@ -1,4 +1,5 @@
-"""Tensor maths: Tucker-2 by HOSVD, SVD pairs, reconstruction and EVBMF rank estimates.
+"""Tensor maths: Tucker-2 by HOSVD, SVD pairs, reconstruction, composing and merging factor
+kernels, and EVBMF rank estimates.
 
 Pure functions of tensors; nothing here knows about torch.fx or modules. A conv kernel is a
 tensor ``W`` of shape ``(C_out, C_in, *k)``. Its Tucker-2 decomposition over the two channel
@@ -22,6 +23,9 @@ __all__ = [
     "tucker2",
     "reconstruct_tucker2",
     "svd_pair",
+    "compute_dtype",
+    "compose",
+    "merge",
     "evbmf",
     "vbmf_ranks",
 ]
@@ -113,6 +117,69 @@ def svd_pair(matrix: torch.Tensor, rank: Optional[int] = None) -> tuple[torch.Te
         return matrix @ v, v.T
     u = _leading_eigenvectors(matrix, rank)
     return u, u.T @ matrix
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Precision the maths runs in: float64 for float64 weights, float32 for all others (fp16, bf16)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def compose(first: torch.Tensor, last: torch.Tensor, core: Optional[torch.Tensor] = None,
+            groups: int = 1) -> torch.Tensor:
+    """The one kernel that applying ``first``, ``core`` (if any) and ``last`` in turn amounts to.
+
+    Linear weights ``first: (R, in)``, ``last: (out, R)`` give ``last @ first``. Conv kernels are
+    grouped alike: ``first: (g R1, C_in/g, *k1)`` (1x1 before a core; kxk for a kxk conv's SVD
+    pair), ``core: (g R2, R1, *k)``, ``last: (C_out, R2, 1, ...)``; the result is
+    ``(C_out, C_in/g, *k)``, in :func:`compute_dtype` of ``first``.
+    """
+    dtype = compute_dtype(first.dtype)
+    f, l_ = first.detach().to(dtype), last.detach().to(dtype)
+    if f.dim() == 2:
+        return l_ @ f
+    g = groups
+    f = f.reshape(g, f.shape[0] // g, *f.shape[1:])  # (g, R1, C_in/g, *k1)
+    l_ = l_.reshape(g, l_.shape[0] // g, l_.shape[1])  # (g, C_out/g, R2)
+    if core is None:
+        weight = torch.einsum("gor,gri...->goi...", l_, f)
+    else:
+        c = core.detach().to(dtype)
+        c = c.reshape(g, c.shape[0] // g, *c.shape[1:])  # (g, R2, R1, *k)
+        weight = torch.einsum("gos,gsr...,gri->goi...", l_, c, f.reshape(*f.shape[:3]))
+    return weight.reshape(-1, *weight.shape[2:])
+
+
+def merge(core: torch.Tensor, factor: torch.Tensor, into: str, groups: int = 1,
+          core_bias: Optional[torch.Tensor] = None,
+          factor_bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Tucker-1: the kernel and bias of a grouped 1x1 ``factor`` multiplied into the ``core`` kernel.
+
+    ``into="first"``: ``core(first(x))`` with ``factor = first: (g R1, C_in/g, 1, ...)`` (no bias:
+    before the core's zero padding it would not commute); the kernel is ``(g R2, C_in/g, *k)``
+    and the bias ``core_bias``. ``into="last"``: ``last(core(x))`` with ``factor = last:
+    (C_out, R2, 1, ...)``; the kernel is ``(C_out, R1, *k)`` and the bias ``last`` applied to
+    ``core_bias`` plus ``factor_bias`` (None when neither is given). ``core: (g R2, R1, *k)``.
+    Results in :func:`compute_dtype` of ``core`` (``core_bias`` for ``into="first"`` as given).
+    """
+    if into not in ("first", "last"):
+        raise ValueError(f"merge: into must be 'first' or 'last', got {into!r}")
+    g = groups
+    dtype = compute_dtype(core.dtype)
+    c = core.detach().to(dtype)
+    c = c.reshape(g, c.shape[0] // g, *c.shape[1:])  # (g, R2, R1, *k)
+    m = factor.detach().to(dtype).reshape(g, factor.shape[0] // g, -1)  # first: (g, R1, C_in/g); last: (g, C_out/g, R2)
+    if into == "first":
+        weight = torch.einsum("gsr...,gri->gsi...", c, m)
+        return weight.reshape(-1, *weight.shape[2:]), core_bias
+    weight = torch.einsum("gos,gsr...->gor...", m, c)
+    bias = None
+    if core_bias is not None or factor_bias is not None:
+        bias = torch.zeros(factor.shape[0], dtype=dtype, device=core.device)
+        if core_bias is not None:  # last(core(x) + b) = last(core(x)) + last's weight applied to b
+            bias += torch.einsum("gos,gs->go", m, core_bias.detach().to(dtype).reshape(g, -1)).reshape(-1)
+        if factor_bias is not None:
+            bias += factor_bias.detach().to(dtype)
+    return weight.reshape(-1, *weight.shape[2:]), bias
 
 
 # --- EVBMF (Nakajima, Sugiyama, Babacan and Tomioka 2013), as used for ranks by Kim et al. 2015 ---

@@ -14,6 +14,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxtucker import tucker
+from fxtucker.tucker import compute_dtype  # noqa: F401 - also imported from here by insert_gates
 from fxtucker.meta import (
     CORE,
     DECOMPOSED,
@@ -124,11 +125,6 @@ def _full_ranks(m: nn.Module, kind: Optional[str] = None) -> tuple[int, ...]:
     if (kind or _kind(m)) == "svd":
         return (min(shape[0], math.prod(shape[1:])),)
     return tucker.tucker2_full_ranks(shape)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Precision the maths runs in: float64 for float64 weights, float32 for all others (fp16, bf16)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _group_weights(m: nn.Module, kind: str) -> list[torch.Tensor]:

@@ -124,3 +124,30 @@ def test_float32_svd_pair_truncation_is_as_good_as_svd():
         ref = ((uu[:, :24] * ss[:24]) @ vh[:24]).double()
         err = ((left @ right).double() - a.double()).norm()
         assert err <= (ref - a.double()).norm() * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_compose_and_merge_are_the_factor_products(groups):
+    """compose multiplies first, core, last out; merge multiplies one 1x1 factor into the core."""
+    torch.manual_seed(0)
+    r1, r2, c_in, c_out = 2, 4, 5, 7
+    first = torch.randn(groups * r1, c_in, 1, 1, dtype=torch.float64)
+    core = torch.randn(groups * r2, r1, 3, 3, dtype=torch.float64)
+    last = torch.randn(groups * c_out, r2, 1, 1, dtype=torch.float64)
+    x = torch.randn(1, groups * c_in, 6, 6, dtype=torch.float64)
+    conv = torch.nn.functional.conv2d
+    want = conv(conv(conv(x, first, groups=groups), core, groups=groups), last, groups=groups)
+    dense = tucker.compose(first, last, core, groups)
+    assert dense.shape == (groups * c_out, c_in, 3, 3)
+    torch.testing.assert_close(conv(x, dense, groups=groups), want, rtol=0, atol=1e-10)
+    merged_first, bias = tucker.merge(core, first, "first", groups)
+    assert bias is None and merged_first.shape == (groups * r2, c_in, 3, 3)
+    torch.testing.assert_close(conv(conv(x, merged_first, groups=groups), last, groups=groups), want, rtol=0, atol=1e-10)
+    b_core, b_last = torch.randn(groups * r2, dtype=torch.float64), torch.randn(groups * c_out, dtype=torch.float64)
+    merged_last, bias = tucker.merge(core, last, "last", groups, b_core, b_last)
+    want_b = conv(conv(conv(x, first, groups=groups), core, b_core, groups=groups), last, b_last, groups=groups)
+    torch.testing.assert_close(conv(conv(x, first, groups=groups), merged_last, bias, groups=groups), want_b,
+                               rtol=0, atol=1e-10)
+    f, l_ = torch.randn(3, 5, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)  # Linear factors
+    torch.testing.assert_close(tucker.compose(f, l_), l_ @ f)
+    assert tucker.compute_dtype(torch.float16) == torch.float32 and tucker.compute_dtype(torch.float64) == torch.float64

@@ -31,12 +31,13 @@ from fxtucker.passes import (
     strip_gates,
 )
 from fxtucker.passes.fold_or_restore import dense_module
+from fxtucker.passes.forms import ChannelsLinear, is_pointwise
 from tests.conftest import EXACT, REL_CHAIN_FLOAT64, REL_FLOAT64, REL_FOLD_FLOAT32, factor_roles, reference, rel_error
 from tests.strategies import OneConv, TwoConvs, conv_and_input
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel lengths:UserWarning")
 
-FOLD_MODULE = importlib.import_module("fxtucker.passes.fold_or_restore")  # the module, not the function
+TIME_MODULE = importlib.import_module("fxtucker.passes.time_forms")  # where plan_forms looks up time_chain
 
 
 def _truncated_svd(w: torch.Tensor, groups: int, rank: int) -> torch.Tensor:
@@ -321,18 +322,18 @@ def test_latency_forms_keep_the_function(case, form, frac):
 
     def fake_time(chain, *args):
         timed.append(len(chain))
-        if any(isinstance(m, FOLD_MODULE._ChannelsLinear) for m in chain):
+        if any(isinstance(m, ChannelsLinear) for m in chain):
             return 3.0  # the +linear variants lose
         return 1.0 if (len(chain) == 1) == (form == "dense") else 2.0
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(FOLD_MODULE, "_time_chain", fake_time)
+        mp.setattr(TIME_MODULE, "time_chain", fake_time)
         final = fold_or_restore(decomposed, x, cost="latency")
     final.graph.lint()
     layer = fxtucker.report(final).layers[0]
     # A form with a pointwise conv (1x1, stride 1, no padding, ungrouped) also comes as +linear.
     factors = decomposed.get_submodule(layer.name)
-    dense_pw, svd_pw = FOLD_MODULE._pointwise(conv), any(FOLD_MODULE._pointwise(m) for m in factors.children())
+    dense_pw, svd_pw = is_pointwise(conv), any(is_pointwise(m) for m in factors.children())
     want = {"dense", "svd"} | ({"dense+linear"} if dense_pw else set()) | ({"svd+linear"} if svd_pw else set())
     assert set(dict(layer.timings_ms)) == want
     assert sorted(timed) == sorted([1, 1] * (1 + dense_pw) + [2, 2] * (1 + svd_pw))  # two call sites
@@ -408,7 +409,7 @@ def test_manifest_round_trip(tmp_path, mixed):
 
 
 def test_manifest_round_trip_of_the_latency_svd_form(tmp_path, monkeypatch):
-    monkeypatch.setattr(FOLD_MODULE, "_time_chain", lambda chain, *args: 1.0 if len(chain) == 2 else 2.0)
+    monkeypatch.setattr(TIME_MODULE, "time_chain", lambda chain, *args: 1.0 if len(chain) == 2 else 2.0)
     final, x, _ = _compressed(cost="latency")
     assert {l.name: l.form for l in fxtucker.report(final).layers if l.decision != "skipped"} == {
         "a": "svd", "b": "svd", "p": "svd", "fc": "svd"}
