@@ -37,6 +37,9 @@ __all__ = [
     "resolve_device",
     "setup_distributed",
     "wrap_ddp",
+    "launch_rank",
+    "launch_device",
+    "finish_distributed",
     "check_train_data",
     "train_batches",
     "eval_batches",
@@ -175,6 +178,30 @@ def wrap_ddp(model: nn.Module, train_data: Iterable, ctx: Dist, dev: torch.devic
         )
     return nn.parallel.DistributedDataParallel(
         model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+
+def launch_rank() -> int:
+    """This process's rank under torchrun (0 in a single process), before or after train() joins the group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return 0  # a stray RANK without torchrun's WORLD_SIZE must not silence the only process
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def launch_device() -> torch.device:
+    """Where train() puts this rank's model by default: the local GPU under torchrun with GPUs, else the CPU."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0))
+    return torch.device("cpu")
+
+
+def finish_distributed() -> None:
+    """Under torchrun: wait until every rank (rank 0's writes included) is done, then leave the process group."""
+    if dist.is_available() and dist.is_initialized():
+        # Every rank stays until the last one is done: a rank that tears gloo down early can abort the others.
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 # --- each rank's batches ----------------------------------------------------------------------
