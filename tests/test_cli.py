@@ -230,6 +230,7 @@ def test_quick_measures_accuracy_before_and_after_on_the_whole_test_set(tmp_path
 
     monkeypatch.setenv("FXTUCKER_CACHE_DIR", str(tmp_path / "cache"))
     root = _fake_fashion_mnist(tmp_path / "fm")  # 96 training, 48 test images
+    monkeypatch.setattr(cli.pretrained, "SHIPPED", ())  # no shipped weights: the baseline is trained here
     monkeypatch.setattr(cli, "QUICK", dict(train_subset=64, eval_subset=16, baseline_epochs=1))
     monkeypatch.setattr(cli, "QUICK_CONFIG", dict(train_epochs=0, reg_epochs=1, finetune_epochs=1, target_speedup=1.2))
     out = tmp_path / "run"
@@ -256,3 +257,78 @@ def test_bad_max_spread_exits_2(value, message, capsys):
             main(command + ["--max-spread", value])
         assert info.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def _train_tiny(root, out, *extra):
+    return main(["train", "--model", "resnet20", "--dataset", "fashion-mnist", "--root", str(root), "--epochs", "1",
+                 "--batch-size", "32", "--threads", "1", "--no-progress", "--out", str(out), *extra])
+
+
+def test_train_writes_weights_with_their_hash_and_resumes_only_the_same_run(tmp_path, monkeypatch, capsys):
+    import hashlib
+
+    import torch
+
+    from fxtucker import data
+    from fxtucker.models import get_model
+    from fxtucker.train import evaluate
+    from tests.test_robustness import _fake_fashion_mnist
+
+    root = _fake_fashion_mnist(tmp_path / "fm")
+    out = tmp_path / "train"
+    assert _train_tiny(root, out) == 0
+    info = json.loads((out / "train.json").read_text())
+    weights = (out / "state_dict.pt").read_bytes()
+    assert info["sha256"] == hashlib.sha256(weights).hexdigest()
+    assert (info["epochs"], info["seed"], info["threads"], info["test_images"]) == (1, 0, 1, 48)
+    model = get_model("resnet20", num_classes=10, in_channels=1)
+    model.load_state_dict(torch.load(out / "state_dict.pt", weights_only=True))
+    test = data.make_loader(data.get_dataset("fashion-mnist", False, root=str(root)), 256, False)
+    assert info["test_accuracy"] == evaluate(model, test)
+    assert f"SHA-256 {info['sha256']}" in capsys.readouterr().out
+    # the same command gives the same weights; --resume of a finished run changes nothing
+    assert _train_tiny(root, tmp_path / "again") == 0
+    assert (tmp_path / "again" / "state_dict.pt").read_bytes() == weights
+    assert _train_tiny(root, out, "--resume") == 0
+    assert (out / "state_dict.pt").read_bytes() == weights
+    # --resume with other settings is refused, naming the key
+    assert _train_tiny(root, out, "--resume", "--lr", "0.05") == 2
+    assert "lr" in capsys.readouterr().err
+
+
+def test_compress_starts_from_shipped_weights_and_refuses_a_changed_file(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import fxtucker.cli as cli
+    from fxtucker import pretrained
+    from fxtucker.io import sha256_file
+    from tests.test_robustness import _fake_fashion_mnist
+
+    monkeypatch.setenv("FXTUCKER_CACHE_DIR", str(tmp_path / "cache"))
+    root = _fake_fashion_mnist(tmp_path / "fm")
+    assert _train_tiny(root, tmp_path / "train") == 0
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    shutil.copy(tmp_path / "train" / "state_dict.pt", weights / "r20.pt")
+    entry = pretrained.Shipped("resnet20", "fashion-mnist", "r20.pt", sha256_file(weights / "r20.pt"), 0.5, 1,
+                               "fxtucker train --model resnet20 --dataset fashion-mnist --epochs 1")
+    monkeypatch.setattr(pretrained, "WEIGHTS_DIR", weights)
+    monkeypatch.setattr(pretrained, "SHIPPED", (entry,))
+    monkeypatch.setattr(cli, "QUICK", dict(train_subset=64, eval_subset=16, baseline_epochs=1))
+    monkeypatch.setattr(cli, "QUICK_CONFIG", dict(train_epochs=0, reg_epochs=1, finetune_epochs=1, target_speedup=1.2))
+    argv = ["compress", "--model", "resnet20", "--dataset", "fashion-mnist", "--root", str(root), "--quick",
+            "--batch-size", "32", "--no-progress", "--threads", "1", "--backend", "eager", "--latency-batch", "2",
+            "--rounds", "1", "--repeats", "1"]
+    out = tmp_path / "run"
+    assert main(argv + ["--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "starting from fxtucker's shipped resnet20 for fashion-mnist" in printed and "training the baseline" not in printed
+    assert not (out / "baseline.jsonl").exists()  # nothing trained before compressing
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["epochs"]["baseline"] == 1 and rep["epochs"]["baseline_from"].startswith("shipped with fxtucker")
+    assert rep["accuracy_before"] == json.loads((tmp_path / "train" / "train.json").read_text())["test_accuracy"]
+    # a changed file is refused before anything runs
+    (weights / "r20.pt").write_bytes(b"not the weights")
+    assert main(argv + ["--out", str(tmp_path / "run2")]) == 2
+    assert "have SHA-256" in capsys.readouterr().err and not (tmp_path / "run2").exists()
+    assert pretrained.shipped("ResNet20", "fashion-mnist") is entry and pretrained.shipped("resnet32", "fashion-mnist") is None
