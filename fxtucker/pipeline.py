@@ -7,7 +7,7 @@ The builders below are the only places fxtucker writes its chain out:
 - :func:`decomposition` and :func:`pruning`: steps 1 and 4 of :func:`fxtucker.compress` (the
   gated model is trained between them);
 - :func:`deployment`: :func:`fxtucker.optimize_for_inference`;
-- ``replay``: loading a manifest (:func:`fxtucker.load`) replays the recorded plan.
+- :func:`replay`: loading a manifest (:func:`fxtucker.load`) replays the recorded plan.
 
 ``print(pipeline)`` shows the steps::
 
@@ -18,19 +18,22 @@ The builders below are the only places fxtucker writes its chain out:
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Collection, Iterable, Iterator, Optional, Sequence
 
 import torch.fx as fx
+import torch.nn as nn
 
+from fxtucker.meta import KEY, LayerPlan, LayerRecord, graph_record
 from fxtucker.passes.cost_model import cost_model
-from fxtucker.passes.decompose_conv import RanksArg, decompose_conv
+from fxtucker.passes.decompose_conv import RanksArg, decompose_conv, plan_decomposition
 from fxtucker.passes.fold_bn import fold_bn
-from fxtucker.passes.fold_or_restore import fold_or_restore
+from fxtucker.passes.fold_or_restore import fold_or_restore, recorded_forms
 from fxtucker.passes.insert_gates import insert_gates
-from fxtucker.passes.strip_gates import strip_gates
+from fxtucker.passes.strip_gates import built_ranks, strip_gates
 
-__all__ = ["Step", "Pipeline", "decomposition", "pruning", "deployment"]
+__all__ = ["Step", "Pipeline", "decomposition", "pruning", "deployment", "replay"]
 
 Pass = Callable[[fx.GraphModule], fx.GraphModule]
 
@@ -128,4 +131,58 @@ def deployment(example_inputs: Sequence[Any], *, ranks: RanksArg = None, decompo
     if ranks is not None or decomposed:
         steps.append(_step(fold_or_restore, *example_inputs, cost="latency", backend=backend, device=device,
                            threads=threads, max_macs=max_macs, search=search, inplace=True))
+    return Pipeline(steps)
+
+
+def replay(layers: Sequence[LayerRecord], nodes: Collection[str]) -> Pipeline:
+    """Loading a manifest (:func:`fxtucker.load`): the passes again, on a fresh trace of the original
+    architecture, with the plan the records of the exported model hold.
+
+    ``layers`` are its layer records, ``nodes`` its graph's node names. Every layer fold_or_restore
+    decided (or decompose_conv decomposed) is decomposed with its recorded kind and ranks (a whole
+    dead rank built as one component, :func:`fxtucker.passes.strip_gates.built_ranks`), the
+    BatchNorm calls the exported graph no longer has are folded (``fold_bn(nodes=...)``: before the
+    forms, as a "+linear" form's permute would stand between a conv and its BatchNorm), and each
+    layer gets its recorded form (``fold_or_restore(plan=...)``). Shapes only: the weights come later.
+    """
+    forms = recorded_forms(layers)
+    plans = {r.name: LayerPlan(source=r.name, kind=r.kind, full_ranks=r.full_ranks, ranks=built_ranks(r.ranks))
+             for r in layers if r.name in forms}
+    linear = any(r.op == "Linear" for r in layers if r.name in plans)
+    exported = frozenset(nodes)
+
+    def decompose(gm: fx.GraphModule) -> fx.GraphModule:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the summary of layers left alone; the records say which
+            gm = plan_decomposition(gm, lambda name, m: None, linear=linear, inplace=True)
+            sites = {n.target for n in gm.graph.nodes if n.op == "call_module" and isinstance(n.meta.get(KEY), LayerPlan)}
+            unknown = sorted(set(plans) - sites)
+            if unknown:
+                raise ValueError(f"ranks names {unknown}, which are not {'conv or Linear' if linear else 'conv'} "
+                                 f"modules called in the graph; known: {sorted(sites)}")
+            for n in gm.graph.nodes:
+                if n.op == "call_module" and n.target in plans:
+                    n.meta[KEY] = plans[n.target]
+            return decompose_conv(gm, use_plan=True, inplace=True)
+
+    def fold_batchnorms(gm: fx.GraphModule) -> fx.GraphModule:
+        # Whenever fold_bn ran, the node list says which BatchNorm calls it folded, even where a later
+        # decompose_conv dropped its record.
+        gone = [n.name for n in gm.graph.nodes if n.op == "call_module" and n.name not in exported
+                and isinstance(gm.get_submodule(n.target), nn.modules.batchnorm._BatchNorm)]
+        if not gone:
+            return gm
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gm = fold_bn(gm, nodes=gone, inplace=True)
+        left = [b for b in graph_record(gm).batchnorms if b.node in gone and not b.folded]
+        if left:
+            raise ValueError(f"the exported graph has no BatchNorm node {left[0].node!r}, but here it cannot be "
+                             f"folded ({left[0].reason})")
+        return gm
+
+    steps = [Step("decompose_conv", decompose)] if plans else []
+    steps.append(Step("fold_bn", fold_batchnorms))
+    if forms:
+        steps.append(_step(fold_or_restore, plan=forms, inplace=True))
     return Pipeline(steps)

@@ -29,7 +29,7 @@ from fxtucker.meta import (
 from fxtucker.passes._common import (CONV_TYPES, check_round_to, factor_nodes, finish, layer_nodes,
                                      nothing_decomposed, prepare, round_rank)
 
-__all__ = ["strip_gates", "kept_ranks", "relative_gates", "round_rank"]
+__all__ = ["strip_gates", "kept_ranks", "built_ranks", "relative_gates", "round_rank"]
 
 
 def _plain(m: nn.Module, in_ch: int, out_ch: int, weight: torch.Tensor) -> nn.Module:
@@ -84,6 +84,11 @@ class _Selection:
     ranks: tuple[int, ...]  # real kept ranks per group (0 when a whole rank dies)
     filled: bool  # components below the threshold kept to even out groups
     rounded: bool = False  # components below the threshold kept to round a rank up to round_to
+
+
+def built_ranks(ranks: tuple[int, ...]) -> tuple[int, ...]:
+    """The widths strip_gates builds for kept ``ranks``: a whole dead rank (0) keeps one zeroed component."""
+    return tuple(max(1, r) for r in ranks)
 
 
 def _check_threshold(threshold: object) -> None:
