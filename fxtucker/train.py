@@ -293,12 +293,12 @@ def _gate_parameters(model: nn.Module) -> set[int]:
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """[decayed, not decayed] parameter groups; gates and 1-d parameters are not decayed."""
-    gates = _gate_parameters(model)
+    gate_ids = _gate_parameters(model)
     decay, no_decay = [], []
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.dim() <= 1 or id(p) in gates else decay).append(p)
+        (no_decay if p.dim() <= 1 or id(p) in gate_ids else decay).append(p)
     if not decay and not no_decay:
         raise ValueError(
             f"train: the model ({type(model).__name__}) has no parameter with requires_grad=True, "
