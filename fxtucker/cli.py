@@ -7,7 +7,6 @@ import dataclasses
 import difflib
 import json
 import math
-import os
 import sys
 import tempfile
 import tomllib
@@ -18,8 +17,9 @@ from typing import Optional, Sequence
 import torch
 
 import fxtucker
-from fxtucker import data, models, pretrained
-from fxtucker.io import save_torch, sha256_file, write_atomic, write_text
+from fxtucker import data, distributed, models, pretrained
+from fxtucker import run_report
+from fxtucker.io import save_torch, sha256_file, write_text
 from fxtucker.runs import record_run
 from fxtucker.latency import MAX_SPREAD, BACKENDS, LatencyComparison, compare_latency, default_backend
 from fxtucker.passes import cost_model, decompose_conv, fold_or_restore, insert_gates, strip_gates
@@ -127,16 +127,6 @@ def _max_spread(text: str) -> float:
     return value
 
 
-def _forms(gm: torch.nn.Module) -> dict[str, int]:
-    """How many layers run in each form (``fold_or_restore(cost="latency")``'s choice), e.g. {"tucker2": 12}."""
-    forms = [layer.form for layer in fxtucker.report(gm).layers if layer.form]
-    return {f: forms.count(f) for f in sorted(set(forms))}
-
-
-def _forms_text(forms: dict[str, int]) -> str:
-    return ", ".join(f"{f} {n}" for f, n in forms.items()) or "none timed"
-
-
 def _ms(cmp: LatencyComparison, which: str) -> str:
     """A cell of a latency row: the kept round's milliseconds or speed-up, or "unreliable"."""
     if not cmp.reliable:
@@ -191,7 +181,7 @@ def _inspect(args: argparse.Namespace) -> int:
                               backend=args.backend, threads=args.threads, repeats=args.repeats)
     except ImportError as exc:
         raise _UsageError(str(exc)) from None
-    forms = _forms(deployed)
+    forms = run_report.forms(deployed)
     rows = [
         ("", "original", "compressed", "ratio"),
         ("MACs", f"{macs_before:,}", f"{macs_after:,}", f"{macs_before / macs_after:.2f}x"),
@@ -204,7 +194,7 @@ def _inspect(args: argparse.Namespace) -> int:
     for r in rows:
         print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
     print(f"latency: {cmp.setting()}; original: BatchNorm folded; compressed: BatchNorm folded, each layer's form "
-          f"chosen by optimize_for_inference on {args.backend} ({_forms_text(forms)}; "
+          f"chosen by optimize_for_inference on {args.backend} ({run_report.forms_text(forms)}; "
           f"{fxtucker.count_macs(deployed, x):,} MACs as deployed)")
     if not cmp.reliable:
         print(f"latency: {cmp.unreliable_reason()}")
@@ -282,19 +272,6 @@ def _check_toml(path: str) -> str:
     return path
 
 
-def _markdown(summary: dict, layers: list[dict]) -> str:
-    lines = ["# fxtucker compress", "", f"`{summary['command']}`", "", "```text", _summary_text(summary), "```",
-             "", "## Accuracy after each stage", "",
-             f"On {summary['stage_accuracy_images']:,} test images.", "", "| stage | accuracy |", "|---|---|"]
-    lines += [f"| {k} | {v['accuracy']:.4f} |" for k, v in summary["stages"].items() if v.get("accuracy") is not None]
-    lines += ["", "## Layers", "", "| layer | full ranks | ranks | MACs before | MACs after | decision |", "|---|---|---|---|---|---|"]
-    for l in layers:
-        fmt = lambda t: "x".join(map(str, t)) or "-"  # noqa: E731
-        lines.append(f"| {l['name']} | {fmt(l['full_ranks'])} | {fmt(l['ranks'])} | {l['macs_before'] or '-'} | "
-                     f"{l['macs_after'] or '-'} | {l['decision']} |")
-    return "\n".join(lines) + "\n"
-
-
 def _deploy(args: argparse.Namespace, model: torch.nn.Module, compressed: torch.nn.Module, x: torch.Tensor,
             n_cls: int, out: Path, say) -> tuple[dict, dict]:
     """The end of the main job: the compressed model deployed for ``--backend`` (BatchNorm folded, each layer's
@@ -329,16 +306,16 @@ def _deploy(args: argparse.Namespace, model: torch.nn.Module, compressed: torch.
         raise _UsageError(f"--backend {backend}: {exc}") from None
     say(f"wrote {result.path} ({result.format}); reloaded and checked on a {'x'.join(map(str, x.shape))} input: max "
         f"abs error {result.max_abs_error:.3g}, max rel error {result.max_rel_error:.3g}")
-    forms = _forms(deployed)
+    forms = run_report.forms(deployed)
     info = {"backend": backend, "file": result.path.name + ("/" if result.format == "manifest" else ""),
             "format": result.format, "forms": forms, "forms_chosen_at_batch": args.latency_batch,
             "macs": fxtucker.count_macs(deployed, x), "params": _params(deployed),
             "parity": {"input_shape": list(x.shape), "max_abs_error": result.max_abs_error,
                        "max_rel_error": result.max_rel_error, "atol": result.atol, "rtol": result.rtol}}
     latency = {}
-    from fxtucker.train import _bar  # the training loop's progress bar, so every stage looks the same
+    from fxtucker.train import progress_bar  # the training loop's bar, so every stage looks the same
 
-    bar = _bar(len(batches) * args.rounds, f"timing on {backend}", not args.no_progress)
+    bar = progress_bar(len(batches) * args.rounds, f"timing on {backend}", not args.no_progress)
     try:
         for b in batches:
             xb = x if b == 1 else big
@@ -347,100 +324,11 @@ def _deploy(args: argparse.Namespace, model: torch.nn.Module, compressed: torch.
                                   on_round=(lambda _r: bar.update(1)) if bar is not None else None)
             latency[f"batch_{b}"] = {**cmp.to_dict(), "rounds": cmp.rounds, "setting": cmp.setting(),
                                      "baseline": "the original, BatchNorm folded (optimize_for_inference, no ranks)",
-                                     "candidate": f"the deployed model ({_forms_text(forms)})"}
+                                     "candidate": f"the deployed model ({run_report.forms_text(forms)})"}
     finally:
         if bar is not None:
             bar.close()
     return info, latency
-
-
-def _summary_text(summary: dict) -> str:
-    """The table the main job prints: accuracy, MACs, params and the deployed speed at each timed batch."""
-    acc_b, acc_a = summary["accuracy_before"], summary["accuracy_after"]
-    rows = [("", "original", "compressed", "ratio"),
-            (f"accuracy ({summary['accuracy_images']:,} test images)", f"{acc_b:.4f}", f"{acc_a:.4f}",
-             f"{acc_a - acc_b:+.4f}"),
-            ("MACs", f"{summary['macs_before']:,}", f"{summary['macs_after']:,}",
-             f"{summary['macs_before'] / summary['macs_after']:.2f}x"),
-            ("params", f"{summary['params_before']:,}", f"{summary['params_after']:,}",
-             f"{summary['params_before'] / summary['params_after']:.2f}x")]
-    dep = summary["deployed"]
-    for key, t in summary["latency"].items():
-        cells = [("unreliable" if t[k] is None else f"{t[k]:.2f}") for k in ("baseline_ms", "candidate_ms")]
-        ratio = "unreliable" if t["speedup"] is None else f"{t['speedup']:.2f}x"
-        rows.append((f"latency, {dep['backend']}, batch {t['batch']} (ms)", *cells, ratio))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    e = summary["epochs"]
-    base = (f"{e['baseline']} epoch(s), {e['baseline_from']}" if e["baseline"] is not None
-            else e["baseline_from"])
-    lines.append(f"epochs: original {base}; compressed: {e['decomposed']} decomposed + {e['regularize']} regularized "
-                 f"+ {e['finetune']} fine-tuning on top of it")
-    if summary["stage_accuracy_images"] != summary["accuracy_images"]:
-        lines.append(f"accuracy after each stage (report.md) on {summary['stage_accuracy_images']:,} of the test images")
-    t = next(iter(summary["latency"].values()), None)
-    if t is not None:
-        lines.append(f"latency: the original with BatchNorm folded against the deployed model "
-                     f"({_forms_text(dep['forms'])}; {dep['macs']:,} MACs; forms chosen at batch "
-                     f"{dep['forms_chosen_at_batch']} within the compressed model's MACs), on {t['backend']}, {t['device']}, {t['threads']} thread(s); "
-                     f"timed alternately over {t['rounds']} rounds of {t['repeats']} runs, the round with the median "
-                     f"speed-up shown; unreliable when the rounds' speed-ups differ by more than {t['max_spread']:.2f}x")
-    lines += [f"latency at batch {t['batch']}: {t['note']}" for t in summary["latency"].values() if not t["reliable"]]
-    lines.append(f"deployed: {dep['file']} ({dep['format']}), reloaded and checked: max abs error "
-                 f"{dep['parity']['max_abs_error']:.3g} (atol {dep['parity']['atol']:g}, rtol {dep['parity']['rtol']:g})")
-    return "\n".join(lines)
-
-
-def _histograms(stages: dict, out: Path) -> list[str]:
-    """One PNG of the gate histogram per stage (the paper's Figure 4), if matplotlib is installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    written = []
-    for stage, info in stages.items():
-        hist = info.get("gate_histogram")
-        if not hist:
-            continue
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        edges = hist["log10_edges"]
-        ax.bar(edges[:-1], hist["counts"], width=edges[1] - edges[0], align="edge")
-        ax.set_xlabel("log10 (|gate| / mean |gate| of its vector)" if hist.get("relative") else "log10 |gate|")
-        ax.set_ylabel("gates")
-        ax.set_title(f"gates after stage '{stage}' ({hist['zeros']} of {hist['total']} exactly 0)")
-        fig.tight_layout()
-        path = out / f"gates_{stage}.png"
-        write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
-        plt.close(fig)
-        written.append(path.name)
-    return written
-
-
-def _launch_rank() -> int:
-    """This process's rank under torchrun (0 in a single process)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
-        return 0  # a stray RANK without torchrun's WORLD_SIZE must not silence the only process
-    return int(os.environ.get("RANK", "0") or 0)
-
-
-def _finish_distributed() -> None:
-    """Under torchrun: wait until rank 0 has written everything, then leave the process group."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # Every rank stays until the last one is done: a rank that tears gloo down early can abort the others.
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
-
-def _flow_device() -> torch.device:
-    """Where train() puts this rank's model: the local GPU under torchrun with GPUs, else the CPU."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0))
-    return torch.device("cpu")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -484,7 +372,7 @@ def _compress(args: argparse.Namespace) -> int:
 
     # Under torchrun every rank runs the whole flow (train() shards the data and keeps the models
     # identical); only rank 0 prints and writes files.
-    main_rank = _launch_rank() == 0
+    main_rank = distributed.launch_rank() == 0
     say = print if main_rank else (lambda *_a, **_k: None)
     dataset = _dataset(args.dataset)
     in_ch, n_cls, size = data.dataset_info(dataset, root=args.root)
@@ -535,11 +423,11 @@ def _compress(args: argparse.Namespace) -> int:
     x = torch.randn(1, in_ch, size, size)
     # compress() traces and measures with x on the model's device, and train() moves the model to the
     # local GPU under torchrun: both start there. The report and the files are made on the CPU.
-    dev = _flow_device()
+    dev = distributed.launch_device()
     result = compress(model.to(dev), train_loader, x.to(dev), eval_data=eval_loader, config=config, out_dir=out,
                       resume=args.resume, progress=not args.no_progress)
     if not main_rank:
-        _finish_distributed()
+        distributed.finish_distributed()
         return 0
     model.cpu()
     result.model.cpu()
@@ -567,7 +455,7 @@ def _compress(args: argparse.Namespace) -> int:
     }
     write_text(out / "report.json", json.dumps({**rep, **summary, "baseline_history": baseline_history,
                                                 "history": result.history}, indent=2) + "\n")
-    write_text(out / "report.md", _markdown(summary, rep["layers"]))
+    write_text(out / "report.md", run_report.markdown(summary, rep["layers"]))
     save_torch(result.model.state_dict(), out / "compressed_state_dict.pt")
     # The manifest lets `fxtucker export --from <out>` (and fxtucker.load) rebuild the compressed model.
     fxtucker.export(result.model, x, out / "manifest", "manifest",
@@ -576,12 +464,12 @@ def _compress(args: argparse.Namespace) -> int:
                     config=config, extra={"model": args.model, "model_kwargs": args.model_kwargs or {},
                                           "num_classes": n_cls, "in_channels": in_ch,
                                           "input_shape": list(x.shape), "dataset": dataset})
-    pngs = _histograms(rep["stages"], out)
+    pngs = run_report.histogram_pngs(rep["stages"], out)
     print()
-    print(_summary_text(summary))
+    print(run_report.summary_text(summary))
     print(f"\nwrote {out}/report.json, report.md, compressed_state_dict.pt, manifest/, {deployed['file']}"
           + (f", {', '.join(pngs)}" if pngs else ""))
-    _finish_distributed()
+    distributed.finish_distributed()
     return 0
 
 
@@ -693,7 +581,7 @@ def _bench(args: argparse.Namespace) -> int:
         d = cmp.to_dict()
         summary.append({"backend": backend, "original_ms": d["baseline_ms"], "compressed_ms": d["candidate_ms"],
                         "speedup": d["speedup"], "original_macs": macs_before, "compressed_macs": macs_after,
-                        "rounds": args.rounds, "forms": _forms(compressed), "timing": d})
+                        "rounds": args.rounds, "forms": run_report.forms(compressed), "timing": d})
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))

@@ -20,7 +20,8 @@ from fxtucker.cli import main
 
 # The modules, not the functions that fxtucker/__init__ exports under the same names.
 compress_module = importlib.import_module("fxtucker.compress")
-train_module = importlib.import_module("fxtucker.train")
+pipeline_module = importlib.import_module("fxtucker.pipeline")
+checkpoint_module = importlib.import_module("fxtucker.checkpoint")
 
 
 def run(result_dir: str, kill_at: str, argv: list[str]) -> int:
@@ -28,7 +29,7 @@ def run(result_dir: str, kill_at: str, argv: list[str]) -> int:
     torch.set_num_threads(1)
     record: dict = {}
 
-    strip_gates = compress_module.strip_gates
+    strip_gates = pipeline_module.strip_gates
 
     def recording_strip_gates(gated, threshold, *args, **kwargs):
         record["gates"] = {k: v.detach().clone() for k, v in gated.state_dict().items() if "gate" in k}
@@ -45,19 +46,19 @@ def run(result_dir: str, kill_at: str, argv: list[str]) -> int:
         torch.save(record, os.path.join(result_dir, f"rank{rank}.pt"))
         return result
 
-    compress_module.strip_gates = recording_strip_gates
+    pipeline_module.strip_gates = recording_strip_gates
     compress_module.compress = recording_compress
 
     if kill_at != "-":
         stage, epochs = kill_at.split(":")
-        save_epoch = train_module._save_epoch
+        save_epoch = checkpoint_module.CheckpointFiles.save_epoch
 
-        def killing_save_epoch(files, model, opt, sched, scaler, config, state, ctx, this_stage, callbacks):
-            save_epoch(files, model, opt, sched, scaler, config, state, ctx, this_stage, callbacks)
-            if this_stage == stage and state.epoch == int(epochs):
+        def killing_save_epoch(files, what, progress, ctx):
+            save_epoch(files, what, progress, ctx)
+            if files.stage == stage and progress.epoch == int(epochs):
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        train_module._save_epoch = killing_save_epoch
+        checkpoint_module.CheckpointFiles.save_epoch = killing_save_epoch
     return main(argv)
 
 

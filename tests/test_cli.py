@@ -195,7 +195,8 @@ def test_compress_report_says_unreliable_instead_of_a_number(tmp_path, monkeypat
     import torch
 
     import fxtucker.latency
-    from fxtucker.cli import _deploy, _summary_text
+    from fxtucker.cli import _deploy
+    from fxtucker.run_report import summary_text as _summary_text
 
     monkeypatch.setenv("FXTUCKER_CACHE_DIR", str(tmp_path / "cache"))
     x = torch.randn(1, 1, 16, 16)

@@ -63,3 +63,35 @@ def test_lazy_public_names_resolve_and_keep_functions_over_submodules(tmp_path):
 def test_every_public_name_is_importable():
     for name in fxtucker.__all__:
         assert getattr(fxtucker, name) is not None, name
+
+
+def _package_imports():
+    """(module, imported module, names) for every ``from fxtucker... import`` in the package."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(fxtucker.__file__).parent
+    files = [(f"fxtucker.{f.stem}", f) for f in root.glob("*.py")]
+    files += [(f"fxtucker.passes.{f.stem}", f) for f in pathlib.Path(fxtucker.passes.__file__).parent.glob("*.py")]
+    for name, path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "fxtucker":
+                yield name, node.module, [a.name for a in node.names]
+
+
+def test_imports_run_one_way_and_never_reach_private_names():
+    import importlib.util
+
+    bad = []
+    for module, source, names in _package_imports():
+        if source == "fxtucker":  # only submodules, never the package's own re-exports
+            bad += [f"{module}: from fxtucker import {n}" for n in names
+                    if importlib.util.find_spec(f"fxtucker.{n}") is None]
+        bad += [f"{module}: {source}.{n}" for n in names if n.startswith("_")]
+        if source.split(".")[-1].startswith("_") and not module.startswith("fxtucker.passes."):
+            bad.append(f"{module}: imports the private module {source}")
+        if module.startswith("fxtucker.passes.") and source in (
+                "fxtucker.train", "fxtucker.compress", "fxtucker.cli", "fxtucker.data", "fxtucker.checkpoint",
+                "fxtucker.distributed", "fxtucker.export", "fxtucker.manifest", "fxtucker.pipeline"):
+            bad.append(f"{module}: a pass imports {source}")
+    assert not bad, bad
