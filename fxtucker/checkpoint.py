@@ -1,6 +1,6 @@
 """The training checkpoint: its format, the files of a stage in ``out_dir``, and the RNG state.
 
-A checkpoint is ``torch.save({"format": CHECKPOINT_FORMAT, "sha256": digest(payload),
+A checkpoint is ``torch.save({"format": CHECKPOINT_FORMAT, "sha256": fxtucker.io.digest(payload),
 "payload": payload})``, written through :func:`fxtucker.io.write_atomic` after every epoch with
 the one before it kept as ``<stage>.ckpt.prev``; ``<stage>.jsonl`` holds one history record per
 line. The payload holds the stage, the config, the progress (epochs, steps, history), the
@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import json
 import logging
-import numbers
 import os
 import random
 import warnings
@@ -30,14 +28,13 @@ import torch
 from torch import nn
 
 from fxtucker.distributed import Dist
-from fxtucker.io import append_line, load_error, write_atomic
+from fxtucker.io import append_line, digest, is_int, load_error, write_atomic
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CheckpointFiles",
     "Progress",
     "Resumable",
-    "digest",
     "stateful",
     "seed_everything",
     "rng_state",
@@ -48,11 +45,6 @@ __all__ = [
 CHECKPOINT_FORMAT = "fxtucker-train-checkpoint/1"
 
 log = logging.getLogger(__name__)
-
-
-def _is_int(value: object) -> bool:
-    """Whether ``value`` is an integer and not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 # --- RNG state --------------------------------------------------------------------------------
@@ -93,36 +85,6 @@ def set_rng_state(state: dict) -> None:
 # --- the payload ------------------------------------------------------------------------------
 
 
-def _feed(h: "hashlib._Hash", obj: Any) -> None:
-    """Feed a canonical serialization of ``obj`` into the hash ``h``."""
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous()
-        h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy())  # hashed in place, no copy
-    elif isinstance(obj, dict):
-        h.update(f"D{len(obj)};".encode())
-        for key, value in obj.items():
-            _feed(h, key)
-            _feed(h, value)
-    elif isinstance(obj, (list, tuple)):
-        h.update(f"L{len(obj)};".encode())
-        for value in obj:
-            _feed(h, value)
-    elif obj is None or isinstance(obj, (bool, int, float, str, bytes)):
-        text = repr(obj)
-        h.update(f"{type(obj).__name__}{len(text)}:{text};".encode())
-    else:
-        raise TypeError(f"checkpoint payload holds a {type(obj).__name__}, which cannot be hashed")
-
-
-def digest(payload: dict) -> str:
-    """SHA-256 of the payload's contents (tensor bytes, keys, numbers, strings, in order)."""
-    h = hashlib.sha256()
-    _feed(h, payload)
-    return h.hexdigest()
-
-
 def _to_cpu(obj: Any) -> Any:
     """A copy of a nested structure with every tensor on the CPU (state_dict metadata kept)."""
     if isinstance(obj, torch.Tensor):
@@ -156,6 +118,14 @@ class Progress:
     history: list = dataclasses.field(default_factory=list)
     saved: Optional[Path] = None   # the last good checkpoint
     saved_epochs: int = 0          # epochs it holds
+
+    def where_saved(self, out_dir: Any) -> str:
+        """Where the last good checkpoint is, as a phrase for a message."""
+        if out_dir is None:
+            return "nothing is saved because out_dir was not given"
+        if self.saved is None:
+            return "no checkpoint was written yet (no epoch finished)"
+        return f"the last good checkpoint, after {self.saved_epochs} epoch(s), is kept at {self.saved}"
 
 
 @dataclass
@@ -290,7 +260,7 @@ def _check_schema(payload: dict) -> None:
                          f"got {type(payload[key]).__name__} {str(payload[key])[:60]!r}")
 
     for key in ("epoch", "step"):
-        if not _is_int(payload[key]) or payload[key] < 0:
+        if not is_int(payload[key]) or payload[key] < 0:
             raise bad(key, "an integer >= 0")
     for key in ("stage",):
         if not isinstance(payload[key], str):
@@ -299,7 +269,7 @@ def _check_schema(payload: dict) -> None:
         if not isinstance(payload[key], dict):
             raise bad(key, "a dict")
     epochs = payload["config"].get("epochs")
-    if not _is_int(epochs) or payload["epoch"] > epochs:
+    if not is_int(epochs) or payload["epoch"] > epochs:
         raise bad("epoch", f"at most the config's epochs ({epochs!r})")
     history = payload["history"]
     if not isinstance(history, list) or len(history) != payload["epoch"] or not all(isinstance(r, dict) for r in history):
@@ -333,9 +303,9 @@ def _rng_well_typed(state: dict) -> bool:
     return (u8(state["torch"]) and isinstance(state["cuda"], list) and all(u8(t) for t in state["cuda"])
             and isinstance(n, dict) and isinstance(n.get("name"), str)
             and isinstance(n.get("keys"), torch.Tensor) and n["keys"].dtype == torch.int64 and n["keys"].numel() == 624
-            and _is_int(n.get("pos")) and _is_int(n.get("has_gauss")) and isinstance(n.get("cached"), float)
-            and isinstance(py, (list, tuple)) and len(py) == 3 and _is_int(py[0])
-            and isinstance(py[1], (list, tuple)) and len(py[1]) == 625 and all(_is_int(v) for v in py[1])
+            and is_int(n.get("pos")) and is_int(n.get("has_gauss")) and isinstance(n.get("cached"), float)
+            and isinstance(py, (list, tuple)) and len(py) == 3 and is_int(py[0])
+            and isinstance(py[1], (list, tuple)) and len(py[1]) == 625 and all(is_int(v) for v in py[1])
             and (py[2] is None or isinstance(py[2], float)))
 
 

@@ -1,33 +1,21 @@
-"""Where training runs: the device, the torchrun process group, and each rank's share of the batches.
+"""Where training runs: the device, the torchrun process group and DistributedDataParallel.
 
 Under torchrun (``WORLD_SIZE`` > 1) :func:`setup_distributed` joins the process group (NCCL on
 GPUs, gloo on CPUs) and returns a :class:`Dist` through which the loop sums its metrics, lets
-rank 0 alone write files and gives every rank rank 0's buffers. :func:`train_batches` redraws a
-DataLoader's order each epoch from ``seed + epoch`` and shards it with a DistributedSampler;
-:func:`eval_batches` gives each rank a strided share. Without DDP every call here is a no-op
-or the plain single-process case. This is the one module of fxtucker that uses torch.distributed.
+rank 0 alone write files and gives every rank rank 0's buffers. Without DDP every call here is a
+no-op or the plain single-process case. Each rank's share of the batches is
+:mod:`fxtucker.batches`' matter. This is the one module of fxtucker that calls torch.distributed.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import (
-    BatchSampler,
-    DataLoader,
-    IterableDataset,
-    RandomSampler,
-    SequentialSampler,
-    Subset,
-)
-from torch.utils.data.distributed import DistributedSampler
 
 __all__ = [
     "Dist",
@@ -40,9 +28,6 @@ __all__ = [
     "launch_rank",
     "launch_device",
     "finish_distributed",
-    "check_train_data",
-    "train_batches",
-    "eval_batches",
 ]
 
 
@@ -162,20 +147,10 @@ def setup_distributed(dev: torch.device) -> Dist:
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(), comm_device=comm)
 
 
-def wrap_ddp(model: nn.Module, train_data: Iterable, ctx: Dist, dev: torch.device) -> nn.Module:
+def wrap_ddp(model: nn.Module, ctx: Dist, dev: torch.device) -> nn.Module:
     """``model`` in DistributedDataParallel under DDP (``model`` itself otherwise)."""
     if not ctx.active:
         return model
-    if not _rebuildable(train_data) and not isinstance(
-        getattr(train_data, "sampler", None), DistributedSampler
-    ) and ctx.main:
-        warnings.warn(
-            f"train: train_data ({type(train_data).__name__}) is not a DataLoader over a "
-            f"map-style dataset with a plain sampler, so fxtucker cannot shard it: each of the "
-            f"{ctx.world} ranks iterates all of it. Pass a DataLoader(dataset, shuffle=...) or "
-            f"give it a DistributedSampler",
-            stacklevel=3,  # train()'s caller
-        )
     return nn.parallel.DistributedDataParallel(
         model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
@@ -202,102 +177,3 @@ def finish_distributed() -> None:
         # Every rank stays until the last one is done: a rank that tears gloo down early can abort the others.
         dist.barrier()
         dist.destroy_process_group()
-
-
-# --- each rank's batches ----------------------------------------------------------------------
-
-
-def check_train_data(train_data: object, epochs: int) -> None:
-    """Raise unless ``train_data`` is a re-iterable, non-empty source of batches."""
-    if isinstance(train_data, (torch.Tensor, str, bytes)) or not isinstance(train_data, Iterable):
-        raise TypeError(
-            f"train: train_data must be an iterable of (input, label) batches such as a "
-            f"DataLoader or a list of pairs, got {type(train_data).__name__}"
-        )
-    try:
-        size = len(train_data)  # type: ignore[arg-type]
-    except TypeError:
-        size = None
-    if size == 0:
-        raise ValueError(
-            f"train: train_data ({type(train_data).__name__}) is empty, so there is nothing "
-            f"to train on; pass a DataLoader or a list with at least one (input, label) batch"
-        )
-    if isinstance(train_data, Iterator) and epochs > 1:
-        raise ValueError(
-            f"train: train_data is an iterator ({type(train_data).__name__}), which is used up "
-            f"after one epoch, but config.epochs is {epochs}; pass something that can be "
-            f"iterated again (a DataLoader or a list of batches)"
-        )
-
-
-def _rebuildable(data: object) -> bool:
-    """Whether ``data`` is a DataLoader whose order train can redraw each epoch."""
-    return (
-        isinstance(data, DataLoader)
-        and not isinstance(data.dataset, IterableDataset)
-        and data.batch_size is not None
-        and type(data.batch_sampler) is BatchSampler
-        and type(data.sampler) in (RandomSampler, SequentialSampler)
-    )
-
-
-def _loader_kwargs(loader: DataLoader) -> dict:
-    """The arguments to build a DataLoader that batches like ``loader``."""
-    kw = dict(
-        batch_size=loader.batch_size,
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-        drop_last=loader.drop_last,
-        timeout=loader.timeout,
-        worker_init_fn=loader.worker_init_fn,
-        multiprocessing_context=loader.multiprocessing_context,
-    )
-    if loader.num_workers > 0:
-        kw.update(prefetch_factor=loader.prefetch_factor,
-                  persistent_workers=loader.persistent_workers)
-    if hasattr(loader, "in_order"):
-        kw["in_order"] = loader.in_order
-    return kw
-
-
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def train_batches(data: Iterable, seed: int, epoch: int, ctx: Dist) -> Iterable:
-    """The batches of one epoch: a DataLoader's order redrawn from ``seed + epoch``."""
-    if not _rebuildable(data):
-        sampler = getattr(data, "sampler", None)
-        if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(epoch)
-        return data
-    loader: DataLoader = data  # type: ignore[assignment]
-    dataset, old = loader.dataset, loader.sampler
-    shuffle = isinstance(old, RandomSampler)
-    # The loader's own generator seeds its workers; the rank keeps worker streams apart.
-    worker_gen = _generator(seed + epoch + (ctx.rank << 32))
-    if ctx.active:
-        sampler = DistributedSampler(dataset, num_replicas=ctx.world, rank=ctx.rank,
-                                     shuffle=shuffle, seed=seed, drop_last=loader.drop_last)
-        sampler.set_epoch(epoch)  # DistributedSampler shuffles with seed + epoch
-    elif shuffle:
-        sampler = RandomSampler(dataset, replacement=old.replacement,
-                                num_samples=old._num_samples, generator=_generator(seed + epoch))
-    else:
-        sampler = SequentialSampler(dataset)
-    return DataLoader(dataset, sampler=sampler, generator=worker_gen, **_loader_kwargs(loader))
-
-
-def eval_batches(data: Iterable, seed: int, ctx: Dist) -> Iterable:
-    """The eval batches: in order, this rank's share of a DataLoader's dataset under DDP."""
-    if not _rebuildable(data):
-        return data
-    loader: DataLoader = data  # type: ignore[assignment]
-    dataset = loader.dataset
-    if ctx.active:
-        # Strided shards without DistributedSampler's padding, so no item counts twice.
-        dataset = Subset(dataset, range(ctx.rank, len(dataset), ctx.world))
-    kw = _loader_kwargs(loader)
-    return DataLoader(dataset, shuffle=False, generator=_generator(seed), **kw)

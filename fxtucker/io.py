@@ -1,4 +1,4 @@
-"""The one way fxtucker writes and hashes files.
+"""The one way fxtucker writes and hashes files, and checks the numbers it reads back.
 
 Every file fxtucker writes (checkpoints, logs rewritten on resume, manifests and their weights,
 reports, plots, state_dicts, the timing cache) goes through :func:`write_atomic`: the data goes
@@ -6,11 +6,16 @@ to a new temporary file in the same directory (created with ``O_EXCL``, so never
 planted there), is flushed and fsynced, and is renamed over the destination. A rename replaces a
 symbolic link at the destination instead of writing through it, so a link planted in an output
 directory can never make fxtucker overwrite a file elsewhere, and a reader never sees half a file.
+:func:`sha256_file` hashes a file's bytes and :func:`digest` a nested structure of tensors and
+plain values (a training checkpoint's payload); :func:`is_int` and :func:`is_real` tell numbers
+from bools wherever a config or a loaded file is checked.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+import numbers
 import os
 import pickle
 import re
@@ -19,7 +24,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Union
 
 __all__ = ["write_atomic", "write_text", "save_torch", "sha256_file", "append_line", "nofollow_opener", "fsync_dir",
-           "load_tensors", "load_error"]
+           "load_tensors", "load_error", "digest", "is_int", "is_real"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -126,6 +131,48 @@ def sha256_file(path: PathLike, *, limit: int | None = None) -> str:
                 raise ValueError(f"{str(path)!r} is larger than {limit:,} bytes; fxtucker does not read it")
             h.update(block)
     return h.hexdigest()
+
+
+def digest(payload: Any) -> str:
+    """SHA-256 of a nested structure's contents (tensor bytes, keys, numbers, strings, in order);
+    TypeError for anything else (a module, an arbitrary object)."""
+    import torch
+
+    def feed(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy())  # hashed in place, no copy
+        elif isinstance(obj, dict):
+            h.update(f"D{len(obj)};".encode())
+            for key, value in obj.items():
+                feed(key)
+                feed(value)
+        elif isinstance(obj, (list, tuple)):
+            h.update(f"L{len(obj)};".encode())
+            for value in obj:
+                feed(value)
+        elif obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+            text = repr(obj)
+            h.update(f"{type(obj).__name__}{len(text)}:{text};".encode())
+        else:
+            raise TypeError(f"checkpoint payload holds a {type(obj).__name__}, which cannot be hashed")
+
+    h = hashlib.sha256()
+    feed(payload)
+    return h.hexdigest()
+
+
+def is_int(value: object) -> bool:
+    """Whether ``value`` is an integer and not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: object) -> bool:
+    """Whether ``value`` is a finite real number and not a bool."""
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(float(value)))
 
 
 _GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")

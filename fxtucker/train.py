@@ -7,8 +7,8 @@ epoch. With ``out_dir`` it appends each record to ``<out_dir>/<stage>.jsonl`` an
 ``<out_dir>/<stage>.ckpt`` atomically after every epoch (the one before it is kept as
 ``<stage>.ckpt.prev``); ``resume=True`` continues a killed run and, on the CPU with
 ``num_workers=0``, ends bitwise where the uninterrupted run would have. The checkpoint format
-lives in :mod:`fxtucker.checkpoint`, the devices, process group and data sharding in
-:mod:`fxtucker.distributed`.
+lives in :mod:`fxtucker.checkpoint`, each epoch's (sharded) batches in :mod:`fxtucker.batches`,
+the devices, process group and DDP in :mod:`fxtucker.distributed`.
 
 Conventions:
 
@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import numbers
 import os
 import re
 import sys
@@ -45,37 +44,15 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from fxtucker.checkpoint import (
-    CHECKPOINT_FORMAT,
-    CheckpointFiles,
-    Progress,
-    Resumable,
-    seed_everything,
-    stateful,
-)
-from fxtucker.distributed import (
-    Dist,
-    check_train_data,
-    eval_batches,
-    resolve_device,
-    setup_distributed,
-    train_batches,
-    wants_ddp,
-    wrap_ddp,
-)
+from fxtucker.batches import (batch_sums, check_train_data, count_correct, eval_batches, split_batch, to_device,
+                              train_batches, warn_unsharded)
+from fxtucker.checkpoint import CHECKPOINT_FORMAT, CheckpointFiles, Progress, Resumable, seed_everything, stateful
+from fxtucker.distributed import Dist, resolve_device, setup_distributed, wants_ddp, wrap_ddp
+from fxtucker.io import is_int, is_real
 from fxtucker.passes.insert_gates import Gate, gates
 
-__all__ = [
-    "TrainConfig",
-    "train",
-    "evaluate",
-    "TrainingDiverged",
-    "progress_bar",
-    "OPTIMIZERS",
-    "SCHEDULES",
-    "RECORD_KEYS",
-    "CHECKPOINT_FORMAT",
-]
+__all__ = ["TrainConfig", "train", "evaluate", "TrainingDiverged", "progress_bar", "OPTIMIZERS", "SCHEDULES",
+           "RECORD_KEYS", "CHECKPOINT_FORMAT"]
 
 #: Valid values of ``TrainConfig.optimizer``.
 OPTIMIZERS = ("sgd", "adamw")
@@ -106,17 +83,6 @@ class TrainingDiverged(RuntimeError):
                  checkpoint: Optional[Path]) -> None:
         super().__init__(message)
         self.stage, self.epoch, self.step, self.checkpoint = stage, epoch, step, checkpoint
-
-
-def _is_int(value: object) -> bool:
-    """Whether ``value`` is an integer and not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: object) -> bool:
-    """Whether ``value`` is a finite real number and not a bool."""
-    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
-            and math.isfinite(float(value)))
 
 
 @dataclass(frozen=True)
@@ -157,36 +123,36 @@ class TrainConfig:
         def fail(name: str, need: str) -> None:
             raise ValueError(f"TrainConfig: {name} must be {need}, got {getattr(self, name)!r}")
 
-        if not _is_int(self.epochs) or self.epochs < 1:
+        if not is_int(self.epochs) or self.epochs < 1:
             fail("epochs", "an integer >= 1")
-        if not _is_real(self.lr) or self.lr <= 0:
+        if not is_real(self.lr) or self.lr <= 0:
             fail("lr", "a finite number > 0")
         if not isinstance(self.optimizer, str) or self.optimizer not in OPTIMIZERS:
             raise ValueError(
                 f"TrainConfig: unknown optimizer {self.optimizer!r}; valid optimizers are "
                 f"{list(OPTIMIZERS)}"
             )
-        if not _is_real(self.momentum) or not 0.0 <= self.momentum < 1.0:
+        if not is_real(self.momentum) or not 0.0 <= self.momentum < 1.0:
             fail("momentum", "a number in [0, 1)")
-        if not _is_real(self.weight_decay) or self.weight_decay < 0:
+        if not is_real(self.weight_decay) or self.weight_decay < 0:
             fail("weight_decay", "a finite number >= 0")
         if not isinstance(self.schedule, str) or self.schedule not in SCHEDULES:
             raise ValueError(
                 f"TrainConfig: unknown schedule {self.schedule!r}; valid schedules are "
                 f"{list(SCHEDULES)}"
             )
-        if not _is_int(self.step_size) or self.step_size < 1:
+        if not is_int(self.step_size) or self.step_size < 1:
             fail("step_size", "an integer >= 1")
-        if not _is_real(self.gamma) or self.gamma <= 0:
+        if not is_real(self.gamma) or self.gamma <= 0:
             fail("gamma", "a finite number > 0")
         if not isinstance(self.amp, bool):
             fail("amp", "True or False")
         if not isinstance(self.channels_last, bool):
             fail("channels_last", "True or False")
-        if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
+        if not is_int(self.seed) or not 0 <= self.seed < 2**32:
             fail("seed", "an integer in [0, 2**32)")
         if self.max_grad_norm is not None and (
-            not _is_real(self.max_grad_norm) or self.max_grad_norm <= 0
+            not is_real(self.max_grad_norm) or self.max_grad_norm <= 0
         ):
             fail("max_grad_norm", "a finite number > 0 or None")
         # object.__setattr__ because the dataclass is frozen; a recorded config reads back equal.
@@ -197,60 +163,8 @@ class TrainConfig:
         if self.max_grad_norm is not None:
             object.__setattr__(self, "max_grad_norm", float(self.max_grad_norm))
 
-# --- batches and evaluation ------------------------------------------------------------------
 
-
-def _split_batch(batch: object, what: str, index: int) -> tuple[Any, torch.Tensor]:
-    """(input, label) of a batch, or a TypeError saying what the batch was."""
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        found = (f"a {type(batch).__name__} of length {len(batch)}"
-                 if isinstance(batch, (tuple, list)) else f"a {type(batch).__name__}")
-        raise TypeError(
-            f"{what} must yield (input, label) pairs, but batch {index} is {found}; wrap the "
-            f"dataset so each item is (input, label), e.g. a TensorDataset(inputs, labels)"
-        )
-    x, y = batch
-    if not isinstance(y, torch.Tensor):
-        raise TypeError(
-            f"{what}: the label of batch {index} is a {type(y).__name__}, not a tensor of class "
-            f"indices; batch the labels with a DataLoader or torch.tensor(labels)"
-        )
-    return x, y
-
-
-def _to_device(x: Any, dev: torch.device, channels_last: bool) -> Any:
-    """Move an input (tensor, or tuple/list/dict of them) to ``dev``."""
-    if isinstance(x, torch.Tensor):
-        x = x.to(dev, non_blocking=True)
-        if channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to_device(v, dev, channels_last) for v in x)
-    if isinstance(x, dict):
-        return {k: _to_device(v, dev, channels_last) for k, v in x.items()}
-    return x
-
-
-def _count_correct(model: nn.Module, data: Iterable, dev: torch.device, amp: bool,
-                   what: str) -> tuple[int, int]:
-    """(correct top-1 predictions, labels seen) over ``data``, in eval mode and without grad."""
-    was_training = model.training
-    model.eval()
-    correct = torch.zeros((), dtype=torch.int64, device=dev)
-    total = 0
-    try:
-        with torch.no_grad():
-            for i, batch in enumerate(data):
-                x, y = _split_batch(batch, what, i)
-                x, y = _to_device(x, dev, False), y.to(dev, non_blocking=True)
-                with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=amp):
-                    out = model(x)
-                correct += (out.argmax(dim=1) == y).sum()
-                total += y.shape[0]
-    finally:
-        model.train(was_training)
-    return int(correct.item()), total
+# --- evaluation and the optimizer -----------------------------------------------------------
 
 
 def evaluate(model: nn.Module, data: Iterable, *, device: Any = None) -> float:
@@ -270,16 +184,13 @@ def evaluate(model: nn.Module, data: Iterable, *, device: Any = None) -> float:
     if not isinstance(model, nn.Module):
         raise TypeError(f"evaluate: model must be an nn.Module, got {type(model).__name__}")
     dev = resolve_device(model, device, ddp=False)
-    correct, total = _count_correct(model, data, dev, False, "evaluate: data")
+    correct, total = count_correct(model, data, dev, False, "evaluate: data")
     if total == 0:
         raise ValueError(
             f"evaluate: data ({type(data).__name__}) yielded no labels, so there is no "
             f"accuracy to compute; pass at least one (input, label) batch"
         )
     return correct / total
-
-
-# --- optimizer and schedule -------------------------------------------------------------------
 
 
 def _gate_parameters(model: nn.Module) -> set[int]:
@@ -384,15 +295,6 @@ def _check_stats(stats: object) -> dict:
     return stats
 
 
-def _saved_phrase(state: Progress, out_dir: Optional[PathLike]) -> str:
-    if out_dir is None:
-        return "nothing is saved because out_dir was not given"
-    if state.saved is None:
-        return "no checkpoint was written yet (no epoch finished)"
-    return (f"the last good checkpoint, after {state.saved_epochs} epoch(s), is kept at "
-            f"{state.saved}")
-
-
 def progress_bar(total: Optional[int], desc: str, enabled: bool = True, initial: int = 0):
     """A tqdm bar on stderr, or None without tqdm (the "progress" extra); tqdm itself turns it off
     when stderr is not a terminal. Every stage of train and the CLI shows this bar."""
@@ -404,9 +306,6 @@ def progress_bar(total: Optional[int], desc: str, enabled: bool = True, initial:
         return None
     return tqdm(total=total, desc=desc, disable=None, file=sys.stderr, dynamic_ncols=True,
                 leave=True, initial=initial)
-
-
-_bar = progress_bar  # the name fxtucker/cli.py imports until it uses progress_bar
 
 
 @dataclass
@@ -541,7 +440,8 @@ def train(
                  stage, state.epoch)
         return state.history
 
-    run = _Run(net=wrap_ddp(model, train_data, ctx, dev), model=model, train_data=train_data,
+    warn_unsharded(train_data, ctx)
+    run = _Run(net=wrap_ddp(model, ctx, dev), model=model, train_data=train_data,
                eval_data=eval_data, config=config, stage=stage, opt=opt, sched=sched, scaler=scaler,
                penalty=penalty, extra_loss=extra_loss, epoch_stats=epoch_stats, ctx=ctx, dev=dev,
                amp=amp, channels_last=channels_last, out_dir=out_dir, state=state,
@@ -556,7 +456,7 @@ def train(
                 files.save_epoch(saved, state, ctx)
     except KeyboardInterrupt:
         if ctx.main:
-            where = _saved_phrase(state, out_dir)
+            where = state.where_saved(out_dir)
             how = ("run again with resume=True (fxtucker ... --resume) to continue from it"
                    if state.saved is not None else "nothing can be resumed yet")
             log.warning("train: stage %r interrupted in epoch %d (0-based) of %d; %s: %s",
@@ -610,7 +510,7 @@ def _run_epoch(run: _Run) -> dict:
     run.sched.step()
     accuracy = None
     if run.eval_data is not None:
-        c, t = _count_correct(run.model, eval_batches(run.eval_data, config.seed, run.ctx), run.dev,
+        c, t = count_correct(run.model, eval_batches(run.eval_data, config.seed, run.ctx), run.dev,
                               run.amp, "train: eval_data")
         c, t = run.ctx.sum(torch.tensor([c, t], dtype=torch.float64)).tolist()
         if t == 0:
@@ -645,8 +545,8 @@ def _run_epoch(run: _Run) -> dict:
 def _step(run: _Run, batch: object, i: int, lr: float) -> list[float]:
     """One optimizer step on batch ``i`` of the epoch; its [ce * n, penalty * n, correct, n] over the ranks."""
     state, epoch, model, opt, config = run.state, run.state.epoch, run.model, run.opt, run.config
-    x, y = _split_batch(batch, "train: train_data", i)
-    x = _to_device(x, run.dev, run.channels_last)
+    x, y = split_batch(batch, "train: train_data", i)
+    x = to_device(x, run.dev, run.channels_last)
     y = y.to(run.dev, non_blocking=True)
     with torch.autocast(device_type=run.dev.type, dtype=torch.float16, enabled=run.amp):
         out = run.net(x)
@@ -657,23 +557,15 @@ def _step(run: _Run, batch: object, i: int, lr: float) -> list[float]:
     if run.extra_loss is not None:  # e.g. distillation: it sees the batch and the outputs
         pen = pen.to(ce.device) + _check_penalty(run.extra_loss(x, out, y), epoch, state.step).to(ce.device)
     loss = ce + pen.to(device=ce.device, dtype=ce.dtype)
-    n = y.shape[0]
-    correct = (out.detach().argmax(dim=1) == y).sum()
-    step_sums = torch.stack([
-        ce.detach().double() * n,
-        pen.detach().double().to(ce.device) * n,
-        correct.double(),
-        torch.tensor(float(n), dtype=torch.float64, device=ce.device),
-    ])
     # All ranks see the same sums, so all of them stop together on a NaN.
-    step_sums = run.ctx.sum(step_sums.cpu()).tolist()
+    step_sums = run.ctx.sum(batch_sums(ce, pen, out, y).cpu()).tolist()
     step_ce, step_pen = step_sums[0] / step_sums[3], step_sums[1] / step_sums[3]
     if not math.isfinite(step_ce + step_pen):
         raise TrainingDiverged(
             f"train: stage {run.stage!r} diverged in epoch {epoch} (0-based) at step "
             f"{state.step} (batch {i} of the epoch): the loss is {step_ce + step_pen} "
             f"(cross-entropy {step_ce}, penalty {step_pen}), so training stopped before "
-            f"this step; {_saved_phrase(state, run.out_dir)}. Lower lr (it is {lr:g}), set "
+            f"this step; {state.where_saved(run.out_dir)}. Lower lr (it is {lr:g}), set "
             f"max_grad_norm or weaken the penalty, then run the stage again",
             stage=run.stage, epoch=epoch, step=state.step, checkpoint=state.saved,
         )

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fxtucker.checkpoint import CHECKPOINT_FORMAT, CheckpointFiles, digest, rng_state, set_rng_state
+from fxtucker.checkpoint import CHECKPOINT_FORMAT, CheckpointFiles, rng_state, set_rng_state
+from fxtucker.io import digest
 import fxtucker.train
 from fxtucker.train import TrainConfig, train
 from tests.test_train import (

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import fxtucker.io  # noqa: F401
-from fxtucker.checkpoint import CheckpointFiles, digest
+from fxtucker.checkpoint import CheckpointFiles
+from fxtucker.io import digest
 from fxtucker.train import TrainConfig, TrainingDiverged, train
 
 io_module = sys.modules["fxtucker.io"]  # every file write goes through fxtucker.io
