@@ -434,6 +434,10 @@ def _plan(exp: str, s: Setup) -> list[dict]:
         runs = [dict(method="funnel", setting=f"{k}x {a}+{b}+{total - a - b}",
                      flow=dict(target_macs=s.macs // k, train_epochs=a, reg_epochs=b, finetune_epochs=total - a - b))
                 for k in (3,) for a, b in ((0, 2), (0, 3), (0, 4)) if a + b <= total]
+        # A shorter step 3 leaves more fine-tuning: 0+3+5 was behind 0+2+6 at 3x, so 1 epoch is tried too.
+        runs += [dict(method="funnel", setting=f"{k}x 0+1+{total - 1}",
+                      flow=dict(target_macs=s.macs // k, train_epochs=0, reg_epochs=1, finetune_epochs=total - 1))
+                 for k in (2, 3)]
         runs += [dict(method="funnel", setting=f"threshold lambda={lam} reg2 no-ft",
                       flow=dict(no_ft, reg_epochs=2, reg_weight=lam, steer=False)) for lam in (0.2, 1.0, 5.0)]
         runs += [dict(method="funnel", setting=f"{k}x reg{e} no-ft", flow=dict(no_ft, reg_epochs=e, target_macs=s.macs // k))
