@@ -168,7 +168,9 @@ class Resumable:
 
     def restore(self, path: Path, payload: dict, ctx: Dist) -> Progress:
         """Load a verified checkpoint into the model, optimizer, schedule, scaler, callbacks and RNGs."""
-        stored = payload["config"]
+        # A field the checkpoint lacks was added to the config after it was written: it ran at the default.
+        defaults = {f.name: f.default for f in dataclasses.fields(self.config)}
+        stored = {**defaults, **payload["config"]}
         current = dataclasses.asdict(self.config)
         diff = [k for k in current if stored.get(k) != current[k]]
         if diff:

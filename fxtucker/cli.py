@@ -352,7 +352,8 @@ def _train(args: argparse.Namespace) -> int:
     record_run(out, run, resume=args.resume, require=True, name="train-run.json")
     print(f"training {args.model} on {dataset} for {args.epochs} epochs "
           f"({len(train_loader.dataset):,} images, {torch.get_num_threads()} thread(s)); test accuracy after each epoch")
-    history = train(model, train_loader, TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed),
+    history = train(model, train_loader,
+                    TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed, compile=args.compile),
                     eval_data=test_loader, out_dir=out, stage="train", resume=args.resume,
                     progress=not args.no_progress)
     weights = save_torch(model.state_dict(), out / "state_dict.pt")
@@ -397,7 +398,8 @@ def _compress(args: argparse.Namespace) -> int:
         config = CompressConfig.from_toml(_check_toml(args.config))
     else:
         config = CompressConfig(**QUICK_CONFIG) if args.quick else CompressConfig()
-    config = dataclasses.replace(config, seed=args.seed, **({"method": args.method} if args.method else {}))
+    config = dataclasses.replace(config, seed=args.seed, **({"method": args.method} if args.method else {}),
+                                 **({"compile": True} if args.compile else {}))
     out = Path(args.out or f"runs/{models.model_label(args.model)}-{dataset}" + ("-quick" if args.quick else ""))
     epochs = args.baseline_epochs or quick.get("baseline_epochs", 30)
     # The whole run configuration is stored with the checkpoints; --resume continues only that run.
@@ -415,7 +417,8 @@ def _compress(args: argparse.Namespace) -> int:
             f"{ship.epochs} epochs by `{ship.command}`); --checkpoint takes your own weights")
     if checkpoint is None:
         say(f"training the baseline {args.model} for {epochs} epochs (no --checkpoint given)")
-        baseline_history = train(model, train_loader, TrainConfig(epochs=epochs, lr=0.1, seed=args.seed),
+        baseline_history = train(model, train_loader, TrainConfig(epochs=epochs, lr=0.1, seed=args.seed,
+                                                                  compile=config.compile),
                                  eval_data=eval_loader, out_dir=out, stage="baseline", resume=args.resume,
                                  progress=not args.no_progress)
         if main_rank:
@@ -638,6 +641,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=_positive, default=None,
                    help="CPU threads for training (default: torch's setting; the result depends on it bit for bit)")
     t.add_argument("--resume", action="store_true", help="continue a killed run from the checkpoint in --out")
+    t.add_argument("--compile", action="store_true",
+                   help="run the training step under torch.compile (slow first step; checkpoints stay plain)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.add_argument("--out", help="output directory: state_dict.pt, train.json, the log and checkpoint "
                                  "(default runs/<model>-<dataset>-train)")
@@ -662,6 +667,8 @@ def _parser() -> argparse.ArgumentParser:
                         "--quick watches the stages on 2,000 and measures accuracy before and after on all)")
     c.add_argument("--seed", type=_seed, default=0)
     c.add_argument("--resume", action="store_true", help="continue a killed run from the checkpoints in --out")
+    c.add_argument("--compile", action="store_true",
+                   help="run every stage's training step under torch.compile (CompressConfig.compile; slow first step)")
     c.add_argument("--threads", type=_positive, default=None, help="CPU threads for the latency measurement")
     c.add_argument("--backend", choices=BACKENDS, default=None,
                    help="the back end to deploy the compressed model for and time it on (default: the fastest "

@@ -106,6 +106,7 @@ class CompressConfig:
     distill_weight: float = 0.5
     distill_temperature: float = 4.0
     seed: int = 0
+    compile: bool = False  # every stage's training step under torch.compile (TrainConfig.compile)
 
     def __post_init__(self) -> None:
         """Every field checked here, in one place; the training fields by the TrainConfig they build."""
@@ -138,7 +139,7 @@ class CompressConfig:
         if self.target_speedup is not None and not math.isfinite(self.target_speedup):
             raise bad("target_speedup", "a finite number >= 1")
         for name in ("steer", "relative_gates", "proximal", "mac_weighted", "compose", "c_follows_budget", "linear",
-                     "distill"):
+                     "distill", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")
         if self.round_to is not None and (not _is_int(self.round_to) or self.round_to < 1):
@@ -171,7 +172,8 @@ class CompressConfig:
 
     def stage_config(self, epochs: int, lr: float) -> TrainConfig:
         return TrainConfig(epochs=epochs, lr=lr, optimizer=self.optimizer, momentum=self.momentum,
-                           weight_decay=self.weight_decay, schedule=self.schedule, seed=self.seed)
+                           weight_decay=self.weight_decay, schedule=self.schedule, seed=self.seed,
+                           compile=self.compile)
 
     @classmethod
     def from_toml(cls, path: Union[str, Path]) -> "CompressConfig":

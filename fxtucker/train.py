@@ -103,6 +103,11 @@ class TrainConfig:
         channels_last: channels-last memory format on CUDA; ignored on the CPU.
         seed: seeds the RNGs of a fresh run and the data order of each epoch, an integer >= 0.
         max_grad_norm: clip the global gradient 2-norm to this (> 0), or None for no clipping.
+        compile: run the training step's forward (and so its backward) under ``torch.compile``,
+            on the CPU or a GPU. Checkpoints and the trained model are the original module's
+            (no ``_orig_mod.`` prefix); evaluation runs the plain module, uncompiled. The first
+            step compiles (slow); the losses agree with ``compile=False`` to float rounding,
+            except that dropout draws its masks from inductor's own generator.
     """
 
     epochs: int
@@ -117,6 +122,7 @@ class TrainConfig:
     channels_last: bool = False
     seed: int = 0
     max_grad_norm: Optional[float] = None
+    compile: bool = False
 
     def __post_init__(self) -> None:
         """Check every field and normalize numbers to plain ints and floats."""
@@ -149,6 +155,8 @@ class TrainConfig:
             fail("amp", "True or False")
         if not isinstance(self.channels_last, bool):
             fail("channels_last", "True or False")
+        if not isinstance(self.compile, bool):
+            fail("compile", "True or False")
         if not is_int(self.seed) or not 0 <= self.seed < 2**32:
             fail("seed", "an integer in [0, 2**32)")
         if self.max_grad_norm is not None and (
@@ -312,7 +320,7 @@ def progress_bar(total: Optional[int], desc: str, enabled: bool = True, initial:
 class _Run:
     """One call of train(): what each epoch and step reads, and the progress they make."""
 
-    net: nn.Module            # model, or model in DistributedDataParallel
+    net: nn.Module            # model, or model in DistributedDataParallel; under torch.compile with config.compile
     model: nn.Module
     train_data: Iterable
     eval_data: Optional[Iterable]
@@ -332,6 +340,7 @@ class _Run:
     state: Progress
     show_bar: bool
     bar: Any = None           # the stage's progress bar, made in its first epoch
+    compiled: bool = False    # config.compile's first forward has run (so torch.compile worked)
 
 
 def train(
@@ -441,7 +450,9 @@ def train(
         return state.history
 
     warn_unsharded(train_data, ctx)
-    run = _Run(net=wrap_ddp(model, ctx, dev), model=model, train_data=train_data,
+    net = wrap_ddp(model, ctx, dev)
+    # Only the step is compiled: checkpoints keep model's state_dict and evaluation its eager forward.
+    run = _Run(net=torch.compile(net) if config.compile else net, model=model, train_data=train_data,
                eval_data=eval_data, config=config, stage=stage, opt=opt, sched=sched, scaler=scaler,
                penalty=penalty, extra_loss=extra_loss, epoch_stats=epoch_stats, ctx=ctx, dev=dev,
                amp=amp, channels_last=channels_last, out_dir=out_dir, state=state,
@@ -549,7 +560,7 @@ def _step(run: _Run, batch: object, i: int, lr: float) -> list[float]:
     x = to_device(x, run.dev, run.channels_last)
     y = y.to(run.dev, non_blocking=True)
     with torch.autocast(device_type=run.dev.type, dtype=torch.float16, enabled=run.amp):
-        out = run.net(x)
+        out = _forward(run, x)
         ce = F.cross_entropy(out, y)  # float32 under autocast, the model's dtype otherwise
     pen = torch.zeros((), device=ce.device)
     if run.penalty is not None:
@@ -588,3 +599,21 @@ def _step(run: _Run, batch: object, i: int, lr: float) -> list[float]:
             after_step(model, epoch, state.step, opt.param_groups[0]["lr"])
     state.step += 1
     return step_sums
+
+
+def _forward(run: _Run, x: Any) -> torch.Tensor:
+    """run.net(x); with config.compile, a failing first call (the one that compiles) says torch.compile failed."""
+    if not run.config.compile or run.compiled:
+        return run.net(x)
+    try:
+        out = run.net(x)
+    except Exception as e:  # noqa: BLE001 - dynamo and inductor raise many types; all mean "did not compile"
+        found = next((line.strip() for line in str(e).splitlines() if line.strip()), "")[:300]
+        raise RuntimeError(
+            f"train: config.compile=True, but torch.compile could not compile the training step of "
+            f"{type(run.model).__name__} on {run.dev} ({type(e).__name__}: {found}); train without it "
+            f"(compile=False, or drop --compile), or give torch.compile what it needs (on the CPU, its "
+            f"inductor back end needs a working C++ compiler)"
+        ) from e
+    run.compiled = True
+    return out

@@ -262,6 +262,22 @@ def test_resume_with_another_config_is_refused(tmp_path):
               progress=False)
 
 
+def test_a_config_field_the_checkpoint_predates_resumes_at_its_default(tmp_path):
+    a, ha = straight_run(tmp_path / "a")
+    killed_run(tmp_path / "b", at_epoch=1)
+    ckpt = tmp_path / "b" / "train.ckpt"
+    raw = torch.load(ckpt, map_location="cpu", weights_only=True)
+    del raw["payload"]["config"]["compile"]  # as written before TrainConfig had compile
+    raw["sha256"] = digest(raw["payload"])
+    torch.save(raw, ckpt)
+    b, hb = resumed_run(tmp_path / "b")
+    assert_same_state(a, b)
+    assert without_seconds(hb) == without_seconds(ha)
+    with pytest.raises(ValueError, match=r"was written with compile=False but this call has compile=True"):
+        train(tiny(), loader(), TrainConfig(epochs=3, lr=0.05, compile=True), out_dir=tmp_path / "b", resume=True,
+              progress=False)
+
+
 def test_resume_into_another_model_is_refused(tmp_path):
     killed_run(tmp_path, at_epoch=1)
     other = nn.Sequential(nn.Flatten(), nn.Linear(64, 4))

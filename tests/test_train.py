@@ -146,6 +146,7 @@ CFG = TrainConfig(epochs=3, lr=0.05)
         (dict(epochs=1, gamma=0.0), r"gamma must be a finite number > 0, got 0.0"),
         (dict(epochs=1, amp="yes"), r"amp must be True or False, got 'yes'"),
         (dict(epochs=1, channels_last=1), r"channels_last must be True or False, got 1"),
+        (dict(epochs=1, compile="yes"), r"compile must be True or False, got 'yes'"),
         (dict(epochs=1, seed=-1), r"seed must be an integer in \[0, 2\*\*32\), got -1"),
         (dict(epochs=1, max_grad_norm=0.0), r"max_grad_norm must be a finite number > 0 or None"),
     ],
@@ -153,6 +154,13 @@ CFG = TrainConfig(epochs=3, lr=0.05)
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kwargs)
+
+
+def test_compress_config_refuses_a_non_bool_compile():
+    # CompressConfig passes compile to the TrainConfig of every stage; it checks it with its booleans.
+    with pytest.raises(ValueError, match=r"CompressConfig.compile must be true or false, got 1"):
+        fxtucker.CompressConfig(compile=1)
+    assert fxtucker.CompressConfig(compile=True).stage_config(2, 0.1).compile is True
 
 
 def test_config_normalizes_numbers():
@@ -556,6 +564,67 @@ def test_funnel_penalty_shrinks_gates_of_a_gated_graph_module(tmp_path):
     fresh.load_state_dict(load_payload(tmp_path / "train.ckpt")["model"])
     x = dataset()[:8][0]
     torch.testing.assert_close(fresh.eval()(x), gm.eval()(x), rtol=0, atol=0)
+
+
+# --- torch.compile ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compiler():
+    """Skips the test when torch.compile cannot compile on this machine (no C++ compiler, say)."""
+    try:
+        torch.compile(lambda t: t * 2 + 1)(torch.ones(2))
+    except Exception as e:  # noqa: BLE001 - whatever inductor raises, compile cannot be tested here
+        pytest.skip(f"torch.compile does not work on this machine: {type(e).__name__}: {str(e)[:200]}")
+
+
+def test_compile_trains_like_eager_resumes_and_checkpoints_the_plain_module(tmp_path, compiler):
+    from tests.conftest import TRAIN_COMPILE
+
+    eager, compiled = tiny(), tiny()
+    eager.drop = compiled.drop = nn.Identity()  # inductor draws dropout masks from its own generator
+    cfg = TrainConfig(epochs=2, lr=0.05, seed=1)
+    expected = train(eager, loader(), cfg, eval_data=loader(shuffle=False), progress=False)
+    ccfg = TrainConfig(epochs=2, lr=0.05, seed=1, compile=True)
+    with pytest.raises(KeyboardInterrupt):
+        train(compiled, loader(), ccfg, eval_data=loader(shuffle=False), out_dir=tmp_path, progress=False,
+              epoch_stats=InterruptAt(1))
+    payload = load_payload(tmp_path / "train.ckpt")
+    assert not [k for k in payload["model"] if "_orig_mod" in k]
+    # The checkpoint is the plain module's: it loads strictly into a fresh, uncompiled Tiny.
+    fresh = tiny(seed=7)
+    fresh.drop = nn.Identity()
+    fresh.load_state_dict(payload["model"])
+    with pytest.raises(ValueError, match=r"was written with compile=True but this call has compile=False"):
+        train(fresh, loader(), cfg, out_dir=tmp_path, resume=True, progress=False)
+    history = train(fresh, loader(), ccfg, eval_data=loader(shuffle=False), out_dir=tmp_path, resume=True,
+                    progress=False, epoch_stats=fc_norm)
+    assert type(fresh) is Tiny and [r["epoch"] for r in history] == [0, 1]
+    for got, want in zip(history, expected):
+        for key in ("loss", "ce", "train_accuracy", "accuracy", "lr"):
+            torch.testing.assert_close(torch.tensor(got[key]), torch.tensor(want[key]), **TRAIN_COMPILE)
+    for key, value in eager.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[key], value, **TRAIN_COMPILE)
+    assert list(load_payload(tmp_path / "train.ckpt")["model"]) == list(eager.state_dict())
+
+
+def test_compile_that_fails_says_so_and_how_to_train_without_it(monkeypatch):
+    class Broken(nn.Module):  # what torch.compile returns on a machine whose C++ compiler fails
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            raise RuntimeError("CppCompileError: C++ compile error\n(details)")
+
+    def broken_compile(net):
+        return Broken(net)
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.raises(RuntimeError, match=r"config.compile=True, but torch.compile could not compile the training "
+                                           r"step of Tiny on cpu \(RuntimeError: CppCompileError: C\+\+ compile "
+                                           r"error\); train without it \(compile=False, or drop --compile\)"):
+        train(tiny(), loader(), TrainConfig(epochs=1, compile=True), progress=False)
 
 
 # --- DDP --------------------------------------------------------------------------------------
