@@ -1,13 +1,18 @@
-"""What one training step costs: the original model, the gated chain, and the composed training view.
+"""What one training step costs: the original model, the gated chain, and the composed training view,
+eager and under torch.compile (``TrainConfig(compile=True)``).
 
     .venv/bin/python benchmarks/train_speed.py                      # ResNet-20, batch 128, 28x28, 2 threads
     .venv/bin/python benchmarks/train_speed.py --threads 1 --rounds 7
+    .venv/bin/python benchmarks/train_speed.py --batch 8 --size 8 --rounds 1 --steps 1 --out /tmp/t.json  # a check
 
 A step is forward, cross-entropy, backward and an SGD step; the gated ones also compute the
 funnel penalty (logged) and take its proximal step, steered to a 2x budget, as step 3 of the flow
-does. The three models are timed in alternating rounds (each round runs every model ``--steps``
-times), so a slow phase of a shared machine hits all of them; the median round is kept. One row
-per run is appended to ``benchmarks/results/train_speed.json``.
+does. The compiled step runs the composed view's forward (and so its backward) under
+torch.compile, as train() does with compile=True; the penalty and the optimizer stay eager. Its
+compilation happens in the warm-up, which is not timed. The four steps are timed in alternating
+rounds (each round runs every step ``--steps`` times), so a slow phase of a shared machine hits
+all of them; the median round is kept. One row per run is appended to
+``benchmarks/results/train_speed.json`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -34,13 +39,14 @@ from fxtucker.passes import compose_factors, cost_model, decompose_conv, insert_
 RESULTS = Path(__file__).parent / "results" / "train_speed.json"
 
 
-def _step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, penalty=None):
+def _step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, penalty=None, compiled: bool = False):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     model.train()
+    forward = torch.compile(model) if compiled else model  # as train() wraps the step's model
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(x), y)
+        loss = nn.functional.cross_entropy(forward(x), y)
         if penalty is not None:
             loss = loss + penalty(model, 0, 1)
         loss.backward()
@@ -58,6 +64,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="steps of each model per round")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"the JSON file the row is appended to "
+                                                                  f"(default {RESULTS})")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -75,8 +83,10 @@ def main(argv=None) -> int:
 
     view = compose_factors(gated)
     steps = {"plain": _step_fn(plain, x, y), "gated chain": _step_fn(gated, x, y, penalty()),
-             "composed view": _step_fn(view, x, y, penalty())}
-    for step in steps.values():  # warm up
+             "composed view": _step_fn(view, x, y, penalty()),
+             "composed view, compiled": _step_fn(view, x, y, penalty(), compiled=True)}
+    for step in steps.values():  # warm up, twice: the compiled step compiles here, and any recompile too
+        step()
         step()
     times: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(args.rounds):
@@ -93,12 +103,12 @@ def main(argv=None) -> int:
            "rounds_s": {k: [round(t, 5) for t in v] for k, v in times.items()},
            "load_avg_1m": round(os.getloadavg()[0], 2), "torch": torch.__version__, "machine": platform.machine(),
            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    print(f"{'step':<16}{'median s':>10}{'x plain':>9}")
+    print(f"{'step':<24}{'median s':>10}{'x plain':>9}")
     for k in steps:
-        print(f"{k:<16}{med[k]:>10.4f}{med[k] / med['plain']:>9.2f}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    rows = json.loads(RESULTS.read_text())["rows"] if RESULTS.exists() else []
-    write_atomic(RESULTS, json.dumps({"rows": rows + [row]}, indent=1) + "\n")
+        print(f"{k:<24}{med[k]:>10.4f}{med[k] / med['plain']:>9.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    rows = json.loads(args.out.read_text())["rows"] if args.out.exists() else []
+    write_atomic(args.out, json.dumps({"rows": rows + [row]}, indent=1) + "\n")
     return 0
 
 
