@@ -122,13 +122,15 @@ def plan_forms(
                         is_pointwise(m) for m in build_form(container, specs.get(s), form)):
                     plan[s] = form + LINEAR
         return plan
-    return _by_latency(gm, example_inputs, by_source, specs, backend or "eager", device or "cpu", threads, max_macs,
-                       search or "layer", linear is not False)
+    total_macs = sum(n.meta[MACS] for n in gm.graph.nodes if n.op != "output")
+    timed = _Timed(gm, {}, {}, total_macs, backend or "eager", device or "cpu", threads, TimingCache())
+    return _by_latency(timed, example_inputs, by_source, specs, max_macs, search or "layer", linear is not False)
 
 
 @dataclasses.dataclass
 class _Timed:
-    """Everything timed so far, for the trials: forms[layer][form] is a chain, costs[layer][form] (ms, MACs)."""
+    """The model, where its forms are timed, and what was timed so far: ``forms[layer][form]`` a chain,
+    ``costs[layer][form]`` (ms, MACs); ``other_macs`` counts every node but the layers' factors."""
 
     gm: fx.GraphModule
     forms: dict[str, dict[str, list[nn.Module]]]
@@ -147,13 +149,12 @@ class _Timed:
         return finish(trial)
 
 
-def _by_latency(gm: fx.GraphModule, example_inputs: tuple, by_source: dict, specs: dict, backend: str, device: str,
-                threads: Optional[int], max_macs: Optional[int], search: str, linear: bool) -> dict[str, str]:
-    """plan_forms(cost="latency"): see its docstring."""
-    total_macs = sum(n.meta[MACS] for n in gm.graph.nodes if n.op != "output")
+def _by_latency(t: _Timed, example_inputs: tuple, by_source: dict, specs: dict, max_macs: Optional[int],
+                search: str, linear: bool) -> dict[str, str]:
+    """plan_forms(cost="latency"), with ``t`` holding the model and where to time: see its docstring."""
+    gm, backend, device, threads = t.gm, t.backend, t.device, t.threads
     threads_used = threads if threads is not None else torch.get_num_threads()
     timed_on = f"{backend}/{device}/{threads_used} thread{'s' if threads_used != 1 else ''}"
-    t = _Timed(gm, {}, {}, total_macs, backend, device, threads, TimingCache())
     for source, roles in by_source.items():
         container = gm.get_submodule(source)
         forms = with_linear(candidate_forms(container, specs.get(source)),
