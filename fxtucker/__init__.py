@@ -19,6 +19,7 @@ from fxtucker.passes import (
     gates,
     insert_gates,
     plan_decomposition,
+    plan_forms,
     strip_gates,
 )
 from fxtucker.report import Report, report
@@ -28,7 +29,7 @@ from fxtucker.report import Report, report
 # the passes alone.
 _LAZY = {
     "compress": "fxtucker.compress", "CompressConfig": "fxtucker.compress", "CompressResult": "fxtucker.compress",
-    "export": "fxtucker.export", "load": "fxtucker.export", "ExportError": "fxtucker.export",
+    "export": "fxtucker.export", "load": "fxtucker.manifest", "ExportError": "fxtucker.export",
     "ExportResult": "fxtucker.export",
     "measure_latency": "fxtucker.latency", "compare_latency": "fxtucker.latency", "LatencyComparison": "fxtucker.latency",
     "optimize_for_inference": "fxtucker.deploy",
@@ -77,6 +78,7 @@ __all__ = [
     "passes",
     "cost_model",
     "plan_decomposition",
+    "plan_forms",
     "decompose_conv",
     "insert_gates",
     "strip_gates",

@@ -149,6 +149,21 @@ def compose(first: torch.Tensor, last: torch.Tensor, core: Optional[torch.Tensor
     return weight.reshape(-1, *weight.shape[2:])
 
 
+def compose_scaled(last: torch.Tensor, first: torch.Tensor, core: Optional[torch.Tensor] = None, *,
+                   scale_in: torch.Tensor, scale_out: torch.Tensor) -> torch.Tensor:
+    """The kernel of ``first``, ``core`` and ``last`` (ungrouped) with the components scaled, kept
+    differentiable (no detach, no dtype change): the training view's kernel of a gated layer.
+
+    Tucker-2 (``core`` given): ``last[:, s] * scale_out[s]``, ``core``, ``scale_in[r] * first[r]``, with
+    ``first: (R1, C_in, 1, ...)``, ``core: (R2, R1, *k)``, ``last: (C_out, R2, 1, ...)``. An SVD pair:
+    ``last: (C_out, R)`` scaled by ``scale_out * scale_in``, then ``first: (R, C_in, *k)``.
+    """
+    l_ = last.flatten(1)
+    if core is not None:
+        return torch.einsum("os,sr...,ri->oi...", l_ * scale_out, core, scale_in[:, None] * first.flatten(1))
+    return torch.einsum("or,ri...->oi...", l_ * (scale_out * scale_in), first)
+
+
 def merge(core: torch.Tensor, factor: torch.Tensor, into: str, groups: int = 1,
           core_bias: Optional[torch.Tensor] = None,
           factor_bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

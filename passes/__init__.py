@@ -12,6 +12,7 @@ from fxtucker.passes.decompose_conv import decompose_conv, plan_decomposition
 from fxtucker.passes.insert_gates import Gate, UnitNorm, gates, insert_gates
 from fxtucker.passes.compose_factors import ComposedConv, compose_factors
 from fxtucker.passes.strip_gates import kept_ranks, strip_gates
+from fxtucker.passes.time_forms import plan_forms
 from fxtucker.passes.fold_or_restore import fold_or_restore, predict_macs
 from fxtucker.passes.fold_bn import fold_bn
 
@@ -29,6 +30,7 @@ __all__ = [
     "ComposedConv",
     "strip_gates",
     "kept_ranks",
+    "plan_forms",
     "fold_or_restore",
     "predict_macs",
     "fold_bn",

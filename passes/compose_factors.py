@@ -8,6 +8,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from fxtucker import tucker
 from fxtucker.meta import CORE, FIRST, GATE_CORE, GATE_IN, GATE_OUT, LAST
 from fxtucker.passes._common import CONV_TYPES, check_graph_module, layer_nodes
 from fxtucker.passes.insert_gates import Gate
@@ -37,12 +38,12 @@ class ComposedConv(nn.Module):
         self.kind = "tucker2" if CORE in factors else "svd"
 
     def kernel(self) -> torch.Tensor:
-        last = self.last.weight.flatten(1)  # (C_out, R2)
         if self.kind == "tucker2":
-            first = self.first.weight.flatten(1)  # (R1, C_in)
-            mid = (self.gate_out.weight * self.gate_core.weight)
-            return torch.einsum("os,sr...,ri->oi...", last * mid, self.core.weight, self.gate_in.weight[:, None] * first)
-        return torch.einsum("or,ri...->oi...", last * (self.gate_out.weight * self.gate_in.weight), self.first.weight)
+            return tucker.compose_scaled(self.last.weight, self.first.weight, self.core.weight,
+                                         scale_in=self.gate_in.weight,
+                                         scale_out=self.gate_out.weight * self.gate_core.weight)
+        return tucker.compose_scaled(self.last.weight, self.first.weight, scale_in=self.gate_in.weight,
+                                     scale_out=self.gate_out.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.core if self.kind == "tucker2" else self.first

@@ -13,7 +13,7 @@ from torch.nn.utils import parametrize
 from fxtucker.meta import CORE, FIRST, GATE_CORE, GATE_IN, GATE_OUT, LAST, FactorRecord, graph_record, set_graph_record
 from fxtucker.passes._common import (check_graph_module, factor_nodes, layer_nodes, finish, new_node,
                                      nothing_decomposed, prepare)
-from fxtucker.passes.decompose_conv import compute_dtype
+from fxtucker.tucker import compute_dtype
 
 __all__ = ["insert_gates", "gates", "Gate", "UnitNorm"]
 

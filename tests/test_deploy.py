@@ -137,9 +137,10 @@ def test_an_already_decomposed_model_keeps_its_ranks():
 def test_linear_forms_after_fold_bn_and_strided_1x1_reload(tmp_path, monkeypatch):
     """BatchNorm folded before decomposing, then +linear forms: conv2 (3x3 stride 2) and short (a 1x1
     with stride 2, so only its second SVD factor is pointwise) reload from a manifest node for node."""
-    fold_module = sys.modules["fxtucker.passes.fold_or_restore"]
-    monkeypatch.setattr(fold_module, "_time_chain",
-                        lambda chain, *a: 1.0 if any(isinstance(m, fold_module._ChannelsLinear) for m in chain) else 2.0)
+    time_module = sys.modules["fxtucker.passes.time_forms"]
+    linear = sys.modules["fxtucker.passes.forms"].ChannelsLinear
+    monkeypatch.setattr(time_module, "time_chain",
+                        lambda chain, *a: 1.0 if any(isinstance(m, linear) for m in chain) else 2.0)
     monkeypatch.setenv("FXTUCKER_CACHE_DIR", str(tmp_path / "cache"))
     model = _trained_like(torch.float64)
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)

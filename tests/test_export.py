@@ -273,7 +273,7 @@ def test_cli_compress_writes_a_manifest_that_export_reads(tmp_path, capsys):
                  "--backend", "eager", "--latency-batch", "2", "--rounds", "1", "--repeats", "1", "--out", str(run)]) == 0
     assert "compressed_state_dict.pt, manifest/" in capsys.readouterr().out
     manifest = read_manifest(run / "manifest")
-    assert manifest["extra"] == {"model": "resnet20", "num_classes": 10, "in_channels": 1,
+    assert manifest["extra"] == {"model": "resnet20", "model_kwargs": {}, "num_classes": 10, "in_channels": 1,
                                  "input_shape": [1, 1, 28, 28], "dataset": "fashion-mnist"}
     assert manifest["config"]["target_speedup"] == 1.5 and manifest["seed"] == 0
     assert any(r.decision == "decomposed" for r in manifest["layers"])
