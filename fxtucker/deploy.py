@@ -66,7 +66,7 @@ def optimize_for_inference(
         ranks: as in :func:`decompose_conv` (a fraction in (0, 1], a dict, a callable,
             ``"vbmf"``); None decomposes nothing.
         method: how kxk convs are decomposed: ``"tucker2"`` or ``"svd"`` (see :func:`decompose_conv`).
-        backend: ``"eager"``, ``"compile"`` or ``"onnxruntime"``.
+        backend: ``"eager"``, ``"compile"``, ``"compile-freezing"`` or ``"onnxruntime"``.
         device: ``"cpu"`` or ``"cuda"``: where the layers are timed.
         round_to: round fractional ranks up to a multiple of this (e.g. 8 or 16).
         threads: CPU threads while timing (None: torch's current setting).

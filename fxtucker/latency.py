@@ -1,7 +1,8 @@
 """measure_latency(): median wall time of a model's forward pass on a back end, and a timing cache.
 
-Back ends: ``"eager"`` (the module as it is), ``"compile"`` (``torch.compile``, inductor) and
-``"onnxruntime"`` (exported with ``torch.onnx.export`` and run by an ``onnxruntime.InferenceSession``).
+Back ends: ``"eager"`` (the module as it is), ``"compile"`` (``torch.compile``, inductor),
+``"compile-freezing"`` (the same with inductor's ``freezing``: weights folded into the graph as
+constants, as production torch.compile users run inference) and ``"onnxruntime"`` (exported with ``torch.onnx.export`` and run by an ``onnxruntime.InferenceSession``).
 Devices: ``"cpu"`` (wall time, ``time.perf_counter``) and ``"cuda"`` (CUDA events).
 
 Every speed-up fxtucker prints (``fxtucker bench``, ``fxtucker inspect``, the report of
@@ -39,7 +40,9 @@ from fxtucker.io import write_atomic
 __all__ = ["measure_latency", "measure_side_by_side", "compare_latency", "LatencyComparison", "MAX_SPREAD", "default_backend",
            "BACKENDS", "DEVICES", "cache_dir", "TimingCache", "check_backend", "check_device"]
 
-BACKENDS = ("eager", "compile", "onnxruntime")
+BACKENDS = ("eager", "compile", "compile-freezing", "onnxruntime")
+#: inductor options of each torch.compile back end
+COMPILE_OPTIONS = {"compile": {}, "compile-freezing": {"freezing": True}}
 DEVICES = ("cpu", "cuda")
 _EXPORT_HINT = "pip install fxtucker[export]"
 
@@ -154,7 +157,8 @@ def measure_latency(
         example_inputs: a tensor or a sequence of positional inputs (tensors for ``"onnxruntime"``).
         backend: ``"eager"`` (the module as it is), ``"compile"`` (``torch.compile(model,
             dynamic=False)`` with inductor; compiling happens in one extra untimed call before
-            the warm-up) or ``"onnxruntime"`` (``torch.onnx.export`` to a temporary directory,
+            the warm-up), ``"compile-freezing"`` (the same with ``options={"freezing": True}``:
+            the weights become constants of the compiled graph, which inductor can fold) or ``"onnxruntime"`` (``torch.onnx.export`` to a temporary directory,
             then an ``onnxruntime.InferenceSession`` with ``intra_op_num_threads = threads``;
             needs ``pip install fxtucker[export]``).
         threads: ``torch.set_num_threads`` for the measurement (restored afterwards) and the
@@ -196,13 +200,15 @@ def measure_latency(
                 target = model if _on(model, device) else copy.deepcopy(model).to(device)
                 inputs = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in inputs)
             target.eval()
-            fn = torch.compile(target, dynamic=False) if backend == "compile" else target
+            compiled = backend in COMPILE_OPTIONS
+            fn = (torch.compile(target, dynamic=False, options=COMPILE_OPTIONS[backend] or None) if compiled
+                  else target)
 
             def run():
                 with torch.inference_mode():
                     return fn(*inputs)
 
-            if backend == "compile":
+            if compiled:
                 run()  # compilation: part of the warm-up, never timed
         times = []
         for i in range(warmup + repeats):

@@ -114,7 +114,7 @@ def fold_or_restore(
         example_inputs: one batch of ``gm``'s positional inputs, for the cost model.
         plan: the form of every decomposed layer; None decides by ``cost``.
         cost: ``"macs"`` (the paper's rule, the default) or ``"latency"``.
-        backend: for ``cost="latency"``: ``"eager"`` (default), ``"compile"`` or ``"onnxruntime"``.
+        backend: for ``cost="latency"``: ``"eager"`` (default), ``"compile"``, ``"compile-freezing"`` or ``"onnxruntime"``.
         device: for ``cost="latency"``: ``"cpu"`` (default) or ``"cuda"``.
         threads: for ``cost="latency"``: CPU threads while timing (None: torch's current setting).
         max_macs: for ``cost="latency"``: an upper bound on the whole model's MACs.
@@ -247,6 +247,15 @@ def _apply(gm: fx.GraphModule, by_source: dict, specs: dict, plan: dict[str, str
 def _reason(r: LayerRecord, form: str, planned: bool, by_macs: bool, before: Optional[int], factors: Optional[int],
             after: Optional[int]) -> str:
     """The report's reason for giving layer ``r`` its ``form``."""
+    reason = _form_reason(r, form, planned, by_macs, before, factors, after)
+    if r.functional and form.removesuffix(LINEAR) == DENSE:
+        reason += (f"; the functional {r.op}() call (node {r.node!r}) is now nn.{r.spec.cls_name} module {r.name!r} "
+                   f"with that kernel")
+    return reason
+
+
+def _form_reason(r: LayerRecord, form: str, planned: bool, by_macs: bool, before: Optional[int],
+                 factors: Optional[int], after: Optional[int]) -> str:
     if by_macs:
         if form == DENSE:
             return f"factors would cost {factors:,} MACs >= {before:,} of the original; dense kernel rebuilt"

@@ -159,7 +159,7 @@ def test_linear_forms_after_fold_bn_and_strided_1x1_reload(tmp_path, monkeypatch
 def test_errors():
     model = _trained_like()
     x = torch.randn(1, 3, 8, 8)
-    with pytest.raises(ValueError, match=r"backend 'tvm' is not supported by optimize_for_inference; valid: \['eager', 'compile', 'onnxruntime'\]"):
+    with pytest.raises(ValueError, match=r"backend 'tvm' is not supported by optimize_for_inference; valid: \['eager', 'compile', 'compile-freezing', 'onnxruntime'\]"):
         optimize_for_inference(model, x, backend="tvm")
     with pytest.raises(ValueError, match=r"search 'whole' is not known to optimize_for_inference; valid: \['layer', 'model'\]"):
         optimize_for_inference(model, x, search="whole")

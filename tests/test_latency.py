@@ -48,9 +48,24 @@ def test_onnxruntime_backend_runs_the_exported_model(monkeypatch):
 
 
 @pytest.mark.slow
-def test_compile_backend():
+@pytest.mark.parametrize("backend", ["compile", "compile-freezing"])
+def test_compile_backend(backend):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+    assert measure_latency(model, torch.randn(1, 3, 16, 16), backend=backend, threads=1, warmup=1, repeats=3) > 0
+
+
+@pytest.mark.parametrize("backend, options", [("compile", None), ("compile-freezing", {"freezing": True})])
+def test_compile_backends_pass_their_inductor_options(backend, options, monkeypatch):
+    seen = []
+
+    def fake_compile(model, **kwargs):
+        seen.append(kwargs)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
-    assert measure_latency(model, torch.randn(1, 3, 16, 16), backend="compile", threads=1, warmup=1, repeats=3) > 0
+    assert measure_latency(model, torch.randn(1, 3, 8, 8), backend=backend, threads=1, warmup=0, repeats=1) > 0
+    assert seen == [{"dynamic": False, "options": options}]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -75,7 +90,7 @@ def test_onnxruntime_missing_names_the_extra(monkeypatch):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(backend="tvm"), r"backend 'tvm' is not supported by measure_latency; valid: \['eager', 'compile', 'onnxruntime'\]"),
+    (dict(backend="tvm"), r"backend 'tvm' is not supported by measure_latency; valid: \['eager', 'compile', 'compile-freezing', 'onnxruntime'\]"),
     (dict(device="tpu"), r"device 'tpu' is not supported by measure_latency; valid: \['cpu', 'cuda'\] \(or 'cuda:N'\)"),
     (dict(device="cpu:1"), r"device 'cpu:1' is not supported by measure_latency"),
     (dict(repeats=0), r"repeats must be >= 1 and warmup >= 0, got repeats=0, warmup=3"),
@@ -166,6 +181,17 @@ def test_benchmark_quick_profile_runs_and_resumes(tmp_path, monkeypatch, capsys)
     assert bench.main(["--quick", "--out", str(out)]) == 0
     assert "skip fxtucker resnet18 batch 1 eager" in capsys.readouterr().out
     assert json.loads(out.read_text())["rows"] == rows
+
+
+def test_benchmark_goals_are_the_issues():
+    """resnet18: efficiency (speed-up / MAC ratio) >= 0.92, 0.85 under freezing; resnet50: speed-up >= 1.8."""
+    bench = _benchmark_module()
+    row = dict(model="resnet18", backend="compile-freezing", speedup=1.8, macs_ratio=2.0)
+    assert bench.goal_met(row) is True and bench.goal_met({**row, "speedup": 1.6}) is False
+    assert bench.goal_met({**row, "backend": "onnxruntime"}) is False  # 0.90 < 0.92
+    assert bench.goal_met(dict(model="resnet50", backend="compile", speedup=1.85, macs_ratio=2.4)) is True
+    assert bench.goal_met(dict(model="resnet50", backend="eager", speedup=1.0, macs_ratio=2.0)) is None
+    assert bench.FULL["models"] == ["resnet18", "resnet50", "mobilenet_v2"] and "compile-freezing" in bench.FULL["backends"]
 
 
 def test_cli_bench_prints_every_back_end_side_by_side(tmp_path, monkeypatch, capsys):

@@ -169,7 +169,7 @@ def test_latency_errors():
         fold_or_restore(decomposed, x, cost="flops")
     with pytest.raises(ValueError, match=r"\['backend', 'max_macs'\] apply to cost='latency' only"):
         fold_or_restore(decomposed, x, backend="eager", max_macs=10)
-    with pytest.raises(ValueError, match=r"backend 'tvm' is not supported by fold_or_restore; valid: \['eager', 'compile', 'onnxruntime'\]"):
+    with pytest.raises(ValueError, match=r"backend 'tvm' is not supported by fold_or_restore; valid: \['eager', 'compile', 'compile-freezing', 'onnxruntime'\]"):
         fold_or_restore(decomposed, x, cost="latency", backend="tvm")
     with pytest.raises(ValueError, match=r"device 'tpu' is not supported by fold_or_restore; valid: \['cpu', 'cuda'\]"):
         fold_or_restore(decomposed, x, cost="latency", device="tpu")
