@@ -58,6 +58,8 @@ GATE_ROLES = (GATE_IN, GATE_CORE, GATE_OUT)
 # Decisions a layer can carry.
 DECOMPOSED, RESTORED, SKIPPED = "decomposed", "restored", "skipped"
 Padding = Union[str, tuple[int, ...]]
+# The ``op`` of a functional conv's LayerRecord: the name of the function called.
+CONV_FUNCTIONS = frozenset({"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"})
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,9 @@ class FoldRecord:
 class LayerRecord:
     """One row of the report: a conv or linear layer that decompose_conv looked at."""
 
-    name: str  # qualified module name (or node name for functional calls)
+    # qualified module name; a functional conv's: "<module holding its weight>.<node name>" (see
+    # decompose_conv), or the node name where its weight is computed in forward
+    name: str
     node: str  # graph node name of the original call
     op: str  # "Conv2d", "Linear", ...
     kind: str  # "tucker2", "svd" (first/last; first is kxk for a kxk conv) or "skip"
@@ -149,6 +153,12 @@ class LayerRecord:
     form: str = ""
     timed_on: str = ""
     timings_ms: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def functional(self) -> bool:
+        """Whether the layer is a functional ``F.conv*`` call (``op`` is then the function's name;
+        once decomposed, ``spec.cls_name`` is the module its dense form is), not a module."""
+        return self.op in CONV_FUNCTIONS
 
 
 @dataclass(frozen=True)

@@ -155,14 +155,17 @@ def replay(layers: Sequence[LayerRecord], nodes: Collection[str]) -> Pipeline:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the summary of layers left alone; the records say which
             gm = plan_decomposition(gm, lambda name, m: None, linear=linear, inplace=True)
-            sites = {n.target for n in gm.graph.nodes if n.op == "call_module" and isinstance(n.meta.get(KEY), LayerPlan)}
+            # A plan's source is the layer name: a module's target, or the name plan_decomposition
+            # gives a functional conv (the same on this trace as on the exported model's).
+            planned = [n for n in gm.graph.nodes if isinstance(n.meta.get(KEY), LayerPlan)]
+            sites = {n.meta[KEY].source for n in planned}
             unknown = sorted(set(plans) - sites)
             if unknown:
                 raise ValueError(f"ranks names {unknown}, which are not {'conv or Linear' if linear else 'conv'} "
                                  f"modules called in the graph; known: {sorted(sites)}")
-            for n in gm.graph.nodes:
-                if n.op == "call_module" and n.target in plans:
-                    n.meta[KEY] = plans[n.target]
+            for n in planned:
+                if n.meta[KEY].source in plans:
+                    n.meta[KEY] = plans[n.meta[KEY].source]
             return decompose_conv(gm, use_plan=True, inplace=True)
 
     def fold_batchnorms(gm: fx.GraphModule) -> fx.GraphModule:

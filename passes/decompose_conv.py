@@ -16,6 +16,7 @@ import torch.nn as nn
 from fxtucker import tucker
 from fxtucker.tucker import compute_dtype  # noqa: F401 - also imported from here by insert_gates
 from fxtucker.meta import (
+    CONV_FUNCTIONS,
     CORE,
     DECOMPOSED,
     FIRST,
@@ -42,6 +43,7 @@ from fxtucker.passes._common import (
     prepare,
     round_rank,
     set_submodule,
+    split_name,
     standard_strides,
 )
 
@@ -55,7 +57,146 @@ RanksArg = Union[None, float, str, dict[str, Ranks], Callable[[str, nn.Module], 
 # Linear layers are SVD pairs under either.
 METHODS = ("tucker2", "svd")
 
-_CONV_FUNCTION_NAMES = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
+_CONV_FUNCTION_NAMES = CONV_FUNCTIONS
+# F.conv1d/2d/3d's parameters in order, with their defaults (input and weight have none).
+_CONV_ARGS = {"input": None, "weight": None, "bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Uses:
+    """Who uses each parameter of ``gm``: its names, the get_attr nodes that read it, the modules called."""
+
+    names: dict[int, list[str]]  # id(parameter) -> every qualified name it has
+    reads: dict[int, list[fx.Node]]  # id(parameter) -> the get_attr nodes that read it
+    called: frozenset[str]  # targets of call_module nodes
+
+
+def _uses(gm: fx.GraphModule) -> _Uses:
+    names: dict[int, list[str]] = defaultdict(list)
+    for pname, p in gm.named_parameters(remove_duplicate=False):
+        names[id(p)].append(pname)
+    reads: dict[int, list[fx.Node]] = defaultdict(list)
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            value = _fetch(gm, n.target)
+            if isinstance(value, nn.Parameter):
+                reads[id(value)].append(n)
+    called = frozenset(n.target for n in gm.graph.nodes if n.op == "call_module")
+    return _Uses(dict(names), dict(reads), called)
+
+
+def _fetch(gm: nn.Module, target: str) -> object:
+    """The attribute at qualified name ``target``, or None."""
+    value: object = gm
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
+def _conv_args(node: fx.Node) -> dict[str, object]:
+    """A functional conv call's arguments by name, positional or keyword, defaults filled in."""
+    values = dict(_CONV_ARGS)
+    values.update(zip(_CONV_ARGS, node.args))
+    values.update(node.kwargs)
+    return values
+
+
+def _functional_name(gm: fx.GraphModule, node: fx.Node, taken: set[str]) -> str:
+    """The layer name of functional conv ``node``: ``<owner>.<node name>``, where owner is the module
+    holding its weight (the root: just the node name), with ``_1``, ``_2``, ... appended while that
+    attribute exists or another functional conv has the name. A computed weight: the node name."""
+    weight = _conv_args(node)["weight"]
+    if not isinstance(weight, fx.Node) or weight.op != "get_attr":
+        return node.name
+    owner_name, _ = split_name(weight.target)
+    owner = gm.get_submodule(owner_name)
+    leaf, i = node.name, 0
+    while hasattr(owner, leaf) or (f"{owner_name}.{leaf}" if owner_name else leaf) in taken:
+        i += 1
+        leaf = f"{node.name}_{i}"
+    name = f"{owner_name}.{leaf}" if owner_name else leaf
+    taken.add(name)
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class _Functional:
+    """A functional conv call seen as a conv layer: a conv module holding the call's own parameters."""
+
+    module: Optional[nn.Module]  # None where ``reason`` says why it is not a layer
+    reads: tuple[fx.Node, ...] = ()  # the get_attr nodes of its weight (and bias)
+    params: tuple[str, ...] = ()  # the qualified names of its weight (and bias)
+    reason: str = ""
+
+
+def _functional(gm: fx.GraphModule, node: fx.Node, uses: _Uses) -> _Functional:
+    """Functional conv ``node`` as a conv module over its weight (and bias) parameters, or why it is not one.
+
+    It is one when its weight and bias are ``nn.Parameter``s read by one get_attr node each that
+    feeds only this call, used by no module call and registered under one name, and its stride,
+    padding, dilation and groups are constants: then the function is the module's, and replacing
+    the call removes the parameters with nothing else changed.
+    """
+    fname = node.target.__name__
+    if fname.startswith("conv_transpose"):
+        return _Functional(None, reason=f"{fname}() is not decomposed (transposed convs are left as they are)")
+    values = _conv_args(node)
+    unknown = sorted(set(values) - set(_CONV_ARGS))
+    if unknown:
+        return _Functional(None, reason=f"{fname}() is called with the unknown argument(s) {unknown}")
+    reads, params, tensors = [], [], {}
+    for role in ("weight", "bias"):
+        arg = values[role]
+        if arg is None and role == "bias":
+            continue
+        if not isinstance(arg, fx.Node) or arg.op != "get_attr":
+            what = f"node {arg.name!r}" if isinstance(arg, fx.Node) else repr(arg)
+            return _Functional(None, reason=f"its {role} is computed in forward ({what}), not read from a parameter; "
+                                            f"only functional convs on nn.Parameters are decomposed")
+        value = _fetch(gm, arg.target)
+        if not isinstance(value, nn.Parameter):
+            return _Functional(None, reason=f"its {role} is not an nn.Parameter ({arg.target!r} is a "
+                                            f"{type(value).__name__}: a buffer or constant); only functional convs on "
+                                            f"parameters are decomposed")
+        others = [n for n in uses.names.get(id(value), []) if n != arg.target]
+        if others:
+            return _Functional(None, reason=f"its {role} is shared with another module ({arg.target!r} is also "
+                                            f"{', '.join(map(repr, others))}); decomposing would untie them")
+        modules = sorted(t for t in uses.called if arg.target.startswith(f"{t}."))
+        if modules:
+            return _Functional(None, reason=f"its {role} is also used by a module call (module {modules[0]!r} "
+                                            f"uses {arg.target!r}); decomposing would take it from that module")
+        readers = [n.name for n in uses.reads.get(id(value), []) if n is not arg]
+        users = [u.name for u in arg.users if u is not node]
+        if readers or users or arg in reads:
+            return _Functional(None, reason=f"its {role} is also read by other nodes "
+                                            f"({', '.join(readers + users) or node.name} read {arg.target!r}); "
+                                            f"decomposing would take it from them")
+        reads.append(arg)
+        params.append(arg.target)
+        tensors[role] = value
+    for key in ("stride", "padding", "dilation", "groups"):
+        found: list[fx.Node] = []
+        fx.node.map_arg(values[key], found.append)
+        if found:
+            return _Functional(None, reason=f"its {key} is computed in forward (node {found[0].name!r}); only constant "
+                                            f"stride, padding, dilation and groups are decomposed")
+    weight, dims = tensors["weight"], int(fname[-2])
+    cls = CONV_TYPES[dims - 1]
+    try:
+        if weight.dim() != dims + 2:
+            raise ValueError(f"a {dims + 2}-dimensional weight is needed, {tuple(weight.shape)} given")
+        groups = values["groups"]
+        m = cls(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride=values["stride"],
+                padding=values["padding"], dilation=values["dilation"], groups=groups,
+                bias="bias" in tensors, device="meta")
+    except (ValueError, TypeError, RuntimeError) as exc:
+        return _Functional(None, reason=f"its arguments make no {cls.__name__} ({exc})")
+    m.weight = weight  # the parameters themselves, so requires_grad, dtype and device are theirs
+    if "bias" in tensors:
+        m.bias = tensors["bias"]
+    m.train(gm.get_submodule(split_name(reads[0].target)[0]).training)
+    return _Functional(m, tuple(reads), tuple(params), _unsupported(m, fname, {}, frozenset()))
 
 
 def _spec(m: nn.modules.conv._ConvNd) -> ConvSpec:
@@ -221,7 +362,9 @@ def plan_decomposition(gm: fx.GraphModule, ranks: RanksArg = None, *, method: st
     """Decide, without rewriting, how each conv would be decomposed.
 
     Writes a :class:`fxtucker.meta.LayerPlan` into ``node.meta["fxtucker"]`` of every conv
-    (and Linear, with ``linear=True``) call and the layer table into ``gm.meta["fxtucker"]``.
+    (and Linear, with ``linear=True``) call, functional ``F.conv*d`` calls included (``source``
+    is the layer name they get, see :func:`decompose_conv`), and the layer table into
+    ``gm.meta["fxtucker"]``.
     Edit a plan with ``dataclasses.replace`` and run ``decompose_conv(gm, use_plan=True)`` to
     apply it; a kxk conv's plan may switch ``kind`` between "tucker2" and "svd" when its
     ``full_ranks`` and ``ranks`` are changed to fit. Arguments as in :func:`decompose_conv`.
@@ -232,10 +375,11 @@ def plan_decomposition(gm: fx.GraphModule, ranks: RanksArg = None, *, method: st
         raise TypeError(f"plan_decomposition: linear must be True or False, got {linear!r}")
     _check_ranks_arg(ranks, round_to)
     modules = dict(gm.named_modules())
-    shared: dict[int, list[str]] = defaultdict(list)
-    for pname, p in gm.named_parameters(remove_duplicate=False):
-        shared[id(p)].append(pname)
+    uses = _uses(gm)
+    shared = uses.names
     sites: dict[str, list[fx.Node]] = defaultdict(list)
+    functional: dict[str, tuple[fx.Node, _Functional]] = {}  # layer name -> its call and what it is
+    taken: set[str] = set()
     records: list[LayerRecord] = []
     # Factors of a layer decomposed by an earlier call are that layer's, not layers of their own:
     # they are left alone (decomposing them would nest factors) and the earlier records are kept.
@@ -249,12 +393,10 @@ def plan_decomposition(gm: fx.GraphModule, ranks: RanksArg = None, *, method: st
                 continue
             sites[node.target].append(node)
         elif node.op == "call_function" and getattr(node.target, "__name__", "") in _CONV_FUNCTION_NAMES:
-            reason = f"functional call {node.target.__name__}() on tensors; only nn.Conv modules are decomposed"
-            node.meta[KEY] = LayerPlan(source=node.name, kind="skip", reason=reason)
-            records.append(LayerRecord(name=node.name, node=node.name, op=node.target.__name__, kind="skip",
-                                       out_shape=_shape(node), macs_before=node.meta.get(MACS), reason=reason))
+            functional[_functional_name(gm, node, taken)] = (node, _functional(gm, node, uses))
     if isinstance(ranks, dict):
-        unknown = sorted(set(ranks) - set(sites))
+        known = set(sites) | set(functional)
+        unknown = sorted(set(ranks) - known)
         done = [f"{k!r} (a factor of {factors[k]!r})" for k in unknown if k in factors]
         if done:
             raise ValueError(f"ranks names {', '.join(done)}, already decomposed by an earlier decompose_conv: "
@@ -262,18 +404,19 @@ def plan_decomposition(gm: fx.GraphModule, ranks: RanksArg = None, *, method: st
                              f"decompose_conv of the model from before that call")
         if unknown:
             raise ValueError(f"ranks names {unknown}, which are not {'conv or Linear' if linear else 'conv'} "
-                             f"modules called in the graph; known: {sorted(sites)}")
+                             f"modules called in the graph; known: {sorted(known)}")
     read = frozenset(n.target for n in gm.graph.nodes if n.op == "get_attr")
-    for name, nodes in sites.items():
-        m = modules[name]
-        reason = _unsupported(m, name, shared, read)
+    layers = [(name, nodes, modules[name], _unsupported(modules[name], name, shared, read), type(modules[name]).__name__)
+              for name, nodes in sites.items()]
+    layers += [(name, [node], fc.module, fc.reason, node.target.__name__) for name, (node, fc) in functional.items()]
+    for name, nodes, m, reason, op in layers:
         if not reason and all(not n.users for n in nodes):
             reason = "its output is never used"
         if isinstance(m, nn.modules.conv._ConvNd) and m.transposed:
             reason = f"{type(m).__name__} is not decomposed (transposed convs are left as they are)"
         if reason and isinstance(ranks, dict) and name in ranks:
             raise ValueError(f"ranks asks for {name!r}, which cannot be decomposed: {reason}")
-        kind = _kind(m, method)
+        kind = _kind(m, method) if m is not None else "skip"
         chosen = None if reason else _choose_ranks(ranks, name, m, kind, round_to)
         if chosen is None and not reason:
             reason = "not selected by the ranks argument"
@@ -282,11 +425,14 @@ def plan_decomposition(gm: fx.GraphModule, ranks: RanksArg = None, *, method: st
         for node in nodes:
             node.meta[KEY] = plan
         macs = [n.meta.get(MACS) for n in nodes]
+        structural = m is None or reason.startswith(type(m).__name__)
+        first = nodes[0]
+        x = first.args[0] if first.args else first.kwargs.get("input")
         records.append(LayerRecord(
-            name=name, node=nodes[0].name, op=type(m).__name__, kind=plan.kind,
+            name=name, node=first.name, op=op, kind=plan.kind,
             spec=_spec(m) if isinstance(m, CONV_TYPES) else None,
-            in_shape=_shape(nodes[0].args[0]) if nodes[0].args else (), out_shape=_shape(nodes[0]),
-            full_ranks=plan.full_ranks if plan.kind != "skip" else (_full_ranks(m, kind) if not reason.startswith(type(m).__name__) else ()),
+            in_shape=_shape(x) if isinstance(x, fx.Node) else (), out_shape=_shape(first),
+            full_ranks=plan.full_ranks if plan.kind != "skip" else (() if structural else _full_ranks(m, kind)),
             ranks=plan.ranks, macs_before=None if None in macs else sum(macs), decision=SKIPPED,
             reason=plan.reason, call_sites=len(nodes),
         ))
@@ -349,6 +495,28 @@ def _factor_modules(m: nn.Module, kind: str, ranks: tuple[int, ...]) -> dict[str
     return mods
 
 
+def _factors(m: nn.Module, name: str, plan: LayerPlan, nodes: list[fx.Node],
+             done: dict[str, LayerPlan]) -> dict[str, nn.Module]:
+    """The factor modules of layer ``name`` (module ``m``) by ``plan``, each call in ``nodes`` rewired
+    through their new call_module nodes (the caller puts the modules at ``name``); ``done`` gets the plan."""
+    if plan.kind not in _kinds(m) or plan.full_ranks != _full_ranks(m, plan.kind):
+        valid = " or ".join(f"kind {k!r} with full_ranks {_full_ranks(m, k)}" for k in _kinds(m))
+        raise ValueError(f"the plan for {name!r} ({plan}) does not fit {type(m).__name__}: it must have {valid}")
+    ranks_ = _normalise_ranks(plan.ranks, m, name, plan.kind)
+    factors = _factor_modules(m, plan.kind, ranks_)
+    for node in nodes:
+        x = node.args[0] if node.args else node.kwargs["input"]
+        graph = node.graph
+        with graph.inserting_before(node):
+            for role in factors:
+                x = new_node(graph, "call_module", f"{name}.{role}", (x,), node,
+                             FactorRecord(source=name, role=role, ranks=ranks_, replaces=node.name))
+        node.replace_all_uses_with(x)
+        graph.erase_node(node)
+    done[name] = dataclasses.replace(plan, ranks=ranks_)
+    return factors
+
+
 def decompose_conv(
     gm: fx.GraphModule,
     ranks: RanksArg = None,
@@ -371,9 +539,19 @@ def decompose_conv(
     and padding_mode) and ``last`` a 1x1 conv (R -> C_out, with the original bias). At full
     rank the function is unchanged; truncated, each kernel is its HOSVD (or SVD) truncation.
 
-    Depthwise and transposed convs, functional ``F.conv*`` calls, convs with tied weights,
-    hooks, parametrizations or a custom forward are skipped with the reason recorded (see
-    :func:`fxtucker.report`) and one summary warning.
+    A functional ``F.conv1d/2d/3d`` call is a layer like a module when its weight (and bias)
+    are ``nn.Parameter``s, each read by one get_attr node that feeds only this call, and its
+    stride, padding, dilation and groups are constants. Its layer name is
+    ``<module holding the weight>.<node name>`` (``block.conv2d`` for ``F.conv2d(x,
+    self.block.weight)``; just the node name for a parameter of the root), with ``_1``, ``_2``,
+    ... appended while that attribute exists; the factors live there as for a module
+    (``block.conv2d.first``, ...), the call's get_attr nodes and parameters are removed, and a
+    dense restore (:func:`fold_or_restore`) rebuilds an ``nn.Conv*d`` under that name. Its
+    record has ``op`` the function's name (``"conv2d"``) and ``node`` the call's node name.
+
+    Depthwise and transposed convs, functional convs on computed weights or on parameters
+    read elsewhere too, convs with tied weights, hooks, parametrizations or a custom forward
+    are skipped with the reason recorded (see :func:`fxtucker.report`) and one summary warning.
 
     Args:
         gm: the traced model (``fxtucker.trace`` or ``torch.fx.symbolic_trace``).
@@ -427,20 +605,24 @@ def decompose_conv(
         gm = plan_decomposition(gm, ranks, method=method, linear=linear, round_to=round_to, inplace=inplace)
     modules = dict(gm.named_modules())
     sites: dict[str, list[fx.Node]] = defaultdict(list)
+    functional: list[fx.Node] = []
     for node in gm.graph.nodes:
         plan = node.meta.get(KEY)
-        if node.op == "call_module" and isinstance(plan, LayerPlan) and plan.kind != "skip":
-            sites[node.target].append(node)
+        if isinstance(plan, LayerPlan) and plan.kind != "skip":
+            if node.op == "call_module":
+                sites[node.target].append(node)
+            elif node.op == "call_function":
+                functional.append(node)
     rec = graph_record(gm)
-    shared: dict[int, list[str]] = defaultdict(list)
-    for pname, p in gm.named_parameters(remove_duplicate=False):
-        shared[id(p)].append(pname)
+    uses = _uses(gm)
+    shared = uses.names
     read = frozenset(n.target for n in gm.graph.nodes if n.op == "get_attr")
     all_sites = defaultdict(list)
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target in sites:
             all_sites[node.target].append(node)
     done: dict[str, LayerPlan] = {}  # the plan applied, with normalised ranks
+    notes: dict[str, str] = {}  # the record's reason for a decomposed functional conv
     for name, nodes in sites.items():
         plan, m = nodes[0].meta[KEY], modules[name]
         # An edited plan gets the same checks as a computed one.
@@ -450,28 +632,33 @@ def decompose_conv(
         reason = _unsupported(m, name, shared, read)
         if reason:
             raise ValueError(f"the plan asks to decompose {name!r}, which cannot be: {reason}")
-        if plan.kind not in _kinds(m) or plan.full_ranks != _full_ranks(m, plan.kind):
-            valid = " or ".join(f"kind {k!r} with full_ranks {_full_ranks(m, k)}" for k in _kinds(m))
-            raise ValueError(f"the plan for {name!r} ({plan}) does not fit {type(m).__name__}: it must have {valid}")
-        ranks_ = _normalise_ranks(plan.ranks, m, name, plan.kind)
-        factors = _factor_modules(m, plan.kind, ranks_)
-        set_submodule(gm, name, nn.ModuleDict(factors).train(m.training))
-        for node in nodes:
-            x = node.args[0] if node.args else node.kwargs["input"]
-            graph = gm.graph
-            with graph.inserting_before(node):
-                for role in factors:
-                    x = new_node(graph, "call_module", f"{name}.{role}", (x,), node,
-                                 FactorRecord(source=name, role=role, ranks=ranks_, replaces=node.name))
-            node.replace_all_uses_with(x)
-            graph.erase_node(node)
-        done[name] = dataclasses.replace(plan, ranks=ranks_)
+        set_submodule(gm, name, nn.ModuleDict(_factors(m, name, plan, nodes, done)).train(m.training))
+    for node in functional:
+        plan, fc = node.meta[KEY], _functional(gm, node, uses)
+        name, what = plan.source, f"the functional {node.target.__name__}() call {node.name!r}"
+        if fc.reason:
+            raise ValueError(f"the plan asks to decompose {what} as {name!r}, which cannot be: {fc.reason}")
+        parent, leaf = split_name(name)
+        owner = _fetch(gm, parent) if parent else gm
+        if name in done or not isinstance(owner, nn.Module) or hasattr(owner, leaf):
+            raise ValueError(f"the plan names {what} {name!r}, which is taken or has no parent module; give it a "
+                             f"free name under an existing module (plan_decomposition's names are free)")
+        factors = _factors(fc.module, name, plan, [node], done)
+        setattr(owner, leaf, nn.ModuleDict(factors).train(fc.module.training))
+        # The parameters now live in the factors: their reads and the parameters themselves go.
+        for attr in fc.reads:
+            gm.graph.erase_node(attr)
+        for target in fc.params:
+            holder, pname = split_name(target)
+            delattr(gm.get_submodule(holder), pname)
+        notes[name] = (f"{what} on {', '.join(map(repr, fc.params))} became module {name!r} (its parameters are "
+                       f"removed); a dense restore rebuilds it as nn.{type(fc.module).__name__} {name!r}")
     for node in gm.graph.nodes:
         if isinstance(node.meta.get(KEY), LayerPlan):
             del node.meta[KEY]
     layers = tuple(
         dataclasses.replace(r, kind=done[r.name].kind, full_ranks=done[r.name].full_ranks, ranks=done[r.name].ranks,
-                            decision=DECOMPOSED, reason="") if r.name in done else r
+                            decision=DECOMPOSED, reason=notes.get(r.name, "")) if r.name in done else r
         for r in rec.layers
     )
     set_graph_record(gm, GraphRecord(layers=layers, stage="decompose_conv"))
