@@ -1,6 +1,7 @@
 """decompose_conv: structure, names, records, numerics, rank arguments, skips and errors."""
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -245,3 +246,302 @@ def test_resnet18_decomposes_every_conv():
     layers = fxtucker.report(gm).layers
     assert len(layers) == 20 and all(l.decision == "decomposed" for l in layers)
     assert sum(l.kind == "svd" for l in layers) == 3  # the three downsample 1x1 convs
+
+
+# --- functional convs on parameters --------------------------------------------------------------
+
+
+class Block(nn.Module):
+    """The issue's functional conv: ``F.conv*d`` on parameters of its own, read only there."""
+
+    def __init__(self, dims=2, cin=16, cout=32, k=3, groups=1, bias=True, keywords=False, **kw):
+        super().__init__()
+        self.dims, self.groups, self.keywords = dims, groups, keywords
+        self.kw = kw if kw else dict(stride=2, padding=1)
+        self.weight = nn.Parameter(torch.randn(cout, cin // groups, *(k,) * dims) / (cin * k ** dims) ** 0.5)
+        self.bias = nn.Parameter(torch.randn(cout)) if bias else None
+
+    def forward(self, x):
+        conv = getattr(F, f"conv{self.dims}d")
+        if self.keywords:
+            return conv(input=x, weight=self.weight, bias=self.bias, groups=self.groups, **self.kw)
+        return conv(x, self.weight, self.bias, groups=self.groups, **self.kw)
+
+
+class InNet(nn.Module):
+    """A Block inside a network: a module conv before, a ReLU after."""
+
+    def __init__(self, block, cin=16):
+        super().__init__()
+        self.stem = nn.Conv2d(3, cin, 3, padding=1)
+        self.block = block
+
+    def forward(self, x):
+        return torch.relu(self.block(self.stem(x)))
+
+
+FUNCTIONAL_CASES = {
+    "stride2-pad1-bias": (Block(), (2, 16, 9, 9)),
+    "no-bias": (Block(bias=False), (2, 16, 9, 9)),
+    "keywords": (Block(keywords=True), (2, 16, 9, 9)),
+    "conv1d": (Block(dims=1, k=5, stride=1, padding=2), (2, 16, 11)),
+    "conv3d": (Block(dims=3, cin=4, cout=6, padding=(0, 1, 1)), (1, 4, 3, 5, 5)),
+    "grouped": (Block(groups=4, padding=1, dilation=2), (2, 16, 9, 9)),
+    "same": (Block(k=4, padding="same"), (2, 16, 8, 8)),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths:UserWarning")
+@pytest.mark.parametrize("case", FUNCTIONAL_CASES, ids=list(FUNCTIONAL_CASES))
+@pytest.mark.parametrize("method", ["tucker2", "svd"])
+def test_functional_conv_on_parameters_is_decomposed_like_a_module(case, method):
+    block, shape = FUNCTIONAL_CASES[case]
+    model = block.double().eval()
+    x = torch.randn(shape, dtype=torch.float64)
+    traced = fxtucker.trace(model)
+    call = next(n for n in traced.graph.nodes if n.op == "call_function")
+    call.stack_trace = '  File "block.py", line 9, in forward'  # symbolic_trace records none by default
+    gm = decompose_conv(traced, method=method)
+    gm.graph.lint()
+    assert rel_error(gm(x), model(x)) < REL_FLOAT64
+    roles = ("first", "last") if method == "svd" else ("first", "core", "last")
+    assert factor_roles(gm) == [(f"conv{block.dims}d_{r}", r) for r in roles]
+    assert [n.op for n in gm.graph.nodes] == ["placeholder", *["call_module"] * len(roles), "output"]
+    # the parameters moved into the factors: no get_attr node, no weight or bias left on the block
+    assert sorted(gm.state_dict()) == sorted([f"conv{block.dims}d.{r}.weight" for r in roles] + (
+        [f"conv{block.dims}d.last.bias"] if block.bias is not None else []))
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            assert n.stack_trace == call.stack_trace
+    (rec,) = fxtucker.report(gm).layers
+    assert (rec.name, rec.node, rec.op, rec.decision, rec.functional) == (
+        f"conv{block.dims}d", f"conv{block.dims}d", f"conv{block.dims}d", "decomposed", True)
+    conv = getattr(nn, f"Conv{block.dims}d")(**{**dict(in_channels=block.weight.shape[1] * block.groups,
+                                                      out_channels=block.weight.shape[0],
+                                                      kernel_size=block.weight.shape[2:], groups=block.groups,
+                                                      bias=block.bias is not None), **block.kw})
+    assert rec.spec == _spec_of(conv)
+    assert f"the functional conv{block.dims}d() call 'conv{block.dims}d' on 'weight'" in rec.reason
+
+
+def _spec_of(conv):
+    from fxtucker.passes.decompose_conv import _spec
+
+    return _spec(conv)
+
+
+def test_functional_layer_is_named_after_its_owner_and_node_and_kept_unique():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = Block(), Block(cin=32)
+            self.b.conv2d = nn.Parameter(torch.randn(32, 32, 1, 1))  # an attribute named like the call
+
+        def forward(self, x):
+            y = self.b(self.a(x))
+            return F.conv2d(y, self.b.conv2d)
+
+    model = Twice().double().eval()
+    x = torch.randn(1, 16, 12, 12, dtype=torch.float64)
+    gm = fxtucker.trace(model)
+    # fx names the calls conv2d, conv2d_1, conv2d_2; the layers live beside their weights
+    planned = plan_decomposition(gm, 0.5)
+    plans = [n.meta["fxtucker"] for n in planned.graph.nodes if n.op == "call_function"]
+    assert [p.source for p in plans] == ["a.conv2d", "b.conv2d_1", "b.conv2d_2"]
+    # b.conv2d is taken (a parameter): the third call's node name conv2d_2 is free
+    out = decompose_conv(gm, ranks={"a.conv2d": (4, 8), "b.conv2d_1": (8, 8), "b.conv2d_2": 4})
+    assert [n.target for n in out.graph.nodes if n.op == "call_module"] == [
+        "a.conv2d.first", "a.conv2d.core", "a.conv2d.last", "b.conv2d_1.first", "b.conv2d_1.core", "b.conv2d_1.last",
+        "b.conv2d_2.first", "b.conv2d_2.last"]
+    assert not hasattr(out.b, "conv2d") and not hasattr(out.a, "weight") and not hasattr(out.b, "bias")
+    # a name already taken: the suffix counts up
+    model.a.conv2d = nn.Parameter(torch.ones(1))
+    model.a.register_buffer("conv2d_1", torch.ones(1))
+
+    class Reads(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) + self.inner.a.conv2d + self.inner.a.conv2d_1
+
+    plans = [n.meta["fxtucker"] for n in plan_decomposition(fxtucker.trace(Reads(model))).graph.nodes
+             if n.op == "call_function" and n.target is F.conv2d]
+    assert plans[0].source == "inner.a.conv2d_2"
+
+
+def test_functional_plan_can_be_edited_and_is_checked():
+    model = InNet(Block()).double().eval()
+    gm = plan_decomposition(fxtucker.trace(model), 0.5)
+    node = next(n for n in gm.graph.nodes if n.op == "call_function")
+    assert node.meta["fxtucker"] == LayerPlan(source="block.conv2d", kind="tucker2", full_ranks=(16, 32), ranks=(8, 16))
+    node.meta["fxtucker"] = dataclasses.replace(node.meta["fxtucker"], ranks=(2, 3))
+    out = decompose_conv(gm, use_plan=True)
+    assert out.get_submodule("block.conv2d.core").weight.shape == (3, 2, 3, 3)
+    node.meta["fxtucker"] = dataclasses.replace(node.meta["fxtucker"], source="stem")
+    with pytest.raises(ValueError, match=r"the plan names the functional conv2d\(\) call 'conv2d' 'stem', which is "
+                                         r"taken or has no parent module"):
+        decompose_conv(gm, use_plan=True)
+    with pytest.raises(ValueError, match=r"ranks asks for 'block.conv2d', which cannot be decomposed: its weight is "
+                                         r"also read by other nodes"):
+        decompose_conv(fxtucker.trace(_ReadTwice()), ranks={"block.conv2d": (1, 1)})
+
+
+class _ReadTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = Block(cin=4, cout=4, stride=1, padding=1)
+
+    def forward(self, x):
+        return self.block(x) + self.block(x)  # one get_attr node per parameter, two calls reading it
+
+
+class _ReadElsewhere(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = Block(cin=4, cout=4, stride=1, padding=1)
+
+    def forward(self, x):
+        return self.block(x) * self.block.bias.sum()
+
+
+class _Computed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = Block(cin=4, cout=4, stride=1, padding=1)
+
+    def forward(self, x):
+        return F.conv2d(x, 2 * self.block.weight, self.block.bias, padding=1)
+
+
+class _Buffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("w", torch.randn(4, 4, 3, 3))
+
+    def forward(self, x):
+        return F.conv2d(x, self.w)
+
+
+class _ModuleToo(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x) + F.conv2d(x, self.conv.weight, padding=1)
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4, 3, 3))
+        self.conv = nn.Conv2d(4, 4, 3)
+        self.conv.weight = self.w  # the graph reads it as 'w' (its first name), the conv module as its own
+
+    def forward(self, x):
+        return F.conv2d(x, self.w) + self.conv(x)
+
+
+class _Computed_stride(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4, 3, 3))
+
+    def forward(self, x):
+        return F.conv2d(x, self.w, stride=x.shape[-1] // 4)
+
+
+class _Depthwise(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 1, 3, 3))
+
+    def forward(self, x):
+        return F.conv2d(x, self.w, groups=4)
+
+
+class _Transposed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4, 2, 2))
+
+    def forward(self, x):
+        return F.conv_transpose2d(x, self.w, stride=2)
+
+
+@pytest.mark.parametrize("model, reasons", [
+    (_ReadTwice(), [r"its weight is also read by other nodes \(conv2d_1 read 'block.weight'\); decomposing would "
+                    r"take it from them", r"its weight is also read by other nodes \(conv2d read 'block.weight'\)"]),
+    (_ReadElsewhere(), [r"its bias is also read by other nodes \(sum_1 read 'block.bias'\)"]),
+    (_Computed(), [r"its weight is computed in forward \(node 'mul'\), not read from a parameter"]),
+    (_Buffer(), [r"its weight is not an nn.Parameter \('w' is a Tensor: a buffer or constant\)"]),
+    (_ModuleToo(), [r"its weight is also used by a module call \(module 'conv' uses 'conv.weight'\)"]),
+    (_Tied(), [r"its weight is shared with another module \('w' is also 'conv.weight'\); decomposing would untie them"]),
+    (_Computed_stride(), [r"its stride is computed in forward \(node 'floordiv'\); only constant stride, padding, "
+                          r"dilation and groups are decomposed"]),
+    (_Depthwise(), [r"one input channel per group"]),
+    (_Transposed(), [r"conv_transpose2d\(\) is not decomposed \(transposed convs are left as they are\)"]),
+], ids=["read-twice", "read-elsewhere", "computed", "buffer", "module-too", "tied", "computed-stride", "depthwise",
+        "transposed"])
+def test_functional_conv_that_is_not_a_layer_is_skipped_with_its_reason(model, reasons):
+    model = model.double().eval()
+    x = torch.randn(1, 4, 8, 8, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"decompose_conv left \d layer\(s\) as they are"):
+        gm = decompose_conv(fxtucker.trace(model))
+    torch.testing.assert_close(gm(x), model(x), **EXACT)
+    skipped = [r for r in fxtucker.report(gm).layers if r.op.startswith("conv") and r.decision == "skipped"]
+    assert len(skipped) == len(reasons)
+    for rec, reason in zip(skipped, reasons):
+        assert re.search(reason, rec.reason), rec.reason
+    assert sorted(gm.state_dict()) == sorted(model.state_dict())  # nothing removed
+
+
+def test_functional_conv_through_the_whole_chain():
+    """gates, strip, fold_or_restore (both ways), fold_bn, report and MACs on a functional layer."""
+    from fxtucker.passes import cost_model, fold_bn, fold_or_restore, insert_gates, strip_gates
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 16, 3, padding=1)
+            self.block = Block(cin=16, cout=32, bias=False)
+            self.bn = nn.BatchNorm2d(32)
+
+        def forward(self, x):
+            return self.bn(self.block(torch.relu(self.stem(x))))
+
+    model = Net().double().eval()
+    with torch.no_grad():
+        model.bn.running_mean.normal_()
+        model.bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 10, 10, dtype=torch.float64)
+    gm = cost_model(fxtucker.trace(model), x)
+    conv_macs = next(n for n in gm.graph.nodes if n.target is F.conv2d).meta["macs"]
+    assert conv_macs == 2 * 32 * 5 * 5 * 16 * 9  # counted as a conv before
+    gated = cost_model(insert_gates(decompose_conv(gm, ranks={"block.conv2d": (16, 32)})), x)
+    assert set(fxtucker.gates(gated)) == {"block.conv2d"}
+    torch.testing.assert_close(gated(x), model(x), rtol=REL_FLOAT64, atol=1e-10)
+    # full rank costs more than the conv: restored as a dense nn.Conv2d under the layer name
+    restored = fold_or_restore(strip_gates(gated, 0.0), x)
+    rec = fxtucker.report(restored).layers[1]
+    assert (rec.name, rec.decision, rec.macs_before) == ("block.conv2d", "restored", conv_macs)
+    assert rec.reason.endswith("dense kernel rebuilt; the functional conv2d() call (node 'conv2d') is now "
+                               "nn.Conv2d module 'block.conv2d' with that kernel")
+    node = next(n for n in restored.graph.nodes if n.target == "block.conv2d")
+    assert node.name == "conv2d" and isinstance(restored.block.conv2d, nn.Conv2d)
+    assert restored.block.conv2d.stride == (2, 2) and restored.block.conv2d.padding == (1, 1)
+    assert rel_error(restored(x), model(x)) < REL_FLOAT64
+    # pruned: kept decomposed, fewer MACs, and fold_bn folds the BatchNorm into its last factor
+    with torch.no_grad():
+        gated.get_submodule("block.conv2d.gate_in").weight[4:] = 0.0
+        gated.get_submodule("block.conv2d.gate_out").weight[8:] = 0.0
+    kept = fold_or_restore(strip_gates(gated, 1e-6), x)
+    rec = fxtucker.report(kept).layers[1]
+    assert rec.decision == "decomposed" and rec.ranks == (4, 8) and rec.macs_after < rec.macs_before
+    folded = fold_bn(kept)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert fxtucker.meta.graph_record(folded).batchnorms[0].conv == "block.conv2d.last"
+    torch.testing.assert_close(folded(x), kept(x))
+    assert fold_or_restore(kept, plan={"block.conv2d": "dense"}).block.conv2d.bias is None
