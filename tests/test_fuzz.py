@@ -9,8 +9,9 @@ ops), BatchNorm and ReLU, on odd input shapes down to one pixel. Every network g
 float64, with kxk convs decomposed by either method (Tucker-2 or SVD pairs), and must:
 
 - keep its function at full rank with threshold 0 (REL_CHAIN_FLOAT64 per output);
-- decompose exactly the convs that can be decomposed and list every other conv (transposed,
-  functional, tied, one input channel per group) with its reason, in one summary warning;
+- decompose exactly the convs that can be decomposed (functional convs on their own parameters
+  too) and list every other conv (transposed, tied, one input channel per group) with its reason,
+  in one summary warning;
 - never raise, and never add MACs; fold_bn after the chain keeps the function too;
 - after stripping at a random threshold, fold_or_restore keeps the stripped function and
   predict_macs equals the real MACs.
@@ -47,7 +48,6 @@ MAX_OPS = 8
 # Why a conv of each kind is skipped: the fragment decompose_conv's record must hold.
 REASONS = {
     "transposed": "transposed convs are left as they are",
-    "functional": "functional call",
     "tied": "its weight is shared with another module",
     "depthwise": "one input channel per group",
 }
@@ -75,7 +75,7 @@ class FuzzNet(nn.Module):
         self.ops: list[tuple] = []
         # module name -> what decompose_conv must do with it ("decompose" or a REASONS key)
         self.expect: dict[str, str] = {}
-        self.functional = 0
+        self.functional: list[str] = []  # per functional conv, in op order: "decompose" or a REASONS key
 
     def forward(self, x):
         ts = [x]
@@ -204,7 +204,7 @@ def networks(draw) -> tuple[FuzzNet, torch.Tensor]:
             if b:
                 setattr(net, b, nn.Parameter(torch.randn(args["out_channels"], dtype=DTYPE)))
             net.ops.append(("functional", f"fw{i}", b, src, kw))
-            net.functional += 1
+            net.functional.append("depthwise" if cin // args["groups"] == 1 else "decompose")
             shapes.append(shape)
         elif kind == "twice":
             usable = [(n, j) for n in convs for j, s in enumerate(shapes) if s[1] == getattr(net, n).in_channels]
@@ -287,7 +287,7 @@ def _check_records(net: FuzzNet, decomposed, caught) -> list[str]:
     modules = {r.name: r for r in layers if r.op != f"conv{net.dims}d"}
     functional = [r for r in layers if r.op == f"conv{net.dims}d"]
     assert set(modules) == set(net.expect), (sorted(modules), sorted(net.expect))
-    assert len(functional) == net.functional
+    assert len(functional) == len(net.functional)
     for name, expect in net.expect.items():
         rec = modules[name]
         if expect == "decompose":
@@ -295,8 +295,11 @@ def _check_records(net: FuzzNet, decomposed, caught) -> list[str]:
             assert rec.call_sites == sum(1 for op in net.ops if op[:2] == ("module", name))
         else:
             assert rec.decision == SKIPPED and REASONS[expect] in rec.reason, (name, expect, rec.reason)
-    for rec in functional:
-        assert rec.decision == SKIPPED and REASONS["functional"] in rec.reason
+    for rec, expect in zip(functional, net.functional):  # the report lists layers in graph order
+        if expect == "decompose":
+            assert rec.decision == DECOMPOSED and rec.functional, (rec.name, rec.reason)
+        else:
+            assert rec.decision == SKIPPED and REASONS[expect] in rec.reason, (rec.name, expect, rec.reason)
     skipped = [r for r in layers if r.decision == SKIPPED]
     event(f"Conv{net.dims}d network")
     for r in layers:
@@ -438,5 +441,5 @@ def test_strategy_reaches_every_kind_of_op():
 
     collect()
     assert {"module", "functional", "add", "cat", "relu", "Conv", "ConvTranspose", "BatchNorm"} <= seen_ops
-    assert seen_expect == {"decompose", *REASONS} - {"functional"}
+    assert seen_expect == {"decompose", *REASONS}
     assert dims == {1, 2, 3} and one_pixel and twice > 0
