@@ -10,8 +10,10 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import fxtucker
+from fxtucker.compress import compress
 from fxtucker.export import ExportError, ExportResult, export
 from fxtucker.io import sha256_file
 from fxtucker.manifest import MANIFEST_VERSION, load, read_manifest
@@ -408,3 +410,68 @@ def test_manifest_replays_every_form_bit_for_bit(tmp_path, plan, fold):
     torch.testing.assert_close(loaded(x), final(x), **EXACT)
     assert graph_record(loaded) == graph_record(final)
     assert [n.meta.get("fxtucker") for n in loaded.graph.nodes] == [n.meta.get("fxtucker") for n in final.graph.nodes]
+
+
+class FunctionalNet(nn.Module):
+    """A module conv, then two functional convs on parameters of their own (issue 16): a 3x3 one with
+    stride 2 in ``block`` and a 1x1 head on the root, and a BatchNorm after the first."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.block = nn.Module()
+        self.block.weight = nn.Parameter(torch.randn(32, 16, 3, 3) / 12)
+        self.block.bias = nn.Parameter(torch.randn(32))
+        self.bn = nn.BatchNorm2d(32)
+        self.head = nn.Parameter(torch.randn(10, 32, 1, 1) / 6)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.bn(F.conv2d(x, self.block.weight, self.block.bias, stride=2, padding=1)))
+        return F.conv2d(x, self.head).mean((2, 3))
+
+
+@pytest.mark.parametrize("form", ["tucker2", "dense", "merge_last"])
+def test_functional_convs_round_trip(tmp_path, form):
+    torch.manual_seed(0)
+    model = randomize_bn(FunctionalNet()).double().eval()
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    gm = cost_model(fxtucker.trace(model), x)
+    gated = insert_gates(decompose_conv(gm, ranks={"block.conv2d": (8, 16), "conv2d_1": 6}))
+    with torch.no_grad():
+        gated.get_submodule("block.conv2d.gate_in").weight[:2] = 0.0
+    final = fold_bn(fold_or_restore(strip_gates(gated, 1e-6), plan={"block.conv2d": form, "conv2d_1": "svd"}))
+    layers = {r.name: r for r in fxtucker.report(final).layers}
+    assert layers["block.conv2d"].ranks == (6, 16) and layers["block.conv2d"].functional
+    assert "block.weight" not in final.state_dict() and "head" not in final.state_dict()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in final.modules())  # folded into the functional layer
+    export(final, x, tmp_path / "m", "manifest", model_factory=lambda: FunctionalNet().double())
+    loaded = load(tmp_path / "m", lambda: FunctionalNet().double())
+    assert torch.equal(loaded(x), final(x))
+    assert loaded.code == final.code and graph_record(loaded) == graph_record(final)
+    assert str(fxtucker.report(loaded)) == str(fxtucker.report(final))
+
+
+def test_compress_a_model_with_functional_convs_to_a_mac_budget_and_reload(tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model = FunctionalNet().eval()
+    with torch.no_grad():
+        data = torch.randn(128, 3, 8, 8)
+        labels = model(data).argmax(1)
+    loader = DataLoader(TensorDataset(data, labels), batch_size=32)
+    config = fxtucker.CompressConfig(train_epochs=0, reg_epochs=1, finetune_epochs=0, reg_weight=0.01,
+                                     target_speedup=2.0)
+    result = compress(model, loader, data[:1], config=config, progress=False)
+    assert result.report["macs_after"] <= result.report["target_macs"] == int(result.report["macs_before"] / 2.0)
+    # the functional convs' MACs are counted before and after, and they were decomposed like modules
+    assert result.report["macs_before"] == fxtucker.count_macs(model, data[:1])
+    assert result.report["macs_after"] == fxtucker.count_macs(result.model, data[:1])
+    layers = {r["name"]: r for r in result.report["layers"]}
+    assert {"block.conv2d", "conv2d_1"} <= set(layers)
+    assert all(layers[n]["decision"] in ("decomposed", "restored") for n in ("block.conv2d", "conv2d_1"))
+    assert not any(n.op == "get_attr" for n in result.model.graph.nodes)
+    export(result.model, data[:1], tmp_path / "m", "manifest", model_factory=FunctionalNet)
+    loaded = load(tmp_path / "m", FunctionalNet)
+    assert torch.equal(loaded(data), result.model.eval()(data))
