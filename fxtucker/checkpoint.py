@@ -36,6 +36,7 @@ __all__ = [
     "Progress",
     "Resumable",
     "stateful",
+    "start",
     "seed_everything",
     "rng_state",
     "set_rng_state",
@@ -207,11 +208,25 @@ class Resumable:
         if len(states) != ctx.world:
             warnings.warn(f"train: checkpoint {path} was written by {len(states)} process(es), this "
                           f"run has {ctx.world}; the resumed run will not repeat the original one "
-                          f"exactly", stacklevel=3)  # train()'s caller
+                          f"exactly", stacklevel=4)  # train()'s caller, through start()
         set_rng_state(states[ctx.rank] if ctx.rank < len(states) else states[0])
         epochs = int(payload["epoch"])
         return Progress(epoch=epochs, step=int(payload["step"]), history=list(payload["history"]),
                         saved=path, saved_epochs=epochs)
+
+
+def start(files: Optional["CheckpointFiles"], saved: Resumable, resume: bool, seed: int, ctx: Dist) -> Progress:
+    """Where a stage starts: with ``resume``, the newest usable checkpoint in ``files`` restored into
+    ``saved``; else epoch 0, the RNGs seeded with ``seed`` plus the rank. The files are made to match."""
+    loaded, bad = files.open(ctx, resume) if files is not None else (None, [])
+    if loaded is not None:
+        progress = saved.restore(*loaded, ctx)
+    else:
+        progress = Progress()
+        seed_everything(seed + ctx.rank)
+    if files is not None:
+        files.settle(bad, resume, progress.history, ctx)
+    return progress
 
 
 # --- reading ----------------------------------------------------------------------------------
@@ -343,8 +358,8 @@ class CheckpointFiles:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.remove_temps()
         ctx.barrier()
-        # stacklevel 4: load, open, train, then train()'s caller
-        loaded, bad = self.load(say=ctx.main, stacklevel=4) if resume else (None, [])
+        # stacklevel 5: load, open, start, train, then train()'s caller
+        loaded, bad = self.load(say=ctx.main, stacklevel=5) if resume else (None, [])
         ctx.barrier()  # every rank has read before rank 0 writes
         return loaded, bad
 
@@ -355,7 +370,7 @@ class CheckpointFiles:
             try:
                 self.set_aside(bad)
                 if not resume:
-                    self.start_fresh(stacklevel=4)  # train()'s caller
+                    self.start_fresh(stacklevel=5)  # train()'s caller, through start()
                 else:
                     self.rewrite_log(history)
             except OSError:

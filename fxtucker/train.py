@@ -46,7 +46,7 @@ from torch import nn
 
 from fxtucker.batches import (batch_sums, check_train_data, count_correct, eval_batches, split_batch, to_device,
                               train_batches, warn_unsharded)
-from fxtucker.checkpoint import CHECKPOINT_FORMAT, CheckpointFiles, Progress, Resumable, seed_everything, stateful
+from fxtucker.checkpoint import CHECKPOINT_FORMAT, CheckpointFiles, Progress, Resumable, start, stateful
 from fxtucker.distributed import Dist, resolve_device, setup_distributed, wants_ddp, wrap_ddp
 from fxtucker.io import is_int, is_real
 from fxtucker.passes.insert_gates import Gate, gates
@@ -320,7 +320,7 @@ def progress_bar(total: Optional[int], desc: str, enabled: bool = True, initial:
 class _Run:
     """One call of train(): what each epoch and step reads, and the progress they make."""
 
-    net: nn.Module            # model, or model in DistributedDataParallel; under torch.compile with config.compile
+    net: nn.Module            # model, maybe in DistributedDataParallel, under torch.compile with config.compile
     model: nn.Module
     train_data: Iterable
     eval_data: Optional[Iterable]
@@ -436,14 +436,7 @@ def train(
     saved = Resumable(stage, config, model, opt, sched, scaler, callbacks)
 
     files = CheckpointFiles(Path(out_dir), stage) if out_dir is not None else None
-    loaded, bad = files.open(ctx, resume) if files is not None else (None, [])
-    if loaded is not None:
-        state = saved.restore(*loaded, ctx)
-    else:
-        state = Progress()
-        seed_everything(config.seed + ctx.rank)
-    if files is not None:
-        files.settle(bad, resume, state.history, ctx)
+    state = start(files, saved, resume, config.seed, ctx)
     if state.epoch >= config.epochs:
         log.info("train: stage %r already finished %d epoch(s); returning its history",
                  stage, state.epoch)

@@ -278,6 +278,22 @@ def test_a_config_field_the_checkpoint_predates_resumes_at_its_default(tmp_path)
               progress=False)
 
 
+def test_warnings_point_at_the_caller_of_train(tmp_path):
+    killed_run(tmp_path, at_epoch=2)
+    raw = torch.load(tmp_path / "train.ckpt.prev", map_location="cpu", weights_only=True)
+    raw["payload"]["rng"] = raw["payload"]["rng"] * 2  # as if written by two processes
+    raw["sha256"] = digest(raw["payload"])
+    torch.save(raw, tmp_path / "train.ckpt.prev")
+    (tmp_path / "train.ckpt").write_bytes(b"garbage")
+    with pytest.warns(UserWarning) as caught:
+        resumed_run(tmp_path)
+        straight_run(tmp_path)
+    ours = [w for w in caught if str(w.message).startswith("train: ")]
+    for kind in ("is unusable", "was written by 2 process(es)", "starts over"):  # load, restore, start_fresh
+        assert any(kind in str(w.message) for w in ours), kind
+    assert {w.filename for w in ours} == {__file__}
+
+
 def test_resume_into_another_model_is_refused(tmp_path):
     killed_run(tmp_path, at_epoch=1)
     other = nn.Sequential(nn.Flatten(), nn.Linear(64, 4))
