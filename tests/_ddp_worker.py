@@ -1,10 +1,11 @@
 """Started twice by torchrun from tests/test_train.py: a 2-process gloo run of fxtucker.train.
 
-Usage: python -m torch.distributed.run --nproc_per_node=2 tests/_ddp_worker.py RUN_DIR RESULT_DIR
+Usage: python -m torch.distributed.run --nproc_per_node=2 tests/_ddp_worker.py RUN_DIR RESULT_DIR [compile]
 
 Each rank builds the tiny model from a different seed (DDP must broadcast rank 0's weights),
 trains on a dataset that records which items it served, and writes its final state_dict, its
-history and the served indices to RESULT_DIR; train() itself writes only under RUN_DIR.
+history and the served indices to RESULT_DIR; train() itself writes only under RUN_DIR. With
+``compile``, the training step runs under torch.compile (``TrainConfig(compile=True)``).
 """
 
 import json
@@ -32,7 +33,7 @@ class Recording(Dataset):
         return self.x[i], self.y[i]
 
 
-def main(run_dir: str, result_dir: str) -> None:
+def main(run_dir: str, result_dir: str, compiled: bool = False) -> None:
     rank = int(os.environ["RANK"])
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
@@ -46,7 +47,7 @@ def main(run_dir: str, result_dir: str) -> None:
     history = train(
         model,
         DataLoader(data, batch_size=8, shuffle=True),
-        TrainConfig(epochs=2, lr=0.05),
+        TrainConfig(epochs=2, lr=0.05, compile=compiled),
         eval_data=DataLoader(TensorDataset(x, y), batch_size=16),
         out_dir=run_dir,
         progress=False,
@@ -61,4 +62,4 @@ def main(run_dir: str, result_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3:] == ["compile"])

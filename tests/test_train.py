@@ -637,14 +637,17 @@ def _free_port() -> int:
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
-def test_ddp_two_processes(tmp_path):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compile"])
+def test_ddp_two_processes(tmp_path, request, compiled):
+    if compiled:
+        request.getfixturevalue("compiler")  # torch.compile around DistributedDataParallel, as train() wraps it
     run, results = tmp_path / "run", tmp_path / "results"
     results.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
          "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(WORKER), str(run),
-         str(results)],
+         str(results)] + (["compile"] if compiled else []),
         capture_output=True, text=True, timeout=180, env=env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -667,7 +670,8 @@ def test_ddp_two_processes(tmp_path):
     assert sorted(p.name for p in run.iterdir()) == ["train.ckpt", "train.ckpt.prev", "train.jsonl"]
     assert read_jsonl(run / "train.jsonl") == r0["history"]
     payload = load_payload(run / "train.ckpt")
-    assert payload["epoch"] == 2 and len(payload["rng"]) == 2
+    assert payload["epoch"] == 2 and len(payload["rng"]) == 2 and payload["config"]["compile"] is compiled
+    assert list(payload["model"]) == list(s0) == ["0.weight", "0.bias", "3.weight", "3.bias"]
     for k in s0:
         assert torch.equal(payload["model"][k], s0[k]), k
 
