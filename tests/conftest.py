@@ -10,6 +10,9 @@ import torch
 # Identity rewrites (gates inserted then stripped at threshold 0 without training, restores of
 # untouched layers) must be exact up to float re-association.
 EXACT = dict(rtol=0.0, atol=0.0)
+# Float64 tensor maths (kernels composed, merged, truncated; factors orthonormal): absolute error.
+ATOL_FLOAT64 = 1e-10
+ATOL_FLOAT64_TIGHT = 1e-12
 # Full-rank decomposition in float64: relative error of the output.
 REL_FLOAT64 = 1e-10
 # The bounds for the whole chain at full rank: relative error < 1e-5 (float64), < 1e-4 (float32).

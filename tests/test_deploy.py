@@ -11,7 +11,7 @@ import torch.nn as nn
 import fxtucker
 from fxtucker.deploy import optimize_for_inference
 from fxtucker.passes import cost_model, decompose_conv, fold_bn, fold_or_restore, insert_gates, strip_gates
-from tests.conftest import REL_CHAIN_FLOAT32, REL_CHAIN_FLOAT64, rel_error
+from tests.conftest import EXACT, REL_CHAIN_FLOAT32, REL_CHAIN_FLOAT64, rel_error
 
 
 class Small(nn.Module):
@@ -153,7 +153,7 @@ def test_linear_forms_after_fold_bn_and_strided_1x1_reload(tmp_path, monkeypatch
     fxtucker.export(fast, x, tmp_path / "m", "manifest", model_factory=lambda: Small().double())
     loaded = fxtucker.load(tmp_path / "m", lambda: Small().double())
     assert loaded.code == fast.code
-    torch.testing.assert_close(loaded(x), fast(x), rtol=0, atol=0)
+    torch.testing.assert_close(loaded(x), fast(x), **EXACT)
 
 
 def test_errors():

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import fxtucker
 from fxtucker.meta import DECOMPOSED, RESTORED
 from fxtucker.passes import cost_model, decompose_conv, fold_bn, fold_or_restore, insert_gates, strip_gates
-from tests.conftest import rel_error
+from tests.conftest import EXACT, rel_error
 from tests.strategies import OneConv, conv_and_input
 
 # Relative output error against the float32 reference, per dtype: about 8x the error that one
@@ -102,7 +102,7 @@ def test_half_factors_are_computed_in_float32_then_cast(dtype):
     for role in ("first", "core", "last"):
         w_half, w_full = half.get_submodule(f"c1.{role}").weight, full.get_submodule(f"c1.{role}").weight
         assert w_half.dtype == dtype and w_full.dtype == torch.float32
-        torch.testing.assert_close(w_half, w_full.to(dtype), rtol=0, atol=0)
+        torch.testing.assert_close(w_half, w_full.to(dtype), **EXACT)
 
 
 @pytest.mark.parametrize("dtype", HALF)

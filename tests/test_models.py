@@ -9,6 +9,7 @@ import torchvision
 from torch import nn
 
 from fxtucker.models import CIFAR_MODELS, CifarResNet, get_model, list_models
+from tests.conftest import EXACT
 
 CIFAR_NAMES = ["resnet20", "resnet32", "resnet56", "vgg_small"]
 
@@ -61,7 +62,7 @@ def test_cifar_model_symbolic_trace_matches_eager(name):
     gm.graph.lint()
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
-        torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+        torch.testing.assert_close(gm(x), model(x), **EXACT)
     # Only modules, add and flatten: nothing like option A's slice-and-pad shortcut.
     functions = {n.target for n in gm.graph.nodes if n.op == "call_function"}
     assert functions <= {torch.flatten, operator.add}
@@ -164,7 +165,7 @@ def test_checkpoint_round_trip(tmp_path, name):
     loaded = get_model(name, num_classes=5, in_channels=1, checkpoint=path)
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.eval()(x), source.eval()(x), rtol=0, atol=0)
+        torch.testing.assert_close(loaded.eval()(x), source.eval()(x), **EXACT)
 
 
 @pytest.mark.parametrize("key", ["model", "state_dict"])

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxtucker import tucker
+from tests.conftest import ATOL_FLOAT64_TIGHT, ATOL_FLOAT64
 
 
 def _numpy_hosvd_truncation(w: np.ndarray, r1: int, r2: int) -> np.ndarray:
@@ -27,26 +28,26 @@ def _numpy_hosvd_truncation(w: np.ndarray, r1: int, r2: int) -> np.ndarray:
 def test_tucker2_full_rank_is_exact_and_truncation_is_hosvd(c_out, c_in, k, data):
     w = torch.randn(c_out, c_in, *k, dtype=torch.float64)
     core, u_out, u_in = tucker.tucker2(w)
-    assert torch.allclose(tucker.reconstruct_tucker2(core, u_out, u_in), w, rtol=0, atol=1e-12)
-    assert torch.allclose(u_out.T @ u_out, torch.eye(u_out.shape[1], dtype=w.dtype), atol=1e-12)
+    assert torch.allclose(tucker.reconstruct_tucker2(core, u_out, u_in), w, rtol=0, atol=ATOL_FLOAT64_TIGHT)
+    assert torch.allclose(u_out.T @ u_out, torch.eye(u_out.shape[1], dtype=w.dtype), atol=ATOL_FLOAT64_TIGHT)
     full = tucker.tucker2_full_ranks(w.shape)
     r1, r2 = data.draw(st.integers(1, full[0])), data.draw(st.integers(1, full[1]))
     core, u_out, u_in = tucker.tucker2(w, (r1, r2))
     assert core.shape == (r2, r1, *k)
     expected = _numpy_hosvd_truncation(w.numpy(), r1, r2)
-    np.testing.assert_allclose(tucker.reconstruct_tucker2(core, u_out, u_in).numpy(), expected, atol=1e-10)
+    np.testing.assert_allclose(tucker.reconstruct_tucker2(core, u_out, u_in).numpy(), expected, atol=ATOL_FLOAT64)
 
 
 @pytest.mark.parametrize("shape", [(7, 30), (30, 7), (5, 5)])
 def test_svd_pair_is_optimal_truncation(shape):
     a = torch.randn(*shape, dtype=torch.float64)
     left, right = tucker.svd_pair(a)
-    assert torch.allclose(left @ right, a, atol=1e-12)
+    assert torch.allclose(left @ right, a, atol=ATOL_FLOAT64_TIGHT)
     ortho = right @ right.T if shape[0] >= shape[1] else left.T @ left  # the smaller side's factor
-    assert torch.allclose(ortho, torch.eye(min(shape), dtype=a.dtype), atol=1e-12)
+    assert torch.allclose(ortho, torch.eye(min(shape), dtype=a.dtype), atol=ATOL_FLOAT64_TIGHT)
     left, right = tucker.svd_pair(a, 2)
     u, s, vh = np.linalg.svd(a.numpy(), full_matrices=False)
-    np.testing.assert_allclose((left @ right).numpy(), (u[:, :2] * s[:2]) @ vh[:2], atol=1e-10)
+    np.testing.assert_allclose((left @ right).numpy(), (u[:, :2] * s[:2]) @ vh[:2], atol=ATOL_FLOAT64)
 
 
 def test_evbmf_recovers_rank_of_noisy_low_rank_matrix():
@@ -139,15 +140,15 @@ def test_compose_and_merge_are_the_factor_products(groups):
     want = conv(conv(conv(x, first, groups=groups), core, groups=groups), last, groups=groups)
     dense = tucker.compose(first, last, core, groups)
     assert dense.shape == (groups * c_out, c_in, 3, 3)
-    torch.testing.assert_close(conv(x, dense, groups=groups), want, rtol=0, atol=1e-10)
+    torch.testing.assert_close(conv(x, dense, groups=groups), want, rtol=0, atol=ATOL_FLOAT64)
     merged_first, bias = tucker.merge(core, first, "first", groups)
     assert bias is None and merged_first.shape == (groups * r2, c_in, 3, 3)
-    torch.testing.assert_close(conv(conv(x, merged_first, groups=groups), last, groups=groups), want, rtol=0, atol=1e-10)
+    torch.testing.assert_close(conv(conv(x, merged_first, groups=groups), last, groups=groups), want, rtol=0, atol=ATOL_FLOAT64)
     b_core, b_last = torch.randn(groups * r2, dtype=torch.float64), torch.randn(groups * c_out, dtype=torch.float64)
     merged_last, bias = tucker.merge(core, last, "last", groups, b_core, b_last)
     want_b = conv(conv(conv(x, first, groups=groups), core, b_core, groups=groups), last, b_last, groups=groups)
     torch.testing.assert_close(conv(conv(x, first, groups=groups), merged_last, bias, groups=groups), want_b,
-                               rtol=0, atol=1e-10)
+                               rtol=0, atol=ATOL_FLOAT64)
     f, l_ = torch.randn(3, 5, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)  # Linear factors
     torch.testing.assert_close(tucker.compose(f, l_), l_ @ f)
     assert tucker.compute_dtype(torch.float16) == torch.float32 and tucker.compute_dtype(torch.float64) == torch.float64

@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import fxtucker
 from fxtucker.meta import MACS, PARAMS, TENSOR_META
 from fxtucker.passes import cost_model, count_macs
+from tests.conftest import EXACT
 
 # The paper's GMAC figures (ptflops, elementwise work included) are rounded to two decimals.
 PAPER_GMAC_REL = 0.015
@@ -305,7 +306,7 @@ def _assert_state_equal(model: nn.Module, before: dict[str, torch.Tensor]) -> No
     after = model.state_dict()
     assert after.keys() == before.keys()
     for key, value in before.items():
-        torch.testing.assert_close(after[key], value, rtol=0.0, atol=0.0, msg=key)
+        torch.testing.assert_close(after[key], value, **EXACT, msg=key)
 
 
 def test_cost_model_leaves_train_mode_and_batchnorm_statistics():

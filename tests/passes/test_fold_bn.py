@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import fxtucker
 from fxtucker.meta import BatchNormRecord, FactorRecord, FoldRecord, graph_record
 from fxtucker.passes import cost_model, decompose_conv, fold_bn, fold_or_restore, insert_gates, strip_gates
-from tests.conftest import REL_FLOAT64, REL_FOLD_FLOAT32, rel_error
+from tests.conftest import EXACT, REL_FLOAT64, REL_FOLD_FLOAT32, rel_error
 from tests.strategies import conv_and_input
 
 BN = nn.modules.batchnorm._BatchNorm
@@ -311,7 +311,7 @@ def test_unfoldable_batchnorm_left_alone_with_a_reason(model, shape, match):
     (rec,) = graph_record(out).batchnorms
     assert not rec.folded and rec.name == "bn" and rec.conv == ""
     assert re.search(match, rec.reason), rec.reason
-    torch.testing.assert_close(out(x), model(x), rtol=0, atol=0)
+    torch.testing.assert_close(out(x), model(x), **EXACT)
 
 
 def test_gated_layer_is_skipped_until_gates_are_stripped():

@@ -12,7 +12,7 @@ import fxtucker
 from fxtucker.passes import (cost_model, decompose_conv, fold_bn, fold_or_restore, insert_gates, plan_decomposition,
                              predict_macs, strip_gates)
 from fxtucker.passes.decompose_conv import _full_ranks
-from tests.conftest import REL_FLOAT64, rel_error
+from tests.conftest import EXACT, REL_FLOAT64, rel_error
 from tests.strategies import Twice
 
 
@@ -234,7 +234,7 @@ def test_a_model_with_nothing_to_decompose_goes_through_the_chain_unchanged():
     with pytest.warns(UserWarning, match=r"decompose_conv left 2 layer\(s\) as they are"):
         decomposed = decompose_conv(cost_model(fxtucker.trace(model), x))
     final = fold_bn(fold_or_restore(strip_gates(insert_gates(decomposed), 0.01), x))
-    torch.testing.assert_close(final(x), model(x), rtol=0, atol=0)
+    torch.testing.assert_close(final(x), model(x), **EXACT)
     layers = fxtucker.report(final).layers
     assert [r.decision for r in layers] == ["skipped", "skipped"]
     assert "its weight is also read by other nodes (mean read 'w')" in layers[0].reason

@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 import fxtucker
 import fxtucker.passes
 from fxtucker.passes import Gate, decompose_conv, insert_gates, strip_gates
-from tests.conftest import REL_FLOAT64, reference, rel_error
+from tests.conftest import EXACT, REL_FLOAT64, reference, rel_error
 from tests.strategies import OneConv, conv_and_input
 
 
@@ -94,7 +94,7 @@ def test_layer_losing_a_whole_rank_outputs_its_bias():
     assert fxtucker.report(stripped).layers[1].ranks == (0,)
     out = stripped(torch.randn(2, 4, 5, 5, dtype=torch.float64))
     expected = model.pw.bias.detach().view(1, -1, 1, 1).expand_as(out)
-    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(out, expected, **EXACT)
 
 
 @pytest.mark.parametrize("bad", [-0.1, math.nan, math.inf, "0.1", True])

@@ -32,7 +32,7 @@ from fxtucker.passes import (
 )
 from fxtucker.passes.fold_or_restore import dense_module
 from fxtucker.passes.forms import ChannelsLinear, is_pointwise
-from tests.conftest import EXACT, REL_CHAIN_FLOAT64, REL_FLOAT64, REL_FOLD_FLOAT32, factor_roles, reference, rel_error
+from tests.conftest import ATOL_FLOAT64, EXACT, REL_CHAIN_FLOAT64, REL_FLOAT64, REL_FOLD_FLOAT32, factor_roles, reference, rel_error
 from tests.strategies import OneConv, TwoConvs, conv_and_input
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel lengths:UserWarning")
@@ -138,11 +138,11 @@ def test_truncated_kernel_is_the_truncated_svd_of_the_reshaped_kernel(groups):
     rec = fxtucker.report(gm).layers[0]
     assert rec.ranks == (2,) and gm.get_submodule("conv.first").weight.shape == (2 * groups, 6 // groups, 3, 3)
     kernel = dense_module(gm.get_submodule("conv"), rec.spec).weight.detach()
-    torch.testing.assert_close(kernel, _truncated_svd(conv.weight.detach(), groups, 2), rtol=0, atol=1e-10)
+    torch.testing.assert_close(kernel, _truncated_svd(conv.weight.detach(), groups, 2), rtol=0, atol=ATOL_FLOAT64)
     # and the module computes the conv with that kernel
     x = torch.randn(1, 6, 7, 7, dtype=torch.float64)
     torch.testing.assert_close(gm.conv.last(gm.conv.first(x)), F.conv2d(x, kernel, conv.bias, padding=1, groups=groups),
-                               rtol=0, atol=1e-10)
+                               rtol=0, atol=ATOL_FLOAT64)
 
 
 def test_fraction_vbmf_round_to_and_callable_ranks():
@@ -261,7 +261,7 @@ def test_stripping_matches_a_directly_truncated_decomposition(groups):
     rec = fxtucker.report(stripped).layers[0]
     assert rec.ranks == (3,)
     kernel = dense_module(stripped.get_submodule("conv"), rec.spec).weight.detach()
-    torch.testing.assert_close(kernel, _truncated_svd(conv.weight.detach(), groups, 3), rtol=0, atol=1e-10)
+    torch.testing.assert_close(kernel, _truncated_svd(conv.weight.detach(), groups, 3), rtol=0, atol=ATOL_FLOAT64)
 
 
 def test_strip_relative_and_round_to_with_predicted_macs():
@@ -306,7 +306,7 @@ def test_fold_or_restore_follows_the_macs_of_a_kxk_first():
     assert "factors would cost 153,600 MACs >= 147,456 of the original; dense kernel rebuilt" in rep["b"].reason
     assert type(final.b) is nn.Conv2d and [n.name for n in final.graph.nodes if n.target == "b"] == ["b"]
     # the restored kernel is sum_r last[o, r] first[r, i, kh, kw]: the rank-15 truncation of b
-    torch.testing.assert_close(final.b.weight, _truncated_svd(model.b.weight.detach(), 1, 15), rtol=0, atol=1e-10)
+    torch.testing.assert_close(final.b.weight, _truncated_svd(model.b.weight.detach(), 1, 15), rtol=0, atol=ATOL_FLOAT64)
     assert final.b.bias is not model.b.bias and torch.equal(final.b.bias, model.b.bias)
     assert rel_error(final(x), decomposed(x)) < REL_CHAIN_FLOAT64
     assert fxtucker.count_macs(final, x) == 64 * 4 * (16 * 9 + 16) + dense
