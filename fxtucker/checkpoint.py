@@ -36,7 +36,7 @@ __all__ = [
     "Progress",
     "Resumable",
     "stateful",
-    "start",
+    "start_stage",
     "seed_everything",
     "rng_state",
     "set_rng_state",
@@ -208,14 +208,15 @@ class Resumable:
         if len(states) != ctx.world:
             warnings.warn(f"train: checkpoint {path} was written by {len(states)} process(es), this "
                           f"run has {ctx.world}; the resumed run will not repeat the original one "
-                          f"exactly", stacklevel=4)  # train()'s caller, through start()
+                          f"exactly", stacklevel=4)  # train()'s caller, through start_stage()
         set_rng_state(states[ctx.rank] if ctx.rank < len(states) else states[0])
         epochs = int(payload["epoch"])
         return Progress(epoch=epochs, step=int(payload["step"]), history=list(payload["history"]),
                         saved=path, saved_epochs=epochs)
 
 
-def start(files: Optional["CheckpointFiles"], saved: Resumable, resume: bool, seed: int, ctx: Dist) -> Progress:
+def start_stage(files: Optional["CheckpointFiles"], saved: Resumable, resume: bool, seed: int,
+                ctx: Dist) -> Progress:
     """Where a stage starts: with ``resume``, the newest usable checkpoint in ``files`` restored into
     ``saved``; else epoch 0, the RNGs seeded with ``seed`` plus the rank. The files are made to match."""
     loaded, bad = files.open(ctx, resume) if files is not None else (None, [])
@@ -358,7 +359,7 @@ class CheckpointFiles:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.remove_temps()
         ctx.barrier()
-        # stacklevel 5: load, open, start, train, then train()'s caller
+        # stacklevel 5: load, open, start_stage, train, then train()'s caller
         loaded, bad = self.load(say=ctx.main, stacklevel=5) if resume else (None, [])
         ctx.barrier()  # every rank has read before rank 0 writes
         return loaded, bad
@@ -370,7 +371,7 @@ class CheckpointFiles:
             try:
                 self.set_aside(bad)
                 if not resume:
-                    self.start_fresh(stacklevel=5)  # train()'s caller, through start()
+                    self.start_fresh(stacklevel=5)  # train()'s caller, through start_stage()
                 else:
                     self.rewrite_log(history)
             except OSError:

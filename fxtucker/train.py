@@ -46,7 +46,7 @@ from torch import nn
 
 from fxtucker.batches import (batch_sums, check_train_data, count_correct, eval_batches, split_batch, to_device,
                               train_batches, warn_unsharded)
-from fxtucker.checkpoint import CHECKPOINT_FORMAT, CheckpointFiles, Progress, Resumable, start, stateful
+from fxtucker.checkpoint import CHECKPOINT_FORMAT, CheckpointFiles, Progress, Resumable, start_stage, stateful
 from fxtucker.distributed import Dist, resolve_device, setup_distributed, wants_ddp, wrap_ddp
 from fxtucker.io import is_int, is_real
 from fxtucker.passes.insert_gates import Gate, gates
@@ -436,7 +436,7 @@ def train(
     saved = Resumable(stage, config, model, opt, sched, scaler, callbacks)
 
     files = CheckpointFiles(Path(out_dir), stage) if out_dir is not None else None
-    state = start(files, saved, resume, config.seed, ctx)
+    state = start_stage(files, saved, resume, config.seed, ctx)
     if state.epoch >= config.epochs:
         log.info("train: stage %r already finished %d epoch(s); returning its history",
                  stage, state.epoch)
@@ -475,7 +475,7 @@ def train(
 
 def _run_epoch(run: _Run) -> dict:
     """Train one epoch, evaluate, and return its record."""
-    config, state, epoch = run.config, run.state, run.state.epoch
+    config, epoch = run.config, run.state.epoch
     start = time.perf_counter()
     lr = float(run.opt.param_groups[0]["lr"])
     batches = train_batches(run.train_data, config.seed, epoch, run.ctx)
