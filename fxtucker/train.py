@@ -14,9 +14,8 @@ Conventions:
 
 - ``epoch`` is 0-based everywhere (history records, ``penalty``, messages); ``step`` counts
   optimizer steps of the stage from 0, across epochs.
-- Weight decay applies to every parameter of two or more dimensions that is not a gate: gates
-  (1-d, and found through ``node.meta``), biases and normalization weights only feel the
-  gradient of the loss and of the penalty.
+- Weight decay applies to every parameter of two or more dimensions that is not a gate (see
+  :mod:`fxtucker.optim`, which builds the optimizer and schedule).
 - A fresh run seeds torch, numpy and ``random`` with ``config.seed`` (plus the rank under DDP).
   A DataLoader over a map-style dataset is rebuilt each epoch with its order drawn from
   ``config.seed + epoch``, so the order does not depend on what ran before.
@@ -40,7 +39,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -49,15 +47,11 @@ from fxtucker.batches import (batch_sums, check_train_data, count_correct, eval_
 from fxtucker.checkpoint import CHECKPOINT_FORMAT, CheckpointFiles, Progress, Resumable, start_stage, stateful
 from fxtucker.distributed import Dist, resolve_device, setup_distributed, wants_ddp, wrap_ddp
 from fxtucker.io import is_int, is_real
-from fxtucker.passes.insert_gates import Gate, gates
+from fxtucker.optim import OPTIMIZERS, SCHEDULES, check_penalty, check_stats, make_optimizer, make_scheduler
 
 __all__ = ["TrainConfig", "train", "evaluate", "TrainingDiverged", "progress_bar", "OPTIMIZERS", "SCHEDULES",
            "RECORD_KEYS", "CHECKPOINT_FORMAT"]
 
-#: Valid values of ``TrainConfig.optimizer``.
-OPTIMIZERS = ("sgd", "adamw")
-#: Valid values of ``TrainConfig.schedule``; the learning rate changes once per epoch.
-SCHEDULES = ("cosine", "step", "constant")
 #: The keys every history record has; ``epoch_stats`` adds its own after these.
 RECORD_KEYS = (
     "stage", "epoch", "loss", "ce", "penalty", "train_accuracy", "accuracy", "lr", "seconds",
@@ -172,7 +166,7 @@ class TrainConfig:
             object.__setattr__(self, "max_grad_norm", float(self.max_grad_norm))
 
 
-# --- evaluation and the optimizer -----------------------------------------------------------
+# --- evaluation -------------------------------------------------------------------------------
 
 
 def evaluate(model: nn.Module, data: Iterable, *, device: Any = None) -> float:
@@ -201,49 +195,6 @@ def evaluate(model: nn.Module, data: Iterable, *, device: Any = None) -> float:
     return correct / total
 
 
-def _gate_parameters(model: nn.Module) -> set[int]:
-    """ids of the gate parameters: every Gate module's (a composed training view holds gates without
-    gate nodes) and those fxtucker.passes.gates finds through node.meta in each GraphModule."""
-    ids = {id(p) for m in model.modules() if isinstance(m, Gate) for p in m.parameters()}
-    for gm in (m for m in model.modules() if isinstance(m, fx.GraphModule)):
-        ids.update(id(p) for roles in gates(gm).values() for p in roles.values())
-    return ids
-
-
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """[decayed, not decayed] parameter groups; gates and 1-d parameters are not decayed."""
-    gate_ids = _gate_parameters(model)
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.dim() <= 1 or id(p) in gate_ids else decay).append(p)
-    if not decay and not no_decay:
-        raise ValueError(
-            f"train: the model ({type(model).__name__}) has no parameter with requires_grad=True, "
-            f"so there is nothing to train; unfreeze some parameters"
-        )
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
-def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    groups = _param_groups(model, config.weight_decay)
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=False)
-    return torch.optim.AdamW(groups, lr=config.lr)
-
-
-def _make_scheduler(opt: torch.optim.Optimizer, config: TrainConfig):
-    if config.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs)
-    if config.schedule == "step":
-        return torch.optim.lr_scheduler.StepLR(opt, step_size=config.step_size,
-                                               gamma=config.gamma)
-    return torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
-
-
 # --- the loop ---------------------------------------------------------------------------------
 
 
@@ -262,45 +213,6 @@ def _check_args(model, config, stage, penalty, epoch_stats, out_dir, resume) -> 
     if resume and out_dir is None:
         raise ValueError("train: resume=True needs out_dir=<the directory of the run to "
                          "continue>; without out_dir nothing was saved to resume from")
-
-
-def _check_penalty(value: object, epoch: int, step: int) -> torch.Tensor:
-    """The penalty as a 0-dim tensor, or an error saying what penalty returned."""
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(
-            f"train: penalty(model, epoch={epoch}, step={step}) returned a "
-            f"{type(value).__name__}; it must return a scalar tensor (e.g. lam * "
-            f"fxtucker.regularizers.penalty(gates, 'funnel', c)) so its gradient reaches the gates"
-        )
-    if value.numel() != 1:
-        raise ValueError(
-            f"train: penalty(model, epoch={epoch}, step={step}) returned a tensor of shape "
-            f"{tuple(value.shape)}; it must return a scalar (one element), e.g. sum it with .sum()"
-        )
-    if not value.is_floating_point():
-        raise TypeError(
-            f"train: penalty(model, epoch={epoch}, step={step}) returned a {value.dtype} tensor; "
-            f"it must be floating point to be added to the loss"
-        )
-    return value.reshape(())
-
-
-def _check_stats(stats: object) -> dict:
-    """epoch_stats' dict, checked to be JSON-ready and not to shadow the record's keys."""
-    if not isinstance(stats, dict):
-        raise TypeError(f"train: epoch_stats(model) returned a {type(stats).__name__}; it must "
-                        f"return a dict of JSON-ready values")
-    clash = sorted(set(stats) & set(RECORD_KEYS))
-    if clash:
-        raise ValueError(f"train: epoch_stats(model) returned keys {clash} that the history "
-                         f"record already has ({list(RECORD_KEYS)}); rename them")
-    try:
-        json.dumps(stats)
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"train: epoch_stats(model) returned a dict that is not JSON-ready "
-                        f"({e}); return only str keys and numbers, strings, bools, None, lists "
-                        f"and dicts of them (use .item() / .tolist() for tensors)") from None
-    return stats
 
 
 def progress_bar(total: Optional[int], desc: str, enabled: bool = True, initial: int = 0):
@@ -430,8 +342,9 @@ def train(
     model.to(dev)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    opt = _make_optimizer(model, config)
-    sched = _make_scheduler(opt, config)
+    opt = make_optimizer(model, config.optimizer, lr=config.lr, momentum=config.momentum,
+                         weight_decay=config.weight_decay)
+    sched = make_scheduler(opt, config.schedule, epochs=config.epochs, step_size=config.step_size, gamma=config.gamma)
     scaler = torch.amp.GradScaler("cuda") if amp else None
     saved = Resumable(stage, config, model, opt, sched, scaler, callbacks)
 
@@ -540,7 +453,7 @@ def _run_epoch(run: _Run) -> dict:
             post["eval_acc"] = f"{accuracy:.3f}"
         bar.set_postfix(post)
     if run.epoch_stats is not None:
-        record.update(_check_stats(run.epoch_stats(run.model)))
+        record.update(check_stats(run.epoch_stats(run.model), RECORD_KEYS))
     record["seconds"] = time.perf_counter() - start
     log.info("train: %s", json.dumps(record))
     return record
@@ -557,9 +470,9 @@ def _step(run: _Run, batch: object, i: int, lr: float) -> list[float]:
         ce = F.cross_entropy(out, y)  # float32 under autocast, the model's dtype otherwise
     pen = torch.zeros((), device=ce.device)
     if run.penalty is not None:
-        pen = _check_penalty(run.penalty(model, epoch, state.step), epoch, state.step)
+        pen = check_penalty(run.penalty(model, epoch, state.step), epoch, state.step)
     if run.extra_loss is not None:  # e.g. distillation: it sees the batch and the outputs
-        pen = pen.to(ce.device) + _check_penalty(run.extra_loss(x, out, y), epoch, state.step).to(ce.device)
+        pen = pen.to(ce.device) + check_penalty(run.extra_loss(x, out, y), epoch, state.step).to(ce.device)
     loss = ce + pen.to(device=ce.device, dtype=ce.dtype)
     # All ranks see the same sums, so all of them stop together on a NaN.
     step_sums = run.ctx.sum(batch_sums(ce, pen, out, y).cpu()).tolist()

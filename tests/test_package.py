@@ -42,7 +42,8 @@ def test_built_wheel_maps_passes_under_fxtucker(tmp_path):
 
 def test_import_passes_loads_neither_the_training_loop_nor_the_flow(tmp_path):
     code = ("import fxtucker.passes, sys; loaded = [m for m in ('fxtucker.train', 'fxtucker.compress', "
-            "'fxtucker.checkpoint', 'fxtucker.distributed', 'fxtucker.data', 'fxtucker.cli') if m in sys.modules]; "
+            "'fxtucker.checkpoint', 'fxtucker.distributed', 'fxtucker.data', 'fxtucker.cli', 'fxtucker.batches', "
+            "'fxtucker.optim') if m in sys.modules]; "
             "assert not loaded, loaded")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
 

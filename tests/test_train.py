@@ -19,12 +19,12 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import fxtucker
 from fxtucker import regularizers
+from fxtucker.optim import param_groups
 from fxtucker.passes import decompose_conv, insert_gates
 from fxtucker.train import (
     RECORD_KEYS,
     TrainConfig,
     TrainingDiverged,
-    _param_groups,
     evaluate,
     train,
 )
@@ -331,7 +331,7 @@ def gated_model():
 
 def test_gates_are_not_weight_decayed():
     gm = gated_model()
-    groups = _param_groups(gm, 5e-4)
+    groups = param_groups(gm, 5e-4)
     decayed = {id(p) for p in groups[0]["params"]}
     gate_params = [p for roles in fxtucker.gates(gm).values() for p in roles.values()]
     assert gate_params and all(id(p) not in decayed for p in gate_params)
@@ -340,7 +340,7 @@ def test_gates_are_not_weight_decayed():
     assert id(original) in decayed
     # A gate is recognised through node.meta, not only by being 1-d.
     gm.conv2.gate_in.weight = nn.Parameter(gm.conv2.gate_in.weight.detach().view(-1, 1))
-    decayed = {id(p) for p in _param_groups(gm, 5e-4)[0]["params"]}
+    decayed = {id(p) for p in param_groups(gm, 5e-4)[0]["params"]}
     assert id(gm.conv2.gate_in.weight) not in decayed
 
 
