@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from fxtucker import pipeline, regularizers
 from fxtucker.budget import GatePenalty, component_macs, gate_histogram, gate_magnitudes, threshold_for_budget
+from fxtucker.io import is_int, is_real
 from fxtucker.passes import cost_model, layer_nodes, predict_macs
 from fxtucker.passes.compose_factors import compose_factors
 from fxtucker.passes.decompose_conv import METHODS as DECOMPOSITION_METHODS
@@ -28,14 +29,6 @@ from fxtucker.train import TrainConfig, evaluate, train
 
 __all__ = ["CompressConfig", "CompressResult", "compress", "threshold_for_budget", "gate_histogram", "GatePenalty",
            "component_macs"]
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _is_real(v: object) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass(frozen=True)
@@ -112,7 +105,7 @@ class CompressConfig:
         """Every field checked here, in one place; the training fields by the TrainConfig they build."""
         bad = lambda name, want: ValueError(f"CompressConfig.{name} must be {want}, got {getattr(self, name)!r}")  # noqa: E731
         for name in ("train_epochs", "reg_epochs", "finetune_epochs"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+            if not is_int(getattr(self, name)) or getattr(self, name) < 0:
                 raise bad(name, "an integer >= 0")
         if self.reg_epochs < 1:
             raise ValueError("CompressConfig.reg_epochs must be >= 1: step 3 is what chooses the ranks")
@@ -120,18 +113,18 @@ class CompressConfig:
             if isinstance(getattr(self, name), bool):
                 raise bad(name, "a number")
         for name in ("train_lr", "reg_lr", "finetune_lr"):
-            if not _is_real(getattr(self, name)) or not getattr(self, name) > 0:
+            if not is_real(getattr(self, name)) or not getattr(self, name) > 0:
                 raise bad(name, "a finite number > 0")
         if self.reg not in regularizers.REGULARIZERS:
             raise ValueError(f"CompressConfig.reg {self.reg!r} is not known; valid: {sorted(regularizers.REGULARIZERS)}")
-        if self.reg_weight != "auto" and (not _is_real(self.reg_weight) or self.reg_weight < 0):
+        if self.reg_weight != "auto" and (not is_real(self.reg_weight) or self.reg_weight < 0):
             raise ValueError(f"CompressConfig.reg_weight (lambda) must be 'auto' or a finite number >= 0, "
                              f"got {self.reg_weight!r}")
-        if not _is_real(self.threshold) or self.threshold < 0:
+        if not is_real(self.threshold) or self.threshold < 0:
             raise bad("threshold", "a finite number >= 0 (paper: 0.01 to 0.02)")
         if self.target_macs is not None and self.target_speedup is not None:
             raise ValueError("give CompressConfig.target_macs or target_speedup, not both")
-        if self.target_macs is not None and (not _is_int(self.target_macs) or self.target_macs <= 0):
+        if self.target_macs is not None and (not is_int(self.target_macs) or self.target_macs <= 0):
             raise bad("target_macs", "a positive integer")
         if self.target_speedup is not None and (not isinstance(self.target_speedup, numbers.Real)
                                                 or not self.target_speedup >= 1):
@@ -142,18 +135,18 @@ class CompressConfig:
                      "distill", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")
-        if self.round_to is not None and (not _is_int(self.round_to) or self.round_to < 1):
+        if self.round_to is not None and (not is_int(self.round_to) or self.round_to < 1):
             raise bad("round_to", "None or an integer >= 1 (e.g. 8 or 16)")
-        if not _is_int(self.steer_every) or self.steer_every < 1:
+        if not is_int(self.steer_every) or self.steer_every < 1:
             raise bad("steer_every", "an integer >= 1 (optimizer steps)")
         r = self.ranks
-        if not (r is None or r == "vbmf" or (_is_real(r) and 0 < r <= 1)):
+        if not (r is None or r == "vbmf" or (is_real(r) and 0 < r <= 1)):
             raise bad("ranks", "None (full rank), a fraction in (0, 1] or 'vbmf'")
         if self.method not in DECOMPOSITION_METHODS:
             raise bad("method", f"one of {list(DECOMPOSITION_METHODS)} (how kxk convs are decomposed)")
-        if not _is_real(self.distill_weight) or self.distill_weight < 0:
+        if not is_real(self.distill_weight) or self.distill_weight < 0:
             raise bad("distill_weight", "a finite number >= 0")
-        if not _is_real(self.distill_temperature) or not self.distill_temperature > 0:
+        if not is_real(self.distill_temperature) or not self.distill_temperature > 0:
             raise bad("distill_temperature", "a finite number > 0")
         self.c_schedule_fn()  # validates the schedule's arguments
         try:  # optimizer, momentum, weight_decay, schedule, seed: checked by the TrainConfig they build
