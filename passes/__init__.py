@@ -1,6 +1,6 @@
 """The FX passes of fxtucker, in pipeline order.
 
-    cost_model -> decompose_conv -> insert_gates -> (train, through compose_factors) -> strip_gates -> fold_or_restore -> fold_bn
+    cost_model -> plan_decomposition -> decompose_conv -> insert_gates -> (train, through compose_factors) -> strip_gates -> plan_forms -> fold_or_restore -> fold_bn
 
 Each takes a GraphModule and returns one (a copy unless ``inplace=True``; cost_model annotates
 and returns its argument).
@@ -8,7 +8,8 @@ and returns its argument).
 
 from fxtucker.passes._common import layer_nodes
 from fxtucker.passes.cost_model import cost_model, count_macs
-from fxtucker.passes.decompose_conv import decompose_conv, plan_decomposition
+from fxtucker.passes.plan_decomposition import plan_decomposition
+from fxtucker.passes.decompose_conv import decompose_conv
 from fxtucker.passes.insert_gates import Gate, UnitNorm, gates, insert_gates
 from fxtucker.passes.compose_factors import ComposedConv, compose_factors
 from fxtucker.passes.strip_gates import kept_ranks, strip_gates

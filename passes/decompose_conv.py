@@ -59,9 +59,6 @@ from fxtucker.passes.plan_decomposition import (  # noqa: F401 - METHODS, Ranks:
 
 __all__ = ["decompose_conv", "plan_decomposition", "RanksArg", "METHODS"]
 
-# tests/passes/test_review_regressions.py imports this name; drop it once that test imports full_ranks
-# from fxtucker.passes.plan_decomposition.
-_full_ranks = full_ranks
 
 
 def _factor_modules(m: nn.Module, kind: str, ranks: tuple[int, ...]) -> dict[str, nn.Module]:

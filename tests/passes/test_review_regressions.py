@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import fxtucker
 from fxtucker.passes import (cost_model, decompose_conv, fold_bn, fold_or_restore, insert_gates, plan_decomposition,
                              predict_macs, strip_gates)
-from fxtucker.passes.decompose_conv import _full_ranks
+from fxtucker.passes.plan_decomposition import full_ranks
 from tests.conftest import EXACT, REL_FLOAT64, rel_error
 from tests.strategies import Twice
 
@@ -38,7 +38,7 @@ def test_edited_plan_cannot_force_an_unsafe_decomposition():
     model[0].register_forward_hook(lambda m, i, o: o * 2)
     gm = plan_decomposition(fxtucker.trace(model))
     (node,) = [n for n in gm.graph.nodes if n.op == "call_module"]
-    full = _full_ranks(model[0])
+    full = full_ranks(model[0])
     node.meta["fxtucker"] = dataclasses.replace(node.meta["fxtucker"], kind="tucker2", full_ranks=full, ranks=full, reason="")
     with pytest.raises(ValueError, match=r"the plan asks to decompose '0', which cannot be: it has hooks registered"):
         decompose_conv(gm, use_plan=True)
