@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx
@@ -16,7 +16,7 @@ from fxtucker.meta import CORE, FIRST, GATE_CORE, GATE_IN, GATE_OUT, LAST, MACS
 from fxtucker.passes import gates, layer_nodes, predict_macs
 from fxtucker.passes.strip_gates import relative_gates
 
-__all__ = ["gate_magnitudes", "component_macs", "threshold_for_budget", "gate_histogram", "GatePenalty"]
+__all__ = ["gate_stats", "gate_magnitudes", "component_macs", "threshold_for_budget", "gate_histogram", "GatePenalty"]
 
 
 def _all_gates(gm: fx.GraphModule) -> list[torch.Tensor]:
@@ -262,3 +262,21 @@ class GatePenalty:
     def load_state_dict(self, state: dict) -> None:
         self.weight = float(state["weight"])
         self.zeros_macs = self._zeros_macs()
+
+
+def gate_stats(threshold_fn, penalty: Optional["GatePenalty"] = None, gated: Optional[fx.GraphModule] = None) -> Any:
+    """Step 3's ``epoch_stats`` for :func:`fxtucker.train.train`: per epoch, the gates below the threshold
+    ``threshold_fn(gm)`` gives, the MACs if they were stripped now, the mean gate and lambda."""
+    relative = penalty.relative if penalty is not None else False
+    round_to = penalty.round_to if penalty is not None else None
+
+    def stats(model: nn.Module) -> dict:
+        gm = gated if gated is not None else getattr(model, "module", model)
+        flat = gate_magnitudes(gm, relative)
+        th = threshold_fn(gm)
+        out = {"gates": flat.numel(), "gates_below_threshold": int((flat < th).sum()), "threshold": th,
+               "gate_mean": float(flat.mean()), "macs_if_stripped": predict_macs(gm, th, round_to, relative=relative)}
+        if penalty is not None:
+            out["reg_weight"] = penalty.weight
+        return out
+    return stats

@@ -272,7 +272,7 @@ def _check_toml(path: str) -> str:
     return path
 
 
-def _deploy(args: argparse.Namespace, model: torch.nn.Module, compressed: torch.nn.Module, x: torch.Tensor,
+def deploy_step(args: argparse.Namespace, model: torch.nn.Module, compressed: torch.nn.Module, x: torch.Tensor,
             n_cls: int, out: Path, say) -> tuple[dict, dict]:
     """The end of the main job: the compressed model deployed for ``--backend`` (BatchNorm folded, each layer's
     form chosen by timing at batch ``--latency-batch``), written with its parity check, and timed side by side
@@ -441,7 +441,7 @@ def _compress(args: argparse.Namespace) -> int:
     else:
         say(f"measuring accuracy before and after on {n_test:,} test images")
         acc_before, acc_after = evaluate(model.eval(), test_loader), evaluate(result.model.eval(), test_loader)
-    deployed, latency = _deploy(args, model, result.model, x, n_cls, out, say)
+    deployed, latency = deploy_step(args, model, result.model, x, n_cls, out, say)
     epochs_of = {"baseline": ship.epochs if ship is not None else epochs if checkpoint is None else None,
                  "baseline_from": (f"shipped with fxtucker (`{ship.command}`)" if ship is not None
                                    else "trained here" if checkpoint is None else "given by --checkpoint"),

@@ -18,9 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxtucker import pipeline, regularizers
-from fxtucker.budget import GatePenalty, component_macs, gate_histogram, gate_magnitudes, threshold_for_budget
+from fxtucker.budget import (GatePenalty, component_macs, gate_histogram, gate_magnitudes, gate_stats,
+                             threshold_for_budget)
 from fxtucker.io import is_int, is_real
-from fxtucker.passes import cost_model, layer_nodes, predict_macs
+from fxtucker.passes import cost_model, layer_nodes
 from fxtucker.passes.compose_factors import compose_factors
 from fxtucker.passes.decompose_conv import METHODS as DECOMPOSITION_METHODS
 from fxtucker.report import report
@@ -236,22 +237,6 @@ def _distillation(teacher: nn.Module, config: CompressConfig):
     return loss
 
 
-def _gate_stats(threshold_fn, penalty: Optional["GatePenalty"] = None, gated: Optional[fx.GraphModule] = None) -> Any:
-    relative = penalty.relative if penalty is not None else False
-    round_to = penalty.round_to if penalty is not None else None
-
-    def stats(model: nn.Module) -> dict:
-        gm = gated if gated is not None else getattr(model, "module", model)
-        flat = gate_magnitudes(gm, relative)
-        th = threshold_fn(gm)
-        out = {"gates": flat.numel(), "gates_below_threshold": int((flat < th).sum()), "threshold": th,
-               "gate_mean": float(flat.mean()), "macs_if_stripped": predict_macs(gm, th, round_to, relative=relative)}
-        if penalty is not None:
-            out["reg_weight"] = penalty.weight
-        return out
-    return stats
-
-
 def compress(
     model: nn.Module,
     train_data: Iterable,
@@ -355,7 +340,7 @@ def compress(
     threshold_fn = ((lambda g: threshold_for_budget(g, target, relative=rel, round_to=config.round_to)) if target is not None
                     else (lambda g: config.threshold))
     history += train(view, train_data, config.stage_config(config.reg_epochs, config.reg_lr), penalty=penalty,
-                     epoch_stats=_gate_stats(threshold_fn, penalty, gated), stage="regularize", **kw)
+                     epoch_stats=gate_stats(threshold_fn, penalty, gated), stage="regularize", **kw)
     threshold = threshold_fn(gated)
     rep["threshold"], rep["reg_weight_end"] = threshold, penalty.weight
     rep["stages"]["regularized"] = {"accuracy": acc(gated), "gate_histogram": gate_histogram(gated, relative=config.relative_gates),

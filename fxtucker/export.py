@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_flatten
 from fxtucker.io import write_atomic
 from fxtucker.manifest import MANIFEST_VERSION, check_manifest_graph, load, read_manifest, write_manifest
 
-__all__ = ["export", "load", "read_manifest", "ExportError", "ExportResult", "FORMATS", "MANIFEST_VERSION"]
+__all__ = ["export", "load", "read_manifest", "compare_outputs", "ExportError", "ExportResult", "FORMATS", "MANIFEST_VERSION"]
 
 FORMATS = ("onnx", "torchscript", "torch.export", "manifest")
 _INSTALL_HINT = "pip install fxtucker[export]"
@@ -85,7 +85,7 @@ def _tensors(value: Any, what: str) -> list[torch.Tensor]:
     return out
 
 
-def _compare(ref: Any, got: Any, fmt: str, rtol: float, atol: float) -> tuple[float, float]:
+def compare_outputs(ref: Any, got: Any, fmt: str, rtol: float, atol: float) -> tuple[float, float]:
     """Max abs and rel error of ``got`` against ``ref``; ExportError where they differ beyond the tolerance."""
     refs, gots = _tensors(ref, "the model"), _tensors(got, f"the reloaded {fmt} model")
     if len(refs) != len(gots):
@@ -294,6 +294,6 @@ def export(
     finally:
         for m, training in modes.items():
             m.train(training)
-    max_abs, max_rel = _compare(ref, got, format, rtol, atol)
+    max_abs, max_rel = compare_outputs(ref, got, format, rtol, atol)
     return ExportResult(path=path, format=format, files=tuple(files), max_abs_error=max_abs, max_rel_error=max_rel,
                         rtol=rtol, atol=atol, method=method)

@@ -161,7 +161,7 @@ def test_compress_deploys_an_onnx_file_that_matches_and_times_it_side_by_side(tm
     import torch
 
     import fxtucker.latency
-    from fxtucker.cli import _deploy
+    from fxtucker.cli import deploy_step
 
     monkeypatch.setenv("FXTUCKER_CACHE_DIR", str(tmp_path / "cache"))
     torch.manual_seed(0)
@@ -171,7 +171,7 @@ def test_compress_deploys_an_onnx_file_that_matches_and_times_it_side_by_side(tm
     real = fxtucker.latency.measure_latency
     monkeypatch.setattr(fxtucker.latency, "measure_latency",
                         lambda m, xb, **k: timed.append((m, tuple(xb.shape), k["backend"])) or real(m, xb, **k))
-    info, latency = _deploy(_deploy_args(), model, compressed, x, 10, tmp_path, lambda *a: None)
+    info, latency = deploy_step(_deploy_args(), model, compressed, x, 10, tmp_path, lambda *a: None)
     assert info["file"] == "deployed.onnx" and info["format"] == "onnx" and info["forms_chosen_at_batch"] == 3
     assert info["macs"] <= fxtucker.count_macs(compressed, x)  # forms kept within the compressed model's MACs
     session = ort.InferenceSession(str(tmp_path / "deployed.onnx"), providers=["CPUExecutionProvider"])
@@ -195,7 +195,7 @@ def test_compress_report_says_unreliable_instead_of_a_number(tmp_path, monkeypat
     import torch
 
     import fxtucker.latency
-    from fxtucker.cli import _deploy
+    from fxtucker.cli import deploy_step
     from fxtucker.run_report import summary_text as _summary_text
 
     monkeypatch.setenv("FXTUCKER_CACHE_DIR", str(tmp_path / "cache"))
@@ -203,7 +203,7 @@ def test_compress_report_says_unreliable_instead_of_a_number(tmp_path, monkeypat
     model, compressed = _compressed_resnet20(x)
     clock = iter([2.0, 1.0, 2.0, 1.0, 1.0, 1.0] * 2)  # per batch: A=2 B=1 | B=2 A=1 | A=1 B=1
     monkeypatch.setattr(fxtucker.latency, "measure_latency", lambda *a, **k: next(clock))
-    info, latency = _deploy(_deploy_args(backend="eager"), model, compressed, x, 10, tmp_path, lambda *a: None)
+    info, latency = deploy_step(_deploy_args(backend="eager"), model, compressed, x, 10, tmp_path, lambda *a: None)
     assert all(not t["reliable"] and t["speedup"] is None for t in latency.values())
     summary = dict(accuracy_before=0.9, accuracy_after=0.89, accuracy_images=10000, stage_accuracy_images=2000,
                    macs_before=100, macs_after=50, params_before=10, params_after=5, deployed=info, latency=latency,

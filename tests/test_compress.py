@@ -114,7 +114,7 @@ def test_killed_run_resumes_to_the_same_result(one_thread, tmp_path, monkeypatch
 
     flow = importlib.import_module("fxtucker.compress")  # fxtucker.compress is the function
 
-    real = flow._gate_stats
+    real = flow.gate_stats
 
     def dies_after_first_regularized_epoch(*args):
         stats, calls = real(*args), []
@@ -126,10 +126,10 @@ def test_killed_run_resumes_to_the_same_result(one_thread, tmp_path, monkeypatch
             return stats(model)
         return wrapped
 
-    monkeypatch.setattr(flow, "_gate_stats", dies_after_first_regularized_epoch)
+    monkeypatch.setattr(flow, "gate_stats", dies_after_first_regularized_epoch)
     with pytest.raises(KeyboardInterrupt):
         compress(model, train, x, eval_data=test, config=config, out_dir=tmp_path / "b", progress=False)
-    monkeypatch.setattr(flow, "_gate_stats", real)
+    monkeypatch.setattr(flow, "gate_stats", real)
     assert len((tmp_path / "b" / "regularize.jsonl").read_text().splitlines()) == 1
     resumed = compress(model, train, x, eval_data=test, config=config, out_dir=tmp_path / "b", resume=True,
                        progress=False)

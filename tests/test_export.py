@@ -135,13 +135,13 @@ def test_parity_failure_onnx(tmp_path, compressed32, monkeypatch):
 
 def test_compare_handles_nan_and_tuples():
     a = torch.tensor([1.0, float("nan"), 3.0])
-    assert export_module._compare((a, a), (a.clone(), a.clone()), "f", 0.0, 0.0) == (0.0, 0.0)
+    assert export_module.compare_outputs((a, a), (a.clone(), a.clone()), "f", 0.0, 0.0) == (0.0, 0.0)
     b = a.clone()
     b[0] = float("nan")
     with pytest.raises(ExportError, match="output 0: 1 of 3 elements"):
-        export_module._compare(a, b, "f", 1e-4, 1e-5)
+        export_module.compare_outputs(a, b, "f", 1e-4, 1e-5)
     with pytest.raises(ExportError, match="returns 1 tensor\\(s\\), the model 2"):
-        export_module._compare((a, a), (a,), "f", 1e-4, 1e-5)
+        export_module.compare_outputs((a, a), (a,), "f", 1e-4, 1e-5)
 
 
 # ----------------------------------------------------------------------------- argument errors
