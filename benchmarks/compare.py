@@ -442,6 +442,14 @@ def _plan(exp: str, s: Setup) -> list[dict]:
                       flow=dict(no_ft, reg_epochs=2, reg_weight=lam, steer=False)) for lam in (0.2, 1.0, 5.0)]
         runs += [dict(method="funnel", setting=f"{k}x reg{e} no-ft", flow=dict(no_ft, reg_epochs=e, target_macs=s.macs // k))
                  for k in QUALITY_BUDGETS for e in (2,)]
+        # The defaults' own plain-threshold run (reg_weight "auto", no budget): how much they prune.
+        runs.append(dict(method="funnel", setting="threshold auto reg2 no-ft", flow=dict(no_ft, reg_epochs=2, steer=False)))
+        # What the regularized stage itself costs at 2x (its pruning costs 0.0): c following the
+        # budget's cut, and the stage's learning rate (lambda "auto" keeps the total shrink).
+        runs.append(dict(method="funnel", setting="2x reg2 no-ft c follows budget",
+                         flow=dict(no_ft, reg_epochs=2, target_macs=half, c_follows_budget=True)))
+        runs += [dict(method="funnel", setting=f"2x reg2 no-ft reg_lr={lr}", flow=dict(no_ft, reg_epochs=2, target_macs=half, reg_lr=lr))
+                 for lr in (0.003, 0.03)]
         return runs
     if exp == "baselines":
         runs = [dict(method="uncompressed", setting="baseline")]
