@@ -445,9 +445,11 @@ def _plan(exp: str, s: Setup) -> list[dict]:
         # The defaults' own plain-threshold run (reg_weight "auto", no budget): how much they prune.
         runs.append(dict(method="funnel", setting="threshold auto reg2 no-ft", flow=dict(no_ft, reg_epochs=2, steer=False)))
         # What the regularized stage itself costs at 2x (its pruning costs 0.0): c following the
-        # budget's cut, and the stage's learning rate (lambda "auto" keeps the total shrink).
+        # budget's cut or starting at 0.1 instead of 1, and the stage's learning rate (lambda "auto" keeps the total shrink).
         runs.append(dict(method="funnel", setting="2x reg2 no-ft c follows budget",
                          flow=dict(no_ft, reg_epochs=2, target_macs=half, c_follows_budget=True)))
+        runs.append(dict(method="funnel", setting="2x reg2 no-ft c 0.1->0.01",
+                         flow=dict(no_ft, reg_epochs=2, target_macs=half, c_start=0.1, c_end=0.01)))
         runs += [dict(method="funnel", setting=f"2x reg2 no-ft reg_lr={lr}", flow=dict(no_ft, reg_epochs=2, target_macs=half, reg_lr=lr))
                  for lr in (0.003, 0.03)]
         return runs
