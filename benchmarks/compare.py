@@ -675,24 +675,28 @@ def _ms(values: list[float], scale: float = 100.0) -> str:
 def summary(exp: str) -> str:
     """Mean +- std over seeds of the final rows of ``exp``, per (model, profile, method, setting):
     test accuracy, its drop from the same seed's uncompressed model, the pruning cost (the drop on
-    the validation split right before fine-tuning) and the MAC ratio."""
+    the validation split right before fine-tuning), the part of it that the cut itself costs (the
+    regularized model against the pruned one, for the flows with a regularized stage) and the MAC
+    ratio."""
     rows = [r for r in _load(exp) if r["stage"] == "final"]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["model"], r.get("profile", "?"), r["setting"], r["method"]), []).append(r)
     base = {(r["model"], r.get("profile", "?"), r["seed"]): r for r in rows if r["method"] == "uncompressed"}
     lines = ["| model | profile | setting | method | seeds | accuracy % | drop (points) | pruning cost (val, points) "
-             "| MAC ratio |", "|---|---|---|---|---|---|---|---|---|"]
+             "| the cut alone (val, points) | MAC ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (model, profile, setting, method), rs in sorted(groups.items(), key=lambda kv: kv[0]):
         b = [base.get((model, profile, r["seed"])) for r in rs]
         drops = [x["accuracy"] - r["accuracy"] for x, r in zip(b, rs) if x and x.get("accuracy") is not None
                  and r.get("accuracy") is not None]
         cost = [x["val_accuracy"] - r["val_pruned"] for x, r in zip(b, rs)
                 if x and x.get("val_accuracy") is not None and r.get("val_pruned") is not None]
+        cut = [r["val_regularized"] - r["val_pruned"] for r in rs
+               if r.get("val_regularized") is not None and r.get("val_pruned") is not None]
         accs = [r["accuracy"] for r in rs if r.get("accuracy") is not None]
         ratios = [r.get("macs_baseline", r["macs"]) / r["macs"] for r in rs]
         lines.append(f"| {model} | {profile} | {setting} | {method} | {','.join(str(r['seed']) for r in rs)} | "
-                     f"{_ms(accs)} | {_ms(drops)} | {_ms(cost)} | {_ms(ratios, 1.0)}x |")
+                     f"{_ms(accs)} | {_ms(drops)} | {_ms(cost)} | {_ms(cut)} | {_ms(ratios, 1.0)}x |")
     return "\n".join(lines)
 
 
