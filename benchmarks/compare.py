@@ -559,8 +559,33 @@ def _provenance() -> dict:
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
+class BaselineMismatch(RuntimeError):
+    """The baseline in the cache is not the one the stored rows of its seed started from."""
+
+
+def check_baseline(exp: str, s: Setup) -> None:
+    """The stored rows of ``s``'s seed are paired through its baseline: when the cache's baseline was
+    trained again (a new machine, another thread count), it must be the one those rows started
+    from, or new rows would be compared with rows of another model. Checked on the validation
+    split against the stored uncompressed row (up to 2 images, for an argmax tie that another
+    thread count may flip)."""
+    stored = [r for r in _load(exp) if r["method"] == "uncompressed" and r["stage"] == "final"
+              and all(r.get(k) == v for k, v in s.key.items()) and r.get("val_accuracy") is not None]
+    if not stored:
+        return
+    n = len(s.val_loader.dataset)
+    now, then = evaluate(s.baseline, s.val_loader), stored[-1]["val_accuracy"]
+    if abs(now - then) * n > 2:
+        raise BaselineMismatch(
+            f"the cached {s.model_name} baseline of seed {s.seed} ({s.profile} profile) gives {now:.4f} on the validation "
+            f"split, but the stored {exp} rows of that seed started from one that gave {then:.4f}: it was trained "
+            f"differently (e.g. another thread count; rows store theirs). Train it as they did (--threads "
+            f"{stored[-1].get('threads')}), or move the {exp} rows of seed {s.seed} aside to start that seed over")
+
+
 def run_experiment(exp: str, s: Setup, progress: bool = True, methods: Optional[list[str]] = None,
                    settings: Optional[list[str]] = None) -> None:
+    checked = False
     for run in _plan(exp, s):
         if methods and run["method"] not in methods:
             continue
@@ -569,6 +594,9 @@ def run_experiment(exp: str, s: Setup, progress: bool = True, methods: Optional[
         key = {**s.key, "method": run["method"], "setting": run["setting"], "stage": "final"}
         if _done(exp, key):
             continue
+        if not checked:  # before the first run that is not stored yet
+            check_baseline(exp, s)
+            checked = True
         name = run.get("cache") or f"{exp}-{run['method']}-{run['setting']}".replace(" ", "_").replace("/", "_")
         if run.get("baseline") == "torch-pruning" and importlib.util.find_spec("torch_pruning") is None:
             print("skipping torch-pruning: it needs `pip install fxtucker[bench]` (torch-pruning)")

@@ -107,3 +107,12 @@ def test_quality_rows_are_matched_to_the_budget_and_paired(compare, tmp_path, ca
     (line,) = [l for l in out.splitlines() if l.startswith("| resnet20 | quick | 3x | uniform | 1 |")]
     diff = 100 * (final[("funnel", "3x")]["accuracy"] - final[("uniform", "3x")]["accuracy"])
     assert f"| {diff:+.2f} |" in line and line.endswith(f"| {int(diff > 0)} of 1 |")
+    # A baseline trained again differently is refused before a new row pairs with the stored ones
+    stored = json.loads((tmp_path / "results" / "quality.json").read_text())
+    (base_row,) = [r for r in stored["rows"] if r["method"] == "uncompressed"]
+    base_row["val_accuracy"] -= 0.25
+    (tmp_path / "results" / "quality.json").write_text(json.dumps(stored))
+    with pytest.raises(compare.BaselineMismatch, match=r"baseline of seed 0 \(quick profile\) gives"):
+        compare.main(["--exp", "quality", "--profile", "quick", "--no-progress", "--methods", "uniform",
+                      "--settings", "2x"])
+    assert len(json.loads((tmp_path / "results" / "quality.json").read_text())["rows"]) == len(stored["rows"])
