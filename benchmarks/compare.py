@@ -579,8 +579,8 @@ def check_baseline(exp: str, s: Setup) -> None:
         raise BaselineMismatch(
             f"the cached {s.model_name} baseline of seed {s.seed} ({s.profile} profile) gives {now:.4f} on the validation "
             f"split, but the stored {exp} rows of that seed started from one that gave {then:.4f}: it was trained "
-            f"differently (e.g. another thread count; rows store theirs). Train it as they did (--threads "
-            f"{stored[-1].get('threads')}), or move the {exp} rows of seed {s.seed} aside to start that seed over")
+            f"differently (another thread count, or the training code changed since {stored[-1].get('commit')}). "
+            f"Restore that baseline_state_dict.pt, or move the {exp} rows of seed {s.seed} aside to start that seed over")
 
 
 def run_experiment(exp: str, s: Setup, progress: bool = True, methods: Optional[list[str]] = None,
