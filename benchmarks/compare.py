@@ -405,6 +405,8 @@ def run_flow(s: Setup, name: str, progress: bool, **overrides) -> tuple[nn.Modul
              "pruning_ratio": round(rep["stages"]["regularized"]["pruning_ratio"], 4),
              "gates_zero": hist["zeros"], "gates_total": hist["total"], "gate_histogram": hist,
              "reg_weight_end": rep.get("reg_weight_end"),
+             # the ranks the flow chose (full ranks where a layer was restored), as the baselines' rows record theirs
+             "ranks": {r["name"]: r["ranks"] or r["full_ranks"] for r in rep["layers"] if r["full_ranks"]},
              "config": {k: v for k, v in dataclasses.asdict(config).items() if k in overrides}}
     return result.model, extra, rep
 
@@ -456,6 +458,10 @@ def _plan(exp: str, s: Setup) -> list[dict]:
         runs += [dict(method="funnel", setting=f"2x 0+2+{total - 2} reg_lr={lr}",
                       flow=dict(target_macs=half, train_epochs=0, reg_epochs=2, finetune_epochs=total - 2, reg_lr=lr))
                  for lr in (0.03,)]
+        # The funnel chooses ranks unlike EVBMF and MUSCO (which led it at 2x): with MAC weighting it
+        # cuts the wide high-resolution layers first. The paper's unweighted penalty, whole 2x flow.
+        runs.append(dict(method="funnel", setting=f"2x 0+2+{total - 2} unweighted",
+                         flow=dict(target_macs=half, train_epochs=0, reg_epochs=2, finetune_epochs=total - 2, mac_weighted=False)))
         return runs
     if exp == "baselines":
         runs = [dict(method="uncompressed", setting="baseline")]

@@ -99,6 +99,9 @@ def test_quality_rows_are_matched_to_the_budget_and_paired(compare, tmp_path, ca
         assert r["target_macs"] == base // 3 and 0.99 <= r["macs"] / r["target_macs"] <= 1.0, (method, r["macs"])
         assert 0.0 <= r["val_pruned"] <= 1.0 and 0.0 <= r["val_accuracy"] <= 1.0
     assert final[("vbmf", "evbmf ranks")]["target_macs"] is None  # EVBMF's own ranks: a row apart
+    funnel, uniform = final[("funnel", "3x")]["ranks"], final[("uniform", "3x")]["ranks"]
+    assert uniform.keys() <= funnel.keys()  # the flow's chosen ranks, by the names the baselines use
+    assert any(funnel[name] != list(ranks) for name, ranks in uniform.items())
     for r in final.values():
         assert {"commit", "threads", "torch", "torch_pruning", "time", "other_runners", "load_avg_1m"} <= set(r)
     capsys.readouterr()
@@ -116,3 +119,18 @@ def test_quality_rows_are_matched_to_the_budget_and_paired(compare, tmp_path, ca
         compare.main(["--exp", "quality", "--profile", "quick", "--no-progress", "--methods", "uniform",
                       "--settings", "2x"])
     assert len(json.loads((tmp_path / "results" / "quality.json").read_text())["rows"]) == len(stored["rows"])
+
+
+def test_quick_job_tuning_validates_on_images_the_job_does_not_train_on():
+    try:
+        data.get_dataset("fashion-mnist", True)
+    except (FileNotFoundError, RuntimeError) as e:
+        pytest.skip(f"Fashion-MNIST is not installed here: {e}")
+    quick_job = _load("quick_job")
+    train_loader, val_loader = quick_job.loaders()
+    train_idx, val_idx = set(train_loader.dataset.indices), set(val_loader.dataset.indices)
+    assert len(train_idx) == 10000 and len(val_idx) == quick_job.VAL_IMAGES and not train_idx & val_idx
+    from fxtucker.cli import QUICK_CONFIG
+    for name, changes in quick_job.SETTINGS.items():  # every setting: the job's 5 epochs after the trained model
+        cfg = {**QUICK_CONFIG, **changes}
+        assert cfg["train_epochs"] + cfg["reg_epochs"] + cfg["finetune_epochs"] == 5, name

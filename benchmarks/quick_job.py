@@ -1,0 +1,141 @@
+"""How the README's main job (``fxtucker compress --model resnet20 --dataset fashion-mnist --quick``)
+splits its epochs, chosen on a validation split, never on the test set.
+
+The main job compresses fxtucker's shipped ResNet-20 with the funnel flow on a 10,000-image subset
+of the training images (``make_loader(..., subset=10000, seed=0)``, as the CLI draws it) within
+about 5 minutes. Each setting here runs that flow (``cli.QUICK_CONFIG`` with the setting's changes)
+and measures accuracy on 5,000 other training images: the last 5,000 of the same permutation, so
+disjoint from the 10,000 the flow trains on. The shipped model was trained on all 60,000 training
+images, these 5,000 included, so the validation accuracies are higher than test accuracies would
+be; they rank the settings, they do not predict the test drop. Each finished setting is one row of
+``results/quick_job.json`` (rerun: settings already stored are skipped; a killed setting resumes
+from its stage checkpoints under ``cache/quick_job/``).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quick_job.py --threads 1        # every setting
+    .venv/bin/python benchmarks/quick_job.py --table                               # the stored rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from fxtucker import data, models, pretrained
+from fxtucker.cli import QUICK, QUICK_CONFIG
+from fxtucker.compress import CompressConfig, compress
+from fxtucker.io import write_atomic
+from fxtucker.train import evaluate
+
+sys.path.insert(0, str(Path(__file__).parent))
+from compare import CACHE, RESULTS, _locked, _provenance  # noqa: E402
+
+VAL_IMAGES = 5000
+SEED = 0
+
+#: name -> changes to the main job's CompressConfig (cli.QUICK_CONFIG). Every setting has the same
+#: 5 epochs after the trained model; they differ in how those are split and trained.
+SETTINGS: dict[str, dict] = {
+    "0+2+3 (the job's split)": {},
+    "0+1+4": dict(reg_epochs=1, finetune_epochs=4),
+    "0+2+3 distill": dict(distill=True),
+    "0+1+4 distill": dict(reg_epochs=1, finetune_epochs=4, distill=True),
+    "0+2+3 finetune_lr=0.003": dict(finetune_lr=0.003),
+    "0+2+3 reg_lr=finetune_lr=0.003": dict(reg_lr=0.003, finetune_lr=0.003),
+}
+
+
+def _path() -> Path:
+    return RESULTS / "quick_job.json"
+
+
+def _rows() -> list[dict]:
+    return json.loads(_path().read_text())["rows"] if _path().exists() else []
+
+
+def _append(row: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with _locked(RESULTS / "quick_job.json.lock"):
+        write_atomic(_path(), json.dumps({"rows": _rows() + [row]}, indent=1) + "\n")
+
+
+def loaders(batch_size: int = 128):
+    """The main job's training loader (its 10,000 images) and the 5,000 validation images."""
+    full = data.get_dataset("fashion-mnist", True)
+    train_loader = data.make_loader(full, batch_size, True, subset=QUICK["train_subset"], seed=SEED)
+    perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(SEED))  # make_loader's draw
+    val_idx = perm[len(full) - VAL_IMAGES:].sort().values.tolist()
+    assert not set(val_idx) & set(train_loader.dataset.indices)
+    val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(full, val_idx), batch_size=256)
+    return train_loader, val_loader
+
+
+def shipped_model() -> torch.nn.Module:
+    ship = pretrained.shipped("resnet20", "fashion-mnist")
+    in_ch, n_cls, _ = data.dataset_info("fashion-mnist")
+    model = models.get_model("resnet20", n_cls, in_ch)
+    model.load_state_dict(torch.load(pretrained.verified_path(ship), weights_only=True))
+    return model.eval()
+
+
+def run(names: list[str], progress: bool) -> None:
+    train_loader, val_loader = loaders()
+    in_ch, _, size = data.dataset_info("fashion-mnist")
+    x = torch.randn(1, in_ch, size, size)
+    for name in names:
+        if any(r["setting"] == name for r in _rows()):
+            print(f"[quick_job] {name}: stored, skipped")
+            continue
+        print(f"[quick_job] {name}")
+        model = shipped_model()
+        val_original = evaluate(model, val_loader)
+        config = CompressConfig(**{**QUICK_CONFIG, **SETTINGS[name], "seed": SEED})
+        torch.manual_seed(SEED)
+        start = time.perf_counter()
+        result = compress(model, train_loader, x, eval_data=val_loader, config=config,
+                          out_dir=CACHE / "quick_job" / name.replace(" ", "_").replace("(", "").replace(")", ""),
+                          resume=True, progress=progress)
+        stages = result.report["stages"]
+        _append({"setting": name, "changes": SETTINGS[name], "val_images": VAL_IMAGES,
+                 "val_original": val_original, "val_after": evaluate(result.model.eval(), val_loader),
+                 "val_stages": {k: v.get("accuracy") for k, v in stages.items()},
+                 "macs_before": result.report["macs_before"], "macs_after": result.report["macs_after"],
+                 "wall_s": round(time.perf_counter() - start, 1), **_provenance()})
+        print(f"[quick_job] {name}: val {val_original:.4f} -> {_rows()[-1]['val_after']:.4f}")
+
+
+def table() -> str:
+    lines = ["| setting | val original | val after | drop (points) | stages (val) | MAC ratio | wall s | threads | commit |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in _rows():
+        stages = ", ".join(f"{k} {v:.4f}" for k, v in r["val_stages"].items() if v is not None)
+        lines.append(f"| {r['setting']} | {r['val_original']:.4f} | {r['val_after']:.4f} | "
+                     f"{100 * (r['val_original'] - r['val_after']):.2f} | {stages} | "
+                     f"{r['macs_before'] / r['macs_after']:.2f}x | {r['wall_s']:.0f} | {r['threads']} | {r['commit'][:8]} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--table", action="store_true", help="only print the stored rows")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    if args.table:
+        print(table())
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run(args.settings, progress=not args.no_progress)
+    print(table())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
