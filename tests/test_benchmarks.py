@@ -130,6 +130,12 @@ def test_quick_job_tuning_validates_on_images_the_job_does_not_train_on():
     train_loader, val_loader = quick_job.loaders()
     train_idx, val_idx = set(train_loader.dataset.indices), set(val_loader.dataset.indices)
     assert len(train_idx) == 10000 and len(val_idx) == quick_job.VAL_IMAGES and not train_idx & val_idx
+    # the stand-in for the shipped model is trained on all the others, the job's 10,000 among them
+    args = quick_job.STAND_IN_ARGS
+    subset = int(args[args.index("--train-subset") + 1])
+    seed = int(args[args.index("--seed") + 1])
+    stand_in = set(data.make_loader(data.get_dataset("fashion-mnist", True), 128, True, subset=subset, seed=seed).dataset.indices)
+    assert len(stand_in) + len(val_idx) == 60000 and not stand_in & val_idx and train_idx <= stand_in
     from fxtucker.cli import QUICK_CONFIG
     for name, changes in quick_job.SETTINGS.items():  # every setting: the job's 5 epochs after the trained model
         cfg = {**QUICK_CONFIG, **changes}
