@@ -50,6 +50,7 @@ SETTINGS: dict[str, dict] = {
     "0+1+4 distill": dict(reg_epochs=1, finetune_epochs=4, distill=True),
     "0+2+3 finetune_lr=0.003": dict(finetune_lr=0.003),
     "0+2+3 reg_lr=finetune_lr=0.003": dict(reg_lr=0.003, finetune_lr=0.003),
+    "0+2+3 unweighted": dict(mac_weighted=False),
 }
 
 
