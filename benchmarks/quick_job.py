@@ -11,7 +11,7 @@ stand-in trained by the shipped model's own command on all but 5,000 training im
 job's 10,000), and are judged on those 5,000. Each setting runs the job's flow
 (``cli.QUICK_CONFIG`` with the setting's changes); each finished setting is one row of
 ``results/quick_job.json`` (rerun: stored settings are skipped; a killed one resumes from its stage
-checkpoints under ``cache/quick_job/``). The stand-in is trained first when it is not there
+checkpoints under ``cache/quick_job/stand-in/``). The stand-in is trained first when it is not there
 (about 75 minutes on one core).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quick_job.py --threads 1        # every setting
@@ -113,7 +113,7 @@ def run(names: list[str], progress: bool) -> None:
         torch.manual_seed(SEED)
         start = time.perf_counter()
         result = compress(model, train_loader, x, eval_data=val_loader, config=config,
-                          out_dir=CACHE / "quick_job" / name.replace(" ", "_").replace("(", "").replace(")", ""),
+                          out_dir=CACHE / "quick_job" / "stand-in" / name.replace(" ", "_").replace("(", "").replace(")", ""),
                           resume=True, progress=progress)
         stages = result.report["stages"]
         _append({"setting": name, "start": "stand-in", "changes": SETTINGS[name], "val_images": VAL_IMAGES,
