@@ -445,7 +445,8 @@ def _compress(args: argparse.Namespace) -> int:
     epochs_of = {"baseline": ship.epochs if ship is not None else epochs if checkpoint is None else None,
                  "baseline_from": (f"shipped with fxtucker (`{ship.command}`)" if ship is not None
                                    else "trained here" if checkpoint is None else "given by --checkpoint"),
-                 "decomposed": config.train_epochs, "regularize": config.reg_epochs, "finetune": config.finetune_epochs}
+                 "decomposed": config.train_epochs, "regularize": config.reg_epochs, "finetune": config.finetune_epochs,
+                 "finetune_distilled": config.distill}
     summary = {
         "command": ("fxtucker " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name in ("fxtucker", "__main__.py")
                     else "fxtucker compress"),

@@ -44,7 +44,8 @@ def summary_text(summary: dict) -> str:
     base = (f"{e['baseline']} epoch(s), {e['baseline_from']}" if e["baseline"] is not None
             else e["baseline_from"])
     lines.append(f"epochs: original {base}; compressed: {e['decomposed']} decomposed + {e['regularize']} regularized "
-                 f"+ {e['finetune']} fine-tuning on top of it")
+                 f"+ {e['finetune']} fine-tuning" + (" (distilled from the original)" if e.get("finetune_distilled") else "")
+                 + " on top of it")
     if summary["stage_accuracy_images"] != summary["accuracy_images"]:
         lines.append(f"accuracy after each stage (report.md) on {summary['stage_accuracy_images']:,} of the test images")
     t = next(iter(summary["latency"].values()), None)

@@ -77,7 +77,7 @@ def test_compress_small_run_writes_reports(tmp_path, capsys):
     rep = json.loads((out / "report.json").read_text())
     assert rep["macs_after"] <= rep["macs_before"] / 1.5
     assert rep["epochs"] == {"baseline": 1, "baseline_from": "trained here", "decomposed": 1, "regularize": 1,
-                             "finetune": 1}
+                             "finetune": 1, "finetune_distilled": False}
     assert rep["accuracy_images"] == rep["stage_accuracy_images"] == 128
     assert list(rep["latency"]) == ["batch_1", "batch_4"] and rep["latency"]["batch_4"]["input_shape"] == [4, 1, 28, 28]
     dep = rep["deployed"]
@@ -219,7 +219,7 @@ def test_compress_report_says_unreliable_instead_of_a_number(tmp_path, monkeypat
     assert "accuracy (10,000 test images)" in text and "accuracy after each stage (report.md) on 2,000" in text
 
 
-def test_quick_measures_accuracy_before_and_after_on_the_whole_test_set(tmp_path, monkeypatch):
+def test_quick_measures_accuracy_before_and_after_on_the_whole_test_set(tmp_path, monkeypatch, capsys):
     """--quick watches the stages on a subset but judges the models on every test image."""
     import torch
 
@@ -233,7 +233,8 @@ def test_quick_measures_accuracy_before_and_after_on_the_whole_test_set(tmp_path
     root = _fake_fashion_mnist(tmp_path / "fm")  # 96 training, 48 test images
     monkeypatch.setattr(cli.pretrained, "SHIPPED", ())  # no shipped weights: the baseline is trained here
     monkeypatch.setattr(cli, "QUICK", dict(train_subset=64, eval_subset=16, baseline_epochs=1))
-    monkeypatch.setattr(cli, "QUICK_CONFIG", dict(train_epochs=0, reg_epochs=1, finetune_epochs=1, target_speedup=1.2))
+    monkeypatch.setattr(cli, "QUICK_CONFIG", dict(train_epochs=0, reg_epochs=1, finetune_epochs=1, target_speedup=1.2,
+                                                  distill=cli.QUICK_CONFIG.get("distill", False)))
     out = tmp_path / "run"
     assert main(["compress", "--model", "resnet20", "--dataset", "fashion-mnist", "--root", str(root), "--quick",
                  "--batch-size", "32", "--no-progress", "--threads", "1", "--backend", "eager", "--latency-batch", "2",
@@ -244,8 +245,11 @@ def test_quick_measures_accuracy_before_and_after_on_the_whole_test_set(tmp_path
     baseline.load_state_dict(torch.load(out / "baseline_state_dict.pt", weights_only=True))
     full = data.make_loader(data.get_dataset("fashion-mnist", False, root=str(root)), 256, False)
     assert rep["accuracy_before"] == evaluate(baseline, full)
+    distilled = cli.QUICK_CONFIG["distill"]
     assert rep["epochs"] == {"baseline": 1, "baseline_from": "trained here", "decomposed": 0, "regularize": 1,
-                             "finetune": 1}
+                             "finetune": 1, "finetune_distilled": distilled}
+    epochs_line = "compressed: 0 decomposed + 1 regularized + 1 fine-tuning" + (" (distilled from the original)" if distilled else "")
+    assert epochs_line + " on top of it" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("value, message", [("0.5", "'0.5': give a finite number >= 1 (default 1.2)"),
