@@ -9,7 +9,7 @@ a setting that keeps its memory of them would look best. The settings therefore 
 stand-in trained by the shipped model's own command on all but 5,000 training images
 (``--train-subset 55000``: the first 55,000 of make_loader's seed-0 permutation, which hold the
 job's 10,000), and are judged on those 5,000. Each setting runs the job's flow
-(``cli.QUICK_CONFIG`` with the setting's changes); each finished setting is one row of
+(``BASE``, the job's recipe before the choice, with the setting's changes); each finished setting is one row of
 ``results/quick_job.json`` (rerun: stored settings are skipped; a killed one resumes from its stage
 checkpoints under ``cache/quick_job/stand-in/``). The stand-in is trained first when it is not there
 (about 75 minutes on one core).
@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from fxtucker import cli, data, models
-from fxtucker.cli import QUICK, QUICK_CONFIG
+from fxtucker.cli import QUICK
 from fxtucker.compress import CompressConfig, compress
 from fxtucker.io import write_atomic
 from fxtucker.train import evaluate
@@ -41,8 +41,13 @@ from compare import CACHE, RESULTS, _locked, _provenance  # noqa: E402
 VAL_IMAGES = 5000
 SEED = 0
 
-#: name -> changes to the main job's CompressConfig (cli.QUICK_CONFIG). Every setting has the same
-#: 5 epochs after the trained model; they differ in how those are split and trained.
+#: The main job's recipe before this choice (cli.QUICK_CONFIG then); every setting's changes are to it.
+BASE = dict(train_epochs=0, reg_epochs=2, finetune_epochs=3, target_speedup=2.0, distill=False)
+#: The setting the main job took (cli.QUICK_CONFIG is BASE with its changes; tested).
+CHOSEN = "0+2+3 distill"
+
+#: name -> changes to BASE. Every setting has the same 5 epochs after the trained model; they
+#: differ in how those are split and trained.
 SETTINGS: dict[str, dict] = {
     "0+2+3 (the job's split)": {},
     "0+1+4": dict(reg_epochs=1, finetune_epochs=4),
@@ -109,7 +114,7 @@ def run(names: list[str], progress: bool) -> None:
         print(f"[quick_job] {name}")
         model = stand_in()
         val_original = evaluate(model, val_loader)
-        config = CompressConfig(**{**QUICK_CONFIG, **SETTINGS[name], "seed": SEED})
+        config = CompressConfig(**{**BASE, **SETTINGS[name], "seed": SEED})
         torch.manual_seed(SEED)
         start = time.perf_counter()
         result = compress(model, train_loader, x, eval_data=val_loader, config=config,

@@ -137,6 +137,7 @@ def test_quick_job_tuning_validates_on_images_the_job_does_not_train_on():
     stand_in = set(data.make_loader(data.get_dataset("fashion-mnist", True), 128, True, subset=subset, seed=seed).dataset.indices)
     assert len(stand_in) + len(val_idx) == 60000 and not stand_in & val_idx and train_idx <= stand_in
     from fxtucker.cli import QUICK_CONFIG
+    assert QUICK_CONFIG == {**quick_job.BASE, **quick_job.SETTINGS[quick_job.CHOSEN]}  # the job runs the chosen setting
     for name, changes in quick_job.SETTINGS.items():  # every setting: the job's 5 epochs after the trained model
-        cfg = {**QUICK_CONFIG, **changes}
+        cfg = {**quick_job.BASE, **changes}
         assert cfg["train_epochs"] + cfg["reg_epochs"] + cfg["finetune_epochs"] == 5, name
