@@ -21,7 +21,6 @@ checkpoints under ``cache/quick_job/stand-in/``). The stand-in is trained first 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -32,11 +31,10 @@ import torch
 from fxtucker import cli, data, models
 from fxtucker.cli import QUICK
 from fxtucker.compress import CompressConfig, compress
-from fxtucker.io import write_atomic
 from fxtucker.train import evaluate
 
 sys.path.insert(0, str(Path(__file__).parent))
-from compare import CACHE, RESULTS, _locked, _provenance  # noqa: E402
+from compare import CACHE, _append, _load, _provenance, split  # noqa: E402
 
 VAL_IMAGES = 5000
 SEED = 0
@@ -59,26 +57,11 @@ SETTINGS: dict[str, dict] = {
 }
 
 
-def _path() -> Path:
-    return RESULTS / "quick_job.json"
-
-
-def _rows() -> list[dict]:
-    return json.loads(_path().read_text())["rows"] if _path().exists() else []
-
-
-def _append(row: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with _locked(RESULTS / "quick_job.json.lock"):
-        write_atomic(_path(), json.dumps({"rows": _rows() + [row]}, indent=1) + "\n")
-
-
 def loaders(batch_size: int = 128):
     """The main job's training loader (its 10,000 images) and the 5,000 validation images."""
     full = data.get_dataset("fashion-mnist", True)
     train_loader = data.make_loader(full, batch_size, True, subset=QUICK["train_subset"], seed=SEED)
-    perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(SEED))  # make_loader's draw
-    val_idx = perm[len(full) - VAL_IMAGES:].sort().values.tolist()
+    _, val_idx = split(len(full), QUICK["train_subset"], VAL_IMAGES, SEED)  # the last of make_loader's permutation
     assert not set(val_idx) & set(train_loader.dataset.indices)
     val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(full, val_idx), batch_size=256)
     return train_loader, val_loader
@@ -108,7 +91,7 @@ def run(names: list[str], progress: bool) -> None:
     in_ch, _, size = data.dataset_info("fashion-mnist")
     x = torch.randn(1, in_ch, size, size)
     for name in names:
-        if any(r["setting"] == name and r.get("start") == "stand-in" for r in _rows()):
+        if any(r["setting"] == name and r.get("start") == "stand-in" for r in _load("quick_job")):
             print(f"[quick_job] {name}: stored, skipped")
             continue
         print(f"[quick_job] {name}")
@@ -121,18 +104,18 @@ def run(names: list[str], progress: bool) -> None:
                           out_dir=CACHE / "quick_job" / "stand-in" / name.replace(" ", "_").replace("(", "").replace(")", ""),
                           resume=True, progress=progress)
         stages = result.report["stages"]
-        _append({"setting": name, "start": "stand-in", "changes": SETTINGS[name], "val_images": VAL_IMAGES,
+        _append("quick_job", {"setting": name, "start": "stand-in", "changes": SETTINGS[name], "val_images": VAL_IMAGES,
                  "val_original": val_original, "val_after": evaluate(result.model.eval(), val_loader),
                  "val_stages": {k: v.get("accuracy") for k, v in stages.items()},
                  "macs_before": result.report["macs_before"], "macs_after": result.report["macs_after"],
                  "wall_s": round(time.perf_counter() - start, 1), **_provenance()})
-        print(f"[quick_job] {name}: val {val_original:.4f} -> {_rows()[-1]['val_after']:.4f}")
+        print(f"[quick_job] {name}: val {val_original:.4f} -> {_load('quick_job')[-1]['val_after']:.4f}")
 
 
 def table() -> str:
     lines = ["| start | setting | val original | val after | drop (points) | stages (val) | MAC ratio | wall s | threads | commit |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in _rows():
+    for r in _load("quick_job"):
         stages = ", ".join(f"{k} {v:.4f}" for k, v in r["val_stages"].items() if v is not None)
         lines.append(f"| {r.get('start', 'shipped')} | {r['setting']} | {r['val_original']:.4f} | {r['val_after']:.4f} | "
                      f"{100 * (r['val_original'] - r['val_after']):.2f} | {stages} | "
