@@ -65,7 +65,7 @@ import torch.nn as nn
 
 import fxtucker
 from fxtucker import data, models, tucker
-from fxtucker.compress import CompressConfig, compress
+from fxtucker.compress import CompressConfig, compress, distillation_loss
 from fxtucker.io import save_torch, write_atomic
 from fxtucker.latency import measure_latency
 from fxtucker.passes import cost_model, count_macs, decompose_conv, fold_or_restore
@@ -208,13 +208,17 @@ def _finetune_epochs(s: Setup) -> int:
     return sum(PROFILES[s.profile]["flow"].values())
 
 
-def _finetune(s: Setup, model: nn.Module, name: str, progress: bool) -> list[dict]:
+def _finetune(s: Setup, model: nn.Module, name: str, progress: bool, distill: bool = False) -> list[dict]:
+    """A baseline's fine-tuning: the same epochs as the funnel flow after the baseline, distilled from
+    the uncompressed model (CompressConfig's weight and temperature) when the flow's are."""
     epochs = _finetune_epochs(s)
     if not epochs:
         return []
     cfg = TrainConfig(epochs=epochs, lr=0.01, seed=s.seed)
+    kd = CompressConfig()
+    extra = distillation_loss(copy.deepcopy(s.baseline).eval(), kd.distill_weight, kd.distill_temperature) if distill else None
     return train(model, s.train_loader, cfg, eval_data=s.val_loader, out_dir=s.cache / name, stage="finetune",
-                 resume=True, progress=progress)
+                 resume=True, progress=progress, extra_loss=extra)
 
 
 def _conv_weights(s: Setup) -> dict[str, torch.Tensor]:
@@ -466,6 +470,15 @@ def _plan(exp: str, s: Setup) -> list[dict]:
         # 0.8872) and ended level: the stage alone, unweighted, at the default reg_lr and at 0.03 (which led weighted).
         runs += [dict(method="funnel", setting=f"2x reg2 no-ft unweighted reg_lr={lr}",
                       flow=dict(no_ft, reg_epochs=2, target_macs=half, mac_weighted=False, reg_lr=lr)) for lr in (0.01, 0.03)]
+        # Distillation from the uncompressed model (the main job's choice, issue 20): in step 3, where
+        # it may keep the regularized model close to the original (the pruning cost), and for every
+        # method's fine-tuning (uniform ranks as the baselines' check).
+        runs.append(dict(method="funnel", setting="2x reg2 no-ft distill_reg",
+                         flow=dict(no_ft, reg_epochs=2, target_macs=half, distill_reg=True)))
+        runs += [dict(method="funnel", setting=f"2x 0+2+{total - 2} {name}",
+                      flow=dict(target_macs=half, train_epochs=0, reg_epochs=2, finetune_epochs=total - 2, **kw))
+                 for name, kw in (("distill", dict(distill=True)), ("distill+distill_reg", dict(distill=True, distill_reg=True)))]
+        runs.append(dict(method="uniform", setting="2x distill", baseline="uniform", target=half, distill=True))
         return runs
     if exp == "baselines":
         runs = [dict(method="uncompressed", setting="baseline")]
@@ -622,7 +635,9 @@ def run_experiment(exp: str, s: Setup, progress: bool = True, methods: Optional[
         else:
             model, extra = BASELINE_METHODS[run["baseline"]](s, target, progress)
             extra["val_pruned"] = evaluate(model, s.val_loader)
-            _finetune(s, model, name, progress)
+            if run.get("distill"):
+                extra["distill"] = True
+            _finetune(s, model, name, progress, distill=run.get("distill", False))
         # The quality rows leave latency to benchmarks/latency.py (timed alone, side by side).
         row = {**key, **_measure(s, model, latency=exp not in ("quality", "tuning"), test=exp != "tuning"), "wall_s": round(time.perf_counter() - start, 1), **extra,
                "macs_baseline": s.macs, "target_macs": target, **_provenance()}

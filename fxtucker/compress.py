@@ -42,7 +42,9 @@ class CompressConfig:
     cross-entropy + ``reg_weight`` x sum of ``reg``(gate, c) over all gates of all layers, c
     following ``c_schedule`` from ``c_start`` (to ``c_end`` for "linear"; times ``c_factor`` every
     ``c_every`` epochs for "exp"); strip every gate below ``threshold``; 4. fold-or-restore and
-    fine-tune ``finetune_epochs``, optionally distilling from the original model.
+    fine-tune ``finetune_epochs``, optionally distilling from the original model (``distill``;
+    ``distill_reg`` distills in step 3 as well, so that the penalty removes components while the
+    loss keeps the model's outputs close to the original's).
 
     ``target_macs`` (or ``target_speedup`` = MACs before / MACs after) replaces ``threshold``: the
     smallest global threshold whose result, after fold-or-restore, fits the budget is used. With a
@@ -96,7 +98,8 @@ class CompressConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "cosine"
-    distill: bool = False
+    distill: bool = False  # fine-tuning distills from the original model
+    distill_reg: bool = False  # step 3 distills from the original model too
     distill_weight: float = 0.5
     distill_temperature: float = 4.0
     seed: int = 0
@@ -133,7 +136,7 @@ class CompressConfig:
         if self.target_speedup is not None and not math.isfinite(self.target_speedup):
             raise bad("target_speedup", "a finite number >= 1")
         for name in ("steer", "relative_gates", "proximal", "mac_weighted", "compose", "c_follows_budget", "linear",
-                     "distill", "compile"):
+                     "distill", "distill_reg", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")
         if self.round_to is not None and (not is_int(self.round_to) or self.round_to < 1):
@@ -185,6 +188,11 @@ class CompressConfig:
         return cls(**data)
 
 
+#: Fields added to CompressConfig after runs were stored, as ``config.<field>``, with the value that
+#: gives the behaviour before they existed: a run stored without one resumes when it is at this value.
+ADDED_FIELDS = {"config.distill_reg": False}
+
+
 @dataclass
 class CompressResult:
     """What :func:`compress` returns: the compressed model, its report and the training history."""
@@ -224,9 +232,10 @@ def _len(data: Iterable) -> Optional[int]:
         return None
 
 
-def _distillation(teacher: nn.Module, config: CompressConfig):
-    """weight * T^2 * KL(teacher || student) at temperature T (Hinton et al. 2015)."""
-    t, w = config.distill_temperature, config.distill_weight
+def distillation_loss(teacher: nn.Module, weight: float = 0.5, temperature: float = 4.0):
+    """``train``'s ``extra_loss`` for knowledge distillation from ``teacher`` (an eval-mode model):
+    weight * T^2 * KL(teacher || student) at temperature T (Hinton et al. 2015)."""
+    t, w = temperature, weight
 
     def loss(x: Any, out: torch.Tensor, _y: torch.Tensor) -> torch.Tensor:
         teacher.to(out.device)
@@ -299,7 +308,7 @@ def compress(
     if out_dir is not None:  # a resume may only continue the run whose config trained the stored gates
         from fxtucker.runs import record_run
 
-        record_run(out_dir, {"config": rep["config"]}, resume=resume, name="compress.json")
+        record_run(out_dir, {"config": rep["config"]}, resume=resume, name="compress.json", defaults=ADDED_FIELDS)
     history: list[dict] = []
 
     # 1. decompose at full rank and gate every component
@@ -330,6 +339,7 @@ def compress(
         rep["stages"]["trained"] = {"accuracy": acc(gated), "gate_histogram": gate_histogram(gated, relative=config.relative_gates)}
 
     # 3. the funnel (or other) penalty on all gates of all layers at once
+    kd = distillation_loss(original, config.distill_weight, config.distill_temperature)  # with distill / distill_reg
     rep["reg_weight_start"] = auto_reg_weight(config, _len(train_data))
     penalty = GatePenalty(gated, config.reg, rep["reg_weight_start"], config.c_schedule_fn(),
                           target_macs=target if config.steer else None, threshold=config.threshold,
@@ -340,7 +350,8 @@ def compress(
     threshold_fn = ((lambda g: threshold_for_budget(g, target, relative=rel, round_to=config.round_to)) if target is not None
                     else (lambda g: config.threshold))
     history += train(view, train_data, config.stage_config(config.reg_epochs, config.reg_lr), penalty=penalty,
-                     epoch_stats=gate_stats(threshold_fn, penalty, gated), stage="regularize", **kw)
+                     epoch_stats=gate_stats(threshold_fn, penalty, gated), stage="regularize",
+                     extra_loss=kd if config.distill_reg else None, **kw)
     threshold = threshold_fn(gated)
     rep["threshold"], rep["reg_weight_end"] = threshold, penalty.weight
     rep["stages"]["regularized"] = {"accuracy": acc(gated), "gate_histogram": gate_histogram(gated, relative=config.relative_gates),
@@ -353,7 +364,7 @@ def compress(
     # 4. fine-tune the compressed model
     if config.finetune_epochs:
         history += train(final, train_data, config.stage_config(config.finetune_epochs, config.finetune_lr),
-                         extra_loss=_distillation(original, config) if config.distill else None,
+                         extra_loss=kd if config.distill else None,
                          stage="finetune", **kw)
     final.eval()
     macs_after = sum(n.meta["macs"] for n in cost_model(final, *inputs).graph.nodes)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from fxtucker.io import write_text
 
@@ -54,7 +54,7 @@ def _read(path: Path) -> dict:
 
 
 def record_run(out_dir: Union[str, os.PathLike], run: dict, *, resume: bool, name: str = RUN_FILE,
-               require: bool = False) -> None:
+               require: bool = False, defaults: Optional[dict[str, Any]] = None) -> None:
     """Store ``run`` (a JSON-ready dict) as ``out_dir/name``, or on ``resume`` check it against the stored one.
 
     Args:
@@ -64,6 +64,9 @@ def record_run(out_dir: Union[str, os.PathLike], run: dict, *, resume: bool, nam
         name: the file name.
         require: on resume, refuse when nothing is stored (an empty or mistyped output directory);
             without it, a missing file is written and the resume goes on.
+        defaults: flat keys (``config.distill_reg``) with the value they had before they existed: a
+            key the stored run lacks and that the resuming call has at this value is no difference
+            (an option added since the run started, left at its default).
 
     Raises:
         RunMismatch: a resume whose configuration differs, naming each key with both values.
@@ -75,7 +78,9 @@ def record_run(out_dir: Union[str, os.PathLike], run: dict, *, resume: bool, nam
     if resume and path.is_file():
         was = _read(path)
         a, b = _flat(was), _flat(now)
-        keys = tuple(sorted(k for k in set(a) | set(b) if a.get(k, "(absent)") != b.get(k, "(absent)")))
+        old = json.loads(json.dumps(defaults or {}))
+        keys = tuple(sorted(k for k in set(a) | set(b) if a.get(k, "(absent)") != b.get(k, "(absent)")
+                            and not (k not in a and k in old and b.get(k) == old[k])))
         if keys:
             diffs = "; ".join(f"{k}: {a.get(k, '(absent)')!r} then, {b.get(k, '(absent)')!r} now" for k in keys)
             raise RunMismatch(f"cannot resume the run in {str(out_dir)!r}: its configuration differs from the stored "

@@ -68,6 +68,17 @@ def test_compress_end_to_end_report_history_and_files(one_thread, tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("distill,distill_reg", [(True, False), (False, True)])
+def test_distillation_reaches_the_stages_it_is_asked_for(one_thread, distill, distill_reg):
+    # lambda 0: the logged penalty of a stage is its distillation loss alone (0 without it)
+    model, train, test, x = toy_problem(1)
+    config = CompressConfig(train_epochs=0, reg_epochs=1, finetune_epochs=1, reg_weight=0.0, steer=False,
+                            distill=distill, distill_reg=distill_reg, distill_weight=10.0)
+    penalty = {h["stage"]: h["penalty"] for h in compress(model, train, x, config=config, progress=False).history}
+    assert (penalty["regularize"] > 0, penalty["finetune"] > 0) == (distill_reg, distill), penalty
+    assert min(penalty.values()) == 0.0
+
+
 @pytest.mark.parametrize("speedup", [2.0, 3.0])
 def test_mac_budget_is_met_with_the_smallest_threshold(one_thread, speedup):
     model, train, test, x = toy_problem(2)

@@ -3,6 +3,7 @@ must match on resume, output paths and config files that are wrong, models with 
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import os
@@ -254,6 +255,20 @@ def test_record_run_names_added_and_removed_keys_and_reads_no_junk(tmp_path):
     (tmp_path / "run.json").write_text("[" * 100_000)
     with pytest.raises(ValueError, match=r"run.json: the stored run configuration cannot be read"):
         record_run(tmp_path, {"a": 1}, resume=True)
+
+
+def test_a_compress_run_stored_before_an_option_existed_resumes_at_its_default(tmp_path):
+    model, loader, x = _tiny()
+    config = CompressConfig(train_epochs=0, reg_epochs=1, finetune_epochs=0, target_speedup=1.2)
+    first = compress(model, loader, x, config=config, out_dir=tmp_path, progress=False)
+    stored = json.loads((tmp_path / "compress.json").read_text())
+    del stored["config"]["distill_reg"]  # as written before CompressConfig had it
+    (tmp_path / "compress.json").write_text(json.dumps(stored))
+    again = compress(model, loader, x, config=config, out_dir=tmp_path, resume=True, progress=False)
+    assert again.report["macs_after"] == first.report["macs_after"]
+    with pytest.raises(RunMismatch, match=r"in 1 key\(s\): config.distill_reg: '\(absent\)' then, True now"):
+        compress(model, loader, x, config=dataclasses.replace(config, distill_reg=True), out_dir=tmp_path,
+                 resume=True, progress=False)
 
 
 # --- nothing to decompose ------------------------------------------------------------------------
