@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten
 
 from fxtucker import pipeline, regularizers
 from fxtucker.budget import (GatePenalty, component_macs, gate_histogram, gate_magnitudes, gate_stats,
@@ -232,6 +233,29 @@ def _len(data: Iterable) -> Optional[int]:
         return None
 
 
+def _check_connected(pruned: fx.GraphModule, inputs: tuple, threshold: float, budget: bool) -> None:
+    """A ValueError when the pruned model's output no longer depends on its input: the threshold cut
+    every path through some layers (a downsampling block whose conv and shortcut are both at rank 0,
+    say), so the model is a constant function that no fine-tuning can recover."""
+    was = pruned.training
+    pruned.eval()
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        other = tuple(torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device) if t.is_floating_point() else t for t in inputs)
+        a, _ = tree_flatten(pruned(*inputs))
+        b, _ = tree_flatten(pruned(*other))
+    pruned.train(was)
+    if all(torch.equal(u, v) for u, v in zip(a, b) if isinstance(u, torch.Tensor)):
+        dead = [r["name"] for r in report(pruned).to_dict()["layers"] if r["ranks"] and 0 in r["ranks"]]
+        what = "that meets the MAC budget" if budget else "(CompressConfig.threshold)"
+        fix = ("give a smaller budget (target_macs / target_speedup), or drop or lower round_to, which rounds ranks up "
+               "and so leaves the budget fewer components to cut" if budget else "give a smaller threshold (paper: 0.01 "
+               "to 0.02) or a smaller reg_weight")
+        raise ValueError(f"compress: the threshold {threshold:.4g} {what} cuts every path from the input to the output "
+                         f"(layers with a rank of 0: {', '.join(dead) or 'none'}), so the pruned model is a constant "
+                         f"function that no fine-tuning can recover; {fix}")
+
+
 def distillation_loss(teacher: nn.Module, weight: float = 0.5, temperature: float = 4.0):
     """``train``'s ``extra_loss`` for knowledge distillation from ``teacher`` (an eval-mode model):
     weight * T^2 * KL(teacher || student) at temperature T (Hinton et al. 2015)."""
@@ -359,6 +383,7 @@ def compress(
 
     # strip, then keep each decomposition only where it is cheaper (gates folded into weights)
     final = pipeline.pruning(inputs, threshold, round_to=config.round_to, relative=rel)(copy.deepcopy(gated))
+    _check_connected(final, inputs, threshold, budget=target is not None)
     rep["stages"]["pruned"] = {"accuracy": acc(final), "macs": sum(n.meta["macs"] for n in final.graph.nodes)}
 
     # 4. fine-tune the compressed model

@@ -1,5 +1,6 @@
 """compress(): the four-step flow end to end, rank recovery, MAC budgets, configs and errors."""
 
+import dataclasses
 import importlib
 
 import pytest
@@ -77,6 +78,17 @@ def test_distillation_reaches_the_stages_it_is_asked_for(one_thread, distill, di
     penalty = {h["stage"]: h["penalty"] for h in compress(model, train, x, config=config, progress=False).history}
     assert (penalty["regularize"] > 0, penalty["finetune"] > 0) == (distill_reg, distill), penalty
     assert min(penalty.values()) == 0.0
+
+
+def test_a_threshold_that_cuts_every_path_is_refused_not_returned_as_a_constant_model(one_thread):
+    model, train, test, x = toy_problem(1)
+    config = CompressConfig(train_epochs=0, reg_epochs=1, finetune_epochs=0, reg_weight=0.0, steer=False, threshold=10.0)
+    with pytest.raises(ValueError, match=r"the threshold 10 \(CompressConfig.threshold\) cuts every path from the "
+                                         r"input to the output \(layers with a rank of 0: conv\), so the pruned model is "
+                                         r"a constant function .*give a smaller threshold"):
+        compress(model, train, x, config=config, progress=False)
+    kept = compress(model, train, x, config=dataclasses.replace(config, threshold=0.01), progress=False)
+    assert kept.report["macs_after"] > 0
 
 
 @pytest.mark.parametrize("speedup", [2.0, 3.0])
