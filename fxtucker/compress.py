@@ -233,27 +233,37 @@ def _len(data: Iterable) -> Optional[int]:
         return None
 
 
-def _check_connected(pruned: fx.GraphModule, inputs: tuple, threshold: float, budget: bool) -> None:
-    """A ValueError when the pruned model's output no longer depends on its input: the threshold cut
-    every path through some layers (a downsampling block whose conv and shortcut are both at rank 0,
-    say), so the model is a constant function that no fine-tuning can recover."""
-    was = pruned.training
-    pruned.eval()
+def _constant(model: nn.Module, inputs: tuple) -> bool:
+    """Whether ``model`` (in eval mode) gives bitwise the same outputs for ``inputs`` and for other
+    random inputs of the same shapes."""
+    was = model.training
+    model.eval()
     with torch.no_grad():
         gen = torch.Generator().manual_seed(0)
-        other = tuple(torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device) if t.is_floating_point() else t for t in inputs)
-        a, _ = tree_flatten(pruned(*inputs))
-        b, _ = tree_flatten(pruned(*other))
-    pruned.train(was)
-    if all(torch.equal(u, v) for u, v in zip(a, b) if isinstance(u, torch.Tensor)):
-        dead = [r["name"] for r in report(pruned).to_dict()["layers"] if r["ranks"] and 0 in r["ranks"]]
-        what = "that meets the MAC budget" if budget else "(CompressConfig.threshold)"
-        fix = ("give a smaller budget (target_macs / target_speedup), or drop or lower round_to, which rounds ranks up "
-               "and so leaves the budget fewer components to cut" if budget else "give a smaller threshold (paper: 0.01 "
-               "to 0.02) or a smaller reg_weight")
-        raise ValueError(f"compress: the threshold {threshold:.4g} {what} cuts every path from the input to the output "
-                         f"(layers with a rank of 0: {', '.join(dead) or 'none'}), so the pruned model is a constant "
-                         f"function that no fine-tuning can recover; {fix}")
+        other = tuple(torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device) if t.is_floating_point() else t
+                      for t in inputs)
+        a, _ = tree_flatten(model(*inputs))
+        b, _ = tree_flatten(model(*other))
+    model.train(was)
+    return all(torch.equal(u, v) for u, v in zip(a, b) if isinstance(u, torch.Tensor))
+
+
+def _check_connected(gated: fx.GraphModule, pruned: fx.GraphModule, inputs: tuple, threshold: float,
+                     budget: bool) -> None:
+    """A ValueError when the cut made the model's output independent of its input: layers at rank 0
+    on every path (a downsampling block whose conv and shortcut are both at rank 0, say), so the
+    model is a constant function that no fine-tuning can recover. A model that was constant before
+    the cut (all its ReLUs dead on these inputs, say) is left to the accuracy it reports."""
+    dead = [r["name"] for r in report(pruned).to_dict()["layers"] if r["ranks"] and 0 in r["ranks"]]
+    if not dead or not _constant(pruned, inputs) or _constant(gated, inputs):
+        return
+    what = "that meets the MAC budget" if budget else "(CompressConfig.threshold)"
+    fix = ("give a smaller budget (target_macs / target_speedup), or drop or lower round_to, which rounds ranks up "
+           "and so leaves the budget fewer components to cut" if budget else "give a smaller threshold (paper: 0.01 "
+           "to 0.02) or a smaller reg_weight")
+    raise ValueError(f"compress: the threshold {threshold:.4g} {what} cuts every path from the input to the output "
+                     f"(layers with a rank of 0: {', '.join(dead)}), so the pruned model is a constant function that "
+                     f"no fine-tuning can recover; {fix}")
 
 
 def distillation_loss(teacher: nn.Module, weight: float = 0.5, temperature: float = 4.0):
@@ -383,7 +393,7 @@ def compress(
 
     # strip, then keep each decomposition only where it is cheaper (gates folded into weights)
     final = pipeline.pruning(inputs, threshold, round_to=config.round_to, relative=rel)(copy.deepcopy(gated))
-    _check_connected(final, inputs, threshold, budget=target is not None)
+    _check_connected(gated, final, inputs, threshold, budget=target is not None)
     rep["stages"]["pruned"] = {"accuracy": acc(final), "macs": sum(n.meta["macs"] for n in final.graph.nodes)}
 
     # 4. fine-tune the compressed model
