@@ -488,13 +488,13 @@ def _plan(exp: str, s: Setup) -> list[dict]:
                       flow=dict(no_ft, reg_epochs=2, target_macs=half, mac_weighted=False, reg_lr=lr)) for lr in (0.01, 0.03)]
         # Distillation from the uncompressed model (the main job's choice, issue 20): in step 3, where
         # it may keep the regularized model close to the original (the pruning cost), and for every
-        # method's fine-tuning (uniform ranks as the baselines' check).
+        # method's fine-tuning (the baselines' distilled rows are the quality rows "2x kd", whose
+        # validation accuracy is stored too).
         runs.append(dict(method="funnel", setting="2x reg2 no-ft distill_reg",
                          flow=dict(no_ft, reg_epochs=2, target_macs=half, distill_reg=True)))
         runs += [dict(method="funnel", setting=f"2x 0+2+{total - 2} {name}",
                       flow=dict(target_macs=half, train_epochs=0, reg_epochs=2, finetune_epochs=total - 2, **kw))
                  for name, kw in (("distill", dict(distill=True)), ("distill+distill_reg", dict(distill=True, distill_reg=True)))]
-        runs.append(dict(method="uniform", setting="2x distill", baseline="uniform", target=half, distill=True))
         # The paper's claim is that after the funnel little fine-tuning is needed: most of the epochs
         # in step 3 (the budget met by zeros one epoch before its end), distilled, 2 of fine-tuning.
         runs.append(dict(method="funnel", setting=f"2x 0+{total - 2}+2 distill+distill_reg",
