@@ -141,3 +141,20 @@ def test_quick_job_tuning_validates_on_images_the_job_does_not_train_on():
     for name, changes in quick_job.SETTINGS.items():  # every setting: the job's 5 epochs after the trained model
         cfg = {**quick_job.BASE, **changes}
         assert cfg["train_epochs"] + cfg["reg_epochs"] + cfg["finetune_epochs"] == 5, name
+
+
+def test_channel_blocks_times_every_count_in_alternating_rounds_and_appends_a_row(tmp_path, capsys):
+    blocks = _load("channel_blocks")
+    out = tmp_path / "rows.json"
+    for _ in range(2):
+        assert blocks.main(["--backend", "eager", "--batch", "2", "--size", "6", "--rounds", "2", "--repeats", "1",
+                            "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2  # appended, not overwritten
+    keys = {f"{side} {c}" for side in ("out", "in") for c in blocks.COUNTS}
+    for row in rows:
+        assert set(row["median_ms"]) == set(row["rounds_ms"]) == keys and row["backend"] == "eager"
+        assert all(len(v) == 2 and all(t > 0 for t in v) for v in row["rounds_ms"].values())
+        assert all(abs(row["median_ms"][k] - sum(v) / 2) <= 2e-4 for k, v in row["rounds_ms"].items())  # median of 2
+    printed = capsys.readouterr().out
+    assert "3x3 conv, eager, batch 2, 6x6" in printed and printed.count("\n") >= 2 + len(blocks.COUNTS)
