@@ -17,7 +17,6 @@ run is appended to ``benchmarks/results/channel_blocks.json`` (``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,8 +28,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from fxtucker.io import write_atomic
 from fxtucker.latency import BACKENDS, measure_latency
+
+sys.path.insert(0, str(Path(__file__).parent))
+from compare import append_row  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "channel_blocks.json"
 COUNTS = (8, 11, 16, 20, 24, 32)
@@ -72,9 +73,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"{'channels':>9}  {f'{WIDE} in -> c out':>15}  {f'c in -> {WIDE} out':>15}  {'MACs vs 16':>10}")
     for c in COUNTS:
         print(f"{c:>9}  {med[f'out {c}']:>15.2f}  {med[f'in {c}']:>15.2f}  {c / 16:>10.2f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    rows = json.loads(args.out.read_text())["rows"] if args.out.exists() else []
-    write_atomic(args.out, json.dumps({"rows": rows + [row]}, indent=1) + "\n")
+    append_row(args.out, row)
     return 0
 
 

@@ -557,12 +557,17 @@ def _load(exp: str) -> list[dict]:
     return json.loads(path.read_text())["rows"] if path.exists() else []
 
 
+def append_row(path: Path, row: dict) -> None:
+    """Append ``row`` to the ``{"rows": [...]}`` file ``path`` (created if missing), atomically and under
+    a lock beside it: two runners (other seeds, methods) may share a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(path.with_name(path.name + ".lock")):
+        rows = json.loads(path.read_text())["rows"] if path.exists() else []
+        write_atomic(path, json.dumps({"rows": rows + [row]}, indent=1) + "\n")
+
+
 def _append(exp: str, row: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with _locked(RESULTS / f"{exp}.json.lock"):  # two runners (other seeds, methods) may share a file
-        rows = _load(exp) + [row]
-        path = RESULTS / f"{exp}.json"
-        write_atomic(path, json.dumps({"rows": rows}, indent=1) + "\n")
+    append_row(RESULTS / f"{exp}.json", row)
 
 
 def _done(exp: str, key: dict) -> bool:

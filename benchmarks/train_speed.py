@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -34,8 +33,10 @@ import torch.nn as nn
 import fxtucker
 from fxtucker import models, regularizers
 from fxtucker.compress import GatePenalty
-from fxtucker.io import write_atomic
 from fxtucker.passes import compose_factors, cost_model, decompose_conv, insert_gates
+
+sys.path.insert(0, str(Path(__file__).parent))
+from compare import append_row  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "train_speed.json"
 
@@ -108,9 +109,7 @@ def main(argv=None) -> int:
     print(f"{'step':<24}{'median s':>10}{'x plain':>9}")
     for k in steps:
         print(f"{k:<24}{med[k]:>10.4f}{med[k] / med['plain']:>9.2f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    rows = json.loads(args.out.read_text())["rows"] if args.out.exists() else []
-    write_atomic(args.out, json.dumps({"rows": rows + [row]}, indent=1) + "\n")
+    append_row(args.out, row)
     return 0
 
 
