@@ -370,7 +370,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _compress(args: argparse.Namespace) -> int:
-    from fxtucker.compress import ADDED_FIELDS, CompressConfig, compress
+    from fxtucker.compress import CONFIG_DEFAULTS, CompressConfig, compress
     from fxtucker.train import TrainConfig, evaluate, train
 
     # Under torchrun every rank runs the whole flow (train() shards the data and keeps the models
@@ -412,7 +412,7 @@ def _compress(args: argparse.Namespace) -> int:
            "baseline_epochs": epochs if checkpoint is None else None, "config": dataclasses.asdict(config)}
     _check_out(out, args.resume)
     if main_rank or args.resume:
-        record_run(out, run, resume=args.resume, require=True, defaults=ADDED_FIELDS)
+        record_run(out, run, resume=args.resume, require=True, defaults=CONFIG_DEFAULTS)
     baseline_history = []
     if ship is not None:
         say(f"starting from fxtucker's shipped {ship.model} for {ship.dataset} (test accuracy {ship.test_accuracy:.4f}, "

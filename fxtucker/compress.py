@@ -189,9 +189,10 @@ class CompressConfig:
         return cls(**data)
 
 
-#: Fields added to CompressConfig after runs were stored, as ``config.<field>``, with the value that
-#: gives the behaviour before they existed: a run stored without one resumes when it is at this value.
-ADDED_FIELDS = {"config.distill_reg": False}
+#: Every CompressConfig field's default, as ``config.<field>``: a stored run that lacks a field predates
+#: it and ran at its default, so it resumes when the field is still at that default (as checkpoints do
+#: for TrainConfig, fxtucker.checkpoint).
+CONFIG_DEFAULTS = {f"config.{f.name}": f.default for f in dataclasses.fields(CompressConfig)}
 
 
 @dataclass
@@ -342,7 +343,7 @@ def compress(
     if out_dir is not None:  # a resume may only continue the run whose config trained the stored gates
         from fxtucker.runs import record_run
 
-        record_run(out_dir, {"config": rep["config"]}, resume=resume, name="compress.json", defaults=ADDED_FIELDS)
+        record_run(out_dir, {"config": rep["config"]}, resume=resume, name="compress.json", defaults=CONFIG_DEFAULTS)
     history: list[dict] = []
 
     # 1. decompose at full rank and gate every component

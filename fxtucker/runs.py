@@ -64,9 +64,9 @@ def record_run(out_dir: Union[str, os.PathLike], run: dict, *, resume: bool, nam
         name: the file name.
         require: on resume, refuse when nothing is stored (an empty or mistyped output directory);
             without it, a missing file is written and the resume goes on.
-        defaults: flat keys (``config.distill_reg``) with the value they had before they existed: a
-            key the stored run lacks and that the resuming call has at this value is no difference
-            (an option added since the run started, left at its default).
+        defaults: flat keys (``config.distill_reg``) with their defaults: a key the stored run
+            lacks and that the resuming call has at its default is no difference (an option added
+            since the run started, left at its default).
 
     Raises:
         RunMismatch: a resume whose configuration differs, naming each key with both values.
