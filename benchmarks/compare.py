@@ -60,6 +60,7 @@ import platform
 import statistics
 import sys
 import time
+import types
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -132,10 +133,37 @@ class Setup:
     baseline: nn.Module
     macs: int
     cache: Path
+    device: str = "cpu"
 
     @property
     def key(self) -> dict:
-        return {"model": self.model_name, "dataset": self.dataset, "seed": self.seed, "profile": self.profile}
+        """What identifies a row of this setup; ``device`` only where it is not the CPU (so the rows made
+        before devices existed keep their keys)."""
+        key = {"model": self.model_name, "dataset": self.dataset, "seed": self.seed, "profile": self.profile}
+        if self.device != "cpu":
+            key["device"] = self.device
+        return key
+
+
+def _device(row: dict) -> str:
+    """The device a row trained on (rows without the field ran on the CPU)."""
+    return row.get("device", "cpu")
+
+
+def _where(row: dict) -> str:
+    """A row's profile, with its device where that is not the CPU ("cpu on cuda"): rows of different
+    devices start from different baselines and are never paired."""
+    profile = row.get("profile", "?")
+    return profile if _device(row) == "cpu" else f"{profile} on {_device(row)}"
+
+
+def _accuracy(s: "Setup", model: nn.Module, loader: Any) -> float:
+    """``evaluate`` on the setup's device; the model is left on the CPU, where MACs and latency are measured."""
+    model.to(s.device)
+    try:
+        return evaluate(model, loader)
+    finally:
+        model.cpu()
 
 
 def _quiet(fn: Callable, *args, **kwargs):
@@ -165,8 +193,9 @@ def split(n: int, train: Optional[int], val: int, seed: int) -> tuple[list[int],
     return perm[:train].sort().values.tolist(), perm[n - val:].sort().values.tolist()
 
 
-def setup(model_name: str, dataset: str, seed: int, profile: str, progress: bool = True) -> Setup:
-    """Data loaders and the baseline, trained with the profile's fixed recipe (cached, resumable)."""
+def setup(model_name: str, dataset: str, seed: int, profile: str, progress: bool = True, device: str = "cpu") -> Setup:
+    """Data loaders and the baseline, trained with the profile's fixed recipe (cached, resumable) on
+    ``device``; a device other than the CPU has a cache (and baseline) of its own."""
     p = PROFILES[profile]
     in_ch, n_cls, size = data.dataset_info(dataset)
     full = data.get_dataset(dataset, True)
@@ -175,7 +204,7 @@ def setup(model_name: str, dataset: str, seed: int, profile: str, progress: bool
                                      generator=torch.Generator().manual_seed(seed))
     val = torch.utils.data.DataLoader(torch.utils.data.Subset(full, val_idx), batch_size=256)
     ev = data.make_loader(data.get_dataset(dataset, False), 256, False, subset=p["eval_subset"], seed=seed)
-    cache = CACHE / profile / f"{model_name}-{dataset}-s{seed}"
+    cache = CACHE / profile / (f"{model_name}-{dataset}-s{seed}" + ("" if device == "cpu" else f"-{device}"))
     torch.manual_seed(seed)
     model = models.get_model(model_name, n_cls, in_ch)
     weights = cache / "baseline_state_dict.pt"
@@ -186,11 +215,12 @@ def setup(model_name: str, dataset: str, seed: int, profile: str, progress: bool
         else:
             print(f"training the {model_name} baseline on {dataset} (seed {seed}, {p['baseline_epochs']} epochs)")
             train(model, tr, TrainConfig(epochs=p["baseline_epochs"], lr=0.1, seed=seed), eval_data=val,
-                  out_dir=cache, stage="baseline", resume=True, progress=progress)
+                  out_dir=cache, stage="baseline", resume=True, progress=progress, device=device)
+            model.cpu()
             save_torch(model.state_dict(), weights)
     model.eval()
     x = torch.randn(1, in_ch, size, size)
-    return Setup(model_name, dataset, seed, profile, tr, val, ev, x, model, count_macs(model, x), cache)
+    return Setup(model_name, dataset, seed, profile, tr, val, ev, x, model, count_macs(model, x), cache, device)
 
 
 # --- the methods -------------------------------------------------------------------------------
@@ -200,7 +230,7 @@ def _measure(s: Setup, model: nn.Module, latency: bool = True, test: bool = True
     """Test accuracy (``accuracy``; not with ``test=False``), validation accuracy, MACs, params and
     batch-1 latency."""
     model.eval()
-    out = {"accuracy": evaluate(model, s.eval_loader) if test else None, "val_accuracy": evaluate(model, s.val_loader),
+    out = {"accuracy": _accuracy(s, model, s.eval_loader) if test else None, "val_accuracy": _accuracy(s, model, s.val_loader),
            "macs": count_macs(model, s.x), "params": sum(p.numel() for p in model.parameters())}
     if latency:
         out["latency_ms"] = round(measure_latency(model, s.x, threads=1, repeats=30), 4)
@@ -228,7 +258,7 @@ def _finetune(s: Setup, model: nn.Module, name: str, progress: bool, distill: bo
     kd = CompressConfig()
     extra = distillation_loss(copy.deepcopy(s.baseline).eval(), kd.distill_weight, kd.distill_temperature) if distill else None
     return train(model, s.train_loader, cfg, eval_data=s.val_loader, out_dir=s.cache / name, stage="finetune",
-                 resume=True, progress=progress, extra_loss=extra)
+                 resume=True, progress=progress, extra_loss=extra, device=s.device)
 
 
 def _conv_weights(s: Setup) -> dict[str, torch.Tensor]:
@@ -410,8 +440,12 @@ def run_flow(s: Setup, name: str, progress: bool, **overrides) -> tuple[nn.Modul
     """The funnel (or other regularizer's) flow with the profile's epochs and ``overrides``; every
     stage is measured on the validation split."""
     config = CompressConfig(**{**PROFILES[s.profile]["flow"], "seed": s.seed, **overrides})
-    result = compress(s.baseline, s.train_loader, s.x, eval_data=s.val_loader, config=config,
-                      out_dir=s.cache / name, resume=True, progress=progress)
+    try:  # compress() traces, measures and trains on the device of the model and inputs it is given
+        result = compress(s.baseline.to(s.device), s.train_loader, s.x.to(s.device), eval_data=s.val_loader,
+                          config=config, out_dir=s.cache / name, resume=True, progress=progress)
+    finally:
+        s.baseline.cpu()
+    result.model.cpu()
     rep = result.report
     hist = rep["stages"]["regularized"]["gate_histogram"]
     extra = {"threshold": rep["threshold"], "val_pruned": rep["stages"]["pruned"]["accuracy"],
@@ -571,7 +605,8 @@ def _append(exp: str, row: dict) -> None:
 
 
 def _done(exp: str, key: dict) -> bool:
-    return any(all(r.get(k) == v for k, v in key.items()) for r in _load(exp))
+    device = key.get("device", "cpu")
+    return any(_device(r) == device and all(r.get(k) == v for k, v in key.items()) for r in _load(exp))
 
 
 def _git_commit() -> str:
@@ -581,9 +616,12 @@ def _git_commit() -> str:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "fxtucker", "passes", "benchmarks/compare.py"],
                                cwd=HERE.parent, capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "")
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        pass
+    # A copy of the code without its .git (a remote machine): the commit it was copied from, as its sender states it.
+    return os.environ.get("COMPARE_COMMIT", "unknown")
 
 
 _COMMIT: Optional[str] = None
@@ -618,15 +656,15 @@ def check_baseline(exp: str, s: Setup) -> None:
     from, or new rows would be compared with rows of another model. Checked on the validation
     split against the stored uncompressed row (up to 2 images, for an argmax tie that another
     thread count may flip)."""
-    stored = [r for r in _load(exp) if r["method"] == "uncompressed" and r["stage"] == "final"
+    stored = [r for r in _load(exp) if r["method"] == "uncompressed" and r["stage"] == "final" and _device(r) == s.device
               and all(r.get(k) == v for k, v in s.key.items()) and r.get("val_accuracy") is not None]
     if not stored:
         return
     n = len(s.val_loader.dataset)
-    now, then = evaluate(s.baseline, s.val_loader), stored[-1]["val_accuracy"]
+    now, then = _accuracy(s, s.baseline, s.val_loader), stored[-1]["val_accuracy"]
     if abs(now - then) * n > 2:
         raise BaselineMismatch(
-            f"the cached {s.model_name} baseline of seed {s.seed} ({s.profile} profile) gives {now:.4f} on the validation "
+            f"the cached {s.model_name} baseline of seed {s.seed} ({_where(s.key)} profile) gives {now:.4f} on the validation "
             f"split, but the stored {exp} rows of that seed started from one that gave {then:.4f}: it was trained "
             f"differently (another thread count, or the training code changed since {stored[-1].get('commit')}). "
             f"Restore that baseline_state_dict.pt, or move the {exp} rows of seed {s.seed} aside to start that seed over")
@@ -660,13 +698,15 @@ def run_experiment(exp: str, s: Setup, progress: bool = True, methods: Optional[
             model, extra, rep = run_flow(s, name, progress, **run["flow"])
         else:
             model, extra = BASELINE_METHODS[run["baseline"]](s, target, progress)
-            extra["val_pruned"] = evaluate(model, s.val_loader)
+            extra["val_pruned"] = _accuracy(s, model, s.val_loader)
             if run.get("distill"):
                 extra["distill"] = True
             _finetune(s, model, name, progress, distill=run.get("distill", False))
         # The quality rows leave latency to benchmarks/latency.py (timed alone, side by side).
         row = {**key, **_measure(s, model, latency=exp not in ("quality", "tuning"), test=exp != "tuning"), "wall_s": round(time.perf_counter() - start, 1), **extra,
                "macs_baseline": s.macs, "target_macs": target, **_provenance()}
+        if s.device != "cpu":
+            row["device_name"] = torch.cuda.get_device_name() if s.device == "cuda" else s.device
         if target is not None:
             row["macs_vs_target"] = round(row["macs"] / target, 5)  # <= 1; >= 0.99 is within 1%
         _append(exp, row)
@@ -686,12 +726,12 @@ def plot(out: Optional[Path] = None) -> Optional[Path]:
     if not rows:
         return None
     # One panel per (model, profile): their baselines differ, so their points do not share axes.
-    panels = sorted({(r["model"], r.get("profile", "?")) for r in rows})
+    panels = sorted({(r["model"], _where(r)) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
     for ax, (model, profile) in zip(axes[0], panels):
         for method in METHODS:
             pts = [(r["macs"] / 1e6, 100 * r["accuracy"]) for r in rows
-                   if r["method"] == method and (r["model"], r.get("profile", "?")) == (model, profile)]
+                   if r["method"] == method and (r["model"], _where(r)) == (model, profile)]
             if pts:
                 ax.scatter(*zip(*pts), label=method, s=18)
         ax.set_title(f"{model}, {profile} profile", fontsize=9)
@@ -733,16 +773,16 @@ def table(exp: str) -> str:
     """The stored rows of ``exp`` as a markdown table: final rows, with accuracy before fine-tuning
     (the test set for the old rows' "pruned" stage; the validation split for rows with ``val_pruned``)."""
     rows = _load(exp)
-    pruned = {(r["model"], r["seed"], r["method"], r["setting"]): r["accuracy"] for r in rows if r["stage"] == "pruned"}
-    lines = ["| model | seed | method | setting | test accuracy | val accuracy | val before fine-tuning | "
+    pruned = {(r["model"], _where(r), r["seed"], r["method"], r["setting"]): r["accuracy"] for r in rows if r["stage"] == "pruned"}
+    lines = ["| model | profile | seed | method | setting | test accuracy | val accuracy | val before fine-tuning | "
              "test before fine-tuning | MACs | MAC ratio | params | wall s | commit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["stage"] != "final":
             continue
-        before = r.get("accuracy_pruned", pruned.get((r["model"], r["seed"], r["method"], r["setting"])))
+        before = r.get("accuracy_pruned", pruned.get((r["model"], _where(r), r["seed"], r["method"], r["setting"])))
         ratio = r.get("macs_baseline", r["macs"]) / r["macs"]
-        lines.append(f"| {r['model']} | {r['seed']} | {r['method']} | {r['setting']} | {_fmt(r.get('accuracy'))} | "
+        lines.append(f"| {r['model']} | {_where(r)} | {r['seed']} | {r['method']} | {r['setting']} | {_fmt(r.get('accuracy'))} | "
                      f"{_fmt(r.get('val_accuracy'))} | {_fmt(r.get('val_pruned'))} | {_fmt(before)} | {r['macs']:,} | "
                      f"{ratio:.2f}x | {r['params']:,} | {r['wall_s']:.0f} | {str(r.get('commit', '-'))[:8]} |")
     return "\n".join(lines)
@@ -764,8 +804,8 @@ def summary(exp: str) -> str:
     rows = [r for r in _load(exp) if r["stage"] == "final"]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["model"], r.get("profile", "?"), r["setting"], r["method"]), []).append(r)
-    base = {(r["model"], r.get("profile", "?"), r["seed"]): r for r in rows if r["method"] == "uncompressed"}
+        groups.setdefault((r["model"], _where(r), r["setting"], r["method"]), []).append(r)
+    base = {(r["model"], _where(r), r["seed"]): r for r in rows if r["method"] == "uncompressed"}
     lines = ["| model | profile | setting | method | seeds | accuracy % | drop (points) | pruning cost (val, points) "
              "| the cut alone (val, points) | MAC ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (model, profile, setting, method), rs in sorted(groups.items(), key=lambda kv: kv[0]):
@@ -789,7 +829,7 @@ def paired(exp: str, reference: str = "funnel") -> str:
     from scipy import stats
 
     rows = [r for r in _load(exp) if r["stage"] == "final" and r.get("accuracy") is not None]
-    acc = {(r["model"], r.get("profile", "?"), r["setting"], r["method"], r["seed"]): r["accuracy"] for r in rows}
+    acc = {(r["model"], _where(r), r["setting"], r["method"], r["seed"]): r["accuracy"] for r in rows}
     lines = [f"| model | profile | setting | {reference} minus | seeds | mean (points) | std | paired t-test p | "
              f"{reference} ahead on |", "|---|---|---|---|---|---|---|---|---|"]
     keys = sorted({(m, p, st) for (m, p, st, meth, _) in acc if meth == reference})
@@ -810,6 +850,87 @@ def paired(exp: str, reference: str = "funnel") -> str:
     return "\n".join(lines)
 
 
+def pool_jobs(args: argparse.Namespace) -> list[list[str]]:
+    """One runner's arguments per (setting, model, seed, method) of ``args``, in that order: the first
+    setting's rows for every seed come before the next setting's (a pool stopped early leaves the
+    later settings, not the later seeds)."""
+    common = ["--exp", *args.exp, "--profile", args.profile, "--dataset", args.dataset, "--device", args.device,
+              "--threads", str(args.threads or 1), "--no-progress"]
+    # The (method, setting) pairs that the experiments plan (their names do not depend on the baseline).
+    names = types.SimpleNamespace(macs=1 << 30, profile=args.profile)
+    planned = {(r["method"], r["setting"]) for exp in args.exp for r in _plan(exp, names)}
+    return [[*common, "--models", model, "--seeds", str(seed), "--settings", setting, "--methods", method]
+            for setting in args.settings for model in args.models for seed in args.seeds for method in args.methods
+            if (method, setting) in planned]
+
+
+def run_pool(jobs: list[list[str]], workers: int, logs: Path, stop_after: Optional[float] = None,
+             command: Optional[list[str]] = None, poll: float = 0.5) -> dict[str, int]:
+    """Run ``command + job`` for every job, ``workers`` at a time, each logging to its own file under
+    ``logs`` (``job-<n>.log``). With ``stop_after`` (seconds), no job starts after that time and the
+    running ones are stopped then (SIGTERM, then SIGKILL): their finished rows and epoch checkpoints
+    stay, and a rerun of the same pool resumes them. Returns how many jobs finished, failed, were
+    stopped and never started; a failed job's log tail is printed."""
+    import subprocess
+
+    command = command or [sys.executable, str(Path(__file__).resolve())]
+    logs.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    late = lambda: stop_after is not None and time.monotonic() - start >= stop_after  # noqa: E731
+    pending, running = list(enumerate(jobs)), {}
+    counts = {"finished": 0, "failed": 0, "stopped": 0, "not started": 0}
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
+    while pending or running:
+        while pending and len(running) < workers and not late():
+            n, job = pending.pop(0)
+            log = open(logs / f"job-{n}.log", "w")
+            running[n] = (subprocess.Popen(command + job, stdout=log, stderr=subprocess.STDOUT, env=env), log, job)
+        if late():
+            counts["not started"] += len(pending)
+            pending = []
+            for proc, _, _ in running.values():
+                proc.terminate()
+            for proc, _, _ in running.values():
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        for n, (proc, log, job) in list(running.items()):
+            rc = proc.poll()
+            if rc is None:
+                continue
+            log.close()
+            del running[n]
+            what = " ".join(job[job.index("--models"):]) if "--models" in job else " ".join(job)
+            if rc == 0:
+                counts["finished"] += 1
+                print(f"[pool] done: {what} ({time.monotonic() - start:.0f} s)", flush=True)
+            elif late():
+                counts["stopped"] += 1
+                print(f"[pool] stopped at the time limit: {what}", flush=True)
+            else:
+                counts["failed"] += 1
+                tail = (logs / f"job-{n}.log").read_text().splitlines()[-15:]
+                print(f"[pool] FAILED (exit {rc}): {what}; the end of {logs / f'job-{n}.log'}:", *tail, sep="\n  ", flush=True)
+        time.sleep(poll)
+    print(f"[pool] {', '.join(f'{v} {k}' for k, v in counts.items())} of {len(jobs)} jobs", flush=True)
+    return counts
+
+
+def _use_device(device: str) -> None:
+    """Train on ``device`` with the CPU's float32 arithmetic: no TF32 (Ampere and newer GPUs use it for
+    convolutions by default), no cuDNN autotuning (its choice varies between runs)."""
+    if device == "cpu":
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("compare.py: --device cuda needs a CUDA GPU, and torch.cuda.is_available() is False "
+                         f"here (torch {torch.__version__}); valid here: --device cpu")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--exp", nargs="+", default=["baselines"], help=f"{', '.join(EXPERIMENTS)} or all")
@@ -821,6 +942,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help=f"only these methods' runs ({', '.join(METHODS)}); default: all")
     parser.add_argument("--settings", nargs="+", metavar="SETTING", help="only runs with these settings (e.g. 2x 3x)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where to train and evaluate (MACs and latency stay on the CPU); a GPU's rows have "
+                             "their own baselines and are paired only with each other")
+    parser.add_argument("--workers", type=int, default=0, metavar="N",
+                        help="run every (setting, model, seed, method) as its own runner, N at a time (needs "
+                             "--settings and --methods; each runner --threads 1 unless given)")
+    parser.add_argument("--stop-after", type=float, default=None, metavar="SECONDS",
+                        help="with --workers: start no runner after SECONDS and stop the running ones then "
+                             "(finished rows and epoch checkpoints stay; a rerun resumes)")
     parser.add_argument("--plot", action="store_true", help="only draw results/pareto.png from the stored rows")
     parser.add_argument("--table", metavar="EXP", help="only print EXP's stored rows as markdown tables: every "
                                                        "final row, then the mean and std over seeds")
@@ -843,12 +973,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     bad = [m for m in args.methods or [] if m not in METHODS]
     if bad:
         parser.error(f"unknown method(s) {bad}; valid: {', '.join(METHODS)}")
+    if args.workers:
+        if not args.settings or not args.methods:
+            parser.error("--workers needs --settings and --methods: each runner is one (setting, model, seed, method)")
+        if args.workers < 1:
+            parser.error(f"--workers must be at least 1, got {args.workers}")
+        _use_device(args.device)  # fail here, not in every runner
+        logs = RESULTS.parent / "runs" / f"pool-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        print(f"[pool] {args.workers} runners at a time; each one's log under {logs}", flush=True)
+        counts = run_pool(pool_jobs(args), args.workers, logs, args.stop_after)
+        return 1 if counts["failed"] else 0
+    if args.stop_after is not None:
+        parser.error("--stop-after needs --workers")
+    _use_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     _provenance()  # the code's commit now, before any run: a commit made while it runs is not its code
     for model_name in args.models:
         for seed in args.seeds:
-            s = setup(model_name, args.dataset, seed, args.profile, progress=not args.no_progress)
+            s = setup(model_name, args.dataset, seed, args.profile, progress=not args.no_progress, device=args.device)
             for exp in exps:
                 run_experiment(exp, s, progress=not args.no_progress, methods=args.methods, settings=args.settings)
     return 0

@@ -158,3 +158,68 @@ def test_channel_blocks_times_every_count_in_alternating_rounds_and_appends_a_ro
         assert all(abs(row["median_ms"][k] - sum(v) / 2) <= 2e-4 for k, v in row["rounds_ms"].items())  # median of 2
     printed = capsys.readouterr().out
     assert "3x3 conv, eager, batch 2, 6x6" in printed and printed.count("\n") >= 2 + len(blocks.COUNTS)
+
+
+def test_pool_runs_jobs_side_by_side_and_stops_at_the_time_limit(compare, tmp_path, capsys):
+    script = ("import sys, time\n"
+              "what = sys.argv[1]\n"
+              "print('job', what, flush=True)\n"
+              "if what == 'fail':\n    print('the cause of the failure'); sys.exit(3)\n"
+              "if what == 'sleep':\n    time.sleep(60)\n")
+    jobs = [["ok"], ["fail"], ["sleep"], ["sleep"], ["ok"]]
+    counts = compare.run_pool(jobs, 2, tmp_path / "logs", stop_after=4, command=[sys.executable, "-c", script], poll=0.1)
+    # ok and fail first; both sleeps side by side, stopped at the limit; the last job never starts.
+    assert counts == {"finished": 1, "failed": 1, "stopped": 2, "not started": 1}
+    out = capsys.readouterr().out
+    assert "FAILED (exit 3)" in out and "the cause of the failure" in out
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == [f"job-{n}.log" for n in range(4)]
+    assert (tmp_path / "logs" / "job-2.log").read_text() == "job sleep\n"
+
+
+def test_pool_jobs_are_the_planned_runs_setting_by_setting(compare):
+    import argparse
+
+    args = argparse.Namespace(exp=["quality"], profile="cpu", dataset="fashion-mnist", device="cuda", threads=None,
+                              models=["resnet20"], seeds=[0, 1], settings=["2x kd", "baseline"],
+                              methods=["funnel", "uncompressed"])
+    jobs = compare.pool_jobs(args)
+    # funnel has no "baseline" run and uncompressed no "2x kd" one: those pairs are not jobs.
+    assert [(j[j.index("--settings") + 1], j[j.index("--seeds") + 1], j[j.index("--methods") + 1]) for j in jobs] == [
+        ("2x kd", "0", "funnel"), ("2x kd", "1", "funnel"), ("baseline", "0", "uncompressed"),
+        ("baseline", "1", "uncompressed")]
+    assert all(j[j.index("--device") + 1] == "cuda" and j[j.index("--threads") + 1] == "1" for j in jobs)
+
+
+def test_pool_and_device_arguments_are_checked(compare, capsys):
+    with pytest.raises(SystemExit):
+        compare.main(["--exp", "quality", "--workers", "2", "--methods", "funnel"])
+    assert "--workers needs --settings and --methods" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        compare.main(["--exp", "quality", "--stop-after", "10"])
+    assert "--stop-after needs --workers" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="--device cuda needs a CUDA GPU.*valid here: --device cpu"):
+            compare.main(["--exp", "quality", "--device", "cuda", "--profile", "quick"])
+
+
+def test_rows_of_another_device_are_neither_done_nor_paired_with_the_cpus(compare):
+    common = {"model": "resnet20", "dataset": "fashion-mnist", "profile": "cpu", "stage": "final", "macs": 10,
+              "macs_baseline": 20, "params": 1, "val_accuracy": 0.9, "wall_s": 1}
+    rows = [dict(common, seed=0, method="uncompressed", setting="baseline", accuracy=0.90, macs=20),
+            dict(common, seed=0, method="funnel", setting="2x kd", accuracy=0.89),
+            dict(common, seed=0, method="uncompressed", setting="baseline", accuracy=0.80, macs=20, device="cuda"),
+            dict(common, seed=0, method="funnel", setting="2x kd", accuracy=0.70, device="cuda")]
+    for r in rows:
+        compare._append("quality", r)
+    key = {"model": "resnet20", "dataset": "fashion-mnist", "seed": 0, "profile": "cpu", "method": "uniform",
+           "setting": "2x kd", "stage": "final"}
+    compare._append("quality", dict(common, **{k: v for k, v in key.items()}, accuracy=0.5, device="cuda"))
+    assert not compare._done("quality", key)  # the CPU's uniform row is still to run
+    assert compare._done("quality", {**key, "device": "cuda"})
+    assert compare._done("quality", {**key, "method": "funnel"})
+    summary = compare.summary("quality")
+    # Each device's drop is measured from its own baseline: 1 point on the CPU, 10 on the GPU.
+    assert "| resnet20 | cpu | 2x kd | funnel | 0 | 89.00 | 1.00 |" in summary
+    assert "| resnet20 | cpu on cuda | 2x kd | funnel | 0 | 70.00 | 10.00 |" in summary
+    assert "| resnet20 | cpu on cuda | 2x kd | uniform | 1 | +20.00 |" in compare.paired("quality")
+    assert "| resnet20 | cpu | 2x kd | uniform |" not in compare.paired("quality")
