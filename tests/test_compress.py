@@ -219,3 +219,17 @@ def test_a_plain_threshold_prunes_with_the_defaults(one_thread):
         zeros = result.report["stages"]["regularized"]["gate_histogram"]["zeros"]
         assert (zeros > 0) == (lam == "auto")
     assert macs[0.0] == result.report["macs_before"] > macs["auto"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("relative_gates", [True, False])
+def test_the_whole_flow_runs_on_cuda_with_a_budget_distillation_and_the_proximal_step(relative_gates):
+    # The proximal step builds its per-gate scales from Python lists: on the GPU they must be made there.
+    model, train, test, x = toy_problem(2)
+    config = CompressConfig(train_epochs=1, reg_epochs=1, finetune_epochs=1, target_speedup=2.0, distill=True,
+                            distill_reg=True, relative_gates=relative_gates)
+    result = compress(model.cuda(), train, x.cuda(), eval_data=test, config=config, progress=False)
+    assert result.report["macs_after"] <= result.report["target_macs"]
+    assert {"regularize", "finetune"} <= {h["stage"] for h in result.history}
+    assert result.report["accuracy_after"] == fxtucker.train.evaluate(result.model, test)
+    assert {p.device.type for p in result.model.parameters()} == {"cuda"}
