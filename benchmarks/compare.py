@@ -612,6 +612,10 @@ def _done(exp: str, key: dict) -> bool:
 def _git_commit() -> str:
     import subprocess
 
+    if os.environ.get("COMPARE_COMMIT"):
+        # A copy of the code sent elsewhere (a remote machine): its .git, if any, may be older than the
+        # code; the sender states the commit the copy was made from.
+        return os.environ["COMPARE_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "fxtucker", "passes", "benchmarks/compare.py"],
@@ -620,8 +624,7 @@ def _git_commit() -> str:
             return out.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
-    # A copy of the code without its .git (a remote machine): the commit it was copied from, as its sender states it.
-    return os.environ.get("COMPARE_COMMIT", "unknown")
+    return "unknown"
 
 
 _COMMIT: Optional[str] = None

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The quality rows (issue 15) on a lent GPU machine: the "cpu" profile's recipe, trained on the GPU
 # (compare.py --device cuda: float32 without TF32, deterministic cuDNN), many runners at a time.
-# As the device tool runs it: the working tree arrives without .git, the Fashion-MNIST files in .fm/
+# As the device tool runs it: the working tree arrives with a .git that may be older than the code
+# (so COMPARE_COMMIT names the commit for the rows), the Fashion-MNIST files in .fm/
 # and torch-pruning's wheel in .whl/ (both ignored by .git/info/exclude here); rows, logs and the
 # GPU's baselines are copied to OUT.
 #
@@ -9,14 +10,14 @@
 #
 # A smoke run (quick profile, in a copy of benchmarks/ so its rows go nowhere) comes first: when the
 # code fails on that machine, the script stops within a minute instead of spending the lease.
-set -u
+set -u -o pipefail
 out=${1:?usage: gpu_quality.sh OUTDIR}
 end=$(( $(date +%s) + ${SECONDS_LEFT:-540} ))
 mkdir -p /usr/share/datasets/fashion-mnist && cp .fm/*.gz /usr/share/datasets/fashion-mnist/ || exit 1
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .whl/*.whl . || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
-python3 -c "import torch, torch_pruning, fxtucker; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'torch_pruning', torch_pruning.__version__, 'cores', __import__('os').cpu_count())" | tee -a "$out/gpu.txt"
+(cd /tmp && python3 -c "import torch, torch_pruning, fxtucker; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'torch_pruning', torch_pruning.__version__, 'cores', __import__('os').cpu_count())") | tee -a "$out/gpu.txt" || exit 1
 
 rm -rf /tmp/smoke && mkdir -p /tmp/smoke && cp -r benchmarks /tmp/smoke/ && rm -rf /tmp/smoke/benchmarks/results/*.json /tmp/smoke/benchmarks/cache
 python3 /tmp/smoke/benchmarks/compare.py --exp quality --profile quick --device cuda --workers 6 --stop-after 90 \
@@ -34,5 +35,5 @@ python3 benchmarks/compare.py "${common[@]}" --workers "${VGG_WORKERS:-3}" --mod
 wait
 cp benchmarks/results/quality.json "$out/quality.json"
 tar czf "$out/pool_logs.tgz" benchmarks/runs
-tar czf "$out/baselines.tgz" benchmarks/cache/cpu/*-cuda/baseline_state_dict.pt
-tail -3 "$out/pool_resnet20.log" "$out/pool_vgg_small.log"
+tar czf "$out/baselines.tgz" benchmarks/cache/cpu/*-cuda/baseline_state_dict.pt  # over 16 MiB with vgg_small: not sent back
+tail -n 3 "$out/pool_resnet20.log" "$out/pool_vgg_small.log"
