@@ -29,7 +29,9 @@ Experiments (the paper's counterpart in brackets):
 - ``quality`` (issue 15): every method at 2x, 3x and 4x fewer MACs, each baseline within 1% of
   the budget, choices made on a validation split (``tuning``) and the test set read only here;
   settings ``2x`` ... without distillation for anyone, ``2x kd`` ... with every method's epochs
-  after the baseline distilled from it (``KD_FLOW`` for the funnel flow).
+  after the baseline distilled from it (``KD_FLOW`` for the funnel flow). ``funnel-ranks``: the
+  funnel row's ranks as a plain decomposition, fine-tuned as the baselines are (its allocation of
+  ranks without its training path).
 - ``epochs``: the funnel flow's epochs split three ways between training, regularizing and
   fine-tuning, at the same total (how the profiles' ``flow`` was chosen).
 - ``design``: fxtucker's departures from the paper (relative gates, the proximal step, MAC
@@ -99,7 +101,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 #: lambda of the ablations (fixed, no steering).
 ABLATION_LAMBDA = 10.0
 
-METHODS = ("uncompressed", "funnel", "funnel_scaled", "l1", "l2", "vbmf", "musco", "uniform", "torch-pruning")
+METHODS = ("uncompressed", "funnel", "funnel_scaled", "l1", "l2", "vbmf", "musco", "uniform", "torch-pruning", "funnel-ranks")
 
 #: The MAC budgets (times fewer MACs) of the quality experiment.
 QUALITY_BUDGETS = (2, 3, 4)
@@ -432,8 +434,29 @@ def _match_up(macs_of: Callable[[float], int], target: int) -> float:
     return hi
 
 
+def funnel_row(exp: str, s: Setup, setting: str) -> Optional[dict]:
+    """The stored final funnel row of ``s``'s seed (and device) for ``setting``, if any."""
+    rows = [r for r in _load(exp) if r["method"] == "funnel" and r["setting"] == setting and r["stage"] == "final"
+            and _device(r) == s.device and all(r.get(k) == v for k, v in s.key.items())]
+    return rows[-1] if rows else None
+
+
+def method_funnel_ranks(s: Setup, target: int, progress: bool, exp: str, setting: str) -> tuple[nn.Module, dict]:
+    """The ranks the funnel flow chose for the same seed and setting, as a plain Tucker-2 (HOSVD)
+    decomposition of the baseline, then fine-tuned as every baseline is: the funnel's allocation of
+    ranks without its training path (gates, the regularized stage), to tell which of the two a
+    difference between the funnel and the baselines comes from."""
+    row = funnel_row(exp, s, setting)
+    if row is None:
+        raise LookupError(f"no funnel row of {setting!r} for seed {s.seed} ({_where(s.key)}) in {exp}: run the funnel first")
+    # The row lists every layer the flow saw, skipped ones (a single-channel stem) at their full ranks
+    # too: the kxk convs that a full-rank decomposition takes are the ones the flow could cut.
+    ranks = {n: tuple(r) for n, r in row["ranks"].items() if n in _conv_weights(s)}
+    return _decomposed(s, ranks), {"ranks": {n: list(r) for n, r in ranks.items()}, "funnel_macs": row["macs"]}
+
+
 BASELINE_METHODS = {"vbmf": method_vbmf, "musco": method_musco, "uniform": method_uniform,
-                    "torch-pruning": method_torch_pruning}
+                    "torch-pruning": method_torch_pruning, "funnel-ranks": method_funnel_ranks}
 
 
 def run_flow(s: Setup, name: str, progress: bool, **overrides) -> tuple[nn.Module, dict, dict]:
@@ -480,6 +503,11 @@ def _plan(exp: str, s: Setup) -> list[dict]:
             runs.append(dict(method="funnel", setting=f"{k}x kd", flow=dict(target_macs=target, **KD_FLOW), target=target))
             runs += [dict(method=m, setting=f"{k}x kd", baseline=m, target=target, distill=True)
                      for m in ("uniform", "torch-pruning", "musco", "vbmf")]
+        # The funnel's own ranks, decomposed and fine-tuned as the baselines are (after the funnel row):
+        # is a difference to the baselines its choice of ranks or its training path?
+        runs += [dict(method="funnel-ranks", setting=f"{k}x{kd}", baseline="funnel-ranks", target=s.macs // k,
+                      distill=bool(kd), args=dict(exp="quality", setting=f"{k}x{kd}"))
+                 for kd in ("", " kd") for k in QUALITY_BUDGETS]
         return runs
     if exp == "tuning":
         # The funnel flow's choices, made on the validation split (these rows never read the test
@@ -691,6 +719,9 @@ def run_experiment(exp: str, s: Setup, progress: bool = True, methods: Optional[
         if run.get("baseline") == "torch-pruning" and importlib.util.find_spec("torch_pruning") is None:
             print("skipping torch-pruning: it needs `pip install fxtucker[bench]` (torch-pruning)")
             continue
+        if run.get("baseline") == "funnel-ranks" and funnel_row(exp, s, run["setting"]) is None:
+            print(f"skipping funnel-ranks ({run['setting']}, seed {s.seed}): the funnel row it takes its ranks from is not stored yet")
+            continue
         print(f"[{exp}] {s.model_name}/{s.dataset} seed {s.seed}: {run['method']} ({run['setting']})", flush=True)
         start = time.perf_counter()
         target = run.get("target", s.macs // 2 if exp != "quality" else None)
@@ -700,7 +731,7 @@ def run_experiment(exp: str, s: Setup, progress: bool = True, methods: Optional[
         elif "flow" in run:
             model, extra, rep = run_flow(s, name, progress, **run["flow"])
         else:
-            model, extra = BASELINE_METHODS[run["baseline"]](s, target, progress)
+            model, extra = BASELINE_METHODS[run["baseline"]](s, target, progress, **run.get("args", {}))
             extra["val_pruned"] = _accuracy(s, model, s.val_loader)
             if run.get("distill"):
                 extra["distill"] = True
