@@ -263,10 +263,15 @@ def _finetune(s: Setup, model: nn.Module, name: str, progress: bool, distill: bo
                  resume=True, progress=progress, extra_loss=extra, device=s.device)
 
 
-def _conv_weights(s: Setup) -> dict[str, torch.Tensor]:
-    """The decomposable convs (what decompose_conv would take at full rank) and their kernels."""
+def _decomposable(s: Setup) -> list[str]:
+    """The layers decompose_conv takes at full rank (kxk convs and 1x1 convs)."""
     full = _quiet(decompose_conv, cost_model(fxtucker.trace(copy.deepcopy(s.baseline)), s.x))
-    names = [l.name for l in fxtucker.report(full).layers if l.decision == "decomposed"]
+    return [l.name for l in fxtucker.report(full).layers if l.decision == "decomposed"]
+
+
+def _conv_weights(s: Setup) -> dict[str, torch.Tensor]:
+    """The decomposable kxk convs (the baselines' layers) and their kernels."""
+    names = _decomposable(s)
     mods = dict(s.baseline.named_modules())
     return {n: mods[n].weight.detach() for n in names if isinstance(mods[n], nn.Conv2d) and mods[n].kernel_size != (1, 1)}
 
@@ -450,8 +455,10 @@ def method_funnel_ranks(s: Setup, target: int, progress: bool, exp: str, setting
     if row is None:
         raise LookupError(f"no funnel row of {setting!r} for seed {s.seed} ({_where(s.key)}) in {exp}: run the funnel first")
     # The row lists every layer the flow saw, skipped ones (a single-channel stem) at their full ranks
-    # too: the kxk convs that a full-rank decomposition takes are the ones the flow could cut.
-    ranks = {n: tuple(r) for n, r in row["ranks"].items() if n in _conv_weights(s)}
+    # too; the flow cuts what a full-rank decomposition takes, 1x1 convs (SVD pairs) included, which
+    # the other baselines leave whole. A layer with a mode at rank 0 outputs nothing, and the flow
+    # drops its other factors with it.
+    ranks = {n: tuple(0 for _ in r) if 0 in r else tuple(r) for n, r in row["ranks"].items() if n in _decomposable(s)}
     return _decomposed(s, ranks), {"ranks": {n: list(r) for n, r in ranks.items()}, "funnel_macs": row["macs"]}
 
 
