@@ -995,6 +995,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--plot", action="store_true", help="only draw results/pareto.png from the stored rows")
     parser.add_argument("--table", metavar="EXP", help="only print EXP's stored rows as markdown tables: every "
                                                        "final row, then the mean and std over seeds")
+    parser.add_argument("--reference", default="funnel", metavar="METHOD",
+                        help="with --table: the method the paired differences are taken from (default funnel)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.table:
@@ -1002,7 +1004,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print()
         print(summary(args.table))
         print()
-        print(paired(args.table))
+        print(paired(args.table, args.reference))
         return 0
     if args.plot:
         print(plot() or "no rows to plot")

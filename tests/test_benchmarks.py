@@ -120,6 +120,12 @@ def test_quality_rows_are_matched_to_the_budget_and_paired(compare, tmp_path, ca
     (line,) = [l for l in out.splitlines() if l.startswith("| resnet20 | quick | 3x | uniform | 1 |")]
     diff = 100 * (final[("funnel", "3x")]["accuracy"] - final[("uniform", "3x")]["accuracy"])
     assert f"| {diff:+.2f} |" in line and line.endswith(f"| {int(diff > 0)} of 1 |")
+    compare.main(["--table", "quality", "--reference", "funnel-ranks"])  # differences from another method
+    out = capsys.readouterr().out
+    assert "| funnel-ranks minus |" in out
+    (line,) = [l for l in out.splitlines() if l.startswith("| resnet20 | quick | 3x | funnel | 1 |")]
+    diff = 100 * (final[("funnel-ranks", "3x")]["accuracy"] - final[("funnel", "3x")]["accuracy"])
+    assert f"| {diff:+.2f} |" in line
     # A baseline trained again differently is refused before a new row pairs with the stored ones
     stored = json.loads((tmp_path / "results" / "quality.json").read_text())
     (base_row,) = [r for r in stored["rows"] if r["method"] == "uncompressed"]
