@@ -917,7 +917,10 @@ def run_pool(jobs: list[list[str]], workers: int, logs: Path, stop_after: Option
     command = command or [sys.executable, str(Path(__file__).resolve())]
     logs.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    late = lambda: stop_after is not None and time.monotonic() - start >= stop_after  # noqa: E731
+
+    def late() -> bool:
+        return stop_after is not None and time.monotonic() - start >= stop_after
+
     pending, running = list(enumerate(jobs)), {}
     counts = {"finished": 0, "failed": 0, "stopped": 0, "not started": 0}
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
