@@ -6,10 +6,15 @@
     .venv/bin/python benchmarks/compare.py --exp all --profile cpu          # every experiment
     .venv/bin/python benchmarks/compare.py --plot                           # pareto.png, gate_histograms.png
     .venv/bin/python benchmarks/compare.py --table baselines                # rows, then mean +- std over seeds
+    .venv/bin/python benchmarks/compare.py --exp quality --device cuda --workers 12 --stop-after 3000 \
+        --seeds 0 1 2 3 --settings baseline "2x kd" --methods uncompressed funnel uniform   # a GPU machine
 
 Runners for other seeds, models or ``--methods`` may run side by side (``--threads 1`` each on a
 2-core machine): rows are appended under a lock, and a runner that needs a baseline another one is
-training waits for it.
+training waits for it. ``--workers N`` starts them itself: one runner per (setting, model, seed,
+method), N at a time, each logging under ``benchmarks/runs/pool-*/``. ``--device cuda`` trains on a
+GPU; such rows carry ``device`` and start from baselines trained there, so they are paired only
+with each other (``profile`` shows as ``cpu on cuda`` in the tables).
 
 Every finished run is appended at once to ``benchmarks/results/<exp>.json`` as one row
 (``{"rows": [...]}``); a rerun skips the rows already there, and every training stage
