@@ -78,7 +78,7 @@ import torch.nn as nn
 import fxtucker
 from fxtucker import data, models, tucker
 from fxtucker.compress import CompressConfig, compress, distillation_loss
-from fxtucker.io import save_torch, write_atomic
+from fxtucker.io import nofollow_opener, save_torch, write_atomic
 from fxtucker.latency import measure_latency
 from fxtucker.passes import cost_model, count_macs, decompose_conv, fold_or_restore
 from fxtucker.train import TrainConfig, evaluate, train
@@ -157,6 +157,11 @@ def _device(row: dict) -> str:
     return row.get("device", "cpu")
 
 
+def _matches(row: dict, key: dict) -> bool:
+    """``row`` has every field of ``key`` and ran on its device (a CPU key names none)."""
+    return _device(row) == key.get("device", "cpu") and all(row.get(k) == v for k, v in key.items())
+
+
 def _where(row: dict) -> str:
     """A row's profile, with its device where that is not the CPU ("cpu on cuda"): rows of different
     devices start from different baselines and are never paired."""
@@ -182,7 +187,7 @@ def _quiet(fn: Callable, *args, **kwargs):
 @contextlib.contextmanager
 def _locked(path: Path):
     """Hold an exclusive lock on ``path`` (created if missing): runners side by side take turns."""
-    with open(path, "w") as lock:
+    with open(path, "w", opener=nofollow_opener) as lock:  # never through a link
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -447,7 +452,7 @@ def _match_up(macs_of: Callable[[float], int], target: int) -> float:
 def funnel_row(exp: str, s: Setup, setting: str) -> Optional[dict]:
     """The stored final funnel row of ``s``'s seed (and device) for ``setting``, if any."""
     rows = [r for r in _load(exp) if r["method"] == "funnel" and r["setting"] == setting and r["stage"] == "final"
-            and _device(r) == s.device and all(r.get(k) == v for k, v in s.key.items())]
+            and _matches(r, s.key)]
     return rows[-1] if rows else None
 
 
@@ -645,8 +650,7 @@ def _append(exp: str, row: dict) -> None:
 
 
 def _done(exp: str, key: dict) -> bool:
-    device = key.get("device", "cpu")
-    return any(_device(r) == device and all(r.get(k) == v for k, v in key.items()) for r in _load(exp))
+    return any(_matches(r, key) for r in _load(exp))
 
 
 def _git_commit() -> str:
@@ -699,8 +703,8 @@ def check_baseline(exp: str, s: Setup) -> None:
     from, or new rows would be compared with rows of another model. Checked on the validation
     split against the stored uncompressed row (up to 2 images, for an argmax tie that another
     thread count may flip)."""
-    stored = [r for r in _load(exp) if r["method"] == "uncompressed" and r["stage"] == "final" and _device(r) == s.device
-              and all(r.get(k) == v for k, v in s.key.items()) and r.get("val_accuracy") is not None]
+    stored = [r for r in _load(exp) if r["method"] == "uncompressed" and r["stage"] == "final" and _matches(r, s.key)
+              and r.get("val_accuracy") is not None]
     if not stored:
         return
     n = len(s.val_loader.dataset)
@@ -932,7 +936,7 @@ def run_pool(jobs: list[list[str]], workers: int, logs: Path, stop_after: Option
     while pending or running:
         while pending and len(running) < workers and not late():
             n, job = pending.pop(0)
-            log = open(logs / f"job-{n}.log", "w")
+            log = open(logs / f"job-{n}.log", "w", opener=nofollow_opener)  # a link planted there is refused
             running[n] = (subprocess.Popen(command + job, stdout=log, stderr=subprocess.STDOUT, env=env), log, job)
         if late():
             counts["not started"] += len(pending)

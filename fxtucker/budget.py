@@ -215,10 +215,11 @@ class GatePenalty:
             flat = torch.cat([g.detach().flatten() for g in self.gate_list])
             sizes = [g.numel() for g in self.gate_list]
             a = flat.abs()
+            counts = torch.tensor(sizes, device=a.device)  # each vector's value, once per gate, on the gates' device
             means = torch.stack([v.mean() for v in a.split(sizes)]) if self.relative else torch.ones(len(sizes), device=a.device)
             means = means.clamp_min(1e-12)
-            unit = torch.repeat_interleave(means, torch.tensor(sizes, device=a.device)) if self.relative else torch.ones_like(a)
-            scale = torch.repeat_interleave(torch.tensor(self.scales, dtype=a.dtype, device=a.device), torch.tensor(sizes, device=a.device))
+            unit = torch.repeat_interleave(means, counts) if self.relative else torch.ones_like(a)
+            scale = torch.repeat_interleave(torch.tensor(self.scales, dtype=a.dtype, device=a.device), counts)
         with torch.enable_grad():
             u = (a / unit).requires_grad_(True)
             value = (self.fn(u, c) if self.uses_c else self.fn(u)).mul(scale).sum()
@@ -231,7 +232,7 @@ class GatePenalty:
                 # undoes in training mode while its running statistics fall behind.
                 new_means = torch.stack([v.mean() for v in new.split(sizes)])
                 ratio = torch.where(new_means > 0, means / new_means.clamp_min(1e-30), torch.ones_like(means))
-                new = new * torch.repeat_interleave(ratio, torch.tensor(sizes, device=a.device))
+                new = new * torch.repeat_interleave(ratio, counts)
             # Gates at 0 after the last proximal step that the optimizer step moved off 0 are not
             # new zeros: the proximal step decides again whether they stay.
             was_zero = self.zero_mask if self.zero_mask is not None and self.zero_mask.numel() == a.numel() else (a == 0)
