@@ -106,7 +106,8 @@ PROFILES: dict[str, dict[str, Any]] = {
 #: lambda of the ablations (fixed, no steering).
 ABLATION_LAMBDA = 10.0
 
-METHODS = ("uncompressed", "funnel", "funnel_scaled", "l1", "l2", "vbmf", "musco", "uniform", "torch-pruning", "funnel-ranks")
+METHODS = ("uncompressed", "funnel", "funnel-cut", "funnel_scaled", "l1", "l2", "vbmf", "musco", "uniform", "torch-pruning",
+           "funnel-ranks")
 
 #: The MAC budgets (times fewer MACs) of the quality experiment.
 QUALITY_BUDGETS = (2, 3, 4)
@@ -512,13 +513,18 @@ def _plan(exp: str, s: Setup) -> list[dict]:
         runs = [dict(method="uncompressed", setting="baseline"), dict(method="vbmf", setting="evbmf ranks", baseline="vbmf")]
         for k in QUALITY_BUDGETS:
             target = s.macs // k
-            runs.append(dict(method="funnel", setting=f"{k}x", flow=dict(target_macs=target), target=target))
+            runs.append(dict(method="funnel", setting=f"{k}x", flow=dict(target_macs=target, c_follows_budget=False), target=target))
             runs += [dict(method=m, setting=f"{k}x", baseline=m, target=target)
                      for m in ("uniform", "torch-pruning", "musco", "vbmf")]
         # The same comparison with every method's epochs after the baseline distilled from it ("kd").
         for k in QUALITY_BUDGETS:
             target = s.macs // k
-            runs.append(dict(method="funnel", setting=f"{k}x kd", flow=dict(target_macs=target, **KD_FLOW), target=target))
+            # "funnel": the flow as its first rows ran it (c on its schedule); "funnel-cut": with c
+            # following the budget's cut (session 11, chosen on the validation split: `tuning`).
+            runs.append(dict(method="funnel", setting=f"{k}x kd", target=target,
+                             flow=dict(target_macs=target, c_follows_budget=False, **KD_FLOW)))
+            runs.append(dict(method="funnel-cut", setting=f"{k}x kd", target=target,
+                             flow=dict(target_macs=target, c_follows_budget=True, **KD_FLOW)))
             runs += [dict(method=m, setting=f"{k}x kd", baseline=m, target=target, distill=True)
                      for m in ("uniform", "torch-pruning", "musco", "vbmf")]
         # The funnel's own ranks, decomposed and fine-tuned as the baselines are (after the funnel row):

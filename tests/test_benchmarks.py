@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,18 @@ def test_split_gives_disjoint_training_and_validation_indices(compare):
         compare.split(100, 90, 20, seed=0)
 
 
+def test_quality_plan_keeps_the_stored_funnel_recipe_beside_funnel_cut(compare):
+    """"funnel" rows are the flow with c on its schedule whatever the defaults; "funnel-cut" has c
+    follow the budget's cut; both at every distilled budget, with the same epochs."""
+    plan = compare._plan("quality", types.SimpleNamespace(macs=3 * 4 * 1000, profile="cpu"))
+    runs = {(r["method"], r["setting"]): r for r in plan}
+    for k in compare.QUALITY_BUDGETS:
+        funnel, cut = runs[("funnel", f"{k}x kd")], runs[("funnel-cut", f"{k}x kd")]
+        assert funnel["flow"]["c_follows_budget"] is False and cut["flow"]["c_follows_budget"] is True
+        assert {**funnel["flow"], "c_follows_budget": True} == cut["flow"] and funnel["target"] == cut["target"] == 12000 // k
+        assert runs[("funnel", f"{k}x")]["flow"]["c_follows_budget"] is False
+
+
 def test_quality_rows_are_matched_to_the_budget_and_paired(compare, tmp_path, capsys):
     compare.main(["--exp", "quality", "--profile", "quick", "--no-progress", "--methods", "funnel-ranks",
                   "--settings", "3x"])
@@ -101,6 +114,7 @@ def test_quality_rows_are_matched_to_the_budget_and_paired(compare, tmp_path, ca
     funnel_ranks = final[("funnel-ranks", "3x")]["ranks"]
     assert funnel_ranks == {n: [0] * len(r) if 0 in r else r for n, r in final[("funnel", "3x")]["ranks"].items()
                             if n in funnel_ranks}
+    assert funnel_ranks.keys() == final[("funnel", "3x")]["ranks"].keys()  # the flow's rows list decomposed layers only
     assert any(len(r) == 1 for r in funnel_ranks.values())  # the 1x1 downsampling convs, as the flow cuts them
     assert final[("funnel-ranks", "3x")]["macs"] == final[("funnel", "3x")]["macs"]
     base = final[("uncompressed", "baseline")]["macs"]
