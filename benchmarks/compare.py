@@ -36,7 +36,8 @@ Experiments (the paper's counterpart in brackets):
   settings ``2x`` ... without distillation for anyone, ``2x kd`` ... with every method's epochs
   after the baseline distilled from it (``KD_FLOW`` for the funnel flow). ``funnel-ranks``: the
   funnel row's ranks as a plain decomposition, fine-tuned as the baselines are (its allocation of
-  ranks without its training path).
+  ranks without its training path). ``funnel-cut``: the flow with c following the budget's cut
+  (``c_follows_budget``) instead of its schedule, which ``funnel`` rows keep.
 - ``epochs``: the funnel flow's epochs split three ways between training, regularizing and
   fine-tuning, at the same total (how the profiles' ``flow`` was chosen).
 - ``design``: fxtucker's departures from the paper (relative gates, the proximal step, MAC
