@@ -253,3 +253,15 @@ def test_rows_of_another_device_are_neither_done_nor_paired_with_the_cpus(compar
     assert "| resnet20 | cpu on cuda | 2x kd | funnel | 0 | 70.00 | 10.00 |" in summary
     assert "| resnet20 | cpu on cuda | 2x kd | uniform | 1 | +20.00 |" in compare.paired("quality")
     assert "| resnet20 | cpu | 2x kd | uniform |" not in compare.paired("quality")
+
+
+def test_tuning_rows_record_their_own_budget_and_never_the_test_set(compare, tmp_path):
+    """A tuning row at 4x records the 4x budget it aimed at (not 2x), and the validation split only."""
+    compare.main(["--exp", "tuning", "--profile", "quick", "--no-progress", "--methods", "funnel",
+                  "--settings", "4x reg2 no-ft c follows budget", "threshold auto reg2 no-ft"])
+    rows = {r["setting"]: r for r in json.loads((tmp_path / "results" / "tuning.json").read_text())["rows"]}
+    row = rows["4x reg2 no-ft c follows budget"]
+    assert row["target_macs"] == row["macs_baseline"] // 4 and 0.99 <= row["macs_vs_target"] <= 1.0
+    assert row["config"]["c_follows_budget"] is True and row["accuracy"] is None and row["val_accuracy"] is not None
+    plain = rows["threshold auto reg2 no-ft"]  # a plain threshold aims at no budget
+    assert plain["target_macs"] is None and "macs_vs_target" not in plain
