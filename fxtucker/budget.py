@@ -103,8 +103,8 @@ class GatePenalty:
     fast (it may double every ``every`` steps), ahead of it lambda shrinks, and the proximal step
     never zeroes past the budget, so at the end of step 3 the budget cuts gates that are already
     0 or close to it. lambda stays within [1/``RANGE``, ``RANGE``] times its start value, depends
-    only on the states so far, and is part of the training checkpoint (``state_dict``), so a
-    resumed run repeats the uninterrupted one.
+    only on the states so far, and is part of the training checkpoint (``state_dict``, with c
+    when it follows the budget), so a resumed run repeats the uninterrupted one.
 
     Args:
         gated: the gated GraphModule, annotated by :func:`~fxtucker.passes.cost_model`.
@@ -258,10 +258,14 @@ class GatePenalty:
         return predict_macs(self.gated, math.nextafter(0.0, 1.0), self.round_to, relative=self.relative)
 
     def state_dict(self) -> dict:
-        return {"weight": self.weight}
+        # With c_follows_budget, c is the cut as of the last steering step: a checkpoint written
+        # between two of them must bring it back, not recompute it from the gates of the moment.
+        return {"weight": self.weight, **({"cut": self.cut} if self.cut is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         self.weight = float(state["weight"])
+        if self.c_follows_budget and state.get("cut") is not None:
+            self.cut = float(state["cut"])
         self.zeros_macs = self._zeros_macs()
 
 

@@ -179,3 +179,25 @@ def test_c_follows_the_budget_threshold():
     plain = budget.GatePenalty(gm, "funnel", 1.0, schedule, target_macs=target)
     assert plain.c(1) == schedule(1)
     assert CompressConfig(c_follows_budget=True).c_follows_budget
+
+
+def test_c_following_the_budget_is_restored_with_the_checkpoint():
+    """c is the budget's cut as of the last steering step, not as of the gates a resumed run starts
+    from: a checkpoint written between two steering steps brings it back."""
+    gm, _, _ = _gated_toy()
+    sizes = budget.gate_magnitudes(gm, relative=True)
+    target = predict_macs(gm, float(sizes[sizes > 0].median()), relative=True)  # cuts gates well above c_end
+    schedule = regularizers.c_schedule("linear", c_start=1.0, c_end=0.01, total=2)
+    pen = budget.GatePenalty(gm, "funnel", 1.0, schedule, target_macs=target, c_follows_budget=True)
+    pen.steer(0, 10)
+    assert pen.c(0) > 0.01
+    c = pen.c(0)
+    with torch.no_grad():  # the optimizer steps after the last steering step move the gates
+        for layer in fxtucker.gates(gm).values():
+            for g in layer.values():
+                g.mul_(torch.linspace(0.5, 1.5, g.numel()).view_as(g))
+    state = pen.state_dict()
+    resumed = budget.GatePenalty(gm, "funnel", 1.0, schedule, target_macs=target, c_follows_budget=True)
+    assert resumed.c(0) != c  # built on the moved gates
+    resumed.load_state_dict(state)
+    assert resumed.c(0) == c and resumed.weight == pen.weight

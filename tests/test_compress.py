@@ -130,9 +130,11 @@ def test_config_from_toml_and_errors(tmp_path):
         compress(model, train, [1, 2])
 
 
-def test_killed_run_resumes_to_the_same_result(one_thread, tmp_path, monkeypatch):
+@pytest.mark.parametrize("c_follows_budget", [False, True])
+def test_killed_run_resumes_to_the_same_result(one_thread, tmp_path, monkeypatch, c_follows_budget):
     model, train, test, x = toy_problem(4)
-    config = CompressConfig(train_epochs=1, reg_epochs=3, finetune_epochs=1, reg_weight=0.05, target_speedup=2.0)
+    config = CompressConfig(train_epochs=1, reg_epochs=3, finetune_epochs=1, reg_weight=0.05, target_speedup=2.0,
+                            c_follows_budget=c_follows_budget)
     straight = compress(model, train, x, eval_data=test, config=config, out_dir=tmp_path / "a", progress=False)
 
     flow = importlib.import_module("fxtucker.compress")  # fxtucker.compress is the function
