@@ -609,8 +609,8 @@ def _plan(exp: str, s: Setup) -> list[dict]:
     if exp == "baselines":
         runs = [dict(method="uncompressed", setting="baseline")]
         runs.append(dict(method="funnel", setting="2x", flow=dict(target_macs=half)))
-        runs += [dict(method=m, setting="2x" if m != "vbmf" else "evbmf ranks", baseline=m)
-                 for m in ("vbmf", "musco", "uniform", "torch-pruning")]
+        runs.append(dict(method="vbmf", setting="evbmf ranks", baseline="vbmf", target=None))  # EVBMF's own ranks
+        runs += [dict(method=m, setting="2x", baseline=m) for m in ("musco", "uniform", "torch-pruning")]
         return runs
     if exp == "epochs":
         # How the profile's split of the funnel flow's epochs (train + regularize + fine-tune) was chosen.
@@ -766,13 +766,14 @@ def run_experiment(exp: str, s: Setup, progress: bool = True, methods: Optional[
             continue
         print(f"[{exp}] {s.model_name}/{s.dataset} seed {s.seed}: {run['method']} ({run['setting']})", flush=True)
         start = time.perf_counter()
-        # The budget the run aims at: its own, its flow's, or (a baseline outside quality) 2x.
+        # The budget the run aims at: its own (None: none), its flow's, or (a baseline outside quality) 2x.
         flow = run.get("flow", {})
-        target = run.get("target") or flow.get("target_macs")
-        if target is None and "target_speedup" in flow:
-            target = int(s.macs / flow["target_speedup"])
-        if target is None and "flow" not in run and run["method"] != "uncompressed" and exp != "quality":
-            target = s.macs // 2
+        if "target" in run:
+            target = run["target"]
+        elif "flow" in run:
+            target = flow.get("target_macs") or (int(s.macs / flow["target_speedup"]) if "target_speedup" in flow else None)
+        else:
+            target = s.macs // 2 if run["method"] != "uncompressed" and exp != "quality" else None
         extra: dict = {}
         if run["method"] == "uncompressed":
             model = s.baseline

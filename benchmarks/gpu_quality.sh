@@ -27,7 +27,7 @@ python3 /tmp/smoke/benchmarks/compare.py --table quality | tail -12 | tee -a "$o
 
 left=$(( end - $(date +%s) - 45 ))  # the copies below need a little time
 echo "main runs: $left s"
-common=(--exp quality --profile cpu --device cuda --stop-after "$left" --methods uncompressed funnel uniform torch-pruning musco vbmf)
+common=(--exp quality --profile cpu --device cuda --stop-after "$left" --methods uncompressed funnel funnel-cut uniform torch-pruning musco vbmf)
 python3 benchmarks/compare.py "${common[@]}" --workers "${R20_WORKERS:-11}" --models resnet20 --seeds 0 1 2 3 4 5 6 7 \
   --settings baseline "2x kd" "3x kd" "4x kd" "evbmf ranks" > "$out/pool_resnet20.log" 2>&1 &
 python3 benchmarks/compare.py "${common[@]}" --workers "${VGG_WORKERS:-3}" --models vgg_small --seeds 0 1 2 \

@@ -258,14 +258,23 @@ class GatePenalty:
         return predict_macs(self.gated, math.nextafter(0.0, 1.0), self.round_to, relative=self.relative)
 
     def state_dict(self) -> dict:
-        # With c_follows_budget, c is the cut as of the last steering step: a checkpoint written
-        # between two of them must bring it back, not recompute it from the gates of the moment.
-        return {"weight": self.weight, **({"cut": self.cut} if self.cut is not None else {})}
+        """What a resumed run needs to repeat this one: lambda, the last step's learning rate (the
+        cap on lambda), which gates the last proximal step left at 0 (the budget guard), and with
+        ``c_follows_budget`` the cut as of the last steering step (not the gates' cut of the moment)."""
+        return {"weight": self.weight, "lr": self.lr, "zero_mask": self.zero_mask,
+                **({"cut": self.cut} if self.cut is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s state; the gates must be restored first. A checkpoint from
+        before ``lr``, ``zero_mask`` and ``cut`` were saved resumes as it did then."""
         self.weight = float(state["weight"])
-        if self.c_follows_budget and state.get("cut") is not None:
-            self.cut = float(state["cut"])
+        self.lr = float(state["lr"]) if state.get("lr") is not None else None
+        mask, total = state.get("zero_mask"), sum(g.numel() for g in self.gate_list)
+        self.zero_mask = None
+        if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.numel() == total and self.gate_list:
+            self.zero_mask = mask.reshape(-1).to(self.gate_list[0].device)
+        if self.c_follows_budget:
+            self.cut = float(state["cut"]) if state.get("cut") is not None else self.budget_threshold()
         self.zeros_macs = self._zeros_macs()
 
 

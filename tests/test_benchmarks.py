@@ -47,7 +47,8 @@ def test_quick_baselines_write_rows_and_a_rerun_skips_them(compare, tmp_path, ca
     assert {"uncompressed", "funnel", "vbmf", "musco", "uniform"} <= set(final)
     base = final["uncompressed"]["macs"]
     for method in ("funnel", "musco", "uniform"):  # matched to half the MACs
-        assert final[method]["macs"] <= base // 2
+        assert final[method]["macs"] <= base // 2 and final[method]["target_macs"] == base // 2
+    assert final["vbmf"]["target_macs"] is None and final["uncompressed"]["target_macs"] is None  # EVBMF's own ranks
     for r in rows:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["params"] > 0 and r["latency_ms"] > 0
         assert {"method", "dataset", "model", "setting", "seed", "stage", "wall_s"} <= set(r)

@@ -196,8 +196,15 @@ def test_c_following_the_budget_is_restored_with_the_checkpoint():
         for layer in fxtucker.gates(gm).values():
             for g in layer.values():
                 g.mul_(torch.linspace(0.5, 1.5, g.numel()).view_as(g))
+    pen.after_step(gm, 0, 11, lr=0.05)
     state = pen.state_dict()
     resumed = budget.GatePenalty(gm, "funnel", 1.0, schedule, target_macs=target, c_follows_budget=True)
     assert resumed.c(0) != c  # built on the moved gates
     resumed.load_state_dict(state)
     assert resumed.c(0) == c and resumed.weight == pen.weight
+    # the cap on lambda (the last learning rate) and the budget guard's zeros come back too
+    assert resumed.lr == 0.05 and torch.equal(resumed.zero_mask, pen.zero_mask)
+    older = budget.GatePenalty(gm, "funnel", 1.0, schedule, target_macs=target, c_follows_budget=True)
+    older.load_state_dict({"weight": 2.0})  # a checkpoint written before these were saved
+    assert older.weight == 2.0 and older.lr is None and older.zero_mask is None
+    assert older.c(0) == max(older.budget_threshold(), 0.01)

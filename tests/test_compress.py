@@ -133,8 +133,11 @@ def test_config_from_toml_and_errors(tmp_path):
 @pytest.mark.parametrize("c_follows_budget", [False, True])
 def test_killed_run_resumes_to_the_same_result(one_thread, tmp_path, monkeypatch, c_follows_budget):
     model, train, test, x = toy_problem(4)
-    config = CompressConfig(train_epochs=1, reg_epochs=3, finetune_epochs=1, reg_weight=0.05, target_speedup=2.0,
-                            c_follows_budget=c_follows_budget)
+    # With c following the budget: a budget the zeros cannot meet by the checkpoint, and a tiny c_end,
+    # so that c is the cut the last steering step saw.
+    config = CompressConfig(train_epochs=1, reg_epochs=3, finetune_epochs=1, reg_weight=0.05,
+                            target_speedup=4.0 if c_follows_budget else 2.0, c_follows_budget=c_follows_budget,
+                            c_end=1e-9 if c_follows_budget else 0.01)
     straight = compress(model, train, x, eval_data=test, config=config, out_dir=tmp_path / "a", progress=False)
 
     flow = importlib.import_module("fxtucker.compress")  # fxtucker.compress is the function
