@@ -81,6 +81,7 @@ from fxtucker import data, models, tucker
 from fxtucker.compress import CompressConfig, compress, distillation_loss
 from fxtucker.io import nofollow_opener, save_torch, write_atomic
 from fxtucker.latency import measure_latency
+from fxtucker.meta import FIRST, LAST
 from fxtucker.passes import cost_model, count_macs, decompose_conv, fold_or_restore
 from fxtucker.train import TrainConfig, evaluate, train
 
@@ -466,12 +467,18 @@ def method_funnel_ranks(s: Setup, target: int, progress: bool, exp: str, setting
     row = funnel_row(exp, s, setting)
     if row is None:
         raise LookupError(f"no funnel row of {setting!r} for seed {s.seed} ({_where(s.key)}) in {exp}: run the funnel first")
-    # The row lists every layer the flow saw, skipped ones (a single-channel stem) at their full ranks
-    # too; the flow cuts what a full-rank decomposition takes, 1x1 convs (SVD pairs) included, which
-    # the other baselines leave whole. A layer with a mode at rank 0 outputs nothing, and the flow
-    # drops its other factors with it.
-    ranks = {n: tuple(0 for _ in r) if 0 in r else tuple(r) for n, r in row["ranks"].items() if n in _decomposable(s)}
-    return _decomposed(s, ranks), {"ranks": {n: list(r) for n, r in ranks.items()}, "funnel_macs": row["macs"]}
+    # Older rows list skipped layers (a single-channel stem) at their full ranks too; the flow cuts
+    # what a full-rank decomposition takes, 1x1 convs (SVD pairs) included, which the other
+    # baselines leave whole. A mode at rank 0 is built as strip_gates builds it: one component
+    # whose factor (``first`` for the input mode, ``last`` for the output mode) is zeroed, so the
+    # layer costs what the flow's does and outputs only its bias until fine-tuning revives it.
+    ranks = {n: tuple(r) for n, r in row["ranks"].items() if n in _decomposable(s)}
+    model = _decomposed(s, {n: tuple(max(1, k) for k in r) for n, r in ranks.items()})
+    with torch.no_grad():
+        for n, r in ranks.items():
+            for factor in [(FIRST, LAST)[mode] for mode, k in enumerate(r) if k == 0]:
+                model.get_submodule(n)[factor].weight.zero_()
+    return model, {"ranks": {n: list(r) for n, r in ranks.items()}, "funnel_macs": row["macs"]}
 
 
 BASELINE_METHODS = {"vbmf": method_vbmf, "musco": method_musco, "uniform": method_uniform,

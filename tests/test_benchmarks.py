@@ -110,14 +110,24 @@ def test_quality_rows_are_matched_to_the_budget_and_paired(compare, tmp_path, ca
     final = {(r["method"], r["setting"]): r for r in rows if r["stage"] == "final"}
     assert set(final) == {("uncompressed", "baseline"), ("funnel", "3x"), ("uniform", "3x"), ("vbmf", "3x"),
                           ("vbmf", "evbmf ranks"), ("funnel-ranks", "3x")}
-    # The funnel's ranks without its training path: the same ranks (a layer with a mode at 0 all at 0),
-    # hence the same MACs.
+    # The funnel's ranks without its training path: the same ranks, hence the same MACs.
     funnel_ranks = final[("funnel-ranks", "3x")]["ranks"]
-    assert funnel_ranks == {n: [0] * len(r) if 0 in r else r for n, r in final[("funnel", "3x")]["ranks"].items()
-                            if n in funnel_ranks}
+    assert funnel_ranks == final[("funnel", "3x")]["ranks"]
     assert funnel_ranks.keys() == final[("funnel", "3x")]["ranks"].keys()  # the flow's rows list decomposed layers only
     assert any(len(r) == 1 for r in funnel_ranks.values())  # the 1x1 downsampling convs, as the flow cuts them
     assert final[("funnel-ranks", "3x")]["macs"] == final[("funnel", "3x")]["macs"]
+    # A mode at rank 0 (a 4x funnel row): built as strip_gates builds it, one component with its factor
+    # zeroed, so the layer outputs its bias and costs what the flow's does.
+    s = compare.setup("resnet20", "fashion-mnist", 0, "quick", progress=False)
+    dead_in, dead_out = [n for n, r in funnel_ranks.items() if len(r) == 2][:2]
+    zeroed = {**final[("funnel", "3x")], "setting": "4x", "ranks": {**funnel_ranks, dead_in: [0, 3], dead_out: [2, 0]}}
+    compare.append_row(tmp_path / "results" / "quality.json", zeroed)
+    model, extra = compare.method_funnel_ranks(s, None, False, exp="quality", setting="4x")
+    assert extra["ranks"][dead_in] == [0, 3] and extra["ranks"][dead_out] == [2, 0]
+    first, last = model.get_submodule(dead_in)["first"].weight, model.get_submodule(dead_in)["last"].weight
+    assert first.shape[0] == 1 and not first.any() and last.shape[1] == 3 and last.any()
+    first, last = model.get_submodule(dead_out)["first"].weight, model.get_submodule(dead_out)["last"].weight
+    assert first.shape[0] == 2 and first.any() and last.shape[1] == 1 and not last.any()
     base = final[("uncompressed", "baseline")]["macs"]
     for method in ("funnel", "uniform", "vbmf"):  # within 1% under the budget
         r = final[(method, "3x")]
