@@ -612,6 +612,14 @@ def _plan(exp: str, s: Setup) -> list[dict]:
         # (0.9152 against 0.9172: the default stays; every difference here is within one run's noise).
         runs.append(dict(method="funnel", setting=f"2x 0+2+{total - 2} distill+distill_reg c follows budget",
                          flow=dict(kd, target_macs=half, c_follows_budget=True)))
+        # Session 12: at 4x the funnel's ranks trailed uniform ranks fine-tuned alike (funnel-ranks, 3
+        # seeds): full-rank MAC weights pulled the first stage to ranks 4-5 by 1-2 of 16, pulling a
+        # layer's input components as hard after its output rank was cut, when each of them saves a
+        # fraction of that. Weights at the live ranks (live_mac_weights), on seeds 0, 2 and 3,
+        # against the same seeds' quality rows (their validation accuracy is stored).
+        runs += [dict(method="funnel", setting=f"{k}x 0+2+{total - 2} distill+distill_reg live MAC weights{name}",
+                      flow=dict(kd, target_macs=s.macs // k, live_mac_weights=True, **kw))
+                 for k in (3, 4) for name, kw in (("", {}), (" c follows budget", dict(c_follows_budget=True)))]
         return runs
     if exp == "baselines":
         runs = [dict(method="uncompressed", setting="baseline")]

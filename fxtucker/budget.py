@@ -29,12 +29,17 @@ def gate_magnitudes(gm: fx.GraphModule, relative: bool) -> torch.Tensor:
                       for g in _all_gates(gm)])
 
 
-def component_macs(gated: fx.GraphModule) -> dict[str, dict[str, float]]:
+def component_macs(gated: fx.GraphModule, *, alive: bool = False) -> dict[str, dict[str, float]]:
     """MACs per component of every gate vector: ``{layer: {gate role: MACs}}``.
 
     An input-mode component (``gate_in``) costs its share of ``first`` and ``core``; an
     output-mode one (``gate_core``, ``gate_out``) its share of ``core`` and ``last``; an SVD
     pair's component its share of both factors. Needs cost-model annotations.
+
+    ``alive``: what removing one more component saves at the ranks still alive (gates not at 0)
+    instead of at full rank: a ``core`` share only counts the other mode's live components, so
+    once a layer's output rank is mostly cut, its input components cost little more than their
+    row of ``first`` (and the other way round).
     """
     out: dict[str, dict[str, float]] = {}
     for source, roles in layer_nodes(gated).items():
@@ -44,7 +49,13 @@ def component_macs(gated: fx.GraphModule) -> dict[str, dict[str, float]]:
         c = gated.get_submodule(source)
         r_in, r_out = c[GATE_IN].weight.numel(), c[GATE_OUT].weight.numel()
         if CORE in roles:
-            per_in, per_out = (macs[FIRST] + macs[CORE]) / r_in, (macs[CORE] + macs[LAST]) / r_out
+            live_in = live_out = 1.0
+            if alive:
+                g_in, g_out, g_core = (c[role].weight.detach() for role in (GATE_IN, GATE_OUT, GATE_CORE))
+                live_in = float((g_in != 0).double().mean())
+                live_out = float(((g_out != 0) & (g_core != 0)).double().mean())
+            per_in = (macs[FIRST] + macs[CORE] * live_out) / r_in
+            per_out = (macs[CORE] * live_in + macs[LAST]) / r_out
             out[source] = {GATE_IN: per_in, GATE_CORE: per_out, GATE_OUT: per_out}
         else:
             per = (macs[FIRST] + macs[LAST]) / r_in
@@ -125,6 +136,11 @@ class GatePenalty:
             (:func:`component_macs`), divided by the mean over all gates, so that lambda buys
             MACs, not components: a component of a wide, high-resolution layer costs more than
             one of a small layer, and the budget is in MACs.
+        live_macs: with ``mac_weighted``, weigh by what a component saves at the ranks still
+            alive (``component_macs(alive=True)``; gates at 0 are dead), updated every ``every``
+            steps, instead of at full rank. Full-rank weights keep pulling a layer's input
+            components as hard after its output rank is cut, when each of them saves a fraction
+            of that; the units stay the full-rank mean, so lambda means the same.
         steps_per_epoch: optimizer steps in one epoch (``len`` of the training data), so the
             path can move within an epoch; None: it moves once an epoch.
         reach: the epoch (a float) by whose end the zeros meet the budget; default
@@ -137,7 +153,7 @@ class GatePenalty:
                  target_macs: Optional[int] = None, threshold: float = 0.01, epochs: int = 1, every: int = 10,
                  relative: bool = True, proximal: bool = True, round_to: Optional[int] = None,
                  mac_weighted: bool = True, steps_per_epoch: Optional[int] = None, reach: Optional[float] = None,
-                 c_follows_budget: bool = False):
+                 c_follows_budget: bool = False, live_macs: bool = False):
         self.gated, self.gate_list = gated, _all_gates(gated)
         self.proximal, self.round_to = proximal, round_to
         self.fn, self.uses_c = regularizers.get_regularizer(reg), reg in regularizers.FUNNEL_KINDS
@@ -149,16 +165,25 @@ class GatePenalty:
         self.lr: Optional[float] = None  # the last step's learning rate (after_step), for MAX_SHRINK
         self.zero_mask: Optional[torch.Tensor] = None  # which gates the last proximal step left at 0
         self.scales = [1.0] * len(self.gate_list)
+        self.live_macs = mac_weighted and live_macs
+        self.mac_unit = 0.0  # the mean full-rank MACs of a component, over all gates (mac_weighted)
         if mac_weighted:
-            costs = component_macs(gated)
-            per = [costs[layer][role] for layer, roles in gates(gated).items() for role in roles]
+            per = self._component_costs(alive=False)
             total = sum(p * g.numel() for p, g in zip(per, self.gate_list))
-            mean = total / max(1, sum(g.numel() for g in self.gate_list))
-            self.scales = [p / mean if mean > 0 else 1.0 for p in per]
+            self.mac_unit = total / max(1, sum(g.numel() for g in self.gate_list))
+            self._update_scales()
         self.full_macs = predict_macs(gated, 0.0, round_to, relative=relative)
         self.zeros_macs = self._zeros_macs()
         self.c_follows_budget = c_follows_budget and target_macs is not None
         self.cut: Optional[float] = self.budget_threshold() if self.c_follows_budget else None
+
+    def _component_costs(self, alive: bool) -> list[float]:
+        costs = component_macs(self.gated, alive=alive)
+        return [costs[layer][role] for layer, roles in gates(self.gated).items() for role in roles]
+
+    def _update_scales(self) -> None:
+        per = self._component_costs(alive=self.live_macs)
+        self.scales = [p / self.mac_unit if self.mac_unit > 0 else 1.0 for p in per]
 
     def budget_threshold(self) -> float:
         return threshold_for_budget(self.gated, self.target, relative=self.relative, round_to=self.round_to)
@@ -197,8 +222,11 @@ class GatePenalty:
         return scale * (self.fn(a, c) if self.uses_c else self.fn(a)).sum()
 
     def __call__(self, _model: nn.Module, epoch: int, step: int) -> torch.Tensor:
-        if self.target is not None and step > 0 and step % self.every == 0:
-            self.steer(epoch, step)
+        if step > 0 and step % self.every == 0:
+            if self.target is not None:
+                self.steer(epoch, step)
+            if self.live_macs:
+                self._update_scales()
         c = self.c(epoch)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.proximal):  # proximal: only logged
             return self.weight * torch.stack([self._value(g, c, k) for g, k in zip(self.gate_list, self.scales)]).sum()
@@ -260,9 +288,11 @@ class GatePenalty:
     def state_dict(self) -> dict:
         """What a resumed run needs to repeat this one: lambda, the last step's learning rate (the
         cap on lambda), which gates the last proximal step left at 0 (the budget guard), and with
-        ``c_follows_budget`` the cut as of the last steering step (not the gates' cut of the moment)."""
+        ``c_follows_budget`` the cut as of the last steering step (not the gates' cut of the moment),
+        and with ``live_macs`` the weights as of the last update."""
         return {"weight": self.weight, "lr": self.lr, "zero_mask": self.zero_mask,
-                **({"cut": self.cut} if self.cut is not None else {})}
+                **({"cut": self.cut} if self.cut is not None else {}),
+                **({"scales": list(self.scales)} if self.live_macs else {})}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`'s state; the gates must be restored first. A checkpoint from
@@ -275,6 +305,12 @@ class GatePenalty:
             self.zero_mask = mask.reshape(-1).to(self.gate_list[0].device)
         if self.c_follows_budget:
             self.cut = float(state["cut"]) if state.get("cut") is not None else self.budget_threshold()
+        if self.live_macs:
+            scales = state.get("scales")
+            if isinstance(scales, list) and len(scales) == len(self.gate_list):
+                self.scales = [float(k) for k in scales]
+            else:
+                self._update_scales()
         self.zeros_macs = self._zeros_macs()
 
 

@@ -65,7 +65,8 @@ class CompressConfig:
     ``proximal`` (also on by default) applies the penalty by a proximal step after each
     optimizer step, which takes small gates to exactly 0 instead of letting them oscillate
     around it (see :class:`GatePenalty`). ``mac_weighted`` (on by default) weights each gate's
-    penalty by the MACs of its component, since the budget is in MACs.
+    penalty by the MACs of its component, since the budget is in MACs; ``live_mac_weights`` (off
+    by default) by what the component saves at the ranks still alive instead of at full rank.
     """
 
     ranks: Union[None, float, str] = None
@@ -91,6 +92,7 @@ class CompressConfig:
     relative_gates: bool = True
     proximal: bool = True
     mac_weighted: bool = True
+    live_mac_weights: bool = False  # mac_weighted at the ranks still alive (GatePenalty's live_macs)
     compose: bool = True  # train through compose_factors: one conv per layer, same function and gradients
     c_follows_budget: bool = False  # with a budget: c = the gate size the budget would cut now (GatePenalty)
     finetune_epochs: int = 3
@@ -136,8 +138,8 @@ class CompressConfig:
             raise bad("target_speedup", "a number >= 1")
         if self.target_speedup is not None and not math.isfinite(self.target_speedup):
             raise bad("target_speedup", "a finite number >= 1")
-        for name in ("steer", "relative_gates", "proximal", "mac_weighted", "compose", "c_follows_budget", "linear",
-                     "distill", "distill_reg", "compile"):
+        for name in ("steer", "relative_gates", "proximal", "mac_weighted", "live_mac_weights", "compose",
+                     "c_follows_budget", "linear", "distill", "distill_reg", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")
         if self.round_to is not None and (not is_int(self.round_to) or self.round_to < 1):
@@ -380,7 +382,8 @@ def compress(
                           target_macs=target if config.steer else None, threshold=config.threshold,
                           epochs=config.reg_epochs, every=config.steer_every, relative=config.relative_gates,
                           proximal=config.proximal, round_to=config.round_to, mac_weighted=config.mac_weighted,
-                          steps_per_epoch=_len(train_data), c_follows_budget=config.c_follows_budget)
+                          steps_per_epoch=_len(train_data), c_follows_budget=config.c_follows_budget,
+                          live_macs=config.live_mac_weights)
     rel = config.relative_gates
     threshold_fn = ((lambda g: threshold_for_budget(g, target, relative=rel, round_to=config.round_to)) if target is not None
                     else (lambda g: config.threshold))

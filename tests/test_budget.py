@@ -121,6 +121,50 @@ def test_mac_weights_are_the_macs_per_component_and_average_to_one():
     assert pen.scales[0] != pen.scales[1]  # input and output components cost differently here
 
 
+def test_live_mac_weights_are_what_one_more_component_saves():
+    """With ``alive``, an input component's cost counts only the live output components' share of
+    ``core`` (and the other way round): what predict_macs says its removal saves."""
+    gm, _, _ = _gated_toy()
+    roles = {n.meta["fxtucker"].role: n for n in gm.graph.nodes if "fxtucker" in n.meta}
+    macs = {r: roles[r].meta["macs"] for r in ("first", "core", "last")}
+    layer = fxtucker.gates(gm)["conv"]
+    with torch.no_grad():  # every gate alive: the full-rank costs
+        for g in layer.values():
+            g.copy_(torch.rand(g.shape) + 0.5)
+    assert budget.component_macs(gm, alive=True) == budget.component_macs(gm)
+    pen = budget.GatePenalty(gm, "l1", 1.0, lambda e: 1.0, relative=False, proximal=False, every=5, live_macs=True)
+    unit, start = pen.mac_unit, list(pen.scales)
+    with torch.no_grad():  # cut 18 of the 24 output components (in the core's gate or the last's)
+        layer["gate_out"][:9] = 0
+        layer["gate_core"][9:18] = 0
+    live = budget.component_macs(gm, alive=True)["conv"]
+    assert live["gate_in"] * 16 == pytest.approx(macs["first"] + macs["core"] * 6 / 24)
+    assert live["gate_out"] == budget.component_macs(gm)["conv"]["gate_out"]  # all 16 inputs live
+    tiny = math.nextafter(0.0, 1.0)
+    before = predict_macs(gm, tiny)
+    with torch.no_grad():
+        layer["gate_in"][0] = 0
+    assert before - predict_macs(gm, tiny) == pytest.approx(live["gate_in"], abs=2)  # floor divisions
+    # the penalty's weights follow every `every` steps, in the full-rank units
+    pen(gm, 0, 3)
+    assert pen.scales == start
+    pen(gm, 0, 5)
+    assert pen.mac_unit == unit
+    in_cost = budget.component_macs(gm, alive=True)["conv"]["gate_in"]
+    assert pen.scales[0] == pytest.approx(in_cost / unit) and pen.scales[0] < start[0]
+    # a resumed run gets the weights of the last update back, not those of the gates it starts from
+    state = pen.state_dict()
+    with torch.no_grad():
+        layer["gate_in"][1:8] = 0
+    resumed = budget.GatePenalty(gm, "l1", 1.0, lambda e: 1.0, relative=False, proximal=False, every=5, live_macs=True)
+    assert resumed.scales != pen.scales
+    resumed.load_state_dict(state)
+    assert resumed.scales == pen.scales
+    unweighted = budget.GatePenalty(gm, "l1", 1.0, lambda e: 1.0, mac_weighted=False, live_macs=True)
+    unweighted(gm, 0, 5)
+    assert set(unweighted.scales) == {1.0} and "scales" not in unweighted.state_dict()
+
+
 def test_proximal_steps_never_zero_gates_past_the_budget():
     gm, _, _ = _gated_toy()
     full = predict_macs(gm, 0.0)

@@ -173,6 +173,8 @@ CONFIGS = [
     ("seed-negative", dict(seed=-1), r"CompressConfig: seed must be an integer in \[0, 2\*\*32\), got -1"),
     ("distill-not-bool", dict(distill="yes"), r"CompressConfig.distill must be true or false, got 'yes'"),
     ("linear-not-bool", dict(linear=1), r"CompressConfig.linear must be true or false, got 1"),
+    ("live-mac-weights-not-bool", dict(live_mac_weights="yes"),
+     r"CompressConfig.live_mac_weights must be true or false, got 'yes'"),
     ("distill_weight-nan", dict(distill_weight=NAN), r"CompressConfig.distill_weight must be a finite number >= 0, got nan"),
     ("distill_temperature-zero", dict(distill_temperature=0), r"CompressConfig.distill_temperature must be a finite number > 0, got 0"),
     ("c_schedule-unknown", dict(c_schedule="cubic"), r"unknown c_schedule kind 'cubic'; valid kinds are"),
