@@ -622,6 +622,12 @@ def _plan(exp: str, s: Setup) -> list[dict]:
                  for k in (3, 4) for name, kw in (("", {}), (" c follows budget", dict(c_follows_budget=True)))]
         # At 4x (seeds 0, 2, 3) they chose nearly the same ranks and ended 0.25 points lower (p = 0.005):
         # as layers shrink the pull eases, the zeros fall further short and the cut costs more. Not adopted.
+        # The training path's share (two full-rank regularized epochs leave the model 3-8 points down
+        # and 6 epochs to fine-tune): one regularized epoch, the zeros at the budget by its middle
+        # (c following the cut, which c's schedule cannot do in one epoch), 7 epochs of fine-tuning.
+        runs += [dict(method="funnel", setting=f"{k}x 0+1+{total - 1} distill+distill_reg c follows budget",
+                      flow=dict(kd, target_macs=s.macs // k, reg_epochs=1, finetune_epochs=total - 1, c_follows_budget=True))
+                 for k in (3, 4)]
         return runs
     if exp == "baselines":
         runs = [dict(method="uncompressed", setting="baseline")]
