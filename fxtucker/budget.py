@@ -36,10 +36,13 @@ def component_macs(gated: fx.GraphModule, *, alive: bool = False) -> dict[str, d
     output-mode one (``gate_core``, ``gate_out``) its share of ``core`` and ``last``; an SVD
     pair's component its share of both factors. Needs cost-model annotations.
 
-    ``alive``: what removing one more component saves at the ranks still alive (gates not at 0)
-    instead of at full rank: a ``core`` share only counts the other mode's live components, so
-    once a layer's output rank is mostly cut, its input components cost little more than their
-    row of ``first`` (and the other way round).
+    ``alive``: what removing one more component saves on the factors at the ranks still alive
+    (gates not at 0) instead of at full rank: a ``core`` share only counts the other mode's live
+    components, so once a layer's output rank is mostly cut, its input components cost little
+    more than their row of ``first`` (and the other way round). A grouped layer counts the
+    fullest group's live rank, which :func:`strip_gates` keeps in every group. Not counted: a
+    layer whose factors cost more than its original conv saves nothing until the original is
+    the dearer (``predict_macs`` keeps the cheaper), and ``round_to``.
     """
     out: dict[str, dict[str, float]] = {}
     for source, roles in layer_nodes(gated).items():
@@ -50,10 +53,11 @@ def component_macs(gated: fx.GraphModule, *, alive: bool = False) -> dict[str, d
         r_in, r_out = c[GATE_IN].weight.numel(), c[GATE_OUT].weight.numel()
         if CORE in roles:
             live_in = live_out = 1.0
-            if alive:
+            if alive:  # per group (gates are group-major), the fullest group's share
+                groups = getattr(c[FIRST], "groups", 1)
                 g_in, g_out, g_core = (c[role].weight.detach() for role in (GATE_IN, GATE_OUT, GATE_CORE))
-                live_in = float((g_in != 0).double().mean())
-                live_out = float(((g_out != 0) & (g_core != 0)).double().mean())
+                live_in = float((g_in != 0).reshape(groups, -1).double().mean(1).max())
+                live_out = float(((g_out != 0) & (g_core != 0)).reshape(groups, -1).double().mean(1).max())
             per_in = (macs[FIRST] + macs[CORE] * live_out) / r_in
             per_out = (macs[CORE] * live_in + macs[LAST]) / r_out
             out[source] = {GATE_IN: per_in, GATE_CORE: per_out, GATE_OUT: per_out}
@@ -296,7 +300,8 @@ class GatePenalty:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`'s state; the gates must be restored first. A checkpoint from
-        before ``lr``, ``zero_mask`` and ``cut`` were saved resumes as it did then."""
+        before ``lr``, ``zero_mask``, ``cut`` and ``scales`` were saved resumes as it did then (the
+        live weights then recomputed from the restored gates)."""
         self.weight = float(state["weight"])
         self.lr = float(state["lr"]) if state.get("lr") is not None else None
         mask, total = state.get("zero_mask"), sum(g.numel() for g in self.gate_list)

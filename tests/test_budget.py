@@ -10,7 +10,7 @@ import fxtucker
 from fxtucker import budget, regularizers
 from fxtucker.budget import threshold_for_budget
 from fxtucker.compress import CompressConfig
-from fxtucker.passes import cost_model, decompose_conv, insert_gates, predict_macs
+from fxtucker.passes import cost_model, decompose_conv, insert_gates, kept_ranks, predict_macs
 
 from .toys import toy_problem
 
@@ -145,13 +145,14 @@ def test_live_mac_weights_are_what_one_more_component_saves():
     with torch.no_grad():
         layer["gate_in"][0] = 0
     assert before - predict_macs(gm, tiny) == pytest.approx(live["gate_in"], abs=2)  # floor divisions
-    # the penalty's weights follow every `every` steps, in the full-rank units
+    live = budget.component_macs(gm, alive=True)["conv"]
+    assert live["gate_out"] * 24 == pytest.approx(macs["last"] + macs["core"] * 15 / 16)  # 15 inputs live now
+    # the penalty's weights follow every `every` steps, in the full-rank units, in the gates' order
     pen(gm, 0, 3)
     assert pen.scales == start
     pen(gm, 0, 5)
-    assert pen.mac_unit == unit
-    in_cost = budget.component_macs(gm, alive=True)["conv"]["gate_in"]
-    assert pen.scales[0] == pytest.approx(in_cost / unit) and pen.scales[0] < start[0]
+    assert pen.scales == pytest.approx([live[role] / unit for role in layer])
+    assert pen.scales[0] < start[0] and pen.scales[1] < start[1]
     # a resumed run gets the weights of the last update back, not those of the gates it starts from
     state = pen.state_dict()
     with torch.no_grad():
@@ -163,6 +164,25 @@ def test_live_mac_weights_are_what_one_more_component_saves():
     unweighted = budget.GatePenalty(gm, "l1", 1.0, lambda e: 1.0, mac_weighted=False, live_macs=True)
     unweighted(gm, 0, 5)
     assert set(unweighted.scales) == {1.0} and "scales" not in unweighted.state_dict()
+
+
+def test_live_mac_weights_of_a_grouped_layer_count_its_fullest_group():
+    """strip_gates keeps the same rank in every group, so zeros in one group alone save no core MACs."""
+    x = torch.randn(1, 8, 10, 10)
+    gm = cost_model(insert_gates(decompose_conv(fxtucker.trace(nn.Sequential(nn.Conv2d(8, 16, 3, groups=2))))), x)
+    layer = fxtucker.gates(gm)["0"]
+    with torch.no_grad():
+        for g in layer.values():
+            g.copy_(torch.rand(g.shape) + 0.5)
+    full = budget.component_macs(gm)["0"]
+    with torch.no_grad():
+        layer["gate_in"][:2] = 0  # group 0 only (gates are group-major)
+    assert budget.component_macs(gm, alive=True)["0"] == full
+    assert kept_ranks(gm, math.nextafter(0.0, 1.0))["0"][0] == (4, 8)  # per group: both groups keep 4 inputs
+    with torch.no_grad():
+        layer["gate_in"][4:6] = 0  # and the same number in group 1
+    live = budget.component_macs(gm, alive=True)["0"]
+    assert live["gate_out"] < full["gate_out"] and live["gate_in"] == full["gate_in"]
 
 
 def test_proximal_steps_never_zero_gates_past_the_budget():

@@ -91,11 +91,10 @@ def test_a_threshold_that_cuts_every_path_is_refused_not_returned_as_a_constant_
     assert kept.report["macs_after"] > 0
 
 
-@pytest.mark.parametrize("speedup,live", [(2.0, False), (3.0, False), (3.0, True)])
-def test_mac_budget_is_met_with_the_smallest_threshold(one_thread, speedup, live):
+@pytest.mark.parametrize("speedup", [2.0, 3.0])
+def test_mac_budget_is_met_with_the_smallest_threshold(one_thread, speedup):
     model, train, test, x = toy_problem(2)
-    config = CompressConfig(train_epochs=0, reg_epochs=1, finetune_epochs=0, reg_weight=0.01, target_speedup=speedup,
-                            live_mac_weights=live)
+    config = CompressConfig(train_epochs=0, reg_epochs=1, finetune_epochs=0, reg_weight=0.01, target_speedup=speedup)
     result = compress(model, train, x, config=config, progress=False)
     target = int(result.report["macs_before"] / speedup)
     assert result.report["target_macs"] == target
@@ -135,7 +134,8 @@ def test_config_from_toml_and_errors(tmp_path):
 def test_killed_run_resumes_to_the_same_result(one_thread, tmp_path, monkeypatch, c_follows_budget, live):
     model, train, test, x = toy_problem(4)
     # With c following the budget: a budget the zeros cannot meet by the checkpoint, and a tiny c_end,
-    # so that c is the cut the last steering step saw.
+    # so that c is the cut the last steering step saw. With live MAC weights: the whole flow resumes
+    # with them (that their state is saved and restored is test_budget's).
     config = CompressConfig(train_epochs=1, reg_epochs=3, finetune_epochs=1, reg_weight=0.05,
                             target_speedup=4.0 if c_follows_budget else 2.0, c_follows_budget=c_follows_budget,
                             c_end=1e-9 if c_follows_budget else 0.01, live_mac_weights=live)
