@@ -613,9 +613,9 @@ def _plan(exp: str, s: Setup) -> list[dict]:
         runs.append(dict(method="funnel", setting=f"2x 0+2+{total - 2} distill+distill_reg c follows budget",
                          flow=dict(kd, target_macs=half, c_follows_budget=True)))
         # Session 12: at 4x the funnel's ranks fine-tuned alike (funnel-ranks) trailed uniform ranks on
-        # the test set (3 seeds, p = 0.14; level on validation): full-rank MAC weights pulled the first stage to ranks 4-5 by 1-2 of 16, pulling a
-        # layer's input components as hard after its output rank was cut, when each of them saves a
-        # fraction of that. Weights at the live ranks (live_mac_weights), on seeds 0, 2 and 3,
+        # the test set (3 seeds, p = 0.14; level on validation): full-rank MAC weights pulled the first
+        # stage to ranks 4-5 by 1-2 of 16, pulling a layer's input components as hard after its output
+        # rank was cut, when each of them saves a fraction of that. Weights at the live ranks (live_mac_weights), on seeds 0, 2 and 3,
         # against the same seeds' quality rows (their validation accuracy is stored).
         runs += [dict(method="funnel", setting=f"{k}x 0+2+{total - 2} distill+distill_reg live MAC weights{name}",
                       flow=dict(kd, target_macs=s.macs // k, live_mac_weights=True, **kw))

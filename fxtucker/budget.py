@@ -14,7 +14,7 @@ import torch.nn as nn
 from fxtucker import regularizers
 from fxtucker.meta import CORE, FIRST, GATE_CORE, GATE_IN, GATE_OUT, LAST, MACS
 from fxtucker.passes import gates, layer_nodes, predict_macs
-from fxtucker.passes.strip_gates import relative_gates
+from fxtucker.passes.strip_gates import kept_ranks, relative_gates
 
 __all__ = ["gate_stats", "gate_magnitudes", "component_macs", "threshold_for_budget", "gate_histogram", "GatePenalty"]
 
@@ -45,6 +45,8 @@ def component_macs(gated: fx.GraphModule, *, alive: bool = False) -> dict[str, d
     the dearer (``predict_macs`` keeps the cheaper), and ``round_to``.
     """
     out: dict[str, dict[str, float]] = {}
+    # the ranks per group that cutting exactly the gates at 0 keeps, as strip_gates keeps them
+    live = kept_ranks(gated, math.nextafter(0.0, 1.0)) if alive else {}
     for source, roles in layer_nodes(gated).items():
         if GATE_IN not in roles:
             continue
@@ -53,11 +55,9 @@ def component_macs(gated: fx.GraphModule, *, alive: bool = False) -> dict[str, d
         r_in, r_out = c[GATE_IN].weight.numel(), c[GATE_OUT].weight.numel()
         if CORE in roles:
             live_in = live_out = 1.0
-            if alive:  # per group (gates are group-major), the fullest group's share
-                groups = getattr(c[FIRST], "groups", 1)
-                g_in, g_out, g_core = (c[role].weight.detach() for role in (GATE_IN, GATE_OUT, GATE_CORE))
-                live_in = float((g_in != 0).reshape(groups, -1).double().mean(1).max())
-                live_out = float(((g_out != 0) & (g_core != 0)).reshape(groups, -1).double().mean(1).max())
+            if source in live:
+                (k_in, k_out), groups = live[source][0], getattr(c[FIRST], "groups", 1)
+                live_in, live_out = k_in * groups / r_in, k_out * groups / r_out
             per_in = (macs[FIRST] + macs[CORE] * live_out) / r_in
             per_out = (macs[CORE] * live_in + macs[LAST]) / r_out
             out[source] = {GATE_IN: per_in, GATE_CORE: per_out, GATE_OUT: per_out}
@@ -175,7 +175,9 @@ class GatePenalty:
             per = self._component_costs(alive=False)
             total = sum(p * g.numel() for p, g in zip(per, self.gate_list))
             self.mac_unit = total / max(1, sum(g.numel() for g in self.gate_list))
-            self._update_scales()
+            self.scales = [p / self.mac_unit if self.mac_unit > 0 else 1.0 for p in per]
+            if self.live_macs:
+                self._update_scales()
         self.full_macs = predict_macs(gated, 0.0, round_to, relative=relative)
         self.zeros_macs = self._zeros_macs()
         self.c_follows_budget = c_follows_budget and target_macs is not None
