@@ -630,6 +630,13 @@ def _plan(exp: str, s: Setup) -> list[dict]:
                  for k in (3, 4)]
         # At 4x (seeds 0, 2, 3) it ended lower on validation than every reference (-0.31 points against
         # the funnel flow, p = 0.14): one epoch left the model at 0.54-0.77 and the zeros short of 4x. Not adopted.
+        # Session 13: the allocation is the larger share of the 4x deficit, and the funnel cuts the
+        # first stage's 3x3 convs to rank 1-2 of 16 in one mode (uniform ranks keep 6-7). A floor on
+        # every mode's rank (rank_floor: the largest quarter of each mode's gates kept and not pulled),
+        # the flow otherwise as the quality rows run it, with c on its schedule and following the cut.
+        runs += [dict(method="funnel", setting=f"{k}x 0+2+{total - 2} distill+distill_reg rank floor {f:g}{name}",
+                      flow=dict(kd, target_macs=s.macs // k, rank_floor=f, **kw))
+                 for k in (4,) for f in (0.25,) for name, kw in (("", {}), (" c follows budget", dict(c_follows_budget=True)))]
         return runs
     if exp == "baselines":
         runs = [dict(method="uncompressed", setting="baseline")]

@@ -14,7 +14,7 @@ import torch.nn as nn
 from fxtucker import regularizers
 from fxtucker.meta import CORE, FIRST, GATE_CORE, GATE_IN, GATE_OUT, LAST, MACS
 from fxtucker.passes import gates, layer_nodes, predict_macs
-from fxtucker.passes.strip_gates import kept_ranks, relative_gates
+from fxtucker.passes.strip_gates import floor_masks, kept_ranks, relative_gates
 
 __all__ = ["gate_stats", "gate_magnitudes", "component_macs", "threshold_for_budget", "gate_histogram", "GatePenalty"]
 
@@ -68,22 +68,24 @@ def component_macs(gated: fx.GraphModule, *, alive: bool = False) -> dict[str, d
 
 
 def threshold_for_budget(gated: fx.GraphModule, target_macs: int, *, relative: bool = False,
-                         round_to: Optional[int] = None) -> float:
+                         round_to: Optional[int] = None, rank_floor: float = 0.0) -> float:
     """The smallest gate threshold whose stripped, folded model has at most ``target_macs`` MACs.
 
     ``gated`` must carry cost-model annotations (see :func:`fxtucker.passes.predict_macs`, which
-    is exact). ``relative`` and ``round_to`` mean what they mean for :func:`strip_gates`. Raises
+    is exact). ``relative``, ``round_to`` and ``rank_floor`` mean what they mean for :func:`strip_gates`. Raises
     ValueError when even pruning every gate cannot meet the budget.
     """
     values = gate_magnitudes(gated, relative).unique().tolist()
     # Thresholds just above each gate magnitude: every distinct pruning set, smallest first.
     candidates = [0.0] + [math.nextafter(v, math.inf) for v in values]
-    macs = lambda i: predict_macs(gated, candidates[i], round_to, relative=relative)  # noqa: E731 - non-increasing in i
+    macs = lambda i: predict_macs(gated, candidates[i], round_to, relative=relative,  # noqa: E731 - non-increasing in i
+                                  rank_floor=rank_floor)
     if macs(len(candidates) - 1) > target_macs:
         raise ValueError(
             f"the MAC budget {target_macs:,} cannot be met: pruning every gate still leaves "
             f"{macs(len(candidates) - 1):,} MACs (layers that are not decomposed, and one component per "
-            f"decomposed layer); raise target_macs or lower target_speedup"
+            f"decomposed layer" + (f", or rank_floor={rank_floor:g} of each mode's rank" if rank_floor else "")
+            + "); raise target_macs or lower target_speedup" + (" or rank_floor" if rank_floor else "")
         )
     i = bisect.bisect_left(range(len(candidates)), True, key=lambda i: macs(i) <= target_macs)
     return candidates[i]
@@ -149,6 +151,10 @@ class GatePenalty:
             path can move within an epoch; None: it moves once an epoch.
         reach: the epoch (a float) by whose end the zeros meet the budget; default
             ``max(epochs - 1, epochs / 2)``.
+        rank_floor: the share of each mode's rank that :func:`strip_gates` keeps whatever the
+            threshold (its ``rank_floor``): the budget counts it, and those components (the
+            largest gates of each mode, :func:`floor_masks`, chosen again at every step) are not
+            pulled, so the floor keeps live components instead of gates the funnel zeroed.
     """
 
     GAIN, MAX_CHANGE, RANGE, MAX_SHRINK = 4.0, 2.0, 1e4, 0.05
@@ -157,8 +163,9 @@ class GatePenalty:
                  target_macs: Optional[int] = None, threshold: float = 0.01, epochs: int = 1, every: int = 10,
                  relative: bool = True, proximal: bool = True, round_to: Optional[int] = None,
                  mac_weighted: bool = True, steps_per_epoch: Optional[int] = None, reach: Optional[float] = None,
-                 c_follows_budget: bool = False, live_macs: bool = False):
+                 c_follows_budget: bool = False, live_macs: bool = False, rank_floor: float = 0.0):
         self.gated, self.gate_list = gated, _all_gates(gated)
+        self.rank_floor = rank_floor
         self.proximal, self.round_to = proximal, round_to
         self.fn, self.uses_c = regularizers.get_regularizer(reg), reg in regularizers.FUNNEL_KINDS
         self.schedule, self.target, self.threshold = schedule, target_macs, threshold
@@ -178,7 +185,7 @@ class GatePenalty:
             self.scales = [p / self.mac_unit if self.mac_unit > 0 else 1.0 for p in per]
             if self.live_macs:
                 self._update_scales()
-        self.full_macs = predict_macs(gated, 0.0, round_to, relative=relative)
+        self.full_macs = predict_macs(gated, 0.0, round_to, relative=relative, rank_floor=rank_floor)
         self.zeros_macs = self._zeros_macs()
         self.c_follows_budget = c_follows_budget and target_macs is not None
         self.cut: Optional[float] = self.budget_threshold() if self.c_follows_budget else None
@@ -192,7 +199,8 @@ class GatePenalty:
         self.scales = [p / self.mac_unit if self.mac_unit > 0 else 1.0 for p in per]
 
     def budget_threshold(self) -> float:
-        return threshold_for_budget(self.gated, self.target, relative=self.relative, round_to=self.round_to)
+        return threshold_for_budget(self.gated, self.target, relative=self.relative, round_to=self.round_to,
+                                    rank_floor=self.rank_floor)
 
     def path(self, epoch: int, step: int) -> float:
         """The MACs the zeroed gates should leave at this point of step 3."""
@@ -219,13 +227,25 @@ class GatePenalty:
             return max(self.cut, self.schedule(10**9))
         return self.schedule(epoch)
 
-    def _value(self, g: torch.Tensor, c: float, scale: float = 1.0) -> torch.Tensor:
+    def _pulled(self) -> list[Optional[torch.Tensor]]:
+        """Per gate vector, a mask of the gates the penalty pulls (None: all): with a rank floor,
+        not the components the floor keeps now."""
+        if not self.rank_floor:
+            return [None] * len(self.gate_list)
+        out = []
+        for layer, roles in gates(self.gated).items():
+            kept = floor_masks(self.gated.get_submodule(layer), self.rank_floor)
+            out += [~kept[role].view_as(g) for role, g in roles.items()]
+        return out
+
+    def _value(self, g: torch.Tensor, c: float, scale: float = 1.0, pulled: Optional[torch.Tensor] = None) -> torch.Tensor:
         a = g.abs()
         if self.relative:
             # The mean is a unit, not a target: through it, the pull on the small gates would be
             # cancelled by a push on the large ones, and a vector of equal gates would not move.
             a = a / a.detach().mean().clamp_min(1e-12)
-        return scale * (self.fn(a, c) if self.uses_c else self.fn(a)).sum()
+        value = self.fn(a, c) if self.uses_c else self.fn(a)
+        return scale * (value if pulled is None else value * pulled).sum()
 
     def __call__(self, _model: nn.Module, epoch: int, step: int) -> torch.Tensor:
         if step > 0 and step % self.every == 0:
@@ -235,7 +255,8 @@ class GatePenalty:
                 self._update_scales()
         c = self.c(epoch)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.proximal):  # proximal: only logged
-            return self.weight * torch.stack([self._value(g, c, k) for g, k in zip(self.gate_list, self.scales)]).sum()
+            return self.weight * torch.stack([self._value(g, c, k, p) for g, k, p
+                                              in zip(self.gate_list, self.scales, self._pulled())]).sum()
 
     def after_step(self, _model: nn.Module, epoch: int, _step: int, lr: float) -> None:
         """With ``proximal``: shrink every gate towards 0 by lr x lambda x the penalty's slope at it,
@@ -258,6 +279,8 @@ class GatePenalty:
             u = (a / unit).requires_grad_(True)
             value = (self.fn(u, c) if self.uses_c else self.fn(u)).mul(scale).sum()
             (slope,) = torch.autograd.grad(value, u)
+        if self.rank_floor:
+            slope = slope * torch.cat([p.flatten() for p in self._pulled()]).to(slope.dtype)
         with torch.no_grad():
             new = (a - lr * self.weight * slope / unit).clamp_min(0)
             if self.relative:
@@ -289,7 +312,8 @@ class GatePenalty:
 
     def _zeros_macs(self) -> int:
         """MACs left by cutting exactly the gates that are 0."""
-        return predict_macs(self.gated, math.nextafter(0.0, 1.0), self.round_to, relative=self.relative)
+        return predict_macs(self.gated, math.nextafter(0.0, 1.0), self.round_to, relative=self.relative,
+                            rank_floor=self.rank_floor)
 
     def state_dict(self) -> dict:
         """What a resumed run needs to repeat this one: lambda, the last step's learning rate (the
@@ -326,13 +350,15 @@ def gate_stats(threshold_fn, penalty: Optional["GatePenalty"] = None, gated: Opt
     ``threshold_fn(gm)`` gives, the MACs if they were stripped now, the mean gate and lambda."""
     relative = penalty.relative if penalty is not None else False
     round_to = penalty.round_to if penalty is not None else None
+    rank_floor = penalty.rank_floor if penalty is not None else 0.0
 
     def stats(model: nn.Module) -> dict:
         gm = gated if gated is not None else getattr(model, "module", model)
         flat = gate_magnitudes(gm, relative)
         th = threshold_fn(gm)
         out = {"gates": flat.numel(), "gates_below_threshold": int((flat < th).sum()), "threshold": th,
-               "gate_mean": float(flat.mean()), "macs_if_stripped": predict_macs(gm, th, round_to, relative=relative)}
+               "gate_mean": float(flat.mean()), "macs_if_stripped": predict_macs(gm, th, round_to, relative=relative,
+                                                                                  rank_floor=rank_floor)}
         if penalty is not None:
             out["reg_weight"] = penalty.weight
         return out

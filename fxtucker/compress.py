@@ -67,6 +67,9 @@ class CompressConfig:
     around it (see :class:`GatePenalty`). ``mac_weighted`` (on by default) weights each gate's
     penalty by the MACs of its component, since the budget is in MACs; ``live_mac_weights`` (off
     by default) by what the component saves at the ranks still alive instead of at full rank.
+    ``rank_floor`` (0 by default) keeps that share of every mode's rank whatever the budget or
+    threshold (the components with the largest gates, which the penalty then leaves alone), so
+    that the global cut cannot take a layer to rank 1 or 0.
     """
 
     ranks: Union[None, float, str] = None
@@ -85,6 +88,7 @@ class CompressConfig:
     c_every: Optional[int] = None
     threshold: float = 0.01
     round_to: Optional[int] = None  # kept ranks rounded up to a multiple of this (strip_gates); the budget counts it
+    rank_floor: float = 0.0  # share of each mode's rank always kept, the largest gates (strip_gates); not pulled
     target_macs: Optional[int] = None
     target_speedup: Optional[float] = None
     steer: bool = True
@@ -144,6 +148,8 @@ class CompressConfig:
                 raise bad(name, "true or false")
         if self.round_to is not None and (not is_int(self.round_to) or self.round_to < 1):
             raise bad("round_to", "None or an integer >= 1 (e.g. 8 or 16)")
+        if not is_real(self.rank_floor) or not 0 <= self.rank_floor < 1:
+            raise bad("rank_floor", "a number in [0, 1) (the share of each mode's rank always kept; 0: none)")
         if not is_int(self.steer_every) or self.steer_every < 1:
             raise bad("steer_every", "an integer >= 1 (optimizer steps)")
         r = self.ranks
@@ -362,7 +368,8 @@ def compress(
                    target_macs=target, threshold=None, layers=report(final).to_dict()["layers"])
         return CompressResult(model=final, report=rep, history=history)
     if target is not None:  # an impossible budget fails now, not after hours of training
-        threshold_for_budget(gated, target, relative=config.relative_gates, round_to=config.round_to)
+        threshold_for_budget(gated, target, relative=config.relative_gates, round_to=config.round_to,
+                             rank_floor=config.rank_floor)
     rep["stages"]["decomposed"] = {"accuracy": acc(gated), "macs": sum(n.meta["macs"] for n in gated.graph.nodes),
                                    "gate_histogram": gate_histogram(gated, relative=config.relative_gates)}
 
@@ -383,9 +390,10 @@ def compress(
                           epochs=config.reg_epochs, every=config.steer_every, relative=config.relative_gates,
                           proximal=config.proximal, round_to=config.round_to, mac_weighted=config.mac_weighted,
                           steps_per_epoch=_len(train_data), c_follows_budget=config.c_follows_budget,
-                          live_macs=config.live_mac_weights)
+                          live_macs=config.live_mac_weights, rank_floor=config.rank_floor)
     rel = config.relative_gates
-    threshold_fn = ((lambda g: threshold_for_budget(g, target, relative=rel, round_to=config.round_to)) if target is not None
+    threshold_fn = ((lambda g: threshold_for_budget(g, target, relative=rel, round_to=config.round_to,
+                                                    rank_floor=config.rank_floor)) if target is not None
                     else (lambda g: config.threshold))
     history += train(view, train_data, config.stage_config(config.reg_epochs, config.reg_lr), penalty=penalty,
                      epoch_stats=gate_stats(threshold_fn, penalty, gated), stage="regularize",
@@ -396,7 +404,8 @@ def compress(
                                     "pruning_ratio": float((gate_magnitudes(gated, rel) < threshold).double().mean())}
 
     # strip, then keep each decomposition only where it is cheaper (gates folded into weights)
-    final = pipeline.pruning(inputs, threshold, round_to=config.round_to, relative=rel)(copy.deepcopy(gated))
+    final = pipeline.pruning(inputs, threshold, round_to=config.round_to, relative=rel,
+                             rank_floor=config.rank_floor)(copy.deepcopy(gated))
     _check_connected(gated, final, inputs, threshold, budget=target is not None)
     rep["stages"]["pruned"] = {"accuracy": acc(final), "macs": sum(n.meta["macs"] for n in final.graph.nodes)}
 

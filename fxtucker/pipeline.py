@@ -111,10 +111,11 @@ def decomposition(example_inputs: Sequence[Any], *, ranks: RanksArg = 1.0, metho
 
 
 def pruning(example_inputs: Sequence[Any], threshold: float, *, round_to: Optional[int] = None,
-            relative: bool = False) -> Pipeline:
-    """After step 3: drop the components whose gate is below ``threshold``, fold the surviving
-    gates into the weights, and keep each decomposition only where it costs fewer MACs."""
-    return Pipeline([_step(strip_gates, threshold, round_to, relative=relative, inplace=True),
+            relative: bool = False, rank_floor: float = 0.0) -> Pipeline:
+    """After step 3: drop the components whose gate is below ``threshold`` (keeping ``rank_floor``
+    of each mode, see :func:`strip_gates`), fold the surviving gates into the weights, and keep
+    each decomposition only where it costs fewer MACs."""
+    return Pipeline([_step(strip_gates, threshold, round_to, relative=relative, rank_floor=rank_floor, inplace=True),
                      _step(fold_or_restore, *example_inputs, inplace=True)])
 
 

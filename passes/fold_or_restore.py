@@ -35,15 +35,15 @@ __all__ = ["fold_or_restore", "dense_module", "predict_macs", "pointwise_as_line
 
 
 def predict_macs(gm: fx.GraphModule, threshold: float, round_to: Optional[int] = None, *,
-                 relative: bool = False) -> int:
+                 relative: bool = False, rank_floor: float = 0.0) -> int:
     """Total MACs of ``fold_or_restore(strip_gates(gm, threshold, round_to), x)``, without rewriting anything.
 
     ``gm`` is a gated GraphModule annotated by :func:`cost_model` (run once; training changes no
     shape). Each factor's MACs scale with its kept channels (first: outputs; core: inputs times
     outputs; last: inputs), and each layer then costs the smaller of factors and original, as
     fold_or_restore decides. Used to choose the threshold that meets a MAC budget; ``round_to``
-    counts the ranks rounded up as :func:`strip_gates` rounds them, and ``relative`` compares
-    gates as it does.
+    counts the ranks rounded up as :func:`strip_gates` rounds them, and ``relative`` and
+    ``rank_floor`` select components as it does.
     """
     nodes = [n for n in gm.graph.nodes if n.op != "output"]
     if any(MACS not in n.meta for n in nodes):
@@ -51,7 +51,7 @@ def predict_macs(gm: fx.GraphModule, threshold: float, round_to: Optional[int] =
     total = sum(n.meta[MACS] for n in nodes)
     by_source = layer_nodes(gm)
     specs = layer_specs(gm, by_source)
-    for source, (_, built) in kept_ranks(gm, threshold, round_to, relative=relative).items():
+    for source, (_, built) in kept_ranks(gm, threshold, round_to, relative=relative, rank_floor=rank_floor).items():
         roles, c = by_source[source], gm.get_submodule(source)
         groups = getattr(c[FIRST], "groups", 1)
         r_in, r_out = c[FIRST].weight.shape[0] // groups, c[LAST].weight.shape[1]

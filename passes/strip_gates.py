@@ -29,7 +29,7 @@ from fxtucker.meta import (
 from fxtucker.passes._common import (CONV_TYPES, check_round_to, factor_nodes, finish, layer_nodes,
                                      nothing_decomposed, prepare, round_rank)
 
-__all__ = ["strip_gates", "kept_ranks", "built_ranks", "relative_gates", "round_rank"]
+__all__ = ["strip_gates", "kept_ranks", "built_ranks", "relative_gates", "round_rank", "floor_masks", "check_rank_floor"]
 
 
 def _plain(m: nn.Module, in_ch: int, out_ch: int, weight: torch.Tensor) -> nn.Module:
@@ -84,6 +84,7 @@ class _Selection:
     ranks: tuple[int, ...]  # real kept ranks per group (0 when a whole rank dies)
     filled: bool  # components below the threshold kept to even out groups
     rounded: bool = False  # components below the threshold kept to round a rank up to round_to
+    floored: bool = False  # components below the threshold kept by rank_floor
 
 
 def built_ranks(ranks: tuple[int, ...]) -> tuple[int, ...]:
@@ -95,6 +96,45 @@ def _check_threshold(threshold: object) -> None:
     if (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold)
             or threshold < 0):
         raise ValueError(f"threshold must be a finite number >= 0 (the paper uses 0.01 to 0.02), got {threshold!r}")
+
+
+def check_rank_floor(rank_floor: object) -> None:
+    """A ValueError unless ``rank_floor`` is a number in [0, 1)."""
+    if (isinstance(rank_floor, bool) or not isinstance(rank_floor, numbers.Real) or not math.isfinite(rank_floor)
+            or not 0 <= rank_floor < 1):
+        raise ValueError(f"rank_floor must be a number in [0, 1) (the share of each mode's rank that is always kept; "
+                         f"0: none), got {rank_floor!r}")
+
+
+def _floor_count(n: int, rank_floor: float) -> int:
+    """Components per group the floor keeps of a mode with ``n`` per group: ceil(rank_floor x n)."""
+    return min(n, math.ceil(rank_floor * n - 1e-9)) if rank_floor > 0 else 0
+
+
+def _top(score: torch.Tensor, groups: int, k: int) -> torch.Tensor:
+    """A mask of the ``k`` largest scores in each group (the earlier index first among ties)."""
+    s = score.view(groups, -1)
+    mask = torch.zeros_like(s, dtype=torch.bool)
+    if k > 0:
+        order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
+        mask.scatter_(1, order, True)
+    return mask.view(-1)
+
+
+def floor_masks(c: nn.Module, rank_floor: float) -> dict[str, torch.Tensor]:
+    """Per gate role of gated layer ``c``, which components ``rank_floor`` keeps whatever their gate:
+    in each mode and group, the ``ceil(rank_floor x rank)`` with the largest scores, scored as
+    :func:`strip_gates` scores them (``|gate_in|`` and ``|gate_core x gate_out|``, or for an SVD
+    pair ``|gate_in x gate_out|``). Relative gates rank the same within a vector. All False for 0."""
+    g_in, g_out = c[GATE_IN].weight.detach(), c[GATE_OUT].weight.detach()
+    groups = getattr(c[FIRST], "groups", 1)
+    if GATE_CORE in c:
+        g_core = c[GATE_CORE].weight.detach()
+        m_in = _top(g_in.abs(), groups, _floor_count(g_in.numel() // groups, rank_floor))
+        m_out = _top((g_out * g_core).abs(), groups, _floor_count(g_out.numel() // groups, rank_floor))
+        return {GATE_IN: m_in, GATE_CORE: m_out, GATE_OUT: m_out}
+    m = _top((g_in * g_out).abs(), groups, _floor_count(g_in.numel() // groups, rank_floor))
+    return {GATE_IN: m, GATE_OUT: m}
 
 
 def _gated_layers(gm: fx.GraphModule) -> dict[str, dict[str, list[fx.Node]]]:
@@ -115,8 +155,8 @@ def relative_gates(g: torch.Tensor) -> torch.Tensor:
 
 
 def _selection(c: nn.Module, source: str, threshold: float, round_to: Optional[int] = None,
-               relative: bool = False) -> _Selection:
-    """The components of layer ``source`` (container ``c``) that survive ``threshold``."""
+               relative: bool = False, rank_floor: float = 0.0) -> _Selection:
+    """The components of layer ``source`` (container ``c``) that survive ``threshold`` (or ``rank_floor``)."""
     # Compared in float64: against a float32 tensor, torch would round the threshold to float32.
     g_in, g_out = c[GATE_IN].weight.detach().double(), c[GATE_OUT].weight.detach().double()
     g_core = c[GATE_CORE].weight.detach().double() if GATE_CORE in c else None
@@ -127,37 +167,43 @@ def _selection(c: nn.Module, source: str, threshold: float, round_to: Optional[i
         g_in, g_out = relative_gates(g_in), relative_gates(g_out)
         g_core = relative_gates(g_core) if g_core is not None else None
     groups = getattr(c[FIRST], "groups", 1)
+    floor = floor_masks(c, rank_floor)
     if g_core is not None:
-        keep_out = (g_out.abs() >= threshold) & (g_core.abs() >= threshold)
-        idx_in, zero_in, k_in, fill_in, round_in = _select(g_in.abs(), g_in.abs() >= threshold, groups, round_to)
-        idx_out, zero_out, k_out, fill_out, round_out = _select((g_out * g_core).abs(), keep_out, groups, round_to)
+        above = {GATE_IN: g_in.abs() >= threshold, GATE_OUT: (g_out.abs() >= threshold) & (g_core.abs() >= threshold)}
+        idx_in, zero_in, k_in, fill_in, round_in = _select(g_in.abs(), above[GATE_IN] | floor[GATE_IN], groups, round_to)
+        idx_out, zero_out, k_out, fill_out, round_out = _select((g_out * g_core).abs(), above[GATE_OUT] | floor[GATE_OUT],
+                                                                groups, round_to)
         ranks = (k_in, k_out)
     else:
-        keep = (g_in.abs() >= threshold) & (g_out.abs() >= threshold)
-        idx_in, zero_in, k_in, fill_in, round_in = _select((g_in * g_out).abs(), keep, groups, round_to)
+        above = {GATE_IN: (g_in.abs() >= threshold) & (g_out.abs() >= threshold)}
+        idx_in, zero_in, k_in, fill_in, round_in = _select((g_in * g_out).abs(), above[GATE_IN] | floor[GATE_IN],
+                                                           groups, round_to)
         idx_out, zero_out, fill_out, round_out = idx_in, zero_in, fill_in, round_in
         ranks = (k_in,)
-    return _Selection(groups, idx_in, idx_out, zero_in, zero_out, ranks, fill_in or fill_out, round_in or round_out)
+    floored = any(bool((floor[role] & ~keep).any()) for role, keep in above.items())
+    return _Selection(groups, idx_in, idx_out, zero_in, zero_out, ranks, fill_in or fill_out, round_in or round_out,
+                      floored)
 
 
 def kept_ranks(gm: fx.GraphModule, threshold: float, round_to: Optional[int] = None, *,
-               relative: bool = False) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+               relative: bool = False, rank_floor: float = 0.0) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
     """What :func:`strip_gates` would keep, without rewriting: per gated layer, the ranks per group
     that survive (rounded up as ``strip_gates(gm, threshold, round_to=round_to)`` rounds them) and
     the channel counts per group the stripped modules get (a whole dead rank still builds one
     zeroed channel)."""
     _check_threshold(threshold)
     check_round_to(round_to)
+    check_rank_floor(rank_floor)
     out = {}
     for source in _gated_layers(gm):
-        sel = _selection(gm.get_submodule(source), source, threshold, round_to, relative)
+        sel = _selection(gm.get_submodule(source), source, threshold, round_to, relative, rank_floor)
         built = (len(sel.idx_in[0]), len(sel.idx_out[0])) if len(sel.ranks) == 2 else (len(sel.idx_in[0]),)
         out[source] = (sel.ranks, built)
     return out
 
 
 def strip_gates(gm: fx.GraphModule, threshold: float = 0.0, round_to: Optional[int] = None, *,
-                relative: bool = False, inplace: bool = False) -> fx.GraphModule:
+                relative: bool = False, rank_floor: float = 0.0, inplace: bool = False) -> fx.GraphModule:
     """Remove gated components below ``threshold`` and fold the surviving gates into the weights.
 
     A component whose gate magnitude is below ``threshold`` is dropped together with what it
@@ -180,6 +226,9 @@ def strip_gates(gm: fx.GraphModule, threshold: float = 0.0, round_to: Optional[i
             vector (one per layer and role; :func:`relative_gates`) instead of with ``threshold``:
             a BatchNorm after a layer makes the scale of its gates arbitrary, and training can
             shrink or grow it at no cost. compress() prunes this way.
+        rank_floor: a share in [0, 1) of each mode's rank (per group) that is kept whatever the
+            threshold: the ``ceil(rank_floor x rank)`` components with the largest gates
+            (:func:`floor_masks`). 0 (the default) lets the threshold cut a layer to rank 0.
         inplace: rewrite ``gm`` itself instead of a deep copy.
 
     Before::
@@ -199,6 +248,7 @@ def strip_gates(gm: fx.GraphModule, threshold: float = 0.0, round_to: Optional[i
     """
     _check_threshold(threshold)
     check_round_to(round_to)
+    check_rank_floor(rank_floor)
     gm = prepare(gm, inplace, "strip_gates")
     if nothing_decomposed(gm):  # every layer skipped, with its reason: no gate to strip
         set_graph_record(gm, dataclasses.replace(graph_record(gm), stage="strip_gates"))
@@ -207,7 +257,7 @@ def strip_gates(gm: fx.GraphModule, threshold: float = 0.0, round_to: Optional[i
     kept: dict[str, tuple[tuple[int, ...], str]] = {}
     for source, roles in gated.items():
         c = gm.get_submodule(source)
-        sel = _selection(c, source, threshold, round_to, relative)
+        sel = _selection(c, source, threshold, round_to, relative, rank_floor)
         groups, idx_in, idx_out = sel.groups, sel.idx_in, sel.idx_out
         first, last = c[FIRST], c[LAST]
         core = c[CORE] if CORE in c else None
@@ -240,6 +290,8 @@ def strip_gates(gm: fx.GraphModule, threshold: float = 0.0, round_to: Optional[i
             notes.append(f"kept gates below the threshold so that all {groups} groups have the same rank")
         if sel.rounded:
             notes.append(f"kept the largest gates below the threshold to round ranks up to a multiple of {round_to}")
+        if sel.floored:
+            notes.append(f"kept the largest gates below the threshold to keep rank_floor={rank_floor:g} of each mode's rank")
         note = "; ".join(notes)
         kept[source] = (ranks, note)
         for role in GATE_ROLES:

@@ -11,6 +11,7 @@ from fxtucker import budget, regularizers
 from fxtucker.budget import threshold_for_budget
 from fxtucker.compress import CompressConfig
 from fxtucker.passes import cost_model, decompose_conv, insert_gates, kept_ranks, predict_macs
+from fxtucker.passes.strip_gates import floor_masks
 
 from .toys import toy_problem
 
@@ -272,3 +273,45 @@ def test_c_following_the_budget_is_restored_with_the_checkpoint():
     older.load_state_dict({"weight": 2.0})  # a checkpoint written before these were saved
     assert older.weight == 2.0 and older.lr is None and older.zero_mask is None
     assert older.c(0) == max(older.budget_threshold(), 0.01)
+
+
+def test_rank_floor_is_kept_by_the_budget_and_left_alone_by_the_penalty():
+    gm, _, _ = _gated_toy()  # conv: Tucker-2, ranks (16, 24)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for layer in fxtucker.gates(gm).values():
+            for g in layer.values():
+                g.copy_(torch.rand(g.shape) + 0.01)
+    tiny = math.nextafter(0.0, 1.0)
+    floor = 0.25
+    # every gate below the threshold: the floor's ceil(0.25 x rank) of each mode is what is left
+    everything = {n: r for n, (r, _) in kept_ranks(gm, 10.0, rank_floor=floor).items()}
+    assert everything == {"conv": (4, 6)}
+    least = predict_macs(gm, 10.0, rank_floor=floor)
+    assert predict_macs(gm, 10.0) < least < predict_macs(gm, 0.0)
+    th = threshold_for_budget(gm, least, rank_floor=floor)
+    assert predict_macs(gm, th, rank_floor=floor) <= least
+    with pytest.raises(ValueError, match=r"cannot be met: .*or rank_floor=0.25 of each mode's rank\); raise target_macs "
+                                         r"or lower target_speedup or rank_floor"):
+        threshold_for_budget(gm, least - 1, rank_floor=floor)
+    # A huge lambda zeroes every gate the floor does not keep, and none that it does.
+    pen = budget.GatePenalty(gm, "l1", 1e3, lambda e: 1.0, relative=False, proximal=True, mac_weighted=False,
+                             rank_floor=floor)
+    before = {n: {role: g.detach().clone() for role, g in layer.items()} for n, layer in fxtucker.gates(gm).items()}
+    kept = {n: floor_masks(gm.get_submodule(n), floor) for n in before}
+    pen.after_step(gm, 0, 0, lr=0.1)
+    for n, layer in fxtucker.gates(gm).items():
+        for role, g in layer.items():
+            assert torch.equal(g.detach()[kept[n][role]], before[n][role][kept[n][role]])
+            assert bool((g.detach()[~kept[n][role]] == 0).all())
+    assert predict_macs(gm, tiny, rank_floor=floor) == least
+    # Through the gradient (proximal=False), the floor's gates get none.
+    with torch.no_grad():
+        for n, layer in fxtucker.gates(gm).items():
+            for role, g in layer.items():
+                g.copy_(before[n][role])
+    grad_pen = budget.GatePenalty(gm, "funnel", 1.0, lambda e: 0.1, proximal=False, rank_floor=floor)
+    grad_pen(gm, 0, 0).backward()
+    for n, layer in fxtucker.gates(gm).items():
+        for role, g in layer.items():
+            assert bool((g.grad[kept[n][role]] == 0).all()) and bool((g.grad[~kept[n][role]] != 0).all())

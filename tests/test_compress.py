@@ -239,3 +239,15 @@ def test_the_whole_flow_runs_on_cuda_with_a_budget_distillation_and_the_proximal
     assert {"regularize", "finetune"} <= {h["stage"] for h in result.history}
     assert result.report["accuracy_after"] == fxtucker.train.evaluate(result.model, test)
     assert {p.device.type for p in result.model.parameters()} == {"cuda"}
+
+
+def test_rank_floor_keeps_a_share_of_every_mode_through_the_flow(one_thread):
+    model, train, test, x = toy_problem(2)
+    # conv is 16 -> 24 (Tucker-2); a floor of half of each mode still fits a 2.3x budget only just
+    config = CompressConfig(train_epochs=0, reg_epochs=2, finetune_epochs=1, target_speedup=2.3, rank_floor=0.5)
+    result = compress(model, train, x, eval_data=test, config=config, progress=False)
+    (layer,) = [l for l in result.report["layers"] if l["name"] == "conv"]
+    assert layer["decision"] == "decomposed" and layer["ranks"][0] >= 8 and layer["ranks"][1] >= 12
+    assert result.report["macs_after"] <= result.report["macs_before"] / 2.3
+    with pytest.raises(ValueError, match=r"cannot be met: .*rank_floor=0.9 of each mode's rank"):
+        compress(model, train, x, config=CompressConfig(target_speedup=2.3, rank_floor=0.9), progress=False)

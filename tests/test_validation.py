@@ -175,6 +175,9 @@ CONFIGS = [
     ("linear-not-bool", dict(linear=1), r"CompressConfig.linear must be true or false, got 1"),
     ("live-mac-weights-not-bool", dict(live_mac_weights="yes"),
      r"CompressConfig.live_mac_weights must be true or false, got 'yes'"),
+    ("rank_floor-one", dict(rank_floor=1.0), r"CompressConfig.rank_floor must be a number in \[0, 1\) \(the share of each "
+                                             r"mode's rank always kept; 0: none\), got 1.0"),
+    ("rank_floor-bool", dict(rank_floor=True), r"CompressConfig.rank_floor must be a number in \[0, 1\)"),
     ("distill_weight-nan", dict(distill_weight=NAN), r"CompressConfig.distill_weight must be a finite number >= 0, got nan"),
     ("distill_temperature-zero", dict(distill_temperature=0), r"CompressConfig.distill_temperature must be a finite number > 0, got 0"),
     ("c_schedule-unknown", dict(c_schedule="cubic"), r"unknown c_schedule kind 'cubic'; valid kinds are"),

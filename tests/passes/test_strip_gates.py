@@ -12,6 +12,7 @@ from torch.nn.utils import parametrize
 import fxtucker
 import fxtucker.passes
 from fxtucker.passes import Gate, decompose_conv, insert_gates, strip_gates
+from fxtucker.passes.strip_gates import floor_masks
 from tests.conftest import EXACT, REL_FLOAT64, reference, rel_error
 from tests.strategies import OneConv, conv_and_input
 
@@ -214,3 +215,66 @@ def test_decompose_conv_round_to_errors():
     with pytest.raises(ValueError, match=r"pass round_to to plan_decomposition"):
         decompose_conv(fxtucker.passes.plan_decomposition(gm, 0.5), use_plan=True, round_to=8)
     assert fxtucker.report(decompose_conv(gm, round_to=4)).layers[0].ranks == (4, 6)  # full rank: nothing to round
+
+
+@given(st.integers(3, 20), st.integers(3, 20), st.sampled_from([1, 3]), st.floats(0.0, 0.99),
+       st.floats(0.0, 1.0), st.integers(0, 2**31 - 1))
+@settings(max_examples=40, deadline=None)
+def test_rank_floor_keeps_the_largest_gates_of_every_mode(cin, cout, k, rank_floor, threshold, seed):
+    model = Wide(cin, cout, k).double()
+    gated = _gated(model)
+    g = fxtucker.gates(gated)["conv"]
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # distinct random magnitudes on the input and output modes, the rest at 1
+        g["gate_in"].copy_(torch.rand(g["gate_in"].shape, generator=gen, dtype=torch.float64))
+        g["gate_out"].copy_(torch.rand(g["gate_out"].shape, generator=gen, dtype=torch.float64))
+        if "gate_core" in g:
+            g["gate_core"].fill_(1.0)
+        else:  # an SVD pair: one score per component, |gate_in * gate_out|
+            g["gate_out"].fill_(1.0)
+    full = fxtucker.report(gated).layers[0].full_ranks
+    plain = fxtucker.passes.kept_ranks(gated, threshold)["conv"][0]
+    floored = fxtucker.passes.kept_ranks(gated, threshold, rank_floor=rank_floor)["conv"][0]
+    for r, p, f in zip(floored, plain, full):
+        assert r == max(p, math.ceil(rank_floor * f - 1e-9))
+    stripped = strip_gates(gated, threshold, rank_floor=rank_floor)
+    assert fxtucker.report(stripped).layers[0].ranks == floored
+    assert ("rank_floor" in fxtucker.report(stripped).layers[0].reason) == (floored != plain)
+    # The stripped model is the gated one with every gate outside the kept (largest) ones zeroed.
+    names = ("gate_in", "gate_out") if len(full) == 2 else ("gate_in",)
+    with torch.no_grad():
+        for name, r in zip(names, floored):
+            gate = g[name]
+            if r == 0:
+                gate.zero_()
+            else:
+                gate[gate.abs().argsort(descending=True)[r:]] = 0.0
+    x = torch.randn(1, cin, 6, 6, dtype=torch.float64)
+    assert rel_error(stripped(x), gated(x)) < REL_FLOAT64
+
+
+def test_rank_floor_counts_per_group_and_scores_the_output_mode_by_both_gates():
+    gated = _gated(Net(groups=2).double())  # conv: 2 groups, ranks (2, 3) per group
+    g = fxtucker.gates(gated)["conv"]
+    with torch.no_grad():
+        g["gate_in"].copy_(torch.tensor([0.1, 0.0, 0.0, 0.2]))
+        g["gate_out"].copy_(torch.tensor([1.0, 2.0, 0.5, 0.3, 0.0, 3.0]))
+        g["gate_core"].copy_(torch.tensor([1.0, 0.1, 1.0, 1.0, 1.0, 1.0]))  # output 1 scores 0.2, under output 2's 0.5
+    masks = floor_masks(gated.get_submodule("conv"), 0.5)
+    assert masks["gate_in"].tolist() == [True, False, False, True]  # ceil(0.5 x 2) = 1 per group
+    assert masks["gate_out"].tolist() == masks["gate_core"].tolist() == [True, False, True, True, False, True]
+    assert not floor_masks(gated.get_submodule("conv"), 0.0)["gate_in"].any()
+    # The threshold alone keeps no input component and outputs (0, 2) and (5) of the groups.
+    assert fxtucker.passes.kept_ranks(gated, 0.5)["conv"][0] == (0, 2)
+    stripped = strip_gates(gated, 0.5, rank_floor=0.5)
+    assert fxtucker.report(stripped).layers[0].ranks == (1, 2)
+    assert stripped.get_submodule("conv.first").weight.shape[0] == 2  # one input component per group
+    assert "rank_floor=0.5" in fxtucker.report(stripped).layers[0].reason
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, math.nan, "0.2", True])
+def test_bad_rank_floor(bad):
+    with pytest.raises(ValueError, match=r"rank_floor must be a number in \[0, 1\) \(the share of each mode's rank"):
+        strip_gates(_gated(Net()), 0.01, rank_floor=bad)
+    with pytest.raises(ValueError, match=r"rank_floor must be a number in \[0, 1\)"):
+        fxtucker.passes.kept_ranks(_gated(Net()), 0.01, rank_floor=bad)
