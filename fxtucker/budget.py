@@ -16,7 +16,8 @@ from fxtucker.meta import CORE, FIRST, GATE_CORE, GATE_IN, GATE_OUT, LAST, MACS
 from fxtucker.passes import gates, layer_nodes, predict_macs
 from fxtucker.passes.strip_gates import floor_masks, kept_ranks, relative_gates
 
-__all__ = ["gate_stats", "gate_magnitudes", "component_macs", "threshold_for_budget", "gate_histogram", "GatePenalty"]
+__all__ = ["gate_stats", "gate_magnitudes", "floor_mask", "pruned_share", "component_macs", "threshold_for_budget",
+           "gate_histogram", "GatePenalty"]
 
 
 def _all_gates(gm: fx.GraphModule) -> list[torch.Tensor]:
@@ -29,7 +30,23 @@ def gate_magnitudes(gm: fx.GraphModule, relative: bool) -> torch.Tensor:
                       for g in _all_gates(gm)])
 
 
-def component_macs(gated: fx.GraphModule, *, alive: bool = False) -> dict[str, dict[str, float]]:
+def floor_mask(gm: fx.GraphModule, rank_floor: float) -> torch.Tensor:
+    """Over every gate in :func:`gate_magnitudes`' order, which components ``rank_floor`` keeps
+    whatever the threshold (:func:`~fxtucker.passes.strip_gates.floor_masks`)."""
+    return torch.cat([floor_masks(gm.get_submodule(layer), rank_floor)[role].flatten()
+                      for layer, roles in gates(gm).items() for role in roles])
+
+
+def pruned_share(gm: fx.GraphModule, threshold: float, *, relative: bool, rank_floor: float = 0.0) -> float:
+    """The share of all gates that a cut at ``threshold`` removes: below it and not kept by ``rank_floor``."""
+    below = gate_magnitudes(gm, relative) < threshold
+    if rank_floor:
+        below &= ~floor_mask(gm, rank_floor).to(below.device)
+    return float(below.double().mean())
+
+
+def component_macs(gated: fx.GraphModule, *, alive: bool = False,
+                   rank_floor: float = 0.0) -> dict[str, dict[str, float]]:
     """MACs per component of every gate vector: ``{layer: {gate role: MACs}}``.
 
     An input-mode component (``gate_in``) costs its share of ``first`` and ``core``; an
@@ -42,11 +59,12 @@ def component_macs(gated: fx.GraphModule, *, alive: bool = False) -> dict[str, d
     more than their row of ``first`` (and the other way round). A grouped layer counts the
     fullest group's live rank, which :func:`strip_gates` keeps in every group. Not counted: a
     layer whose factors cost more than its original conv saves nothing until the original is
-    the dearer (``predict_macs`` keeps the cheaper), and ``round_to``.
+    the dearer (``predict_macs`` keeps the cheaper), and ``round_to``. ``rank_floor`` counts the
+    components it keeps as alive.
     """
     out: dict[str, dict[str, float]] = {}
     # the ranks per group that cutting exactly the gates at 0 keeps, as strip_gates keeps them
-    live = kept_ranks(gated, math.nextafter(0.0, 1.0)) if alive else {}
+    live = kept_ranks(gated, math.nextafter(0.0, 1.0), rank_floor=rank_floor) if alive else {}
     for source, roles in layer_nodes(gated).items():
         if GATE_IN not in roles:
             continue
@@ -153,8 +171,9 @@ class GatePenalty:
             ``max(epochs - 1, epochs / 2)``.
         rank_floor: the share of each mode's rank that :func:`strip_gates` keeps whatever the
             threshold (its ``rank_floor``): the budget counts it, and those components (the
-            largest gates of each mode, :func:`floor_masks`, chosen again at every step) are not
-            pulled, so the floor keeps live components instead of gates the funnel zeroed.
+            largest gates of each mode, :func:`floor_mask`, chosen again after every optimizer
+            step) are not pulled, so the floor keeps live components instead of gates the funnel
+            zeroed (with ``relative``, restoring a vector's mean still scales them with the rest).
     """
 
     GAIN, MAX_CHANGE, RANGE, MAX_SHRINK = 4.0, 2.0, 1e4, 0.05
@@ -166,6 +185,7 @@ class GatePenalty:
                  c_follows_budget: bool = False, live_macs: bool = False, rank_floor: float = 0.0):
         self.gated, self.gate_list = gated, _all_gates(gated)
         self.rank_floor = rank_floor
+        self.pulled: Optional[torch.Tensor] = None  # with rank_floor: the gates pulled, as of the last step
         self.proximal, self.round_to = proximal, round_to
         self.fn, self.uses_c = regularizers.get_regularizer(reg), reg in regularizers.FUNNEL_KINDS
         self.schedule, self.target, self.threshold = schedule, target_macs, threshold
@@ -191,7 +211,7 @@ class GatePenalty:
         self.cut: Optional[float] = self.budget_threshold() if self.c_follows_budget else None
 
     def _component_costs(self, alive: bool) -> list[float]:
-        costs = component_macs(self.gated, alive=alive)
+        costs = component_macs(self.gated, alive=alive, rank_floor=self.rank_floor)
         return [costs[layer][role] for layer, roles in gates(self.gated).items() for role in roles]
 
     def _update_scales(self) -> None:
@@ -227,18 +247,21 @@ class GatePenalty:
             return max(self.cut, self.schedule(10**9))
         return self.schedule(epoch)
 
+    def _update_pulled(self) -> None:
+        """With a rank floor: which gates the penalty pulls, all but those the floor keeps now."""
+        self.pulled = ~floor_mask(self.gated, self.rank_floor) if self.rank_floor else None
+
     def _pulled(self) -> list[Optional[torch.Tensor]]:
-        """Per gate vector, a mask of the gates the penalty pulls (None: all): with a rank floor,
-        not the components the floor keeps now."""
+        """Per gate vector, the gates the penalty pulls (None: all); computed at the first call,
+        then after every proximal step (every call without ``proximal``)."""
         if not self.rank_floor:
             return [None] * len(self.gate_list)
-        out = []
-        for layer, roles in gates(self.gated).items():
-            kept = floor_masks(self.gated.get_submodule(layer), self.rank_floor)
-            out += [~kept[role].view_as(g) for role, g in roles.items()]
-        return out
+        if self.pulled is None or not self.proximal:
+            self._update_pulled()
+        return [p.view_as(g) for p, g in zip(self.pulled.split([g.numel() for g in self.gate_list]), self.gate_list)]
 
-    def _value(self, g: torch.Tensor, c: float, scale: float = 1.0, pulled: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _value(self, g: torch.Tensor, c: float, scale: float = 1.0,
+               pulled: Optional[torch.Tensor] = None) -> torch.Tensor:
         a = g.abs()
         if self.relative:
             # The mean is a unit, not a target: through it, the pull on the small gates would be
@@ -280,7 +303,8 @@ class GatePenalty:
             value = (self.fn(u, c) if self.uses_c else self.fn(u)).mul(scale).sum()
             (slope,) = torch.autograd.grad(value, u)
         if self.rank_floor:
-            slope = slope * torch.cat([p.flatten() for p in self._pulled()]).to(slope.dtype)
+            self._update_pulled()
+            slope = slope * self.pulled.to(slope.dtype)
         with torch.no_grad():
             new = (a - lr * self.weight * slope / unit).clamp_min(0)
             if self.relative:
@@ -356,7 +380,10 @@ def gate_stats(threshold_fn, penalty: Optional["GatePenalty"] = None, gated: Opt
         gm = gated if gated is not None else getattr(model, "module", model)
         flat = gate_magnitudes(gm, relative)
         th = threshold_fn(gm)
-        out = {"gates": flat.numel(), "gates_below_threshold": int((flat < th).sum()), "threshold": th,
+        below = flat < th
+        if rank_floor:
+            below &= ~floor_mask(gm, rank_floor).to(below.device)
+        out = {"gates": flat.numel(), "gates_below_threshold": int(below.sum()), "threshold": th,
                "gate_mean": float(flat.mean()), "macs_if_stripped": predict_macs(gm, th, round_to, relative=relative,
                                                                                   rank_floor=rank_floor)}
         if penalty is not None:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten
 
 from fxtucker import pipeline, regularizers
-from fxtucker.budget import (GatePenalty, component_macs, gate_histogram, gate_magnitudes, gate_stats,
+from fxtucker.budget import (GatePenalty, component_macs, gate_histogram, gate_stats, pruned_share,
                              threshold_for_budget)
 from fxtucker.io import is_int, is_real
 from fxtucker.passes import cost_model, layer_nodes
@@ -68,8 +68,8 @@ class CompressConfig:
     penalty by the MACs of its component, since the budget is in MACs; ``live_mac_weights`` (off
     by default) by what the component saves at the ranks still alive instead of at full rank.
     ``rank_floor`` (0 by default) keeps that share of every mode's rank whatever the budget or
-    threshold (the components with the largest gates, which the penalty then leaves alone), so
-    that the global cut cannot take a layer to rank 1 or 0.
+    threshold (the components with the largest gates, which the penalty then does not pull), so
+    that the global cut cannot take a mode below ``ceil(rank_floor x rank)``.
     """
 
     ranks: Union[None, float, str] = None
@@ -401,7 +401,8 @@ def compress(
     threshold = threshold_fn(gated)
     rep["threshold"], rep["reg_weight_end"] = threshold, penalty.weight
     rep["stages"]["regularized"] = {"accuracy": acc(gated), "gate_histogram": gate_histogram(gated, relative=config.relative_gates),
-                                    "pruning_ratio": float((gate_magnitudes(gated, rel) < threshold).double().mean())}
+                                    "pruning_ratio": pruned_share(gated, threshold, relative=rel,
+                                                                  rank_floor=config.rank_floor)}
 
     # strip, then keep each decomposition only where it is cheaper (gates folded into weights)
     final = pipeline.pruning(inputs, threshold, round_to=config.round_to, relative=rel,

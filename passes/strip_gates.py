@@ -29,7 +29,8 @@ from fxtucker.meta import (
 from fxtucker.passes._common import (CONV_TYPES, check_round_to, factor_nodes, finish, layer_nodes,
                                      nothing_decomposed, prepare, round_rank)
 
-__all__ = ["strip_gates", "kept_ranks", "built_ranks", "relative_gates", "round_rank", "floor_masks", "check_rank_floor"]
+__all__ = ["strip_gates", "kept_ranks", "built_ranks", "relative_gates", "round_rank", "floor_masks",
+           "check_rank_floor"]
 
 
 def _plain(m: nn.Module, in_ch: int, out_ch: int, weight: torch.Tensor) -> nn.Module:
@@ -127,6 +128,9 @@ def floor_masks(c: nn.Module, rank_floor: float) -> dict[str, torch.Tensor]:
     :func:`strip_gates` scores them (``|gate_in|`` and ``|gate_core x gate_out|``, or for an SVD
     pair ``|gate_in x gate_out|``). Relative gates rank the same within a vector. All False for 0."""
     g_in, g_out = c[GATE_IN].weight.detach(), c[GATE_OUT].weight.detach()
+    if not rank_floor:
+        none_in, none_out = torch.zeros_like(g_in, dtype=torch.bool), torch.zeros_like(g_out, dtype=torch.bool)
+        return {GATE_IN: none_in, GATE_OUT: none_out, **({GATE_CORE: none_out} if GATE_CORE in c else {})}
     groups = getattr(c[FIRST], "groups", 1)
     if GATE_CORE in c:
         g_core = c[GATE_CORE].weight.detach()
@@ -170,9 +174,9 @@ def _selection(c: nn.Module, source: str, threshold: float, round_to: Optional[i
     floor = floor_masks(c, rank_floor)
     if g_core is not None:
         above = {GATE_IN: g_in.abs() >= threshold, GATE_OUT: (g_out.abs() >= threshold) & (g_core.abs() >= threshold)}
-        idx_in, zero_in, k_in, fill_in, round_in = _select(g_in.abs(), above[GATE_IN] | floor[GATE_IN], groups, round_to)
-        idx_out, zero_out, k_out, fill_out, round_out = _select((g_out * g_core).abs(), above[GATE_OUT] | floor[GATE_OUT],
-                                                                groups, round_to)
+        keep_in, keep_out = above[GATE_IN] | floor[GATE_IN], above[GATE_OUT] | floor[GATE_OUT]
+        idx_in, zero_in, k_in, fill_in, round_in = _select(g_in.abs(), keep_in, groups, round_to)
+        idx_out, zero_out, k_out, fill_out, round_out = _select((g_out * g_core).abs(), keep_out, groups, round_to)
         ranks = (k_in, k_out)
     else:
         above = {GATE_IN: (g_in.abs() >= threshold) & (g_out.abs() >= threshold)}
@@ -180,7 +184,7 @@ def _selection(c: nn.Module, source: str, threshold: float, round_to: Optional[i
                                                            groups, round_to)
         idx_out, zero_out, fill_out, round_out = idx_in, zero_in, fill_in, round_in
         ranks = (k_in,)
-    floored = any(bool((floor[role] & ~keep).any()) for role, keep in above.items())
+    floored = bool(rank_floor) and any(bool((floor[role] & ~keep).any()) for role, keep in above.items())
     return _Selection(groups, idx_in, idx_out, zero_in, zero_out, ranks, fill_in or fill_out, round_in or round_out,
                       floored)
 

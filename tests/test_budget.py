@@ -291,8 +291,8 @@ def test_rank_floor_is_kept_by_the_budget_and_left_alone_by_the_penalty():
     assert predict_macs(gm, 10.0) < least < predict_macs(gm, 0.0)
     th = threshold_for_budget(gm, least, rank_floor=floor)
     assert predict_macs(gm, th, rank_floor=floor) <= least
-    with pytest.raises(ValueError, match=r"cannot be met: .*or rank_floor=0.25 of each mode's rank\); raise target_macs "
-                                         r"or lower target_speedup or rank_floor"):
+    with pytest.raises(ValueError, match=r"cannot be met: .*or rank_floor=0.25 of each mode's rank\); "
+                                         r"raise target_macs or lower target_speedup or rank_floor"):
         threshold_for_budget(gm, least - 1, rank_floor=floor)
     # A huge lambda zeroes every gate the floor does not keep, and none that it does.
     pen = budget.GatePenalty(gm, "l1", 1e3, lambda e: 1.0, relative=False, proximal=True, mac_weighted=False,
@@ -315,3 +315,29 @@ def test_rank_floor_is_kept_by_the_budget_and_left_alone_by_the_penalty():
     for n, layer in fxtucker.gates(gm).items():
         for role, g in layer.items():
             assert bool((g.grad[kept[n][role]] == 0).all()) and bool((g.grad[~kept[n][role]] != 0).all())
+
+
+def test_rank_floor_gates_keep_their_ratios_under_the_relative_proximal_step():
+    # Three layers (a Tucker-2 conv, a grouped one, an SVD pair): the masks line up with every gate
+    # vector, and the default penalty (relative, MAC-weighted) shrinks only the gates outside the
+    # floor; restoring each vector's mean scales the floor's gates all by the same factor.
+    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3, groups=2), nn.ReLU(), nn.Conv2d(16, 12, 1))
+    x = torch.randn(1, 8, 10, 10)
+    gm = cost_model(insert_gates(decompose_conv(fxtucker.trace(model))), x)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for layer in fxtucker.gates(gm).values():
+            for g in layer.values():
+                g.copy_(torch.rand(g.shape) + 0.05)
+    floor = 0.3
+    before = {n: {role: g.detach().clone() for role, g in layer.items()} for n, layer in fxtucker.gates(gm).items()}
+    kept = {n: floor_masks(gm.get_submodule(n), floor) for n in before}
+    assert len(kept) == 3 and all(m.any() and not m.all() for k in kept.values() for m in k.values())
+    pen = budget.GatePenalty(gm, "funnel", 2.0, lambda e: 0.5, rank_floor=floor)
+    pen.after_step(gm, 0, 0, lr=0.1)
+    for n, layer in fxtucker.gates(gm).items():
+        for role, g in layer.items():
+            ratio = g.detach().abs() / before[n][role].abs()
+            r_kept, r_pulled = ratio[kept[n][role]], ratio[~kept[n][role]]
+            assert torch.allclose(r_kept, r_kept[0].expand_as(r_kept)) and r_kept[0] >= 1
+            assert bool((r_pulled < r_kept[0]).all())

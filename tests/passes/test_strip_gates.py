@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 import fxtucker
 import fxtucker.passes
 from fxtucker.passes import Gate, decompose_conv, insert_gates, strip_gates
-from fxtucker.passes.strip_gates import floor_masks
+from fxtucker.passes.strip_gates import floor_masks, round_rank
 from tests.conftest import EXACT, REL_FLOAT64, reference, rel_error
 from tests.strategies import OneConv, conv_and_input
 
@@ -218,9 +218,9 @@ def test_decompose_conv_round_to_errors():
 
 
 @given(st.integers(3, 20), st.integers(3, 20), st.sampled_from([1, 3]), st.floats(0.0, 0.99),
-       st.floats(0.0, 1.0), st.integers(0, 2**31 - 1))
+       st.floats(0.0, 1.0), st.sampled_from([None, 2, 4, 8]), st.integers(0, 2**31 - 1))
 @settings(max_examples=40, deadline=None)
-def test_rank_floor_keeps_the_largest_gates_of_every_mode(cin, cout, k, rank_floor, threshold, seed):
+def test_rank_floor_keeps_the_largest_gates_of_every_mode(cin, cout, k, rank_floor, threshold, round_to, seed):
     model = Wide(cin, cout, k).double()
     gated = _gated(model)
     g = fxtucker.gates(gated)["conv"]
@@ -234,12 +234,13 @@ def test_rank_floor_keeps_the_largest_gates_of_every_mode(cin, cout, k, rank_flo
             g["gate_out"].fill_(1.0)
     full = fxtucker.report(gated).layers[0].full_ranks
     plain = fxtucker.passes.kept_ranks(gated, threshold)["conv"][0]
-    floored = fxtucker.passes.kept_ranks(gated, threshold, rank_floor=rank_floor)["conv"][0]
-    for r, p, f in zip(floored, plain, full):
-        assert r == max(p, math.ceil(rank_floor * f - 1e-9))
-    stripped = strip_gates(gated, threshold, rank_floor=rank_floor)
+    floored = fxtucker.passes.kept_ranks(gated, threshold, round_to, rank_floor=rank_floor)["conv"][0]
+    for r, p, f in zip(floored, plain, full):  # the floor first, then rounded up as round_to rounds
+        assert r == round_rank(max(p, math.ceil(rank_floor * f - 1e-9)), round_to, f)
+    stripped = strip_gates(gated, threshold, round_to, rank_floor=rank_floor)
     assert fxtucker.report(stripped).layers[0].ranks == floored
-    assert ("rank_floor" in fxtucker.report(stripped).layers[0].reason) == (floored != plain)
+    reason = fxtucker.report(stripped).layers[0].reason
+    assert ("rank_floor" in reason) == any(math.ceil(rank_floor * f - 1e-9) > p for p, f in zip(plain, full))
     # The stripped model is the gated one with every gate outside the kept (largest) ones zeroed.
     names = ("gate_in", "gate_out") if len(full) == 2 else ("gate_in",)
     with torch.no_grad():
