@@ -34,7 +34,7 @@ import fxtucker
 from fxtucker import models
 from fxtucker.deploy import optimize_for_inference
 from fxtucker.io import write_text
-from fxtucker.latency import measure_side_by_side
+from fxtucker.latency import compare_latency
 
 RESULTS = Path(__file__).parent / "results" / "latency.json"
 FULL = dict(models=["resnet18", "resnet50", "mobilenet_v2"], input_size=224, batches=[1, 8],
@@ -50,7 +50,10 @@ BACKENDS = ("eager", "compile", "compile-freezing", "onnxruntime")
 
 
 def goal_met(row: dict) -> Optional[bool]:
-    """Whether an fxtucker row meets its goal (None where the issue sets none)."""
+    """Whether an fxtucker row meets its goal (None where the issue sets none, or where the rounds
+    disagreed by more than the allowed spread)."""
+    if row.get("reliable") is False:
+        return None
     eff = EFFICIENCY_GOALS.get(row["model"], {}).get(row["backend"])
     if eff is not None:
         return row["speedup"] / row["macs_ratio"] >= eff
@@ -72,6 +75,22 @@ def _append(path: Path, row: dict) -> None:
     rows = [r for r in _load(path) if _key(r) != _key(row)] + [row]
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, json.dumps({"rows": rows}, indent=1) + "\n")
+
+
+def _git_commit() -> str:
+    """The code's commit (with "+dirty" when fxtucker, passes or this script have uncommitted changes)."""
+    import subprocess
+
+    here = Path(__file__).parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fxtucker", "passes", "benchmarks/latency.py"],
+                               cwd=here.parent, capture_output=True, text=True, timeout=10).stdout.strip()
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"
 
 
 def _layers_slower(gm) -> int:
@@ -111,16 +130,23 @@ def run_row(args, model_name: str, batch: int, backend: str, method: str) -> dic
             pruned = _torch_pruning(model, x, fxtucker.count_macs(compressed, x))
             compressed = optimize_for_inference(pruned, x)  # its BatchNorms folded too, as the baseline's
     prepare_s = time.perf_counter() - start
-    base_ms, comp_ms = measure_side_by_side([baseline, compressed], x, rounds=args.rounds, backend=backend,
-                                            threads=args.threads, repeats=args.repeats)
+    load_before = os.getloadavg()[0]
+    # The one measurement fxtucker's reports use: alternating rounds, the round with the median
+    # speed-up kept, the spread of the rounds' speed-ups recorded (unreliable above MAX_SPREAD).
+    cmp = compare_latency(baseline, compressed, x, rounds=args.rounds, backend=backend, threads=args.threads,
+                          repeats=args.repeats)
     base_macs, comp_macs = fxtucker.count_macs(baseline, x), fxtucker.count_macs(compressed, x)
     row = dict(method=method, model=model_name, input_size=args.input_size, batch=batch, backend=backend,
                threads=args.threads, ranks=args.ranks, round_to=args.round_to, min_macs_ratio=args.min_macs_ratio,
-               search=args.search, baseline_ms=base_ms,
-               compressed_ms=comp_ms, speedup=base_ms / comp_ms, baseline_macs=base_macs, compressed_macs=comp_macs,
+               search=args.search, baseline_ms=cmp.baseline_ms,
+               compressed_ms=cmp.candidate_ms, speedup=cmp.speedup, baseline_macs=base_macs, compressed_macs=comp_macs,
                macs_ratio=base_macs / comp_macs, repeats=args.repeats, rounds=args.rounds,
+               baseline_rounds_ms=list(cmp.baseline_rounds_ms), compressed_rounds_ms=list(cmp.candidate_rounds_ms),
+               spread=cmp.spread, reliable=cmp.reliable,
                prepare_s=round(prepare_s, 2), torch=torch.__version__, python=platform.python_version(),
-               cpus=os.cpu_count(), quick=args.quick)
+               cpus=os.cpu_count(), quick=args.quick, commit=_git_commit(),
+               load_avg_1m=[round(load_before, 2), round(os.getloadavg()[0], 2)],  # before and after the timing
+               time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     if method == "fxtucker":
         forms = [l.form for l in fxtucker.report(compressed).layers if l.form]
         forced = sum(1 for l in fxtucker.report(compressed).layers if l.reason.startswith("fastest within max_macs"))
@@ -182,18 +208,21 @@ def _run(args) -> int:
                     row = run_row(args, model_name, batch, backend, method)
                     _append(args.out, row)
                     print(f"{method} {model_name} {args.input_size}x{args.input_size} batch {batch} {backend}: "
-                          f"{row['baseline_ms']:.2f} -> {row['compressed_ms']:.2f} ms ({row['speedup']:.2f}x), "
+                          f"{row['baseline_ms']:.2f} -> {row['compressed_ms']:.2f} ms ({row['speedup']:.2f}x, "
+                          f"rounds' spread {row['spread']:.2f}x{'' if row['reliable'] else ': unreliable'}), "
                           f"MACs {row['macs_ratio']:.2f}x fewer", flush=True)
     rows = [r for r in _load(args.out) if r["input_size"] == args.input_size and r["threads"] == args.threads]
     if rows:
         print("\n| method | model | batch | back end | baseline ms | compressed ms | speed-up | MACs ratio | "
-              "efficiency | goal met |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+              "efficiency | rounds' spread | goal met |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             met = goal_met(r) if r["method"] == "fxtucker" else None
+            # rows from before the spread was recorded kept each model's median over rounds
+            spread = (f"{r['spread']:.2f}x" + ("" if r["reliable"] else " (unreliable)")) if "spread" in r else "not recorded"
             print(f"| {r['method']} | {r['model']} | {r['batch']} | {r['backend']} | {r['baseline_ms']:.2f} | "
                   f"{r['compressed_ms']:.2f} | {r['speedup']:.2f}x | {r['macs_ratio']:.2f}x | "
-                  f"{r['speedup'] / r['macs_ratio']:.2f} | {'-' if met is None else 'yes' if met else 'no'} |")
+                  f"{r['speedup'] / r['macs_ratio']:.2f} | {spread} | {'-' if met is None else 'yes' if met else 'no'} |")
     return 0
 
 

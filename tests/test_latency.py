@@ -174,6 +174,11 @@ def test_benchmark_quick_profile_runs_and_resumes(tmp_path, monkeypatch, capsys)
     assert [(r["model"], r["input_size"], r["batch"], r["backend"]) for r in rows] == [("resnet18", 32, 1, "eager")]
     row = rows[0]
     assert row["speedup"] == pytest.approx(row["baseline_ms"] / row["compressed_ms"])
+    # compare_latency's measurement: the kept round is one of the rounds, its speed-up the median, the spread recorded
+    ratios = [b / c for b, c in zip(row["baseline_rounds_ms"], row["compressed_rounds_ms"])]
+    assert len(ratios) == row["rounds"] == 2 and row["speedup"] == pytest.approx(min(ratios))  # median_low of two
+    assert row["spread"] == pytest.approx(max(ratios) / min(ratios)) and row["reliable"] == (row["spread"] <= 1.2)
+    assert row["commit"] and len(row["load_avg_1m"]) == 2
     assert row["macs_ratio"] == pytest.approx(row["baseline_macs"] / row["compressed_macs"]) and row["macs_ratio"] >= 2.0
     assert sum(row["forms"].values()) == 20  # resnet18: 20 convs
     # only a layer traded for the MAC goal may run slower than the original conv
@@ -191,6 +196,7 @@ def test_benchmark_goals_are_the_issues():
     assert bench.goal_met({**row, "backend": "onnxruntime"}) is False  # 0.90 < 0.92
     assert bench.goal_met(dict(model="resnet50", backend="compile", speedup=1.85, macs_ratio=2.4)) is True
     assert bench.goal_met(dict(model="resnet50", backend="eager", speedup=1.0, macs_ratio=2.0)) is None
+    assert bench.goal_met({**row, "reliable": False}) is None  # rounds that disagree decide nothing
     assert bench.FULL["models"] == ["resnet18", "resnet50", "mobilenet_v2"] and "compile-freezing" in bench.FULL["backends"]
 
 
