@@ -42,6 +42,10 @@ FULL = dict(models=["resnet18", "resnet50", "mobilenet_v2"], input_size=224, bat
             threads=2, ranks=0.5, round_to=16, min_macs_ratio=2.0, search="model", repeats=20, rounds=5)
 QUICK = dict(models=["resnet18"], input_size=32, batches=[1], backends=["eager"], threads=1, ranks=0.5,
              round_to=16, min_macs_ratio=2.0, search="layer", repeats=5, rounds=2)
+# Per model, where the profile's ranks cannot reach the MAC goal (--ranks / --round-to override): in
+# resnet50's bottlenecks 1x1 convs dominate, and an SVD pair at half rank costs 62-75% of its conv;
+# mobilenet_v2's depthwise convs are not decomposed and its narrow layers stop at a rank of 16.
+MODEL_RANKS = {"resnet50": dict(ranks=0.35), "mobilenet_v2": dict(ranks=0.25, round_to=8)}
 # Issue 19's goals at >= 2x fewer MACs: the efficiency (speed-up / MAC ratio; the MAC ratio is the
 # ceiling) per back end on resnet18, at batch 1 and 8; a plain speed-up on resnet50.
 EFFICIENCY_GOALS = {"resnet18": {"eager": 0.92, "compile": 0.92, "onnxruntime": 0.92, "compile-freezing": 0.85}}
@@ -175,6 +179,7 @@ def main(argv=None) -> int:
     parser.add_argument("--torch-pruning", action="store_true", help="also Torch-Pruning at the same MACs")
     parser.add_argument("--force", action="store_true", help="redo rows that are already in --out")
     args = parser.parse_args(argv)
+    args.given = {name for name in ("ranks", "round_to") if getattr(args, name) is not None}
     for name, value in (QUICK if args.quick else FULL).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -195,8 +200,11 @@ def _run(args) -> int:
             print("--torch-pruning needs torch-pruning: pip install fxtucker[bench]", file=sys.stderr)
             return 2
     done = {_key(r) for r in _load(args.out)}
+    base = args
     for method in methods:
-        for model_name in args.models:
+        for model_name in base.models:
+            per_model = {k: v for k, v in MODEL_RANKS.get(model_name, {}).items() if k not in base.given}
+            args = argparse.Namespace(**{**vars(base), **per_model})
             for batch in args.batches:
                 for backend in args.backends:
                     probe = dict(method=method, model=model_name, input_size=args.input_size, batch=batch,
@@ -211,6 +219,7 @@ def _run(args) -> int:
                           f"{row['baseline_ms']:.2f} -> {row['compressed_ms']:.2f} ms ({row['speedup']:.2f}x, "
                           f"rounds' spread {row['spread']:.2f}x{'' if row['reliable'] else ': unreliable'}), "
                           f"MACs {row['macs_ratio']:.2f}x fewer", flush=True)
+    args = base
     rows = [r for r in _load(args.out) if r["input_size"] == args.input_size and r["threads"] == args.threads]
     if rows:
         print("\n| method | model | batch | back end | baseline ms | compressed ms | speed-up | MACs ratio | "
