@@ -714,7 +714,8 @@ def _done(exp: str, key: dict) -> bool:
     return any(_matches(r, key) for r in _load(exp))
 
 
-def _git_commit() -> str:
+def git_commit(script: str = "benchmarks/compare.py") -> str:
+    """The code's commit, with "+dirty" when fxtucker, passes or ``script`` have uncommitted changes."""
     import subprocess
 
     if os.environ.get("COMPARE_COMMIT"):
@@ -723,7 +724,7 @@ def _git_commit() -> str:
         return os.environ["COMPARE_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fxtucker", "passes", "benchmarks/compare.py"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fxtucker", "passes", script],
                                cwd=HERE.parent, capture_output=True, text=True, timeout=10).stdout.strip()
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.strip() + ("+dirty" if dirty else "")
@@ -740,7 +741,7 @@ def _provenance() -> dict:
     machine, what else ran on it."""
     global _COMMIT
     if _COMMIT is None:
-        _COMMIT = _git_commit()
+        _COMMIT = git_commit()
     try:
         import torch_pruning
         tp_version = getattr(torch_pruning, "__version__", "unknown")

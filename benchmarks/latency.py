@@ -36,6 +36,9 @@ from fxtucker.deploy import optimize_for_inference
 from fxtucker.io import write_text
 from fxtucker.latency import compare_latency
 
+sys.path.insert(0, str(Path(__file__).parent))
+from compare import git_commit  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results" / "latency.json"
 FULL = dict(models=["resnet18", "resnet50", "mobilenet_v2"], input_size=224, batches=[1, 8],
             backends=["eager", "compile", "compile-freezing", "onnxruntime"],
@@ -79,22 +82,6 @@ def _append(path: Path, row: dict) -> None:
     rows = [r for r in _load(path) if _key(r) != _key(row)] + [row]
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, json.dumps({"rows": rows}, indent=1) + "\n")
-
-
-def _git_commit() -> str:
-    """The code's commit (with "+dirty" when fxtucker, passes or this script have uncommitted changes)."""
-    import subprocess
-
-    here = Path(__file__).parent
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fxtucker", "passes", "benchmarks/latency.py"],
-                               cwd=here.parent, capture_output=True, text=True, timeout=10).stdout.strip()
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return "unknown"
 
 
 def _layers_slower(gm) -> int:
@@ -148,7 +135,7 @@ def run_row(args, model_name: str, batch: int, backend: str, method: str) -> dic
                baseline_rounds_ms=list(cmp.baseline_rounds_ms), compressed_rounds_ms=list(cmp.candidate_rounds_ms),
                spread=cmp.spread, reliable=cmp.reliable,
                prepare_s=round(prepare_s, 2), torch=torch.__version__, python=platform.python_version(),
-               cpus=os.cpu_count(), quick=args.quick, commit=_git_commit(),
+               cpus=os.cpu_count(), quick=args.quick, commit=git_commit("benchmarks/latency.py"),
                load_avg_1m=[round(load_before, 2), round(os.getloadavg()[0], 2)],  # before and after the timing
                time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     if method == "fxtucker":

@@ -37,12 +37,18 @@ def floor_mask(gm: fx.GraphModule, rank_floor: float) -> torch.Tensor:
                       for layer, roles in gates(gm).items() for role in roles])
 
 
-def pruned_share(gm: fx.GraphModule, threshold: float, *, relative: bool, rank_floor: float = 0.0) -> float:
-    """The share of all gates that a cut at ``threshold`` removes: below it and not kept by ``rank_floor``."""
-    below = gate_magnitudes(gm, relative) < threshold
+def _cut(gm: fx.GraphModule, magnitudes: torch.Tensor, threshold: float, rank_floor: float) -> torch.Tensor:
+    """Over every gate (``magnitudes``: :func:`gate_magnitudes`), which ones a cut at ``threshold``
+    removes: below it and not kept by ``rank_floor``."""
+    below = magnitudes < threshold
     if rank_floor:
         below &= ~floor_mask(gm, rank_floor).to(below.device)
-    return float(below.double().mean())
+    return below
+
+
+def pruned_share(gm: fx.GraphModule, threshold: float, *, relative: bool, rank_floor: float = 0.0) -> float:
+    """The share of all gates that a cut at ``threshold`` removes: below it and not kept by ``rank_floor``."""
+    return float(_cut(gm, gate_magnitudes(gm, relative), threshold, rank_floor).double().mean())
 
 
 def component_macs(gated: fx.GraphModule, *, alive: bool = False,
@@ -380,10 +386,8 @@ def gate_stats(threshold_fn, penalty: Optional["GatePenalty"] = None, gated: Opt
         gm = gated if gated is not None else getattr(model, "module", model)
         flat = gate_magnitudes(gm, relative)
         th = threshold_fn(gm)
-        below = flat < th
-        if rank_floor:
-            below &= ~floor_mask(gm, rank_floor).to(below.device)
-        out = {"gates": flat.numel(), "gates_below_threshold": int(below.sum()), "threshold": th,
+        out = {"gates": flat.numel(), "gates_below_threshold": int(_cut(gm, flat, th, rank_floor).sum()),
+               "threshold": th,
                "gate_mean": float(flat.mean()), "macs_if_stripped": predict_macs(gm, th, round_to, relative=relative,
                                                                                   rank_floor=rank_floor)}
         if penalty is not None:

@@ -16,15 +16,20 @@ from fxtucker.passes.strip_gates import floor_masks
 from .toys import toy_problem
 
 
+def _random_gates(gm, seed, low=0.0):
+    """Every gate of ``gm`` drawn uniformly from [low, low + 1) after ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for layer in fxtucker.gates(gm).values():
+            for g in layer.values():
+                g.copy_(torch.rand(g.shape) + low)
+
+
 def test_threshold_for_budget_is_the_smallest_that_fits():
     model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3))
     x = torch.randn(1, 8, 12, 12)
     gated = cost_model(insert_gates(decompose_conv(fxtucker.trace(model))), x)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for layer in fxtucker.gates(gated).values():
-            for g in layer.values():
-                g.copy_(torch.rand(g.shape))
+    _random_gates(gated, seed=3)
     full = predict_macs(gated, 0.0)
     for target in (full, int(full * 0.6), int(full * 0.3)):
         th = threshold_for_budget(gated, target)
@@ -277,11 +282,7 @@ def test_c_following_the_budget_is_restored_with_the_checkpoint():
 
 def test_rank_floor_is_kept_by_the_budget_and_left_alone_by_the_penalty():
     gm, _, _ = _gated_toy()  # conv: Tucker-2, ranks (16, 24)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for layer in fxtucker.gates(gm).values():
-            for g in layer.values():
-                g.copy_(torch.rand(g.shape) + 0.01)
+    _random_gates(gm, seed=0, low=0.01)
     tiny = math.nextafter(0.0, 1.0)
     floor = 0.25
     # every gate below the threshold: the floor's ceil(0.25 x rank) of each mode is what is left
@@ -324,11 +325,7 @@ def test_rank_floor_gates_keep_their_ratios_under_the_relative_proximal_step():
     model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3, groups=2), nn.ReLU(), nn.Conv2d(16, 12, 1))
     x = torch.randn(1, 8, 10, 10)
     gm = cost_model(insert_gates(decompose_conv(fxtucker.trace(model))), x)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for layer in fxtucker.gates(gm).values():
-            for g in layer.values():
-                g.copy_(torch.rand(g.shape) + 0.05)
+    _random_gates(gm, seed=1, low=0.05)
     floor = 0.3
     before = {n: {role: g.detach().clone() for role, g in layer.items()} for n, layer in fxtucker.gates(gm).items()}
     kept = {n: floor_masks(gm.get_submodule(n), floor) for n in before}

@@ -136,21 +136,40 @@ class Wide(nn.Module):
         return self.conv(x)
 
 
-@given(st.integers(3, 20), st.integers(3, 20), st.sampled_from([1, 3]), st.sampled_from([2, 3, 4, 8, 16]),
-       st.floats(0.0, 1.0), st.integers(0, 2**31 - 1))
-@settings(max_examples=40, deadline=None)
-def test_round_to_rounds_up_keeping_the_largest_gates(cin, cout, k, round_to, threshold, seed):
-    model = Wide(cin, cout, k).double()
-    gated = _gated(model)
+def _random_wide(cin, cout, k, seed):
+    """A gated one-conv model with distinct random gate magnitudes on the input and output modes (the rest at 1)."""
+    gated = _gated(Wide(cin, cout, k).double())
     g = fxtucker.gates(gated)["conv"]
     gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # distinct random magnitudes on the input and output modes, the rest at 1
+    with torch.no_grad():
         g["gate_in"].copy_(torch.rand(g["gate_in"].shape, generator=gen, dtype=torch.float64))
         g["gate_out"].copy_(torch.rand(g["gate_out"].shape, generator=gen, dtype=torch.float64))
         if "gate_core" in g:
             g["gate_core"].fill_(1.0)
         else:  # an SVD pair: one score per component, |gate_in * gate_out|
             g["gate_out"].fill_(1.0)
+    return gated, g
+
+
+def _assert_keeps_the_largest(stripped, gated, g, ranks, cin):
+    """The stripped model is the gated one with every gate outside the kept (largest) ones zeroed."""
+    names = ("gate_in", "gate_out") if len(ranks) == 2 else ("gate_in",)
+    with torch.no_grad():
+        for name, r in zip(names, ranks):
+            gate = g[name]
+            if r == 0:
+                gate.zero_()
+            else:
+                gate[gate.abs().argsort(descending=True)[r:]] = 0.0
+    x = torch.randn(1, cin, 6, 6, dtype=torch.float64)
+    assert rel_error(stripped(x), gated(x)) < REL_FLOAT64
+
+
+@given(st.integers(3, 20), st.integers(3, 20), st.sampled_from([1, 3]), st.sampled_from([2, 3, 4, 8, 16]),
+       st.floats(0.0, 1.0), st.integers(0, 2**31 - 1))
+@settings(max_examples=40, deadline=None)
+def test_round_to_rounds_up_keeping_the_largest_gates(cin, cout, k, round_to, threshold, seed):
+    gated, g = _random_wide(cin, cout, k, seed)
     full = fxtucker.report(gated).layers[0].full_ranks
     plain = fxtucker.passes.kept_ranks(gated, threshold)["conv"][0]
     rounded = fxtucker.passes.kept_ranks(gated, threshold, round_to)["conv"][0]
@@ -159,17 +178,7 @@ def test_round_to_rounds_up_keeping_the_largest_gates(cin, cout, k, round_to, th
         assert r == 0 or r == f or r % round_to == 0
     stripped = strip_gates(gated, threshold, round_to=round_to)
     assert fxtucker.report(stripped).layers[0].ranks == rounded
-    # The stripped model is the gated one with every gate outside the kept (largest) ones zeroed.
-    names = ("gate_in", "gate_out") if len(full) == 2 else ("gate_in",)
-    with torch.no_grad():
-        for name, r in zip(names, rounded):
-            gate = g[name]
-            if r == 0:
-                gate.zero_()
-            else:
-                gate[gate.abs().argsort(descending=True)[r:]] = 0.0
-    x = torch.randn(1, cin, 6, 6, dtype=torch.float64)
-    assert rel_error(stripped(x), gated(x)) < REL_FLOAT64
+    _assert_keeps_the_largest(stripped, gated, g, rounded, cin)
 
 
 def test_round_to_is_noted_in_the_report_and_never_exceeds_full_rank():
@@ -221,17 +230,7 @@ def test_decompose_conv_round_to_errors():
        st.floats(0.0, 1.0), st.sampled_from([None, 2, 4, 8]), st.integers(0, 2**31 - 1))
 @settings(max_examples=40, deadline=None)
 def test_rank_floor_keeps_the_largest_gates_of_every_mode(cin, cout, k, rank_floor, threshold, round_to, seed):
-    model = Wide(cin, cout, k).double()
-    gated = _gated(model)
-    g = fxtucker.gates(gated)["conv"]
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # distinct random magnitudes on the input and output modes, the rest at 1
-        g["gate_in"].copy_(torch.rand(g["gate_in"].shape, generator=gen, dtype=torch.float64))
-        g["gate_out"].copy_(torch.rand(g["gate_out"].shape, generator=gen, dtype=torch.float64))
-        if "gate_core" in g:
-            g["gate_core"].fill_(1.0)
-        else:  # an SVD pair: one score per component, |gate_in * gate_out|
-            g["gate_out"].fill_(1.0)
+    gated, g = _random_wide(cin, cout, k, seed)
     full = fxtucker.report(gated).layers[0].full_ranks
     plain = fxtucker.passes.kept_ranks(gated, threshold)["conv"][0]
     floored = fxtucker.passes.kept_ranks(gated, threshold, round_to, rank_floor=rank_floor)["conv"][0]
@@ -241,17 +240,7 @@ def test_rank_floor_keeps_the_largest_gates_of_every_mode(cin, cout, k, rank_flo
     assert fxtucker.report(stripped).layers[0].ranks == floored
     reason = fxtucker.report(stripped).layers[0].reason
     assert ("rank_floor" in reason) == any(math.ceil(rank_floor * f - 1e-9) > p for p, f in zip(plain, full))
-    # The stripped model is the gated one with every gate outside the kept (largest) ones zeroed.
-    names = ("gate_in", "gate_out") if len(full) == 2 else ("gate_in",)
-    with torch.no_grad():
-        for name, r in zip(names, floored):
-            gate = g[name]
-            if r == 0:
-                gate.zero_()
-            else:
-                gate[gate.abs().argsort(descending=True)[r:]] = 0.0
-    x = torch.randn(1, cin, 6, 6, dtype=torch.float64)
-    assert rel_error(stripped(x), gated(x)) < REL_FLOAT64
+    _assert_keeps_the_largest(stripped, gated, g, floored, cin)
 
 
 def test_rank_floor_counts_per_group_and_scores_the_output_mode_by_both_gates():
