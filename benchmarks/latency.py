@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/latency.py                 # resnet18, resnet50, mobilenet_v2 at 224x224, 2 threads, batch 1 and 8
     .venv/bin/python benchmarks/latency.py --quick         # a smoke run: resnet18 at 32x32, eager, batch 1
     .venv/bin/python benchmarks/latency.py --torch-pruning # also Torch-Pruning at the same MACs (pip install fxtucker[bench])
+    .venv/bin/python benchmarks/latency.py --plot          # only draw results/latency.png from the stored rows
 
 For each (model, batch, back end) the baseline is ``optimize_for_inference(model, x)`` (BatchNorm
 folded, nothing decomposed) and the compressed model is ``optimize_for_inference(model, x,
@@ -40,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from compare import git_commit  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "latency.json"
+PLOT = RESULTS.with_suffix(".png")
 FULL = dict(models=["resnet18", "resnet50", "mobilenet_v2"], input_size=224, batches=[1, 8],
             backends=["eager", "compile", "compile-freezing", "onnxruntime"],
             threads=2, ranks=0.5, round_to=16, min_macs_ratio=2.0, search="model", repeats=20, rounds=5)
@@ -146,6 +148,50 @@ def run_row(args, model_name: str, batch: int, backend: str, method: str) -> dic
     return row
 
 
+def plot(rows: list[dict], out: Path) -> Optional[Path]:
+    """Speed-up against MAC ratio, one panel per model: colour per method, marker per back end, filled
+    at batch 1 and hollow at larger batches, the line speed-up = MAC ratio (the ceiling) drawn. Rows
+    whose rounds disagreed (``reliable`` false) are left out; returns None when no row is left."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("reliable") is not False]
+    if not rows:
+        return None
+    panels = sorted({(r["model"], r["input_size"], r["threads"]) for r in rows})
+    markers = dict(zip(BACKENDS, "osD^"))
+    colours = {"fxtucker": "tab:blue", "torch-pruning": "tab:orange"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False)
+    for ax, (model, size, threads) in zip(axes[0], panels):
+        mine = [r for r in rows if (r["model"], r["input_size"], r["threads"]) == (model, size, threads)]
+        for r in mine:
+            colour = colours.get(r["method"], "tab:gray")
+            ax.scatter(r["macs_ratio"], r["speedup"], marker=markers.get(r["backend"], "x"), s=36,
+                       facecolors=colour if r["batch"] == 1 else "none", edgecolors=colour)
+        top = max(max(r["macs_ratio"], r["speedup"]) for r in mine) * 1.08
+        ax.plot([1, top], [1, top], "k--", lw=0.8, label="speed-up = MAC ratio")
+        for method, colour in colours.items():
+            if any(r["method"] == method for r in mine):
+                ax.scatter([], [], marker="s", color=colour, label=method)
+        for backend, marker in markers.items():
+            if any(r["backend"] == backend for r in mine):
+                ax.scatter([], [], marker=marker, facecolors="none", edgecolors="k", label=backend)
+        ax.set_title(f"{model}, {size}x{size}, {threads} thread(s); filled: batch 1, hollow: batch > 1", fontsize=8)
+        ax.set_xlabel("MACs fewer (x)")
+        ax.set_ylabel("measured speed-up (x)")
+        ax.set_xlim(1, top)
+        ax.set_ylim(0, top)
+        ax.legend(fontsize=7, loc="upper left")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the smoke profile: resnet18 at 32x32, eager, batch 1")
@@ -165,7 +211,13 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--torch-pruning", action="store_true", help="also Torch-Pruning at the same MACs")
     parser.add_argument("--force", action="store_true", help="redo rows that are already in --out")
+    parser.add_argument("--plot", action="store_true",
+                        help=f"only draw the speed-up against the MAC ratio from the rows in --out (to {PLOT.name} beside it)")
     args = parser.parse_args(argv)
+    if args.plot:
+        drawn = plot(_load(args.out), args.out.with_suffix(".png"))
+        print(drawn or f"no reliable rows in {args.out} to plot")
+        return 0
     args.given = {name for name in ("ranks", "round_to") if getattr(args, name) is not None}
     for name, value in (QUICK if args.quick else FULL).items():
         if getattr(args, name) is None:

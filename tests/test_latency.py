@@ -200,6 +200,25 @@ def test_benchmark_goals_are_the_issues():
     assert bench.FULL["models"] == ["resnet18", "resnet50", "mobilenet_v2"] and "compile-freezing" in bench.FULL["backends"]
 
 
+def test_benchmark_plot_draws_the_stored_rows_and_leaves_out_unreliable_ones(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    bench = _benchmark_module()
+    row = dict(method="fxtucker", model="resnet18", input_size=224, threads=2, batch=1, backend="eager",
+               speedup=2.1, macs_ratio=2.5, reliable=True)
+    out = tmp_path / "latency.json"
+    out.write_text(json.dumps({"rows": [{**row, "reliable": False}]}))
+    assert bench.plot(bench._load(out), tmp_path / "a.png") is None and not (tmp_path / "a.png").exists()
+    assert bench.main(["--plot", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"no reliable rows in {out} to plot"
+    rows = [row, {**row, "method": "torch-pruning", "batch": 8, "backend": "onnxruntime", "speedup": 1.7},
+            {**row, "model": "resnet50"}]
+    out.write_text(json.dumps({"rows": rows}))
+    assert bench.main(["--plot", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "latency.png")
+    assert (tmp_path / "latency.png").stat().st_size > 0
+    assert out.read_text() == json.dumps({"rows": rows})  # the rows are left as they are
+
+
 def test_cli_bench_prints_every_back_end_side_by_side(tmp_path, monkeypatch, capsys):
     pytest.importorskip("onnxruntime")
     from fxtucker.cli import main
