@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import signal
+import subprocess
 
 import pytest
 import torch
@@ -32,9 +35,38 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return 0.0 if num == 0 else num / max(denom, 1e-300)
 
 
+# Child processes (torchrun, the CLI) get this long before a test gives up on them: CI machines are
+# shared, and a run that takes 30 s on a quiet one can take ten times that there.
+CHILD_TIMEOUT_S = float(os.environ.get("FXTUCKER_TEST_CHILD_TIMEOUT", "1800"))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_state(tmp_path_factory, monkeypatch):
+    """Every test gets its own timing cache (never the user's ~/.cache/fxtucker: timings taken by
+    tests must not steer anyone's form choice, nor theirs a test's), and the thread count it found."""
+    monkeypatch.setenv("FXTUCKER_CACHE_DIR", str(tmp_path_factory.mktemp("fxtucker-cache")))
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_child(argv: list[str], timeout: float = CHILD_TIMEOUT_S, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(argv, capture_output=True, text=True)`` in a session of its own: on a timeout
+    the whole process group is killed (torchrun's ranks too), so nothing is left loading the machine."""
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True, **kwargs) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 def factor_roles(gm) -> list[tuple[str, str]]:

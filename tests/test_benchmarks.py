@@ -208,7 +208,7 @@ def test_pool_runs_jobs_side_by_side_and_stops_at_the_time_limit(compare, tmp_pa
               "if what == 'fail':\n    print('the cause of the failure'); sys.exit(3)\n"
               "if what == 'sleep':\n    time.sleep(60)\n")
     jobs = [["ok"], ["fail"], ["sleep"], ["sleep"], ["ok"]]
-    counts = compare.run_pool(jobs, 2, tmp_path / "logs", stop_after=4, command=[sys.executable, "-c", script], poll=0.1)
+    counts = compare.run_pool(jobs, 2, tmp_path / "logs", stop_after=15, command=[sys.executable, "-c", script], poll=0.1)
     # ok and fail first; both sleeps side by side, stopped at the limit; the last job never starts.
     assert counts == {"finished": 1, "failed": 1, "stopped": 2, "not started": 1}
     out = capsys.readouterr().out

@@ -7,7 +7,6 @@ does and records per rank the gates and threshold it strips at, lambda and its f
 import json
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 
 import fxtucker
 from fxtucker.models import get_model
+from tests.conftest import run_child
 
 WORKER = Path(__file__).with_name("_cli_ddp_worker.py")
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -42,10 +42,10 @@ def _torchrun(tmp: Path, out: Path, results: Path, kill_at: str = "-", resume: b
             "--train-subset", "256", "--eval-subset", "128", "--batch-size", "32", "--baseline-epochs", "1",
             "--no-progress", "--backend", "eager", "--latency-batch", "2", "--rounds", "1", "--repeats", "1",
             "--out", str(out)] + (["--resume"] if resume else [])
-    return subprocess.run(
+    return run_child(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
          "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(WORKER), str(results), kill_at, *argv],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", "FXTUCKER_CACHE_DIR": str(tmp / "cache")},
     )
 
 

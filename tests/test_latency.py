@@ -385,3 +385,9 @@ def test_cli_bench_prints_unreliable_instead_of_a_number(tmp_path, monkeypatch, 
                                "(spread 4.00x > 1.20x allowed)")
     row = json.loads((tmp_path / "b.json").read_text())["rows"][0]
     assert row["speedup"] is None and row["original_ms"] is None and row["timing"]["ratios"] == [2.0, 0.5, 1.0]
+
+
+def test_each_test_times_into_a_cache_of_its_own(tmp_path_factory):
+    """conftest's autouse fixture: no test reads or writes the user's timing cache (~/.cache/fxtucker)."""
+    here = fxtucker.latency.cache_dir()
+    assert here.is_dir() and here.is_relative_to(tmp_path_factory.getbasetemp()) and not any(here.iterdir())

@@ -26,7 +26,7 @@ import fxtucker
 from fxtucker.cli import main
 from fxtucker.compress import CompressConfig, compress
 from fxtucker.runs import RunMismatch, record_run
-from tests.conftest import EXACT
+from tests.conftest import CHILD_TIMEOUT_S, EXACT
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = "train_epochs = 0\nreg_epochs = 2\nfinetune_epochs = 1\ntarget_speedup = 1.5\n"
@@ -73,10 +73,12 @@ def two_runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("runs")
     root, config = _fake_fashion_mnist(base / "fm"), base / "a.toml"
     config.write_text(CONFIG)
-    torch.manual_seed(1234)  # whatever the global state before, --seed decides
-    assert main(_argv(root, config, base / "a")) == 0
-    torch.manual_seed(999)
-    assert main(_argv(root, config, base / "b")) == 0
+    with pytest.MonkeyPatch.context() as mp:  # module scope: before conftest's per-test timing cache
+        mp.setenv("FXTUCKER_CACHE_DIR", str(base / "cache"))
+        torch.manual_seed(1234)  # whatever the global state before, --seed decides
+        assert main(_argv(root, config, base / "a")) == 0
+        torch.manual_seed(999)
+        assert main(_argv(root, config, base / "b")) == 0
     return base, root, config
 
 
@@ -132,12 +134,13 @@ def test_a_run_killed_and_resumed_ends_as_the_uninterrupted_one(two_runs, tmp_pa
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "fxtucker.cli", *_argv(root, config, out)]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    deadline = time.time() + CHILD_TIMEOUT_S
     while not (out / "regularize.ckpt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert (out / "regularize.ckpt").exists(), "killed before step 3's first checkpoint, not where this test kills"
     assert not (out / "report.json").exists()
     assert subprocess.run(cmd + ["--resume"], env=env, cwd=REPO, capture_output=True).returncode == 0
     assert _report(out) == _report(base / "a")

@@ -6,7 +6,6 @@ import math
 import os
 import random
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import fxtucker
 from fxtucker import regularizers
 from fxtucker.optim import param_groups
 from fxtucker.passes import decompose_conv, insert_gates
+from tests.conftest import run_child
 from fxtucker.train import (
     RECORD_KEYS,
     TrainConfig,
@@ -644,11 +644,11 @@ def test_ddp_two_processes(tmp_path, request, compiled):
     run, results = tmp_path / "run", tmp_path / "results"
     results.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
+    proc = run_child(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
          "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(WORKER), str(run),
          str(results)] + (["compile"] if compiled else []),
-        capture_output=True, text=True, timeout=180, env=env,
+        env=env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     s0 = torch.load(results / "rank0.pt", weights_only=True)
