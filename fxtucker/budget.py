@@ -292,6 +292,11 @@ class GatePenalty:
         stopping at exactly 0 (soft thresholding of the penalty linearized at the gate); with
         ``relative``, each gate vector then gets its mean magnitude back."""
         self.lr = lr
+        if self.target is not None and lr > 0:
+            # steer's cap from the very first step: lambda's start is calibrated over the whole of
+            # step 3, and with few steps it would shrink a vector's mean many times over in one step
+            # (mobilenet_v2 on 256 images: lr x lambda = 1, NaN by the third step).
+            self.weight = min(self.weight, self.MAX_SHRINK / lr)
         if not self.proximal:
             return
         c = self.c(epoch)

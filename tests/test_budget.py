@@ -9,7 +9,7 @@ import pytest
 import fxtucker
 from fxtucker import budget, regularizers
 from fxtucker.budget import threshold_for_budget
-from fxtucker.compress import CompressConfig
+from fxtucker.compress import CompressConfig, compress
 from fxtucker.passes import cost_model, decompose_conv, insert_gates, kept_ranks, predict_macs
 from fxtucker.passes.strip_gates import floor_masks
 
@@ -197,6 +197,7 @@ def test_proximal_steps_never_zero_gates_past_the_budget():
     tiny = math.nextafter(0.0, 1.0)
     target = predict_macs(gm, 0.01, relative=True)  # what the rank-(4, 6) structure leaves
     pen = budget.GatePenalty(gm, "l1", 50.0, lambda e: 1.0, target_macs=target, epochs=2, proximal=True)
+    pen.MAX_SHRINK = math.inf  # no cap on lambda: the guard alone
     for step in range(20):  # a huge lambda: unchecked, it would zero every gate at once
         pen.after_step(gm, 0, step, lr=0.1)
         assert predict_macs(gm, tiny, relative=True) >= target
@@ -204,6 +205,42 @@ def test_proximal_steps_never_zero_gates_past_the_budget():
     unbounded = budget.GatePenalty(gm, "l1", 50.0, lambda e: 1.0, proximal=True)
     unbounded.after_step(gm, 0, 0, lr=0.1)
     assert predict_macs(gm, tiny, relative=True) < target
+
+
+def test_a_steered_lambda_is_capped_from_the_first_step():
+    """lr x lambda <= MAX_SHRINK from step 0, not only from the first steering step: "auto" calibrates
+    lambda over the whole of step 3, and on a few steps it shrank vectors many times their mean at
+    once (mobilenet_v2 on 256 images went to NaN by the third step)."""
+    gm, _, _ = _gated_toy()
+    target = predict_macs(gm, 0.0) // 2
+    pen = budget.GatePenalty(gm, "funnel", 100.0, lambda e: 1.0, target_macs=target, epochs=1)
+    before = [g.detach().abs().clone() for layer in fxtucker.gates(gm).values() for g in layer.values()]
+    pen.after_step(gm, 0, 0, lr=0.01)
+    assert pen.weight == pytest.approx(pen.MAX_SHRINK / 0.01)
+    after = [g.detach().abs() for layer in fxtucker.gates(gm).values() for g in layer.values()]
+    # at most MAX_SHRINK x the largest MAC weight of a vector's mean per gate (the funnel's slope is <= 1 / c = 1)
+    bound = pen.MAX_SHRINK * max(pen.scales)
+    for a, b in zip(after, before):
+        assert torch.all(b - a <= bound * b.mean() + 1e-6)
+    free = budget.GatePenalty(gm, "funnel", 100.0, lambda e: 1.0, epochs=1)  # no budget: lambda is the user's
+    free.after_step(gm, 0, 0, lr=0.01)
+    assert free.weight == 100.0
+
+
+def test_compress_mobilenet_v2_on_a_few_steps_does_not_diverge():
+    """The regression behind the cap: torchvision's mobilenet_v2 (MAC weights up to ~11x the mean),
+    4 steps of step 3 with reg_weight="auto"."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from fxtucker.models import get_model
+
+    model = get_model("mobilenet_v2", num_classes=10, in_channels=1).eval()
+    xs, ys = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
+    loader = DataLoader(TensorDataset(xs, ys), batch_size=32)
+    config = CompressConfig(train_epochs=0, reg_epochs=1, finetune_epochs=0, target_speedup=2.0, seed=0)
+    result = compress(model, loader, xs[:1], config=config, progress=False)
+    assert all(math.isfinite(r["loss"]) for r in result.history)
+    assert result.report["macs_after"] <= result.report["macs_before"] / 2
 
 
 def test_relative_proximal_step_keeps_each_vector_mean_and_zeroes_the_small_gates():
