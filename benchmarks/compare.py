@@ -282,15 +282,38 @@ def _decomposable(s: Setup) -> list[str]:
     return [l.name for l in fxtucker.report(full).layers if l.decision == "decomposed"]
 
 
+#: Models whose MACs sit in 1x1 convs (their kxk convs are depthwise, which is not decomposed): the
+#: rank baselines (uniform, MUSCO-style, EVBMF) rank their 1x1 convs too, as SVD pairs of one rank,
+#: as the funnel flow does. Elsewhere they rank the kxk convs only (the quality rows' protocol since
+#: session 7: ResNet-20's two 1x1 shortcuts stay dense there).
+POINTWISE_MODELS = frozenset({"mobilenet_v2"})
+
+
 def _conv_weights(s: Setup) -> dict[str, torch.Tensor]:
-    """The decomposable kxk convs (the baselines' layers) and their kernels."""
+    """The rank baselines' layers and their kernels: the decomposable kxk convs, and for
+    :data:`POINTWISE_MODELS` the decomposable ungrouped 1x1 convs as well."""
     names = _decomposable(s)
     mods = dict(s.baseline.named_modules())
-    return {n: mods[n].weight.detach() for n in names if isinstance(mods[n], nn.Conv2d) and mods[n].kernel_size != (1, 1)}
+    pointwise = s.model_name in POINTWISE_MODELS
+    return {n: mods[n].weight.detach() for n in names if isinstance(mods[n], nn.Conv2d)
+            and (mods[n].kernel_size != (1, 1) or (pointwise and mods[n].groups == 1))}
+
+
+def _full_ranks(w: torch.Tensor) -> tuple[int, ...]:
+    """(R1, R2) of a kxk kernel's Tucker-2, (R,) of a 1x1 kernel's SVD pair."""
+    return (min(w.shape[:2]),) if w.shape[2:] == (1, 1) else tucker.tucker2_full_ranks(w.shape)
+
+
+def _vbmf_ranks(w: torch.Tensor) -> tuple[int, ...]:
+    """EVBMF's ranks: of both unfoldings of a kxk kernel, of the matrix of a 1x1 kernel (each >= 1)."""
+    if w.shape[2:] == (1, 1):
+        return (max(1, min(min(w.shape[:2]), tucker.evbmf(w.flatten(1)))),)
+    return tucker.vbmf_ranks(w)
 
 
 class RankCost:
-    """MACs of the baseline with the kxk convs of a rank dict decomposed, as fold_or_restore counts them.
+    """MACs of the baseline with the layers of a rank dict decomposed (:func:`_conv_weights`'s: kxk convs
+    by Tucker-2, and for :data:`POINTWISE_MODELS` 1x1 convs as SVD pairs), as fold_or_restore counts them.
 
     Read once from the cost model of the full-rank decomposition: each factor's MACs scale with its
     kept ranks (first: R1, core: R1 x R2, last: R2) and a layer costs the smaller of its factors and
@@ -302,7 +325,7 @@ class RankCost:
         from fxtucker.passes._common import layer_nodes
 
         self.weights = _conv_weights(s)
-        self.full = {n: tucker.tucker2_full_ranks(w.shape) for n, w in self.weights.items()}
+        self.full = {n: _full_ranks(w) for n, w in self.weights.items()}
         base = cost_model(fxtucker.trace(copy.deepcopy(s.baseline)), s.x)
         self.dense = {n.target: n.meta[MACS] for n in base.graph.nodes if n.op == "call_module" and n.target in self.full}
         gm = cost_model(_quiet(decompose_conv, cost_model(fxtucker.trace(copy.deepcopy(s.baseline)), s.x),
@@ -314,7 +337,11 @@ class RankCost:
     def __call__(self, ranks: dict) -> int:
         total = self.rest
         for n, (f, c, l) in self.parts.items():
-            (R1, R2), (r1, r2) = self.full[n], ranks.get(n, self.full[n])
+            full, kept = self.full[n], ranks.get(n, self.full[n])
+            if len(full) == 1:  # an SVD pair: both factors scale with its one rank
+                total += min((f + l) * kept[0] // full[0], self.dense[n])
+                continue
+            (R1, R2), (r1, r2) = full, kept
             total += min(f * r1 // R1 + c * r1 * r2 // (R1 * R2) + l * r2 // R2, self.dense[n])
         return total
 
@@ -325,7 +352,7 @@ class RankCost:
         ranks = {n: tuple(r) for n, r in ranks.items()}
         blocked: set = set()
         while True:
-            moves = sorted(((ranks[n][i] / self.full[n][i], n, i) for n in ranks for i in (0, 1)
+            moves = sorted(((ranks[n][i] / self.full[n][i], n, i) for n in ranks for i in range(len(ranks[n]))
                             if ranks[n][i] < self.full[n][i] and (n, i) not in blocked))
             if not moves:
                 return ranks
@@ -369,7 +396,7 @@ def _matched(s: Setup, target: int, rank_fn: Callable[[float], dict], hi: float,
 def method_vbmf(s: Setup, target: Optional[int], progress: bool) -> tuple[nn.Module, dict]:
     """Tucker-2 at EVBMF's ranks (Kim et al. 2015); with a ``target``, the ranks scaled to it."""
     cost = RankCost(s)
-    vb = {n: tucker.vbmf_ranks(w) for n, w in cost.weights.items()}
+    vb = {n: _vbmf_ranks(w) for n, w in cost.weights.items()}
     if target is None:
         return _decomposed(s, vb), {"ranks": {n: list(r) for n, r in vb.items()}}
     hi = max(f / b for n in vb for f, b in zip(cost.full[n], vb[n]))
@@ -380,13 +407,13 @@ def method_musco(s: Setup, target: int, progress: bool) -> tuple[nn.Module, dict
     # MUSCO (Gusak et al. 2019) weakens EVBMF's ranks towards full rank, r = R - w (R - r_vbmf),
     # and compresses in several rounds; one round here, w chosen to meet the MAC target.
     cost = RankCost(s)
-    vb = {n: tucker.vbmf_ranks(w) for n, w in cost.weights.items()}
+    vb = {n: _vbmf_ranks(w) for n, w in cost.weights.items()}
     return _matched(s, target, lambda t: _scaled_ranks(cost.full, vb, t), 1.0, cost)
 
 
 def method_uniform(s: Setup, target: int, progress: bool) -> tuple[nn.Module, dict]:
     cost = RankCost(s)
-    ones = {n: (1, 1) for n in cost.full}
+    ones = {n: (1,) * len(f) for n, f in cost.full.items()}
     return _matched(s, target, lambda t: _scaled_ranks(cost.full, ones, t), 1.0, cost)
 
 
