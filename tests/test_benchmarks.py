@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import fxtucker
 from fxtucker import data
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -276,3 +277,24 @@ def test_tuning_rows_record_their_own_budget_and_never_the_test_set(compare, tmp
     assert row["config"]["c_follows_budget"] is True and row["accuracy"] is None and row["val_accuracy"] is not None
     plain = rows["threshold auto reg2 no-ft"]  # a plain threshold aims at no budget
     assert plain["target_macs"] is None and "macs_vs_target" not in plain
+
+
+def test_rank_baselines_rank_the_1x1_convs_of_a_pointwise_model(compare):
+    """mobilenet_v2 (its kxk convs depthwise): uniform, MUSCO-style and EVBMF rank its 1x1 convs as SVD
+    pairs, the MACs counted for a rank dict are those of the model built from it, and each meets 2x."""
+    from fxtucker.models import get_model
+
+    baseline = get_model("mobilenet_v2", num_classes=10, in_channels=1).eval()
+    x = torch.randn(1, 1, 28, 28)
+    s = types.SimpleNamespace(model_name="mobilenet_v2", baseline=baseline, x=x, macs=fxtucker.count_macs(baseline, x))
+    cost = compare.RankCost(s)
+    assert cost.full and all(len(f) == 1 for f in cost.full.values())  # the 1x1 convs, one rank each
+    half = compare._scaled_ranks(cost.full, {n: (1,) for n in cost.full}, 0.5)
+    assert cost(half) == fxtucker.count_macs(compare._decomposed(s, half), x) < s.macs
+    target = s.macs // 2
+    for method in (compare.method_uniform, compare.method_musco, compare.method_vbmf):
+        model, extra = method(s, target, False)
+        assert 0.99 * target <= fxtucker.count_macs(model, x) <= target, method.__name__
+    resnet = get_model("resnet20", num_classes=10, in_channels=1).eval()
+    kxk_only = compare._conv_weights(types.SimpleNamespace(model_name="resnet20", baseline=resnet, x=x))
+    assert kxk_only and all(w.shape[2:] == (3, 3) for w in kxk_only.values())  # its 1x1 shortcuts stay dense
