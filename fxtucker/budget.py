@@ -143,7 +143,9 @@ class GatePenalty:
     MACs are above the path, as a fraction of the MACs to remove. Behind the path lambda grows
     fast (it may double every ``every`` steps), ahead of it lambda shrinks, and the proximal step
     never zeroes past the budget, so at the end of step 3 the budget cuts gates that are already
-    0 or close to it. lambda stays within [1/``RANGE``, ``RANGE``] times its start value, depends
+    0 or close to it. lambda stays within [1/``RANGE``, ``RANGE``] times its start value and, from
+    the first step, at most ``MAX_SHRINK`` / lr (a proximal step shrinks a gate by at most
+    ``MAX_SHRINK`` of its vector's mean at slope 1, so that BatchNorm keeps up), depends
     only on the states so far, and is part of the training checkpoint (``state_dict``, with c
     when it follows the budget), so a resumed run repeats the uninterrupted one.
 
