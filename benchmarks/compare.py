@@ -307,7 +307,7 @@ def _full_ranks(w: torch.Tensor) -> tuple[int, ...]:
 def _vbmf_ranks(w: torch.Tensor) -> tuple[int, ...]:
     """EVBMF's ranks: of both unfoldings of a kxk kernel, of the matrix of a 1x1 kernel (each >= 1)."""
     if w.shape[2:] == (1, 1):
-        return (max(1, min(min(w.shape[:2]), tucker.evbmf(w.flatten(1)))),)
+        return (max(1, tucker.evbmf(w.flatten(1))),)
     return tucker.vbmf_ranks(w)
 
 

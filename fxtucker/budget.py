@@ -243,10 +243,14 @@ class GatePenalty:
         gap = (self.zeros_macs - self.path(epoch, step)) / span
         factor = min(self.MAX_CHANGE, max(1 / self.MAX_CHANGE, math.exp(self.GAIN * gap)))
         self.weight = min(self.start * self.RANGE, max(self.start / self.RANGE, self.weight * factor))
-        if self.lr:  # at most MAX_SHRINK of a vector's mean per step at slope 1: BatchNorm keeps up
-            self.weight = min(self.weight, self.MAX_SHRINK / self.lr)
+        if self.lr:
+            self._cap(self.lr)
         if self.c_follows_budget:
             self.cut = self.budget_threshold()
+
+    def _cap(self, lr: float) -> None:
+        """At most MAX_SHRINK of a vector's mean per proximal step at slope 1: BatchNorm keeps up."""
+        self.weight = min(self.weight, self.MAX_SHRINK / lr)
 
     def c(self, epoch: int) -> float:
         """The funnel's c: the schedule's, or with ``c_follows_budget`` the gate size at which the
@@ -298,7 +302,7 @@ class GatePenalty:
             # steer's cap from the very first step: lambda's start is calibrated over the whole of
             # step 3, and with few steps it would shrink a vector's mean many times over in one step
             # (mobilenet_v2 on 256 images: lr x lambda = 1, NaN by the third step).
-            self.weight = min(self.weight, self.MAX_SHRINK / lr)
+            self._cap(lr)
         if not self.proximal:
             return
         c = self.c(epoch)
