@@ -286,7 +286,7 @@ def _decomposable(s: Setup) -> list[str]:
 #: rank baselines (uniform, MUSCO-style, EVBMF) rank their 1x1 convs too, as SVD pairs of one rank,
 #: as the funnel flow does. Elsewhere they rank the kxk convs only (the quality rows' protocol since
 #: session 7: ResNet-20's two 1x1 shortcuts stay dense there).
-POINTWISE_MODELS = frozenset({"mobilenet_v2"})
+POINTWISE_MODELS = frozenset({"mobilenet_v2", "mobilenet_v2_cifar"})
 
 
 def _conv_weights(s: Setup) -> dict[str, torch.Tensor]:

@@ -8,6 +8,8 @@ adaptively before the classifier, so 28x28 (Fashion-MNIST) and 32x32 (CIFAR) inp
 
 Module names copy torchvision's ResNet (``conv1``, ``bn1``, ``layer1.0.conv1``, ``downsample``,
 ``avgpool``, ``fc``) so that graph node names read the same for both families.
+``mobilenet_v2_cifar`` is torchvision's MobileNetV2 at width 0.5 with CIFAR-style strides: it
+downsamples 8x instead of 32x, so a 28x28 input ends on a 4x4 map, not a 1x1 one.
 
 :func:`get_model` also takes model specs beyond these names: ``timm:NAME`` (a timm model, without
 pretrained weights), ``package.module:callable`` and ``path/to/file.py:callable`` (the user's own
@@ -35,6 +37,7 @@ __all__ = [
     "BasicBlock",
     "CifarResNet",
     "VGGSmall",
+    "mobilenet_v2_cifar",
     "CIFAR_MODELS",
     "get_model",
     "list_models",
@@ -159,11 +162,38 @@ class VGGSmall(nn.Module):
         return self.classifier(x)
 
 
+# MobileNetV2's inverted residual stages (expansion t, channels c, repeats n, stride s), torchvision's
+# but for the second and sixth strides (2 there): with the stem's stride 2 the net downsamples 8x.
+_MOBILENET_V2_CIFAR_SETTING = (
+    (1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 1), (6, 320, 1, 1),
+)
+
+
+def mobilenet_v2_cifar(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """MobileNetV2 for 28x28 and 32x32 inputs: torchvision's blocks at width 0.5, downsampling 8x.
+
+    Depthwise 3x3 convs between 1x1 expansions and projections, 12.4M MACs and 0.70M parameters at
+    28x28 with one input channel (torchvision's ``mobilenet_v2`` there: 5.6M MACs, ending on a 1x1
+    map). Module names are torchvision's (``features.N.conv.M``, ``classifier.1``).
+
+    Args:
+        num_classes: outputs of the final linear layer.
+        in_channels: channels of the input image.
+    """
+    model = torchvision.models.MobileNetV2(
+        num_classes=num_classes, width_mult=0.5,
+        inverted_residual_setting=[list(stage) for stage in _MOBILENET_V2_CIFAR_SETTING])
+    if in_channels != 3:
+        _replace_first_conv(model, in_channels, "mobilenet_v2_cifar")
+    return model
+
+
 CIFAR_MODELS: dict[str, Callable[[int, int], nn.Module]] = {
     "resnet20": lambda num_classes, in_channels: CifarResNet(20, num_classes, in_channels),
     "resnet32": lambda num_classes, in_channels: CifarResNet(32, num_classes, in_channels),
     "resnet56": lambda num_classes, in_channels: CifarResNet(56, num_classes, in_channels),
     "vgg_small": lambda num_classes, in_channels: VGGSmall(num_classes, in_channels),
+    "mobilenet_v2_cifar": mobilenet_v2_cifar,
 }
 
 
@@ -448,7 +478,8 @@ def get_model(
     default initialization.
 
     Args:
-        name: ``"resnet20"``, ``"resnet32"``, ``"resnet56"``, ``"vgg_small"``, any name in
+        name: ``"resnet20"``, ``"resnet32"``, ``"resnet56"``, ``"vgg_small"``,
+            ``"mobilenet_v2_cifar"``, any name in
             ``torchvision.models.list_models(module=torchvision.models)`` (see :func:`list_models`),
             or a spec: ``"timm:NAME"`` (``timm.create_model(NAME, pretrained=False,
             num_classes=, in_chans=)``; needs ``pip install fxtucker[timm]``),

@@ -11,7 +11,7 @@ from torch import nn
 from fxtucker.models import CIFAR_MODELS, CifarResNet, get_model, list_models
 from tests.conftest import EXACT
 
-CIFAR_NAMES = ["resnet20", "resnet32", "resnet56", "vgg_small"]
+CIFAR_NAMES = ["resnet20", "resnet32", "resnet56", "vgg_small", "mobilenet_v2_cifar"]
 
 
 def _n_params(model):
@@ -63,9 +63,22 @@ def test_cifar_model_symbolic_trace_matches_eager(name):
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x), **EXACT)
-    # Only modules, add and flatten: nothing like option A's slice-and-pad shortcut.
+    # Only modules, add and flatten (and torchvision's functional pool): nothing like option A's
+    # slice-and-pad shortcut.
     functions = {n.target for n in gm.graph.nodes if n.op == "call_function"}
-    assert functions <= {torch.flatten, operator.add}
+    assert functions <= {torch.flatten, operator.add, nn.functional.adaptive_avg_pool2d}
+
+
+def test_mobilenet_v2_cifar_downsamples_8x_with_depthwise_convs():
+    model = get_model("mobilenet_v2_cifar", num_classes=10, in_channels=1).eval()
+    with torch.no_grad():
+        features = model.features(torch.randn(2, 1, 28, 28))
+    assert features.shape == (2, 1280, 4, 4)  # torchvision's mobilenet_v2 ends on 1x1 here
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    depthwise = [c for c in convs if c.groups > 1]
+    assert len(depthwise) == 17 and all(c.groups == c.in_channels == c.out_channels for c in depthwise)
+    assert model.features[0][0].in_channels == 1
+    assert _conv_macs(model, torch.randn(1, 1, 28, 28)) == pytest.approx(12.4e6, rel=0.01)
 
 
 def test_resnet_depths_and_names():
