@@ -83,7 +83,7 @@ from fxtucker.io import nofollow_opener, save_torch, write_atomic
 from fxtucker.latency import measure_latency
 from fxtucker.meta import FIRST, LAST
 from fxtucker.passes import cost_model, count_macs, decompose_conv, fold_or_restore
-from fxtucker.train import TrainConfig, evaluate, train
+from fxtucker.train import TrainConfig, evaluate, recalibrate_batchnorm, train
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
@@ -179,6 +179,16 @@ def _accuracy(s: "Setup", model: nn.Module, loader: Any) -> float:
         return evaluate(model, loader)
     finally:
         model.cpu()
+
+
+def _recalibrated_accuracy(s: "Setup", model: nn.Module) -> Optional[float]:
+    """Validation accuracy of a copy of a baseline's compressed model with its BatchNorm statistics
+    re-estimated as the funnel flow's are after its cut (CompressConfig.recalibrate_bn's batches of
+    the training subset); the model that is fine-tuned keeps its own. None without BatchNorm."""
+    copied = copy.deepcopy(model)
+    if not recalibrate_batchnorm(copied, s.train_loader, batches=CompressConfig.recalibrate_bn, seed=s.seed):
+        return None
+    return _accuracy(s, copied, s.val_loader)
 
 
 def _quiet(fn: Callable, *args, **kwargs):
@@ -525,6 +535,7 @@ def run_flow(s: Setup, name: str, progress: bool, **overrides) -> tuple[nn.Modul
     rep = result.report
     hist = rep["stages"]["regularized"]["gate_histogram"]
     extra = {"threshold": rep["threshold"], "val_pruned": rep["stages"]["pruned"]["accuracy"],
+             "val_recalibrated": rep["stages"].get("recalibrated", {}).get("accuracy"),
              "val_regularized": rep["stages"]["regularized"]["accuracy"],
              "pruning_ratio": round(rep["stages"]["regularized"]["pruning_ratio"], 4),
              "gates_zero": hist["zeros"], "gates_total": hist["total"], "gate_histogram": hist,
@@ -845,6 +856,7 @@ def run_experiment(exp: str, s: Setup, progress: bool = True, methods: Optional[
         else:
             model, extra = BASELINE_METHODS[run["baseline"]](s, target, progress, **run.get("args", {}))
             extra["val_pruned"] = _accuracy(s, model, s.val_loader)
+            extra["val_recalibrated"] = _recalibrated_accuracy(s, model)
             if run.get("distill"):
                 extra["distill"] = True
             _finetune(s, model, name, progress, distill=run.get("distill", False))
@@ -953,7 +965,8 @@ def summary(exp: str) -> str:
         groups.setdefault((r["model"], _where(r), r["setting"], r["method"]), []).append(r)
     base = {(r["model"], _where(r), r["seed"]): r for r in rows if r["method"] == "uncompressed"}
     lines = ["| model | profile | setting | method | seeds | accuracy % | drop (points) | pruning cost (val, points) "
-             "| the cut alone (val, points) | MAC ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| the cut alone (val, points) | pruning cost, BN recalibrated (val, points; seeds) | MAC ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (model, profile, setting, method), rs in sorted(groups.items(), key=lambda kv: kv[0]):
         b = [base.get((model, profile, r["seed"])) for r in rs]
         drops = [x["accuracy"] - r["accuracy"] for x, r in zip(b, rs) if x and x.get("accuracy") is not None
@@ -962,10 +975,13 @@ def summary(exp: str) -> str:
                 if x and x.get("val_accuracy") is not None and r.get("val_pruned") is not None]
         cut = [r["val_regularized"] - r["val_pruned"] for r in rs
                if r.get("val_regularized") is not None and r.get("val_pruned") is not None]
+        recal = [x["val_accuracy"] - r["val_recalibrated"] for x, r in zip(b, rs)
+                 if x and x.get("val_accuracy") is not None and r.get("val_recalibrated") is not None]
         accs = [r["accuracy"] for r in rs if r.get("accuracy") is not None]
         ratios = [r.get("macs_baseline", r["macs"]) / r["macs"] for r in rs]
         lines.append(f"| {model} | {profile} | {setting} | {method} | {','.join(str(r['seed']) for r in rs)} | "
-                     f"{_ms(accs)} | {_ms(drops)} | {_ms(cost)} | {_ms(cut)} | {_ms(ratios, 1.0)}x |")
+                     f"{_ms(accs)} | {_ms(drops)} | {_ms(cost)} | {_ms(cut)} | "
+                     f"{_ms(recal)}{f' ({len(recal)})' if recal else ''} | {_ms(ratios, 1.0)}x |")
     return "\n".join(lines)
 
 

@@ -27,7 +27,7 @@ from fxtucker.passes.compose_factors import compose_factors
 from fxtucker.passes.decompose_conv import METHODS as DECOMPOSITION_METHODS
 from fxtucker.report import report
 from fxtucker.tracing import trace
-from fxtucker.train import TrainConfig, evaluate, train
+from fxtucker.train import TrainConfig, evaluate, recalibrate_batchnorm, train
 
 __all__ = ["CompressConfig", "CompressResult", "compress", "threshold_for_budget", "gate_histogram", "GatePenalty",
            "component_macs"]
@@ -70,6 +70,13 @@ class CompressConfig:
     ``rank_floor`` (0 by default) keeps that share of every mode's rank whatever the budget or
     threshold (the components with the largest gates, which the penalty then does not pull), so
     that the global cut cannot take a mode below ``ceil(rank_floor x rank)``.
+
+    ``recalibrate_bn`` (50 by default; 0: off): after the cut, every BatchNorm's running statistics
+    are re-estimated from that many training batches (:func:`~fxtucker.train.recalibrate_batchnorm`),
+    so that the pruned model is judged, and returned without fine-tuning, with statistics of its
+    own layers instead of the uncut ones. The report keeps the cut's accuracy (``pruned``) and adds
+    ``recalibrated``; no weight changes, and fine-tuning (which normalises by batch statistics)
+    trains the same weights either way.
     """
 
     ranks: Union[None, float, str] = None
@@ -99,6 +106,7 @@ class CompressConfig:
     live_mac_weights: bool = False  # mac_weighted at the ranks still alive (GatePenalty's live_macs)
     compose: bool = True  # train through compose_factors: one conv per layer, same function and gradients
     c_follows_budget: bool = False  # with a budget: c = the gate size the budget would cut now (GatePenalty)
+    recalibrate_bn: int = 50  # batches that re-estimate BatchNorm statistics after the cut; 0: off
     finetune_epochs: int = 3
     finetune_lr: float = 0.01
     optimizer: str = "sgd"
@@ -150,6 +158,9 @@ class CompressConfig:
             raise bad("round_to", "None or an integer >= 1 (e.g. 8 or 16)")
         if not is_real(self.rank_floor) or not 0 <= self.rank_floor < 1:
             raise bad("rank_floor", "a number in [0, 1) (the share of each mode's rank always kept; 0: none)")
+        if not is_int(self.recalibrate_bn) or self.recalibrate_bn < 0:
+            raise bad("recalibrate_bn", "an integer >= 0 (training batches that re-estimate BatchNorm statistics "
+                                        "after the cut; 0: off)")
         if not is_int(self.steer_every) or self.steer_every < 1:
             raise bad("steer_every", "an integer >= 1 (optimizer steps)")
         r = self.ranks
@@ -409,6 +420,10 @@ def compress(
                              rank_floor=config.rank_floor)(copy.deepcopy(gated))
     _check_connected(gated, final, inputs, threshold, budget=target is not None)
     rep["stages"]["pruned"] = {"accuracy": acc(final), "macs": sum(n.meta["macs"] for n in final.graph.nodes)}
+    # BatchNorm statistics of the pruned layers, not the uncut ones (no weight changes)
+    if config.recalibrate_bn and recalibrate_batchnorm(final, train_data, batches=config.recalibrate_bn,
+                                                       seed=config.seed):
+        rep["stages"]["recalibrated"] = {"accuracy": acc(final)}
 
     # 4. fine-tune the compressed model
     if config.finetune_epochs:

@@ -49,7 +49,7 @@ from fxtucker.distributed import Dist, resolve_device, setup_distributed, wants_
 from fxtucker.io import is_int, is_real
 from fxtucker.optim import OPTIMIZERS, SCHEDULES, check_penalty, check_stats, make_optimizer, make_scheduler
 
-__all__ = ["TrainConfig", "train", "evaluate", "TrainingDiverged", "progress_bar", "OPTIMIZERS", "SCHEDULES",
+__all__ = ["TrainConfig", "train", "evaluate", "recalibrate_batchnorm", "TrainingDiverged", "progress_bar", "OPTIMIZERS", "SCHEDULES",
            "RECORD_KEYS", "CHECKPOINT_FORMAT"]
 
 #: The keys every history record has; ``epoch_stats`` adds its own after these.
@@ -193,6 +193,76 @@ def evaluate(model: nn.Module, data: Iterable, *, device: Any = None) -> float:
             f"accuracy to compute; pass at least one (input, label) batch"
         )
     return correct / total
+
+
+def recalibrate_batchnorm(model: nn.Module, data: Iterable, *, batches: int = 50, seed: int = 0,
+                          device: Any = None) -> int:
+    """Re-estimate the running statistics of every BatchNorm of ``model`` from ``data``, in place.
+
+    Cutting components changes what each layer outputs, and the BatchNorm after it normalises
+    with statistics of the uncut model in eval mode, which can cost more accuracy than the cut
+    itself (``benchmarks/RESULTS.md``, "BatchNorm statistics after the cut"). The
+    statistics are reset and averaged (``momentum=None``) over the first ``batches`` batches of
+    one draw of ``data``'s order (a DataLoader is redrawn from ``seed``, as :func:`train` draws an
+    epoch, so no global random state is used), in training mode without gradients; weights are
+    not touched. Each BatchNorm's momentum and the model's mode are restored afterwards, and on
+    an error every statistic is put back as it was.
+
+    Args:
+        model: the model (BatchNorm layers with ``track_running_stats``; others are left alone).
+        data: an iterable of (input, label) batches, e.g. the training DataLoader.
+        batches: how many batches to average over (>= 1).
+        seed: the order of a DataLoader's batches.
+        device: where the batches go; by default the device of the model's parameters.
+
+    Returns:
+        The number of batches used: 0 when the model has no BatchNorm to recalibrate.
+
+    Raises:
+        ValueError: ``batches`` is not an integer >= 1, or ``data`` yielded no batches.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"recalibrate_batchnorm: model must be an nn.Module, got {type(model).__name__}")
+    if not is_int(batches) or batches < 1:
+        raise ValueError(f"recalibrate_batchnorm: batches must be an integer >= 1, got {batches!r}")
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    if isinstance(data, (torch.Tensor, str, bytes)) or not isinstance(data, Iterable):
+        raise TypeError(f"recalibrate_batchnorm: data must be an iterable of (input, label) batches such as a "
+                        f"DataLoader, got {type(data).__name__}")
+    dev = resolve_device(model, device, ddp=False)
+    saved = [(m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+             for m in norms]
+    was_training, used = model.training, 0
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the batches seen
+        model.train()
+        with torch.no_grad():
+            for i, batch in enumerate(train_batches(data, seed, 0, Dist())):
+                if i >= batches:
+                    break
+                x, _ = split_batch(batch, "recalibrate_batchnorm: data", i)
+                model(to_device(x, dev, False))
+                used += 1
+        if not used:
+            raise ValueError(f"recalibrate_batchnorm: data ({type(data).__name__}) yielded no batches; "
+                             f"pass at least one (input, label) batch")
+    except BaseException:
+        with torch.no_grad():
+            for m, (_, mean, var, count) in zip(norms, saved):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+        raise
+    finally:
+        for m, (momentum, *_) in zip(norms, saved):
+            m.momentum = momentum
+        model.train(was_training)
+    return used
 
 
 # --- the loop ---------------------------------------------------------------------------------

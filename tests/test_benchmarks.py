@@ -60,9 +60,12 @@ def test_quick_baselines_write_rows_and_a_rerun_skips_them(compare, tmp_path, ca
     drop = final["uncompressed"]["accuracy"] - funnel["accuracy"]
     assert f"| {100 * funnel['accuracy']:.2f} | {100 * drop:.2f} |" in line  # one seed: no std
     cut = funnel["val_regularized"] - funnel["val_pruned"]  # the cut alone: regularized against pruned
-    assert line.endswith(f"| {100 * cut:.2f} | {final['uncompressed']['macs'] / funnel['macs']:.2f}x |")
+    recal = final["uncompressed"]["val_accuracy"] - funnel["val_recalibrated"]  # BatchNorm re-estimated after it
+    assert line.endswith(f"| {100 * cut:.2f} | {100 * recal:.2f} (1) | "
+                         f"{final['uncompressed']['macs'] / funnel['macs']:.2f}x |")
     (line,) = [l for l in summary if "| uniform |" in l]
     assert "| - |" in line  # no regularized stage, no cut of its own
+    assert 0 <= final["uniform"]["val_recalibrated"] <= 1  # measured on a copy: the same for every method
     capsys.readouterr()
     compare.main(["--exp", "baselines", "--profile", "quick", "--no-progress"])  # nothing left to run
     assert "[baselines]" not in capsys.readouterr().out

@@ -88,7 +88,7 @@ def test_compress_small_run_writes_reports(tmp_path, capsys):
     deployed = fxtucker.load(out / "deployed", lambda: get_model("resnet20", num_classes=10, in_channels=1))
     assert not any("bn" in name for name, _ in deployed.named_modules())  # BatchNorm folded
     assert rep["model"] == "resnet20" and len(rep["baseline_history"]) == 1
-    assert list(rep["stages"]) == ["decomposed", "trained", "regularized", "pruned", "finetuned"]
+    assert list(rep["stages"]) == ["decomposed", "trained", "regularized", "pruned", "recalibrated", "finetuned"]
     md = (out / "report.md").read_text()
     assert md.startswith("# fxtucker compress") and "| layer1.0.conv1 |" in md
     state = __import__("torch").load(out / "compressed_state_dict.pt", weights_only=True)

@@ -251,3 +251,34 @@ def test_rank_floor_keeps_a_share_of_every_mode_through_the_flow(one_thread):
     assert result.report["macs_after"] <= result.report["macs_before"] / 2.3
     with pytest.raises(ValueError, match=r"cannot be met: .*rank_floor=0.9 of each mode's rank"):
         compress(model, train, x, config=CompressConfig(target_speedup=2.3, rank_floor=0.9), progress=False)
+
+
+class _ToyBN(nn.Module):
+    def __init__(self, toy):
+        super().__init__()
+        self.conv, self.bn, self.fc = toy.conv, nn.BatchNorm2d(24), toy.fc
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def test_batchnorm_is_recalibrated_after_the_cut_and_fine_tuning_trains_the_same_weights(one_thread):
+    toy, train, test, x = toy_problem(1)
+    model = _ToyBN(toy)
+    fxtucker.train.train(model, train, fxtucker.train.TrainConfig(epochs=1, lr=0.01), progress=False)  # BN statistics
+    base = dict(train_epochs=0, reg_epochs=1, reg_weight=0.01, target_speedup=3.0)
+    runs = {(n, ft): compress(model, train, x, eval_data=test, progress=False,
+                              config=CompressConfig(**base, recalibrate_bn=n, finetune_epochs=ft))
+            for n in (0, 50) for ft in (0, 1)}
+    assert list(runs[50, 1].report["stages"]) == ["decomposed", "regularized", "pruned", "recalibrated", "finetuned"]
+    assert "recalibrated" not in runs[0, 1].report["stages"]
+    # Without fine-tuning the recalibrated model is what comes back, with other statistics than the cut's.
+    rep = runs[50, 0].report
+    assert rep["accuracy_after"] == rep["stages"]["recalibrated"]["accuracy"] == fxtucker.train.evaluate(runs[50, 0].model, test)
+    assert rep["stages"]["pruned"] == runs[0, 0].report["stages"]["pruned"]
+    assert not torch.equal(runs[50, 0].model.bn.running_var, runs[0, 0].model.bn.running_var)
+    # Fine-tuning normalises by batch statistics and draws its own batches: the same weights either way.
+    tuned, plain = dict(runs[50, 1].model.named_parameters()), dict(runs[0, 1].model.named_parameters())
+    assert tuned.keys() == plain.keys() and all(torch.equal(tuned[k], plain[k]) for k in tuned)
+    with pytest.raises(ValueError, match=r"recalibrate_bn must be an integer >= 0 \(training batches"):
+        CompressConfig(recalibrate_bn=-1)

@@ -26,6 +26,7 @@ from fxtucker.train import (
     TrainConfig,
     TrainingDiverged,
     evaluate,
+    recalibrate_batchnorm,
     train,
 )
 
@@ -690,3 +691,50 @@ def test_penalty_after_step_is_called_after_every_optimizer_step_with_its_lr():
     train(tiny(), loader(), cfg, penalty=Prox(), progress=False)
     assert [(e, s) for e, s, _, _ in calls] == [(e, s) for e in range(2) for s in range(4 * e, 4 * e + 4)]
     assert all(lr == 0.05 and not grad for _, _, lr, grad in calls)
+
+
+# --- recalibrate_batchnorm ----------------------------------------------------------------------
+
+
+def _conv_bn():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.randn(2, 3, 6, 6))
+    return model
+
+
+def test_recalibrate_batchnorm_averages_the_statistics_of_the_batches_and_touches_no_weight():
+    model = _conv_bn().eval()
+    x = torch.randn(40, 3, 6, 6) * 3 + 1
+    data = DataLoader(TensorDataset(x, torch.zeros(40, dtype=torch.long)), batch_size=8, shuffle=True)
+    weights = {k: v.clone() for k, v in model.named_parameters()}
+    rng = torch.get_rng_state()
+    assert recalibrate_batchnorm(model, data, batches=3, seed=5) == 3
+    assert torch.equal(torch.get_rng_state(), rng)  # the order comes from the seed, not the global state
+    # The expected statistics: the mean over the first 3 batches (the loader's order drawn from seed 5)
+    # of each batch's per-channel mean and unbiased variance of the conv's output.
+    order = list(torch.utils.data.RandomSampler(range(40), generator=torch.Generator().manual_seed(5)))
+    out = model[0](x[order[:24]]).detach().view(3, 8, 4, 4, 4).transpose(1, 2).reshape(3, 4, -1)
+    bn = model[1]
+    torch.testing.assert_close(bn.running_mean, out.mean(2).mean(0))
+    torch.testing.assert_close(bn.running_var, out.var(2).mean(0))
+    assert bn.momentum == 0.1 and not model.training and int(bn.num_batches_tracked) == 3
+    assert all(torch.equal(v, weights[k]) for k, v in model.named_parameters())
+
+
+def test_recalibrate_batchnorm_restores_the_statistics_when_it_fails_and_checks_its_arguments():
+    model = _conv_bn().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"data \(list\) yielded no batches"):
+        recalibrate_batchnorm(model, [], batches=2)
+    with pytest.raises(TypeError, match=r"batch 0 is a str"):
+        recalibrate_batchnorm(model, ["x"], batches=2)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and model.training
+    assert model[1].momentum == 0.1
+    with pytest.raises(TypeError, match=r"data must be an iterable of \(input, label\) batches .* got Tensor"):
+        recalibrate_batchnorm(model, torch.randn(2, 3, 6, 6))
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=r"batches must be an integer >= 1, got"):
+            recalibrate_batchnorm(model, [(torch.randn(2, 3, 6, 6), torch.zeros(2))], batches=bad)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3))
+    assert recalibrate_batchnorm(plain, [], batches=1) == 0  # no BatchNorm: nothing to do, data not read
