@@ -678,6 +678,16 @@ def _plan(exp: str, s: Setup) -> list[dict]:
         # With the floor the zeros met 4x and the cut cost nothing (seeds 0, 2, 3), but the first two
         # stages sat at their floor, the third kept 34-38 of 64, and the flow ended 0.32 points under
         # uniform ranks (p = 0.024; c following the cut, seed 0 only: the same). Not adopted.
+        # Session 15: how much of the cut's cost is BatchNorm statistics of the uncut model. Each 4x kd
+        # quality run again from its own checkpoints (cache: nothing is trained; the final model is the
+        # quality row's), with the accuracy before fine-tuning measured as it was and with the
+        # statistics re-estimated (recalibrate_batchnorm; val_recalibrated), for every method.
+        for k in (4,):
+            target = s.macs // k
+            runs.append(dict(method="funnel", setting=f"{k}x kd BN recalibrated", target=target,
+                             cache=f"quality-funnel-{k}x_kd", flow=dict(target_macs=target, c_follows_budget=False, **KD_FLOW)))
+            runs += [dict(method=m, setting=f"{k}x kd BN recalibrated", baseline=m, target=target, distill=True,
+                          cache=f"quality-{m}-{k}x_kd") for m in ("uniform", "torch-pruning", "musco", "vbmf")]
         return runs
     if exp == "baselines":
         runs = [dict(method="uncompressed", setting="baseline")]
