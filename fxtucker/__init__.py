@@ -33,6 +33,7 @@ _LAZY = {
     "ExportResult": "fxtucker.export",
     "measure_latency": "fxtucker.latency", "compare_latency": "fxtucker.latency", "LatencyComparison": "fxtucker.latency",
     "optimize_for_inference": "fxtucker.deploy",
+    "recalibrate_batchnorm": "fxtucker.train",
 }
 
 
@@ -95,4 +96,5 @@ __all__ = [
     "compare_latency",
     "LatencyComparison",
     "optimize_for_inference",
+    "recalibrate_batchnorm",
 ]
