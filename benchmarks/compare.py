@@ -995,15 +995,25 @@ def summary(exp: str) -> str:
     return "\n".join(lines)
 
 
-def paired(exp: str, reference: str = "funnel") -> str:
+#: What ``--table`` can pair methods on: the test accuracy of the final model (the default), its
+#: validation accuracy, and the validation accuracy right before fine-tuning, as cut or with the
+#: BatchNorm statistics re-estimated.
+PAIRED_METRICS = ("accuracy", "val_accuracy", "val_pruned", "val_recalibrated")
+
+
+def paired(exp: str, reference: str = "funnel", metric: str = "accuracy") -> str:
     """Per (model, profile, budget): ``reference`` minus each other method on the same seeds, in
-    points: mean, std and the two-sided paired t-test's p (scipy), over the seeds both have."""
+    points of ``metric`` (:data:`PAIRED_METRICS`): mean, std and the two-sided paired t-test's p
+    (scipy), over the seeds both have."""
     from scipy import stats
 
-    rows = [r for r in _load(exp) if r["stage"] == "final" and r.get("accuracy") is not None]
-    acc = {(r["model"], _where(r), r["setting"], r["method"], r["seed"]): r["accuracy"] for r in rows}
-    lines = [f"| model | profile | setting | {reference} minus | seeds | mean (points) | std | paired t-test p | "
-             f"{reference} ahead on |", "|---|---|---|---|---|---|---|---|---|"]
+    if metric not in PAIRED_METRICS:
+        raise ValueError(f"paired: unknown metric {metric!r}; valid: {', '.join(PAIRED_METRICS)}")
+    rows = [r for r in _load(exp) if r["stage"] == "final" and r.get(metric) is not None]
+    acc = {(r["model"], _where(r), r["setting"], r["method"], r["seed"]): r[metric] for r in rows}
+    lines = [f"| model | profile | setting | {reference} minus{'' if metric == 'accuracy' else f' ({metric})'} | "
+             f"seeds | mean (points) | std | paired t-test p | {reference} ahead on |",
+             "|---|---|---|---|---|---|---|---|---|"]
     keys = sorted({(m, p, st) for (m, p, st, meth, _) in acc if meth == reference})
     for model, profile, setting in keys:
         others = sorted({meth for (m, p, st, meth, _) in acc if (m, p, st) == (model, profile, setting) and meth != reference})
@@ -1131,6 +1141,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                        "final row, then the mean and std over seeds")
     parser.add_argument("--reference", default="funnel", metavar="METHOD",
                         help="with --table: the method the paired differences are taken from (default funnel)")
+    parser.add_argument("--metric", choices=PAIRED_METRICS, default="accuracy",
+                        help="with --table: what the paired differences compare (default: the final test accuracy)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.table:
@@ -1138,7 +1150,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print()
         print(summary(args.table))
         print()
-        print(paired(args.table, args.reference))
+        print(paired(args.table, args.reference, args.metric))
         return 0
     if args.plot:
         print(plot() or "no rows to plot")

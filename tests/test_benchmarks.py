@@ -155,6 +155,14 @@ def test_quality_rows_are_matched_to_the_budget_and_paired(compare, tmp_path, ca
     (line,) = [l for l in out.splitlines() if l.startswith("| resnet20 | quick | 3x | funnel | 1 |")]
     diff = 100 * (final[("funnel-ranks", "3x")]["accuracy"] - final[("funnel", "3x")]["accuracy"])
     assert f"| {diff:+.2f} |" in line
+    compare.main(["--table", "quality", "--metric", "val_recalibrated"])  # before fine-tuning, BN re-estimated
+    out = capsys.readouterr().out
+    assert "| funnel minus (val_recalibrated) |" in out
+    (line,) = [l for l in out.splitlines() if l.startswith("| resnet20 | quick | 3x | uniform | 1 |")]
+    diff = 100 * (final[("funnel", "3x")]["val_recalibrated"] - final[("uniform", "3x")]["val_recalibrated"])
+    assert f"| {diff:+.2f} |" in line
+    with pytest.raises(ValueError, match=r"unknown metric 'test'; valid: accuracy, val_accuracy"):
+        compare.paired("quality", metric="test")
     # A baseline trained again differently is refused before a new row pairs with the stored ones
     stored = json.loads((tmp_path / "results" / "quality.json").read_text())
     (base_row,) = [r for r in stored["rows"] if r["method"] == "uncompressed"]
