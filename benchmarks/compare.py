@@ -973,7 +973,10 @@ def summary(exp: str) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["model"], _where(r), r["setting"], r["method"]), []).append(r)
-    base = {(r["model"], _where(r), r["seed"]): r for r in rows if r["method"] == "uncompressed"}
+    # Another experiment's rows (tuning) start from the same cached baseline of each seed as the
+    # quality rows: their drops and costs are measured from quality's uncompressed row where they have none.
+    quality_rows = [r for r in _load("quality") if r["stage"] == "final"] if exp != "quality" else []
+    base = {(r["model"], _where(r), r["seed"]): r for r in quality_rows + rows if r["method"] == "uncompressed"}
     lines = ["| model | profile | setting | method | seeds | accuracy % | drop (points) | pruning cost (val, points) "
              "| the cut alone (val, points) | pruning cost, BN recalibrated (val, points; seeds) | MAC ratio |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -290,6 +290,29 @@ def test_tuning_rows_record_their_own_budget_and_never_the_test_set(compare, tmp
     assert plain["target_macs"] is None and "macs_vs_target" not in plain
 
 
+def test_tuning_reruns_quality_rows_from_their_checkpoints_with_bn_recalibrated(compare, tmp_path):
+    """"4x kd BN recalibrated" trains nothing: it resumes the quality runs' finished checkpoints, so its
+    final models are the quality rows' (the same validation accuracy and MACs), and adds the accuracy
+    before fine-tuning with BatchNorm re-estimated; the summary measures costs from quality's baseline."""
+    methods = ["uncompressed", "funnel", "uniform"]
+    compare.main(["--exp", "quality", "--profile", "quick", "--no-progress", "--methods", *methods,
+                  "--settings", "baseline", "4x kd"])
+    compare.main(["--exp", "tuning", "--profile", "quick", "--no-progress", "--methods", *methods,
+                  "--settings", "4x kd BN recalibrated"])
+    quality = {r["method"]: r for r in json.loads((tmp_path / "results" / "quality.json").read_text())["rows"]}
+    tuning = {r["method"]: r for r in json.loads((tmp_path / "results" / "tuning.json").read_text())["rows"]}
+    assert set(tuning) == {"funnel", "uniform"}
+    for method, row in tuning.items():
+        q = quality[method]
+        assert (row["val_accuracy"], row["macs"], row["val_pruned"]) == (q["val_accuracy"], q["macs"], q["val_pruned"])
+        assert row["accuracy"] is None and 0 <= row["val_recalibrated"] <= 1
+    assert tuning["funnel"]["threshold"] == quality["funnel"]["threshold"]
+    (line,) = [l for l in compare.summary("tuning").splitlines() if "| funnel |" in l]
+    cost = 100 * (quality["uncompressed"]["val_accuracy"] - tuning["funnel"]["val_pruned"])
+    recal = 100 * (quality["uncompressed"]["val_accuracy"] - tuning["funnel"]["val_recalibrated"])
+    assert f"| {cost:.2f} |" in line and f"| {recal:.2f} (1) |" in line
+
+
 def test_rank_baselines_rank_the_1x1_convs_of_a_pointwise_model(compare):
     """mobilenet_v2 (its kxk convs depthwise): uniform, MUSCO-style and EVBMF rank its 1x1 convs as SVD
     pairs, the MACs counted for a rank dict are those of the model built from it, and each meets 2x."""
