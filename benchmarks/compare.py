@@ -772,10 +772,12 @@ def git_commit(script: str = "benchmarks/compare.py") -> str:
         return os.environ["COMPARE_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fxtucker", "passes", script],
-                               cwd=HERE.parent, capture_output=True, text=True, timeout=10).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--", "fxtucker", "passes", script],
+                                cwd=HERE.parent, capture_output=True, text=True, timeout=10)
         if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip() + ("+dirty" if dirty else "")
+            # A status that failed says nothing about the tree: the row must not look clean.
+            state = "+status-unknown" if status.returncode else ("+dirty" if status.stdout.strip() else "")
+            return out.stdout.strip() + state
     except (OSError, subprocess.SubprocessError):
         pass
     return "unknown"

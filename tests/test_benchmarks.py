@@ -332,3 +332,18 @@ def test_rank_baselines_rank_the_1x1_convs_of_a_pointwise_model(compare):
     resnet = get_model("resnet20", num_classes=10, in_channels=1).eval()
     kxk_only = compare._conv_weights(types.SimpleNamespace(model_name="resnet20", baseline=resnet, x=x))
     assert kxk_only and all(w.shape[2:] == (3, 3) for w in kxk_only.values())  # its 1x1 shortcuts stay dense
+
+
+@pytest.mark.parametrize("status, suffix", [((0, ""), ""), ((0, " M fxtucker/train.py\n"), "+dirty"),
+                                            ((128, ""), "+status-unknown")])
+def test_a_row_records_its_commit_and_never_looks_clean_when_git_status_failed(compare, monkeypatch, status, suffix):
+    import subprocess
+
+    monkeypatch.delenv("COMPARE_COMMIT", raising=False)
+
+    def run(cmd, **kw):
+        code, out = (0, "abc123\n") if cmd[1] == "rev-parse" else status
+        return subprocess.CompletedProcess(cmd, code, stdout=out, stderr="")
+
+    monkeypatch.setattr(subprocess, "run", run)
+    assert compare.git_commit() == "abc123" + suffix
