@@ -91,8 +91,9 @@ def _json_object(text: str) -> dict:
     return value
 
 
-_MODEL_HELP = ("resnet20/32/56, vgg_small, mobilenet_v2_cifar, a torchvision classification model, timm:NAME (pip install fxtucker[timm]), "
-               "or your own factory as module.path:callable or path/to/file.py:callable")
+_MODEL_HELP = ("resnet20/32/56, vgg_small, mobilenet_v2_cifar, a torchvision classification model, "
+               "timm:NAME (pip install fxtucker[timm]), or your own factory as module.path:callable or "
+               "path/to/file.py:callable")
 _MODEL_KWARGS_HELP = "keyword arguments for the model's constructor or factory, as a JSON object"
 
 

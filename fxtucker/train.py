@@ -49,8 +49,8 @@ from fxtucker.distributed import Dist, resolve_device, setup_distributed, wants_
 from fxtucker.io import is_int, is_real
 from fxtucker.optim import OPTIMIZERS, SCHEDULES, check_penalty, check_stats, make_optimizer, make_scheduler
 
-__all__ = ["TrainConfig", "train", "evaluate", "recalibrate_batchnorm", "TrainingDiverged", "progress_bar", "OPTIMIZERS", "SCHEDULES",
-           "RECORD_KEYS", "CHECKPOINT_FORMAT"]
+__all__ = ["TrainConfig", "train", "evaluate", "recalibrate_batchnorm", "TrainingDiverged", "progress_bar",
+           "OPTIMIZERS", "SCHEDULES", "RECORD_KEYS", "CHECKPOINT_FORMAT"]
 
 #: The keys every history record has; ``epoch_stats`` adds its own after these.
 RECORD_KEYS = (
