@@ -682,12 +682,9 @@ def _plan(exp: str, s: Setup) -> list[dict]:
         # quality run again from its own checkpoints (cache: nothing is trained; the final model is the
         # quality row's), with the accuracy before fine-tuning measured as it was and with the
         # statistics re-estimated (recalibrate_batchnorm; val_recalibrated), for every method.
-        for k in (4,):
-            target = s.macs // k
-            runs.append(dict(method="funnel", setting=f"{k}x kd BN recalibrated", target=target,
-                             cache=f"quality-funnel-{k}x_kd", flow=dict(target_macs=target, c_follows_budget=False, **KD_FLOW)))
-            runs += [dict(method=m, setting=f"{k}x kd BN recalibrated", baseline=m, target=target, distill=True,
-                          cache=f"quality-{m}-{k}x_kd") for m in ("uniform", "torch-pruning", "musco", "vbmf")]
+        runs += [dict(run, setting="4x kd BN recalibrated", cache=_cache_name("quality", run))
+                 for run in _plan("quality", s) if run["setting"] == "4x kd"
+                 and run["method"] in ("funnel", "uniform", "torch-pruning", "musco", "vbmf")]
         return runs
     if exp == "baselines":
         runs = [dict(method="uncompressed", setting="baseline")]
@@ -738,6 +735,11 @@ def _plan(exp: str, s: Setup) -> list[dict]:
     if exp == "budgets":
         return base + [dict(method="funnel", setting=f"{k}x", flow=dict(target_speedup=float(k))) for k in (2, 3, 4)]
     raise ValueError(f"unknown experiment {exp!r}; valid: {list(EXPERIMENTS)}")
+
+
+def _cache_name(exp: str, run: dict) -> str:
+    """The folder under the seed's cache where a run's checkpoints live (its own, or a shared one)."""
+    return run.get("cache") or f"{exp}-{run['method']}-{run['setting']}".replace(" ", "_").replace("/", "_")
 
 
 def _load(exp: str) -> list[dict]:
@@ -843,7 +845,7 @@ def run_experiment(exp: str, s: Setup, progress: bool = True, methods: Optional[
         if not checked:  # before the first run that is not stored yet
             check_baseline(exp, s)
             checked = True
-        name = run.get("cache") or f"{exp}-{run['method']}-{run['setting']}".replace(" ", "_").replace("/", "_")
+        name = _cache_name(exp, run)
         if run.get("baseline") == "torch-pruning" and importlib.util.find_spec("torch_pruning") is None:
             print("skipping torch-pruning: it needs `pip install fxtucker[bench]` (torch-pruning)")
             continue
