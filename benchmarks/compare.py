@@ -71,7 +71,7 @@ import time
 import types
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -218,6 +218,35 @@ def split(n: int, train: Optional[int], val: int, seed: int) -> tuple[list[int],
     return perm[:train].sort().values.tolist(), perm[n - val:].sort().values.tolist()
 
 
+def _cache_dir(model_name: str, dataset: str, seed: int, profile: str, device: str = "cpu") -> Path:
+    """Where a setup's baseline and its runs' checkpoints live (a device other than the CPU has its own)."""
+    return CACHE / profile / (f"{model_name}-{dataset}-s{seed}" + ("" if device == "cpu" else f"-{device}"))
+
+
+def check_baseline_cached(exps: Sequence[str], model_name: str, dataset: str, seed: int, profile: str,
+                          device: str = "cpu") -> None:
+    """Refuse, before any training, to train again a baseline that stored rows started from.
+
+    :func:`check_baseline` can only compare a baseline once it is trained, which costs the whole
+    baseline recipe (15 minutes for mobilenet_v2_cifar on one core); and one trained again on another
+    day need not be the same model (session 16: mobilenet_v2_cifar seed 0 gave 0.9002 on validation
+    against its rows' 0.8718). So when a seed's rows exist and its cached weights do not, stop and say
+    how to go on."""
+    weights = _cache_dir(model_name, dataset, seed, profile, device) / "baseline_state_dict.pt"
+    if weights.exists():
+        return
+    key = {"model": model_name, "dataset": dataset, "seed": seed, "profile": profile,
+           **({"device": device} if device != "cpu" else {})}
+    for exp in exps:
+        if any(r["method"] == "uncompressed" and _matches(r, key) for r in _load(exp)):
+            raise BaselineMismatch(
+                f"the stored {exp} rows of {model_name} seed {seed} ({_where(key)} profile) started from a baseline "
+                f"that is not in the cache ({weights} is missing): a baseline trained again need not be the same model, "
+                f"and new rows could not pair with the stored ones. Restore that file (the baselines the rows use are "
+                f"committed under benchmarks/cache/), run other seeds, or pass --retrain-baseline to train it and let "
+                f"the validation check decide")
+
+
 def setup(model_name: str, dataset: str, seed: int, profile: str, progress: bool = True, device: str = "cpu") -> Setup:
     """Data loaders and the baseline, trained with the profile's fixed recipe (cached, resumable) on
     ``device``; a device other than the CPU has a cache (and baseline) of its own."""
@@ -229,7 +258,7 @@ def setup(model_name: str, dataset: str, seed: int, profile: str, progress: bool
                                      generator=torch.Generator().manual_seed(seed))
     val = torch.utils.data.DataLoader(torch.utils.data.Subset(full, val_idx), batch_size=256)
     ev = data.make_loader(data.get_dataset(dataset, False), 256, False, subset=p["eval_subset"], seed=seed)
-    cache = CACHE / profile / (f"{model_name}-{dataset}-s{seed}" + ("" if device == "cpu" else f"-{device}"))
+    cache = _cache_dir(model_name, dataset, seed, profile, device)
     torch.manual_seed(seed)
     model = models.get_model(model_name, n_cls, in_ch)
     weights = cache / "baseline_state_dict.pt"
@@ -1044,7 +1073,7 @@ def pool_jobs(args: argparse.Namespace) -> list[list[str]]:
     setting's rows for every seed come before the next setting's (a pool stopped early leaves the
     later settings, not the later seeds)."""
     common = ["--exp", *args.exp, "--profile", args.profile, "--dataset", args.dataset, "--device", args.device,
-              "--threads", str(args.threads or 1), "--no-progress"]
+              "--threads", str(args.threads or 1), "--no-progress", *(["--retrain-baseline"] if args.retrain_baseline else [])]
     # The (method, setting) pairs that the experiments plan (their names do not depend on the baseline).
     names = types.SimpleNamespace(macs=1 << 30, profile=args.profile)
     planned = {(r["method"], r["setting"]) for exp in args.exp for r in _plan(exp, names)}
@@ -1151,6 +1180,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--metric", choices=PAIRED_METRICS, default="accuracy",
                         help="with --table: what the paired differences compare (default: the final test accuracy)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--retrain-baseline", action="store_true",
+                        help="train a seed's baseline again when its cached weights are missing though stored rows "
+                             "started from them (refused otherwise); the rows' validation check still decides")
     args = parser.parse_args(argv)
     if args.table:
         print(table(args.table))
@@ -1187,6 +1219,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     _provenance()  # the code's commit now, before any run: a commit made while it runs is not its code
     for model_name in args.models:
         for seed in args.seeds:
+            if not args.retrain_baseline:
+                check_baseline_cached(exps, model_name, args.dataset, seed, args.profile, args.device)
             s = setup(model_name, args.dataset, seed, args.profile, progress=not args.no_progress, device=args.device)
             for exp in exps:
                 run_experiment(exp, s, progress=not args.no_progress, methods=args.methods, settings=args.settings)
