@@ -241,10 +241,10 @@ def check_baseline_cached(exps: Sequence[str], model_name: str, dataset: str, se
         if any(r["method"] == "uncompressed" and _matches(r, key) for r in _load(exp)):
             raise BaselineMismatch(
                 f"the stored {exp} rows of {model_name} seed {seed} ({_where(key)} profile) started from a baseline "
-                f"that is not in the cache ({weights} is missing): a baseline trained again need not be the same model, "
-                f"and new rows could not pair with the stored ones. Restore that file (the baselines the rows use are "
-                f"committed under benchmarks/cache/), run other seeds, or pass --retrain-baseline to train it and let "
-                f"the validation check decide")
+                f"that is not in the cache ({weights} is missing): a baseline trained again need not be the "
+                f"same model, and new rows could not pair with the stored ones. Restore that file (the baselines "
+                f"the rows use are committed under benchmarks/cache/), run other seeds, or pass "
+                f"--retrain-baseline to train it and let the validation check decide")
 
 
 def setup(model_name: str, dataset: str, seed: int, profile: str, progress: bool = True, device: str = "cpu") -> Setup:
@@ -1073,7 +1073,8 @@ def pool_jobs(args: argparse.Namespace) -> list[list[str]]:
     setting's rows for every seed come before the next setting's (a pool stopped early leaves the
     later settings, not the later seeds)."""
     common = ["--exp", *args.exp, "--profile", args.profile, "--dataset", args.dataset, "--device", args.device,
-              "--threads", str(args.threads or 1), "--no-progress", *(["--retrain-baseline"] if args.retrain_baseline else [])]
+              "--threads", str(args.threads or 1), "--no-progress",
+              *(["--retrain-baseline"] if args.retrain_baseline else [])]
     # The (method, setting) pairs that the experiments plan (their names do not depend on the baseline).
     names = types.SimpleNamespace(macs=1 << 30, profile=args.profile)
     planned = {(r["method"], r["setting"]) for exp in args.exp for r in _plan(exp, names)}

@@ -155,7 +155,8 @@ def latency(names: list[str], batch: int, rounds: int, threads: int) -> None:
             deployed = optimize_for_inference(model, big, backend="onnxruntime", threads=threads,
                                               max_macs=count_macs(model, big))
         cmp = compare_latency(baseline, deployed, big, rounds=rounds, backend="onnxruntime", threads=threads)
-        _append("quick_job_latency", {"setting": name, "stand_in": sid, "batch": batch, "macs_ratio": round(count_macs(baseline, x) / count_macs(deployed, x), 3),
+        _append("quick_job_latency", {"setting": name, "stand_in": sid, "batch": batch,
+                                      "macs_ratio": round(count_macs(baseline, x) / count_macs(deployed, x), 3),
                                       "forms": run_report.forms(deployed), **cmp.to_dict(), **_provenance()})
         print(f"[quick_job] {name}: " + (str(cmp.describe()) if cmp.reliable else cmp.unreliable_reason()))
 
@@ -176,7 +177,8 @@ def run(names: list[str], progress: bool) -> None:
         start = time.perf_counter()
         result = compressed(name, model, train_loader, val_loader, x, progress)
         stages = result.report["stages"]
-        _append("quick_job", {"setting": name, "start": "stand-in", "stand_in": sid, "changes": SETTINGS[name], "val_images": VAL_IMAGES,
+        _append("quick_job", {"setting": name, "start": "stand-in", "stand_in": sid,
+                 "changes": SETTINGS[name], "val_images": VAL_IMAGES,
                  "val_original": val_original, "val_after": evaluate(result.model.eval(), val_loader),
                  "val_stages": {k: v.get("accuracy") for k, v in stages.items()},
                  "macs_before": result.report["macs_before"], "macs_after": result.report["macs_after"],

@@ -175,15 +175,16 @@ def test_quality_rows_are_matched_to_the_budget_and_paired(compare, tmp_path, ca
     # A seed whose rows exist but whose cached baseline is gone is refused before anything trains...
     weights = tmp_path / "cache" / "quick" / "resnet20-fashion-mnist-s0" / "baseline_state_dict.pt"
     weights.unlink()
-    with pytest.raises(compare.BaselineMismatch, match=r"rows of resnet20 seed 0 \(quick profile\) started from a "
-                                                       r"baseline that is not in the cache \(.*baseline_state_dict.pt is "
-                                                       r"missing\).*--retrain-baseline"):
-        compare.main(["--exp", "quality", "--profile", "quick", "--no-progress", "--methods", "uniform", "--settings", "2x"])
+    missing = (r"rows of resnet20 seed 0 \(quick profile\) started from a baseline that is not in the cache "
+               r"\(.*baseline_state_dict.pt is missing\).*--retrain-baseline")
+    with pytest.raises(compare.BaselineMismatch, match=missing):
+        compare.main(["--exp", "quality", "--profile", "quick", "--no-progress", "--methods", "uniform",
+                      "--settings", "2x"])
     assert not weights.exists()
     # ...and with --retrain-baseline it trains one, which the validation check then judges (here: refused)
     with pytest.raises(compare.BaselineMismatch, match=r"baseline of seed 0 \(quick profile\) gives"):
-        compare.main(["--exp", "quality", "--profile", "quick", "--no-progress", "--methods", "uniform", "--settings", "2x",
-                      "--retrain-baseline"])
+        compare.main(["--exp", "quality", "--profile", "quick", "--no-progress", "--methods", "uniform",
+                      "--settings", "2x", "--retrain-baseline"])
     assert weights.exists()
     # a seed without rows trains its baseline as before (nothing to pair with)
     compare.check_baseline_cached(["quality"], "resnet20", "fashion-mnist", 7, "quick")
@@ -252,7 +253,8 @@ def test_pool_jobs_are_the_planned_runs_setting_by_setting(compare):
                               methods=["funnel", "uncompressed"], retrain_baseline=False)
     jobs = compare.pool_jobs(args)
     assert not any("--retrain-baseline" in j for j in jobs)
-    assert all("--retrain-baseline" in j for j in compare.pool_jobs(argparse.Namespace(**{**vars(args), "retrain_baseline": True})))
+    retrain = argparse.Namespace(**{**vars(args), "retrain_baseline": True})
+    assert all("--retrain-baseline" in j for j in compare.pool_jobs(retrain))
     # funnel has no "baseline" run and uncompressed no "2x kd" one: those pairs are not jobs.
     assert [(j[j.index("--settings") + 1], j[j.index("--seeds") + 1], j[j.index("--methods") + 1]) for j in jobs] == [
         ("2x kd", "0", "funnel"), ("2x kd", "1", "funnel"), ("baseline", "0", "uncompressed"),
