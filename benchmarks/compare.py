@@ -147,12 +147,17 @@ class Setup:
 
     @property
     def key(self) -> dict:
-        """What identifies a row of this setup; ``device`` only where it is not the CPU (so the rows made
-        before devices existed keep their keys)."""
-        key = {"model": self.model_name, "dataset": self.dataset, "seed": self.seed, "profile": self.profile}
-        if self.device != "cpu":
-            key["device"] = self.device
-        return key
+        """What identifies a row of this setup (:func:`_setup_key`)."""
+        return _setup_key(self.model_name, self.dataset, self.seed, self.profile, self.device)
+
+
+def _setup_key(model_name: str, dataset: str, seed: int, profile: str, device: str = "cpu") -> dict:
+    """What identifies a row of a setup; ``device`` only where it is not the CPU (so the rows made
+    before devices existed keep their keys)."""
+    key = {"model": model_name, "dataset": dataset, "seed": seed, "profile": profile}
+    if device != "cpu":
+        key["device"] = device
+    return key
 
 
 def _device(row: dict) -> str:
@@ -235,8 +240,7 @@ def check_baseline_cached(exps: Sequence[str], model_name: str, dataset: str, se
     weights = _cache_dir(model_name, dataset, seed, profile, device) / "baseline_state_dict.pt"
     if weights.exists():
         return
-    key = {"model": model_name, "dataset": dataset, "seed": seed, "profile": profile,
-           **({"device": device} if device != "cpu" else {})}
+    key = _setup_key(model_name, dataset, seed, profile, device)
     for exp in exps:
         if any(r["method"] == "uncompressed" and _matches(r, key) for r in _load(exp)):
             raise BaselineMismatch(
