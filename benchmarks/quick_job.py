@@ -45,8 +45,9 @@ BASE = dict(train_epochs=0, reg_epochs=2, finetune_epochs=3, target_speedup=2.0,
 #: The setting the main job took (cli.QUICK_CONFIG is BASE with its changes; tested).
 CHOSEN = "0+2+3 distill round_to=8"
 
-#: name -> changes to BASE. Every setting has the same 5 epochs after the trained model; they
-#: differ in how those are split and trained.
+#: name -> changes to BASE. Each name starts with its epochs (decomposed + regularized +
+#: fine-tuning, after the trained model; tested): most have the job's 5 and differ in how those are
+#: split and trained.
 SETTINGS: dict[str, dict] = {
     "0+2+3 (the job's split)": {},
     "0+1+4": dict(reg_epochs=1, finetune_epochs=4),
@@ -68,6 +69,11 @@ SETTINGS: dict[str, dict] = {
     # question (session 16).
     "0+2+3 distill round_to=8": dict(distill=True, round_to=8),
     "0+1+4 distill round_to=8": dict(reg_epochs=1, finetune_epochs=4, distill=True, round_to=8),
+    # The rounded recipe missed the job's accuracy goal on the shipped model (drop 1.16 on the test
+    # set) in 195 s of the job's 5 minutes: what one or two more fine-tuning epochs buy (session 17).
+    # These two have more epochs than the rest; their names say how many.
+    "0+2+4 distill round_to=8": dict(finetune_epochs=4, distill=True, round_to=8),
+    "0+2+5 distill round_to=8": dict(finetune_epochs=5, distill=True, round_to=8),
 }
 
 
@@ -127,7 +133,7 @@ def compressed(name: str, model: torch.nn.Module, train_loader, val_loader, x: t
                     resume=True, progress=progress)
 
 
-def latency(names: list[str], batch: int, rounds: int, threads: int) -> None:
+def latency(names: list[str], batch: int, rounds: int, threads: int, repeat: int = 1) -> None:
     """Each finished setting's model deployed as the main job deploys it (cli.deploy_step: forms chosen
     on onnxruntime at ``batch`` within its MACs) and timed side by side with the BN-folded stand-in
     at ``batch``; one row of ``results/quick_job_latency.json`` per setting and run."""
@@ -154,11 +160,49 @@ def latency(names: list[str], batch: int, rounds: int, threads: int) -> None:
             warnings.simplefilter("ignore")
             deployed = optimize_for_inference(model, big, backend="onnxruntime", threads=threads,
                                               max_macs=count_macs(model, big))
-        cmp = compare_latency(baseline, deployed, big, rounds=rounds, backend="onnxruntime", threads=threads)
-        _append("quick_job_latency", {"setting": name, "stand_in": sid, "batch": batch,
-                                      "macs_ratio": round(count_macs(baseline, x) / count_macs(deployed, x), 3),
-                                      "forms": run_report.forms(deployed), **cmp.to_dict(), **_provenance()})
-        print(f"[quick_job] {name}: " + (str(cmp.describe()) if cmp.reliable else cmp.unreliable_reason()))
+        for _ in range(repeat):
+            cmp = compare_latency(baseline, deployed, big, rounds=rounds, backend="onnxruntime", threads=threads)
+            _append("quick_job_latency", {"setting": name, "stand_in": sid, "batch": batch,
+                                          "macs_ratio": round(count_macs(baseline, x) / count_macs(deployed, x), 3),
+                                          "forms": run_report.forms(deployed), **cmp.to_dict(), **_provenance()})
+            print(f"[quick_job] {name}: " + (str(cmp.describe()) if cmp.reliable else cmp.unreliable_reason()))
+
+
+def _spread(ratios: list[float]) -> float:
+    return max(ratios) / min(ratios)
+
+
+#: Rules that say from a run's rounds whether its median speed-up is a number to print, and the
+#: rounds they look at: the job's rule on its 5 rounds, the same on all 7, and on the middle 5 of 7
+#: (the fastest and the slowest round dropped).
+RULES = {"5 rounds, max/min": lambda r: _spread(r[:5]),
+         "7 rounds, max/min": _spread,
+         "7 rounds, middle 5": lambda r: _spread(sorted(r)[1:-1])}
+
+
+def rule_table(max_spread: float = 1.2) -> str:
+    """Whether each reliability rule keeps its promise over repeated timings of one deployed model
+    (``--latency`` rows of one setting, stand-in and batch, each run's rounds stored): per rule, how
+    many runs it calls reliable and how far apart those runs' median speed-ups lie (max / min). A
+    rule whose reliable runs lie more than ``max_spread`` apart lets a second run contradict a
+    printed number by more than the spread it states."""
+    import statistics
+    groups: dict[tuple, list[dict]] = {}
+    for r in _load("quick_job_latency"):
+        if len(r["ratios"]) >= 7:
+            groups.setdefault((r["setting"], r["stand_in"], r["batch"]), []).append(r)
+    lines = ["| setting | batch | runs (busy) | rule | reliable runs (busy) | their medians | max / min of those |",
+             "|---|---|---|---|---|---|---|"]
+    for (name, _sid, batch), rows in groups.items():
+        busy = sum(bool(r.get("other_runners")) for r in rows)
+        for rule, spread in RULES.items():
+            kept = [r for r in rows if spread(r["ratios"]) <= max_spread]
+            medians = [statistics.median_low(r["ratios"][:5] if rule.startswith("5") else r["ratios"]) for r in kept]
+            lines.append(f"| {name} | {batch} | {len(rows)} ({busy}) | {rule} | {len(kept)} "
+                         f"({sum(bool(r.get('other_runners')) for r in kept)}) | "
+                         f"{', '.join(f'{m:.2f}' for m in medians) or '-'} | "
+                         f"{(max(medians) / min(medians)) if medians else float('nan'):.2f} |")
+    return "\n".join(lines)
 
 
 def run(names: list[str], progress: bool) -> None:
@@ -208,14 +252,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--latency", type=int, metavar="BATCH", default=None,
                     help="only time the finished settings' deployed models against the stand-in at this batch")
     ap.add_argument("--rounds", type=int, default=7, help="alternating rounds of --latency")
+    ap.add_argument("--repeat", type=int, default=1, help="time each setting this many times (one row each)")
+    ap.add_argument("--rule-table", action="store_true",
+                    help="only print how each reliability rule fares over the stored repeated timings")
     args = ap.parse_args(argv)
     if args.table:
         print(table())
         return 0
+    if args.rule_table:
+        print(rule_table())
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.latency:
-        latency(args.settings, args.latency, args.rounds, args.threads or torch.get_num_threads())
+        latency(args.settings, args.latency, args.rounds, args.threads or torch.get_num_threads(), args.repeat)
         return 0
     run(args.settings, progress=not args.no_progress)
     print(table())

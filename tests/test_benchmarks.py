@@ -207,9 +207,24 @@ def test_quick_job_tuning_validates_on_images_the_job_does_not_train_on():
     assert len(stand_in) + len(val_idx) == 60000 and not stand_in & val_idx and train_idx <= stand_in
     from fxtucker.cli import QUICK_CONFIG
     assert QUICK_CONFIG == {**quick_job.BASE, **quick_job.SETTINGS[quick_job.CHOSEN]}  # the job runs the chosen setting
-    for name, changes in quick_job.SETTINGS.items():  # every setting: the job's 5 epochs after the trained model
+    for name, changes in quick_job.SETTINGS.items():  # each name starts with its epochs: "0+2+3 ..."
         cfg = {**quick_job.BASE, **changes}
-        assert cfg["train_epochs"] + cfg["reg_epochs"] + cfg["finetune_epochs"] == 5, name
+        split = [int(n) for n in name.split()[0].split("+")]
+        assert split == [cfg["train_epochs"], cfg["reg_epochs"], cfg["finetune_epochs"]], name
+
+
+def test_quick_job_rule_table_counts_the_runs_each_rule_trusts_and_how_far_apart_they_lie(monkeypatch):
+    quick_job = _load("quick_job")
+    runs = [[1.7, 1.7, 1.7, 1.7, 1.7, 1.7, 1.7],   # steady
+            [1.7, 1.2, 1.7, 1.7, 1.8, 1.7, 1.7],   # one slow round among the job's 5
+            [1.5, 1.5, 1.5, 1.5, 1.5, 1.0, 2.0]]   # steady for 5 rounds, then both extremes
+    rows = [{"setting": "s", "stand_in": "x", "batch": 64, "ratios": r, "other_runners": i} for i, r in enumerate(runs)]
+    rows.append({"setting": "s", "stand_in": "x", "batch": 64, "ratios": [1.0] * 5})  # 5 rounds: not counted
+    monkeypatch.setattr(quick_job, "_load", lambda exp: rows if exp == "quick_job_latency" else [])
+    table = {line.split(" | ")[3]: line.split(" | ")[4:] for line in quick_job.rule_table().splitlines()[2:]}
+    assert table["5 rounds, max/min"][:3] == ["2 (1)", "1.70, 1.50", "1.13 |"]  # runs 0 and 2
+    assert table["7 rounds, max/min"][:3] == ["1 (0)", "1.70", "1.00 |"]
+    assert table["7 rounds, middle 5"][:3] == ["3 (2)", "1.70, 1.70, 1.50", "1.13 |"]
 
 
 def test_channel_blocks_times_every_count_in_alternating_rounds_and_appends_a_row(tmp_path, capsys):
