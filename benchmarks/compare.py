@@ -821,6 +821,18 @@ def git_commit(script: str = "benchmarks/compare.py") -> str:
 _COMMIT: Optional[str] = None
 
 
+def _running_runner(proc: Path) -> bool:
+    """Whether ``/proc/<pid>`` is a compare.py runner that can use a core now: not stopped (a runner
+    paused by SIGSTOP for a timing run does not count), not a zombie, not gone."""
+    try:
+        if b"compare.py" not in (proc / "cmdline").read_bytes():
+            return False
+        state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]  # the field after "(comm)"
+    except (OSError, IndexError):
+        return False
+    return state not in ("T", "t", "Z", "X")
+
+
 def _provenance() -> dict:
     """Where and how a row was made: the code (as it was when this runner started: see main), the
     machine, what else ran on it."""
@@ -832,8 +844,7 @@ def _provenance() -> dict:
         tp_version = getattr(torch_pruning, "__version__", "unknown")
     except ImportError:
         tp_version = None
-    others = len([p for p in Path("/proc").glob("[0-9]*/cmdline")
-                  if b"compare.py" in (p.read_bytes() if p.exists() else b"") and p.parent.name != str(os.getpid())])
+    others = len([p for p in Path("/proc").glob("[0-9]*") if p.name != str(os.getpid()) and _running_runner(p)])
     return {"commit": _COMMIT, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "load_avg_1m": round(os.getloadavg()[0], 2), "other_runners": others,
             "torch": torch.__version__, "torch_pruning": tp_version, "machine": platform.machine(),

@@ -43,7 +43,7 @@ SEED = 0
 #: The main job's recipe before this choice (cli.QUICK_CONFIG then); every setting's changes are to it.
 BASE = dict(train_epochs=0, reg_epochs=2, finetune_epochs=3, target_speedup=2.0, distill=False)
 #: The setting the main job took (cli.QUICK_CONFIG is BASE with its changes; tested).
-CHOSEN = "0+2+3 distill round_to=8"
+CHOSEN = "0+2+4 distill round_to=8"
 
 #: name -> changes to BASE. Each name starts with its epochs (decomposed + regularized +
 #: fine-tuning, after the trained model; tested): most have the job's 5 and differ in how those are

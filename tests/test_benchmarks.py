@@ -2,7 +2,9 @@
 
 import importlib.util
 import json
+import os
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -211,6 +213,33 @@ def test_quick_job_tuning_validates_on_images_the_job_does_not_train_on():
         cfg = {**quick_job.BASE, **changes}
         split = [int(n) for n in name.split()[0].split("+")]
         assert split == [cfg["train_epochs"], cfg["reg_epochs"], cfg["finetune_epochs"]], name
+
+
+def test_provenance_counts_running_runners_only_not_paused_or_finished_ones():
+    import signal
+    import subprocess
+    compare = _load("compare")
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "compare.py"])
+    where = Path("/proc") / str(proc.pid)
+
+    def settles(expected):  # a signal's effect on the state may take a moment
+        for _ in range(200):
+            if compare._running_runner(where) == expected:
+                return True
+            time.sleep(0.01)
+        return False
+
+    try:
+        assert settles(True)
+        os.kill(proc.pid, signal.SIGSTOP)  # paused for a timing run: no longer a load on the machine
+        assert settles(False)
+        os.kill(proc.pid, signal.SIGCONT)
+        assert settles(True)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not compare._running_runner(where)  # gone
+    assert not compare._running_runner(Path("/proc") / str(os.getpid()))  # pytest is not a runner
 
 
 def test_quick_job_rule_table_counts_the_runs_each_rule_trusts_and_how_far_apart_they_lie(monkeypatch):
