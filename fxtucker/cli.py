@@ -21,7 +21,8 @@ from fxtucker import data, distributed, models, pretrained
 from fxtucker import run_report
 from fxtucker.io import save_torch, sha256_file, write_text
 from fxtucker.runs import record_run
-from fxtucker.latency import MAX_SPREAD, BACKENDS, LatencyComparison, compare_latency, default_backend
+from fxtucker.latency import (MAX_SPREAD, ROUNDS, TRIM_FROM, BACKENDS, LatencyComparison, compare_latency,
+                              default_backend, spread_rule)
 from fxtucker.passes import cost_model, decompose_conv, fold_or_restore, insert_gates, strip_gates
 
 __all__ = ["main"]
@@ -135,7 +136,7 @@ def _ms(cmp: LatencyComparison, which: str) -> str:
     return f"{cmp.speedup:.2f}x" if which == "speedup" else f"{getattr(cmp, which):.2f}"
 
 
-def _add_timing_args(p: argparse.ArgumentParser, rounds: int = 5) -> None:
+def _add_timing_args(p: argparse.ArgumentParser, rounds: int = ROUNDS) -> None:
     p.add_argument("--rounds", type=_positive, default=rounds,
                    help=f"rounds, the two models timed alternately in each; the round with the median speed-up is "
                         f"shown (default {rounds})")
@@ -143,7 +144,8 @@ def _add_timing_args(p: argparse.ArgumentParser, rounds: int = 5) -> None:
                                                                  "the round's time; default 20)")
     p.add_argument("--max-spread", type=_max_spread, default=MAX_SPREAD,
                    help=f"the timing is reported as unreliable, with no number, when the rounds' speed-ups differ by "
-                        f"more than this factor, max/min (default {MAX_SPREAD})")
+                        f"more than this factor, max/min, the fastest and the slowest round left out from "
+                        f"{TRIM_FROM} rounds on (default {MAX_SPREAD})")
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -576,7 +578,7 @@ def _bench(args: argparse.Namespace) -> int:
           + (", each layer's form chosen by timing on the back end" if args.search == "layer" else
              ", forms chosen by timing each layer and then whole models on the back end")
           + f"; timed alternately over {args.rounds} round{'s' if args.rounds != 1 else ''}, the round with the "
-            f"median speed-up shown, unreliable when the rounds' speed-ups differ by more than {args.max_spread:.2f}x")
+            f"median speed-up shown, " + spread_rule(args.rounds, args.max_spread))
     rows = [("back end", "original ms", "compressed ms", "speed-up", "original MACs", "compressed MACs", "MACs ratio")]
     summary = []
     for backend in args.backend:

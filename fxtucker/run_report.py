@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from fxtucker.io import write_atomic
+from fxtucker.latency import spread_rule
 from fxtucker.report import report
 
 __all__ = ["forms", "forms_text", "summary_text", "markdown", "histogram_pngs"]
@@ -54,7 +55,7 @@ def summary_text(summary: dict) -> str:
                      f"({forms_text(dep['forms'])}; {dep['macs']:,} MACs; forms chosen at batch "
                      f"{dep['forms_chosen_at_batch']} within the compressed model's MACs), on {t['backend']}, {t['device']}, {t['threads']} thread(s); "
                      f"timed alternately over {t['rounds']} rounds of {t['repeats']} runs, the round with the median "
-                     f"speed-up shown; unreliable when the rounds' speed-ups differ by more than {t['max_spread']:.2f}x")
+                     f"speed-up shown; " + spread_rule(t["rounds"], t["max_spread"]))
     lines += [f"latency at batch {t['batch']}: {t['note']}" for t in summary["latency"].values() if not t["reliable"]]
     lines.append(f"deployed: {dep['file']} ({dep['format']}), reloaded and checked: max abs error "
                  f"{dep['parity']['max_abs_error']:.3g} (atol {dep['parity']['atol']:g}, rtol {dep['parity']['rtol']:g})")

@@ -19,13 +19,13 @@ def test_inspect_small_model_prints_report_and_writes_json(tmp_path, capsys):
     assert "layer1.0.conv1" in out and "decomposed" in out
     assert "MACs" in out and "latency, eager, batch 1 (ms)" in out
     # what was timed: the deployable forms, BatchNorm folded on both sides, alternating rounds
-    assert ("latency: eager, cpu, batch 1 (1x3x32x32)" in out and "timed alternately over 5 round(s)" in out
+    assert ("latency: eager, cpu, batch 1 (1x3x32x32)" in out and "timed alternately over 7 round(s)" in out
             and "original: BatchNorm folded; compressed: BatchNorm folded, each layer's form chosen by "
                 "optimize_for_inference on eager" in out)
     data = json.loads(out_json.read_text())
     assert data["macs_after"] < data["macs_before"]
     timing = data["latency"]
-    assert timing["backend"] == "eager" and len(timing["ratios"]) == 5
+    assert timing["backend"] == "eager" and len(timing["ratios"]) == 7
     assert sum(timing["forms"].values()) == 21  # every decomposed layer (all 21 here) got a form chosen by timing
     assert timing["reliable"] == (timing["speedup"] is not None) == (data["latency_ms_after"] is not None)
     assert data["report"]["stage"] == "fold_or_restore" and len(data["report"]["layers"]) == 21  # stem + 18 in blocks + 2 downsample

@@ -370,6 +370,32 @@ def test_compare_latency_really_times(monkeypatch):
     assert cmp.threads == 1 and cmp.input_shape == (1, 8, 8, 8)
 
 
+def test_from_seven_rounds_the_fastest_and_slowest_round_are_not_counted_in_the_spread(monkeypatch):
+    from fxtucker.latency import ROUNDS, TRIM_FROM, compare_latency
+
+    assert ROUNDS >= TRIM_FROM == 7  # the default number of rounds leaves out the extreme two
+    a, b = nn.Identity(), nn.ReLU()
+    # one stalled round each way among seven: speed-ups 1.6, 1.0, 1.65, 1.7, 1.6, 2.4, 1.62
+    base, cand = [1.6, 1.0, 1.65, 1.7, 1.6, 2.4, 1.62], [1.0] * 7
+    _scripted(monkeypatch, {a: list(base), b: list(cand)})
+    cmp = compare_latency(a, b, torch.randn(2, 3))
+    assert cmp.rounds == 7 and cmp.counted == (1.6, 1.6, 1.62, 1.65, 1.7)
+    assert cmp.reliable and cmp.spread == pytest.approx(1.7 / 1.6) and cmp.speedup == 1.62
+    assert cmp.setting().endswith("unreliable when the middle 5 of the 7 rounds' speed-ups differ by more than 1.20x")
+    assert cmp.to_dict()["counted"] == [1.6, 1.6, 1.62, 1.65, 1.7]
+    # two stalled rounds the same way are counted: the middle five then disagree
+    _scripted(monkeypatch, {a: [1.6, 1.0, 1.65, 1.7, 1.0, 2.4, 1.62], b: list(cand)})
+    cmp = compare_latency(a, b, torch.randn(2, 3))
+    assert not cmp.reliable and cmp.spread == pytest.approx(1.7)
+    assert cmp.describe() == ("timing unreliable: the 7 rounds' speed-ups range from 1.00x to 2.40x, the middle 5 "
+                              "from 1.00x to 1.70x (spread 1.70x > 1.20x allowed); the machine is probably busy: "
+                              "rerun when it is quiet, or with more rounds")
+    # six rounds: every one is counted
+    _scripted(monkeypatch, {a: base[:6], b: cand[:6]})
+    cmp = compare_latency(a, b, torch.randn(2, 3), rounds=6)
+    assert cmp.counted == tuple(sorted(base[:6])) and not cmp.reliable
+
+
 def test_cli_bench_prints_unreliable_instead_of_a_number(tmp_path, monkeypatch, capsys):
     from fxtucker.cli import main
 
