@@ -126,6 +126,11 @@ def gate_histogram(gm: fx.GraphModule, bins: int = 40, relative: bool = False) -
             "zeros": int((flat == 0).sum()), "total": int(flat.numel())}
 
 
+#: GatePenalty's default cap on lambda: a proximal step takes at most this share of a gate vector's
+#: mean from a gate at slope 1 (lambda <= MAX_SHRINK / lr).
+MAX_SHRINK = 0.05
+
+
 class GatePenalty:
     """lambda x sum of ``reg``(gate, c) over all gates of all layers: step 3's penalty for :func:`train`.
 
@@ -182,16 +187,20 @@ class GatePenalty:
             largest gates of each mode, :func:`floor_mask`, chosen again after every optimizer
             step) are not pulled, so the floor keeps live components instead of gates the funnel
             zeroed (with ``relative``, restoring a vector's mean still scales them with the rest).
+        max_shrink: lambda's cap, as a share of a vector's mean that one proximal step may take
+            from a gate at slope 1 (lambda <= max_shrink / lr), so that BatchNorm keeps up.
     """
 
-    GAIN, MAX_CHANGE, RANGE, MAX_SHRINK = 4.0, 2.0, 1e4, 0.05
+    GAIN, MAX_CHANGE, RANGE = 4.0, 2.0, 1e4
 
     def __init__(self, gated: fx.GraphModule, reg: str, weight: float, schedule: regularizers.CSchedule, *,
                  target_macs: Optional[int] = None, threshold: float = 0.01, epochs: int = 1, every: int = 10,
                  relative: bool = True, proximal: bool = True, round_to: Optional[int] = None,
                  mac_weighted: bool = True, steps_per_epoch: Optional[int] = None, reach: Optional[float] = None,
-                 c_follows_budget: bool = False, live_macs: bool = False, rank_floor: float = 0.0):
+                 c_follows_budget: bool = False, live_macs: bool = False, rank_floor: float = 0.0,
+                 max_shrink: float = MAX_SHRINK):
         self.gated, self.gate_list = gated, _all_gates(gated)
+        self.MAX_SHRINK = max_shrink
         self.rank_floor = rank_floor
         self.pulled: Optional[torch.Tensor] = None  # with rank_floor: the gates pulled, as of the last step
         self.proximal, self.round_to = proximal, round_to

@@ -106,6 +106,7 @@ class CompressConfig:
     live_mac_weights: bool = False  # mac_weighted at the ranks still alive (GatePenalty's live_macs)
     compose: bool = True  # train through compose_factors: one conv per layer, same function and gradients
     c_follows_budget: bool = False  # with a budget: c = the gate size the budget would cut now (GatePenalty)
+    max_shrink: float = 0.05  # lambda's cap: a proximal step shrinks a gate by at most this share of its vector's mean
     recalibrate_bn: int = 50  # batches that re-estimate BatchNorm statistics after the cut; 0: off
     finetune_epochs: int = 3
     finetune_lr: float = 0.01
@@ -156,6 +157,8 @@ class CompressConfig:
                 raise bad(name, "true or false")
         if self.round_to is not None and (not is_int(self.round_to) or self.round_to < 1):
             raise bad("round_to", "None or an integer >= 1 (e.g. 8 or 16)")
+        if not is_real(self.max_shrink) or not self.max_shrink > 0:
+            raise bad("max_shrink", "a finite number > 0 (the share of a gate vector's mean one step may take; 0.05)")
         if not is_real(self.rank_floor) or not 0 <= self.rank_floor < 1:
             raise bad("rank_floor", "a number in [0, 1) (the share of each mode's rank always kept; 0: none)")
         if not is_int(self.recalibrate_bn) or self.recalibrate_bn < 0:
@@ -401,7 +404,8 @@ def compress(
                           epochs=config.reg_epochs, every=config.steer_every, relative=config.relative_gates,
                           proximal=config.proximal, round_to=config.round_to, mac_weighted=config.mac_weighted,
                           steps_per_epoch=_len(train_data), c_follows_budget=config.c_follows_budget,
-                          live_macs=config.live_mac_weights, rank_floor=config.rank_floor)
+                          live_macs=config.live_mac_weights, rank_floor=config.rank_floor,
+                          max_shrink=config.max_shrink)
     rel = config.relative_gates
     threshold_fn = ((lambda g: threshold_for_budget(g, target, relative=rel, round_to=config.round_to,
                                                     rank_floor=config.rank_floor)) if target is not None

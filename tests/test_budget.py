@@ -225,6 +225,10 @@ def test_a_steered_lambda_is_capped_from_the_first_step():
     free = budget.GatePenalty(gm, "funnel", 100.0, lambda e: 1.0, epochs=1)  # no budget: lambda is the user's
     free.after_step(gm, 0, 0, lr=0.01)
     assert free.weight == 100.0
+    assert pen.MAX_SHRINK == budget.MAX_SHRINK == 0.05
+    wider = budget.GatePenalty(gm, "funnel", 100.0, lambda e: 1.0, target_macs=target, epochs=1, max_shrink=0.2)
+    wider.after_step(gm, 0, 0, lr=0.01)
+    assert wider.weight == pytest.approx(0.2 / 0.01)  # CompressConfig.max_shrink sets the cap
 
 
 def test_compress_mobilenet_v2_on_a_few_steps_does_not_diverge():

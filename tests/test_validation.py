@@ -178,6 +178,8 @@ CONFIGS = [
     ("rank_floor-one", dict(rank_floor=1.0), r"CompressConfig.rank_floor must be a number in \[0, 1\) \(the share of each "
                                              r"mode's rank always kept; 0: none\), got 1.0"),
     ("rank_floor-bool", dict(rank_floor=True), r"CompressConfig.rank_floor must be a number in \[0, 1\)"),
+    ("max_shrink-zero", dict(max_shrink=0), r"CompressConfig.max_shrink must be a finite number > 0 \(the share of a "),
+    ("max_shrink-inf", dict(max_shrink=float("inf")), r"CompressConfig.max_shrink must be a finite number > 0"),
     ("distill_weight-nan", dict(distill_weight=NAN), r"CompressConfig.distill_weight must be a finite number >= 0, got nan"),
     ("distill_temperature-zero", dict(distill_temperature=0), r"CompressConfig.distill_temperature must be a finite number > 0, got 0"),
     ("c_schedule-unknown", dict(c_schedule="cubic"), r"unknown c_schedule kind 'cubic'; valid kinds are"),
