@@ -722,9 +722,9 @@ def _plan(exp: str, s: Setup) -> list[dict]:
         # through step 3, the zeros fell short of the budget, and the cut (at 0.83-0.87 of a vector's
         # mean) took validation to 0.10-0.11. Step 3 alone, distilled as the kd flow runs it, with the
         # cap raised (the cap of 0.05 is the quality row's own step 3: its val_pruned and val_recalibrated).
-        runs += [dict(method="funnel", setting=f"2x reg2 no-ft distill_reg max_shrink={m:g}",
-                      flow=dict(no_ft, reg_epochs=2, target_macs=half, distill_reg=True, max_shrink=m))
-                 for m in (0.2, 0.5)]
+        runs += [dict(method="funnel", setting=f"{k}x reg2 no-ft distill_reg max_shrink={m:g}",
+                      flow=dict(no_ft, reg_epochs=2, target_macs=s.macs // k, distill_reg=True, max_shrink=m))
+                 for k in (2, 4) for m in (0.2, 0.5)]
         return runs
     if exp == "baselines":
         runs = [dict(method="uncompressed", setting="baseline")]
