@@ -96,7 +96,8 @@ def test_split_gives_disjoint_training_and_validation_indices(compare):
 
 def test_quality_plan_keeps_the_stored_funnel_recipe_beside_funnel_cut(compare):
     """"funnel" rows are the flow with c on its schedule whatever the defaults; "funnel-cut" has c
-    follow the budget's cut; both at every distilled budget, with the same epochs."""
+    follow the budget's cut, "funnel-shrink" a higher cap on lambda; each at every distilled budget,
+    with the same epochs."""
     plan = compare._plan("quality", types.SimpleNamespace(macs=3 * 4 * 1000, profile="cpu"))
     runs = {(r["method"], r["setting"]): r for r in plan}
     for k in compare.QUALITY_BUDGETS:
@@ -104,6 +105,9 @@ def test_quality_plan_keeps_the_stored_funnel_recipe_beside_funnel_cut(compare):
         assert funnel["flow"]["c_follows_budget"] is False and cut["flow"]["c_follows_budget"] is True
         assert {**funnel["flow"], "c_follows_budget": True} == cut["flow"] and funnel["target"] == cut["target"] == 12000 // k
         assert runs[("funnel", f"{k}x")]["flow"]["c_follows_budget"] is False
+        shrink = runs[("funnel-shrink", f"{k}x kd")]  # the same flow, lambda's cap raised, nothing else
+        assert shrink["flow"] == {**funnel["flow"], **compare.SHRINK_FLOW} and shrink["target"] == funnel["target"]
+        assert compare.SHRINK_FLOW["max_shrink"] > fxtucker.compress.CompressConfig().max_shrink
 
 
 def test_quality_rows_are_matched_to_the_budget_and_paired(compare, tmp_path, capsys):
