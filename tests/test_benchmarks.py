@@ -107,7 +107,7 @@ def test_quality_plan_keeps_the_stored_funnel_recipe_beside_funnel_cut(compare):
         assert runs[("funnel", f"{k}x")]["flow"]["c_follows_budget"] is False
         shrink = runs[("funnel-shrink", f"{k}x kd")]  # the same flow, lambda's cap raised, nothing else
         assert shrink["flow"] == {**funnel["flow"], **compare.SHRINK_FLOW} and shrink["target"] == funnel["target"]
-        assert compare.SHRINK_FLOW["max_shrink"] > fxtucker.compress.CompressConfig().max_shrink
+        assert compare.SHRINK_FLOW["max_shrink"] > fxtucker.CompressConfig().max_shrink
 
 
 def test_quality_rows_are_matched_to_the_budget_and_paired(compare, tmp_path, capsys):
