@@ -149,8 +149,8 @@ class GatePenalty:
     fast (it may double every ``every`` steps), ahead of it lambda shrinks, and the proximal step
     never zeroes past the budget, so at the end of step 3 the budget cuts gates that are already
     0 or close to it. lambda stays within [1/``RANGE``, ``RANGE``] times its start value and, from
-    the first step, at most ``MAX_SHRINK`` / lr (a proximal step shrinks a gate by at most
-    ``MAX_SHRINK`` of its vector's mean at slope 1, so that BatchNorm keeps up), depends
+    the first step, at most ``max_shrink`` / lr (a proximal step shrinks a gate by at most
+    ``max_shrink`` of its vector's mean at slope 1, so that BatchNorm keeps up), depends
     only on the states so far, and is part of the training checkpoint (``state_dict``, with c
     when it follows the budget), so a resumed run repeats the uninterrupted one.
 
@@ -200,7 +200,7 @@ class GatePenalty:
                  c_follows_budget: bool = False, live_macs: bool = False, rank_floor: float = 0.0,
                  max_shrink: float = MAX_SHRINK):
         self.gated, self.gate_list = gated, _all_gates(gated)
-        self.MAX_SHRINK = max_shrink
+        self.max_shrink = max_shrink
         self.rank_floor = rank_floor
         self.pulled: Optional[torch.Tensor] = None  # with rank_floor: the gates pulled, as of the last step
         self.proximal, self.round_to = proximal, round_to
@@ -210,7 +210,7 @@ class GatePenalty:
         self.steps_per_epoch = steps_per_epoch
         self.reach = max(epochs - 1, epochs / 2) if reach is None else float(reach)
         self.weight = self.start = float(weight)
-        self.lr: Optional[float] = None  # the last step's learning rate (after_step), for MAX_SHRINK
+        self.lr: Optional[float] = None  # the last step's learning rate (after_step), for max_shrink
         self.zero_mask: Optional[torch.Tensor] = None  # which gates the last proximal step left at 0
         self.scales = [1.0] * len(self.gate_list)
         self.live_macs = mac_weighted and live_macs
@@ -258,8 +258,8 @@ class GatePenalty:
             self.cut = self.budget_threshold()
 
     def _cap(self, lr: float) -> None:
-        """At most MAX_SHRINK of a vector's mean per proximal step at slope 1: BatchNorm keeps up."""
-        self.weight = min(self.weight, self.MAX_SHRINK / lr)
+        """At most max_shrink of a vector's mean per proximal step at slope 1: BatchNorm keeps up."""
+        self.weight = min(self.weight, self.max_shrink / lr)
 
     def c(self, epoch: int) -> float:
         """The funnel's c: the schedule's, or with ``c_follows_budget`` the gate size at which the

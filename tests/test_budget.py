@@ -197,7 +197,7 @@ def test_proximal_steps_never_zero_gates_past_the_budget():
     tiny = math.nextafter(0.0, 1.0)
     target = predict_macs(gm, 0.01, relative=True)  # what the rank-(4, 6) structure leaves
     pen = budget.GatePenalty(gm, "l1", 50.0, lambda e: 1.0, target_macs=target, epochs=2, proximal=True)
-    pen.MAX_SHRINK = math.inf  # no cap on lambda: the guard alone
+    pen.max_shrink = math.inf  # no cap on lambda: the guard alone
     for step in range(20):  # a huge lambda: unchecked, it would zero every gate at once
         pen.after_step(gm, 0, step, lr=0.1)
         assert predict_macs(gm, tiny, relative=True) >= target
@@ -208,7 +208,7 @@ def test_proximal_steps_never_zero_gates_past_the_budget():
 
 
 def test_a_steered_lambda_is_capped_from_the_first_step():
-    """lr x lambda <= MAX_SHRINK from step 0, not only from the first steering step: "auto" calibrates
+    """lr x lambda <= max_shrink from step 0, not only from the first steering step: "auto" calibrates
     lambda over the whole of step 3, and on a few steps it shrank vectors many times their mean at
     once (mobilenet_v2 on 256 images went to NaN by the third step)."""
     gm, _, _ = _gated_toy()
@@ -216,16 +216,16 @@ def test_a_steered_lambda_is_capped_from_the_first_step():
     pen = budget.GatePenalty(gm, "funnel", 100.0, lambda e: 1.0, target_macs=target, epochs=1)
     before = [g.detach().abs().clone() for layer in fxtucker.gates(gm).values() for g in layer.values()]
     pen.after_step(gm, 0, 0, lr=0.01)
-    assert pen.weight == pytest.approx(pen.MAX_SHRINK / 0.01)
+    assert pen.weight == pytest.approx(pen.max_shrink / 0.01)
     after = [g.detach().abs() for layer in fxtucker.gates(gm).values() for g in layer.values()]
-    # at most MAX_SHRINK x the largest MAC weight of a vector's mean per gate (the funnel's slope is <= 1 / c = 1)
-    bound = pen.MAX_SHRINK * max(pen.scales)
+    # at most max_shrink x the largest MAC weight of a vector's mean per gate (the funnel's slope is <= 1 / c = 1)
+    bound = pen.max_shrink * max(pen.scales)
     for a, b in zip(after, before):
         assert torch.all(b - a <= bound * b.mean() + 1e-6)
     free = budget.GatePenalty(gm, "funnel", 100.0, lambda e: 1.0, epochs=1)  # no budget: lambda is the user's
     free.after_step(gm, 0, 0, lr=0.01)
     assert free.weight == 100.0
-    assert pen.MAX_SHRINK == budget.MAX_SHRINK == 0.05
+    assert pen.max_shrink == budget.MAX_SHRINK == 0.05
     wider = budget.GatePenalty(gm, "funnel", 100.0, lambda e: 1.0, target_macs=target, epochs=1, max_shrink=0.2)
     wider.after_step(gm, 0, 0, lr=0.01)
     assert wider.weight == pytest.approx(0.2 / 0.01)  # CompressConfig.max_shrink sets the cap
