@@ -109,8 +109,8 @@ PROFILES: dict[str, dict[str, Any]] = {
 #: lambda of the ablations (fixed, no steering).
 ABLATION_LAMBDA = 10.0
 
-METHODS = ("uncompressed", "funnel", "funnel-cut", "funnel-shrink", "funnel_scaled", "l1", "l2", "vbmf", "musco", "uniform",
-           "torch-pruning", "funnel-ranks")
+METHODS = ("uncompressed", "funnel", "funnel-cut", "funnel-shrink", "funnel_scaled", "l1", "l2", "vbmf", "musco",
+           "uniform", "torch-pruning", "funnel-ranks")
 
 #: The MAC budgets (times fewer MACs) of the quality experiment.
 QUALITY_BUDGETS = (2, 3, 4)
