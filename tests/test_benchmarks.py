@@ -212,11 +212,19 @@ def test_quick_job_tuning_validates_on_images_the_job_does_not_train_on():
     stand_in = set(data.make_loader(data.get_dataset("fashion-mnist", True), 128, True, subset=subset, seed=seed).dataset.indices)
     assert len(stand_in) + len(val_idx) == 60000 and not stand_in & val_idx and train_idx <= stand_in
     from fxtucker.cli import QUICK_CONFIG
-    assert QUICK_CONFIG == {**quick_job.BASE, **quick_job.SETTINGS[quick_job.CHOSEN]}  # the job runs the chosen setting
-    for name, changes in quick_job.SETTINGS.items():  # each name starts with its epochs: "0+2+3 ..."
-        cfg = {**quick_job.BASE, **changes}
+    from fxtucker.cli import QUICK
+    from fxtucker.compress import CompressConfig
+    assert QUICK_CONFIG == quick_job.config(quick_job.CHOSEN)  # the job runs the chosen setting
+    assert QUICK["train_subset"] == quick_job.train_subset(quick_job.CHOSEN)  # on the chosen setting's images
+    for name in quick_job.SETTINGS:  # each name starts with its epochs: "0+2+3 ..."
+        cfg = quick_job.config(name)
         split = [int(n) for n in name.split()[0].split("+")]
         assert split == [cfg["train_epochs"], cfg["reg_epochs"], cfg["finetune_epochs"]], name
+        assert "train_subset" not in cfg  # the images drawn are the loader's, not a CompressConfig field
+        CompressConfig(**cfg)
+    # a setting on more images draws them from the same permutation: the job's among them, none validated on
+    more, val = quick_job.loaders(subset=20000)
+    assert train_idx < set(more.dataset.indices) and set(val.dataset.indices) == val_idx
 
 
 def test_provenance_counts_running_runners_only_not_paused_or_finished_ones():
