@@ -839,11 +839,17 @@ def git_commit(script: str = "benchmarks/compare.py") -> str:
 _COMMIT: Optional[str] = None
 
 
+#: The benchmark scripts whose processes count as other runners in a row's provenance.
+RUNNERS = frozenset(p.name for p in Path(__file__).parent.glob("*.py"))
+
+
 def _running_runner(proc: Path) -> bool:
-    """Whether ``/proc/<pid>`` is a compare.py runner that can use a core now: not stopped (a runner
-    paused by SIGSTOP for a timing run does not count), not a zombie, not gone."""
+    """Whether ``/proc/<pid>`` runs one of the benchmark scripts (:data:`RUNNERS`: compare.py,
+    quick_job.py, latency.py, ...) and can use a core now: not stopped (a runner paused by SIGSTOP
+    for a timing run does not count), not a zombie, not gone."""
     try:
-        if b"compare.py" not in (proc / "cmdline").read_bytes():
+        if not any(Path(arg.decode(errors="replace")).name in RUNNERS
+                   for arg in (proc / "cmdline").read_bytes().split(b"\0")):
             return False
         state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]  # the field after "(comm)"
     except (OSError, IndexError):

@@ -234,12 +234,15 @@ def test_provenance_counts_running_runners_only_not_paused_or_finished_ones():
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "compare.py"])
     where = Path("/proc") / str(proc.pid)
 
-    def settles(expected):  # a signal's effect on the state may take a moment
+    def settles_for(proc_dir, expected):  # a signal's effect on the state may take a moment
         for _ in range(200):
-            if compare._running_runner(where) == expected:
+            if compare._running_runner(proc_dir) == expected:
                 return True
             time.sleep(0.01)
         return False
+
+    def settles(expected):
+        return settles_for(where, expected)
 
     try:
         assert settles(True)
@@ -252,6 +255,15 @@ def test_provenance_counts_running_runners_only_not_paused_or_finished_ones():
         proc.wait()
     assert not compare._running_runner(where)  # gone
     assert not compare._running_runner(Path("/proc") / str(os.getpid()))  # pytest is not a runner
+    # every benchmark script counts (a quick_job.py run shares the cores as a compare.py one does),
+    # by its file name, not by a name that merely contains it
+    for script, counts in (("benchmarks/quick_job.py", True), ("latency.py", True), ("not_compare.py", False)):
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", script])
+        try:
+            assert settles_for(Path("/proc") / str(proc.pid), counts), script
+        finally:
+            proc.kill()
+            proc.wait()
 
 
 def test_quick_job_rule_table_counts_the_runs_each_rule_trusts_and_how_far_apart_they_lie(monkeypatch):
