@@ -107,11 +107,13 @@ def _torch_pruning(model, x, target_macs: int):
     return model
 
 
-def run_row(args, model_name: str, batch: int, backend: str, method: str) -> dict:
+def build(args, model_name: str, batch: int, backend: str, method: str) -> tuple:
+    """A row's models and input: ``(baseline, compressed, x)``, the baseline BN-folded, the
+    compressed one fxtucker's (forms chosen on ``backend``) or, for ``method`` "torch-pruning",
+    Torch-Pruning's at fxtucker's MACs."""
     torch.manual_seed(0)
     model = models.get_model(model_name, num_classes=1000, in_channels=3, checkpoint=None).eval()
     x = torch.randn(batch, 3, args.input_size, args.input_size)
-    start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         baseline = optimize_for_inference(model, x)
@@ -122,6 +124,12 @@ def run_row(args, model_name: str, batch: int, backend: str, method: str) -> dic
         if method == "torch-pruning":
             pruned = _torch_pruning(model, x, fxtucker.count_macs(compressed, x))
             compressed = optimize_for_inference(pruned, x)  # its BatchNorms folded too, as the baseline's
+    return baseline, compressed, x
+
+
+def run_row(args, model_name: str, batch: int, backend: str, method: str) -> dict:
+    start = time.perf_counter()
+    baseline, compressed, x = build(args, model_name, batch, backend, method)
     prepare_s = time.perf_counter() - start
     load_before = os.getloadavg()[0]
     # The one measurement fxtucker's reports use: alternating rounds, the round with the median

@@ -434,3 +434,27 @@ def test_a_row_records_its_commit_and_never_looks_clean_when_git_status_failed(c
 
     monkeypatch.setattr(subprocess, "run", run)
     assert compare.git_commit() == "abc123" + suffix
+
+
+def test_profile_latency_sorts_self_time_by_kind_and_counts_each_conv_once():
+    prof = _load("profile_latency")
+    assert prof.kind("aten::mkldnn_convolution", [[1, 8, 4, 4], [16, 8, 1, 1], [16]]) == "conv 1x1"
+    assert prof.kind("aten::convolution", [[1, 8, 4, 4], [8, 1, 3, 3], [8]]) == "conv depthwise"
+    assert prof.kind("aten::_slow_conv2d_forward", [[1, 8, 4, 4], [8, 8, 3, 3], []]) == "conv 3x3"
+    assert prof.kind("graph_3_cpp_fused_add_convolution_relu_7", []) == "inductor kernel, with a conv"
+    assert prof.kind("graph_3_cpp_fused_add_relu_8", []) == "inductor kernel, elementwise"
+    assert prof.kind("## Call CompiledFxGraph abc ##", []) == "framework (compiled graph)"
+    assert prof.kind("aten::addmm", [[10], [1, 8], [8, 10]]) == "GEMM"
+    assert prof.kind("aten::relu", [[1, 8]]) == "other ops"
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, groups=8),
+                                torch.nn.Conv2d(8, 4, 1)).eval()
+    out = prof.profile(model, torch.randn(2, 3, 10, 10), "eager", runs=3)
+    kinds = out["kinds"]
+    # one call per conv and run, though each runs as conv2d -> convolution -> _convolution -> a kernel
+    assert {k: kinds[k]["calls"] for k in ("conv 3x3", "conv depthwise", "conv 1x1")} == \
+        {"conv 3x3": 1, "conv depthwise": 1, "conv 1x1": 1}
+    assert all(v["ms"] > 0 for k, v in kinds.items() if k.startswith("conv")) and out["wall_ms_profiled"] > 0
+    row = dict(model="m", input_size=10, batch=2, backend="eager", threads=1, runs=3, macs={"baseline": 10**6},
+               profiles={"baseline": out})
+    lines = prof.table([row]).splitlines()
+    assert "| conv depthwise | " in "\n".join(lines) and lines[-1].startswith("| wall ms per run, profiled |")

@@ -1,0 +1,208 @@
+"""Where a compressed model's time goes, next to its original's and Torch-Pruning's at the same MACs:
+the profile behind a latency row that falls short of its MAC ratio (issue 19).
+
+    .venv/bin/python benchmarks/profile_latency.py --models mobilenet_v2 --batches 1 --backends compile
+    .venv/bin/python benchmarks/profile_latency.py --table        # the stored profiles as markdown
+
+The three models are built as ``benchmarks/latency.py`` builds them (same ranks per model, forms
+chosen on the back end, Torch-Pruning pruned to fxtucker's MACs), run ``--runs`` times under
+``torch.profiler`` after a warm-up, and every op's self time is summed by kind: convolutions by
+kernel shape (1x1, depthwise, kxk), GEMMs, inductor's fused kernels (under compile, with
+``cpp.enable_kernel_profile``), and the rest (elementwise ops, copies, the framework around them).
+The profiler adds its own overhead to every op, so the milliseconds here are larger than
+``latency.py``'s; the shares are what a row compares. Each (model, batch, back end) is one row of
+``results/latency_profile.json`` (a rerun skips stored rows; ``--force`` redoes them).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's own log lines, before torch loads it
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+import fxtucker
+from fxtucker import models
+from fxtucker.deploy import optimize_for_inference
+from fxtucker.io import write_text
+from fxtucker.latency import COMPILE_OPTIONS
+
+sys.path.insert(0, str(Path(__file__).parent))
+import latency  # noqa: E402
+from compare import git_commit  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "latency_profile.json"
+BACKENDS = ("eager", "compile", "compile-freezing")
+#: GEMM ops (a pointwise factor in a ``+linear`` form, a classifier) and inductor's own extern GEMM.
+GEMMS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear", "mkldnn::_linear_pointwise")
+#: Inductor's generated kernels, named when ``cpp.enable_kernel_profile`` is on.
+FUSED_PREFIXES = ("cpp_fused", "graph_")
+#: The framework around a compiled graph (guards, wrappers, the graph call's own time).
+FRAMEWORK = ("TorchDynamo", "Torch-Compiled Region", "## Call CompiledFxGraph", "AOTDispatcher", "Pregraph",
+             "CompiledFunction")
+
+
+def _key(row: dict) -> tuple:
+    return (row["model"], row["input_size"], row["batch"], row["backend"], row["threads"])
+
+
+def _append(path: Path, row: dict) -> None:
+    """Add ``row`` to the file at once (atomically), replacing a row with the same key."""
+    rows = [r for r in latency._load(path) if _key(r) != _key(row)] + [row]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, json.dumps({"rows": rows}, indent=1) + "\n")
+
+
+def kind(name: str, shapes: list) -> str:
+    """The kind of time an op's self time is: an inductor kernel (with a convolution in it or not),
+    a convolution by its weight's shape (the op's second input), a GEMM, the framework around a
+    compiled graph, or another op."""
+    if name.startswith(FUSED_PREFIXES):
+        return "inductor kernel, " + ("with a conv" if "convolution" in name else "elementwise")
+    if name.startswith(FRAMEWORK):
+        return "framework (compiled graph)"
+    if "conv" in name.lower():
+        weight = shapes[1] if len(shapes) > 1 else []
+        if len(weight) == 4:
+            _, in_per_group, kh, kw = weight
+            if kh * kw == 1:
+                return "conv 1x1"
+            return "conv depthwise" if in_per_group == 1 else f"conv {kh}x{kw}"
+        return "conv (shape not recorded)"
+    if name in GEMMS:
+        return "GEMM"
+    return "other ops"
+
+
+def profile(model: torch.nn.Module, x: torch.Tensor, backend: str, runs: int) -> dict:
+    """``model`` run ``runs`` times under the profiler on ``backend``: per kind, self milliseconds
+    per run and calls per run (an op called by an op of the same kind, aten::convolution's
+    aten::mkldnn_convolution say, is part of its caller's call)."""
+    if backend != "eager":
+        import torch._inductor.config as inductor_config
+        inductor_config.cpp.enable_kernel_profile = True
+        torch._dynamo.reset()
+        model = torch.compile(model, dynamic=False, options=COMPILE_OPTIONS[backend] or None)
+    with torch.inference_mode():
+        for _ in range(3):  # compile and warm up
+            model(x)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            start = time.perf_counter()
+            for _ in range(runs):
+                model(x)
+            wall = (time.perf_counter() - start) / runs
+    kinds: dict[str, dict[str, float]] = {}
+    of = lambda e: kind(e.name, e.input_shapes or [])  # noqa: E731
+    for event in prof.events():
+        k = kinds.setdefault(of(event), {"ms": 0.0, "calls": 0.0})
+        k["ms"] += event.self_cpu_time_total / 1000 / runs
+        if event.cpu_parent is None or of(event.cpu_parent) != of(event):
+            k["calls"] += 1 / runs
+    return {"wall_ms_profiled": wall * 1000,
+            "kinds": {k: {"ms": round(v["ms"], 3), "calls": round(v["calls"], 1)} for k, v in sorted(kinds.items())}}
+
+
+def run_row(args, model_name: str, batch: int, backend: str) -> dict:
+    per_model = {k: v for k, v in latency.MODEL_RANKS.get(model_name, {}).items()}
+    row_args = argparse.Namespace(**{**vars(args), **per_model})
+    baseline, compressed, x = latency.build(row_args, model_name, batch, backend, "fxtucker")
+    profiled = {"baseline": baseline, "fxtucker": compressed}
+    macs = {"baseline": fxtucker.count_macs(baseline, x), "fxtucker": fxtucker.count_macs(compressed, x)}
+    if args.torch_pruning:
+        torch.manual_seed(0)  # the weights latency.build drew
+        original = models.get_model(model_name, num_classes=1000, in_channels=3, checkpoint=None).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pruned = latency._torch_pruning(original, x, macs["fxtucker"])
+            profiled["torch-pruning"] = optimize_for_inference(pruned, x)
+        macs["torch-pruning"] = fxtucker.count_macs(profiled["torch-pruning"], x)
+    load_before = os.getloadavg()[0]
+    out = {name: profile(model, x, backend, args.runs) for name, model in profiled.items()}
+    forms = [l.form for l in fxtucker.report(compressed).layers if l.form]
+    return dict(model=model_name, input_size=args.input_size, batch=batch, backend=backend, threads=args.threads,
+                ranks=row_args.ranks, round_to=row_args.round_to, min_macs_ratio=args.min_macs_ratio,
+                search=args.search, runs=args.runs, macs=macs, profiles=out,
+                forms={f: forms.count(f) for f in sorted(set(forms))},
+                torch=torch.__version__, cpus=os.cpu_count(), commit=git_commit("benchmarks/profile_latency.py"),
+                load_avg_1m=[round(load_before, 2), round(os.getloadavg()[0], 2)],
+                time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+
+def table(rows: list[dict]) -> str:
+    """Per stored row, each kind's self ms per run (and op calls) for every profiled model."""
+    out = []
+    for r in rows:
+        names = list(r["profiles"])
+        out.append(f"**{r['model']}, batch {r['batch']}, {r['backend']}** ({r['input_size']}x{r['input_size']}, "
+                   f"{r['threads']} threads, {r['runs']} runs; MACs "
+                   + ", ".join(f"{n} {r['macs'][n] / 1e6:,.0f}M" for n in names) + ")\n")
+        out.append("| kind | " + " | ".join(f"{n} ms (calls)" for n in names) + " |")
+        out.append("|---|" + "---|" * len(names))
+        kinds = sorted({k for p in r["profiles"].values() for k in p["kinds"]})
+        for k in kinds:
+            cells = []
+            for n in names:
+                v = r["profiles"][n]["kinds"].get(k)
+                cells.append(f"{v['ms']:.2f} ({v['calls']:g})" if v else "-")
+            out.append(f"| {k} | " + " | ".join(cells) + " |")
+        totals = [sum(v["ms"] for v in r["profiles"][n]["kinds"].values()) for n in names]
+        out.append("| **all ops** | " + " | ".join(f"**{t:.2f}**" for t in totals) + " |")
+        out.append("| wall ms per run, profiled | "
+                   + " | ".join(f"{r['profiles'][n]['wall_ms_profiled']:.2f}" for n in names) + " |\n")
+    return "\n".join(out)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["mobilenet_v2"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1])
+    ap.add_argument("--backends", nargs="+", choices=BACKENDS, default=["compile"])
+    ap.add_argument("--input-size", type=int, default=latency.FULL["input_size"])
+    ap.add_argument("--threads", type=int, default=latency.FULL["threads"])
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--no-torch-pruning", dest="torch_pruning", action="store_false",
+                    help="profile the original and fxtucker's model only")
+    ap.add_argument("--force", action="store_true", help="redo rows already stored")
+    ap.add_argument("--table", action="store_true", help="only print the stored rows")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    if args.table:
+        print(table(latency._load(args.out)))
+        return 0
+    args.ranks, args.round_to = latency.FULL["ranks"], latency.FULL["round_to"]
+    args.min_macs_ratio, args.search = latency.FULL["min_macs_ratio"], latency.FULL["search"]
+    if args.torch_pruning:
+        try:
+            import torch_pruning  # noqa: F401
+        except ImportError:
+            print("Torch-Pruning is not installed (pip install fxtucker[bench]); or --no-torch-pruning", file=sys.stderr)
+            return 2
+    done = {_key(r) for r in latency._load(args.out)}
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        for model_name in args.models:
+            for batch in args.batches:
+                for backend in args.backends:
+                    if (model_name, args.input_size, batch, backend, args.threads) in done and not args.force:
+                        print(f"skip {model_name} batch {batch} {backend}: already in {args.out}")
+                        continue
+                    row = run_row(args, model_name, batch, backend)
+                    _append(args.out, row)
+                    print(table([row]), flush=True)
+    finally:
+        torch.set_num_threads(old_threads)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
