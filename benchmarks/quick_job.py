@@ -163,10 +163,13 @@ def compressed(name: str, model: torch.nn.Module, train_loader, val_loader, x: t
                     resume=True, progress=progress)
 
 
-def latency(names: list[str], batch: int, rounds: int, threads: int, repeat: int = 1) -> None:
+def latency(names: list[str], batch: int, rounds: int, threads: int, repeat: int = 1,
+            interleave: tuple[bool, ...] = (False,)) -> None:
     """Each finished setting's model deployed as the main job deploys it (cli.deploy_step: forms chosen
     on onnxruntime at ``batch`` within its MACs) and timed side by side with the BN-folded stand-in
-    at ``batch``; one row of ``results/quick_job_latency.json`` per setting and run."""
+    at ``batch``; one row of ``results/quick_job_latency.json`` per setting and run. With both
+    values in ``interleave``, each repeat times the model both ways (``compare_latency``'s
+    ``interleave``), in turn, the first way alternating between repeats."""
     import warnings
 
     from fxtucker.deploy import optimize_for_inference
@@ -190,12 +193,15 @@ def latency(names: list[str], batch: int, rounds: int, threads: int, repeat: int
             warnings.simplefilter("ignore")
             deployed = optimize_for_inference(model, big, backend="onnxruntime", threads=threads,
                                               max_macs=count_macs(model, big))
-        for _ in range(repeat):
-            cmp = compare_latency(baseline, deployed, big, rounds=rounds, backend="onnxruntime", threads=threads)
-            _append("quick_job_latency", {"setting": name, "stand_in": sid, "batch": batch,
-                                          "macs_ratio": round(count_macs(baseline, x) / count_macs(deployed, x), 3),
-                                          "forms": run_report.forms(deployed), **cmp.to_dict(), **_provenance()})
-            print(f"[quick_job] {name}: " + (str(cmp.describe()) if cmp.reliable else cmp.unreliable_reason()))
+        for i in range(repeat):
+            for way in interleave if i % 2 == 0 else interleave[::-1]:
+                cmp = compare_latency(baseline, deployed, big, rounds=rounds, backend="onnxruntime", threads=threads,
+                                      interleave=way)
+                _append("quick_job_latency", {"setting": name, "stand_in": sid, "batch": batch,
+                                              "macs_ratio": round(count_macs(baseline, x) / count_macs(deployed, x), 3),
+                                              "forms": run_report.forms(deployed), **cmp.to_dict(), **_provenance()})
+                print(f"[quick_job] {name}{' (interleaved)' if way else ''}: "
+                      + (str(cmp.describe()) if cmp.reliable else cmp.unreliable_reason()))
 
 
 def _spread(ratios: list[float]) -> float:
@@ -220,15 +226,16 @@ def rule_table(max_spread: float = 1.2) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in _load("quick_job_latency"):
         if len(r["ratios"]) >= 7:
-            groups.setdefault((r["setting"], r["stand_in"], r["batch"]), []).append(r)
-    lines = ["| setting | batch | runs (busy) | rule | reliable runs (busy) | their medians | max / min of those |",
-             "|---|---|---|---|---|---|---|"]
-    for (name, _sid, batch), rows in groups.items():
+            groups.setdefault((r["setting"], r["stand_in"], r["batch"], r.get("interleaved", False)), []).append(r)
+    lines = ["| setting | batch | timed | runs (busy) | rule | reliable runs (busy) | their medians | max / min of those |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (name, _sid, batch, interleaved), rows in groups.items():
         busy = sum(bool(r.get("other_runners")) for r in rows)
         for rule, spread in RULES.items():
             kept = [r for r in rows if spread(r["ratios"]) <= max_spread]
             medians = [statistics.median_low(r["ratios"][:5] if rule.startswith("5") else r["ratios"]) for r in kept]
-            lines.append(f"| {name} | {batch} | {len(rows)} ({busy}) | {rule} | {len(kept)} "
+            timed = "run by run" if interleaved else "model by model"
+            lines.append(f"| {name} | {batch} | {timed} | {len(rows)} ({busy}) | {rule} | {len(kept)} "
                          f"({sum(bool(r.get('other_runners')) for r in kept)}) | "
                          f"{', '.join(f'{m:.2f}' for m in medians) or '-'} | "
                          f"{(max(medians) / min(medians)) if medians else float('nan'):.2f} |")
@@ -283,6 +290,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="only time the finished settings' deployed models against the stand-in at this batch")
     ap.add_argument("--rounds", type=int, default=7, help="alternating rounds of --latency")
     ap.add_argument("--repeat", type=int, default=1, help="time each setting this many times (one row each)")
+    ap.add_argument("--interleave", choices=("no", "yes", "both"), default="no",
+                    help="--latency: within each round run the two models in turn, run by run (yes), one "
+                         "after the other (no), or each repeat both ways, in turn (both)")
     ap.add_argument("--rule-table", action="store_true",
                     help="only print how each reliability rule fares over the stored repeated timings")
     args = ap.parse_args(argv)
@@ -295,7 +305,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.latency:
-        latency(args.settings, args.latency, args.rounds, args.threads or torch.get_num_threads(), args.repeat)
+        ways = {"no": (False,), "yes": (True,), "both": (False, True)}[args.interleave]
+        latency(args.settings, args.latency, args.rounds, args.threads or torch.get_num_threads(), args.repeat, ways)
         return 0
     run(args.settings, progress=not args.no_progress)
     print(table())

@@ -184,15 +184,36 @@ def measure_latency(
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive int or None (torch's current setting), got {threads!r}")
     inputs = _check_inputs(example_inputs)
-    cuda = device.startswith("cuda")
-    old_threads, was_training = torch.get_num_threads(), model.training
+    with _threads(threads), _runner(model, inputs, backend, threads, device) as run:
+        for _ in range(warmup):
+            run()
+        return statistics.median(run() for _ in range(repeats))
+
+
+@contextlib.contextmanager
+def _threads(threads: Optional[int]):
+    """torch's intra-op threads set to ``threads`` (None: left as they are), restored after."""
+    old = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@contextlib.contextmanager
+def _runner(model: nn.Module, inputs: tuple, backend: str, threads: Optional[int], device: str):
+    """A callable that runs ``model`` once on ``backend`` and returns the milliseconds it took
+    (exported, compiled and compiled-once first: nothing of that is timed); ``model``'s mode is
+    restored on exit."""
+    cuda = device.startswith("cuda")
+    was_training = model.training
     try:
         if backend == "onnxruntime":
             if not all(isinstance(t, torch.Tensor) for t in inputs):
                 raise TypeError("backend='onnxruntime' needs tensor inputs only")
-            run = _onnx_runner(model, inputs, threads, device)
+            forward = _onnx_runner(model, inputs, threads, device)
             cuda = False  # the session copies outputs back to the host: wall time is the time
         else:
             target = model
@@ -204,43 +225,72 @@ def measure_latency(
             fn = (torch.compile(target, dynamic=False, options=COMPILE_OPTIONS[backend] or None) if compiled
                   else target)
 
-            def run():
+            def forward():
                 with torch.inference_mode():
                     return fn(*inputs)
 
             if compiled:
-                run()  # compilation: part of the warm-up, never timed
-        times = []
-        for i in range(warmup + repeats):
+                forward()  # compilation: part of the warm-up, never timed
+
+        def run() -> float:
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                run()
+                forward()
                 end.record()
                 torch.cuda.synchronize(device)
-                elapsed = start.elapsed_time(end) / 1000.0
-            else:
-                start = time.perf_counter()
-                run()
-                elapsed = time.perf_counter() - start
-            if i >= warmup:
-                times.append(elapsed)
-        return 1000.0 * statistics.median(times)
+                return start.elapsed_time(end)
+            start = time.perf_counter()
+            forward()
+            return 1000.0 * (time.perf_counter() - start)
+
+        yield run
     finally:
-        torch.set_num_threads(old_threads)
         model.train(was_training)
 
 
+def _interleaved_round(models: Sequence[nn.Module], example_inputs: Union[torch.Tensor, Sequence[Any]], *,
+                       backend: str = "eager", threads: Optional[int] = None, device: str = "cpu", warmup: int = 3,
+                       repeats: int = 20) -> list[float]:
+    """One round of every model prepared as :func:`measure_latency` prepares it, then run in turn,
+    one run each (A B A B ...), ``warmup`` untimed and ``repeats`` timed runs: each model's median
+    milliseconds, in the order given. A slow phase of the machine longer than a run or two falls on
+    every model alike."""
+    check_backend(backend)
+    check_device(device)
+    if (isinstance(repeats, bool) or isinstance(warmup, bool) or not isinstance(repeats, int)
+            or not isinstance(warmup, int) or repeats < 1 or warmup < 0):
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    inputs = _check_inputs(example_inputs)
+    with _threads(threads), contextlib.ExitStack() as stack:
+        runs = [stack.enter_context(_runner(m, inputs, backend, threads, device)) for m in models]
+        for _ in range(warmup):
+            for run in runs:
+                run()
+        times = [[] for _ in runs]
+        for _ in range(repeats):
+            for t, run in zip(times, runs):
+                t.append(run())
+    return [statistics.median(t) for t in times]
+
+
 def _alternate(models: Sequence[nn.Module], example_inputs: Union[torch.Tensor, Sequence[Any]], rounds: int,
-               on_round: Optional[Callable[[int], None]] = None, **kwargs: Any) -> list[list[float]]:
-    """Per model, its :func:`measure_latency` in each round; the models in reverse order every other round."""
+               on_round: Optional[Callable[[int], None]] = None, interleave: bool = False,
+               **kwargs: Any) -> list[list[float]]:
+    """Per model, its time in each round, the models in reverse order every other round: its
+    :func:`measure_latency`, or with ``interleave`` its median in :func:`_interleaved_round`."""
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
     times: list[list[float]] = [[] for _ in models]
     for r in range(rounds):
         order = list(range(len(models)))
-        for i in order if r % 2 == 0 else order[::-1]:
-            times[i].append(measure_latency(models[i], example_inputs, **kwargs))
+        order = order if r % 2 == 0 else order[::-1]
+        if interleave:
+            for i, ms in zip(order, _interleaved_round([models[i] for i in order], example_inputs, **kwargs)):
+                times[i].append(ms)
+        else:
+            for i in order:
+                times[i].append(measure_latency(models[i], example_inputs, **kwargs))
         if on_round is not None:
             on_round(r)
     return times
@@ -298,6 +348,7 @@ class LatencyComparison:
     candidate_rounds_ms: tuple[float, ...]
     max_spread: float = MAX_SPREAD
     repeats: int = 20
+    interleaved: bool = False
 
     @property
     def batch(self) -> Optional[int]:
@@ -348,8 +399,10 @@ class LatencyComparison:
     def setting(self) -> str:
         """What was timed and how, e.g. ``onnxruntime, cpu, batch 64 (64x1x28x28), 2 thread(s), ...``."""
         shape = "x".join(map(str, self.input_shape))
+        how = (f"run by run, {self.repeats} runs each, in {self.rounds} round(s)" if self.interleaved
+               else f"over {self.rounds} round(s) of {self.repeats} runs")
         return (f"{self.backend}, {self.device}, batch {self.batch} ({shape}), {self.threads} thread(s); timed "
-                f"alternately over {self.rounds} round(s) of {self.repeats} runs, the median round kept, "
+                f"alternately {how}, the median round kept, "
                 + spread_rule(self.rounds, self.max_spread))
 
     def unreliable_reason(self) -> str:
@@ -381,7 +434,7 @@ class LatencyComparison:
 def compare_latency(baseline: nn.Module, candidate: nn.Module, example_inputs: Union[torch.Tensor, Sequence[Any]],
                     *, rounds: int = ROUNDS, max_spread: float = MAX_SPREAD, backend: str = "eager",
                     threads: Optional[int] = None, device: str = "cpu", warmup: int = 3, repeats: int = 20,
-                    on_round: Optional[Callable[[int], None]] = None) -> LatencyComparison:
+                    on_round: Optional[Callable[[int], None]] = None, interleave: bool = False) -> LatencyComparison:
     """Time ``baseline`` and ``candidate`` alternately over ``rounds`` and keep the median round.
 
     Each round times both models with :func:`measure_latency` (median of ``repeats`` runs after
@@ -398,6 +451,9 @@ def compare_latency(baseline: nn.Module, candidate: nn.Module, example_inputs: U
         max_spread: the largest max / min of the counted rounds' speed-ups still reliable (>= 1).
         backend, threads, device, warmup, repeats: as in :func:`measure_latency`.
         on_round: called with the round's index after each round (a progress bar, say).
+        interleave: within each round, run the two models in turn, one run each, instead of one
+            model's ``repeats`` runs after the other's (both prepared first; each model's median of
+            its runs is its time in the round).
 
     Returns:
         A :class:`LatencyComparison`; ``str(result.describe())`` is what to print.
@@ -411,13 +467,13 @@ def compare_latency(baseline: nn.Module, candidate: nn.Module, example_inputs: U
             or max_spread < 1):
         raise ValueError(f"max_spread must be a finite number >= 1 (the largest max / min of the rounds' speed-ups), "
                          f"got {max_spread!r}")
-    base, cand = _alternate([baseline, candidate], example_inputs, rounds, on_round, backend=backend,
-                            threads=threads, device=device, warmup=warmup, repeats=repeats)
+    base, cand = _alternate([baseline, candidate], example_inputs, rounds, on_round, interleave=interleave,
+                            backend=backend, threads=threads, device=device, warmup=warmup, repeats=repeats)
     first = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     shape = tuple(first[0].shape) if first and isinstance(first[0], torch.Tensor) else ()
     return LatencyComparison(backend=backend, device=device, threads=threads or torch.get_num_threads(),
                              input_shape=shape, baseline_rounds_ms=tuple(base), candidate_rounds_ms=tuple(cand),
-                             max_spread=float(max_spread), repeats=repeats)
+                             max_spread=float(max_spread), repeats=repeats, interleaved=interleave)
 
 
 def _on(model: nn.Module, device: str) -> bool:

@@ -274,10 +274,16 @@ def test_quick_job_rule_table_counts_the_runs_each_rule_trusts_and_how_far_apart
     rows = [{"setting": "s", "stand_in": "x", "batch": 64, "ratios": r, "other_runners": i} for i, r in enumerate(runs)]
     rows.append({"setting": "s", "stand_in": "x", "batch": 64, "ratios": [1.0] * 5})  # 5 rounds: not counted
     monkeypatch.setattr(quick_job, "_load", lambda exp: rows if exp == "quick_job_latency" else [])
-    table = {line.split(" | ")[3]: line.split(" | ")[4:] for line in quick_job.rule_table().splitlines()[2:]}
+    rows.append({"setting": "s", "stand_in": "x", "batch": 64, "ratios": [1.6] * 7, "interleaved": True})
+    lines = quick_job.rule_table().splitlines()[2:]
+    table = {line.split(" | ")[4]: line.split(" | ")[5:] for line in lines if " model by model | " in line}
     assert table["5 rounds, max/min"][:3] == ["2 (1)", "1.70, 1.50", "1.13 |"]  # runs 0 and 2
     assert table["7 rounds, max/min"][:3] == ["1 (0)", "1.70", "1.00 |"]
     assert table["7 rounds, middle 5"][:3] == ["3 (2)", "1.70, 1.70, 1.50", "1.13 |"]
+    # runs timed run by run are a group of their own
+    interleaved = [line.split(" | ")[3:6] for line in lines if " run by run | " in line]
+    assert interleaved == [["1 (0)", "5 rounds, max/min", "1 (0)"], ["1 (0)", "7 rounds, max/min", "1 (0)"],
+                           ["1 (0)", "7 rounds, middle 5", "1 (0)"]]
 
 
 def test_channel_blocks_times_every_count_in_alternating_rounds_and_appends_a_row(tmp_path, capsys):

@@ -325,6 +325,37 @@ def test_compare_latency_keeps_the_median_round_and_alternates(monkeypatch):
     assert json.loads(json.dumps(d)) == d
 
 
+class _Logged(nn.Module):
+    """Appends its name to ``log`` on every forward."""
+
+    def __init__(self, name: str, log: list):
+        super().__init__()
+        self.name, self.log = name, log
+
+    def forward(self, x):
+        self.log.append(self.name)
+        return x
+
+
+def test_compare_latency_interleaved_runs_the_models_in_turn_within_each_round():
+    from fxtucker.latency import compare_latency
+
+    log: list = []
+    a, b = _Logged("a", log), _Logged("b", log)
+    a.train(), b.eval()
+    cmp = compare_latency(a, b, torch.randn(2, 3), rounds=2, backend="eager", threads=1, warmup=1, repeats=3,
+                          interleave=True)
+    # round 0: a b (warm-up), then a b three times; round 1 in reverse order: b a ...
+    assert log == ["a", "b"] * 4 + ["b", "a"] * 4
+    assert cmp.rounds == 2 and len(cmp.candidate_rounds_ms) == 2 and all(t > 0 for t in cmp.baseline_rounds_ms)
+    assert cmp.interleaved and "timed alternately run by run, 3 runs each, in 2 round(s)" in cmp.setting()
+    assert cmp.to_dict()["interleaved"] is True
+    assert a.training and not b.training  # each model's mode as it was
+    log.clear()
+    compare_latency(a, b, torch.randn(2, 3), rounds=1, backend="eager", threads=1, warmup=1, repeats=3)
+    assert log == ["a"] * 4 + ["b"] * 4  # not interleaved: one model's runs, then the other's
+
+
 def test_compare_latency_says_unreliable_when_the_rounds_disagree(monkeypatch):
     from fxtucker.latency import MAX_SPREAD, compare_latency
 
