@@ -848,8 +848,9 @@ def _running_runner(proc: Path) -> bool:
     quick_job.py, latency.py, ...) and can use a core now: not stopped (a runner paused by SIGSTOP
     for a timing run does not count), not a zombie, not gone."""
     try:
-        if not any(Path(arg.decode(errors="replace")).name in RUNNERS
-                   for arg in (proc / "cmdline").read_bytes().split(b"\0")):
+        args = [Path(a.decode(errors="replace")).name for a in (proc / "cmdline").read_bytes().split(b"\0")]
+        # a Python running one of the scripts (not a shell or a wrapper whose arguments name one)
+        if not (args and args[0].startswith("python") and any(a in RUNNERS for a in args[1:])):
             return False
         state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]  # the field after "(comm)"
     except (OSError, IndexError):

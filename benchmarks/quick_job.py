@@ -173,7 +173,7 @@ def latency(names: list[str], batch: int, rounds: int, threads: int, repeat: int
     import warnings
 
     from fxtucker.deploy import optimize_for_inference
-    from fxtucker.latency import compare_latency
+    from fxtucker.latency import BLOCK, compare_latency
     from fxtucker.passes import count_macs
 
     in_ch, _, size = data.dataset_info("fashion-mnist")
@@ -199,7 +199,8 @@ def latency(names: list[str], batch: int, rounds: int, threads: int, repeat: int
                                       interleave=way)
                 _append("quick_job_latency", {"setting": name, "stand_in": sid, "batch": batch,
                                               "macs_ratio": round(count_macs(baseline, x) / count_macs(deployed, x), 3),
-                                              "forms": run_report.forms(deployed), **cmp.to_dict(), **_provenance()})
+                                              "forms": run_report.forms(deployed), **cmp.to_dict(),
+                                              "block": BLOCK if way else None, **_provenance()})
                 print(f"[quick_job] {name}{' (interleaved)' if way else ''}: "
                       + (str(cmp.describe()) if cmp.reliable else cmp.unreliable_reason()))
 

@@ -249,13 +249,19 @@ def _runner(model: nn.Module, inputs: tuple, backend: str, threads: Optional[int
         model.train(was_training)
 
 
+#: Runs per turn when models are timed in turn (:func:`compare_latency`'s ``interleave``): a
+#: back end's worker threads may spin for a while after a run (onnxruntime's do) and take the
+#: cores from the other model's next run; in a block of runs that falls on the first only.
+BLOCK = 5
+
+
 def _interleaved_round(models: Sequence[nn.Module], example_inputs: Union[torch.Tensor, Sequence[Any]], *,
                        backend: str = "eager", threads: Optional[int] = None, device: str = "cpu", warmup: int = 3,
-                       repeats: int = 20) -> list[float]:
+                       repeats: int = 20, block: int = BLOCK) -> list[float]:
     """One round of every model prepared as :func:`measure_latency` prepares it, then run in turn,
-    one run each (A B A B ...), ``warmup`` untimed and ``repeats`` timed runs: each model's median
-    milliseconds, in the order given. A slow phase of the machine longer than a run or two falls on
-    every model alike."""
+    ``block`` runs at a time (A A A B B B A A A ...), ``warmup`` untimed and ``repeats`` timed runs
+    each: each model's median milliseconds, in the order given. A slow phase of the machine longer
+    than a few runs falls on every model alike."""
     check_backend(backend)
     check_device(device)
     if (isinstance(repeats, bool) or isinstance(warmup, bool) or not isinstance(repeats, int)
@@ -264,13 +270,13 @@ def _interleaved_round(models: Sequence[nn.Module], example_inputs: Union[torch.
     inputs = _check_inputs(example_inputs)
     with _threads(threads), contextlib.ExitStack() as stack:
         runs = [stack.enter_context(_runner(m, inputs, backend, threads, device)) for m in models]
-        for _ in range(warmup):
-            for run in runs:
+        for run in runs:
+            for _ in range(warmup):
                 run()
-        times = [[] for _ in runs]
-        for _ in range(repeats):
+        times: list[list[float]] = [[] for _ in runs]
+        for start in range(0, repeats, block):
             for t, run in zip(times, runs):
-                t.append(run())
+                t.extend(run() for _ in range(min(block, repeats - start)))
     return [statistics.median(t) for t in times]
 
 
@@ -399,8 +405,8 @@ class LatencyComparison:
     def setting(self) -> str:
         """What was timed and how, e.g. ``onnxruntime, cpu, batch 64 (64x1x28x28), 2 thread(s), ...``."""
         shape = "x".join(map(str, self.input_shape))
-        how = (f"run by run, {self.repeats} runs each, in {self.rounds} round(s)" if self.interleaved
-               else f"over {self.rounds} round(s) of {self.repeats} runs")
+        how = (f"in turn, {BLOCK} runs at a time, {self.repeats} runs each, in {self.rounds} round(s)"
+               if self.interleaved else f"over {self.rounds} round(s) of {self.repeats} runs")
         return (f"{self.backend}, {self.device}, batch {self.batch} ({shape}), {self.threads} thread(s); timed "
                 f"alternately {how}, the median round kept, "
                 + spread_rule(self.rounds, self.max_spread))
@@ -451,9 +457,13 @@ def compare_latency(baseline: nn.Module, candidate: nn.Module, example_inputs: U
         max_spread: the largest max / min of the counted rounds' speed-ups still reliable (>= 1).
         backend, threads, device, warmup, repeats: as in :func:`measure_latency`.
         on_round: called with the round's index after each round (a progress bar, say).
-        interleave: within each round, run the two models in turn, one run each, instead of one
-            model's ``repeats`` runs after the other's (both prepared first; each model's median of
-            its runs is its time in the round).
+        interleave: within each round, prepare both models and run them in turn, :data:`BLOCK`
+            runs at a time, instead of one model's ``repeats`` runs after the other's. Measured on
+            the main job's deployed model (``benchmarks/RESULTS.md``, session 18): beside two
+            training runs it left 12 of 12 timings reliable against 2 of 12; on the machine alone
+            1 of 6 (block 5) against 4 of 6, with rounds where the smaller model ran slower than
+            the original (onnxruntime's threads of one model taking the cores from the other's
+            runs, it seems). So it is not the default.
 
     Returns:
         A :class:`LatencyComparison`; ``str(result.describe())`` is what to print.

@@ -257,8 +257,13 @@ def test_provenance_counts_running_runners_only_not_paused_or_finished_ones():
     assert not compare._running_runner(Path("/proc") / str(os.getpid()))  # pytest is not a runner
     # every benchmark script counts (a quick_job.py run shares the cores as a compare.py one does),
     # by its file name, not by a name that merely contains it
-    for script, counts in (("benchmarks/quick_job.py", True), ("latency.py", True), ("not_compare.py", False)):
-        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", script])
+    for argv, counts in (([sys.executable, "-c", "import time; time.sleep(60)", "benchmarks/quick_job.py"], True),
+                         ([sys.executable, "-c", "import time; time.sleep(60)", "latency.py"], True),
+                         ([sys.executable, "-c", "import time; time.sleep(60)", "not_compare.py"], False),
+                         # a shell that waits on a runner it started is not one
+                         (["bash", "-c", "sleep 60", "benchmarks/compare.py"], False)):
+        script = argv[-1]
+        proc = subprocess.Popen(argv)
         try:
             assert settles_for(Path("/proc") / str(proc.pid), counts), script
         finally:

@@ -345,10 +345,13 @@ def test_compare_latency_interleaved_runs_the_models_in_turn_within_each_round()
     a.train(), b.eval()
     cmp = compare_latency(a, b, torch.randn(2, 3), rounds=2, backend="eager", threads=1, warmup=1, repeats=3,
                           interleave=True)
-    # round 0: a b (warm-up), then a b three times; round 1 in reverse order: b a ...
-    assert log == ["a", "b"] * 4 + ["b", "a"] * 4
+    # round 0: a's warm-up, b's, then BLOCK runs of each in turn (3 < BLOCK: one turn); round 1 b first
+    assert log == ["a", "b", "a", "a", "a", "b", "b", "b", "b", "a", "b", "b", "b", "a", "a", "a"]
     assert cmp.rounds == 2 and len(cmp.candidate_rounds_ms) == 2 and all(t > 0 for t in cmp.baseline_rounds_ms)
-    assert cmp.interleaved and "timed alternately run by run, 3 runs each, in 2 round(s)" in cmp.setting()
+    assert cmp.interleaved and "timed alternately in turn, 5 runs at a time, 3 runs each, in 2 round(s)" in cmp.setting()
+    log.clear()
+    fxtucker.latency._interleaved_round([a, b], torch.randn(2, 3), warmup=0, repeats=7, block=3)
+    assert log == ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3 + ["a", "b"]  # turns of 3, the last of what is left
     assert cmp.to_dict()["interleaved"] is True
     assert a.training and not b.training  # each model's mode as it was
     log.clear()
