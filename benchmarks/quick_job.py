@@ -227,15 +227,17 @@ def rule_table(max_spread: float = 1.2) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in _load("quick_job_latency"):
         if len(r["ratios"]) >= 7:
-            groups.setdefault((r["setting"], r["stand_in"], r["batch"], r.get("interleaved", False)), []).append(r)
+            # runs timed in turn: rows before BLOCK was recorded ran one run at a time
+            turn = (r.get("block") or 1) if r.get("interleaved") else 0
+            groups.setdefault((r["setting"], r["stand_in"], r["batch"], turn), []).append(r)
     lines = ["| setting | batch | timed | runs (busy) | rule | reliable runs (busy) | their medians | max / min of those |",
              "|---|---|---|---|---|---|---|---|"]
-    for (name, _sid, batch, interleaved), rows in groups.items():
+    for (name, _sid, batch, turn), rows in groups.items():
         busy = sum(bool(r.get("other_runners")) for r in rows)
         for rule, spread in RULES.items():
             kept = [r for r in rows if spread(r["ratios"]) <= max_spread]
             medians = [statistics.median_low(r["ratios"][:5] if rule.startswith("5") else r["ratios"]) for r in kept]
-            timed = "run by run" if interleaved else "model by model"
+            timed = f"in turns of {turn}" if turn else "model by model"
             lines.append(f"| {name} | {batch} | {timed} | {len(rows)} ({busy}) | {rule} | {len(kept)} "
                          f"({sum(bool(r.get('other_runners')) for r in kept)}) | "
                          f"{', '.join(f'{m:.2f}' for m in medians) or '-'} | "

@@ -285,8 +285,8 @@ def test_quick_job_rule_table_counts_the_runs_each_rule_trusts_and_how_far_apart
     assert table["5 rounds, max/min"][:3] == ["2 (1)", "1.70, 1.50", "1.13 |"]  # runs 0 and 2
     assert table["7 rounds, max/min"][:3] == ["1 (0)", "1.70", "1.00 |"]
     assert table["7 rounds, middle 5"][:3] == ["3 (2)", "1.70, 1.70, 1.50", "1.13 |"]
-    # runs timed run by run are a group of their own
-    interleaved = [line.split(" | ")[3:6] for line in lines if " run by run | " in line]
+    # runs timed in turn are a group of their own, one per turn's length (1 where none was recorded)
+    interleaved = [line.split(" | ")[3:6] for line in lines if " in turns of 1 | " in line]
     assert interleaved == [["1 (0)", "5 rounds, max/min", "1 (0)"], ["1 (0)", "7 rounds, max/min", "1 (0)"],
                            ["1 (0)", "7 rounds, middle 5", "1 (0)"]]
 
