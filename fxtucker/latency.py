@@ -176,6 +176,15 @@ def measure_latency(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"measure_latency: model must be an nn.Module, got {type(model).__name__}")
+    _check_timing(backend, device, warmup, repeats, threads)
+    inputs = _check_inputs(example_inputs)
+    with _threads(threads), _runner(model, inputs, backend, threads, device) as run:
+        for _ in range(warmup):
+            run()
+        return statistics.median(run() for _ in range(repeats))
+
+
+def _check_timing(backend: object, device: object, warmup: object, repeats: object, threads: object) -> None:
     check_backend(backend)
     check_device(device)
     if (isinstance(repeats, bool) or isinstance(warmup, bool) or not isinstance(repeats, int)
@@ -183,11 +192,6 @@ def measure_latency(
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive int or None (torch's current setting), got {threads!r}")
-    inputs = _check_inputs(example_inputs)
-    with _threads(threads), _runner(model, inputs, backend, threads, device) as run:
-        for _ in range(warmup):
-            run()
-        return statistics.median(run() for _ in range(repeats))
 
 
 @contextlib.contextmanager
@@ -262,11 +266,9 @@ def _interleaved_round(models: Sequence[nn.Module], example_inputs: Union[torch.
     ``block`` runs at a time (A A A B B B A A A ...), ``warmup`` untimed and ``repeats`` timed runs
     each: each model's median milliseconds, in the order given. A slow phase of the machine longer
     than a few runs falls on every model alike."""
-    check_backend(backend)
-    check_device(device)
-    if (isinstance(repeats, bool) or isinstance(warmup, bool) or not isinstance(repeats, int)
-            or not isinstance(warmup, int) or repeats < 1 or warmup < 0):
-        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    _check_timing(backend, device, warmup, repeats, threads)
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be an int >= 1 (runs per turn), got {block!r}")
     inputs = _check_inputs(example_inputs)
     with _threads(threads), contextlib.ExitStack() as stack:
         runs = [stack.enter_context(_runner(m, inputs, backend, threads, device)) for m in models]
@@ -460,10 +462,10 @@ def compare_latency(baseline: nn.Module, candidate: nn.Module, example_inputs: U
         interleave: within each round, prepare both models and run them in turn, :data:`BLOCK`
             runs at a time, instead of one model's ``repeats`` runs after the other's. Measured on
             the main job's deployed model (``benchmarks/RESULTS.md``, session 18): beside two
-            training runs it left 12 of 12 timings reliable against 2 of 12; on the machine alone
-            1 of 6 (block 5) against 4 of 6, with rounds where the smaller model ran slower than
-            the original (onnxruntime's threads of one model taking the cores from the other's
-            runs, it seems). So it is not the default.
+            training runs it left 11 of 11 timings reliable against 2 of 11; on the machine alone
+            2 of 14 against 7 of 14, with rounds where the smaller model ran slower than the
+            original (onnxruntime's threads of one model taking the cores from the other's runs,
+            it seems). So it is not the default.
 
     Returns:
         A :class:`LatencyComparison`; ``str(result.describe())`` is what to print.

@@ -451,3 +451,15 @@ def test_each_test_times_into_a_cache_of_its_own(tmp_path_factory):
     """conftest's autouse fixture: no test reads or writes the user's timing cache (~/.cache/fxtucker)."""
     here = fxtucker.latency.cache_dir()
     assert here.is_dir() and here.is_relative_to(tmp_path_factory.getbasetemp()) and not any(here.iterdir())
+
+
+def test_compare_latency_interleaved_checks_its_arguments_as_measure_latency_does():
+    from fxtucker.latency import _interleaved_round, compare_latency
+
+    a, b = nn.Identity(), nn.ReLU()
+    with pytest.raises(ValueError, match=r"threads must be a positive int or None"):
+        compare_latency(a, b, torch.randn(2, 3), rounds=1, threads=0, interleave=True)
+    with pytest.raises(ValueError, match=r"repeats must be >= 1"):
+        compare_latency(a, b, torch.randn(2, 3), rounds=1, repeats=0, interleave=True)
+    with pytest.raises(ValueError, match=r"block must be an int >= 1 \(runs per turn\), got 0"):
+        _interleaved_round([a, b], torch.randn(2, 3), block=0)
