@@ -79,9 +79,9 @@ def _load(path: Path) -> list[dict]:
     return json.loads(path.read_text())["rows"] if path.is_file() else []
 
 
-def _append(path: Path, row: dict) -> None:
-    """Add ``row`` to the file at once (atomically), replacing a row with the same key."""
-    rows = [r for r in _load(path) if _key(r) != _key(row)] + [row]
+def _append(path: Path, row: dict, key=_key) -> None:
+    """Add ``row`` to the file at once (atomically), replacing a row with the same ``key``."""
+    rows = [r for r in _load(path) if key(r) != key(row)] + [row]
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, json.dumps({"rows": rows}, indent=1) + "\n")
 
@@ -107,12 +107,24 @@ def _torch_pruning(model, x, target_macs: int):
     return model
 
 
+def original(model_name: str) -> torch.nn.Module:
+    """The model every row of ``model_name`` starts from: random weights drawn with seed 0."""
+    torch.manual_seed(0)
+    return models.get_model(model_name, num_classes=1000, in_channels=3, checkpoint=None).eval()
+
+
+def torch_pruned(model, x, target_macs: int):
+    """Torch-Pruning's model at ``target_macs``, its BatchNorms folded as the baseline's are."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return optimize_for_inference(_torch_pruning(model, x, target_macs), x)
+
+
 def build(args, model_name: str, batch: int, backend: str, method: str) -> tuple:
     """A row's models and input: ``(baseline, compressed, x)``, the baseline BN-folded, the
     compressed one fxtucker's (forms chosen on ``backend``) or, for ``method`` "torch-pruning",
     Torch-Pruning's at fxtucker's MACs."""
-    torch.manual_seed(0)
-    model = models.get_model(model_name, num_classes=1000, in_channels=3, checkpoint=None).eval()
+    model = original(model_name)
     x = torch.randn(batch, 3, args.input_size, args.input_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -121,9 +133,8 @@ def build(args, model_name: str, batch: int, backend: str, method: str) -> tuple
         max_macs = int(fxtucker.count_macs(baseline, x) / args.min_macs_ratio) if args.min_macs_ratio else None
         compressed = optimize_for_inference(model, x, ranks=args.ranks, backend=backend, round_to=args.round_to,
                                             threads=args.threads, max_macs=max_macs, search=args.search)
-        if method == "torch-pruning":
-            pruned = _torch_pruning(model, x, fxtucker.count_macs(compressed, x))
-            compressed = optimize_for_inference(pruned, x)  # its BatchNorms folded too, as the baseline's
+    if method == "torch-pruning":
+        compressed = torch_pruned(model, x, fxtucker.count_macs(compressed, x))
     return baseline, compressed, x
 
 

@@ -21,19 +21,14 @@ import os
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's own log lines, before torch loads it
 
 import argparse
-import json
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 import fxtucker
-from fxtucker import models
-from fxtucker.deploy import optimize_for_inference
-from fxtucker.io import write_text
 from fxtucker.latency import COMPILE_OPTIONS
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -53,13 +48,6 @@ FRAMEWORK = ("TorchDynamo", "Torch-Compiled Region", "## Call CompiledFxGraph", 
 
 def _key(row: dict) -> tuple:
     return (row["model"], row["input_size"], row["batch"], row["backend"], row["threads"])
-
-
-def _append(path: Path, row: dict) -> None:
-    """Add ``row`` to the file at once (atomically), replacing a row with the same key."""
-    rows = [r for r in latency._load(path) if _key(r) != _key(row)] + [row]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text(path, json.dumps({"rows": rows}, indent=1) + "\n")
 
 
 def kind(name: str, shapes: list) -> str:
@@ -112,18 +100,12 @@ def profile(model: torch.nn.Module, x: torch.Tensor, backend: str, runs: int) ->
 
 
 def run_row(args, model_name: str, batch: int, backend: str) -> dict:
-    per_model = {k: v for k, v in latency.MODEL_RANKS.get(model_name, {}).items()}
-    row_args = argparse.Namespace(**{**vars(args), **per_model})
+    row_args = argparse.Namespace(**{**vars(args), **latency.MODEL_RANKS.get(model_name, {})})
     baseline, compressed, x = latency.build(row_args, model_name, batch, backend, "fxtucker")
     profiled = {"baseline": baseline, "fxtucker": compressed}
     macs = {"baseline": fxtucker.count_macs(baseline, x), "fxtucker": fxtucker.count_macs(compressed, x)}
     if args.torch_pruning:
-        torch.manual_seed(0)  # the weights latency.build drew
-        original = models.get_model(model_name, num_classes=1000, in_channels=3, checkpoint=None).eval()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pruned = latency._torch_pruning(original, x, macs["fxtucker"])
-            profiled["torch-pruning"] = optimize_for_inference(pruned, x)
+        profiled["torch-pruning"] = latency.torch_pruned(latency.original(model_name), x, macs["fxtucker"])
         macs["torch-pruning"] = fxtucker.count_macs(profiled["torch-pruning"], x)
     load_before = os.getloadavg()[0]
     out = {name: profile(model, x, backend, args.runs) for name, model in profiled.items()}
@@ -197,7 +179,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         print(f"skip {model_name} batch {batch} {backend}: already in {args.out}")
                         continue
                     row = run_row(args, model_name, batch, backend)
-                    _append(args.out, row)
+                    latency._append(args.out, row, key=_key)
                     print(table([row]), flush=True)
     finally:
         torch.set_num_threads(old_threads)

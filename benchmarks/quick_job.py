@@ -294,8 +294,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--rounds", type=int, default=7, help="alternating rounds of --latency")
     ap.add_argument("--repeat", type=int, default=1, help="time each setting this many times (one row each)")
     ap.add_argument("--interleave", choices=("no", "yes", "both"), default="no",
-                    help="--latency: within each round run the two models in turn, run by run (yes), one "
-                         "after the other (no), or each repeat both ways, in turn (both)")
+                    help="--latency: within each round run the two models in turns of latency.BLOCK runs (yes), "
+                         "one after the other (no), or each repeat both ways, in turn (both)")
     ap.add_argument("--rule-table", action="store_true",
                     help="only print how each reliability rule fares over the stored repeated timings")
     args = ap.parse_args(argv)
