@@ -163,13 +163,21 @@ def compressed(name: str, model: torch.nn.Module, train_loader, val_loader, x: t
                     resume=True, progress=progress)
 
 
+def _ways(interleave: tuple[bool, ...], spinning: tuple[Optional[bool], ...], repeat: int) -> list[tuple]:
+    """The (interleave, spinning) pairs of one repeat of ``--latency``, every pair once, in reverse
+    order every other repeat, so that no way is always timed first."""
+    ways = [(i, s) for s in spinning for i in interleave]
+    return ways if repeat % 2 == 0 else ways[::-1]
+
+
 def latency(names: list[str], batch: int, rounds: int, threads: int, repeat: int = 1,
-            interleave: tuple[bool, ...] = (False,)) -> None:
+            interleave: tuple[bool, ...] = (False,), spinning: tuple[Optional[bool], ...] = (None,)) -> None:
     """Each finished setting's model deployed as the main job deploys it (cli.deploy_step: forms chosen
     on onnxruntime at ``batch`` within its MACs) and timed side by side with the BN-folded stand-in
     at ``batch``; one row of ``results/quick_job_latency.json`` per setting and run. With both
     values in ``interleave``, each repeat times the model both ways (``compare_latency``'s
-    ``interleave``), in turn, the first way alternating between repeats."""
+    ``interleave``), in turn, the first way alternating between repeats; likewise with more than one
+    value in ``spinning`` (onnxruntime's worker threads spinning: None, its default, or not: False)."""
     import warnings
 
     from fxtucker.deploy import optimize_for_inference
@@ -194,14 +202,14 @@ def latency(names: list[str], batch: int, rounds: int, threads: int, repeat: int
             deployed = optimize_for_inference(model, big, backend="onnxruntime", threads=threads,
                                               max_macs=count_macs(model, big))
         for i in range(repeat):
-            for way in interleave if i % 2 == 0 else interleave[::-1]:
+            for way, spin in _ways(interleave, spinning, i):
                 cmp = compare_latency(baseline, deployed, big, rounds=rounds, backend="onnxruntime", threads=threads,
-                                      interleave=way)
+                                      interleave=way, spinning=spin)
                 _append("quick_job_latency", {"setting": name, "stand_in": sid, "batch": batch,
                                               "macs_ratio": round(count_macs(baseline, x) / count_macs(deployed, x), 3),
                                               "forms": run_report.forms(deployed), **cmp.to_dict(),
                                               "block": BLOCK if way else None, **_provenance()})
-                print(f"[quick_job] {name}{' (interleaved)' if way else ''}: "
+                print(f"[quick_job] {name}{' (interleaved)' if way else ''}{' (not spinning)' if spin is False else ''}: "
                       + (str(cmp.describe()) if cmp.reliable else cmp.unreliable_reason()))
 
 
@@ -229,15 +237,15 @@ def rule_table(max_spread: float = 1.2) -> str:
         if len(r["ratios"]) >= 7:
             # runs timed in turn: rows before BLOCK was recorded ran one run at a time
             turn = (r.get("block") or 1) if r.get("interleaved") else 0
-            groups.setdefault((r["setting"], r["stand_in"], r["batch"], turn), []).append(r)
+            groups.setdefault((r["setting"], r["stand_in"], r["batch"], turn, r.get("spinning")), []).append(r)
     lines = ["| setting | batch | timed | runs (busy) | rule | reliable runs (busy) | their medians | max / min of those |",
              "|---|---|---|---|---|---|---|---|"]
-    for (name, _sid, batch, turn), rows in groups.items():
+    for (name, _sid, batch, turn, spin), rows in groups.items():
         busy = sum(bool(r.get("other_runners")) for r in rows)
         for rule, spread in RULES.items():
             kept = [r for r in rows if spread(r["ratios"]) <= max_spread]
             medians = [statistics.median_low(r["ratios"][:5] if rule.startswith("5") else r["ratios"]) for r in kept]
-            timed = f"in turns of {turn}" if turn else "model by model"
+            timed = (f"in turns of {turn}" if turn else "model by model") + (", not spinning" if spin is False else "")
             lines.append(f"| {name} | {batch} | {timed} | {len(rows)} ({busy}) | {rule} | {len(kept)} "
                          f"({sum(bool(r.get('other_runners')) for r in kept)}) | "
                          f"{', '.join(f'{m:.2f}' for m in medians) or '-'} | "
@@ -296,6 +304,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--interleave", choices=("no", "yes", "both"), default="no",
                     help="--latency: within each round run the two models in turns of latency.BLOCK runs (yes), "
                          "one after the other (no), or each repeat both ways, in turn (both)")
+    ap.add_argument("--spinning", choices=("default", "off", "both"), default="default",
+                    help="--latency: onnxruntime's worker threads spinning while they wait (default, as onnxruntime "
+                         "runs), not (off: session.intra_op.allow_spinning 0), or each repeat both ways (both)")
     ap.add_argument("--rule-table", action="store_true",
                     help="only print how each reliability rule fares over the stored repeated timings")
     args = ap.parse_args(argv)
@@ -309,7 +320,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     if args.latency:
         ways = {"no": (False,), "yes": (True,), "both": (False, True)}[args.interleave]
-        latency(args.settings, args.latency, args.rounds, args.threads or torch.get_num_threads(), args.repeat, ways)
+        spins = {"default": (None,), "off": (False,), "both": (None, False)}[args.spinning]
+        latency(args.settings, args.latency, args.rounds, args.threads or torch.get_num_threads(), args.repeat, ways,
+                spins)
         return 0
     run(args.settings, progress=not args.no_progress)
     print(table())

@@ -100,7 +100,8 @@ def _export_onnx(model: nn.Module, inputs: tuple, path: str) -> None:
             torch.onnx.export(model, inputs, path, dynamo=True)
 
 
-def _onnx_runner(model: nn.Module, inputs: tuple, threads: Optional[int], device: str) -> Callable[[], Any]:
+def _onnx_runner(model: nn.Module, inputs: tuple, threads: Optional[int], device: str,
+                 spinning: Optional[bool] = None) -> Callable[[], Any]:
     ort = _onnxruntime()
     providers = ["CPUExecutionProvider"]
     if device.startswith("cuda"):
@@ -115,6 +116,8 @@ def _onnx_runner(model: nn.Module, inputs: tuple, threads: Optional[int], device
     options.intra_op_num_threads = threads if threads is not None else torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    if spinning is not None:  # None: onnxruntime's default (its worker threads spin between tasks)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     with tempfile.TemporaryDirectory(prefix="fxtucker-onnx-") as tmp:
         path = os.path.join(tmp, "model.onnx")
         _export_onnx(cpu_model, cpu_inputs, path)
@@ -149,6 +152,7 @@ def measure_latency(
     device: str = "cpu",
     warmup: int = 3,
     repeats: int = 20,
+    spinning: Optional[bool] = None,
 ) -> float:
     """Median forward time in milliseconds, after ``warmup`` untimed runs, in eval mode, no autograd.
 
@@ -166,6 +170,11 @@ def measure_latency(
         device: ``"cpu"`` (wall time) or ``"cuda"`` / ``"cuda:N"`` (CUDA events around each run;
             onnxruntime on CUDA is timed by wall clock, its outputs come back to the host).
         warmup, repeats: untimed and timed runs.
+        spinning: ``"onnxruntime"`` only: whether its worker threads spin while they wait for work
+            (the session option ``session.intra_op.allow_spinning``); None keeps onnxruntime's
+            default, which spins. Spinning saves a thread's wake-up between operators on a quiet
+            machine and takes the cores from everything else on a busy one (measured in
+            ``benchmarks/RESULTS.md``, issue 20, session 19).
 
     Returns:
         The median of ``repeats`` timed runs, in milliseconds.
@@ -176,15 +185,16 @@ def measure_latency(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"measure_latency: model must be an nn.Module, got {type(model).__name__}")
-    _check_timing(backend, device, warmup, repeats, threads)
+    _check_timing(backend, device, warmup, repeats, threads, spinning)
     inputs = _check_inputs(example_inputs)
-    with _threads(threads), _runner(model, inputs, backend, threads, device) as run:
+    with _threads(threads), _runner(model, inputs, backend, threads, device, spinning) as run:
         for _ in range(warmup):
             run()
         return statistics.median(run() for _ in range(repeats))
 
 
-def _check_timing(backend: object, device: object, warmup: object, repeats: object, threads: object) -> None:
+def _check_timing(backend: object, device: object, warmup: object, repeats: object, threads: object,
+                  spinning: object = None) -> None:
     check_backend(backend)
     check_device(device)
     if (isinstance(repeats, bool) or isinstance(warmup, bool) or not isinstance(repeats, int)
@@ -192,6 +202,11 @@ def _check_timing(backend: object, device: object, warmup: object, repeats: obje
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive int or None (torch's current setting), got {threads!r}")
+    if spinning is not None and not isinstance(spinning, bool):
+        raise ValueError(f"spinning must be True, False or None (onnxruntime's default), got {spinning!r}")
+    if spinning is not None and backend != "onnxruntime":
+        raise ValueError(f"spinning={spinning} is an onnxruntime session option; backend {backend!r} has no "
+                         f"such setting: pass spinning=None, or backend='onnxruntime'")
 
 
 @contextlib.contextmanager
@@ -207,7 +222,8 @@ def _threads(threads: Optional[int]):
 
 
 @contextlib.contextmanager
-def _runner(model: nn.Module, inputs: tuple, backend: str, threads: Optional[int], device: str):
+def _runner(model: nn.Module, inputs: tuple, backend: str, threads: Optional[int], device: str,
+            spinning: Optional[bool] = None):
     """A callable that runs ``model`` once on ``backend`` and returns the milliseconds it took
     (exported, compiled and compiled-once first: nothing of that is timed); ``model``'s mode is
     restored on exit."""
@@ -217,7 +233,7 @@ def _runner(model: nn.Module, inputs: tuple, backend: str, threads: Optional[int
         if backend == "onnxruntime":
             if not all(isinstance(t, torch.Tensor) for t in inputs):
                 raise TypeError("backend='onnxruntime' needs tensor inputs only")
-            forward = _onnx_runner(model, inputs, threads, device)
+            forward = _onnx_runner(model, inputs, threads, device, spinning)
             cuda = False  # the session copies outputs back to the host: wall time is the time
         else:
             target = model
@@ -261,17 +277,17 @@ BLOCK = 5
 
 def _interleaved_round(models: Sequence[nn.Module], example_inputs: Union[torch.Tensor, Sequence[Any]], *,
                        backend: str = "eager", threads: Optional[int] = None, device: str = "cpu", warmup: int = 3,
-                       repeats: int = 20, block: int = BLOCK) -> list[float]:
+                       repeats: int = 20, block: int = BLOCK, spinning: Optional[bool] = None) -> list[float]:
     """One round of every model prepared as :func:`measure_latency` prepares it, then run in turn,
     ``block`` runs at a time (A A A B B B A A A ...), ``warmup`` untimed and ``repeats`` timed runs
     each: each model's median milliseconds, in the order given. A slow phase of the machine longer
     than a few runs falls on every model alike."""
-    _check_timing(backend, device, warmup, repeats, threads)
+    _check_timing(backend, device, warmup, repeats, threads, spinning)
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ValueError(f"block must be an int >= 1 (runs per turn), got {block!r}")
     inputs = _check_inputs(example_inputs)
     with _threads(threads), contextlib.ExitStack() as stack:
-        runs = [stack.enter_context(_runner(m, inputs, backend, threads, device)) for m in models]
+        runs = [stack.enter_context(_runner(m, inputs, backend, threads, device, spinning)) for m in models]
         for run in runs:
             for _ in range(warmup):
                 run()
@@ -357,6 +373,7 @@ class LatencyComparison:
     max_spread: float = MAX_SPREAD
     repeats: int = 20
     interleaved: bool = False
+    spinning: Optional[bool] = None
 
     @property
     def batch(self) -> Optional[int]:
@@ -409,7 +426,8 @@ class LatencyComparison:
         shape = "x".join(map(str, self.input_shape))
         how = (f"in turn, {BLOCK} runs at a time, {self.repeats} runs each, in {self.rounds} round(s)"
                if self.interleaved else f"over {self.rounds} round(s) of {self.repeats} runs")
-        return (f"{self.backend}, {self.device}, batch {self.batch} ({shape}), {self.threads} thread(s); timed "
+        spin = "" if self.spinning is None else f" ({'' if self.spinning else 'not '}spinning)"
+        return (f"{self.backend}, {self.device}, batch {self.batch} ({shape}), {self.threads} thread(s){spin}; timed "
                 f"alternately {how}, the median round kept, "
                 + spread_rule(self.rounds, self.max_spread))
 
@@ -442,7 +460,8 @@ class LatencyComparison:
 def compare_latency(baseline: nn.Module, candidate: nn.Module, example_inputs: Union[torch.Tensor, Sequence[Any]],
                     *, rounds: int = ROUNDS, max_spread: float = MAX_SPREAD, backend: str = "eager",
                     threads: Optional[int] = None, device: str = "cpu", warmup: int = 3, repeats: int = 20,
-                    on_round: Optional[Callable[[int], None]] = None, interleave: bool = False) -> LatencyComparison:
+                    on_round: Optional[Callable[[int], None]] = None, interleave: bool = False,
+                    spinning: Optional[bool] = None) -> LatencyComparison:
     """Time ``baseline`` and ``candidate`` alternately over ``rounds`` and keep the median round.
 
     Each round times both models with :func:`measure_latency` (median of ``repeats`` runs after
@@ -457,7 +476,7 @@ def compare_latency(baseline: nn.Module, candidate: nn.Module, example_inputs: U
         example_inputs: one batch at the shape to time.
         rounds: alternating rounds (>= 1).
         max_spread: the largest max / min of the counted rounds' speed-ups still reliable (>= 1).
-        backend, threads, device, warmup, repeats: as in :func:`measure_latency`.
+        backend, threads, device, warmup, repeats, spinning: as in :func:`measure_latency`.
         on_round: called with the round's index after each round (a progress bar, say).
         interleave: within each round, prepare both models and run them in turn, :data:`BLOCK`
             runs at a time, instead of one model's ``repeats`` runs after the other's. Measured on
@@ -480,12 +499,14 @@ def compare_latency(baseline: nn.Module, candidate: nn.Module, example_inputs: U
         raise ValueError(f"max_spread must be a finite number >= 1 (the largest max / min of the rounds' speed-ups), "
                          f"got {max_spread!r}")
     base, cand = _alternate([baseline, candidate], example_inputs, rounds, on_round, interleave=interleave,
-                            backend=backend, threads=threads, device=device, warmup=warmup, repeats=repeats)
+                            backend=backend, threads=threads, device=device, warmup=warmup, repeats=repeats,
+                            spinning=spinning)
     first = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     shape = tuple(first[0].shape) if first and isinstance(first[0], torch.Tensor) else ()
     return LatencyComparison(backend=backend, device=device, threads=threads or torch.get_num_threads(),
                              input_shape=shape, baseline_rounds_ms=tuple(base), candidate_rounds_ms=tuple(cand),
-                             max_spread=float(max_spread), repeats=repeats, interleaved=interleave)
+                             max_spread=float(max_spread), repeats=repeats, interleaved=interleave,
+                             spinning=spinning)
 
 
 def _on(model: nn.Module, device: str) -> bool:

@@ -289,6 +289,19 @@ def test_quick_job_rule_table_counts_the_runs_each_rule_trusts_and_how_far_apart
     interleaved = [line.split(" | ")[3:6] for line in lines if " in turns of 1 | " in line]
     assert interleaved == [["1 (0)", "5 rounds, max/min", "1 (0)"], ["1 (0)", "7 rounds, max/min", "1 (0)"],
                            ["1 (0)", "7 rounds, middle 5", "1 (0)"]]
+    # and runs with onnxruntime's threads not spinning are a group apart
+    rows.append({"setting": "s", "stand_in": "x", "batch": 64, "ratios": [1.5] * 7, "interleaved": True, "spinning": False})
+    lines = quick_job.rule_table().splitlines()[2:]
+    assert [line.split(" | ")[3:7] for line in lines if " in turns of 1, not spinning | " in line][0] == \
+        ["1 (0)", "5 rounds, max/min", "1 (0)", "1.50"]
+    assert sum(" in turns of 1 | " in line for line in lines) == 3
+
+
+def test_quick_job_times_every_way_once_per_repeat_the_first_alternating():
+    quick_job = _load("quick_job")
+    assert quick_job._ways((False,), (None,), 0) == [(False, None)]
+    assert quick_job._ways((False, True), (None, False), 0) == [(False, None), (True, None), (False, False), (True, False)]
+    assert quick_job._ways((False, True), (None, False), 1) == [(True, False), (False, False), (True, None), (False, None)]
 
 
 def test_channel_blocks_times_every_count_in_alternating_rounds_and_appends_a_row(tmp_path, capsys):

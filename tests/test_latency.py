@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import fxtucker
-from fxtucker.latency import TimingCache, cache_dir, measure_latency
+from fxtucker.latency import TimingCache, cache_dir, compare_latency, measure_latency
 from fxtucker.models import get_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +45,33 @@ def test_onnxruntime_backend_runs_the_exported_model(monkeypatch):
     ms = measure_latency(model, torch.randn(2, 3, 16, 16), backend="onnxruntime", threads=1, warmup=1, repeats=3)
     assert ms > 0 and model.training
     assert seen == {"threads": 1, "providers": ["CPUExecutionProvider"], "inputs": [[2, 3, 16, 16]]}
+
+
+@pytest.mark.parametrize("spinning, entry", [(None, ""), (True, "1"), (False, "0")])
+def test_onnxruntime_spinning_is_the_session_option(monkeypatch, spinning, entry):
+    """``spinning`` sets onnxruntime's ``session.intra_op.allow_spinning`` (None: its default, unset),
+    for measure_latency and for both models of a comparison, and the comparison says so."""
+    ort = pytest.importorskip("onnxruntime")
+    seen = []
+    real = ort.InferenceSession
+
+    def session(path, options, providers):
+        try:
+            seen.append(options.get_session_config_entry("session.intra_op.allow_spinning"))
+        except RuntimeError:  # not set: onnxruntime's default
+            seen.append("")
+        return real(path, options, providers=providers)
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    x = torch.randn(2, 3, 8, 8)
+    assert measure_latency(nn.Conv2d(3, 4, 1), x, backend="onnxruntime", threads=1, warmup=0, repeats=1,
+                           spinning=spinning) > 0
+    cmp = compare_latency(nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 3, padding=1), x, rounds=1, backend="onnxruntime",
+                          threads=1, warmup=0, repeats=1, spinning=spinning, interleave=True)
+    assert seen == [entry] * 3
+    assert cmp.spinning is spinning and cmp.to_dict()["spinning"] is spinning
+    words = {None: "1 thread(s); timed", True: "1 thread(s) (spinning); timed", False: "1 thread(s) (not spinning); timed"}
+    assert words[spinning] in cmp.setting()
 
 
 @pytest.mark.slow
@@ -95,6 +122,8 @@ def test_onnxruntime_missing_names_the_extra(monkeypatch):
     (dict(device="cpu:1"), r"device 'cpu:1' is not supported by measure_latency"),
     (dict(repeats=0), r"repeats must be >= 1 and warmup >= 0, got repeats=0, warmup=3"),
     (dict(threads=0), r"threads must be a positive int or None"),
+    (dict(spinning=False), r"spinning=False is an onnxruntime session option; backend 'eager' has no such setting"),
+    (dict(backend="onnxruntime", spinning="off"), r"spinning must be True, False or None \(onnxruntime's default\), got 'off'"),
 ])
 def test_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -314,7 +343,7 @@ def test_compare_latency_keeps_the_median_round_and_alternates(monkeypatch):
     calls = _scripted(monkeypatch, {a: [10.0, 21.0, 19.5, 20.5, 11.0], b: [5.0, 10.0, 10.0, 10.0, 5.0]})
     cmp = compare_latency(a, b, torch.randn(4, 3), rounds=5, backend="eager", threads=1, repeats=7)
     assert [m for m, _ in calls] == [a, b, b, a, a, b, b, a, a, b]  # A B, B A, ...
-    assert all(k == dict(backend="eager", threads=1, device="cpu", warmup=3, repeats=7) for _, k in calls)
+    assert all(k == dict(backend="eager", threads=1, device="cpu", warmup=3, repeats=7, spinning=None) for _, k in calls)
     assert cmp.reliable and cmp.kept_round == 3 and cmp.spread == pytest.approx(2.2 / 1.95)
     assert (cmp.baseline_ms, cmp.candidate_ms, cmp.speedup) == (20.5, 10.0, 2.05)
     assert cmp.describe() == "20.50 -> 10.00 ms, 2.05x"
