@@ -736,6 +736,11 @@ def _plan(exp: str, s: Setup) -> list[dict]:
         runs += [dict(method="funnel", setting=f"{k}x reg2 no-ft distill_reg max_shrink={m:g}",
                       flow=dict(no_ft, reg_epochs=2, target_macs=s.macs // k, distill_reg=True, max_shrink=m))
                  for k in (2, 4) for m in (0.2, 0.5)]
+        # Session 19: at 2x the cut is free and step 3 itself costs the pruning-cost goal (2.4 points
+        # over 6 seeds, goal 1). How much of that is training the full-rank decomposed model for two
+        # epochs at reg_lr, distilled, with no penalty at all (lambda 0: nothing pulled, nothing cut)?
+        runs.append(dict(method="funnel", setting="reg2 no-ft distill_reg no penalty",
+                         flow=dict(no_ft, reg_epochs=2, distill_reg=True, reg_weight=0.0, steer=False)))
         return runs
     if exp == "baselines":
         runs = [dict(method="uncompressed", setting="baseline")]
