@@ -21,7 +21,7 @@ from fxtucker import data, distributed, models, pretrained
 from fxtucker import run_report
 from fxtucker.io import save_torch, sha256_file, write_text
 from fxtucker.runs import record_run
-from fxtucker.latency import (MAX_SPREAD, ROUNDS, TRIM_FROM, BACKENDS, LatencyComparison, compare_latency,
+from fxtucker.latency import (MAX_OTHERS, MAX_SPREAD, ROUNDS, TRIM_FROM, BACKENDS, LatencyComparison, compare_latency,
                               default_backend, spread_rule)
 from fxtucker.passes import cost_model, decompose_conv, fold_or_restore, insert_gates, strip_gates
 
@@ -129,6 +129,18 @@ def _max_spread(text: str) -> float:
     return value
 
 
+def _share(text: str) -> float:
+    """--max-others: a number from 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give the largest share of the machine's CPU time other processes "
+                                         f"may use while timing, a number from 0 to 1 (default {MAX_OTHERS})")
+    return value
+
+
 def _ms(cmp: LatencyComparison, which: str) -> str:
     """A cell of a latency row: the kept round's milliseconds or speed-up, or "unreliable"."""
     if not cmp.reliable:
@@ -146,6 +158,10 @@ def _add_timing_args(p: argparse.ArgumentParser, rounds: int = ROUNDS) -> None:
                    help=f"the timing is reported as unreliable, with no number, when the rounds' speed-ups differ by "
                         f"more than this factor, max/min, the fastest and the slowest round left out from "
                         f"{TRIM_FROM} rounds on (default {MAX_SPREAD})")
+    p.add_argument("--max-others", type=_share, default=MAX_OTHERS,
+                   help=f"the timing is reported as unreliable, with no number, when other processes use more than "
+                        f"this share of the machine's CPU time while it runs: a busy machine can give another "
+                        f"speed-up even when the rounds agree (0 to 1; 1 never; Linux only; default {MAX_OTHERS})")
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -181,6 +197,7 @@ def _inspect(args: argparse.Namespace) -> int:
             baseline = optimize_for_inference(model, x)
             deployed = optimize_for_inference(final, x, backend=args.backend, threads=args.threads)
         cmp = compare_latency(baseline, deployed, x, rounds=args.rounds, max_spread=args.max_spread,
+                              max_others=args.max_others,
                               backend=args.backend, threads=args.threads, repeats=args.repeats)
     except ImportError as exc:
         raise _UsageError(str(exc)) from None
@@ -330,6 +347,7 @@ def deploy_step(args: argparse.Namespace, model: torch.nn.Module, compressed: to
         for b in batches:
             xb = x if b == 1 else big
             cmp = compare_latency(baseline, deployed, xb, rounds=args.rounds, max_spread=args.max_spread,
+                                  max_others=args.max_others,
                                   backend=backend, threads=args.threads, repeats=args.repeats,
                                   on_round=(lambda _r: bar.update(1)) if bar is not None else None)
             latency[f"batch_{b}"] = {**cmp.to_dict(), "rounds": cmp.rounds, "setting": cmp.setting(),
@@ -578,7 +596,7 @@ def _bench(args: argparse.Namespace) -> int:
           + (", each layer's form chosen by timing on the back end" if args.search == "layer" else
              ", forms chosen by timing each layer and then whole models on the back end")
           + f"; timed alternately over {args.rounds} round{'s' if args.rounds != 1 else ''}, the round with the "
-            f"median speed-up shown, " + spread_rule(args.rounds, args.max_spread))
+            f"median speed-up shown, " + spread_rule(args.rounds, args.max_spread, args.max_others))
     rows = [("back end", "original ms", "compressed ms", "speed-up", "original MACs", "compressed MACs", "MACs ratio")]
     summary = []
     for backend in args.backend:
@@ -586,6 +604,7 @@ def _bench(args: argparse.Namespace) -> int:
             compressed = optimize_for_inference(model, x, ranks=args.ranks, method=args.method, backend=backend,
                                                 round_to=args.round_to, threads=args.threads, search=args.search)
             cmp = compare_latency(baseline, compressed, x, rounds=args.rounds, max_spread=args.max_spread,
+                                  max_others=args.max_others,
                                   backend=backend, threads=args.threads, repeats=args.repeats)
         except ImportError as exc:
             raise _UsageError(str(exc)) from None

@@ -55,11 +55,19 @@ def summary_text(summary: dict) -> str:
                      f"({forms_text(dep['forms'])}; {dep['macs']:,} MACs; forms chosen at batch "
                      f"{dep['forms_chosen_at_batch']} within the compressed model's MACs), on {t['backend']}, {t['device']}, {t['threads']} thread(s); "
                      f"timed alternately over {t['rounds']} rounds of {t['repeats']} runs, the round with the median "
-                     f"speed-up shown; " + spread_rule(t["rounds"], t["max_spread"]))
+                     f"speed-up shown; " + spread_rule(t["rounds"], t["max_spread"], t.get("max_others"))
+                     + _others(summary["latency"]))
     lines += [f"latency at batch {t['batch']}: {t['note']}" for t in summary["latency"].values() if not t["reliable"]]
     lines.append(f"deployed: {dep['file']} ({dep['format']}), reloaded and checked: max abs error "
                  f"{dep['parity']['max_abs_error']:.3g} (atol {dep['parity']['atol']:g}, rtol {dep['parity']['rtol']:g})")
     return "\n".join(lines)
+
+
+def _others(latency: dict) -> str:
+    """What other processes used of the CPU time while each batch was timed, where it was measured."""
+    seen = [(t["batch"], t["others_cpu"]) for t in latency.values() if t.get("others_cpu") is not None]
+    return ("" if not seen else " (other processes used " +
+            ", ".join(f"{share:.0%} at batch {batch}" for batch, share in seen) + ")")
 
 
 def markdown(summary: dict, layers: list[dict]) -> str:

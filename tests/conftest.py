@@ -48,8 +48,12 @@ def _seed():
 @pytest.fixture(autouse=True)
 def _isolated_state(tmp_path_factory, monkeypatch):
     """Every test gets its own timing cache (never the user's ~/.cache/fxtucker: timings taken by
-    tests must not steer anyone's form choice, nor theirs a test's), and the thread count it found."""
+    tests must not steer anyone's form choice, nor theirs a test's), the thread count it found, and
+    comparisons that do not read the machine's load."""
     monkeypatch.setenv("FXTUCKER_CACHE_DIR", str(tmp_path_factory.mktemp("fxtucker-cache")))
+    # Comparisons in tests do not ask how busy the machine is (a test of it scripts the CPU times):
+    # whether a scripted timing is reliable must not depend on what else runs beside the tests.
+    monkeypatch.setattr("fxtucker.latency._cpu_times", lambda: None)
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)

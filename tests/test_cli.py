@@ -148,8 +148,8 @@ def _compressed_resnet20(x):
 def _deploy_args(**kw):
     import argparse
 
-    base = dict(backend="onnxruntime", latency_batch=3, rounds=3, repeats=2, max_spread=1.2, threads=1,
-                no_progress=True, model="resnet20", model_kwargs=None)
+    base = dict(backend="onnxruntime", latency_batch=3, rounds=3, repeats=2, max_spread=1.2, max_others=0.25,
+                threads=1, no_progress=True, model="resnet20", model_kwargs=None)
     return argparse.Namespace(**{**base, **kw})
 
 

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 import fxtucker
 from fxtucker.latency import TimingCache, cache_dir, compare_latency, measure_latency
+from fxtucker.latency import _cpu_times as _real_cpu_times
 from fxtucker.models import get_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -263,7 +264,8 @@ def test_cli_bench_prints_every_back_end_side_by_side(tmp_path, monkeypatch, cap
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("resnet20 at 16x16, batch 1, 1 thread(s)") and "ranks 0.5 rounded to 8" in lines[0]
     assert lines[0].endswith("; timed alternately over 2 rounds, the round with the median speed-up shown, "
-                             "unreliable when the rounds' speed-ups differ by more than 1000000000.00x")
+                             "unreliable when the rounds' speed-ups differ by more than 1000000000.00x or other "
+                             "processes use more than 25% of the CPU time meanwhile")
     # per back end: original, compressed, then compressed, original
     assert len(timed) == 8 and timed[0] is timed[3] is timed[4] is timed[7] and timed[1] is timed[2]
     assert lines[1].split() == ["back", "end", "original", "ms", "compressed", "ms", "speed-up", "original", "MACs",
@@ -444,7 +446,8 @@ def test_from_seven_rounds_the_fastest_and_slowest_round_are_not_counted_in_the_
     cmp = compare_latency(a, b, torch.randn(2, 3))
     assert cmp.rounds == 7 and cmp.counted == (1.6, 1.6, 1.62, 1.65, 1.7)
     assert cmp.reliable and cmp.spread == pytest.approx(1.7 / 1.6) and cmp.speedup == 1.62
-    assert cmp.setting().endswith("unreliable when the middle 5 of the 7 rounds' speed-ups differ by more than 1.20x")
+    assert cmp.setting().endswith("unreliable when the middle 5 of the 7 rounds' speed-ups differ by more than 1.20x "
+                                  "or other processes use more than 25% of the CPU time meanwhile")
     assert cmp.to_dict()["counted"] == [1.6, 1.6, 1.62, 1.65, 1.7]
     # two stalled rounds the same way are counted: the middle five then disagree
     _scripted(monkeypatch, {a: [1.6, 1.0, 1.65, 1.7, 1.0, 2.4, 1.62], b: list(cand)})
@@ -492,3 +495,37 @@ def test_compare_latency_interleaved_checks_its_arguments_as_measure_latency_doe
         compare_latency(a, b, torch.randn(2, 3), rounds=1, repeats=0, interleave=True)
     with pytest.raises(ValueError, match=r"block must be an int >= 1 \(runs per turn\), got 0"):
         _interleaved_round([a, b], torch.randn(2, 3), block=0)
+
+
+def test_compare_latency_calls_a_busy_machine_unreliable_even_when_the_rounds_agree(monkeypatch):
+    """Other processes' share of the CPU time while timing (/proc's jiffies: all, not idle, this
+    process's) above max_others makes the comparison unreliable, says why, and gives no number."""
+    from fxtucker import latency
+
+    monkeypatch.setattr(latency, "measure_latency", lambda m, *a, **k: 2.0 if isinstance(m, nn.Identity) else 1.0)
+    ticks = iter([(1000, 100, 10), (2000, 800, 60)])  # 1000 jiffies passed: 700 not idle, 50 of them this process's
+    monkeypatch.setattr(latency, "_cpu_times", lambda: next(ticks))
+    cmp = compare_latency(nn.Identity(), nn.ReLU(), torch.randn(2), rounds=3)
+    assert cmp.others_cpu == pytest.approx(0.65) and cmp.busy and not cmp.reliable and cmp.spread == 1.0
+    assert cmp.to_dict()["speedup"] is None and cmp.to_dict()["others_cpu"] == pytest.approx(0.65)
+    assert cmp.describe().startswith("timing unreliable: other processes used 65% of the machine's CPU time while "
+                                     "the models were timed (more than 25% allowed)")
+    assert cmp.setting().endswith("or other processes use more than 25% of the CPU time meanwhile (they used 65%)")
+    ticks = iter([(1000, 100, 10), (2000, 800, 60)])
+    cmp = compare_latency(nn.Identity(), nn.ReLU(), torch.randn(2), rounds=3, max_others=0.7)
+    assert cmp.reliable and cmp.describe() == "2.00 -> 1.00 ms, 2.00x"
+    monkeypatch.setattr(latency, "_cpu_times", lambda: None)  # no /proc: not checked
+    cmp = compare_latency(nn.Identity(), nn.ReLU(), torch.randn(2), rounds=3)
+    assert cmp.others_cpu is None and cmp.reliable and "they used" not in cmp.setting()
+    with pytest.raises(ValueError, match=r"max_others must be a number from 0 to 1 .*, got 1.5"):
+        compare_latency(nn.Identity(), nn.ReLU(), torch.randn(2), max_others=1.5)
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads Linux's /proc")
+def test_cpu_times_reads_the_machine_and_this_process():
+    first = _real_cpu_times()  # imported before conftest replaces it: the real /proc
+    sum(i * i for i in range(2_000_000))  # some CPU time of this process's own
+    second = _real_cpu_times()
+    assert first is not None and second is not None
+    assert all(b >= a for a, b in zip(first, second)) and second[2] > first[2]
+    assert second[0] >= second[1] >= 0 and second[1] - first[1] >= 0
