@@ -346,10 +346,10 @@ TRIM_FROM = 7
 ROUNDS = 7
 # The largest share of the machine's CPU time that other processes may use while two models are
 # timed for the timing to count as reliable. On a busy machine the rounds can agree and still give
-# another speed-up than a quiet one: measured (benchmarks/RESULTS.md, issue 20, session 19) on the
-# main job's deployed model, onnxruntime's threads not spinning, timed in turn, the rounds agreed
-# within 1.03x on a quiet machine (1.58x-1.62x) and within 1.07x beside two training runs (1.95x-
-# 2.00x): both "reliable", 1.25x apart. A quarter of the machine is less than one busy core of two.
+# another speed-up than a quiet one: measured (benchmarks/RESULTS.md, issue 20, session 19) on a
+# model compressed by the main job's recipe, onnxruntime's threads not spinning, timed in turn, the
+# reliable timings gave 1.58x-1.62x on a quiet machine and 1.95x-2.08x beside two one-thread
+# training runs, which used about half of the CPU time. A quarter is less than one busy core of two.
 MAX_OTHERS = 0.25
 
 
@@ -534,8 +534,9 @@ def compare_latency(baseline: nn.Module, candidate: nn.Module, example_inputs: U
             the main job's deployed model (``benchmarks/RESULTS.md``, session 18): beside two
             training runs it left 11 of 11 timings reliable against 2 of 11; on the machine alone
             2 of 14 against 7 of 14, with rounds where the smaller model ran slower than the
-            original (onnxruntime's threads of one model taking the cores from the other's runs,
-            it seems). So it is not the default.
+            original: onnxruntime's spinning threads of one model take the cores from the other's
+            runs. With ``spinning=False`` the timings in turn agreed on a quiet machine (session
+            19), but not spinning times a slower deployment at batch 1. So it is not the default.
 
     Returns:
         A :class:`LatencyComparison`; ``str(result.describe())`` is what to print.
