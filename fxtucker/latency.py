@@ -354,14 +354,33 @@ MAX_OTHERS = 0.25
 
 
 def _cpu_times() -> Optional[tuple[int, int, int]]:
-    """(every CPU's jiffies, those not idle, this process's) from Linux's /proc; None without it."""
+    """(every CPU's jiffies, those not idle, this process's and its descendants') from Linux's
+    /proc; None without it. Descendants count as this process (inductor compiles in worker
+    processes), and so do the children it has waited for (cutime, cstime)."""
     try:
         cpu = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
         values = [int(v) for v in cpu[1:9]]  # user nice system idle iowait irq softirq steal
-        mine = int(own[11]) + int(own[12])  # utime and stime: fields 14 and 15 of proc(5)
     except (OSError, ValueError, IndexError):
         return None
+    parent, used = {}, {}
+    for d in Path("/proc").glob("[0-9]*"):
+        try:  # fields 4 (ppid), 14-17 (utime, stime, cutime, cstime) of proc(5), after the ")" of the name
+            f = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            parent[int(d.name)], used[int(d.name)] = int(f[1]), int(f[11]) + int(f[12])
+            if d.name == str(os.getpid()):
+                used[os.getpid()] += int(f[13]) + int(f[14])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or not readable
+    if os.getpid() not in used:
+        return None
+    mine, todo = 0, [os.getpid()]
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent.items():
+        children.setdefault(ppid, []).append(pid)
+    while todo:
+        pid = todo.pop()
+        mine += used.get(pid, 0)
+        todo += children.get(pid, [])
     total = sum(values)
     return total, total - values[3] - values[4], mine
 

@@ -529,3 +529,16 @@ def test_cpu_times_reads_the_machine_and_this_process():
     assert first is not None and second is not None
     assert all(b >= a for a, b in zip(first, second)) and second[2] > first[2]
     assert second[0] >= second[1] >= 0 and second[1] - first[1] >= 0
+    # a child's CPU time is this process's, not another's (inductor compiles in worker processes)
+    import subprocess
+    import sys
+    burn = ("import time\nwhile time.process_time() < 0.3: pass\nprint('burnt', flush=True)\ntime.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", burn], stdout=subprocess.PIPE, text=True)
+    try:
+        before = _real_cpu_times()
+        assert child.stdout.readline().strip() == "burnt"
+        after = _real_cpu_times()
+    finally:
+        child.kill()
+        child.wait()
+    assert after[2] - before[2] >= 0.2 * os.sysconf("SC_CLK_TCK")  # at least most of the child's 0.3 s
