@@ -264,6 +264,17 @@ def test_bad_max_spread_exits_2(value, message, capsys):
         assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "nan", "x"])
+def test_bad_max_others_exits_2(value, capsys):
+    for command in (["inspect", "--model", "resnet20"], ["bench", "--model", "resnet20"],
+                    ["compress", "--model", "resnet20", "--dataset", "fashion-mnist"]):
+        with pytest.raises(SystemExit) as info:
+            main(command + ["--max-others", value])
+        assert info.value.code == 2
+        assert (f"{value!r}: give the largest share of the machine's CPU time other processes may use while timing, "
+                f"a number from 0 to 1 (default 0.25)") in capsys.readouterr().err
+
+
 def _train_tiny(root, out, *extra):
     return main(["train", "--model", "resnet20", "--dataset", "fashion-mnist", "--root", str(root), "--epochs", "1",
                  "--batch-size", "32", "--threads", "1", "--no-progress", "--out", str(out), *extra])
