@@ -154,7 +154,7 @@ def run_row(args, model_name: str, batch: int, backend: str, method: str) -> dic
                compressed_ms=cmp.candidate_ms, speedup=cmp.speedup, baseline_macs=base_macs, compressed_macs=comp_macs,
                macs_ratio=base_macs / comp_macs, repeats=args.repeats, rounds=args.rounds,
                baseline_rounds_ms=list(cmp.baseline_rounds_ms), compressed_rounds_ms=list(cmp.candidate_rounds_ms),
-               spread=cmp.spread, reliable=cmp.reliable,
+               spread=cmp.spread, reliable=cmp.reliable, others_cpu=cmp.others_cpu, max_others=cmp.max_others,
                prepare_s=round(prepare_s, 2), torch=torch.__version__, python=platform.python_version(),
                cpus=os.cpu_count(), quick=args.quick, commit=git_commit("benchmarks/latency.py"),
                load_avg_1m=[round(load_before, 2), round(os.getloadavg()[0], 2)],  # before and after the timing

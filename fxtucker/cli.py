@@ -161,7 +161,8 @@ def _add_timing_args(p: argparse.ArgumentParser, rounds: int = ROUNDS) -> None:
     p.add_argument("--max-others", type=_share, default=MAX_OTHERS,
                    help=f"the timing is reported as unreliable, with no number, when other processes use more than "
                         f"this share of the machine's CPU time while it runs: a busy machine can give another "
-                        f"speed-up even when the rounds agree (0 to 1; 1 never; Linux only; default {MAX_OTHERS})")
+                        f"speed-up even when the rounds agree (0 to 1, of the whole machine: raise it on one with "
+                        f"many more cores than --threads; 1 never; Linux only; default {MAX_OTHERS})")
 
 
 def _inspect(args: argparse.Namespace) -> int:

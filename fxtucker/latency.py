@@ -349,14 +349,19 @@ ROUNDS = 7
 # another speed-up than a quiet one: measured (benchmarks/RESULTS.md, issue 20, session 19) on a
 # model compressed by the main job's recipe, onnxruntime's threads not spinning, timed in turn, the
 # reliable timings gave 1.58x-1.62x on a quiet machine and 1.95x-2.08x beside two one-thread
-# training runs, which used about half of the CPU time. A quarter is less than one busy core of two.
+# training runs, which used about half of the CPU time. A quarter is less than one busy core of two;
+# the share is of the whole machine, so where it has many more cores than the timing's threads, a
+# higher share may leave the timing its cores (raise max_others there).
 MAX_OTHERS = 0.25
+#: The fewest ticks of the machine's CPU time (all CPUs together; usually 100 a second per CPU)
+#: over which the share of other processes is judged.
+MIN_TICKS = 100
 
 
 def _cpu_times() -> Optional[tuple[int, int, int]]:
     """(every CPU's jiffies, those not idle, this process's and its descendants') from Linux's
     /proc; None without it. Descendants count as this process (inductor compiles in worker
-    processes), and so do the children it has waited for (cutime, cstime)."""
+    processes), and so do the exited children that it or they have waited for (cutime, cstime)."""
     try:
         cpu = Path("/proc/stat").read_text().split("\n", 1)[0].split()
         values = [int(v) for v in cpu[1:9]]  # user nice system idle iowait irq softirq steal
@@ -366,9 +371,7 @@ def _cpu_times() -> Optional[tuple[int, int, int]]:
     for d in Path("/proc").glob("[0-9]*"):
         try:  # fields 4 (ppid), 14-17 (utime, stime, cutime, cstime) of proc(5), after the ")" of the name
             f = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            parent[int(d.name)], used[int(d.name)] = int(f[1]), int(f[11]) + int(f[12])
-            if d.name == str(os.getpid()):
-                used[os.getpid()] += int(f[13]) + int(f[14])
+            parent[int(d.name)], used[int(d.name)] = int(f[1]), sum(int(v) for v in f[11:15])
         except (OSError, ValueError, IndexError):
             continue  # gone meanwhile, or not readable
     if os.getpid() not in used:
@@ -389,12 +392,13 @@ def _cpu_times() -> Optional[tuple[int, int, int]]:
 def _others_cpu():
     """Yields a list that holds, on exit, the share of the machine's CPU time (0 to 1) that other
     processes used meanwhile (time stolen by the hypervisor counts as theirs); empty where /proc
-    cannot say, or where no CPU time passed."""
+    cannot say, or where less than :data:`MIN_TICKS` of CPU time passed (the machine's counters
+    move in whole ticks: a shorter window is mostly rounding)."""
     share: list[float] = []
     start = _cpu_times()
     yield share
     end = _cpu_times()
-    if start is not None and end is not None and end[0] > start[0]:
+    if start is not None and end is not None and end[0] - start[0] >= MIN_TICKS:
         share.append(min(1.0, max(0.0, ((end[1] - start[1]) - (end[2] - start[2])) / (end[0] - start[0]))))
 
 
@@ -489,7 +493,7 @@ class LatencyComparison:
         how = (f"in turn, {BLOCK} runs at a time, {self.repeats} runs each, in {self.rounds} round(s)"
                if self.interleaved else f"over {self.rounds} round(s) of {self.repeats} runs")
         spin = "" if self.spinning is None else f" ({'' if self.spinning else 'not '}spinning)"
-        others = "" if self.others_cpu is None else f" (they used {self.others_cpu:.0%})"
+        others = "" if self.others_cpu is None else f"; other processes used {self.others_cpu:.0%} of the CPU time"
         return (f"{self.backend}, {self.device}, batch {self.batch} ({shape}), {self.threads} thread(s){spin}; timed "
                 f"alternately {how}, the median round kept, "
                 + spread_rule(self.rounds, self.max_spread, self.max_others) + others)
@@ -543,9 +547,10 @@ def compare_latency(baseline: nn.Module, candidate: nn.Module, example_inputs: U
         example_inputs: one batch at the shape to time.
         rounds: alternating rounds (>= 1).
         max_spread: the largest max / min of the counted rounds' speed-ups still reliable (>= 1).
-        max_others: the largest share of the machine's CPU time (0 to 1) that other processes may use
-            while the models are timed (see :data:`MAX_OTHERS`; Linux only, elsewhere not checked);
-            1 never calls a timing unreliable for it.
+        max_others: the largest share of the whole machine's CPU time (0 to 1) that other processes
+            may use while this function runs (export, compilation and timing; see :data:`MAX_OTHERS`;
+            Linux only, and not for runs shorter than :data:`MIN_TICKS`); 1 never calls a timing
+            unreliable for it.
         backend, threads, device, warmup, repeats, spinning: as in :func:`measure_latency`.
         on_round: called with the round's index after each round (a progress bar, say).
         interleave: within each round, prepare both models and run them in turn, :data:`BLOCK`

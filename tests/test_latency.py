@@ -510,13 +510,17 @@ def test_compare_latency_calls_a_busy_machine_unreliable_even_when_the_rounds_ag
     assert cmp.to_dict()["speedup"] is None and cmp.to_dict()["others_cpu"] == pytest.approx(0.65)
     assert cmp.describe().startswith("timing unreliable: other processes used 65% of the machine's CPU time while "
                                      "the models were timed (more than 25% allowed)")
-    assert cmp.setting().endswith("or other processes use more than 25% of the CPU time meanwhile (they used 65%)")
+    assert cmp.setting().endswith("or other processes use more than 25% of the CPU time meanwhile; other processes "
+                                  "used 65% of the CPU time")
     ticks = iter([(1000, 100, 10), (2000, 800, 60)])
     cmp = compare_latency(nn.Identity(), nn.ReLU(), torch.randn(2), rounds=3, max_others=0.7)
     assert cmp.reliable and cmp.describe() == "2.00 -> 1.00 ms, 2.00x"
     monkeypatch.setattr(latency, "_cpu_times", lambda: None)  # no /proc: not checked
     cmp = compare_latency(nn.Identity(), nn.ReLU(), torch.randn(2), rounds=3)
-    assert cmp.others_cpu is None and cmp.reliable and "they used" not in cmp.setting()
+    assert cmp.others_cpu is None and cmp.reliable and "processes used" not in cmp.setting()
+    ticks = iter([(1000, 100, 10), (1099, 199, 10)])  # under MIN_TICKS: too short a window to judge
+    cmp = compare_latency(nn.Identity(), nn.ReLU(), torch.randn(2), rounds=3)
+    assert cmp.others_cpu is None and cmp.reliable
     with pytest.raises(ValueError, match=r"max_others must be a number from 0 to 1 .*, got 1.5"):
         compare_latency(nn.Identity(), nn.ReLU(), torch.randn(2), max_others=1.5)
 
@@ -527,15 +531,15 @@ def test_cpu_times_reads_the_machine_and_this_process():
     sum(i * i for i in range(2_000_000))  # some CPU time of this process's own
     second = _real_cpu_times()
     assert first is not None and second is not None
-    assert all(b >= a for a, b in zip(first, second)) and second[2] > first[2]
-    assert second[0] >= second[1] >= 0 and second[1] - first[1] >= 0
+    assert second[2] > first[2] and second[1] - first[1] >= second[2] - first[2] - 5  # ours is among the busy ticks
+    assert second[0] - first[0] >= second[1] - first[1]
     # a child's CPU time is this process's, not another's (inductor compiles in worker processes)
     import subprocess
     import sys
     burn = ("import time\nwhile time.process_time() < 0.3: pass\nprint('burnt', flush=True)\ntime.sleep(60)")
+    before = _real_cpu_times()
     child = subprocess.Popen([sys.executable, "-c", burn], stdout=subprocess.PIPE, text=True)
     try:
-        before = _real_cpu_times()
         assert child.stdout.readline().strip() == "burnt"
         after = _real_cpu_times()
     finally:
