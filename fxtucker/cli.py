@@ -165,6 +165,12 @@ def _add_timing_args(p: argparse.ArgumentParser, rounds: int = ROUNDS) -> None:
                         f"many more cores than --threads; 1 never; Linux only; default {MAX_OTHERS})")
 
 
+def _timing(args: argparse.Namespace) -> dict:
+    """compare_latency's arguments from the options _add_timing_args adds (and --threads)."""
+    return dict(rounds=args.rounds, repeats=args.repeats, max_spread=args.max_spread, max_others=args.max_others,
+                threads=args.threads)
+
+
 def _inspect(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model = _model(args.model, args.num_classes, args.in_channels, args.checkpoint, args.model_kwargs).eval()
@@ -197,9 +203,7 @@ def _inspect(args: argparse.Namespace) -> int:
             warnings.simplefilter("ignore")
             baseline = optimize_for_inference(model, x)
             deployed = optimize_for_inference(final, x, backend=args.backend, threads=args.threads)
-        cmp = compare_latency(baseline, deployed, x, rounds=args.rounds, max_spread=args.max_spread,
-                              max_others=args.max_others,
-                              backend=args.backend, threads=args.threads, repeats=args.repeats)
+        cmp = compare_latency(baseline, deployed, x, backend=args.backend, **_timing(args))
     except ImportError as exc:
         raise _UsageError(str(exc)) from None
     forms = run_report.forms(deployed)
@@ -347,9 +351,7 @@ def deploy_step(args: argparse.Namespace, model: torch.nn.Module, compressed: to
     try:
         for b in batches:
             xb = x if b == 1 else big
-            cmp = compare_latency(baseline, deployed, xb, rounds=args.rounds, max_spread=args.max_spread,
-                                  max_others=args.max_others,
-                                  backend=backend, threads=args.threads, repeats=args.repeats,
+            cmp = compare_latency(baseline, deployed, xb, backend=backend, **_timing(args),
                                   on_round=(lambda _r: bar.update(1)) if bar is not None else None)
             latency[f"batch_{b}"] = {**cmp.to_dict(), "rounds": cmp.rounds, "setting": cmp.setting(),
                                      "baseline": "the original, BatchNorm folded (optimize_for_inference, no ranks)",
@@ -604,9 +606,7 @@ def _bench(args: argparse.Namespace) -> int:
         try:
             compressed = optimize_for_inference(model, x, ranks=args.ranks, method=args.method, backend=backend,
                                                 round_to=args.round_to, threads=args.threads, search=args.search)
-            cmp = compare_latency(baseline, compressed, x, rounds=args.rounds, max_spread=args.max_spread,
-                                  max_others=args.max_others,
-                                  backend=backend, threads=args.threads, repeats=args.repeats)
+            cmp = compare_latency(baseline, compressed, x, backend=backend, **_timing(args))
         except ImportError as exc:
             raise _UsageError(str(exc)) from None
         macs_after = fxtucker.count_macs(compressed, x)
