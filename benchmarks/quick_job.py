@@ -93,12 +93,26 @@ SETTINGS: dict[str, dict] = {
     # sees each image, and with it how far it drifts toward a subset (session 18). Same rule.
     "0+1+2 distill round_to=8 on 20,000 images": dict(reg_epochs=1, finetune_epochs=2, distill=True, round_to=8,
                                                       train_subset=20000),
+    # The chosen recipe lost 1.06 points on the test set (goal 1) while the fifth fine-tuning epoch on
+    # the same 10,000 images added nothing on validation: the flow may be learning its 10,000 rather
+    # than the original's function. Session 20 asks, at the job's cost (10,000 images an epoch), what
+    # drawing each epoch's 10,000 afresh from all the stand-in's 55,000 training images does
+    # (make_loader's epoch_items), and what a heavier distillation weight does (0.9: the loss is
+    # then mostly the original's softened outputs). Rule, fixed before the runs: a setting replaces
+    # CHOSEN only if its mean validation accuracy over seeds 0 and 1 beats CHOSEN's by more than 0.1.
+    "0+2+4 distill round_to=8 fresh 10,000 of 55,000": dict(finetune_epochs=4, distill=True, round_to=8,
+                                                           train_subset=55000, epoch_images=10000),
+    "0+2+4 distill round_to=8 distill_weight=0.9": dict(finetune_epochs=4, distill=True, round_to=8,
+                                                       distill_weight=0.9),
 }
+
+#: A setting's keys that choose its training images (make_loader's), not CompressConfig fields.
+LOADER_KEYS = ("train_subset", "epoch_images")
 
 
 def config(name: str) -> dict:
-    """Setting ``name``'s CompressConfig arguments (BASE with its changes, less ``train_subset``)."""
-    return {k: v for k, v in {**BASE, **SETTINGS[name]}.items() if k != "train_subset"}
+    """Setting ``name``'s CompressConfig arguments (BASE with its changes, less LOADER_KEYS)."""
+    return {k: v for k, v in {**BASE, **SETTINGS[name]}.items() if k not in LOADER_KEYS}
 
 
 def train_subset(name: str) -> int:
@@ -106,11 +120,16 @@ def train_subset(name: str) -> int:
     return SETTINGS[name].get("train_subset", BASE_SUBSET)
 
 
-def loaders(batch_size: int = 128, subset: int = QUICK["train_subset"]):
-    """The main job's training loader (its ``subset`` images, 10,000 as the CLI draws them) and the
-    5,000 validation images."""
+def epoch_images(name: str) -> Optional[int]:
+    """How many of them each epoch of setting ``name`` draws afresh (None: all of them, the same each epoch)."""
+    return SETTINGS[name].get("epoch_images")
+
+
+def loaders(batch_size: int = 128, subset: int = QUICK["train_subset"], epoch_items: Optional[int] = None):
+    """The main job's training loader (its ``subset`` images, 10,000 as the CLI draws them; each epoch
+    ``epoch_items`` of them drawn afresh when given) and the 5,000 validation images."""
     full = data.get_dataset("fashion-mnist", True)
-    train_loader = data.make_loader(full, batch_size, True, subset=subset, seed=SEED)
+    train_loader = data.make_loader(full, batch_size, True, subset=subset, epoch_items=epoch_items, seed=SEED)
     _, val_idx = split(len(full), subset, VAL_IMAGES, SEED)  # the last of make_loader's permutation
     assert not set(val_idx) & set(train_loader.dataset.indices)
     val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(full, val_idx), batch_size=256)
@@ -134,9 +153,9 @@ def stand_in_id() -> str:
     return hashlib.sha256((STAND_IN / "state_dict.pt").read_bytes()).hexdigest()[:12]
 
 
-def _stored(name: str, sid: str) -> bool:
+def _stored(name: str, sid: str, seed: int = SEED) -> bool:
     return any(r["setting"] == name and r.get("start") == "stand-in" and r.get("stand_in", FIRST_STAND_IN) == sid
-               for r in _load("quick_job"))
+               and r.get("seed", SEED) == seed for r in _load("quick_job"))
 
 
 def stand_in() -> torch.nn.Module:
@@ -152,12 +171,15 @@ def stand_in() -> torch.nn.Module:
     return model.eval()
 
 
-def compressed(name: str, model: torch.nn.Module, train_loader, val_loader, x: torch.Tensor, progress: bool):
-    """Setting ``name``'s compress() result from the stand-in (resumed from its stage checkpoints:
-    a finished setting returns at once)."""
-    cfg = CompressConfig(**config(name), seed=SEED)
-    torch.manual_seed(SEED)
-    folder = name.replace(" ", "_").replace("(", "").replace(")", "")
+def compressed(name: str, model: torch.nn.Module, train_loader, val_loader, x: torch.Tensor, progress: bool,
+               seed: int = SEED):
+    """Setting ``name``'s compress() result from the stand-in with the flow's ``seed`` (its epochs'
+    orders and draws; the images and the split stay SEED's), resumed from its stage checkpoints: a
+    finished setting returns at once."""
+    cfg = CompressConfig(**config(name), seed=seed)
+    torch.manual_seed(seed)
+    folder = name.replace(" ", "_").replace("(", "").replace(")", "").replace(",", "") + (
+        f"_seed{seed}" if seed != SEED else "")
     return compress(model, train_loader, x, eval_data=val_loader, config=cfg,
                     out_dir=CACHE / "quick_job" / "stand-in" / stand_in_id() / folder,
                     resume=True, progress=progress)
@@ -195,7 +217,7 @@ def latency(names: list[str], batch: int, rounds: int, threads: int, repeat: int
         if not _stored(name, sid):
             print(f"[quick_job] {name}: not trained from stand-in {sid} yet, no latency")
             continue
-        train_loader, val_loader = loaders(subset=train_subset(name))
+        train_loader, val_loader = loaders(subset=train_subset(name), epoch_items=epoch_images(name))
         model = compressed(name, original, train_loader, val_loader, x, progress=False).model.eval()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -253,23 +275,23 @@ def rule_table(max_spread: float = 1.2) -> str:
     return "\n".join(lines)
 
 
-def run(names: list[str], progress: bool) -> None:
+def run(names: list[str], progress: bool, seed: int = SEED) -> None:
     in_ch, _, size = data.dataset_info("fashion-mnist")
     x = torch.randn(1, in_ch, size, size)
     sid = None
     for name in names:
         model = stand_in()
         sid = sid or stand_in_id()
-        if _stored(name, sid):
-            print(f"[quick_job] {name}: stored for stand-in {sid}, skipped")
+        if _stored(name, sid, seed):
+            print(f"[quick_job] {name}: stored for stand-in {sid} and seed {seed}, skipped")
             continue
-        print(f"[quick_job] {name} (stand-in {sid})")
-        train_loader, val_loader = loaders(subset=train_subset(name))
+        print(f"[quick_job] {name} (stand-in {sid}, seed {seed})")
+        train_loader, val_loader = loaders(subset=train_subset(name), epoch_items=epoch_images(name))
         val_original = evaluate(model, val_loader)
         start = time.perf_counter()
-        result = compressed(name, model, train_loader, val_loader, x, progress)
+        result = compressed(name, model, train_loader, val_loader, x, progress, seed)
         stages = result.report["stages"]
-        _append("quick_job", {"setting": name, "start": "stand-in", "stand_in": sid,
+        _append("quick_job", {"setting": name, "start": "stand-in", "stand_in": sid, "seed": seed,
                  "changes": SETTINGS[name], "val_images": VAL_IMAGES,
                  "val_original": val_original, "val_after": evaluate(result.model.eval(), val_loader),
                  "val_stages": {k: v.get("accuracy") for k, v in stages.items()},
@@ -279,13 +301,13 @@ def run(names: list[str], progress: bool) -> None:
 
 
 def table() -> str:
-    lines = ["| start | stand-in | setting | val original | val after | drop (points) | stages (val) | MAC ratio | wall s | threads | commit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| start | stand-in | setting | seed | val original | val after | drop (points) | stages (val) | MAC ratio | wall s | threads | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in _load("quick_job"):
         stages = ", ".join(f"{k} {v:.4f}" for k, v in r["val_stages"].items() if v is not None)
         start = r.get("start", "shipped")
         sid = "-" if start == "shipped" else r.get("stand_in", FIRST_STAND_IN)
-        lines.append(f"| {start} | {sid} | {r['setting']} | {r['val_original']:.4f} | {r['val_after']:.4f} | "
+        lines.append(f"| {start} | {sid} | {r['setting']} | {r.get('seed', SEED)} | {r['val_original']:.4f} | {r['val_after']:.4f} | "
                      f"{100 * (r['val_original'] - r['val_after']):.2f} | {stages} | "
                      f"{r['macs_before'] / r['macs_after']:.2f}x | {r['wall_s']:.0f} | {r['threads']} | {r['commit'][:8]} |")
     return "\n".join(lines)
@@ -295,6 +317,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=SEED,
+                    help="the flow's seed (its epochs' orders and draws); the images, the split and the stand-in "
+                         f"stay those of seed {SEED}")
     ap.add_argument("--table", action="store_true", help="only print the stored rows")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--latency", type=int, metavar="BATCH", default=None,
@@ -324,7 +349,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         latency(args.settings, args.latency, args.rounds, args.threads or torch.get_num_threads(), args.repeat, ways,
                 spins)
         return 0
-    run(args.settings, progress=not args.no_progress)
+    run(args.settings, progress=not args.no_progress, seed=args.seed)
     print(table())
     return 0
 

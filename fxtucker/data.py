@@ -17,7 +17,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 import torchvision
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from torchvision import transforms as T
 from torchvision.datasets.folder import find_classes
 
@@ -403,6 +403,7 @@ def make_loader(
     train: bool,
     *,
     subset: Optional[int] = None,
+    epoch_items: Optional[int] = None,
     seed: int = 0,
     num_workers: int = 0,
 ) -> DataLoader:
@@ -414,7 +415,11 @@ def make_loader(
         train: shuffle (with a generator seeded by ``seed``) if true; keep the order otherwise.
         subset: if given, use only this many items, a fixed random choice seeded by ``seed``
             (kept in index order), for quick runs and tests.
-        seed: seeds both the subset choice and the shuffling.
+        epoch_items: if given (``train`` only), each epoch is this many items drawn afresh, without
+            repeats, from the dataset (or from ``subset``'s items): an epoch costs what an epoch of a
+            ``subset`` of that size costs, and successive epochs see different items.
+        seed: seeds the subset choice and the shuffling (``train`` redraws the order of each
+            epoch from its own seed).
         num_workers: DataLoader worker processes.
 
     Returns:
@@ -434,6 +439,19 @@ def make_loader(
         generator = torch.Generator().manual_seed(seed)
         indices = torch.randperm(n, generator=generator)[:subset].sort().values.tolist()
         dataset = Subset(dataset, indices)
+    if epoch_items is not None:
+        n = len(dataset)
+        if isinstance(epoch_items, bool) or not isinstance(epoch_items, int) or not 1 <= epoch_items <= n:
+            raise ValueError(
+                f"make_loader: epoch_items must be an integer in 1..{n} (the items to draw from"
+                f"{' after subset' if subset is not None else ''}) or None for all of them each epoch, "
+                f"got {epoch_items!r}"
+            )
+        if not train:
+            raise ValueError("make_loader: epoch_items draws each training epoch's items afresh; an "
+                             "evaluation loader (train=False) goes over all its items, so leave it None")
+        sampler = RandomSampler(dataset, num_samples=epoch_items, generator=torch.Generator().manual_seed(seed))
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers)
     return DataLoader(
         dataset,
         batch_size=batch_size,
