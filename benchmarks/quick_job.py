@@ -178,7 +178,7 @@ def compressed(name: str, model: torch.nn.Module, train_loader, val_loader, x: t
     finished setting returns at once."""
     cfg = CompressConfig(**config(name), seed=seed)
     torch.manual_seed(seed)
-    folder = name.replace(" ", "_").replace("(", "").replace(")", "").replace(",", "") + (
+    folder = name.replace(" ", "_").replace("(", "").replace(")", "") + (
         f"_seed{seed}" if seed != SEED else "")
     return compress(model, train_loader, x, eval_data=val_loader, config=cfg,
                     out_dir=CACHE / "quick_job" / "stand-in" / stand_in_id() / folder,
