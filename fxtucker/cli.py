@@ -419,8 +419,10 @@ def _compress(args: argparse.Namespace) -> int:
     eval_set = data.get_dataset(dataset, False, root=args.root)
     quick = QUICK if args.quick else {}
     train_subset = args.train_subset or quick.get("train_subset")
+    epoch_images = args.epoch_images or quick.get("epoch_images")
     eval_subset = args.eval_subset or quick.get("eval_subset")
-    train_loader = data.make_loader(train_set, args.batch_size, True, subset=train_subset, seed=args.seed)
+    train_loader = data.make_loader(train_set, args.batch_size, True, subset=train_subset, epoch_items=epoch_images,
+                                    seed=args.seed)
     eval_loader = data.make_loader(eval_set, 256, False, subset=eval_subset, seed=args.seed)
     # Accuracy before and after: the whole test set, unless --eval-subset asks for less.
     test_loader = (eval_loader if eval_subset == args.eval_subset
@@ -436,12 +438,12 @@ def _compress(args: argparse.Namespace) -> int:
     # The whole run configuration is stored with the checkpoints; --resume continues only that run.
     run = {"model": args.model, "model_kwargs": args.model_kwargs or {},
            "checkpoint": f"shipped:{ship.file}:{ship.sha256}" if ship is not None else args.checkpoint,
-           "dataset": dataset, "train_subset": train_subset, "eval_subset": eval_subset,
+           "dataset": dataset, "train_subset": train_subset, "epoch_images": epoch_images, "eval_subset": eval_subset,
            "batch_size": args.batch_size, "seed": args.seed,
            "baseline_epochs": epochs if checkpoint is None else None, "config": dataclasses.asdict(config)}
     _check_out(out, args.resume)
     if main_rank or args.resume:
-        record_run(out, run, resume=args.resume, require=True, defaults=CONFIG_DEFAULTS)
+        record_run(out, run, resume=args.resume, require=True, defaults={**CONFIG_DEFAULTS, "epoch_images": None})
     baseline_history = []
     if ship is not None:
         say(f"starting from fxtucker's shipped {ship.model} for {ship.dataset} (test accuracy {ship.test_accuracy:.4f}, "
@@ -477,7 +479,8 @@ def _compress(args: argparse.Namespace) -> int:
                  "baseline_from": (f"shipped with fxtucker (`{ship.command}`)" if ship is not None
                                    else "trained here" if checkpoint is None else "given by --checkpoint"),
                  "decomposed": config.train_epochs, "regularize": config.reg_epochs, "finetune": config.finetune_epochs,
-                 "finetune_distilled": config.distill}
+                 "finetune_distilled": config.distill, "images_per_epoch": len(train_loader.sampler),
+                 "images_drawn_from": len(train_loader.dataset)}
     summary = {
         "command": ("fxtucker " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name in ("fxtucker", "__main__.py")
                     else "fxtucker compress"),
@@ -696,6 +699,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--baseline-epochs", type=_positive, help="epochs of baseline training (default 4 with --quick, else 30)")
     c.add_argument("--batch-size", type=_positive, default=128)
     c.add_argument("--train-subset", type=_positive, help="train on a fixed random subset of this many images")
+    c.add_argument("--epoch-images", type=_positive,
+                   help="each training epoch draws this many images afresh from the training images (those of "
+                        "--train-subset when given): an epoch's cost, more images seen (default: all, every epoch)")
     c.add_argument("--eval-subset", type=_positive,
                    help="evaluate on a fixed random subset of this many test images (default: all of them; "
                         "--quick watches the stages on 2,000 and measures accuracy before and after on all)")

@@ -46,7 +46,7 @@ def summary_text(summary: dict) -> str:
             else e["baseline_from"])
     lines.append(f"epochs: original {base}; compressed: {e['decomposed']} decomposed + {e['regularize']} regularized "
                  f"+ {e['finetune']} fine-tuning" + (" (distilled from the original)" if e.get("finetune_distilled") else "")
-                 + " on top of it")
+                 + " on top of it" + _images(e))
     if summary["stage_accuracy_images"] != summary["accuracy_images"]:
         lines.append(f"accuracy after each stage (report.md) on {summary['stage_accuracy_images']:,} of the test images")
     t = next(iter(summary["latency"].values()), None)
@@ -68,6 +68,15 @@ def _others(latency: dict) -> str:
     seen = [(t["batch"], t["others_cpu"]) for t in latency.values() if t.get("others_cpu") is not None]
     return ("" if not seen else " (other processes used " +
             ", ".join(f"{share:.0%} at batch {batch}" for batch, share in seen) + ")")
+
+
+def _images(epochs: dict) -> str:
+    """What one compression epoch trained on (reports written before this was stored say nothing)."""
+    per, pool = epochs.get("images_per_epoch"), epochs.get("images_drawn_from")
+    if per is None:
+        return ""
+    return (f", each epoch {per:,} training images" if per == pool
+            else f", each epoch {per:,} training images drawn afresh from {pool:,}")
 
 
 def markdown(summary: dict, layers: list[dict]) -> str:

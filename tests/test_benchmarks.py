@@ -220,11 +220,14 @@ def test_quick_job_tuning_validates_on_images_the_job_does_not_train_on():
         cfg = quick_job.config(name)
         split = [int(n) for n in name.split()[0].split("+")]
         assert split == [cfg["train_epochs"], cfg["reg_epochs"], cfg["finetune_epochs"]], name
-        assert "train_subset" not in cfg  # the images drawn are the loader's, not a CompressConfig field
+        assert not set(quick_job.LOADER_KEYS) & set(cfg)  # the images drawn are the loader's, not CompressConfig's
         CompressConfig(**cfg)
     # a setting on more images draws them from the same permutation: the job's among them, none validated on
     more, val = quick_job.loaders(subset=20000)
     assert train_idx < set(more.dataset.indices) and set(val.dataset.indices) == val_idx
+    # a setting that draws each epoch afresh draws from the stand-in's images, never the validation ones
+    fresh, val = quick_job.loaders(subset=subset, epoch_items=10000)
+    assert set(fresh.dataset.indices) == stand_in and len(fresh.sampler) == 10000 and set(val.dataset.indices) == val_idx
 
 
 def test_provenance_counts_running_runners_only_not_paused_or_finished_ones():

@@ -362,6 +362,26 @@ def test_make_loader_train_shuffles_reproducibly():
     assert epochs[0] == first and epochs[0] != epochs[1]
 
 
+def test_make_loader_epoch_items_draws_each_epoch_afresh_from_the_subset():
+    """epoch_items: every epoch is that many distinct items of the subset, another draw each epoch
+    (train() redraws the order from seed + epoch), the same draws for the same seed."""
+    from fxtucker.batches import train_batches
+    from fxtucker.distributed import Dist
+
+    ds = _labelled_range(50)
+    pool = set(_all_labels(make_loader(ds, 4, train=False, subset=30, seed=2)))
+    loader = make_loader(ds, 4, train=True, subset=30, epoch_items=10, seed=2)
+    assert len(loader) == 3 and len(loader.sampler) == 10 and len(loader.dataset) == 30
+    epochs = [_all_labels(train_batches(loader, 7, epoch, Dist())) for epoch in range(4)]
+    assert all(len(e) == 10 and len(set(e)) == 10 and set(e) <= pool for e in epochs)
+    assert len({tuple(sorted(e)) for e in epochs}) == 4  # four different draws
+    assert len(set().union(*epochs)) > 10  # more items seen than one epoch holds
+    again = make_loader(ds, 4, train=True, subset=30, epoch_items=10, seed=2)
+    assert [_all_labels(train_batches(again, 7, epoch, Dist())) for epoch in range(4)] == epochs
+    # Without subset the draw is from the whole dataset; all of it is a plain shuffled epoch.
+    assert len(set(_all_labels(make_loader(ds, 25, train=True, epoch_items=50, seed=0)))) == 50
+
+
 def test_make_loader_batches(tmp_path):
     _fake_split(tmp_path, n=6)
     loader = make_loader(get_dataset("fashion-mnist", True, root=tmp_path), 4, train=False)
@@ -377,9 +397,14 @@ def test_make_loader_batches(tmp_path):
         ({"subset": 0}, r"subset must be an integer in 1\.\.50 \(the dataset's size\) or None"),
         ({"subset": 51}, r"subset must be an integer in 1\.\.50 .*got 51"),
         ({"num_workers": -1}, r"num_workers must be an integer >= 0, got -1"),
+        ({"epoch_items": 0, "train": True}, r"epoch_items must be an integer in 1\.\.50 \(the items to draw from\)"),
+        ({"epoch_items": 21, "subset": 20, "train": True},
+         r"epoch_items must be an integer in 1\.\.20 \(the items to draw from after subset\).*got 21"),
+        ({"epoch_items": True, "train": True}, r"epoch_items must be an integer .*got True"),
+        ({"epoch_items": 10}, r"epoch_items draws each training epoch's items afresh; an evaluation loader"),
     ],
 )
 def test_make_loader_errors(kwargs, pattern):
-    args = {"batch_size": 4, **kwargs}
+    args = {"batch_size": 4, "train": False, **kwargs}
     with pytest.raises(ValueError, match=pattern):
-        make_loader(_labelled_range(), args.pop("batch_size"), train=False, **args)
+        make_loader(_labelled_range(), args.pop("batch_size"), **args)
