@@ -104,10 +104,15 @@ SETTINGS: dict[str, dict] = {
                                                            train_subset=55000, epoch_images=10000),
     "0+2+4 distill round_to=8 distill_weight=0.9": dict(finetune_epochs=4, distill=True, round_to=8,
                                                        distill_weight=0.9),
+    # Neither did (seeds 0 and 1: fresh draws 0.9266 and 0.9286, weight 0.9 0.9258 on seed 0, against
+    # 0.9286 and 0.9278). The original scores 0.9998 on the images the job trains on: distilled on
+    # them, its outputs are all but the labels. Shifted and flipped (make_loader's augment), they are
+    # images it has not memorized, and its outputs on them say more. Same rule.
+    "0+2+4 distill round_to=8 augment": dict(finetune_epochs=4, distill=True, round_to=8, augment=True),
 }
 
 #: A setting's keys that choose its training images (make_loader's), not CompressConfig fields.
-LOADER_KEYS = ("train_subset", "epoch_images")
+LOADER_KEYS = ("train_subset", "epoch_images", "augment")
 
 
 def config(name: str) -> dict:
@@ -125,13 +130,23 @@ def epoch_images(name: str) -> Optional[int]:
     return SETTINGS[name].get("epoch_images")
 
 
-def loaders(batch_size: int = 128, subset: int = QUICK["train_subset"], epoch_items: Optional[int] = None):
+def loader_args(name: str) -> dict:
+    """:func:`loaders`' arguments for setting ``name``."""
+    return dict(subset=train_subset(name), epoch_items=epoch_images(name), augment=SETTINGS[name].get("augment", False))
+
+
+def loaders(batch_size: int = 128, subset: int = QUICK["train_subset"], epoch_items: Optional[int] = None,
+            augment: bool = False):
     """The main job's training loader (its ``subset`` images, 10,000 as the CLI draws them; each epoch
-    ``epoch_items`` of them drawn afresh when given) and the 5,000 validation images."""
+    ``epoch_items`` of them drawn afresh when given; shifted and flipped with ``augment``) and the
+    5,000 validation images."""
     full = data.get_dataset("fashion-mnist", True)
-    train_loader = data.make_loader(full, batch_size, True, subset=subset, epoch_items=epoch_items, seed=SEED)
+    train_loader = data.make_loader(full, batch_size, True, subset=subset, epoch_items=epoch_items, augment=augment,
+                                    seed=SEED)
     _, val_idx = split(len(full), subset, VAL_IMAGES, SEED)  # the last of make_loader's permutation
-    assert not set(val_idx) & set(train_loader.dataset.indices)
+    drawn = train_loader.dataset
+    drawn = drawn.dataset if isinstance(drawn, data.Augmented) else drawn
+    assert not set(val_idx) & set(drawn.indices)
     val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(full, val_idx), batch_size=256)
     return train_loader, val_loader
 
@@ -217,7 +232,7 @@ def latency(names: list[str], batch: int, rounds: int, threads: int, repeat: int
         if not _stored(name, sid):
             print(f"[quick_job] {name}: not trained from stand-in {sid} yet, no latency")
             continue
-        train_loader, val_loader = loaders(subset=train_subset(name), epoch_items=epoch_images(name))
+        train_loader, val_loader = loaders(**loader_args(name))
         model = compressed(name, original, train_loader, val_loader, x, progress=False).model.eval()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -286,7 +301,7 @@ def run(names: list[str], progress: bool, seed: int = SEED) -> None:
             print(f"[quick_job] {name}: stored for stand-in {sid} and seed {seed}, skipped")
             continue
         print(f"[quick_job] {name} (stand-in {sid}, seed {seed})")
-        train_loader, val_loader = loaders(subset=train_subset(name), epoch_items=epoch_images(name))
+        train_loader, val_loader = loaders(**loader_args(name))
         val_original = evaluate(model, val_loader)
         start = time.perf_counter()
         result = compressed(name, model, train_loader, val_loader, x, progress, seed)

@@ -114,7 +114,11 @@ def _generator(seed: int) -> torch.Generator:
 
 
 def train_batches(data: Iterable, seed: int, epoch: int, ctx: Dist) -> Iterable:
-    """The batches of one epoch: a DataLoader's order redrawn from ``seed + epoch``."""
+    """The batches of one epoch: a DataLoader's order redrawn from ``seed + epoch`` (and its dataset's
+    augmentation, when it has ``set_epoch``, set to ``epoch``)."""
+    dataset = getattr(data, "dataset", None)
+    if callable(getattr(dataset, "set_epoch", None)):
+        dataset.set_epoch(epoch)
     if not _rebuildable(data):
         sampler = getattr(data, "sampler", None)
         if isinstance(sampler, DistributedSampler):

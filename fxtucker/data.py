@@ -29,6 +29,7 @@ __all__ = [
     "FASHION_MNIST_CLASSES",
     "DEFAULT_ROOT",
     "IdxImageDataset",
+    "Augmented",
     "read_idx",
     "get_dataset",
     "dataset_info",
@@ -397,6 +398,56 @@ def dataset_info(name: str, root: Optional[PathLike] = None) -> tuple[int, int, 
     return in_channels, num_classes, image_size
 
 
+class Augmented(Dataset):
+    """``dataset``'s items shifted by up to ``shift`` pixels each way and flipped left to right half
+    the time: the augmentation fxtucker gives training images that are not augmented already
+    (Fashion-MNIST's; CIFAR's and ImageFolder's training splits augment themselves).
+
+    Each item's draw is a function of (``seed``, the epoch, its index): the same run gives the same
+    images, a resumed one too, and each epoch another draw. fxtucker's training loop calls
+    :meth:`set_epoch` before each epoch (call it yourself in your own loop).
+    """
+
+    def __init__(self, dataset: Dataset, shift: int = 2, seed: int = 0) -> None:
+        if isinstance(shift, bool) or not isinstance(shift, int) or shift < 0:
+            raise ValueError(f"Augmented: shift must be an integer >= 0 (pixels), got {shift!r}")
+        self.dataset = dataset
+        self.shift = shift
+        self.seed = seed
+        self.epoch = 0
+        self._index: dict[tuple[int, int], torch.Tensor] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the items of ``epoch`` from now on."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        """Number of items."""
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        """Item ``index`` of the wrapped dataset, shifted and maybe flipped (an image tensor C x H x W)."""
+        x, y = self.dataset[index]
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            raise TypeError(f"Augmented: items must be (C x H x W image tensor, label), got a "
+                            f"{type(x).__name__}{' of shape ' + str(tuple(x.shape)) if isinstance(x, torch.Tensor) else ''}")
+        key = (self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + int(index)
+        g = torch.Generator().manual_seed(key % (2**63))
+        dy, dx, flip = torch.randint(0, 2 * self.shift + 1, (3,), generator=g).tolist()
+        if self.shift:  # edge pixels repeated where the shift uncovers the border
+            x = x.index_select(1, self._rows(x.shape[1], dy)).index_select(2, self._rows(x.shape[2], dx))
+        if flip % 2:
+            x = x.flip(-1)
+        return x, y
+
+    def _rows(self, size: int, draw: int) -> torch.Tensor:
+        """Indices that shift ``size`` pixels by ``draw - shift``, edges repeated."""
+        key = (size, draw)
+        if key not in self._index:
+            self._index[key] = torch.arange(size).add(draw - self.shift).clamp_(0, size - 1)
+        return self._index[key]
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -404,6 +455,7 @@ def make_loader(
     *,
     subset: Optional[int] = None,
     epoch_items: Optional[int] = None,
+    augment: bool = False,
     seed: int = 0,
     num_workers: int = 0,
 ) -> DataLoader:
@@ -418,7 +470,9 @@ def make_loader(
         epoch_items: if given (``train`` only), each epoch is this many items drawn afresh, without
             repeats, from the dataset (or from ``subset``'s items): an epoch costs what an epoch of a
             ``subset`` of that size costs, and successive epochs see different items.
-        seed: seeds the subset choice and the shuffling (``train`` redraws the order of each
+        augment: (``train`` only) shift and flip the items, :class:`Augmented` (for datasets that
+            do not augment themselves: Fashion-MNIST).
+        seed: seeds the subset choice, the augmentation and the shuffling (``train`` redraws the order of each
             epoch from its own seed).
         num_workers: DataLoader worker processes.
 
@@ -439,6 +493,11 @@ def make_loader(
         generator = torch.Generator().manual_seed(seed)
         indices = torch.randperm(n, generator=generator)[:subset].sort().values.tolist()
         dataset = Subset(dataset, indices)
+    if augment:
+        if not train:
+            raise ValueError("make_loader: augment is for training loaders; an evaluation loader (train=False) "
+                             "sees the images as they are, so leave it False")
+        dataset = Augmented(dataset, seed=seed)
     if epoch_items is not None:
         n = len(dataset)
         if isinstance(epoch_items, bool) or not isinstance(epoch_items, int) or not 1 <= epoch_items <= n:
