@@ -407,6 +407,9 @@ def _compress(args: argparse.Namespace) -> int:
     main_rank = distributed.launch_rank() == 0
     say = print if main_rank else (lambda *_a, **_k: None)
     dataset = _dataset(args.dataset)
+    if args.augment and dataset != "fashion-mnist":
+        raise _UsageError(f"--augment shifts and flips Fashion-MNIST's training images; {dataset}'s are augmented "
+                          f"already (random crops and flips), so leave it out")
     in_ch, n_cls, size = data.dataset_info(dataset, root=args.root)
     torch.manual_seed(args.seed)  # before the model's initial weights are drawn: --seed fixes the whole run
     # Without --checkpoint and --baseline-epochs, a shipped trained model is the starting point when
@@ -420,9 +423,11 @@ def _compress(args: argparse.Namespace) -> int:
     quick = QUICK if args.quick else {}
     train_subset = args.train_subset or quick.get("train_subset")
     epoch_images = args.epoch_images or quick.get("epoch_images")
+    # (--quick's augmentation is Fashion-MNIST's: the others' training images are augmented already)
+    augment = args.augment or (quick.get("augment", False) and dataset == "fashion-mnist")
     eval_subset = args.eval_subset or quick.get("eval_subset")
     train_loader = data.make_loader(train_set, args.batch_size, True, subset=train_subset, epoch_items=epoch_images,
-                                    seed=args.seed)
+                                    augment=augment, seed=args.seed)
     eval_loader = data.make_loader(eval_set, 256, False, subset=eval_subset, seed=args.seed)
     # Accuracy before and after: the whole test set, unless --eval-subset asks for less.
     test_loader = (eval_loader if eval_subset == args.eval_subset
@@ -438,12 +443,14 @@ def _compress(args: argparse.Namespace) -> int:
     # The whole run configuration is stored with the checkpoints; --resume continues only that run.
     run = {"model": args.model, "model_kwargs": args.model_kwargs or {},
            "checkpoint": f"shipped:{ship.file}:{ship.sha256}" if ship is not None else args.checkpoint,
-           "dataset": dataset, "train_subset": train_subset, "epoch_images": epoch_images, "eval_subset": eval_subset,
+           "dataset": dataset, "train_subset": train_subset, "epoch_images": epoch_images, "augment": augment,
+           "eval_subset": eval_subset,
            "batch_size": args.batch_size, "seed": args.seed,
            "baseline_epochs": epochs if checkpoint is None else None, "config": dataclasses.asdict(config)}
     _check_out(out, args.resume)
     if main_rank or args.resume:
-        record_run(out, run, resume=args.resume, require=True, defaults={**CONFIG_DEFAULTS, "epoch_images": None})
+        record_run(out, run, resume=args.resume, require=True, defaults={**CONFIG_DEFAULTS, "epoch_images": None,
+                                                                                "augment": False})
     baseline_history = []
     if ship is not None:
         say(f"starting from fxtucker's shipped {ship.model} for {ship.dataset} (test accuracy {ship.test_accuracy:.4f}, "
@@ -480,7 +487,7 @@ def _compress(args: argparse.Namespace) -> int:
                                    else "trained here" if checkpoint is None else "given by --checkpoint"),
                  "decomposed": config.train_epochs, "regularize": config.reg_epochs, "finetune": config.finetune_epochs,
                  "finetune_distilled": config.distill, "images_per_epoch": len(train_loader.sampler),
-                 "images_drawn_from": len(train_loader.dataset)}
+                 "images_drawn_from": len(train_loader.dataset), "images_augmented": augment}
     summary = {
         "command": ("fxtucker " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name in ("fxtucker", "__main__.py")
                     else "fxtucker compress"),
@@ -702,6 +709,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--epoch-images", type=_positive,
                    help="each training epoch draws this many images afresh from the training images (those of "
                         "--train-subset when given): an epoch's cost, more images seen (default: all, every epoch)")
+    c.add_argument("--augment", action="store_true",
+                   help="shift the training images by up to 2 pixels and flip them, a new draw each epoch "
+                        "(fashion-mnist; CIFAR's and ImageFolder's training images are augmented already)")
     c.add_argument("--eval-subset", type=_positive,
                    help="evaluate on a fixed random subset of this many test images (default: all of them; "
                         "--quick watches the stages on 2,000 and measures accuracy before and after on all)")

@@ -75,8 +75,9 @@ def _images(epochs: dict) -> str:
     per, pool = epochs.get("images_per_epoch"), epochs.get("images_drawn_from")
     if per is None:
         return ""
-    return (f", each epoch {per:,} training images" if per == pool
-            else f", each epoch {per:,} training images drawn afresh from {pool:,}")
+    shifted = " (shifted and flipped)" if epochs.get("images_augmented") else ""
+    return (f", each epoch {per:,} training images{shifted}" if per == pool
+            else f", each epoch {per:,} training images{shifted} drawn afresh from {pool:,}")
 
 
 def markdown(summary: dict, layers: list[dict]) -> str:

@@ -232,8 +232,9 @@ def test_quick_measures_accuracy_before_and_after_on_the_whole_test_set(tmp_path
     monkeypatch.setenv("FXTUCKER_CACHE_DIR", str(tmp_path / "cache"))
     root = _fake_fashion_mnist(tmp_path / "fm")  # 96 training, 48 test images
     monkeypatch.setattr(cli.pretrained, "SHIPPED", ())  # no shipped weights: the baseline is trained here
-    # Each epoch 32 of the 64 training images, drawn afresh (what --epoch-images asks for).
-    monkeypatch.setattr(cli, "QUICK", dict(train_subset=64, epoch_images=32, eval_subset=16, baseline_epochs=1))
+    # Each epoch 32 of the 64 training images, drawn afresh (what --epoch-images asks for), shifted and flipped.
+    monkeypatch.setattr(cli, "QUICK", dict(train_subset=64, epoch_images=32, augment=True, eval_subset=16,
+                                           baseline_epochs=1))
     monkeypatch.setattr(cli, "QUICK_CONFIG", dict(train_epochs=0, reg_epochs=1, finetune_epochs=1, target_speedup=1.2,
                                                   distill=cli.QUICK_CONFIG.get("distill", False)))
     out = tmp_path / "run"
@@ -249,10 +250,17 @@ def test_quick_measures_accuracy_before_and_after_on_the_whole_test_set(tmp_path
     distilled = cli.QUICK_CONFIG["distill"]
     assert rep["epochs"] == {"baseline": 1, "baseline_from": "trained here", "decomposed": 0, "regularize": 1,
                              "finetune": 1, "finetune_distilled": distilled, "images_per_epoch": 32,
-                             "images_drawn_from": 64}
-    assert json.loads((out / "run.json").read_text())["epoch_images"] == 32
+                             "images_drawn_from": 64, "images_augmented": True}
+    run = json.loads((out / "run.json").read_text())
+    assert run["epoch_images"] == 32 and run["augment"] is True
     epochs_line = "compressed: 0 decomposed + 1 regularized + 1 fine-tuning" + (" (distilled from the original)" if distilled else "")
-    assert epochs_line + " on top of it, each epoch 32 training images drawn afresh from 64" in capsys.readouterr().out
+    assert (epochs_line + " on top of it, each epoch 32 training images (shifted and flipped) drawn afresh from 64"
+            in capsys.readouterr().out)
+
+
+def test_augment_is_for_fashion_mnist_only(capsys):
+    assert main(["compress", "--model", "resnet20", "--dataset", "cifar10", "--augment"]) == 2
+    assert "--augment shifts and flips Fashion-MNIST's training images; cifar10's are augmented already" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("value, message", [("0.5", "'0.5': give a finite number >= 1 (default 1.2)"),

@@ -382,6 +382,55 @@ def test_make_loader_epoch_items_draws_each_epoch_afresh_from_the_subset():
     assert len(set(_all_labels(make_loader(ds, 25, train=True, epoch_items=50, seed=0)))) == 50
 
 
+def _images(n=6, size=5):
+    x = torch.arange(n * size * size, dtype=torch.float32).reshape(n, 1, size, size)
+    return torch.utils.data.TensorDataset(x, torch.arange(n))
+
+
+def test_augmented_shifts_and_flips_by_seed_epoch_and_index():
+    from fxtucker.data import Augmented
+
+    ds = _images()
+    aug = Augmented(ds, shift=2, seed=3)
+    first = [aug[i][0] for i in range(6)]
+    assert all(torch.equal(a, aug[i][0]) for i, a in enumerate(first))  # the same draw again
+    assert [aug[i][1] for i in range(6)] == [ds[i][1] for i in range(6)]  # labels kept
+    # each item is the original shifted (edges repeated, as replicate padding does) and maybe flipped
+    for i, a in enumerate(first):
+        padded = torch.nn.functional.pad(ds[i][0].unsqueeze(0), (2, 2, 2, 2), mode="replicate")[0]
+        crops = [padded[:, dy:dy + 5, dx:dx + 5] for dy in range(5) for dx in range(5)]
+        assert any(torch.equal(a, c) or torch.equal(a, c.flip(-1)) for c in crops), i
+    assert not all(torch.equal(a, ds[i][0]) for i, a in enumerate(first))  # something moved
+    aug.set_epoch(1)
+    assert not all(torch.equal(a, aug[i][0]) for i, a in enumerate(first))  # another epoch, another draw
+    other = Augmented(ds, shift=2, seed=4)
+    assert not all(torch.equal(a, other[i][0]) for i, a in enumerate(first))  # another seed, another draw
+    assert all(torch.equal(Augmented(ds, shift=0)[i][0], ds[i][0]) or torch.equal(Augmented(ds, shift=0)[i][0], ds[i][0].flip(-1))
+               for i in range(6))
+    with pytest.raises(ValueError, match=r"shift must be an integer >= 0 \(pixels\), got -1"):
+        Augmented(ds, shift=-1)
+    flat = torch.utils.data.TensorDataset(torch.zeros(2, 5), torch.arange(2))
+    with pytest.raises(TypeError, match=r"items must be \(C x H x W image tensor, label\), got a Tensor of shape \(5,\)"):
+        Augmented(flat)[0]
+
+
+def test_make_loader_augment_draws_each_training_epoch_anew():
+    """The training loop sets the epoch: epochs differ, and the same epoch is the same images in a new process."""
+    from fxtucker.batches import train_batches
+    from fxtucker.distributed import Dist
+
+    def epoch(loader, e):
+        return torch.cat([x for x, _ in train_batches(loader, 0, e, Dist())])
+
+    loader = make_loader(_images(), 3, train=True, augment=True, seed=1)
+    a0, a1 = epoch(loader, 0), epoch(loader, 1)
+    assert not torch.equal(a0, a1)
+    again = make_loader(_images(), 3, train=True, augment=True, seed=1)
+    assert torch.equal(epoch(again, 1), a1) and torch.equal(epoch(again, 0), a0)  # a resumed run's epochs
+    with pytest.raises(ValueError, match="augment is for training loaders"):
+        make_loader(_images(), 3, train=False, augment=True)
+
+
 def test_make_loader_batches(tmp_path):
     _fake_split(tmp_path, n=6)
     loader = make_loader(get_dataset("fashion-mnist", True, root=tmp_path), 4, train=False)
