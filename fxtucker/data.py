@@ -448,6 +448,12 @@ class Augmented(Dataset):
         return self._index[key]
 
 
+def _check_count(name: str, value: object, n: int, what: str, none: str) -> None:
+    """Raise unless ``value`` is an integer in 1..n (``what`` says what n is; ``none`` what None means)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= n:
+        raise ValueError(f"make_loader: {name} must be an integer in 1..{n} ({what}) or None for {none}, got {value!r}")
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -485,11 +491,7 @@ def make_loader(
         raise ValueError(f"make_loader: num_workers must be an integer >= 0, got {num_workers!r}")
     if subset is not None:
         n = len(dataset)
-        if isinstance(subset, bool) or not isinstance(subset, int) or not 1 <= subset <= n:
-            raise ValueError(
-                f"make_loader: subset must be an integer in 1..{n} (the dataset's size) or "
-                f"None for all items, got {subset!r}"
-            )
+        _check_count("subset", subset, n, "the dataset's size", "all items")
         generator = torch.Generator().manual_seed(seed)
         indices = torch.randperm(n, generator=generator)[:subset].sort().values.tolist()
         dataset = Subset(dataset, indices)
@@ -499,13 +501,8 @@ def make_loader(
                              "sees the images as they are, so leave it False")
         dataset = Augmented(dataset, seed=seed)
     if epoch_items is not None:
-        n = len(dataset)
-        if isinstance(epoch_items, bool) or not isinstance(epoch_items, int) or not 1 <= epoch_items <= n:
-            raise ValueError(
-                f"make_loader: epoch_items must be an integer in 1..{n} (the items to draw from"
-                f"{' after subset' if subset is not None else ''}) or None for all of them each epoch, "
-                f"got {epoch_items!r}"
-            )
+        _check_count("epoch_items", epoch_items, len(dataset),
+                     "the items to draw from" + (" after subset" if subset is not None else ""), "all of them each epoch")
         if not train:
             raise ValueError("make_loader: epoch_items draws each training epoch's items afresh; an "
                              "evaluation loader (train=False) goes over all its items, so leave it None")
