@@ -190,8 +190,8 @@ def stand_in() -> torch.nn.Module:
 def compressed(name: str, model: torch.nn.Module, train_loader, val_loader, x: torch.Tensor, progress: bool,
                seed: int = SEED):
     """Setting ``name``'s compress() result from the stand-in with the flow's ``seed`` (its epochs'
-    orders and draws; the images and the split stay SEED's), resumed from its stage checkpoints: a
-    finished setting returns at once."""
+    orders and draws of epoch_images; the images, the split and the augmentation's draws stay
+    SEED's), resumed from its stage checkpoints: a finished setting returns at once."""
     cfg = CompressConfig(**config(name), seed=seed)
     torch.manual_seed(seed)
     folder = name.replace(" ", "_").replace("(", "").replace(")", "") + (
@@ -334,8 +334,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=SEED,
-                    help="the flow's seed (its epochs' orders and draws); the images, the split and the stand-in "
-                         f"stay those of seed {SEED}")
+                    help="the flow's seed (its epochs' orders and draws of fresh images); the images, the split, "
+                         f"the augmentation's draws and the stand-in stay those of seed {SEED}")
     ap.add_argument("--table", action="store_true", help="only print the stored rows")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--latency", type=int, metavar="BATCH", default=None,

@@ -129,7 +129,15 @@ def train_batches(data: Iterable, seed: int, epoch: int, ctx: Dist) -> Iterable:
     shuffle = isinstance(old, RandomSampler)
     # The loader's own generator seeds its workers; the rank keeps worker streams apart.
     worker_gen = _generator(seed + epoch + (ctx.rank << 32))
-    if ctx.active:
+    drawing = shuffle and not old.replacement and old._num_samples is not None and old._num_samples < len(dataset)
+    if ctx.active and drawing:
+        # Each epoch a draw of fewer items than the dataset holds (make_loader's epoch_items): the
+        # draw one process would make, shared out among the ranks in its order.
+        drawn = torch.randperm(len(dataset), generator=_generator(seed + epoch))[:old._num_samples].tolist()
+        dataset = Subset(dataset, drawn)
+        sampler = DistributedSampler(dataset, num_replicas=ctx.world, rank=ctx.rank, shuffle=False,
+                                     drop_last=loader.drop_last)
+    elif ctx.active:
         sampler = DistributedSampler(dataset, num_replicas=ctx.world, rank=ctx.rank,
                                      shuffle=shuffle, seed=seed, drop_last=loader.drop_last)
         sampler.set_epoch(epoch)  # DistributedSampler shuffles with seed + epoch

@@ -425,6 +425,11 @@ def _compress(args: argparse.Namespace) -> int:
     epoch_images = args.epoch_images or quick.get("epoch_images")
     # (--quick's augmentation is Fashion-MNIST's: the others' training images are augmented already)
     augment = args.augment or (quick.get("augment", False) and dataset == "fashion-mnist")
+    pool = train_subset or len(train_set)
+    if epoch_images is not None and epoch_images > pool:
+        where = f"--train-subset {train_subset}" if train_subset else f"{dataset}'s training split"
+        raise _UsageError(f"--epoch-images {epoch_images} is more than the {pool:,} training images there are to draw "
+                          f"from ({where}); give at most {pool}")
     eval_subset = args.eval_subset or quick.get("eval_subset")
     train_loader = data.make_loader(train_set, args.batch_size, True, subset=train_subset, epoch_items=epoch_images,
                                     augment=augment, seed=args.seed)
@@ -708,10 +713,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--train-subset", type=_positive, help="train on a fixed random subset of this many images")
     c.add_argument("--epoch-images", type=_positive,
                    help="each training epoch draws this many images afresh from the training images (those of "
-                        "--train-subset when given): an epoch's cost, more images seen (default: all, every epoch)")
+                        "--train-subset when given): an epoch's cost, more images seen; each stage counts its epochs "
+                        "from 0, so fine-tuning's epoch e draws what step 3's epoch e drew (default: all, every epoch)")
     c.add_argument("--augment", action="store_true",
-                   help="shift the training images by up to 2 pixels and flip them, a new draw each epoch "
-                        "(fashion-mnist; CIFAR's and ImageFolder's training images are augmented already)")
+                   help="shift the training images by up to 2 pixels and flip half of them, a new draw each epoch of "
+                        "a stage (fashion-mnist; CIFAR's and ImageFolder's training images are augmented already)")
     c.add_argument("--eval-subset", type=_positive,
                    help="evaluate on a fixed random subset of this many test images (default: all of them; "
                         "--quick watches the stages on 2,000 and measures accuracy before and after on all)")

@@ -405,7 +405,9 @@ class Augmented(Dataset):
 
     Each item's draw is a function of (``seed``, the epoch, its index): the same run gives the same
     images, a resumed one too, and each epoch another draw. fxtucker's training loop calls
-    :meth:`set_epoch` before each epoch (call it yourself in your own loop).
+    :meth:`set_epoch` with the epoch of its stage before each epoch (call it yourself in your own
+    loop): each stage of ``compress`` counts its epochs from 0, so fine-tuning's epoch e sees the
+    draw of step 3's epoch e.
     """
 
     def __init__(self, dataset: Dataset, shift: int = 2, seed: int = 0) -> None:
@@ -433,10 +435,11 @@ class Augmented(Dataset):
                             f"{type(x).__name__}{' of shape ' + str(tuple(x.shape)) if isinstance(x, torch.Tensor) else ''}")
         key = (self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + int(index)
         g = torch.Generator().manual_seed(key % (2**63))
-        dy, dx, flip = torch.randint(0, 2 * self.shift + 1, (3,), generator=g).tolist()
+        dy, dx = torch.randint(0, 2 * self.shift + 1, (2,), generator=g).tolist()
+        flip = int(torch.randint(0, 2, (1,), generator=g))
         if self.shift:  # edge pixels repeated where the shift uncovers the border
             x = x.index_select(1, self._rows(x.shape[1], dy)).index_select(2, self._rows(x.shape[2], dx))
-        if flip % 2:
+        if flip:
             x = x.flip(-1)
         return x, y
 
@@ -475,7 +478,9 @@ def make_loader(
             (kept in index order), for quick runs and tests.
         epoch_items: if given (``train`` only), each epoch is this many items drawn afresh, without
             repeats, from the dataset (or from ``subset``'s items): an epoch costs what an epoch of a
-            ``subset`` of that size costs, and successive epochs see different items.
+            ``subset`` of that size costs, and successive epochs see different items. fxtucker's
+            ``train`` draws epoch e from ``seed + e`` (its config's seed; each stage of
+            ``compress`` counts from 0, so fine-tuning's epoch e draws what step 3's epoch e drew).
         augment: (``train`` only) shift and flip the items, :class:`Augmented` (for datasets that
             do not augment themselves: Fashion-MNIST).
         seed: seeds the subset choice, the augmentation and the shuffling (``train`` redraws the order of each

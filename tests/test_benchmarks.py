@@ -196,6 +196,23 @@ def test_quality_rows_are_matched_to_the_budget_and_paired(compare, tmp_path, ca
     compare.check_baseline_cached(["quality"], "resnet20", "fashion-mnist", 7, "quick")
 
 
+def test_short_quality_settings_give_every_method_the_same_epochs_after_the_baseline():
+    import types
+    compare = _load("compare")
+    s = types.SimpleNamespace(macs=30_000_000, profile="cpu")
+    for k in compare.SHORT_BUDGETS:
+        runs = [r for r in compare._plan("quality", s) if r["setting"] == f"{k}x kd {compare.SHORT_EPOCHS} epochs"]
+        assert {r["method"] for r in runs} == {"funnel", "uniform", "torch-pruning", "musco", "vbmf"}
+        for r in runs:
+            assert r["target"] == s.macs // k
+            if "flow" in r:  # the funnel: its step 3 and fine-tuning make up the budget, distilled as the kd rows
+                f = r["flow"]
+                assert f["train_epochs"] + f["reg_epochs"] + f["finetune_epochs"] == compare.SHORT_EPOCHS
+                assert f["distill"] and f["distill_reg"] and f["target_macs"] == s.macs // k
+            else:
+                assert r["epochs"] == compare.SHORT_EPOCHS and r["distill"]
+
+
 def test_quick_job_tuning_validates_on_images_the_job_does_not_train_on():
     try:
         data.get_dataset("fashion-mnist", True)

@@ -72,12 +72,14 @@ def test_compress_small_run_writes_reports(tmp_path, capsys):
     text = capsys.readouterr().out
     for row in ("accuracy (128 test images)", "MACs", "params", "latency, eager, batch 1 (ms)",
                 "latency, eager, batch 4 (ms)", "epochs: original 1 epoch(s), trained here; compressed: 1 decomposed "
-                "+ 1 regularized + 1 fine-tuning", "deployed: deployed/ (manifest), reloaded and checked"):
+                "+ 1 regularized + 1 fine-tuning on top of it, each epoch 256 training images",
+                "deployed: deployed/ (manifest), reloaded and checked"):
         assert row in text
     rep = json.loads((out / "report.json").read_text())
     assert rep["macs_after"] <= rep["macs_before"] / 1.5
     assert rep["epochs"] == {"baseline": 1, "baseline_from": "trained here", "decomposed": 1, "regularize": 1,
-                             "finetune": 1, "finetune_distilled": False}
+                             "finetune": 1, "finetune_distilled": False, "images_per_epoch": 256,
+                             "images_drawn_from": 256, "images_augmented": False}
     assert rep["accuracy_images"] == rep["stage_accuracy_images"] == 128
     assert list(rep["latency"]) == ["batch_1", "batch_4"] and rep["latency"]["batch_4"]["input_shape"] == [4, 1, 28, 28]
     dep = rep["deployed"]
@@ -256,6 +258,19 @@ def test_quick_measures_accuracy_before_and_after_on_the_whole_test_set(tmp_path
     epochs_line = "compressed: 0 decomposed + 1 regularized + 1 fine-tuning" + (" (distilled from the original)" if distilled else "")
     assert (epochs_line + " on top of it, each epoch 32 training images (shifted and flipped) drawn afresh from 64"
             in capsys.readouterr().out)
+
+
+def test_epoch_images_beyond_the_training_images_exits_2(tmp_path, capsys):
+    from tests.test_robustness import _fake_fashion_mnist
+
+    root = _fake_fashion_mnist(tmp_path / "fm")  # 96 training images
+    argv = ["compress", "--model", "resnet20", "--dataset", "fashion-mnist", "--root", str(root), "--baseline-epochs", "1",
+            "--out", str(tmp_path / "run")]
+    assert main(argv + ["--epoch-images", "500"]) == 2
+    assert ("--epoch-images 500 is more than the 96 training images there are to draw from (fashion-mnist's training "
+            "split); give at most 96") in capsys.readouterr().err
+    assert main(argv + ["--epoch-images", "50", "--train-subset", "40"]) == 2
+    assert "--epoch-images 50 is more than the 40 training images there are to draw from (--train-subset 40)" in capsys.readouterr().err
 
 
 def test_augment_is_for_fashion_mnist_only(capsys):

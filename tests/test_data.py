@@ -378,6 +378,10 @@ def test_make_loader_epoch_items_draws_each_epoch_afresh_from_the_subset():
     assert len(set().union(*epochs)) > 10  # more items seen than one epoch holds
     again = make_loader(ds, 4, train=True, subset=30, epoch_items=10, seed=2)
     assert [_all_labels(train_batches(again, 7, epoch, Dist())) for epoch in range(4)] == epochs
+    # Under DDP the ranks share out the draw one process makes (the ranks' shares make up its items).
+    for epoch in range(2):
+        shares = [_all_labels(train_batches(loader, 7, epoch, Dist(rank=r, world=2))) for r in range(2)]
+        assert len(shares[0]) == len(shares[1]) == 5 and sorted(shares[0] + shares[1]) == sorted(epochs[epoch])
     # Without subset the draw is from the whole dataset; all of it is a plain shuffled epoch.
     assert len(set(_all_labels(make_loader(ds, 25, train=True, epoch_items=50, seed=0)))) == 50
 
@@ -405,8 +409,12 @@ def test_augmented_shifts_and_flips_by_seed_epoch_and_index():
     assert not all(torch.equal(a, aug[i][0]) for i, a in enumerate(first))  # another epoch, another draw
     other = Augmented(ds, shift=2, seed=4)
     assert not all(torch.equal(a, other[i][0]) for i, a in enumerate(first))  # another seed, another draw
-    assert all(torch.equal(Augmented(ds, shift=0)[i][0], ds[i][0]) or torch.equal(Augmented(ds, shift=0)[i][0], ds[i][0].flip(-1))
-               for i in range(6))
+    # half the items flipped, whatever the shift (shift 0: flips only)
+    ramps = torch.utils.data.TensorDataset(torch.arange(8.0).expand(400, 1, 3, 8), torch.zeros(400))  # left < right
+    for shift in (0, 2):
+        aug = Augmented(ramps, shift=shift)
+        flipped = sum(bool(aug[i][0][0, 1, 0] > aug[i][0][0, 1, -1]) for i in range(400))
+        assert 180 < flipped < 220, (shift, flipped)  # 200 +- 2 std; a 2-in-5 flip (160) fails
     with pytest.raises(ValueError, match=r"shift must be an integer >= 0 \(pixels\), got -1"):
         Augmented(ds, shift=-1)
     flat = torch.utils.data.TensorDataset(torch.zeros(2, 5), torch.arange(2))
@@ -415,7 +423,7 @@ def test_augmented_shifts_and_flips_by_seed_epoch_and_index():
 
 
 def test_make_loader_augment_draws_each_training_epoch_anew():
-    """The training loop sets the epoch: epochs differ, and the same epoch is the same images in a new process."""
+    """The training loop sets the epoch: epochs differ, and a new loader (a resumed run's) gives the same epochs."""
     from fxtucker.batches import train_batches
     from fxtucker.distributed import Dist
 
