@@ -261,6 +261,37 @@ def _dataset(name: str):
     return name
 
 
+def _check_augment(augment: bool, dataset: str) -> None:
+    if augment and dataset != "fashion-mnist":
+        raise _UsageError(f"--augment shifts and flips Fashion-MNIST's training images; {dataset}'s are augmented "
+                          f"already (random crops and flips), so leave it out")
+
+
+def _train_loader(train_set, dataset: str, batch_size: int, subset: Optional[int], epoch_images: Optional[int],
+                  augment: bool, seed: int):
+    """The training loader of `train` and `compress`: ``subset``'s images (all without it), each epoch
+    ``epoch_images`` of them drawn afresh when given, shifted and flipped with ``augment``."""
+    pool = subset or len(train_set)
+    if epoch_images is not None and epoch_images > pool:
+        where = f"--train-subset {subset}" if subset else f"{dataset}'s training split"
+        raise _UsageError(f"--epoch-images {epoch_images} is more than the {pool:,} training images there are to draw "
+                          f"from ({where}); give at most {pool}")
+    return data.make_loader(train_set, batch_size, True, subset=subset, epoch_items=epoch_images, augment=augment,
+                            seed=seed)
+
+
+def _add_training_images(p: argparse.ArgumentParser) -> None:
+    """`train` and `compress`'s options for the training images."""
+    p.add_argument("--train-subset", type=_positive, help="train on a fixed random subset of this many images")
+    p.add_argument("--epoch-images", type=_positive,
+                   help="each training epoch draws this many images afresh from the training images (those of "
+                        "--train-subset when given): an epoch's cost, more images seen (compress: each stage counts its epochs "
+                        "from 0, so fine-tuning's epoch e draws what step 3's epoch e drew; default: all, every epoch)")
+    p.add_argument("--augment", action="store_true",
+                   help="shift the training images by up to 2 pixels and flip half of them, a new draw each epoch of "
+                        "a stage (fashion-mnist; CIFAR's and ImageFolder's training images are augmented already)")
+
+
 def _check_out(out: Path, resume: bool) -> None:
     """--out must be a directory that exists (with --resume) or can be made, and can be written: checked
     before any training, not after the first epoch."""
@@ -369,20 +400,26 @@ def _train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dataset = _dataset(args.dataset)
+    _check_augment(args.augment, dataset)
     in_ch, n_cls, _size = data.dataset_info(dataset, root=args.root)
     torch.manual_seed(args.seed)  # before the model's initial weights are drawn
     model = _model(args.model, n_cls, in_ch, None, args.model_kwargs)
-    train_loader = data.make_loader(data.get_dataset(dataset, True, root=args.root), args.batch_size, True,
-                                    subset=args.train_subset, seed=args.seed)
+    train_loader = _train_loader(data.get_dataset(dataset, True, root=args.root), dataset, args.batch_size,
+                                 args.train_subset, args.epoch_images, args.augment, args.seed)
     test_loader = data.make_loader(data.get_dataset(dataset, False, root=args.root), 256, False, seed=args.seed)
     out = Path(args.out or f"runs/{models.model_label(args.model)}-{dataset}-train")
     _check_out(out, args.resume)
     run = {"model": args.model, "model_kwargs": args.model_kwargs or {}, "dataset": dataset, "epochs": args.epochs,
-           "lr": args.lr, "batch_size": args.batch_size, "train_subset": args.train_subset, "seed": args.seed,
+           "lr": args.lr, "batch_size": args.batch_size, "train_subset": args.train_subset,
+           "epoch_images": args.epoch_images, "augment": args.augment, "seed": args.seed,
            "threads": torch.get_num_threads()}
-    record_run(out, run, resume=args.resume, require=True, name="train-run.json")
-    print(f"training {args.model} on {dataset} for {args.epochs} epochs "
-          f"({len(train_loader.dataset):,} images, {torch.get_num_threads()} thread(s)); test accuracy after each epoch")
+    record_run(out, run, resume=args.resume, require=True, name="train-run.json",
+               defaults={"epoch_images": None, "augment": False})
+    images = (f"{len(train_loader.dataset):,} images" if len(train_loader.sampler) == len(train_loader.dataset)
+              else f"{len(train_loader.sampler):,} images an epoch, drawn afresh from {len(train_loader.dataset):,}")
+    print(f"training {args.model} on {dataset} for {args.epochs} epochs ({images}"
+          f"{', shifted and flipped' if args.augment else ''}, {torch.get_num_threads()} thread(s)); "
+          f"test accuracy after each epoch")
     history = train(model, train_loader,
                     TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed, compile=args.compile),
                     eval_data=test_loader, out_dir=out, stage="train", resume=args.resume,
@@ -407,9 +444,7 @@ def _compress(args: argparse.Namespace) -> int:
     main_rank = distributed.launch_rank() == 0
     say = print if main_rank else (lambda *_a, **_k: None)
     dataset = _dataset(args.dataset)
-    if args.augment and dataset != "fashion-mnist":
-        raise _UsageError(f"--augment shifts and flips Fashion-MNIST's training images; {dataset}'s are augmented "
-                          f"already (random crops and flips), so leave it out")
+    _check_augment(args.augment, dataset)
     in_ch, n_cls, size = data.dataset_info(dataset, root=args.root)
     torch.manual_seed(args.seed)  # before the model's initial weights are drawn: --seed fixes the whole run
     # Without --checkpoint and --baseline-epochs, a shipped trained model is the starting point when
@@ -425,14 +460,8 @@ def _compress(args: argparse.Namespace) -> int:
     epoch_images = args.epoch_images or quick.get("epoch_images")
     # (--quick's augmentation is Fashion-MNIST's: the others' training images are augmented already)
     augment = args.augment or (quick.get("augment", False) and dataset == "fashion-mnist")
-    pool = train_subset or len(train_set)
-    if epoch_images is not None and epoch_images > pool:
-        where = f"--train-subset {train_subset}" if train_subset else f"{dataset}'s training split"
-        raise _UsageError(f"--epoch-images {epoch_images} is more than the {pool:,} training images there are to draw "
-                          f"from ({where}); give at most {pool}")
+    train_loader = _train_loader(train_set, dataset, args.batch_size, train_subset, epoch_images, augment, args.seed)
     eval_subset = args.eval_subset or quick.get("eval_subset")
-    train_loader = data.make_loader(train_set, args.batch_size, True, subset=train_subset, epoch_items=epoch_images,
-                                    augment=augment, seed=args.seed)
     eval_loader = data.make_loader(eval_set, 256, False, subset=eval_subset, seed=args.seed)
     # Accuracy before and after: the whole test set, unless --eval-subset asks for less.
     test_loader = (eval_loader if eval_subset == args.eval_subset
@@ -682,7 +711,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=_positive, default=15, help="training epochs (SGD, cosine schedule; default 15)")
     t.add_argument("--lr", type=float, default=0.1, help="the initial learning rate (default 0.1)")
     t.add_argument("--batch-size", type=_positive, default=128)
-    t.add_argument("--train-subset", type=_positive, help="train on a fixed random subset of this many images")
+    _add_training_images(t)
     t.add_argument("--seed", type=_seed, default=0)
     t.add_argument("--threads", type=_positive, default=None,
                    help="CPU threads for training (default: torch's setting; the result depends on it bit for bit)")
@@ -710,14 +739,7 @@ def _parser() -> argparse.ArgumentParser:
                         "multiples of 8")
     c.add_argument("--baseline-epochs", type=_positive, help="epochs of baseline training (default 4 with --quick, else 30)")
     c.add_argument("--batch-size", type=_positive, default=128)
-    c.add_argument("--train-subset", type=_positive, help="train on a fixed random subset of this many images")
-    c.add_argument("--epoch-images", type=_positive,
-                   help="each training epoch draws this many images afresh from the training images (those of "
-                        "--train-subset when given): an epoch's cost, more images seen; each stage counts its epochs "
-                        "from 0, so fine-tuning's epoch e draws what step 3's epoch e drew (default: all, every epoch)")
-    c.add_argument("--augment", action="store_true",
-                   help="shift the training images by up to 2 pixels and flip half of them, a new draw each epoch of "
-                        "a stage (fashion-mnist; CIFAR's and ImageFolder's training images are augmented already)")
+    _add_training_images(c)
     c.add_argument("--eval-subset", type=_positive,
                    help="evaluate on a fixed random subset of this many test images (default: all of them; "
                         "--quick watches the stages on 2,000 and measures accuracy before and after on all)")

@@ -338,6 +338,29 @@ def test_train_writes_weights_with_their_hash_and_resumes_only_the_same_run(tmp_
     assert "lr" in capsys.readouterr().err
 
 
+def test_train_draws_augmented_images_afresh_each_epoch_and_resumes_only_the_same_draws(tmp_path, capsys):
+    from tests.test_robustness import _fake_fashion_mnist
+
+    root = _fake_fashion_mnist(tmp_path / "fm")  # 96 training images
+    out = tmp_path / "train"
+    assert _train_tiny(root, out, "--epoch-images", "64", "--augment") == 0
+    assert "(64 images an epoch, drawn afresh from 96, shifted and flipped, 1 thread(s))" in capsys.readouterr().out
+    info = json.loads((out / "train.json").read_text())
+    assert (info["epoch_images"], info["augment"]) == (64, True)
+    plain = tmp_path / "plain"
+    assert _train_tiny(root, plain) == 0  # other images: other weights
+    assert (plain / "state_dict.pt").read_bytes() != (out / "state_dict.pt").read_bytes()
+    stored = json.loads((plain / "train-run.json").read_text())
+    del stored["epoch_images"], stored["augment"]  # a run stored before the flags existed
+    (plain / "train-run.json").write_text(json.dumps(stored))
+    assert _train_tiny(root, plain, "--resume") == 0  # reads them at their defaults
+    capsys.readouterr()
+    assert _train_tiny(root, out, "--resume") == 2  # without the flags it is another run
+    assert "augment: True then, False now; epoch_images: 64 then, None now" in capsys.readouterr().err
+    assert _train_tiny(root, out, "--epoch-images", "200") == 2
+    assert "--epoch-images 200 is more than the 96 training images" in capsys.readouterr().err
+
+
 def test_compress_starts_from_shipped_weights_and_refuses_a_changed_file(tmp_path, monkeypatch, capsys):
     import shutil
 
