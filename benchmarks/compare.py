@@ -779,6 +779,14 @@ def _plan(exp: str, s: Setup) -> list[dict]:
         # Four epochs alone left the cut at 1.04 points (0.9124; three: 0.9062, two: 0.9076): 0+4+4 too.
         runs.append(dict(method="funnel", setting=f"2x 0+4+{total - 4} distill+distill_reg max_shrink=0.2",
                          flow=dict(kd, target_macs=half, reg_epochs=4, finetune_epochs=total - 4, max_shrink=0.2)))
+        # Session 21: each stage starts its learning-rate schedule again, so with SHORT_EPOCHS the
+        # funnel's one fine-tuning epoch runs at 0.01 throughout (a per-epoch cosine over one epoch
+        # does not decay), where every baseline's last epoch runs at a quarter of it; on seed 2 that
+        # epoch left validation under where the cut had. The short flow with one schedule and one
+        # data stream over its 3 epochs (CompressConfig.one_schedule): the baselines' own rates.
+        runs.append(dict(method="funnel", setting=f"2x kd {SHORT_EPOCHS} epochs one schedule",
+                         flow=dict(kd, target_macs=half, c_follows_budget=False, reg_epochs=2,
+                                   finetune_epochs=SHORT_EPOCHS - 2, one_schedule=True)))
         return runs
     if exp == "baselines":
         runs = [dict(method="uncompressed", setting="baseline")]

@@ -71,6 +71,13 @@ class CompressConfig:
     threshold (the components with the largest gates, which the penalty then does not pull), so
     that the global cut cannot take a mode below ``ceil(rank_floor x rank)``.
 
+    ``one_schedule`` (off by default): steps 2-4 train as one run of all their epochs instead of
+    three runs that each start again: the learning rate follows one ``schedule`` over all of them
+    (each stage at its own base rate, ``train_lr``, ``reg_lr`` or ``finetune_lr``; with the default
+    cosine and rates, fine-tuning goes on from where step 3 left the rate rather than from the top),
+    and each epoch's data order is that epoch's of the whole run (without it, fine-tuning's epoch e
+    sees step 3's epoch e's order). See :class:`~fxtucker.train.TrainConfig`'s ``first_epoch``.
+
     ``recalibrate_bn`` (50 by default; 0: off): after the cut, every BatchNorm's running statistics
     are re-estimated from that many training batches (:func:`~fxtucker.train.recalibrate_batchnorm`),
     so that the pruned model is judged, and returned without fine-tuning, with statistics of its
@@ -120,6 +127,7 @@ class CompressConfig:
     distill_temperature: float = 4.0
     seed: int = 0
     compile: bool = False  # every stage's training step under torch.compile (TrainConfig.compile)
+    one_schedule: bool = False  # steps 2-4 as one run: one learning-rate schedule and data stream (see above)
 
     def __post_init__(self) -> None:
         """Every field checked here, in one place; the training fields by the TrainConfig they build."""
@@ -152,7 +160,7 @@ class CompressConfig:
         if self.target_speedup is not None and not math.isfinite(self.target_speedup):
             raise bad("target_speedup", "a finite number >= 1")
         for name in ("steer", "relative_gates", "proximal", "mac_weighted", "live_mac_weights", "compose",
-                     "c_follows_budget", "linear", "distill", "distill_reg", "compile"):
+                     "c_follows_budget", "linear", "distill", "distill_reg", "compile", "one_schedule"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")
         if self.round_to is not None and (not is_int(self.round_to) or self.round_to < 1):
@@ -190,10 +198,14 @@ class CompressConfig:
             kw.update(factor=self.c_factor, every=self.c_every)
         return regularizers.c_schedule(self.c_schedule, **kw)
 
-    def stage_config(self, epochs: int, lr: float) -> TrainConfig:
+    def stage_config(self, epochs: int, lr: float, first_epoch: int = 0) -> TrainConfig:
+        """The TrainConfig of a stage of ``epochs`` at ``lr``; with ``one_schedule``, one that starts
+        ``first_epoch`` epochs into steps 2-4's shared schedule and data stream."""
+        run = (dict(first_epoch=first_epoch, schedule_epochs=self.train_epochs + self.reg_epochs + self.finetune_epochs)
+               if self.one_schedule else {})
         return TrainConfig(epochs=epochs, lr=lr, optimizer=self.optimizer, momentum=self.momentum,
                            weight_decay=self.weight_decay, schedule=self.schedule, seed=self.seed,
-                           compile=self.compile)
+                           compile=self.compile, **run)
 
     @classmethod
     def from_toml(cls, path: Union[str, Path]) -> "CompressConfig":
@@ -410,7 +422,8 @@ def compress(
     threshold_fn = ((lambda g: threshold_for_budget(g, target, relative=rel, round_to=config.round_to,
                                                     rank_floor=config.rank_floor)) if target is not None
                     else (lambda g: config.threshold))
-    history += train(view, train_data, config.stage_config(config.reg_epochs, config.reg_lr), penalty=penalty,
+    history += train(view, train_data, config.stage_config(config.reg_epochs, config.reg_lr, config.train_epochs),
+                     penalty=penalty,
                      epoch_stats=gate_stats(threshold_fn, penalty, gated), stage="regularize",
                      extra_loss=kd if config.distill_reg else None, **kw)
     threshold = threshold_fn(gated)
@@ -431,7 +444,8 @@ def compress(
 
     # 4. fine-tune the compressed model
     if config.finetune_epochs:
-        history += train(final, train_data, config.stage_config(config.finetune_epochs, config.finetune_lr),
+        history += train(final, train_data, config.stage_config(config.finetune_epochs, config.finetune_lr,
+                                                                config.train_epochs + config.reg_epochs),
                          extra_loss=kd if config.distill else None,
                          stage="finetune", **kw)
     final.eval()

@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -64,9 +66,23 @@ def make_optimizer(model: nn.Module, optimizer: str, *, lr: float, momentum: flo
     return torch.optim.AdamW(groups, lr=lr)
 
 
-def make_scheduler(opt: torch.optim.Optimizer, schedule: str, *, epochs: int, step_size: int, gamma: float):
+def make_scheduler(opt: torch.optim.Optimizer, schedule: str, *, epochs: int, step_size: int, gamma: float,
+                   first_epoch: int = 0, schedule_epochs: Optional[int] = None):
     """The per-epoch learning-rate ``schedule`` (one of SCHEDULES) of ``opt``: cosine to 0 over ``epochs``,
-    times ``gamma`` every ``step_size`` epochs, or constant."""
+    times ``gamma`` every ``step_size`` epochs, or constant.
+
+    With ``first_epoch`` (and ``schedule_epochs``, default ``first_epoch + epochs``), the stage is
+    epochs ``first_epoch`` on of a run whose schedule spans ``schedule_epochs``: its first epoch runs
+    at the rate that epoch of the run would, the cosine reaches 0 at the run's end, and the step
+    schedule counts the run's epochs."""
+    span = first_epoch + epochs if schedule_epochs is None else schedule_epochs
+    if (first_epoch, span) != (0, epochs) and schedule != "constant":
+        # Closed forms of the two schedules below, at the run's epoch first_epoch + e.
+        if schedule == "cosine":
+            factor = lambda e: 0.5 * (1.0 + math.cos(math.pi * (first_epoch + e) / span))  # noqa: E731
+        else:
+            factor = lambda e: gamma ** ((first_epoch + e) // step_size)  # noqa: E731
+        return torch.optim.lr_scheduler.LambdaLR(opt, factor)
     if schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     if schedule == "step":

@@ -97,6 +97,14 @@ class TrainConfig:
         channels_last: channels-last memory format on CUDA; ignored on the CPU.
         seed: seeds the RNGs of a fresh run and the data order of each epoch, an integer >= 0.
         max_grad_norm: clip the global gradient 2-norm to this (> 0), or None for no clipping.
+        first_epoch: where this stage starts in a longer run it is part of (e.g. the stages of
+            :func:`~fxtucker.compress`), an integer >= 0: epoch ``e`` of the stage draws its data
+            order as epoch ``first_epoch + e`` of that run does, and the learning rate goes on
+            along the run's schedule from there instead of starting it again. The stage's own
+            records and checkpoints still count its epochs from 0.
+        schedule_epochs: the length of that run's schedule (``"cosine"`` reaches 0 at its end),
+            at least ``first_epoch + epochs``; None: ``first_epoch + epochs`` (the run ends with
+            this stage).
         compile: run the training step's forward (and so its backward) under ``torch.compile``,
             on the CPU or a GPU. Checkpoints and the trained model are the original module's
             (no ``_orig_mod.`` prefix); evaluation runs the plain module, uncompiled. The first
@@ -117,6 +125,8 @@ class TrainConfig:
     seed: int = 0
     max_grad_norm: Optional[float] = None
     compile: bool = False
+    first_epoch: int = 0
+    schedule_epochs: Optional[int] = None
 
     def __post_init__(self) -> None:
         """Check every field and normalize numbers to plain ints and floats."""
@@ -157,9 +167,17 @@ class TrainConfig:
             not is_real(self.max_grad_norm) or self.max_grad_norm <= 0
         ):
             fail("max_grad_norm", "a finite number > 0 or None")
+        if not is_int(self.first_epoch) or self.first_epoch < 0:
+            fail("first_epoch", "an integer >= 0 (where this stage starts in the run it is part of)")
+        if self.schedule_epochs is not None and (not is_int(self.schedule_epochs)
+                                                 or self.schedule_epochs < self.first_epoch + self.epochs):
+            fail("schedule_epochs", f"None or an integer >= first_epoch + epochs = "
+                                    f"{self.first_epoch + self.epochs} (the schedule's length in epochs)")
         # object.__setattr__ because the dataclass is frozen; a recorded config reads back equal.
-        for name in ("epochs", "step_size", "seed"):
+        for name in ("epochs", "step_size", "seed", "first_epoch"):
             object.__setattr__(self, name, int(getattr(self, name)))
+        if self.schedule_epochs is not None:
+            object.__setattr__(self, "schedule_epochs", int(self.schedule_epochs))
         for name in ("lr", "momentum", "weight_decay", "gamma"):
             object.__setattr__(self, name, float(getattr(self, name)))
         if self.max_grad_norm is not None:
@@ -414,7 +432,8 @@ def train(
         model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, config.optimizer, lr=config.lr, momentum=config.momentum,
                          weight_decay=config.weight_decay)
-    sched = make_scheduler(opt, config.schedule, epochs=config.epochs, step_size=config.step_size, gamma=config.gamma)
+    sched = make_scheduler(opt, config.schedule, epochs=config.epochs, step_size=config.step_size, gamma=config.gamma,
+                           first_epoch=config.first_epoch, schedule_epochs=config.schedule_epochs)
     scaler = torch.amp.GradScaler("cuda") if amp else None
     saved = Resumable(stage, config, model, opt, sched, scaler, callbacks)
 
@@ -461,7 +480,7 @@ def _run_epoch(run: _Run) -> dict:
     config, epoch = run.config, run.state.epoch
     start = time.perf_counter()
     lr = float(run.opt.param_groups[0]["lr"])
-    batches = train_batches(run.train_data, config.seed, epoch, run.ctx)
+    batches = train_batches(run.train_data, config.seed, config.first_epoch + epoch, run.ctx)
     try:
         total = len(batches)  # type: ignore[arg-type]
     except TypeError:

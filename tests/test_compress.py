@@ -2,6 +2,7 @@
 
 import dataclasses
 import importlib
+import math
 
 import pytest
 import torch
@@ -130,15 +131,16 @@ def test_config_from_toml_and_errors(tmp_path):
         compress(model, train, [1, 2])
 
 
-@pytest.mark.parametrize("c_follows_budget,live", [(False, False), (True, False), (False, True)])
-def test_killed_run_resumes_to_the_same_result(one_thread, tmp_path, monkeypatch, c_follows_budget, live):
+@pytest.mark.parametrize("c_follows_budget,live,one", [(False, False, False), (True, False, False), (False, True, False),
+                                                       (False, False, True)])
+def test_killed_run_resumes_to_the_same_result(one_thread, tmp_path, monkeypatch, c_follows_budget, live, one):
     model, train, test, x = toy_problem(4)
     # With c following the budget: a budget the zeros cannot meet by the checkpoint, and a tiny c_end,
     # so that c is the cut the last steering step saw. With live MAC weights: the whole flow resumes
     # with them (that their state is saved and restored is test_budget's).
     config = CompressConfig(train_epochs=1, reg_epochs=3, finetune_epochs=1, reg_weight=0.05,
                             target_speedup=4.0 if c_follows_budget else 2.0, c_follows_budget=c_follows_budget,
-                            c_end=1e-9 if c_follows_budget else 0.01, live_mac_weights=live)
+                            c_end=1e-9 if c_follows_budget else 0.01, live_mac_weights=live, one_schedule=one)
     straight = compress(model, train, x, eval_data=test, config=config, out_dir=tmp_path / "a", progress=False)
 
     flow = importlib.import_module("fxtucker.compress")  # fxtucker.compress is the function
@@ -171,6 +173,22 @@ def test_killed_run_resumes_to_the_same_result(one_thread, tmp_path, monkeypatch
     # lambda was steered in epoch 0, so the resumed run only matches because its value was restored
     reg = [r for r in straight.history if r["stage"] == "regularize"]
     assert reg[0]["reg_weight"] != config.reg_weight
+
+
+@pytest.mark.parametrize("one", [False, True])
+def test_one_schedule_runs_the_stages_as_one_run(one_thread, one):
+    # Each stage at its own base rate; with one_schedule the cosine's position carries on across the
+    # stages (1 + 2 + 1 epochs: one cosine over 4), without it every stage starts it again.
+    model, train, test, x = toy_problem(1)
+    config = CompressConfig(train_epochs=1, reg_epochs=2, finetune_epochs=1, train_lr=0.02, reg_lr=0.01,
+                            finetune_lr=0.04, target_speedup=2.0, one_schedule=one)
+    lrs = [h["lr"] for h in compress(model, train, x, config=config, progress=False).history]
+    cos = [(1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)] if one else [1.0, 1.0, 0.5, 1.0]
+    assert lrs == pytest.approx([0.02 * cos[0], 0.01 * cos[1], 0.01 * cos[2], 0.04 * cos[3]], rel=1e-12)
+    stage = config.stage_config(1, 0.04, 3)
+    assert (stage.first_epoch, stage.schedule_epochs) == ((3, 4) if one else (0, None))
+    with pytest.raises(ValueError, match=r"CompressConfig.one_schedule must be true or false, got 'yes'"):
+        CompressConfig(one_schedule="yes")
 
 
 def test_steering_can_be_switched_off(one_thread):

@@ -150,6 +150,10 @@ CFG = TrainConfig(epochs=3, lr=0.05)
         (dict(epochs=1, compile="yes"), r"compile must be True or False, got 'yes'"),
         (dict(epochs=1, seed=-1), r"seed must be an integer in \[0, 2\*\*32\), got -1"),
         (dict(epochs=1, max_grad_norm=0.0), r"max_grad_norm must be a finite number > 0 or None"),
+        (dict(epochs=1, first_epoch=-1), r"first_epoch must be an integer >= 0 \(where this stage starts in the run"),
+        (dict(epochs=2, first_epoch=1, schedule_epochs=2),
+         r"schedule_epochs must be None or an integer >= first_epoch \+ epochs = 3 \(the schedule's length in epochs\), got 2"),
+        (dict(epochs=1, schedule_epochs=1.5), r"schedule_epochs must be None or an integer >= first_epoch \+ epochs = 1"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, match):
@@ -297,6 +301,26 @@ def test_lr_schedules(schedule, expected):
     cfg = TrainConfig(epochs=4, lr=0.1, schedule=schedule, step_size=2, gamma=0.5)
     history = train(tiny(), loader(16), cfg, progress=False)
     assert [r["lr"] for r in history] == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "step", "constant"])
+def test_a_stage_that_continues_a_run_goes_on_along_its_schedule_and_its_data_order(schedule):
+    # Epochs 2-3 of a 4-epoch run, trained as a stage of their own (first_epoch=2): the rates and the
+    # data orders of the whole run's last two epochs, not those of a run that starts again.
+    whole = train(tiny(), loader(16), TrainConfig(epochs=4, lr=0.1, schedule=schedule, step_size=2, gamma=0.5),
+                  progress=False)
+    data = Recording(dataset())
+    part = train(tiny(), DataLoader(data, batch_size=16, shuffle=True),
+                 TrainConfig(epochs=2, lr=0.1, schedule=schedule, step_size=2, gamma=0.5, first_epoch=2, seed=7),
+                 progress=False)
+    assert [r["lr"] for r in part] == pytest.approx([r["lr"] for r in whole[2:]], rel=1e-12)
+    assert [r["epoch"] for r in part] == [0, 1]  # the stage's own records count from 0
+    assert data.seen == [i for e in (2, 3) for i in torch.randperm(64, generator=torch.Generator().manual_seed(7 + e)).tolist()]
+    if schedule != "constant":
+        assert part[0]["lr"] < 0.1
+    # a longer schedule than the stage: the first half of a 4-epoch cosine, which has not reached 0
+    first = train(tiny(), loader(16), TrainConfig(epochs=2, lr=0.1, schedule_epochs=4), progress=False)
+    assert [r["lr"] for r in first] == pytest.approx([0.1, 0.1 * (1 + math.cos(math.pi / 4)) / 2], rel=1e-12)
 
 
 class ZeroGrad(nn.Module):
