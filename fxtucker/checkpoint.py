@@ -423,8 +423,8 @@ class CheckpointFiles:
         if old:
             warnings.warn(
                 f"train: stage {self.stage!r} starts over (resume=False) and removes the files of "
-                f"an earlier run: {', '.join(str(p) for p in old)}; pass resume=True to continue "
-                f"that run instead",
+                f"an earlier run: {', '.join(str(p) for p in old)}; pass resume=True (--resume on the "
+                f"command line) to continue that run instead",
                 stacklevel=stacklevel,
             )
         for p in old:

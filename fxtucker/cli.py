@@ -46,6 +46,10 @@ def _ranks(text: str):
     return value
 
 
+_BACKEND_HELP = ("eager; compile (torch.compile, inductor); compile-freezing (the same with inductor's freezing=True, "
+                 "the weights folded into the compiled graph); onnxruntime (pip install fxtucker[export])")
+
+
 def _positive(text: str) -> int:
     """An integer >= 1 (channels, sizes, counts, epochs, threads)."""
     try:
@@ -54,6 +58,17 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give an integer >= 1") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: give an integer >= 1")
+    return value
+
+
+def _learning_rate(text: str) -> float:
+    """--lr: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give the initial learning rate, a finite number > 0 (e.g. 0.1)")
     return value
 
 
@@ -162,7 +177,8 @@ def _add_timing_args(p: argparse.ArgumentParser, rounds: int = ROUNDS) -> None:
                    help=f"the timing is reported as unreliable, with no number, when other processes use more than "
                         f"this share of the machine's CPU time while it runs: a busy machine can give another "
                         f"speed-up even when the rounds agree (0 to 1, of the whole machine: raise it on one with "
-                        f"many more cores than --threads; 1 never; Linux only; default {MAX_OTHERS})")
+                        f"many more cores than --threads; 1 never; Linux only, and not measured on a timing shorter than about a "
+                        f"second of the machine's CPU time, which the output then says; default {MAX_OTHERS})")
 
 
 def _timing(args: argparse.Namespace) -> dict:
@@ -172,6 +188,7 @@ def _timing(args: argparse.Namespace) -> dict:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    _check_json(args.json)
     torch.manual_seed(args.seed)
     model = _model(args.model, args.num_classes, args.in_channels, args.checkpoint, args.model_kwargs).eval()
     x = torch.randn(args.batch, args.in_channels, args.input_size, args.input_size)
@@ -311,6 +328,21 @@ def _check_out(out: Path, resume: bool) -> None:
     except OSError as exc:
         raise _UsageError(f"--out {str(out)!r} cannot be written ({exc.strerror or exc}); give a directory you can "
                           f"write to") from None
+
+
+def _check_json(path: Optional[str]) -> None:
+    """--json must name a file that can be made: checked before the timing, not after it."""
+    if path is None:
+        return
+    out = Path(path)
+    if out.is_dir():
+        raise _UsageError(f"--json {path!r} is a directory; give the path of a file (e.g. {str(out / 'report.json')!r})")
+    for folder in out.parents:
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                raise _UsageError(f"--json {path!r} is under {str(folder)!r}, which is an existing file, not a "
+                                  f"directory; give a path whose folders are directories (they are made if needed)")
+            break
 
 
 def _check_toml(path: str) -> str:
@@ -490,7 +522,12 @@ def _compress(args: argparse.Namespace) -> int:
         say(f"starting from fxtucker's shipped {ship.model} for {ship.dataset} (test accuracy {ship.test_accuracy:.4f}, "
             f"{ship.epochs} epochs by `{ship.command}`); --checkpoint takes your own weights")
     if checkpoint is None:
-        say(f"training the baseline {args.model} for {epochs} epochs (no --checkpoint given)")
+        set_aside = [f for f, v in (("--baseline-epochs", args.baseline_epochs), ("--model-kwargs", args.model_kwargs))
+                     if v is not None]
+        why = (f"fxtucker ships trained weights for {args.model} on {dataset}, set aside because "
+               f"{' and '.join(set_aside)} {'was' if len(set_aside) == 1 else 'were'} given"
+               if set_aside and pretrained.shipped(args.model, dataset) is not None else "no --checkpoint given")
+        say(f"training the baseline {args.model} for {epochs} epochs ({why})")
         baseline_history = train(model, train_loader, TrainConfig(epochs=epochs, lr=0.1, seed=args.seed,
                                                                   compile=config.compile),
                                  eval_data=eval_loader, out_dir=out, stage="baseline", resume=args.resume,
@@ -629,6 +666,7 @@ def _export(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from fxtucker.deploy import optimize_for_inference
 
+    _check_json(args.json)
     if args.ranks is None:
         raise _UsageError("bench compares the original with a compressed model: give --ranks a fraction in (0, 1] "
                           "or 'vbmf', not 'full'")
@@ -689,16 +727,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("tucker2", "svd"), default="tucker2",
                    help="how kxk convs are decomposed: Tucker-2 (first/core/last) or an SVD pair (default tucker2)")
     p.add_argument("--checkpoint", help="state_dict of trained weights (loaded with weights_only=True)")
-    p.add_argument("--input-size", type=_positive, default=224)
-    p.add_argument("--in-channels", type=_positive, default=3)
-    p.add_argument("--num-classes", type=_positive, default=1000)
-    p.add_argument("--batch", type=_positive, default=1)
+    p.add_argument("--input-size", type=_positive, default=224,
+                   help="height and width of the example input (default 224; 32 for CIFAR-style models)")
+    p.add_argument("--in-channels", type=_positive, default=3, help="input channels (default 3; 1 for Fashion-MNIST)")
+    p.add_argument("--num-classes", type=_positive, default=1000, help="classes of the model's output (default 1000)")
+    p.add_argument("--batch", type=_positive, default=1, help="batch size of the example input and the timing (default 1)")
     p.add_argument("--threads", type=_positive, default=None, help="CPU threads for the latency measurement")
     p.add_argument("--backend", choices=BACKENDS, default="eager",
                    help="the back end the compressed model's forms are chosen for and both models are timed on "
-                        "(default eager)")
+                        "(default eager): " + _BACKEND_HELP)
     _add_timing_args(p)
-    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="seeds the model's random weights and the input (default 0)")
     p.add_argument("--graph", action="store_true", help="print the graph before and after")
     p.add_argument("--json", help="also write the numbers and the report to this JSON file")
     p.set_defaults(func=_inspect)
@@ -709,10 +748,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--dataset", required=True, help=f"one of {', '.join(data.DATASETS)}")
     t.add_argument("--root", help="dataset directory (default: Debian's /usr/share/datasets/fashion-mnist, ...)")
     t.add_argument("--epochs", type=_positive, default=15, help="training epochs (SGD, cosine schedule; default 15)")
-    t.add_argument("--lr", type=float, default=0.1, help="the initial learning rate (default 0.1)")
+    t.add_argument("--lr", type=_learning_rate, default=0.1, help="the initial learning rate (default 0.1)")
     t.add_argument("--batch-size", type=_positive, default=128)
     _add_training_images(t)
-    t.add_argument("--seed", type=_seed, default=0)
+    t.add_argument("--seed", type=_seed, default=0, help="seeds the initial weights, the data order and the subsets (default 0)")
     t.add_argument("--threads", type=_positive, default=None,
                    help="CPU threads for training (default: torch's setting; the result depends on it bit for bit)")
     t.add_argument("--resume", action="store_true", help="continue a killed run from the checkpoint in --out")
@@ -731,19 +770,23 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--config", help="a TOML file of CompressConfig fields")
     c.add_argument("--method", choices=("tucker2", "svd"),
                    help="how kxk convs are decomposed (overrides the config's method; default tucker2)")
-    c.add_argument("--checkpoint", help="trained weights (state_dict, loaded with weights_only=True); "
-                                        "without it the baseline is trained first")
+    c.add_argument("--checkpoint", help="trained weights (state_dict, loaded with weights_only=True); without it, "
+                                        "the weights fxtucker ships for this model and dataset (see README), or where "
+                                        "none are shipped, or with --baseline-epochs or --model-kwargs, a baseline "
+                                        "trained here first")
     c.add_argument("--quick", action="store_true",
                    help="the main job's recipe (about 4 minutes on 2 cores from shipped weights): 10,000 training "
                         "images, 2 regularized + 4 distilled fine-tuning epochs, a 2x MAC budget with ranks in "
                         "multiples of 8")
-    c.add_argument("--baseline-epochs", type=_positive, help="epochs of baseline training (default 4 with --quick, else 30)")
+    c.add_argument("--baseline-epochs", type=_positive, help="epochs of baseline training (default 4 with --quick, else "
+                                                             "30); given, a baseline is trained even where fxtucker "
+                                                             "ships trained weights")
     c.add_argument("--batch-size", type=_positive, default=128)
     _add_training_images(c)
     c.add_argument("--eval-subset", type=_positive,
                    help="evaluate on a fixed random subset of this many test images (default: all of them; "
                         "--quick watches the stages on 2,000 and measures accuracy before and after on all)")
-    c.add_argument("--seed", type=_seed, default=0)
+    c.add_argument("--seed", type=_seed, default=0, help="seeds the whole run: the baseline's initial weights, the subsets, the data order of every epoch (default 0)")
     c.add_argument("--resume", action="store_true", help="continue a killed run from the checkpoints in --out")
     c.add_argument("--compile", action="store_true",
                    help="run every stage's training step under torch.compile (CompressConfig.compile; slow first step)")
@@ -751,7 +794,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--backend", choices=BACKENDS, default=None,
                    help="the back end to deploy the compressed model for and time it on (default: the fastest "
                         "installed: onnxruntime with fxtucker[export], else eager); onnxruntime writes deployed.onnx, "
-                        "eager and compile a manifest in deployed/")
+                        "eager and compile a manifest in deployed/; " + _BACKEND_HELP)
     c.add_argument("--latency-batch", type=_positive, default=64,
                    help="the larger batch the deployed model is timed at, besides batch 1, and its forms are chosen "
                         "for (default 64)")
@@ -781,28 +824,29 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--batch", type=_positive, default=1, help="batch size of the example input")
     e.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance of the parity check")
     e.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance of the parity check")
-    e.add_argument("--seed", type=_seed, default=0)
+    e.add_argument("--seed", type=_seed, default=0, help="seeds the example input and any random weights (default 0)")
     e.set_defaults(func=_export)
 
     b = sub.add_parser("bench", help="time the BN-folded original against the compressed model on each back end")
     b.add_argument("--model", required=True, help=_MODEL_HELP)
     b.add_argument("--model-kwargs", type=_json_object, help=_MODEL_KWARGS_HELP)
     b.add_argument("--ranks", type=_ranks, default=0.5, help="fraction of each mode in (0, 1] or 'vbmf' (default 0.5)")
-    b.add_argument("--backend", nargs="+", default=["eager"], choices=BACKENDS, help="one or more (default eager)")
-    b.add_argument("--batch", type=_positive, default=1)
+    b.add_argument("--backend", nargs="+", default=["eager"], choices=BACKENDS,
+                   help="one or more (default eager): " + _BACKEND_HELP)
+    b.add_argument("--batch", type=_positive, default=1, help="batch size of the timing (default 1)")
     b.add_argument("--threads", type=_positive, default=None, help="CPU threads (default: torch's setting)")
-    b.add_argument("--input-size", type=_positive, default=224)
+    b.add_argument("--input-size", type=_positive, default=224, help="height and width of the input (default 224)")
     b.add_argument("--round-to", type=_positive, default=None, help="round fractional ranks up to a multiple of this")
     b.add_argument("--method", choices=("tucker2", "svd"), default="tucker2",
                    help="how kxk convs are decomposed: Tucker-2 (first/core/last) or an SVD pair (default tucker2)")
     b.add_argument("--search", choices=("layer", "model"), default="layer",
                    help="layer: each layer's fastest form; model: also whole models timed with candidate form sets, "
                         "the fastest kept (slower to prepare; default layer)")
-    b.add_argument("--in-channels", type=_positive, default=3)
-    b.add_argument("--num-classes", type=_positive, default=1000)
+    b.add_argument("--in-channels", type=_positive, default=3, help="input channels (default 3)")
+    b.add_argument("--num-classes", type=_positive, default=1000, help="classes of the model's output (default 1000)")
     b.add_argument("--checkpoint", help="state_dict of trained weights (loaded with weights_only=True)")
     _add_timing_args(b)
-    b.add_argument("--seed", type=_seed, default=0)
+    b.add_argument("--seed", type=_seed, default=0, help="seeds the model's random weights and the input (default 0)")
     b.add_argument("--json", help="also write the numbers to this JSON file")
     b.set_defaults(func=_bench)
     return parser

@@ -274,8 +274,8 @@ def _fashion_mnist(train: bool, root: Optional[PathLike], download: bool) -> Idx
     raise FileNotFoundError(
         f"Fashion-MNIST {prefix} files ({prefix}-images-idx3-ubyte[.gz], "
         f"{prefix}-labels-idx1-ubyte[.gz]) not found; looked in {looked}. Install them with "
-        f"'apt-get install dataset-fashion-mnist' (into {FASHION_MNIST_DIR}), pass root= to a "
-        f"directory that holds them, or pass download=True where there is a network"
+        f"'apt-get install dataset-fashion-mnist' (into {FASHION_MNIST_DIR}), pass root= (--root on the "
+        f"command line) to a directory that holds them, or download=True (Python API) where there is a network"
     )
 
 
@@ -294,8 +294,8 @@ def _cifar(name: str, train: bool, root: Optional[PathLike], download: bool) -> 
             raise
         raise FileNotFoundError(
             f"{name} not found in {directory} (torchvision layout, e.g. "
-            f"{directory / cls.base_folder}); pass root= to the directory that holds it, or "
-            f"download=True where there is a network"
+            f"{directory / cls.base_folder}); pass root= (--root on the command line) to the directory that "
+            f"holds it, or download=True (Python API) where there is a network"
         ) from e
 
 
@@ -327,7 +327,8 @@ def _imagefolder_root(root: Optional[PathLike]) -> Path:
     """Check that ImageFolder's root was given and exists."""
     if root is None:
         raise ValueError(
-            "dataset 'imagefolder' needs root=<directory with one subdirectory per class>"
+            "dataset 'imagefolder' needs root=<directory with one subdirectory per class> (--root on the "
+            "command line)"
         )
     directory = Path(root)
     if not directory.is_dir():

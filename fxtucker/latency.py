@@ -493,7 +493,13 @@ class LatencyComparison:
         how = (f"in turn, {BLOCK} runs at a time, {self.repeats} runs each, in {self.rounds} round(s)"
                if self.interleaved else f"over {self.rounds} round(s) of {self.repeats} runs")
         spin = "" if self.spinning is None else f" ({'' if self.spinning else 'not '}spinning)"
-        others = "" if self.others_cpu is None else f"; other processes used {self.others_cpu:.0%} of the CPU time"
+        if self.others_cpu is not None:
+            others = f"; other processes used {self.others_cpu:.0%} of the CPU time"
+        elif self.max_others < 1:  # the rule above names max_others: say that it could not be applied
+            others = (f"; the CPU time of other processes was not measured (a timing shorter than "
+                      f"{MIN_TICKS} ticks of the machine's CPU time, or no Linux /proc), so only the spread was checked")
+        else:
+            others = ""
         return (f"{self.backend}, {self.device}, batch {self.batch} ({shape}), {self.threads} thread(s){spin}; timed "
                 f"alternately {how}, the median round kept, "
                 + spread_rule(self.rounds, self.max_spread, self.max_others) + others)

@@ -529,7 +529,18 @@ def get_model(
                              f"drop them (num_classes and in_channels are their only settings)")
         model = CIFAR_MODELS[key](num_classes, in_channels)
     elif key in _torchvision_names():
-        model = torchvision.models.get_model(key, weights=None, num_classes=num_classes, **kwargs)
+        for field in ("weights", "weights_backbone"):
+            if kwargs.get(field) is not None:
+                raise ValueError(f"get_model({name!r}) with {field}={kwargs[field]!r} in the model kwargs: fxtucker builds "
+                                 f"torchvision models without downloading weights; to start from trained weights, "
+                                 f"save them with torch.save(model.state_dict(), path) and pass the file as the checkpoint")
+        # As for the factories: num_classes in the model kwargs overrides the dataset's.
+        kw = {"num_classes": num_classes, **kwargs, "weights": None}
+        try:
+            model = torchvision.models.get_model(key, **kw)
+        except TypeError as e:
+            raise ValueError(f"get_model({name!r}): torchvision's {key} does not take the model kwargs {kwargs!r} ({e}); "
+                             f"valid: the keyword parameters of torchvision.models.{key}") from None
         if in_channels != 3:
             _replace_first_conv(model, in_channels, key)
     else:

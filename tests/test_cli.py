@@ -32,6 +32,16 @@ def test_inspect_small_model_prints_report_and_writes_json(tmp_path, capsys):
     assert f"{data['macs_before']:,}" in out
 
 
+@pytest.mark.parametrize("command", ["inspect", "bench"])
+def test_a_json_path_that_cannot_be_a_file_is_refused_before_any_work(tmp_path, capsys, command):
+    (tmp_path / "afile").write_text("x")
+    for path, want in ((tmp_path, "is a directory; give the path of a file"),
+                       (tmp_path / "afile" / "r.json", "which is an existing file, not a directory")):
+        argv = [command, "--model", "no_such_model_so_any_work_would_fail_first", "--ranks", "0.5", "--json", str(path)]
+        assert main(argv) == 2
+        assert want in capsys.readouterr().err
+
+
 def test_inspect_full_rank_restores_everything_and_shows_graphs(capsys):
     assert main(["inspect", "--model", "resnet20", "--input-size", "32", "--ranks", "full", "--graph"]) == 0
     out = capsys.readouterr().out
@@ -392,6 +402,10 @@ def test_compress_starts_from_shipped_weights_and_refuses_a_changed_file(tmp_pat
     rep = json.loads((out / "report.json").read_text())
     assert rep["epochs"]["baseline"] == 1 and rep["epochs"]["baseline_from"].startswith("shipped with fxtucker")
     assert rep["accuracy_before"] == json.loads((tmp_path / "train" / "train.json").read_text())["test_accuracy"]
+    # --baseline-epochs trains a baseline instead, and says that the shipped weights were set aside
+    assert main(argv + ["--out", str(tmp_path / "run3"), "--baseline-epochs", "1"]) == 0
+    assert ("training the baseline resnet20 for 1 epochs (fxtucker ships trained weights for resnet20 on fashion-mnist, "
+            "set aside because --baseline-epochs was given)") in capsys.readouterr().out
     # a changed file is refused before anything runs
     (weights / "r20.pt").write_bytes(b"not the weights")
     assert main(argv + ["--out", str(tmp_path / "run2")]) == 2

@@ -298,8 +298,8 @@ def test_dataset_info_imagefolder(tmp_path):
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 def test_cifar_missing(tmp_path, name):
-    with pytest.raises(FileNotFoundError, match=rf"{name} not found in .*; pass root= to the "
-                       r"directory that holds it, or download=True where there is a network"):
+    with pytest.raises(FileNotFoundError, match=rf"{name} not found in .*; pass root= \(--root on the command line\) to the "
+                       r"directory that holds it, or download=True \(Python API\) where there is a network"):
         get_dataset(name, train=True, root=tmp_path)
 
 

@@ -446,8 +446,8 @@ def test_from_seven_rounds_the_fastest_and_slowest_round_are_not_counted_in_the_
     cmp = compare_latency(a, b, torch.randn(2, 3))
     assert cmp.rounds == 7 and cmp.counted == (1.6, 1.6, 1.62, 1.65, 1.7)
     assert cmp.reliable and cmp.spread == pytest.approx(1.7 / 1.6) and cmp.speedup == 1.62
-    assert cmp.setting().endswith("unreliable when the middle 5 of the 7 rounds' speed-ups differ by more than 1.20x "
-                                  "or other processes use more than 25% of the CPU time meanwhile")
+    assert ("unreliable when the middle 5 of the 7 rounds' speed-ups differ by more than 1.20x or other processes use "
+            "more than 25% of the CPU time meanwhile;") in cmp.setting()
     assert cmp.to_dict()["counted"] == [1.6, 1.6, 1.62, 1.65, 1.7]
     # two stalled rounds the same way are counted: the middle five then disagree
     _scripted(monkeypatch, {a: [1.6, 1.0, 1.65, 1.7, 1.0, 2.4, 1.62], b: list(cand)})
@@ -518,6 +518,13 @@ def test_compare_latency_calls_a_busy_machine_unreliable_even_when_the_rounds_ag
     monkeypatch.setattr(latency, "_cpu_times", lambda: None)  # no /proc: not checked
     cmp = compare_latency(nn.Identity(), nn.ReLU(), torch.randn(2), rounds=3)
     assert cmp.others_cpu is None and cmp.reliable and "processes used" not in cmp.setting()
+    assert cmp.setting().endswith("the CPU time of other processes was not measured (a timing shorter than "
+                                  "100 ticks of the machine's CPU time, or no Linux /proc), so only the spread was checked")
+    ticks = iter([(1000, 100, 10), (1050, 120, 20)])  # 50 jiffies: too short a window to judge
+    cmp = compare_latency(nn.Identity(), nn.ReLU(), torch.randn(2), rounds=3)
+    assert cmp.others_cpu is None and "was not measured" in cmp.setting()
+    cmp = compare_latency(nn.Identity(), nn.ReLU(), torch.randn(2), rounds=3, max_others=1.0)  # never checked: nothing said
+    assert "measured" not in cmp.setting() and "processes" not in cmp.setting()
     ticks = iter([(1000, 100, 10), (1099, 199, 10)])  # under MIN_TICKS: too short a window to judge
     cmp = compare_latency(nn.Identity(), nn.ReLU(), torch.randn(2), rounds=3)
     assert cmp.others_cpu is None and cmp.reliable

@@ -101,6 +101,17 @@ def test_file_spec_errors(factory_file, tmp_path):
         get_model(f"{broken}:build")
 
 
+def test_torchvision_model_kwargs_override_num_classes_and_bad_ones_are_named():
+    model = get_model("resnet18", num_classes=10, model_kwargs={"num_classes": 5})
+    assert model.fc.out_features == 5
+    with pytest.raises(ValueError, match=r"get_model\('resnet18'\) with weights='DEFAULT' in the model kwargs: fxtucker "
+                                         r"builds torchvision models without downloading weights"):
+        get_model("resnet18", model_kwargs={"weights": "DEFAULT"})
+    with pytest.raises(ValueError, match=r"torchvision's resnet18 does not take the model kwargs \{'bogus': 5\} .*"
+                                         r"valid: the keyword parameters of torchvision.models.resnet18"):
+        get_model("resnet18", model_kwargs={"bogus": 5})
+
+
 def test_cifar_models_refuse_kwargs():
     with pytest.raises(ValueError, match=r"the CIFAR models take no model_kwargs, got \{'width': 2\}"):
         get_model("resnet20", model_kwargs={"width": 2})

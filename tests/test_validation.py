@@ -237,6 +237,10 @@ TRAINING = [
 ]
 
 CLI = [
+    (["train", "--model", "resnet20", "--dataset", "fashion-mnist", "--lr", "-1"],
+     r"argument --lr: '-1': give the initial learning rate, a finite number > 0"),
+    (["train", "--model", "resnet20", "--dataset", "fashion-mnist", "--lr", "nan"],
+     r"argument --lr: 'nan': give the initial learning rate, a finite number > 0"),
     (["inspect", "--model", "resnet20", "--input-size", "0"], r"argument --input-size: '0': give an integer >= 1"),
     (["inspect", "--model", "resnet20", "--batch", "-1"], r"argument --batch: '-1': give an integer >= 1"),
     (["inspect", "--model", "resnet20", "--batch", "two"], r"argument --batch: 'two' is not an integer"),
