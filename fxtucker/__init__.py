@@ -38,9 +38,13 @@ _LAZY = {
 
 
 _SHADOWED = ("compress", "export", "report")
+#: Submodules the README calls as attributes (``fxtucker.models.get_model``), imported on first use too.
+_SUBMODULES = ("models", "data", "regularizers", "tucker", "train", "latency", "deploy")
 
 
 def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")  # binds itself on the package
     if name not in _LAZY:
         raise AttributeError(f"module 'fxtucker' has no attribute {name!r}")
     value = getattr(importlib.import_module(_LAZY[name]), name)

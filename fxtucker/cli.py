@@ -204,6 +204,15 @@ def _inspect(args: argparse.Namespace) -> int:
         print("== graph after ==")
         print(final.graph)
     rep = fxtucker.report(final)
+    dead = [layer.name for layer in rep.layers if layer.ranks and 0 in layer.ranks]
+    if dead:
+        from fxtucker.compress import _constant  # compress() refuses such a cut the same way
+
+        if _constant(final, (x,)) and not _constant(model, (x,)):
+            raise _UsageError(f"--threshold {args.threshold:g} cuts every path from the input to the output (layers with "
+                              f"a rank of 0: {', '.join(dead)}), so the compressed model is a constant function; give a "
+                              f"smaller --threshold (the paper's: 0.01 to 0.02; an untrained model's gates are its "
+                              f"components' norms)")
     print(rep)
     for w in caught:
         print(f"note: {w.message}")
@@ -622,6 +631,11 @@ def _export(args: argparse.Namespace) -> int:
         if args.model and extra.get("model") and args.model.lower() != str(extra["model"]).lower():
             raise _UsageError(f"--model {args.model!r} differs from the model {extra['model']!r} the manifest was "
                               f"written for")
+        for flag, key in (("--num-classes", "num_classes"), ("--in-channels", "in_channels")):
+            given, recorded = getattr(args, key), extra.get(key)
+            if given is not None and recorded is not None and given != recorded:
+                raise _UsageError(f"{flag} {given} differs from the {recorded} the manifest in {str(folder)!r} records: "
+                                  f"its weights are for {recorded}; leave {flag} out")
     elif not args.model:
         raise _UsageError("give --from DIR (the output of `fxtucker compress`) or --model NAME [--checkpoint FILE]")
     else:

@@ -42,6 +42,16 @@ def test_a_json_path_that_cannot_be_a_file_is_refused_before_any_work(tmp_path, 
         assert want in capsys.readouterr().err
 
 
+def test_inspect_refuses_a_threshold_that_makes_the_model_a_constant_function(capsys):
+    argv = ["inspect", "--model", "resnet20", "--input-size", "16", "--in-channels", "1", "--num-classes", "10",
+            "--rounds", "1", "--repeats", "1"]
+    assert main(argv + ["--threshold", "5"]) == 2
+    err = capsys.readouterr().err
+    assert ("--threshold 5 cuts every path from the input to the output (layers with a rank of 0: layer1.0.conv1, "
+            in err) and "so the compressed model is a constant function; give a smaller --threshold" in err
+    assert main(argv + ["--threshold", "0.01"]) == 0  # a cut that keeps a path is reported as before
+
+
 def test_inspect_full_rank_restores_everything_and_shows_graphs(capsys):
     assert main(["inspect", "--model", "resnet20", "--input-size", "32", "--ranks", "full", "--graph"]) == 0
     out = capsys.readouterr().out

@@ -239,7 +239,9 @@ def test_cli_export_uncompressed_model(tmp_path, capsys):
     (["--model", "resnet19", "--format", "onnx"], "unknown model 'resnet19'. Did you mean resnet18"),
     (["--from", "RUN", "--checkpoint", "x.pt", "--format", "onnx"], "give --from (a compressed model) or --checkpoint"),
     (["--from", "RUN", "--model", "resnet32", "--format", "onnx"], "--model 'resnet32' differs from the model 'resnet20'"),
-], ids=["missing", "no-manifest", "nothing", "unknown-model", "both", "other-model"])
+    (["--from", "RUN", "--num-classes", "5", "--format", "onnx"], "--num-classes 5 differs from the 10 the manifest in"),
+    (["--from", "RUN", "--in-channels", "3", "--format", "onnx"], "--in-channels 3 differs from the 1 the manifest in"),
+], ids=["missing", "no-manifest", "nothing", "unknown-model", "both", "other-model", "other-classes", "other-channels"])
 def test_cli_bad_input_exits_2(tmp_path, resnet20_run, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
     argv = [str(resnet20_run[0]) if a == "RUN" else a for a in argv]

@@ -61,6 +61,13 @@ def test_lazy_public_names_resolve_and_keep_functions_over_submodules(tmp_path):
         fxtucker.nonexistent  # noqa: B018
 
 
+def test_submodules_the_readme_uses_as_attributes_resolve_after_a_plain_import(tmp_path):
+    # `import fxtucker` then fxtucker.models.get_model(...), as the README writes it, in a fresh process
+    code = ("import fxtucker; assert fxtucker.models.get_model('resnet20', 10, 1).conv1.in_channels == 1; "
+            "assert callable(fxtucker.data.make_loader) and callable(fxtucker.compress)")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+
+
 def test_every_public_name_is_importable():
     for name in fxtucker.__all__:
         assert getattr(fxtucker, name) is not None, name
