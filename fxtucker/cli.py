@@ -665,7 +665,9 @@ def _export(args: argparse.Namespace) -> int:
         kw = dict(model_factory=factory, config=config,
                   extra={**extra, "model": name, "model_kwargs": model_kwargs, "num_classes": n_cls, "in_channels": in_ch, "input_shape": list(x.shape)})
     try:
-        result = export(gm, x, args.out, args.format, rtol=args.rtol, atol=args.atol, **kw)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = export(gm, x, args.out, args.format, rtol=args.rtol, atol=args.atol, **kw)
     except ImportError as exc:
         raise _UsageError(str(exc)) from None
     except ExportError as exc:
@@ -674,7 +676,25 @@ def _export(args: argparse.Namespace) -> int:
     print(f"wrote {', '.join(str(f) for f in result.files)} ({result.format}, {result.method})")
     print(f"reloaded and checked on a {'x'.join(map(str, x.shape))} input: max abs error {result.max_abs_error:.3g}, "
           f"max rel error {result.max_rel_error:.3g} (atol={result.atol:g}, rtol={result.rtol:g})")
+    for note in _export_notes(caught):
+        print(f"note: {note}")
     return 0
+
+
+def _export_notes(caught: list) -> list[str]:
+    """The warnings of an export, each once, first lines only; torch's deprecation warnings for
+    torch.jit's script, save and load as one line."""
+    notes, jit = [], False
+    for w in caught:
+        text = str(w.message).strip().splitlines()[0] if str(w.message).strip() else ""
+        if issubclass(w.category, FutureWarning) and text.startswith("`torch.jit."):
+            jit = True
+        elif text and text not in notes:
+            notes.append(text)
+    if jit:
+        notes.append("this torch deprecates TorchScript (torch.jit.script, save and load warn so); the file works, and "
+                     "--format torch.export or onnx are its successors")
+    return notes
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -250,6 +250,14 @@ def test_cli_bad_input_exits_2(tmp_path, resnet20_run, monkeypatch, capsys, argv
     assert err.startswith("fxtucker export: error: ") and message in err
 
 
+def test_cli_torchscript_export_says_once_that_torch_deprecates_it(tmp_path, resnet20_run, capsys):
+    run, _, _ = resnet20_run
+    assert main(["export", "--from", str(run), "--format", "torchscript", "--out", str(tmp_path / "m.pt")]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("note: this torch deprecates TorchScript (torch.jit.script, save and load warn so)") == 1
+    assert "FutureWarning" not in err and "is deprecated" not in out.replace("deprecates", "")
+
+
 def test_cli_unknown_format_and_parity_failure(tmp_path, resnet20_run, monkeypatch, capsys):
     run, _, _ = resnet20_run
     with pytest.raises(SystemExit) as info:
