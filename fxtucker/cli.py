@@ -206,9 +206,9 @@ def _inspect(args: argparse.Namespace) -> int:
     rep = fxtucker.report(final)
     dead = [layer.name for layer in rep.layers if layer.ranks and 0 in layer.ranks]
     if dead:
-        from fxtucker.compress import _constant  # compress() refuses such a cut the same way
+        from fxtucker.compress import is_constant  # compress() refuses such a cut the same way
 
-        if _constant(final, (x,)) and not _constant(model, (x,)):
+        if is_constant(final, (x,)) and not is_constant(model, (x,)):
             raise _UsageError(f"--threshold {args.threshold:g} cuts every path from the input to the output (layers with "
                               f"a rank of 0: {', '.join(dead)}), so the compressed model is a constant function; give a "
                               f"smaller --threshold (the paper's: 0.01 to 0.02; an untrained model's gates are its "

@@ -30,7 +30,7 @@ from fxtucker.tracing import trace
 from fxtucker.train import TrainConfig, evaluate, recalibrate_batchnorm, train
 
 __all__ = ["CompressConfig", "CompressResult", "compress", "threshold_for_budget", "gate_histogram", "GatePenalty",
-           "component_macs"]
+           "component_macs", "is_constant"]
 
 
 @dataclass(frozen=True)
@@ -268,7 +268,7 @@ def _len(data: Iterable) -> Optional[int]:
         return None
 
 
-def _constant(model: nn.Module, inputs: tuple) -> bool:
+def is_constant(model: nn.Module, inputs: tuple) -> bool:
     """Whether ``model`` (in eval mode) gives bitwise the same outputs for ``inputs`` and for other
     random inputs of the same shapes."""
     was = model.training
@@ -290,7 +290,7 @@ def _check_connected(gated: fx.GraphModule, pruned: fx.GraphModule, inputs: tupl
     model is a constant function that no fine-tuning can recover. A model that was constant before
     the cut (all its ReLUs dead on these inputs, say) is left to the accuracy it reports."""
     dead = [r["name"] for r in report(pruned).to_dict()["layers"] if r["ranks"] and 0 in r["ranks"]]
-    if not dead or not _constant(pruned, inputs) or _constant(gated, inputs):
+    if not dead or not is_constant(pruned, inputs) or is_constant(gated, inputs):
         return
     what = "that meets the MAC budget" if budget else "(CompressConfig.threshold)"
     fix = ("give a smaller budget (target_macs / target_speedup), or drop or lower round_to, which rounds ranks up "
