@@ -349,8 +349,9 @@ def _check_json(path: Optional[str]) -> None:
     for folder in out.parents:
         if folder.exists() or folder.is_symlink():
             if not folder.is_dir():
-                raise _UsageError(f"--json {path!r} is under {str(folder)!r}, which is an existing file, not a "
-                                  f"directory; give a path whose folders are directories (they are made if needed)")
+                what = "a link to nothing" if folder.is_symlink() and not folder.exists() else "an existing file"
+                raise _UsageError(f"--json {path!r} is under {str(folder)!r}, which is {what}, not a directory; "
+                                  f"give a path whose folders are directories (they are made if needed)")
             break
 
 
@@ -664,6 +665,7 @@ def _export(args: argparse.Namespace) -> int:
     if args.format == "manifest":
         kw = dict(model_factory=factory, config=config,
                   extra={**extra, "model": name, "model_kwargs": model_kwargs, "num_classes": n_cls, "in_channels": in_ch, "input_shape": list(x.shape)})
+    caught: list = []
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -671,6 +673,8 @@ def _export(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise _UsageError(str(exc)) from None
     except ExportError as exc:
+        for note in _export_notes(caught):  # torch's warnings often explain a failed check
+            print(f"note: {note}", file=sys.stderr)
         print(f"fxtucker export: parity check failed: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {', '.join(str(f) for f in result.files)} ({result.format}, {result.method})")

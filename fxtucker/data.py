@@ -406,9 +406,10 @@ class Augmented(Dataset):
 
     Each item's draw is a function of (``seed``, the epoch, its index): the same run gives the same
     images, a resumed one too, and each epoch another draw. fxtucker's training loop calls
-    :meth:`set_epoch` with the epoch of its stage before each epoch (call it yourself in your own
-    loop): each stage of ``compress`` counts its epochs from 0, so fine-tuning's epoch e sees the
-    draw of step 3's epoch e.
+    :meth:`set_epoch` before each epoch with the epoch of the run (``TrainConfig.first_epoch`` plus
+    the stage's; call it yourself in your own loop): each stage of ``compress`` counts its epochs
+    from 0, so fine-tuning's epoch e sees the draw of step 3's epoch e, unless
+    ``CompressConfig.one_schedule`` runs the stages as one run.
     """
 
     def __init__(self, dataset: Dataset, shift: int = 2, seed: int = 0) -> None:

@@ -535,12 +535,19 @@ def get_model(
                                  f"torchvision models without downloading weights; to start from trained weights, "
                                  f"save them with torch.save(model.state_dict(), path) and pass the file as the checkpoint")
         # As for the factories: num_classes in the model kwargs overrides the dataset's.
+        from fxtucker.io import is_int
+
         kw = {"num_classes": num_classes, **kwargs, "weights": None}
+        if not is_int(kw["num_classes"]) or kw["num_classes"] < 1:
+            raise ValueError(f"get_model({name!r}): num_classes in the model kwargs must be an integer >= 1, "
+                             f"got {kw['num_classes']!r}")
         try:
             model = torchvision.models.get_model(key, **kw)
         except TypeError as e:
-            raise ValueError(f"get_model({name!r}): torchvision's {key} does not take the model kwargs {kwargs!r} ({e}); "
-                             f"valid: the keyword parameters of torchvision.models.{key}") from None
+            what = ("does not take" if "unexpected keyword argument" in str(e) else "refused")
+            raise ValueError(f"get_model({name!r}): torchvision's {key} {what} the model kwargs {kwargs!r} ({e}); "
+                             f"valid: the keyword parameters of torchvision.models.{key}, with values of their "
+                             f"types") from None
         if in_channels != 3:
             _replace_first_conv(model, in_channels, key)
     else:

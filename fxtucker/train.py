@@ -18,7 +18,7 @@ Conventions:
   :mod:`fxtucker.optim`, which builds the optimizer and schedule).
 - A fresh run seeds torch, numpy and ``random`` with ``config.seed`` (plus the rank under DDP).
   A DataLoader over a map-style dataset is rebuilt each epoch with its order drawn from
-  ``config.seed + epoch``, so the order does not depend on what ran before.
+  ``config.seed + config.first_epoch + epoch``, so the order does not depend on what ran before.
 - Under torchrun (``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataParallel, the data
   is sharded with a DistributedSampler, logged metrics are averaged over the ranks and only
   rank 0 writes files. The process group is left initialised for the caller's next stage.
@@ -177,7 +177,9 @@ class TrainConfig:
         for name in ("epochs", "step_size", "seed", "first_epoch"):
             object.__setattr__(self, name, int(getattr(self, name)))
         if self.schedule_epochs is not None:
-            object.__setattr__(self, "schedule_epochs", int(self.schedule_epochs))
+            # A schedule that ends with this stage is the default: one config, one checkpoint check.
+            span = int(self.schedule_epochs)
+            object.__setattr__(self, "schedule_epochs", None if span == self.first_epoch + self.epochs else span)
         for name in ("lr", "momentum", "weight_decay", "gamma"):
             object.__setattr__(self, name, float(getattr(self, name)))
         if self.max_grad_norm is not None:
@@ -373,7 +375,7 @@ def train(
         model: any nn.Module returning (batch, classes) logits, including a GraphModule with
             parametrized modules. It is moved to the device and left in the mode it was given in.
         train_data: an iterable of (input, label) batches. A DataLoader over a map-style
-            dataset is rebuilt each epoch with its order drawn from ``config.seed + epoch``
+            dataset is rebuilt each epoch with its order drawn from ``config.seed + config.first_epoch + epoch``
             (sharded by a DistributedSampler under DDP); anything else is used as it is.
         config: the hyper-parameters.
         eval_data: batches to measure top-1 accuracy on after each epoch.

@@ -35,8 +35,10 @@ def test_inspect_small_model_prints_report_and_writes_json(tmp_path, capsys):
 @pytest.mark.parametrize("command", ["inspect", "bench"])
 def test_a_json_path_that_cannot_be_a_file_is_refused_before_any_work(tmp_path, capsys, command):
     (tmp_path / "afile").write_text("x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nothing")
     for path, want in ((tmp_path, "is a directory; give the path of a file"),
-                       (tmp_path / "afile" / "r.json", "which is an existing file, not a directory")):
+                       (tmp_path / "afile" / "r.json", "which is an existing file, not a directory"),
+                       (tmp_path / "dangling" / "r.json", "which is a link to nothing, not a directory")):
         argv = [command, "--model", "no_such_model_so_any_work_would_fail_first", "--ranks", "0.5", "--json", str(path)]
         assert main(argv) == 2
         assert want in capsys.readouterr().err

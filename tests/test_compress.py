@@ -185,8 +185,8 @@ def test_one_schedule_runs_the_stages_as_one_run(one_thread, one):
     lrs = [h["lr"] for h in compress(model, train, x, config=config, progress=False).history]
     cos = [(1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)] if one else [1.0, 1.0, 0.5, 1.0]
     assert lrs == pytest.approx([0.02 * cos[0], 0.01 * cos[1], 0.01 * cos[2], 0.04 * cos[3]], rel=1e-12)
-    stage = config.stage_config(1, 0.04, 3)
-    assert (stage.first_epoch, stage.schedule_epochs) == ((3, 4) if one else (0, None))
+    stage = config.stage_config(2, 0.01, 1)  # step 3: epochs 1-2 of the 4
+    assert (stage.first_epoch, stage.schedule_epochs) == ((1, 4) if one else (0, None))
     with pytest.raises(ValueError, match=r"CompressConfig.one_schedule must be true or false, got 'yes'"):
         CompressConfig(one_schedule="yes")
 

@@ -520,14 +520,14 @@ def test_compare_latency_calls_a_busy_machine_unreliable_even_when_the_rounds_ag
     assert cmp.others_cpu is None and cmp.reliable and "processes used" not in cmp.setting()
     assert cmp.setting().endswith("the CPU time of other processes was not measured (a timing shorter than "
                                   "100 ticks of the machine's CPU time, or no Linux /proc), so only the spread was checked")
-    ticks = iter([(1000, 100, 10), (1050, 120, 20)])  # 50 jiffies: too short a window to judge
-    cmp = compare_latency(nn.Identity(), nn.ReLU(), torch.randn(2), rounds=3)
-    assert cmp.others_cpu is None and "was not measured" in cmp.setting()
     cmp = compare_latency(nn.Identity(), nn.ReLU(), torch.randn(2), rounds=3, max_others=1.0)  # never checked: nothing said
     assert "measured" not in cmp.setting() and "processes" not in cmp.setting()
-    ticks = iter([(1000, 100, 10), (1099, 199, 10)])  # under MIN_TICKS: too short a window to judge
+    # under MIN_TICKS of the machine's CPU time: too short a window to judge (all of it other processes')
+    ticks = iter([(1000, 100, 10), (1099, 199, 10)])
+    monkeypatch.setattr(latency, "_cpu_times", lambda: next(ticks))
     cmp = compare_latency(nn.Identity(), nn.ReLU(), torch.randn(2), rounds=3)
-    assert cmp.others_cpu is None and cmp.reliable
+    assert next(ticks, None) is None  # both readings were taken
+    assert cmp.others_cpu is None and cmp.reliable and "was not measured" in cmp.setting()
     with pytest.raises(ValueError, match=r"max_others must be a number from 0 to 1 .*, got 1.5"):
         compare_latency(nn.Identity(), nn.ReLU(), torch.randn(2), max_others=1.5)
 

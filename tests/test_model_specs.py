@@ -110,6 +110,11 @@ def test_torchvision_model_kwargs_override_num_classes_and_bad_ones_are_named():
     with pytest.raises(ValueError, match=r"torchvision's resnet18 does not take the model kwargs \{'bogus': 5\} .*"
                                          r"valid: the keyword parameters of torchvision.models.resnet18"):
         get_model("resnet18", model_kwargs={"bogus": 5})
+    for bad in (0, 2.0, "5"):
+        with pytest.raises(ValueError, match=r"num_classes in the model kwargs must be an integer >= 1, got "):
+            get_model("resnet18", model_kwargs={"num_classes": bad})
+    with pytest.raises(ValueError, match=r"torchvision's resnet18 refused the model kwargs \{'norm_layer': 5\} \('int' object is not callable\)"):
+        get_model("resnet18", model_kwargs={"norm_layer": 5})
 
 
 def test_cifar_models_refuse_kwargs():

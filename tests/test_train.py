@@ -318,6 +318,8 @@ def test_a_stage_that_continues_a_run_goes_on_along_its_schedule_and_its_data_or
     assert data.seen == [i for e in (2, 3) for i in torch.randperm(64, generator=torch.Generator().manual_seed(7 + e)).tolist()]
     if schedule != "constant":
         assert part[0]["lr"] < 0.1
+    # a schedule that ends with the stage is the default, so configs (and checkpoints) compare equal
+    assert TrainConfig(epochs=2, first_epoch=1, schedule_epochs=3) == TrainConfig(epochs=2, first_epoch=1)
     # a longer schedule than the stage: the first half of a 4-epoch cosine, which has not reached 0
     first = train(tiny(), loader(16), TrainConfig(epochs=2, lr=0.1, schedule_epochs=4), progress=False)
     assert [r["lr"] for r in first] == pytest.approx([0.1, 0.1 * (1 + math.cos(math.pi / 4)) / 2], rel=1e-12)
