@@ -203,16 +203,15 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.graph:
         print("== graph after ==")
         print(final.graph)
-    rep = fxtucker.report(final)
-    dead = [layer.name for layer in rep.layers if layer.ranks and 0 in layer.ranks]
-    if dead:
-        from fxtucker.compress import is_constant  # compress() refuses such a cut the same way
+    from fxtucker.compress import cut_layers  # compress() refuses such a cut the same way
 
-        if is_constant(final, (x,)) and not is_constant(model, (x,)):
-            raise _UsageError(f"--threshold {args.threshold:g} cuts every path from the input to the output (layers with "
-                              f"a rank of 0: {', '.join(dead)}), so the compressed model is a constant function; give a "
-                              f"smaller --threshold (the paper's: 0.01 to 0.02; an untrained model's gates are its "
-                              f"components' norms)")
+    dead = cut_layers(model, final, (x,))
+    if dead:
+        raise _UsageError(f"--threshold {args.threshold:g} cuts every path from the input to the output (layers with "
+                          f"a rank of 0: {', '.join(dead)}), so the compressed model is a constant function; give a "
+                          f"smaller --threshold (the paper's: 0.01 to 0.02; an untrained model's gates are its "
+                          f"components' norms)")
+    rep = fxtucker.report(final)
     print(rep)
     for w in caught:
         print(f"note: {w.message}")
@@ -321,13 +320,11 @@ def _add_training_images(p: argparse.ArgumentParser) -> None:
 def _check_out(out: Path, resume: bool) -> None:
     """--out must be a directory that exists (with --resume) or can be made, and can be written: checked
     before any training, not after the first epoch."""
-    for folder in (out, *out.parents):
-        if folder.exists() or folder.is_symlink():
-            if not folder.is_dir():
-                where = "is" if folder == out else f"is under {str(folder)!r}, which is"
-                raise _UsageError(f"--out {str(out)!r} {where} an existing file, not a directory; give the path of "
-                                  f"a directory (it is made if needed)")
-            break
+    folder = _first_existing((out, *out.parents))
+    if folder is not None and not folder.is_dir():
+        where = "is" if folder == out else f"is under {str(folder)!r}, which is"
+        raise _UsageError(f"--out {str(out)!r} {where} an existing file, not a directory; give the path of "
+                          f"a directory (it is made if needed)")
     if resume and not out.is_dir():
         return  # record_run says that there is no run to continue
     try:
@@ -346,13 +343,16 @@ def _check_json(path: Optional[str]) -> None:
     out = Path(path)
     if out.is_dir():
         raise _UsageError(f"--json {path!r} is a directory; give the path of a file (e.g. {str(out / 'report.json')!r})")
-    for folder in out.parents:
-        if folder.exists() or folder.is_symlink():
-            if not folder.is_dir():
-                what = "a link to nothing" if folder.is_symlink() and not folder.exists() else "an existing file"
-                raise _UsageError(f"--json {path!r} is under {str(folder)!r}, which is {what}, not a directory; "
-                                  f"give a path whose folders are directories (they are made if needed)")
-            break
+    folder = _first_existing(out.parents)
+    if folder is not None and not folder.is_dir():
+        what = "a link to nothing" if folder.is_symlink() and not folder.exists() else "an existing file"
+        raise _UsageError(f"--json {path!r} is under {str(folder)!r}, which is {what}, not a directory; "
+                          f"give a path whose folders are directories (they are made if needed)")
+
+
+def _first_existing(paths: Sequence[Path]) -> Optional[Path]:
+    """The first of ``paths`` that exists or is a link (to something or nothing); None if none is."""
+    return next((p for p in paths if p.exists() or p.is_symlink()), None)
 
 
 def _check_toml(path: str) -> str:
@@ -665,7 +665,6 @@ def _export(args: argparse.Namespace) -> int:
     if args.format == "manifest":
         kw = dict(model_factory=factory, config=config,
                   extra={**extra, "model": name, "model_kwargs": model_kwargs, "num_classes": n_cls, "in_channels": in_ch, "input_shape": list(x.shape)})
-    caught: list = []
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -30,7 +30,7 @@ from fxtucker.tracing import trace
 from fxtucker.train import TrainConfig, evaluate, recalibrate_batchnorm, train
 
 __all__ = ["CompressConfig", "CompressResult", "compress", "threshold_for_budget", "gate_histogram", "GatePenalty",
-           "component_macs", "is_constant"]
+           "component_macs", "cut_layers"]
 
 
 @dataclass(frozen=True)
@@ -268,7 +268,7 @@ def _len(data: Iterable) -> Optional[int]:
         return None
 
 
-def is_constant(model: nn.Module, inputs: tuple) -> bool:
+def _constant(model: nn.Module, inputs: tuple) -> bool:
     """Whether ``model`` (in eval mode) gives bitwise the same outputs for ``inputs`` and for other
     random inputs of the same shapes."""
     was = model.training
@@ -283,14 +283,22 @@ def is_constant(model: nn.Module, inputs: tuple) -> bool:
     return all(torch.equal(u, v) for u, v in zip(a, b) if isinstance(u, torch.Tensor))
 
 
+def cut_layers(before: nn.Module, pruned: fx.GraphModule, inputs: tuple) -> list[str]:
+    """The layers at rank 0 in ``pruned`` when the cut made the model's output independent of its
+    input (layers at rank 0 on every path: a downsampling block whose conv and shortcut are both at
+    rank 0, say), so that it is a constant function no fine-tuning can recover; else []. A model that
+    was constant before the cut (``before``: all its ReLUs dead on these inputs, say) gives []."""
+    dead = [r["name"] for r in report(pruned).to_dict()["layers"] if r["ranks"] and 0 in r["ranks"]]
+    if not dead or not _constant(pruned, inputs) or _constant(before, inputs):
+        return []
+    return dead
+
+
 def _check_connected(gated: fx.GraphModule, pruned: fx.GraphModule, inputs: tuple, threshold: float,
                      budget: bool) -> None:
-    """A ValueError when the cut made the model's output independent of its input: layers at rank 0
-    on every path (a downsampling block whose conv and shortcut are both at rank 0, say), so the
-    model is a constant function that no fine-tuning can recover. A model that was constant before
-    the cut (all its ReLUs dead on these inputs, say) is left to the accuracy it reports."""
-    dead = [r["name"] for r in report(pruned).to_dict()["layers"] if r["ranks"] and 0 in r["ranks"]]
-    if not dead or not is_constant(pruned, inputs) or is_constant(gated, inputs):
+    """A ValueError when the cut made the model a constant function (:func:`cut_layers`)."""
+    dead = cut_layers(gated, pruned, inputs)
+    if not dead:
         return
     what = "that meets the MAC budget" if budget else "(CompressConfig.threshold)"
     fix = ("give a smaller budget (target_macs / target_speedup), or drop or lower round_to, which rounds ranks up "
