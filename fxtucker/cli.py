@@ -128,6 +128,22 @@ def _model(name: str, num_classes: int, in_channels: int, checkpoint: Optional[s
         raise _UsageError(str(exc)) from None
 
 
+def _check_classes(model: torch.nn.Module, in_channels: int, size: int, num_classes: int, dataset: str) -> None:
+    """Refuse a model whose outputs are not the dataset's classes before anything trains or is written:
+    a model of fewer outputs fails in the loss only after the first batch, one of more trains on
+    scores that no label ever asks for and is judged on them."""
+    was_training = model.training
+    try:  # the seeded run draws nothing more for it
+        with torch.no_grad(), torch.random.fork_rng():
+            out = model.eval()(torch.zeros(1, in_channels, size, size))
+    finally:
+        model.train(was_training)
+    if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] != num_classes:
+        raise _UsageError(f"the model outputs {out.shape[1]} scores per image but {dataset} has {num_classes} "
+                          f"classes: build it for {num_classes} (for example --model-kwargs "
+                          f"'{{\"num_classes\": {num_classes}}}', or leave num_classes out of --model-kwargs)")
+
+
 def _params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -443,9 +459,10 @@ def _train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     dataset = _dataset(args.dataset)
     _check_augment(args.augment, dataset)
-    in_ch, n_cls, _size = data.dataset_info(dataset, root=args.root)
+    in_ch, n_cls, size = data.dataset_info(dataset, root=args.root)
     torch.manual_seed(args.seed)  # before the model's initial weights are drawn
     model = _model(args.model, n_cls, in_ch, None, args.model_kwargs)
+    _check_classes(model, in_ch, size, n_cls, dataset)
     train_loader = _train_loader(data.get_dataset(dataset, True, root=args.root), dataset, args.batch_size,
                                  args.train_subset, args.epoch_images, args.augment, args.seed)
     test_loader = data.make_loader(data.get_dataset(dataset, False, root=args.root), 256, False, seed=args.seed)
@@ -495,6 +512,7 @@ def _compress(args: argparse.Namespace) -> int:
             if args.checkpoint is None and args.baseline_epochs is None and not args.model_kwargs else None)
     checkpoint = str(pretrained.verified_path(ship)) if ship is not None else args.checkpoint
     model = _model(args.model, n_cls, in_ch, checkpoint, args.model_kwargs)
+    _check_classes(model, in_ch, size, n_cls, dataset)
     train_set = data.get_dataset(dataset, True, root=args.root)
     eval_set = data.get_dataset(dataset, False, root=args.root)
     quick = QUICK if args.quick else {}

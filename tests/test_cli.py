@@ -300,6 +300,50 @@ def test_augment_is_for_fashion_mnist_only(capsys):
     assert "--augment shifts and flips Fashion-MNIST's training images; cifar10's are augmented already" in capsys.readouterr().err
 
 
+TINY_FACTORY = """
+import torch
+from torch import nn
+
+
+class Tiny(nn.Module):
+    def __init__(self, num_classes, in_channels):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 4, 3, padding=1)
+        self.fc = nn.Linear(4, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def build(num_classes=10, in_channels=1):
+    return Tiny(num_classes, in_channels)
+
+
+def five(in_channels=1):  # a factory that takes no num_classes: always 5 outputs
+    return Tiny(5, in_channels)
+"""
+
+
+def test_a_model_with_other_classes_than_the_dataset_exits_2_before_writing(tmp_path, capsys):
+    from tests.test_robustness import _fake_fashion_mnist
+
+    root = _fake_fashion_mnist(tmp_path / "fm")
+    factory = tmp_path / "tiny.py"
+    factory.write_text(TINY_FACTORY)
+    common = ["--dataset", "fashion-mnist", "--root", str(root), "--batch-size", "32", "--threads", "1", "--no-progress"]
+    for model in (["--model", f"{factory}:build", "--model-kwargs", '{"num_classes": 5}'], ["--model", f"{factory}:five"]):
+        for command in (["train", "--epochs", "1"], ["compress", "--baseline-epochs", "1"]):
+            out = tmp_path / command[0]
+            assert main([*command, *model, *common, "--out", str(out)]) == 2
+            assert ("the model outputs 5 scores per image but fashion-mnist has 10 classes: build it for 10 (for "
+                    "example --model-kwargs '{\"num_classes\": 10}'") in capsys.readouterr().err
+            assert not out.exists()
+    # the dataset's own count, given or left to fxtucker, is fine: the check reads the model's outputs
+    for kwargs in ([], ["--model-kwargs", '{"num_classes": 10}']):
+        assert main(["train", "--epochs", "1", "--model", f"{factory}:build", *kwargs, *common,
+                     "--out", str(tmp_path / f"ok{len(kwargs)}")]) == 0
+
+
 @pytest.mark.parametrize("value, message", [("0.5", "'0.5': give a finite number >= 1 (default 1.2)"),
                                             ("nan", "'nan': give a finite number >= 1"),
                                             ("x", "'x' is not a number; give the largest max/min")])
