@@ -78,6 +78,11 @@ class CompressConfig:
     and each epoch's data order is that epoch's of the whole run (without it, fine-tuning's epoch e
     sees step 3's epoch e's order). See :class:`~fxtucker.train.TrainConfig`'s ``first_epoch``.
 
+    ``lr_per_step`` (off by default): every stage moves its learning rate after each optimizer
+    step instead of once an epoch (:class:`~fxtucker.train.TrainConfig`'s ``per_step``), so that
+    a stage of a few epochs ends its cosine near 0 (once an epoch, one fine-tuning epoch runs at
+    its start rate throughout).
+
     ``recalibrate_bn`` (50 by default; 0: off): after the cut, every BatchNorm's running statistics
     are re-estimated from that many training batches (:func:`~fxtucker.train.recalibrate_batchnorm`),
     so that the pruned model is judged, and returned without fine-tuning, with statistics of its
@@ -128,6 +133,7 @@ class CompressConfig:
     seed: int = 0
     compile: bool = False  # every stage's training step under torch.compile (TrainConfig.compile)
     one_schedule: bool = False  # steps 2-4 as one run: one learning-rate schedule and data stream (see above)
+    lr_per_step: bool = False  # the learning rate moves every step, not every epoch (see above)
 
     def __post_init__(self) -> None:
         """Every field checked here, in one place; the training fields by the TrainConfig they build."""
@@ -160,7 +166,8 @@ class CompressConfig:
         if self.target_speedup is not None and not math.isfinite(self.target_speedup):
             raise bad("target_speedup", "a finite number >= 1")
         for name in ("steer", "relative_gates", "proximal", "mac_weighted", "live_mac_weights", "compose",
-                     "c_follows_budget", "linear", "distill", "distill_reg", "compile", "one_schedule"):
+                     "c_follows_budget", "linear", "distill", "distill_reg", "compile", "one_schedule",
+                     "lr_per_step"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")
         if self.round_to is not None and (not is_int(self.round_to) or self.round_to < 1):
@@ -205,7 +212,7 @@ class CompressConfig:
                if self.one_schedule else {})
         return TrainConfig(epochs=epochs, lr=lr, optimizer=self.optimizer, momentum=self.momentum,
                            weight_decay=self.weight_decay, schedule=self.schedule, seed=self.seed,
-                           compile=self.compile, **run)
+                           compile=self.compile, per_step=self.lr_per_step, **run)
 
     @classmethod
     def from_toml(cls, path: Union[str, Path]) -> "CompressConfig":

@@ -67,15 +67,32 @@ def make_optimizer(model: nn.Module, optimizer: str, *, lr: float, momentum: flo
 
 
 def make_scheduler(opt: torch.optim.Optimizer, schedule: str, *, epochs: int, step_size: int, gamma: float,
-                   first_epoch: int = 0, schedule_epochs: Optional[int] = None):
-    """The per-epoch learning-rate ``schedule`` (one of SCHEDULES) of ``opt``: cosine to 0 over ``epochs``,
+                   first_epoch: int = 0, schedule_epochs: Optional[int] = None,
+                   steps_per_epoch: Optional[int] = None):
+    """The learning-rate ``schedule`` (one of SCHEDULES) of ``opt``: cosine to 0 over ``epochs``,
     times ``gamma`` every ``step_size`` epochs, or constant.
 
     With ``first_epoch`` (and ``schedule_epochs``, default ``first_epoch + epochs``), the stage is
     epochs ``first_epoch`` on of a run whose schedule spans ``schedule_epochs``: its first epoch runs
     at the rate that epoch of the run would, the cosine reaches 0 at the run's end, and the step
-    schedule counts the run's epochs."""
+    schedule counts the run's epochs.
+
+    Without ``steps_per_epoch`` the scheduler is stepped once an epoch (the rate of a whole epoch is
+    its first step's: over E epochs the cosine's last epoch still runs at (1 - cos(pi / E)) / 2 of
+    the start). With it, it is stepped after every optimizer step and moves in fractions of an
+    epoch: the cosine reaches 0 at the schedule's last step, the step schedule decays at the same
+    epochs as before."""
     span = first_epoch + epochs if schedule_epochs is None else schedule_epochs
+    if steps_per_epoch is not None and schedule != "constant":
+        if not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
+            raise ValueError(f"make_scheduler: steps_per_epoch must be an integer >= 1, got {steps_per_epoch!r}")
+        start, total = first_epoch * steps_per_epoch, span * steps_per_epoch
+        # t: this stage's optimizer steps so far. An epoch longer than steps_per_epoch stays at the end.
+        if schedule == "cosine":
+            factor = lambda t: 0.5 * (1.0 + math.cos(math.pi * min(start + t, total) / total))  # noqa: E731
+        else:
+            factor = lambda t: gamma ** ((start + t) // (step_size * steps_per_epoch))  # noqa: E731
+        return torch.optim.lr_scheduler.LambdaLR(opt, factor)
     if (first_epoch, span) != (0, epochs) and schedule != "constant":
         # Closed forms of the two schedules below, at the run's epoch first_epoch + e.
         if schedule == "cosine":

@@ -105,6 +105,10 @@ class TrainConfig:
         schedule_epochs: the length of that run's schedule (``"cosine"`` reaches 0 at its end),
             at least ``first_epoch + epochs``; None: ``first_epoch + epochs`` (the run ends with
             this stage).
+        per_step: move the learning rate after every optimizer step instead of once an epoch
+            (``train_data`` needs a len()). Once an epoch, a short stage never comes near the
+            end of its cosine: over 2 epochs the second runs at half the start rate, over 1 the
+            whole stage at the start rate; per step the cosine reaches 0 at the last step.
         compile: run the training step's forward (and so its backward) under ``torch.compile``,
             on the CPU or a GPU. Checkpoints and the trained model are the original module's
             (no ``_orig_mod.`` prefix); evaluation runs the plain module, uncompiled. The first
@@ -127,6 +131,7 @@ class TrainConfig:
     compile: bool = False
     first_epoch: int = 0
     schedule_epochs: Optional[int] = None
+    per_step: bool = False
 
     def __post_init__(self) -> None:
         """Check every field and normalize numbers to plain ints and floats."""
@@ -161,6 +166,8 @@ class TrainConfig:
             fail("channels_last", "True or False")
         if not isinstance(self.compile, bool):
             fail("compile", "True or False")
+        if not isinstance(self.per_step, bool):
+            fail("per_step", "True or False")
         if not is_int(self.seed) or not 0 <= self.seed < 2**32:
             fail("seed", "an integer in [0, 2**32)")
         if self.max_grad_norm is not None and (
@@ -435,7 +442,8 @@ def train(
     opt = make_optimizer(model, config.optimizer, lr=config.lr, momentum=config.momentum,
                          weight_decay=config.weight_decay)
     sched = make_scheduler(opt, config.schedule, epochs=config.epochs, step_size=config.step_size, gamma=config.gamma,
-                           first_epoch=config.first_epoch, schedule_epochs=config.schedule_epochs)
+                           first_epoch=config.first_epoch, schedule_epochs=config.schedule_epochs,
+                           steps_per_epoch=_steps_per_epoch(train_data, config, ctx) if config.per_step else None)
     scaler = torch.amp.GradScaler("cuda") if amp else None
     saved = Resumable(stage, config, model, opt, sched, scaler, callbacks)
 
@@ -477,6 +485,18 @@ def train(
     return state.history
 
 
+def _steps_per_epoch(train_data: Iterable, config: TrainConfig, ctx: Dist) -> int:
+    """The batches of one epoch on this process (its share under DDP), for ``per_step``."""
+    try:
+        steps = len(train_batches(train_data, config.seed, config.first_epoch, ctx))  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError("TrainConfig.per_step needs train_data with a len() (a DataLoader or a list) to place "
+                         "each step on the schedule; give a DataLoader or leave per_step False") from None
+    if steps < 1:
+        raise ValueError("TrainConfig.per_step: train_data has no batches")
+    return steps
+
+
 def _run_epoch(run: _Run) -> dict:
     """Train one epoch, evaluate, and return its record."""
     config, epoch = run.config, run.state.epoch
@@ -515,7 +535,8 @@ def _run_epoch(run: _Run) -> dict:
     # its own batch statistics: without this, evaluation, the checkpoint and the model a
     # stage returns would differ between the ranks.
     run.ctx.broadcast_buffers(run.model)
-    run.sched.step()
+    if not config.per_step:
+        run.sched.step()
     accuracy = None
     if run.eval_data is not None:
         c, t = count_correct(run.model, eval_batches(run.eval_data, config.seed, run.ctx), run.dev,
@@ -594,6 +615,8 @@ def _step(run: _Run, batch: object, i: int, lr: float) -> list[float]:
     if after_step is not None:
         with torch.no_grad():
             after_step(model, epoch, state.step, opt.param_groups[0]["lr"])
+    if config.per_step:
+        run.sched.step()
     state.step += 1
     return step_sums
 

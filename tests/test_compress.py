@@ -191,6 +191,25 @@ def test_one_schedule_runs_the_stages_as_one_run(one_thread, one):
         CompressConfig(one_schedule="yes")
 
 
+def test_lr_per_step_moves_every_stage_s_rate_every_step(one_thread):
+    # 1 + 2 + 1 epochs, each stage its own cosine, moved every step: an epoch's record holds the rate of
+    # its first step, so one-epoch stages start at their base rate and step 3's second epoch halfway
+    # down, as once an epoch; what differs is within the epochs (TrainConfig.per_step, test_train).
+    model, train, test, x = toy_problem(1)
+    config = CompressConfig(train_epochs=1, reg_epochs=2, finetune_epochs=1, reg_lr=0.01, finetune_lr=0.04,
+                            target_speedup=2.0, lr_per_step=True)
+    assert config.stage_config(1, 0.04).per_step and not CompressConfig().stage_config(1, 0.04).per_step
+    result = compress(model, train, x, config=config, progress=False)
+    lrs = [h["lr"] for h in result.history]
+    assert lrs == pytest.approx([0.01, 0.01, 0.005, 0.04], rel=1e-12)
+    plain = compress(toy_problem(1)[0], train, x, config=dataclasses.replace(config, lr_per_step=False),
+                     progress=False)
+    assert any(not torch.equal(a, b) for a, b in zip(result.model.state_dict().values(),
+                                                     plain.model.state_dict().values()))
+    with pytest.raises(ValueError, match=r"CompressConfig.lr_per_step must be true or false, got 1"):
+        CompressConfig(lr_per_step=1)
+
+
 def test_steering_can_be_switched_off(one_thread):
     model, train, test, x = toy_problem()
     config = CompressConfig(train_epochs=0, reg_epochs=1, finetune_epochs=0, reg_weight=0.01, target_speedup=1.5,

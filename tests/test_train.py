@@ -325,6 +325,56 @@ def test_a_stage_that_continues_a_run_goes_on_along_its_schedule_and_its_data_or
     assert [r["lr"] for r in first] == pytest.approx([0.1, 0.1 * (1 + math.cos(math.pi / 4)) / 2], rel=1e-12)
 
 
+class LrLog:
+    """A zero penalty that records the learning rate of every optimizer step."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def __call__(self, model, epoch, step):
+        return torch.zeros(())
+
+    def after_step(self, model, epoch, step, lr):
+        self.lrs.append(lr)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "step", "constant"])
+def test_per_step_moves_the_rate_every_step_and_a_continuing_stage_goes_on_from_its_step(schedule, tmp_path):
+    # 64 items in batches of 16: 4 steps an epoch, 8 in the 2-epoch run
+    cfg = dict(lr=0.1, schedule=schedule, step_size=1, gamma=0.5, per_step=True)
+    log = LrLog()
+    history = train(tiny(), loader(), TrainConfig(epochs=2, **cfg), penalty=log, progress=False)
+    expected = {"cosine": [0.1 * (1 + math.cos(math.pi * t / 8)) / 2 for t in range(8)],
+                "step": [0.1 * 0.5 ** (t // 4) for t in range(8)], "constant": [0.1] * 8}[schedule]
+    assert log.lrs == pytest.approx(expected, rel=1e-12)
+    assert [r["lr"] for r in history] == pytest.approx(expected[::4], rel=1e-12)  # each epoch's first step
+    if schedule == "cosine":  # once an epoch, the last epoch would run at 0.05 throughout
+        assert log.lrs[-1] < 0.004
+    # the second epoch as a stage of its own (first_epoch=1) runs the run's last 4 steps
+    part = LrLog()
+    train(tiny(), loader(), TrainConfig(epochs=1, first_epoch=1, schedule_epochs=2, **cfg), penalty=part,
+          progress=False)
+    assert part.lrs == pytest.approx(expected[4:], rel=1e-12)
+    # killed after its first epoch and resumed: the same rates and the same weights as straight through
+    a = tiny()
+    train(a, loader(), TrainConfig(epochs=2, **cfg), penalty=LrLog(), out_dir=tmp_path / "a", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(), loader(), TrainConfig(epochs=2, **cfg), epoch_stats=InterruptAt(1),
+              out_dir=tmp_path / "b", progress=False)
+    b, resumed = tiny(seed=99), LrLog()
+    train(b, loader(), TrainConfig(epochs=2, **cfg), penalty=resumed, out_dir=tmp_path / "b", resume=True,
+          progress=False)
+    assert resumed.lrs == pytest.approx(expected[4:], rel=1e-12)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_per_step_needs_data_with_a_length():
+    with pytest.raises(ValueError, match=r"per_step needs train_data with a len\(\)"):
+        train(tiny(), (b for b in loader()), TrainConfig(epochs=1, per_step=True), progress=False)
+    with pytest.raises(ValueError, match=r"TrainConfig: per_step must be True or False, got 1"):
+        TrainConfig(epochs=1, per_step=1)
+
+
 class ZeroGrad(nn.Module):
     """A linear classifier plus a 2-d and a 1-d parameter whose gradient is exactly zero."""
 
