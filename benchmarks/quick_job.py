@@ -138,6 +138,11 @@ SETTINGS: dict[str, dict] = {
     # Fine-tuning at 0.005 ended lower on seed 0 (0.9246 against 0.9286): the lower rates were stopped
     # there (0.0025 not run) and the other direction added under the same rule.
     "0+2+4 distill round_to=8 finetune_lr=0.02": dict(finetune_epochs=4, distill=True, round_to=8, finetune_lr=0.02),
+    # Each stage's cosine moves once an epoch (train() steps it after the epoch), so the job's last
+    # fine-tuning epoch runs at 0.15 of its base rate and step 3's second at half: the model stops
+    # mid-descent. The same recipe with the rate moved after every step (CompressConfig.lr_per_step,
+    # new), reaching 0 at each stage's last step. Added under the same rule.
+    "0+2+4 distill round_to=8 lr per step": dict(finetune_epochs=4, distill=True, round_to=8, lr_per_step=True),
 }
 
 #: A setting's keys that choose its training images (make_loader's), not CompressConfig fields.
