@@ -143,6 +143,10 @@ SETTINGS: dict[str, dict] = {
     # mid-descent. The same recipe with the rate moved after every step (CompressConfig.lr_per_step,
     # new), reaching 0 at each stage's last step. Added under the same rule.
     "0+2+4 distill round_to=8 lr per step": dict(finetune_epochs=4, distill=True, round_to=8, lr_per_step=True),
+    # Every one of them ended under CHOSEN's seed-0 row (0.9238-0.9262 against 0.9286), which was
+    # written at commit 5bd40466 (session 17). CHOSEN itself again, at this session's code, in a
+    # folder of its own: does the recipe still give its row, or has the code under it moved?
+    "0+2+4 distill round_to=8 again": dict(finetune_epochs=4, distill=True, round_to=8),
 }
 
 #: A setting's keys that choose its training images (make_loader's), not CompressConfig fields.
