@@ -839,9 +839,10 @@ def _plan(exp: str, s: Setup) -> list[dict]:
         return runs
     if exp == "thresholds":
         # The training does not depend on the threshold (lambda is not steered), so every threshold
-        # cuts the model of the regularizers experiment's funnel run, whose checkpoints it resumes.
+        # cuts the model of the regularizers experiment's funnel run: its step-3 checkpoint is copied
+        # into the run's own folder, where compress() resumes it under the run's own configuration.
         shared = f"regularizers-funnel-lambda={ABLATION_LAMBDA}_th=0.01_no-ft"
-        return base + [dict(method="funnel", setting=f"lambda={ABLATION_LAMBDA} threshold={t} no-ft", cache=shared,
+        return base + [dict(method="funnel", setting=f"lambda={ABLATION_LAMBDA} threshold={t} no-ft", stage_from=shared,
                      flow=dict(ablation, threshold=t)) for t in (0.005, 0.01, 0.02, 0.05)]
     if exp == "decomposition":
         # Table 4: kxk convs as SVD pairs instead of Tucker-2, the same flow and budget; the Tucker-2
@@ -850,6 +851,19 @@ def _plan(exp: str, s: Setup) -> list[dict]:
     if exp == "budgets":
         return base + [dict(method="funnel", setting=f"{k}x", flow=dict(target_speedup=float(k))) for k in (2, 3, 4)]
     raise ValueError(f"unknown experiment {exp!r}; valid: {list(EXPERIMENTS)}")
+
+
+def _seed_stage(source: Path, dest: Path, stage: str = "regularize") -> None:
+    """Copy ``source``'s checkpoint and log of ``stage`` into ``dest``, unless ``dest`` has a
+    checkpoint of it: a run that shares that stage with another but not the rest of its
+    configuration resumes it there (its compress.json is its own). Links are not followed."""
+    files = [source / f"{stage}.ckpt", source / f"{stage}.jsonl"]
+    if (dest / files[0].name).exists() or not files[0].is_file() or files[0].is_symlink():
+        return
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        if f.is_file() and not f.is_symlink():
+            write_atomic(dest / f.name, f.read_bytes())
 
 
 def _cache_name(exp: str, run: dict) -> str:
@@ -999,6 +1013,8 @@ def run_experiment(exp: str, s: Setup, progress: bool = True, methods: Optional[
         if run["method"] == "uncompressed":
             model = s.baseline
         elif "flow" in run:
+            if "stage_from" in run:
+                _seed_stage(s.cache / run["stage_from"], s.cache / name)
             model, extra, rep = run_flow(s, name, progress, **run["flow"])
         else:
             model, extra = BASELINE_METHODS[run["baseline"]](s, target, progress, **run.get("args", {}))

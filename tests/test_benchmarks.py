@@ -77,6 +77,23 @@ def test_quick_baselines_write_rows_and_a_rerun_skips_them(compare, tmp_path, ca
     assert (tmp_path / "results" / "pareto.png").stat().st_size > 0
 
 
+def test_thresholds_cut_the_regularizers_run_s_model_each_under_its_own_configuration(compare, tmp_path):
+    compare.main(["--exp", "regularizers", "--profile", "quick", "--no-progress", "--methods", "uncompressed", "funnel"])
+    compare.main(["--exp", "thresholds", "--profile", "quick", "--no-progress"])
+    rows = [r for r in json.loads((tmp_path / "results" / "thresholds.json").read_text())["rows"]
+            if r["method"] == "funnel"]
+    assert sorted(r["setting"] for r in rows) == sorted(f"lambda=10.0 threshold={t} no-ft" for t in (0.005, 0.01, 0.02, 0.05))
+    seed = tmp_path / "cache" / "quick" / "resnet20-fashion-mnist-s0"
+    shared = seed / "regularizers-funnel-lambda=10.0_th=0.01_no-ft"
+    for t in (0.005, 0.01, 0.02, 0.05):
+        own = seed / f"thresholds-funnel-lambda=10.0_threshold={t}_no-ft"
+        # step 3 copied, not trained again (a second training would log other timings)
+        for name in ("regularize.ckpt", "regularize.jsonl"):
+            assert (own / name).read_bytes() == (shared / name).read_bytes()
+        assert json.loads((own / "compress.json").read_text())["config"]["threshold"] == t
+    assert json.loads((shared / "compress.json").read_text())["config"]["threshold"] == 0.01
+
+
 def test_unknown_method_is_refused(compare, capsys):
     with pytest.raises(SystemExit):
         compare.main(["--exp", "baselines", "--profile", "quick", "--methods", "svd-magic"])
