@@ -353,6 +353,48 @@ def run(names: list[str], progress: bool, seed: int = SEED) -> None:
         print(f"[quick_job] {name}: val {val_original:.4f} -> {_load('quick_job')[-1]['val_after']:.4f}")
 
 
+def test_rows(name: str, seeds: list[int]) -> None:
+    """Setting ``name``'s finished stand-in models (one per flow seed) and the stand-in itself on the
+    whole test set, one row each in results/quick_job_test.json. Only for a setting already chosen:
+    it asks whether the validation split's drop is the test set's (the shipped model's job lost 1.06
+    points on the test set where the stand-in lost 0.32 on validation), and chooses nothing."""
+    if name != CHOSEN:
+        raise SystemExit(f"--test-rows reads the test set, which is for the chosen recipe ({CHOSEN!r}) only, "
+                         f"not {name!r}")
+    in_ch, _, size = data.dataset_info("fashion-mnist")
+    x = torch.randn(1, in_ch, size, size)
+    test = data.make_loader(data.get_dataset("fashion-mnist", False), 256, False)
+    sid = stand_in_id()
+    for seed in seeds:
+        if any(r["setting"] == name and r["stand_in"] == sid and r["seed"] == seed for r in _load("quick_job_test")):
+            print(f"[quick_job] {name}, seed {seed}: test row stored, skipped")
+            continue
+        if not _stored(name, sid, seed):
+            print(f"[quick_job] {name}, seed {seed}: no validation row yet (run it first), skipped")
+            continue
+        model = stand_in()
+        train_loader, val_loader = loaders(**loader_args(name))
+        result = compressed(name, model, train_loader, val_loader, x, progress=False, seed=seed)  # from its checkpoints
+        row = {"setting": name, "stand_in": sid, "seed": seed, "test_images": len(test.dataset),
+               "test_original": evaluate(model, test), "test_after": evaluate(result.model.eval(), test),
+               **_provenance()}
+        _append("quick_job_test", row)
+        print(f"[quick_job] {name}, seed {seed}: test {row['test_original']:.4f} -> {row['test_after']:.4f}")
+
+
+def test_table() -> str:
+    val = {(r["setting"], r.get("stand_in"), r.get("seed", SEED)): r for r in _load("quick_job")
+           if r.get("start") == "stand-in"}
+    lines = ["| setting | stand-in | seed | val original | val after | val drop (points) | test original | test after | "
+             "test drop (points) | commit |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in _load("quick_job_test"):
+        v = val[(r["setting"], r["stand_in"], r["seed"])]
+        lines.append(f"| {r['setting']} | {r['stand_in']} | {r['seed']} | {v['val_original']:.4f} | {v['val_after']:.4f} | "
+                     f"{100 * (v['val_original'] - v['val_after']):.2f} | {r['test_original']:.4f} | "
+                     f"{r['test_after']:.4f} | {100 * (r['test_original'] - r['test_after']):.2f} | {r['commit'][:8]} |")
+    return "\n".join(lines)
+
+
 def table() -> str:
     lines = ["| start | stand-in | setting | seed | val original | val after | drop (points) | stages (val) | MAC ratio | wall s | threads | commit |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -385,6 +427,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--spinning", choices=("default", "off", "both"), default="default",
                     help="--latency: onnxruntime's worker threads spinning while they wait (default, as onnxruntime "
                          "runs), not (off: session.intra_op.allow_spinning 0), or each repeat both ways (both)")
+    ap.add_argument("--test-rows", action="store_true",
+                    help="only measure the chosen recipe's finished stand-in models (--seeds) on the test set")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[SEED], help="--test-rows: the flow seeds")
+    ap.add_argument("--test-table", action="store_true", help="only print the stored test rows")
     ap.add_argument("--rule-table", action="store_true",
                     help="only print how each reliability rule fares over the stored repeated timings")
     args = ap.parse_args(argv)
@@ -394,8 +440,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.rule_table:
         print(rule_table())
         return 0
+    if args.test_table:
+        print(test_table())
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.test_rows:
+        for name in args.settings if args.settings != list(SETTINGS) else [CHOSEN]:
+            test_rows(name, args.seeds)
+        print(test_table())
+        return 0
     if args.latency:
         ways = {"no": (False,), "yes": (True,), "both": (False, True)}[args.interleave]
         spins = {"default": (None,), "off": (False,), "both": (None, False)}[args.spinning]

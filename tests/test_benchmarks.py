@@ -231,6 +231,21 @@ def test_short_quality_settings_give_every_method_the_same_epochs_after_the_base
                 assert r["epochs"] == compare.SHORT_EPOCHS and r["distill"]
 
 
+def test_quick_job_reads_the_test_set_for_the_chosen_recipe_only(tmp_path, monkeypatch):
+    quick_job = _load("quick_job")
+    other = next(n for n in quick_job.SETTINGS if n != quick_job.CHOSEN)
+    with pytest.raises(SystemExit, match=r"--test-rows reads the test set, which is for the chosen recipe"):
+        quick_job.main(["--test-rows", "--settings", other])
+    # the table pairs each test row with its validation row (same setting, stand-in and seed)
+    rows = {"quick_job": [{"setting": quick_job.CHOSEN, "start": "stand-in", "stand_in": "abc", "seed": 1,
+                           "val_original": 0.93, "val_after": 0.926}],
+            "quick_job_test": [{"setting": quick_job.CHOSEN, "stand_in": "abc", "seed": 1, "test_original": 0.929,
+                                "test_after": 0.9236, "commit": "0123456789"}]}
+    monkeypatch.setattr(quick_job, "_load", lambda name: rows[name])
+    line = quick_job.test_table().splitlines()[-1]
+    assert line == f"| {quick_job.CHOSEN} | abc | 1 | 0.9300 | 0.9260 | 0.40 | 0.9290 | 0.9236 | 0.54 | 01234567 |"
+
+
 def test_quick_job_tuning_validates_on_images_the_job_does_not_train_on():
     try:
         data.get_dataset("fashion-mnist", True)
