@@ -840,7 +840,8 @@ def _plan(exp: str, s: Setup) -> list[dict]:
     if exp == "thresholds":
         # The training does not depend on the threshold (lambda is not steered), so every threshold
         # cuts the model of the regularizers experiment's funnel run: its step-3 checkpoint is copied
-        # into the run's own folder, where compress() resumes it under the run's own configuration.
+        # into the run's own folder, where compress() resumes it under the run's own configuration
+        # (step 3's logged gate statistics are the shared run's, counted at its threshold, 0.01).
         shared = f"regularizers-funnel-lambda={ABLATION_LAMBDA}_th=0.01_no-ft"
         return base + [dict(method="funnel", setting=f"lambda={ABLATION_LAMBDA} threshold={t} no-ft", stage_from=shared,
                      flow=dict(ablation, threshold=t)) for t in (0.005, 0.01, 0.02, 0.05)]
@@ -858,7 +859,11 @@ def _seed_stage(source: Path, dest: Path, stage: str = "regularize") -> None:
     checkpoint of it: a run that shares that stage with another but not the rest of its
     configuration resumes it there (its compress.json is its own). Links are not followed."""
     files = [source / f"{stage}.ckpt", source / f"{stage}.jsonl"]
-    if (dest / files[0].name).exists() or not files[0].is_file() or files[0].is_symlink():
+    if (dest / files[0].name).exists():
+        return
+    if not files[0].is_file() or files[0].is_symlink():
+        print(f"  note: {source.name} has no {stage} checkpoint to share (run its experiment first): "
+              f"this run trains its own")
         return
     dest.mkdir(parents=True, exist_ok=True)
     for f in files:

@@ -238,11 +238,14 @@ def compressed(name: str, model: torch.nn.Module, train_loader, val_loader, x: t
     SEED's), resumed from its stage checkpoints: a finished setting returns at once."""
     cfg = CompressConfig(**config(name), seed=seed)
     torch.manual_seed(seed)
-    folder = name.replace(" ", "_").replace("(", "").replace(")", "") + (
-        f"_seed{seed}" if seed != SEED else "")
     return compress(model, train_loader, x, eval_data=val_loader, config=cfg,
-                    out_dir=CACHE / "quick_job" / "stand-in" / stand_in_id() / folder,
+                    out_dir=CACHE / "quick_job" / "stand-in" / stand_in_id() / _folder(name, seed),
                     resume=True, progress=progress)
+
+
+def _folder(name: str, seed: int) -> str:
+    """Setting ``name``'s checkpoint folder for the flow's ``seed`` (under the stand-in's)."""
+    return name.replace(" ", "_").replace("(", "").replace(")", "") + (f"_seed{seed}" if seed != SEED else "")
 
 
 def _ways(interleave: tuple[bool, ...], spinning: tuple[Optional[bool], ...], repeat: int) -> list[tuple]:
@@ -376,8 +379,10 @@ def test_rows(name: str, seeds: list[int]) -> None:
         if any(r["setting"] == name and r["stand_in"] == sid and r["seed"] == seed for r in _load("quick_job_test")):
             print(f"[quick_job] {name}, seed {seed}: test row stored, skipped")
             continue
-        if not _stored(name, sid, seed):
-            print(f"[quick_job] {name}, seed {seed}: no validation row yet (run it first), skipped")
+        folder = CACHE / "quick_job" / "stand-in" / sid / _folder(name, seed)
+        if not _stored(name, sid, seed) or not (folder / "finetune.ckpt").is_file():
+            print(f"[quick_job] {name}, seed {seed}: no validation row or no finished checkpoints (run it first), "
+                  f"skipped")
             continue
         model = stand_in()
         train_loader, val_loader = loaders(**loader_args(name))
@@ -436,7 +441,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                          "runs), not (off: session.intra_op.allow_spinning 0), or each repeat both ways (both)")
     ap.add_argument("--test-rows", action="store_true",
                     help="only measure the chosen recipe's finished stand-in models (--seeds) on the test set")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[SEED], help="--test-rows: the flow seeds")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="--test-rows: the flow seeds (default: --seed)")
     ap.add_argument("--test-table", action="store_true", help="only print the stored test rows")
     ap.add_argument("--rule-table", action="store_true",
                     help="only print how each reliability rule fares over the stored repeated timings")
@@ -453,8 +459,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.test_rows:
-        for name in args.settings if args.settings != list(SETTINGS) else [CHOSEN]:
-            test_rows(name, args.seeds)
+        names = args.settings if args.settings != list(SETTINGS) else [CHOSEN]
+        if names != [CHOSEN]:  # before anything reads the test set
+            test_rows(next(n for n in names if n != CHOSEN), [])
+        test_rows(CHOSEN, args.seeds or [args.seed])
         print(test_table())
         return 0
     if args.latency:

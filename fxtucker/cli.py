@@ -128,20 +128,28 @@ def _model(name: str, num_classes: int, in_channels: int, checkpoint: Optional[s
         raise _UsageError(str(exc)) from None
 
 
-def _check_classes(model: torch.nn.Module, in_channels: int, size: int, num_classes: int, dataset: str) -> None:
+def _check_classes(model: torch.nn.Module, name: str, model_kwargs: Optional[dict], in_channels: int, size: int,
+                   num_classes: int, dataset: str) -> None:
     """Refuse a model whose outputs are not the dataset's classes before anything trains or is written:
     a model of fewer outputs fails in the loss only after the first batch, one of more trains on
     scores that no label ever asks for and is judged on them."""
     was_training = model.training
-    try:  # the seeded run draws nothing more for it
-        with torch.no_grad(), torch.random.fork_rng():
+    try:  # on the CPU, where the model is built; the seeded run draws nothing more for it
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
             out = model.eval()(torch.zeros(1, in_channels, size, size))
     finally:
         model.train(was_training)
-    if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] != num_classes:
-        raise _UsageError(f"the model outputs {out.shape[1]} scores per image but {dataset} has {num_classes} "
-                          f"classes: build it for {num_classes} (for example --model-kwargs "
-                          f"'{{\"num_classes\": {num_classes}}}', or leave num_classes out of --model-kwargs)")
+    if not (isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] != num_classes):
+        return
+    given = (model_kwargs or {}).get("num_classes")
+    if given is not None:
+        fix = f"give --model-kwargs num_classes {num_classes}, or leave it out and fxtucker passes {num_classes}"
+    elif ":" in name:
+        fix = (f"{name} is given num_classes={num_classes} only when it takes a num_classes argument: "
+               f"make it take one, or build {num_classes} outputs")
+    else:
+        fix = f"build it for {num_classes} classes"
+    raise _UsageError(f"the model outputs {out.shape[1]} scores per image but {dataset} has {num_classes} classes: {fix}")
 
 
 def _params(module: torch.nn.Module) -> int:
@@ -462,7 +470,7 @@ def _train(args: argparse.Namespace) -> int:
     in_ch, n_cls, size = data.dataset_info(dataset, root=args.root)
     torch.manual_seed(args.seed)  # before the model's initial weights are drawn
     model = _model(args.model, n_cls, in_ch, None, args.model_kwargs)
-    _check_classes(model, in_ch, size, n_cls, dataset)
+    _check_classes(model, args.model, args.model_kwargs, in_ch, size, n_cls, dataset)
     train_loader = _train_loader(data.get_dataset(dataset, True, root=args.root), dataset, args.batch_size,
                                  args.train_subset, args.epoch_images, args.augment, args.seed)
     test_loader = data.make_loader(data.get_dataset(dataset, False, root=args.root), 256, False, seed=args.seed)
@@ -512,7 +520,7 @@ def _compress(args: argparse.Namespace) -> int:
             if args.checkpoint is None and args.baseline_epochs is None and not args.model_kwargs else None)
     checkpoint = str(pretrained.verified_path(ship)) if ship is not None else args.checkpoint
     model = _model(args.model, n_cls, in_ch, checkpoint, args.model_kwargs)
-    _check_classes(model, in_ch, size, n_cls, dataset)
+    _check_classes(model, args.model, args.model_kwargs, in_ch, size, n_cls, dataset)
     train_set = data.get_dataset(dataset, True, root=args.root)
     eval_set = data.get_dataset(dataset, False, root=args.root)
     quick = QUICK if args.quick else {}

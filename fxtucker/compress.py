@@ -259,12 +259,13 @@ def auto_reg_weight(config: "CompressConfig", steps_per_epoch: Optional[int]) ->
     so that the proximal steps of step 3 shrink a gate at slope 1 by about :data:`AUTO_SHRINK` times
     its vector's mean in all, whatever the data size and batch; a given number is used as it is.
 
-    The cosine schedule is taken at half its start rate, its continuous mean. Stepped once per
-    epoch, as train() steps it, its mean over E epochs is (1 + 1/E) / 2 of the start (0.75 for
-    step 3's default 2), and with ``one_schedule`` step 3 runs at the start of a longer cosine:
-    the shrink scheduled is then that much larger. AUTO_SHRINK was chosen on the validation split
-    with this formula, and steering (``steer``) corrects lambda within step 3's first steps, so
-    the formula stays as it was chosen."""
+    The cosine schedule is taken at half its start rate, its continuous mean, which is what step 3
+    runs at with ``lr_per_step``. Stepped once an epoch (the default), its mean over E epochs is
+    (1 + 1/E) / 2 of the start (0.75 for step 3's default 2), and with ``one_schedule`` step 3 runs
+    at the top of a longer cosine: there the proximal steps add up to more than AUTO_SHRINK (1.5x
+    at 2 epochs). AUTO_SHRINK was chosen on the validation split with this formula and the default
+    schedule, and steering (``steer``) corrects lambda within step 3's first steps, so the formula
+    stays as it was chosen."""
     if config.reg_weight != "auto":
         return float(config.reg_weight)
     if not steps_per_epoch:

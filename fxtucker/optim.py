@@ -22,7 +22,7 @@ from torch import nn
 from fxtucker.passes.insert_gates import Gate, gates
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "gate_parameters", "param_groups", "make_optimizer", "make_scheduler",
-           "check_penalty", "check_stats"]
+           "lr_factor", "check_penalty", "check_stats"]
 
 #: Valid values of ``TrainConfig.optimizer``.
 OPTIMIZERS = ("sgd", "adamw")
@@ -66,40 +66,31 @@ def make_optimizer(model: nn.Module, optimizer: str, *, lr: float, momentum: flo
     return torch.optim.AdamW(groups, lr=lr)
 
 
+def lr_factor(schedule: str, position: float, *, span: int, step_size: int, gamma: float) -> float:
+    """The factor of the base rate at ``position`` epochs into a run whose schedule spans ``span``
+    epochs (a fraction for a step within an epoch): cosine to 0 at ``span``, times ``gamma`` every
+    ``step_size`` epochs, or 1."""
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(position, span) / span))
+    if schedule == "step":
+        return gamma ** math.floor(position / step_size)
+    return 1.0
+
+
 def make_scheduler(opt: torch.optim.Optimizer, schedule: str, *, epochs: int, step_size: int, gamma: float,
-                   first_epoch: int = 0, schedule_epochs: Optional[int] = None,
-                   steps_per_epoch: Optional[int] = None):
-    """The learning-rate ``schedule`` (one of SCHEDULES) of ``opt``: cosine to 0 over ``epochs``,
+                   first_epoch: int = 0, schedule_epochs: Optional[int] = None):
+    """The per-epoch learning-rate ``schedule`` (one of SCHEDULES) of ``opt``: cosine to 0 over ``epochs``,
     times ``gamma`` every ``step_size`` epochs, or constant.
 
     With ``first_epoch`` (and ``schedule_epochs``, default ``first_epoch + epochs``), the stage is
     epochs ``first_epoch`` on of a run whose schedule spans ``schedule_epochs``: its first epoch runs
     at the rate that epoch of the run would, the cosine reaches 0 at the run's end, and the step
-    schedule counts the run's epochs.
-
-    Without ``steps_per_epoch`` the scheduler is stepped once an epoch (the rate of a whole epoch is
-    its first step's: over E epochs the cosine's last epoch still runs at (1 - cos(pi / E)) / 2 of
-    the start). With it, it is stepped after every optimizer step and moves in fractions of an
-    epoch: the cosine reaches 0 at the schedule's last step, the step schedule decays at the same
-    epochs as before."""
+    schedule counts the run's epochs (:func:`lr_factor` at the run's epoch). ``TrainConfig.per_step``
+    sets the rate of every step from :func:`lr_factor` instead."""
     span = first_epoch + epochs if schedule_epochs is None else schedule_epochs
-    if steps_per_epoch is not None and schedule != "constant":
-        if not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
-            raise ValueError(f"make_scheduler: steps_per_epoch must be an integer >= 1, got {steps_per_epoch!r}")
-        start, total = first_epoch * steps_per_epoch, span * steps_per_epoch
-        # t: this stage's optimizer steps so far. An epoch longer than steps_per_epoch stays at the end.
-        if schedule == "cosine":
-            factor = lambda t: 0.5 * (1.0 + math.cos(math.pi * min(start + t, total) / total))  # noqa: E731
-        else:
-            factor = lambda t: gamma ** ((start + t) // (step_size * steps_per_epoch))  # noqa: E731
-        return torch.optim.lr_scheduler.LambdaLR(opt, factor)
     if (first_epoch, span) != (0, epochs) and schedule != "constant":
-        # Closed forms of the two schedules below, at the run's epoch first_epoch + e.
-        if schedule == "cosine":
-            factor = lambda e: 0.5 * (1.0 + math.cos(math.pi * (first_epoch + e) / span))  # noqa: E731
-        else:
-            factor = lambda e: gamma ** ((first_epoch + e) // step_size)  # noqa: E731
-        return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda e: lr_factor(schedule, first_epoch + e, span=span, step_size=step_size, gamma=gamma))
     if schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     if schedule == "step":

@@ -47,7 +47,7 @@ from fxtucker.batches import (batch_sums, check_train_data, count_correct, eval_
 from fxtucker.checkpoint import CHECKPOINT_FORMAT, CheckpointFiles, Progress, Resumable, start_stage, stateful
 from fxtucker.distributed import Dist, resolve_device, setup_distributed, wants_ddp, wrap_ddp
 from fxtucker.io import is_int, is_real
-from fxtucker.optim import OPTIMIZERS, SCHEDULES, check_penalty, check_stats, make_optimizer, make_scheduler
+from fxtucker.optim import OPTIMIZERS, SCHEDULES, check_penalty, check_stats, lr_factor, make_optimizer, make_scheduler
 
 __all__ = ["TrainConfig", "train", "evaluate", "recalibrate_batchnorm", "TrainingDiverged", "progress_bar",
            "OPTIMIZERS", "SCHEDULES", "RECORD_KEYS", "CHECKPOINT_FORMAT"]
@@ -105,10 +105,13 @@ class TrainConfig:
         schedule_epochs: the length of that run's schedule (``"cosine"`` reaches 0 at its end),
             at least ``first_epoch + epochs``; None: ``first_epoch + epochs`` (the run ends with
             this stage).
-        per_step: move the learning rate after every optimizer step instead of once an epoch
-            (``train_data`` needs a len()). Once an epoch, a short stage never comes near the
-            end of its cosine: over 2 epochs the second runs at half the start rate, over 1 the
-            whole stage at the start rate; per step the cosine reaches 0 at the last step.
+        per_step: set the learning rate of every optimizer step from where it lies in the
+            schedule (epoch + step / the epoch's steps; ``train_data`` needs a len()) instead of
+            once an epoch. Once an epoch, a short stage never comes near the end of its cosine:
+            over 2 epochs the second runs at half the start rate, over 1 the whole stage at the
+            start rate; per step the rate falls within each epoch, to (1 - cos(pi / steps)) / 2 of
+            the start at the stage's last step. A step's rate depends on its place alone, so a
+            resume, another batch count per rank or an epoch of another length each get theirs.
         compile: run the training step's forward (and so its backward) under ``torch.compile``,
             on the CPU or a GPU. Checkpoints and the trained model are the original module's
             (no ``_orig_mod.`` prefix); evaluation runs the plain module, uncompiled. The first
@@ -376,7 +379,8 @@ def train(
          "seconds", **epoch_stats(model)}
 
     ``loss``, ``ce`` and ``penalty`` are means over the epoch's samples, ``lr`` is the rate
-    the epoch ran at and ``accuracy`` is None without ``eval_data``.
+    the epoch ran at (with ``config.per_step``, its first step's) and ``accuracy`` is None without
+    ``eval_data``.
 
     Args:
         model: any nn.Module returning (batch, classes) logits, including a GraphModule with
@@ -442,8 +446,7 @@ def train(
     opt = make_optimizer(model, config.optimizer, lr=config.lr, momentum=config.momentum,
                          weight_decay=config.weight_decay)
     sched = make_scheduler(opt, config.schedule, epochs=config.epochs, step_size=config.step_size, gamma=config.gamma,
-                           first_epoch=config.first_epoch, schedule_epochs=config.schedule_epochs,
-                           steps_per_epoch=_steps_per_epoch(train_data, config, ctx) if config.per_step else None)
+                           first_epoch=config.first_epoch, schedule_epochs=config.schedule_epochs)
     scaler = torch.amp.GradScaler("cuda") if amp else None
     saved = Resumable(stage, config, model, opt, sched, scaler, callbacks)
 
@@ -485,28 +488,34 @@ def train(
     return state.history
 
 
-def _steps_per_epoch(train_data: Iterable, config: TrainConfig, ctx: Dist) -> int:
-    """The batches of one epoch on this process (its share under DDP), for ``per_step``."""
-    try:
-        steps = len(train_batches(train_data, config.seed, config.first_epoch, ctx))  # type: ignore[arg-type]
-    except TypeError:
-        raise ValueError("TrainConfig.per_step needs train_data with a len() (a DataLoader or a list) to place "
-                         "each step on the schedule; give a DataLoader or leave per_step False") from None
-    if steps < 1:
-        raise ValueError("TrainConfig.per_step: train_data has no batches")
-    return steps
+def _set_step_rate(run: _Run, epoch: int, i: int, steps: Optional[int]) -> None:
+    """``per_step``: the rate of step ``i`` of the stage's epoch ``epoch`` (of ``steps``), a function of
+    where the step lies in the run's schedule alone, so a resumed run, a rank of another batch count
+    or an epoch of another length each get theirs."""
+    config = run.config
+    if steps is None:
+        raise ValueError("train: TrainConfig.per_step needs each epoch's batches to have a len() (a DataLoader or "
+                         "a list) to place each step on the schedule; give a DataLoader or leave per_step False")
+    span = config.schedule_epochs or config.first_epoch + config.epochs
+    factor = lr_factor(config.schedule, config.first_epoch + epoch + i / steps, span=span,
+                       step_size=config.step_size, gamma=config.gamma)
+    for group in run.opt.param_groups:
+        group["lr"] = group["initial_lr"] * factor
 
 
 def _run_epoch(run: _Run) -> dict:
     """Train one epoch, evaluate, and return its record."""
     config, epoch = run.config, run.state.epoch
     start = time.perf_counter()
-    lr = float(run.opt.param_groups[0]["lr"])
     batches = train_batches(run.train_data, config.seed, config.first_epoch + epoch, run.ctx)
     try:
         total = len(batches)  # type: ignore[arg-type]
     except TypeError:
         total = None
+    per_step = config.per_step and config.schedule != "constant"
+    if per_step:
+        _set_step_rate(run, epoch, 0, total)
+    lr = float(run.opt.param_groups[0]["lr"])  # with per_step, the epoch's first step's
     if run.show_bar and run.bar is None:
         # One bar for the whole stage, so that its ETA covers every epoch left; after a resume it
         # starts at the epochs already done (tqdm's ETA counts only the steps timed here).
@@ -518,6 +527,8 @@ def _run_epoch(run: _Run) -> dict:
     sums = [0.0, 0.0, 0.0, 0.0]
     run.net.train()
     for i, batch in enumerate(batches):
+        if per_step:
+            _set_step_rate(run, epoch, i, total)
         step_sums = _step(run, batch, i, lr)
         for k in range(4):
             sums[k] += step_sums[k]
@@ -535,7 +546,7 @@ def _run_epoch(run: _Run) -> dict:
     # its own batch statistics: without this, evaluation, the checkpoint and the model a
     # stage returns would differ between the ranks.
     run.ctx.broadcast_buffers(run.model)
-    if not config.per_step:
+    if not config.per_step:  # with per_step, _set_step_rate sets each step's rate instead
         run.sched.step()
     accuracy = None
     if run.eval_data is not None:
@@ -615,8 +626,6 @@ def _step(run: _Run, batch: object, i: int, lr: float) -> list[float]:
     if after_step is not None:
         with torch.no_grad():
             after_step(model, epoch, state.step, opt.param_groups[0]["lr"])
-    if config.per_step:
-        run.sched.step()
     state.step += 1
     return step_sums
 

@@ -325,23 +325,39 @@ def five(in_channels=1):  # a factory that takes no num_classes: always 5 output
 
 
 def test_a_model_with_other_classes_than_the_dataset_exits_2_before_writing(tmp_path, capsys):
+    import torch
+
+    import fxtucker.cli as cli
     from tests.test_robustness import _fake_fashion_mnist
 
     root = _fake_fashion_mnist(tmp_path / "fm")
     factory = tmp_path / "tiny.py"
     factory.write_text(TINY_FACTORY)
     common = ["--dataset", "fashion-mnist", "--root", str(root), "--batch-size", "32", "--threads", "1", "--no-progress"]
-    for model in (["--model", f"{factory}:build", "--model-kwargs", '{"num_classes": 5}'], ["--model", f"{factory}:five"]):
+    why = "the model outputs 5 scores per image but fashion-mnist has 10 classes: "
+    for model, fix in (
+            (["--model", f"{factory}:build", "--model-kwargs", '{"num_classes": 5}'],
+             "give --model-kwargs num_classes 10, or leave it out and fxtucker passes 10"),
+            (["--model", f"{factory}:five"],
+             f"{factory}:five is given num_classes=10 only when it takes a num_classes argument: make it take one, "
+             f"or build 10 outputs")):
         for command in (["train", "--epochs", "1"], ["compress", "--baseline-epochs", "1"]):
             out = tmp_path / command[0]
             assert main([*command, *model, *common, "--out", str(out)]) == 2
-            assert ("the model outputs 5 scores per image but fashion-mnist has 10 classes: build it for 10 (for "
-                    "example --model-kwargs '{\"num_classes\": 10}'") in capsys.readouterr().err
+            assert why + fix in capsys.readouterr().err
             assert not out.exists()
-    # the dataset's own count, given or left to fxtucker, is fine: the check reads the model's outputs
+    # the dataset's own count, given or left to fxtucker, is fine: the check reads the model's outputs,
+    # and draws nothing from the seeded run (the same weights as a run without the check)
     for kwargs in ([], ["--model-kwargs", '{"num_classes": 10}']):
         assert main(["train", "--epochs", "1", "--model", f"{factory}:build", *kwargs, *common,
                      "--out", str(tmp_path / f"ok{len(kwargs)}")]) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli, "_check_classes", lambda *a: None)
+        assert main(["train", "--epochs", "1", "--model", f"{factory}:build", *common,
+                     "--out", str(tmp_path / "unchecked")]) == 0
+    checked = torch.load(tmp_path / "ok0" / "state_dict.pt", weights_only=True)
+    unchecked = torch.load(tmp_path / "unchecked" / "state_dict.pt", weights_only=True)
+    assert checked.keys() == unchecked.keys() and all(torch.equal(checked[k], unchecked[k]) for k in checked)
 
 
 @pytest.mark.parametrize("value, message", [("0.5", "'0.5': give a finite number >= 1 (default 1.2)"),

@@ -338,28 +338,49 @@ class LrLog:
         self.lrs.append(lr)
 
 
+class Batches:
+    """A list of batches that, like a loader, has a len() but yields fewer in its first epoch."""
+
+    def __init__(self, batches, first) -> None:
+        self.batches, self.first, self.epochs = batches, first, 0
+
+    def __len__(self):
+        return len(self.batches) if self.epochs else self.first
+
+    def __iter__(self):
+        n = len(self)
+        self.epochs += 1
+        return iter(self.batches[:n])
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "step", "constant"])
-def test_per_step_moves_the_rate_every_step_and_a_continuing_stage_goes_on_from_its_step(schedule, tmp_path):
-    # 64 items in batches of 16: 4 steps an epoch, 8 in the 2-epoch run
+def test_per_step_sets_each_step_s_rate_from_its_place_in_the_schedule(schedule, tmp_path):
+    # 64 items in batches of 16: 4 steps an epoch; step i of epoch e sits at e + i / 4 of the 2 epochs
     cfg = dict(lr=0.1, schedule=schedule, step_size=1, gamma=0.5, per_step=True)
+    rate = {"cosine": lambda p: 0.1 * (1 + math.cos(math.pi * p / 2)) / 2, "step": lambda p: 0.1 * 0.5 ** math.floor(p),
+            "constant": lambda p: 0.1}[schedule]
+    expected = [rate(e + i / 4) for e in range(2) for i in range(4)]
     log = LrLog()
     history = train(tiny(), loader(), TrainConfig(epochs=2, **cfg), penalty=log, progress=False)
-    expected = {"cosine": [0.1 * (1 + math.cos(math.pi * t / 8)) / 2 for t in range(8)],
-                "step": [0.1 * 0.5 ** (t // 4) for t in range(8)], "constant": [0.1] * 8}[schedule]
     assert log.lrs == pytest.approx(expected, rel=1e-12)
     assert [r["lr"] for r in history] == pytest.approx(expected[::4], rel=1e-12)  # each epoch's first step
     if schedule == "cosine":  # once an epoch, the last epoch would run at 0.05 throughout
-        assert log.lrs[-1] < 0.004
-    # the second epoch as a stage of its own (first_epoch=1) runs the run's last 4 steps
+        assert log.lrs[-1] < 0.02 and log.lrs == sorted(log.lrs, reverse=True)
+    # the second epoch as a stage of its own (first_epoch=1) runs the run's last 4 steps' rates
     part = LrLog()
     train(tiny(), loader(), TrainConfig(epochs=1, first_epoch=1, schedule_epochs=2, **cfg), penalty=part,
           progress=False)
     assert part.lrs == pytest.approx(expected[4:], rel=1e-12)
+    # an epoch of other length than the first: each epoch's steps spread over that epoch alone
+    short = LrLog()
+    data = list(loader(shuffle=False))
+    train(tiny(), Batches(data, 2), TrainConfig(epochs=2, **cfg), penalty=short, progress=False)
+    assert short.lrs == pytest.approx([rate(0), rate(0.5)] + expected[4:], rel=1e-12)
     # killed after its first epoch and resumed: the same rates and the same weights as straight through
     a = tiny()
     train(a, loader(), TrainConfig(epochs=2, **cfg), penalty=LrLog(), out_dir=tmp_path / "a", progress=False)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny(), loader(), TrainConfig(epochs=2, **cfg), epoch_stats=InterruptAt(1),
+        train(tiny(), loader(), TrainConfig(epochs=2, **cfg), penalty=LrLog(), epoch_stats=InterruptAt(1),
               out_dir=tmp_path / "b", progress=False)
     b, resumed = tiny(seed=99), LrLog()
     train(b, loader(), TrainConfig(epochs=2, **cfg), penalty=resumed, out_dir=tmp_path / "b", resume=True,
@@ -369,8 +390,10 @@ def test_per_step_moves_the_rate_every_step_and_a_continuing_stage_goes_on_from_
 
 
 def test_per_step_needs_data_with_a_length():
-    with pytest.raises(ValueError, match=r"per_step needs train_data with a len\(\)"):
+    with pytest.raises(ValueError, match=r"train: TrainConfig.per_step needs each epoch's batches to have a len\(\)"):
         train(tiny(), (b for b in loader()), TrainConfig(epochs=1, per_step=True), progress=False)
+    # a constant rate has nothing to place: any iterable trains
+    train(tiny(), (b for b in loader()), TrainConfig(epochs=1, per_step=True, schedule="constant"), progress=False)
     with pytest.raises(ValueError, match=r"TrainConfig: per_step must be True or False, got 1"):
         TrainConfig(epochs=1, per_step=1)
 
