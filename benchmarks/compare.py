@@ -1049,7 +1049,8 @@ def plot(out: Optional[Path] = None) -> Optional[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for exp in EXPERIMENTS for r in _load(exp) if r.get("stage") == "final"]
+    # rows with a test accuracy (the tuning rows read only the validation split)
+    rows = [r for exp in EXPERIMENTS for r in _load(exp) if r.get("stage") == "final" and r.get("accuracy") is not None]
     if not rows:
         return None
     # One panel per (model, profile): their baselines differ, so their points do not share axes.
@@ -1078,14 +1079,22 @@ def _plot_histograms(plt, out: Path) -> Optional[Path]:
     rows = [r for r in _load("regularizers") if r.get("stage") == "final" and r.get("gate_histogram")]
     if not rows:
         return None
-    fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 2.8), sharey=True, squeeze=False)
-    for ax, r in zip(axes[0], rows):
+    # one row of panels per seed
+    seeds = sorted({r["seed"] for r in rows})
+    by_seed = [[r for r in rows if r["seed"] == seed] for seed in seeds]
+    cols = max(len(b) for b in by_seed)
+    fig, axes = plt.subplots(len(seeds), cols, figsize=(3.2 * cols, 2.8 * len(seeds)), sharey=True, squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for ax, r in [(axes[i][j], r) for i, b in enumerate(by_seed) for j, r in enumerate(b)]:
+        ax.set_visible(True)
         h = r["gate_histogram"]
         edges = h["log10_edges"]
         ax.bar(edges[:-1], h["counts"], width=edges[1] - edges[0], align="edge")
         ax.set_title(f"{r['method']} (seed {r['seed']}): {h['zeros']} of {h['total']} at 0", fontsize=8)
         ax.set_xlabel("log10 relative gate")
-    axes[0][0].set_ylabel("gates")
+    for row in axes:
+        row[0].set_ylabel("gates")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -95,6 +95,16 @@ def test_thresholds_cut_the_regularizers_run_s_model_each_under_its_own_configur
     assert json.loads((shared / "compress.json").read_text())["config"]["threshold"] == 0.01
 
 
+def test_the_plot_leaves_out_rows_without_a_test_accuracy(compare, tmp_path):
+    pytest.importorskip("matplotlib")
+    row = dict(model="resnet20", profile="quick", device="cpu", method="funnel", setting="2x", seed=0, stage="final",
+               macs=1_000_000, accuracy=0.9)
+    compare.RESULTS.mkdir(parents=True)
+    (compare.RESULTS / "quality.json").write_text(json.dumps({"rows": [row]}))
+    (compare.RESULTS / "tuning.json").write_text(json.dumps({"rows": [dict(row, accuracy=None, val_accuracy=0.9)]}))
+    assert compare.plot() == tmp_path / "results" / "pareto.png" and compare.plot().stat().st_size > 0
+
+
 def test_unknown_method_is_refused(compare, capsys):
     with pytest.raises(SystemExit):
         compare.main(["--exp", "baselines", "--profile", "quick", "--methods", "svd-magic"])
