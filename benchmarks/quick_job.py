@@ -30,7 +30,6 @@ from typing import Optional
 import torch
 
 from fxtucker import cli, data, models, run_report
-from fxtucker.cli import QUICK
 from fxtucker.compress import CompressConfig, compress
 from fxtucker.train import evaluate
 
@@ -46,7 +45,7 @@ BASE = dict(train_epochs=0, reg_epochs=2, finetune_epochs=3, target_speedup=2.0,
 #: ``train_subset`` (not a CompressConfig field) changes it.
 BASE_SUBSET = 10000
 #: The setting the main job took (cli.QUICK_CONFIG is BASE with its changes; tested).
-CHOSEN = "0+2+4 distill round_to=8"
+CHOSEN = "0+2+6 distill round_to=8 fresh 10,000 of 55,000"
 
 #: name -> changes to BASE. Each name starts with its epochs (decomposed + regularized +
 #: fine-tuning, after the trained model; tested): most have the job's 5 and differ in how those are
@@ -154,6 +153,9 @@ SETTINGS: dict[str, dict] = {
     # job's time: about 250 of its 300 s), under the same rule.
     "0+2+6 distill round_to=8 fresh 10,000 of 55,000": dict(finetune_epochs=6, distill=True, round_to=8,
                                                            train_subset=55000, epoch_images=10000),
+    # It did (0.9292, 0.9298, 0.9312: mean 0.9301, 0.16 above 0+2+4's 0.9285): CHOSEN since session
+    # 22. The job draws its epochs from all the shipped model's training images (cli.QUICK), as this
+    # setting draws from all the stand-in's.
 }
 
 #: A setting's keys that choose its training images (make_loader's), not CompressConfig fields.
@@ -180,7 +182,7 @@ def loader_args(name: str) -> dict:
     return dict(subset=train_subset(name), epoch_items=epoch_images(name), augment=SETTINGS[name].get("augment", False))
 
 
-def loaders(batch_size: int = 128, subset: int = QUICK["train_subset"], epoch_items: Optional[int] = None,
+def loaders(batch_size: int = 128, subset: int = BASE_SUBSET, epoch_items: Optional[int] = None,
             augment: bool = False):
     """The main job's training loader (its ``subset`` images, 10,000 as the CLI draws them; each epoch
     ``epoch_items`` of them drawn afresh when given; shifted and flipped with ``augment``) and the

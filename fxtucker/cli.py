@@ -288,18 +288,21 @@ def _inspect(args: argparse.Namespace) -> int:
 
 # The --quick profile: a run of at most 5 minutes on 2 CPU cores (resnet20, Fashion-MNIST). eval_subset is
 # what the stages are watched on; accuracy before and after is measured on the whole test set.
-QUICK = dict(train_subset=10000, eval_subset=2000, baseline_epochs=4)
+# Each epoch of the main job trains on 10,000 training images drawn afresh from all of them (the
+# shipped model's own; --epoch-images), its stages watched on 2,000 test images.
+QUICK = dict(train_subset=None, epoch_images=10000, eval_subset=2000, baseline_epochs=4)
 # The main job's flow on a trained model: no plain training first (the model is trained), 2 epochs
-# with the funnel and 4 of fine-tuning, distilled from the original (6 epochs, within 5 minutes on
+# with the funnel and 6 of fine-tuning, distilled from the original (8 epochs, within 5 minutes on
 # 2 cores). Chosen on a validation split by benchmarks/quick_job.py, from a stand-in for the shipped
 # model trained without those images: 0.9354 -> 0.9242 without distillation, 0.9324 with it (0 + 1
 # + 4 distilled: also 0.9324; unweighted penalty: 0.9252). Ranks are kept in multiples of 8
 # (round_to=8; the budget counts the rounding): onnxruntime computes channels in blocks, and on a
 # second stand-in (session 16) the deployed model ran 1.71x faster than the original at batch 64
 # with it against 1.21x without (median rounds), for 0.9318 -> 0.9232 on the validation split
-# against 0.9268. A fourth fine-tuning epoch (session 17) took the rounded flow to 0.9286; a fifth
-# gave the same 0.9286, so the job stops at four.
-QUICK_CONFIG = dict(train_epochs=0, reg_epochs=2, finetune_epochs=4, target_speedup=2.0, distill=True, round_to=8)
+# against 0.9268. A fourth fine-tuning epoch (session 17) took the rounded flow to 0.9286; more on
+# the same 10,000 images ended lower (session 21), six with each epoch's 10,000 drawn afresh
+# ended higher on three seeds (session 22: 0.9301 against 0.9285).
+QUICK_CONFIG = dict(train_epochs=0, reg_epochs=2, finetune_epochs=6, target_speedup=2.0, distill=True, round_to=8)
 
 
 def _dataset(name: str):
@@ -525,7 +528,8 @@ def _compress(args: argparse.Namespace) -> int:
     eval_set = data.get_dataset(dataset, False, root=args.root)
     quick = QUICK if args.quick else {}
     train_subset = args.train_subset or quick.get("train_subset")
-    epoch_images = args.epoch_images or quick.get("epoch_images")
+    # (--quick's fresh draws are for the whole training set: a --train-subset of one's own is used whole)
+    epoch_images = args.epoch_images or (quick.get("epoch_images") if not args.train_subset else None)
     # (--quick's augmentation is Fashion-MNIST's: the others' training images are augmented already)
     augment = args.augment or (quick.get("augment", False) and dataset == "fashion-mnist")
     train_loader = _train_loader(train_set, dataset, args.batch_size, train_subset, epoch_images, augment, args.seed)
