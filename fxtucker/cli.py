@@ -528,12 +528,15 @@ def _compress(args: argparse.Namespace) -> int:
     eval_set = data.get_dataset(dataset, False, root=args.root)
     quick = QUICK if args.quick else {}
     train_subset = args.train_subset or quick.get("train_subset")
-    # (--quick's fresh draws are for the whole training set: a --train-subset of one's own is used whole)
-    epoch_images = args.epoch_images or (quick.get("epoch_images") if not args.train_subset else None)
+    # --quick's fresh draws are for a whole training set larger than a draw: a --train-subset of one's
+    # own, or a dataset of no more images than that, is used whole each epoch
+    quick_draw = quick.get("epoch_images") if not args.train_subset else None
+    epoch_images = args.epoch_images or (quick_draw if quick_draw and quick_draw < len(train_set) else None)
     # (--quick's augmentation is Fashion-MNIST's: the others' training images are augmented already)
     augment = args.augment or (quick.get("augment", False) and dataset == "fashion-mnist")
     train_loader = _train_loader(train_set, dataset, args.batch_size, train_subset, epoch_images, augment, args.seed)
-    eval_subset = args.eval_subset or quick.get("eval_subset")
+    quick_watch = quick.get("eval_subset")  # the stages watched on that many test images, when there are more
+    eval_subset = args.eval_subset or (quick_watch if quick_watch and quick_watch < len(eval_set) else None)
     eval_loader = data.make_loader(eval_set, 256, False, subset=eval_subset, seed=args.seed)
     # Accuracy before and after: the whole test set, unless --eval-subset asks for less.
     test_loader = (eval_loader if eval_subset == args.eval_subset

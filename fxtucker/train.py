@@ -109,8 +109,8 @@ class TrainConfig:
             schedule (epoch + step / the epoch's steps; ``train_data`` needs a len()) instead of
             once an epoch. Once an epoch, a short stage never comes near the end of its cosine:
             over 2 epochs the second runs at half the start rate, over 1 the whole stage at the
-            start rate; per step the rate falls within each epoch, to (1 - cos(pi / steps)) / 2 of
-            the start at the stage's last step. A step's rate depends on its place alone, so a
+            start rate; per step the rate falls within each epoch, to (1 - cos(pi / n)) / 2 of the
+            start at the last of a run's n steps. A step's rate depends on its place alone, so a
             resume, another batch count per rank or an epoch of another length each get theirs.
         compile: run the training step's forward (and so its backward) under ``torch.compile``,
             on the CPU or a GPU. Checkpoints and the trained model are the original module's

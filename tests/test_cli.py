@@ -282,6 +282,27 @@ def test_quick_measures_accuracy_before_and_after_on_the_whole_test_set(tmp_path
             in capsys.readouterr().out)
 
 
+def test_quick_on_a_dataset_smaller_than_its_draws_uses_all_of_it(tmp_path, monkeypatch):
+    import fxtucker.cli as cli
+    from tests.test_robustness import _fake_fashion_mnist
+
+    monkeypatch.setenv("FXTUCKER_CACHE_DIR", str(tmp_path / "cache"))
+    root = _fake_fashion_mnist(tmp_path / "fm")  # 96 training images, under --quick's 10,000 a draw
+    monkeypatch.setattr(cli.pretrained, "SHIPPED", ())
+    assert cli.QUICK["epoch_images"] > 96 and cli.QUICK["train_subset"] is None
+    monkeypatch.setattr(cli, "QUICK", dict(cli.QUICK, baseline_epochs=1))
+    monkeypatch.setattr(cli, "QUICK_CONFIG", dict(train_epochs=0, reg_epochs=1, finetune_epochs=1, target_speedup=1.2))
+    out = tmp_path / "run"
+    assert main(["compress", "--model", "resnet20", "--dataset", "fashion-mnist", "--root", str(root), "--quick",
+                 "--batch-size", "32", "--no-progress", "--threads", "1", "--backend", "eager", "--latency-batch", "2",
+                 "--rounds", "1", "--repeats", "1", "--out", str(out)]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["epoch_images"] is None and run["train_subset"] is None
+    report = json.loads((out / "report.json").read_text())
+    assert report["epochs"]["images_per_epoch"] == 96
+    assert report["stage_accuracy_images"] == report["accuracy_images"] == 48  # fewer than --quick's 2,000 watched
+
+
 def test_epoch_images_beyond_the_training_images_exits_2(tmp_path, capsys):
     from tests.test_robustness import _fake_fashion_mnist
 
