@@ -365,14 +365,20 @@ def run(names: list[str], progress: bool, seed: int = SEED) -> None:
         print(f"[quick_job] {name}: val {val_original:.4f} -> {_load('quick_job')[-1]['val_after']:.4f}")
 
 
+def _refuse_unchosen(names: list[str]) -> None:
+    """Exit before anything reads the test set if ``names`` holds a setting other than CHOSEN."""
+    for name in names:
+        if name != CHOSEN:
+            raise SystemExit(f"--test-rows reads the test set, which is for the chosen recipe ({CHOSEN!r}) only, "
+                             f"not {name!r}")
+
+
 def test_rows(name: str, seeds: list[int]) -> None:
     """Setting ``name``'s finished stand-in models (one per flow seed) and the stand-in itself on the
     whole test set, one row each in results/quick_job_test.json. Only for a setting already chosen:
     it asks whether the validation split's drop is the test set's (the shipped model's job lost 1.06
     points on the test set where the stand-in lost 0.32 on validation), and chooses nothing."""
-    if name != CHOSEN:
-        raise SystemExit(f"--test-rows reads the test set, which is for the chosen recipe ({CHOSEN!r}) only, "
-                         f"not {name!r}")
+    _refuse_unchosen([name])
     in_ch, _, size = data.dataset_info("fashion-mnist")
     x = torch.randn(1, in_ch, size, size)
     test = data.make_loader(data.get_dataset("fashion-mnist", False), 256, False)
@@ -461,9 +467,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.test_rows:
-        names = args.settings if args.settings != list(SETTINGS) else [CHOSEN]
-        if names != [CHOSEN]:  # before anything reads the test set
-            test_rows(next(n for n in names if n != CHOSEN), [])
+        _refuse_unchosen(args.settings if args.settings != list(SETTINGS) else [CHOSEN])
         test_rows(CHOSEN, args.seeds or [args.seed])
         print(test_table())
         return 0

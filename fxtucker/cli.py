@@ -505,6 +505,11 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fewer(n: Optional[int], size: int) -> Optional[int]:
+    """``n`` when it is fewer than ``size`` items, else None (all of them)."""
+    return n if n and n < size else None
+
+
 def _compress(args: argparse.Namespace) -> int:
     from fxtucker.compress import CONFIG_DEFAULTS, CompressConfig, compress
     from fxtucker.train import TrainConfig, evaluate, train
@@ -530,13 +535,13 @@ def _compress(args: argparse.Namespace) -> int:
     train_subset = args.train_subset or quick.get("train_subset")
     # --quick's fresh draws are for a whole training set larger than a draw: a --train-subset of one's
     # own, or a dataset of no more images than that, is used whole each epoch
-    quick_draw = quick.get("epoch_images") if not args.train_subset else None
-    epoch_images = args.epoch_images or (quick_draw if quick_draw and quick_draw < len(train_set) else None)
+    epoch_images = args.epoch_images or _fewer(None if args.train_subset else quick.get("epoch_images"),
+                                               len(train_set))
     # (--quick's augmentation is Fashion-MNIST's: the others' training images are augmented already)
     augment = args.augment or (quick.get("augment", False) and dataset == "fashion-mnist")
     train_loader = _train_loader(train_set, dataset, args.batch_size, train_subset, epoch_images, augment, args.seed)
-    quick_watch = quick.get("eval_subset")  # the stages watched on that many test images, when there are more
-    eval_subset = args.eval_subset or (quick_watch if quick_watch and quick_watch < len(eval_set) else None)
+    # the stages watched on --quick's number of test images, when there are more
+    eval_subset = args.eval_subset or _fewer(quick.get("eval_subset"), len(eval_set))
     eval_loader = data.make_loader(eval_set, 256, False, subset=eval_subset, seed=args.seed)
     # Accuracy before and after: the whole test set, unless --eval-subset asks for less.
     test_loader = (eval_loader if eval_subset == args.eval_subset
