@@ -195,8 +195,9 @@ def to_device(x: Any, dev: torch.device, channels_last: bool) -> Any:
 
 
 def count_correct(model: nn.Module, data: Iterable, dev: torch.device, amp: bool,
-                  what: str) -> tuple[int, int]:
-    """(correct top-1 predictions, labels seen) over ``data``, in eval mode and without grad."""
+                  what: str, *, channels_last: bool = False) -> tuple[int, int]:
+    """(correct top-1 predictions, labels seen) over ``data``, in eval mode and without grad (4-D
+    inputs in the channels-last format with ``channels_last``)."""
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=dev)
@@ -205,7 +206,7 @@ def count_correct(model: nn.Module, data: Iterable, dev: torch.device, amp: bool
         with torch.no_grad():
             for i, batch in enumerate(data):
                 x, y = split_batch(batch, what, i)
-                x, y = to_device(x, dev, False), y.to(dev, non_blocking=True)
+                x, y = to_device(x, dev, channels_last), y.to(dev, non_blocking=True)
                 with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=amp):
                     out = model(x)
                 correct += (out.argmax(dim=1) == y).sum()

@@ -134,6 +134,7 @@ class CompressConfig:
     compile: bool = False  # every stage's training step under torch.compile (TrainConfig.compile)
     one_schedule: bool = False  # steps 2-4 as one run: one learning-rate schedule and data stream (see above)
     lr_per_step: bool = False  # the learning rate moves every step, not every epoch (see above)
+    channels_last: bool = False  # every stage (and the teacher) in the channels-last format (TrainConfig.channels_last)
 
     def __post_init__(self) -> None:
         """Every field checked here, in one place; the training fields by the TrainConfig they build."""
@@ -167,7 +168,7 @@ class CompressConfig:
             raise bad("target_speedup", "a finite number >= 1")
         for name in ("steer", "relative_gates", "proximal", "mac_weighted", "live_mac_weights", "compose",
                      "c_follows_budget", "linear", "distill", "distill_reg", "compile", "one_schedule",
-                     "lr_per_step"):
+                     "lr_per_step", "channels_last"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")
         if self.round_to is not None and (not is_int(self.round_to) or self.round_to < 1):
@@ -212,7 +213,8 @@ class CompressConfig:
                if self.one_schedule else {})
         return TrainConfig(epochs=epochs, lr=lr, optimizer=self.optimizer, momentum=self.momentum,
                            weight_decay=self.weight_decay, schedule=self.schedule, seed=self.seed,
-                           compile=self.compile, per_step=self.lr_per_step, **run)
+                           compile=self.compile, per_step=self.lr_per_step, channels_last=self.channels_last,
+                           **run)
 
     @classmethod
     def from_toml(cls, path: Union[str, Path]) -> "CompressConfig":
@@ -385,6 +387,8 @@ def compress(
         raise TypeError("example_inputs must be a tensor or a tuple of tensors (one batch of the model's inputs)")
     torch.manual_seed(config.seed)
     original = copy.deepcopy(model).eval()
+    if config.channels_last:  # the teacher of distillation sees the stages' channels-last batches
+        original.to(memory_format=torch.channels_last)
     gm = trace(copy.deepcopy(model))
     macs_before = sum(n.meta["macs"] for n in cost_model(gm, *inputs).graph.nodes)
     if config.target_speedup is not None:

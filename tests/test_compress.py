@@ -210,6 +210,24 @@ def test_lr_per_step_moves_every_stage_s_rate_every_step(one_thread):
         CompressConfig(lr_per_step=1)
 
 
+def test_channels_last_runs_every_stage_and_the_teacher_in_that_format(one_thread):
+    model, train, test, x = toy_problem(1)
+    config = CompressConfig(train_epochs=1, reg_epochs=1, finetune_epochs=1, target_speedup=2.0, distill=True,
+                            distill_reg=True, channels_last=True)
+    assert config.stage_config(1, 0.01).channels_last and not CompressConfig().stage_config(1, 0.01).channels_last
+    result = compress(model, train, x, eval_data=test, config=config, progress=False)
+    plain = compress(toy_problem(1)[0], train, x, eval_data=test,
+                     config=dataclasses.replace(config, channels_last=False), progress=False)
+    # the decomposed model's epoch (no cut yet) is the same function and gradients, to float rounding
+    assert result.history[0]["loss"] == pytest.approx(plain.history[0]["loss"], rel=1e-5)
+    assert [h["stage"] for h in result.history] == ["decomposed", "regularize", "finetune"]
+    assert result.report["macs_after"] <= result.report["target_macs"]
+    assert all(p.is_contiguous() for p in result.model.parameters())
+    assert result.report["accuracy_after"] == fxtucker.train.evaluate(result.model, test)
+    with pytest.raises(ValueError, match=r"CompressConfig.channels_last must be true or false, got 'no'"):
+        CompressConfig(channels_last="no")
+
+
 def test_steering_can_be_switched_off(one_thread):
     model, train, test, x = toy_problem()
     config = CompressConfig(train_epochs=0, reg_epochs=1, finetune_epochs=0, reg_weight=0.01, target_speedup=1.5,

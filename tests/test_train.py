@@ -461,13 +461,38 @@ def test_max_grad_norm_clips_the_update():
     assert update_norm(1e-3) <= 1e-3 * (1 + 1e-5)
 
 
-def test_amp_and_channels_last_are_ignored_on_cpu():
+def test_amp_is_ignored_on_cpu():
     a, b = tiny(), tiny()
     ha = train(a, loader(), TrainConfig(epochs=2), progress=False, device="cpu")
-    hb = train(b, loader(), TrainConfig(epochs=2, amp=True, channels_last=True), progress=False,
-               device="cpu")
+    hb = train(b, loader(), TrainConfig(epochs=2, amp=True), progress=False, device="cpu")
     assert_same_state(a, b)
     assert without_seconds(ha) == without_seconds(hb)
+
+
+def test_channels_last_trains_the_same_function_in_that_format_and_puts_the_model_back():
+    formats = []
+
+    def watch(model, epoch, step):  # sees the model each step: its conv weights in the channels-last format
+        w = model.conv2.weight
+        formats.append((w.is_contiguous(memory_format=torch.channels_last), w.is_contiguous()))
+        return torch.zeros(())
+
+    a, b = tiny(), tiny()
+    ha = train(a, loader(), TrainConfig(epochs=2), progress=False, device="cpu", penalty=watch,
+               eval_data=loader(shuffle=False))
+    assert set(formats) == {(False, True)}
+    formats.clear()
+    hb = train(b, loader(), TrainConfig(epochs=2, channels_last=True), progress=False, device="cpu",
+               penalty=watch, eval_data=loader(shuffle=False))
+    assert formats and set(formats) == {(True, False)}
+    assert all(p.is_contiguous() for p in b.parameters())  # given in the default format, returned in it
+    for key, value in a.state_dict().items():  # the same function and gradients, to float rounding
+        torch.testing.assert_close(b.state_dict()[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert [h["accuracy"] for h in hb] == [h["accuracy"] for h in ha]
+    assert [h["loss"] for h in hb] == pytest.approx([h["loss"] for h in ha], rel=1e-5)
+    c = tiny().to(memory_format=torch.channels_last)  # given in channels-last, left in it
+    train(c, loader(), TrainConfig(epochs=1, channels_last=True), progress=False, device="cpu")
+    assert c.conv2.weight.is_contiguous(memory_format=torch.channels_last) and not c.conv2.weight.is_contiguous()
 
 
 def test_float64_model_trains_in_float64():
