@@ -10,7 +10,9 @@ funnel penalty (logged) and take its proximal step, steered to a 2x budget, as s
 does. The compiled step runs the composed view's forward (and so its backward) under
 torch.compile, as train() does with compile=True; the penalty and the optimizer stay eager. Its
 compilation happens in the warm-up, which is not timed; the original model compiled the same way
-is the fifth step. The five steps are timed in alternating rounds (each round runs every step
+is the fifth step. The sixth and seventh are the original and the composed view in the
+channels-last format (``TrainConfig(channels_last=True)``: the model's 4-D tensors and the batch).
+The seven steps are timed in alternating rounds (each round runs every step
 ``--steps`` times), so a slow phase of a shared machine hits all of them; the median round is kept. One row per run is appended to
 ``benchmarks/results/train_speed.json`` (or ``--out``).
 """
@@ -41,7 +43,11 @@ from compare import append_row  # noqa: E402
 RESULTS = Path(__file__).parent / "results" / "train_speed.json"
 
 
-def _step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, penalty=None, compiled: bool = False):
+def _step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, penalty=None, compiled: bool = False,
+             channels_last: bool = False):
+    if channels_last:  # as train() does with TrainConfig.channels_last
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     model.train()
     forward = torch.compile(model) if compiled else model  # as train() wraps the step's model
@@ -79,15 +85,20 @@ def main(argv=None) -> int:
         gated = cost_model(insert_gates(decompose_conv(cost_model(fxtucker.trace(plain), x[:1]))), x[:1])
     macs = sum(n.meta["macs"] for n in cost_model(fxtucker.trace(plain), x[:1]).graph.nodes)
 
-    def penalty():
-        return GatePenalty(gated, "funnel", 0.2, regularizers.c_schedule("constant", c_start=1.0),
+    def penalty(of: nn.Module = gated):
+        return GatePenalty(of, "funnel", 0.2, regularizers.c_schedule("constant", c_start=1.0),
                            target_macs=macs // 2, epochs=2, steps_per_epoch=100)
 
     view = compose_factors(gated)
+    gated_cl = copy.deepcopy(gated)
+    view_cl = compose_factors(gated_cl)
+
     steps = {"plain": _step_fn(plain, x, y), "gated chain": _step_fn(gated, x, y, penalty()),
              "composed view": _step_fn(view, x, y, penalty()),
              "composed view, compiled": _step_fn(view, x, y, penalty(), compiled=True),
-             "plain, compiled": _step_fn(copy.deepcopy(plain), x, y, compiled=True)}
+             "plain, compiled": _step_fn(copy.deepcopy(plain), x, y, compiled=True),
+             "plain, channels-last": _step_fn(copy.deepcopy(plain), x, y, channels_last=True),
+             "composed view, channels-last": _step_fn(view_cl, x, y, penalty(gated_cl), channels_last=True)}
     for step in steps.values():  # warm up, twice: the compiled step compiles here, and any recompile too
         step()
         step()
@@ -106,9 +117,9 @@ def main(argv=None) -> int:
            "rounds_s": {k: [round(t, 5) for t in v] for k, v in times.items()},
            "load_avg_1m": round(os.getloadavg()[0], 2), "torch": torch.__version__, "machine": platform.machine(),
            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    print(f"{'step':<24}{'median s':>10}{'x plain':>9}")
+    print(f"{'step':<32}{'median s':>10}{'x plain':>9}")
     for k in steps:
-        print(f"{k:<24}{med[k]:>10.4f}{med[k] / med['plain']:>9.2f}")
+        print(f"{k:<32}{med[k]:>10.4f}{med[k] / med['plain']:>9.2f}")
     append_row(args.out, row)
     return 0
 

@@ -422,17 +422,18 @@ def compress(
     if target is not None:  # an impossible budget fails now, not after hours of training
         threshold_for_budget(gated, target, relative=config.relative_gates, round_to=config.round_to,
                              rank_floor=config.rank_floor)
-    rep["stages"]["decomposed"] = {"accuracy": acc(gated), "macs": sum(n.meta["macs"] for n in gated.graph.nodes),
+    # Training runs each layer as one conv composed from its factors and gates: the same function
+    # and gradients as the gated chain, at about the original model's cost (compose_factors); the
+    # stages' accuracy is measured on it too (a third of the gated chain's time).
+    view = compose_factors(gated) if config.compose else gated
+    rep["stages"]["decomposed"] = {"accuracy": acc(view), "macs": sum(n.meta["macs"] for n in gated.graph.nodes),
                                    "gate_histogram": gate_histogram(gated, relative=config.relative_gates)}
 
     # 2. train the decomposed model on the classification loss alone
-    # Training runs each layer as one conv composed from its factors and gates: the same function
-    # and gradients as the gated chain, at about the original model's cost (compose_factors).
-    view = compose_factors(gated) if config.compose else gated
     if config.train_epochs:
         history += train(view, train_data, config.stage_config(config.train_epochs, config.train_lr),
                          stage="decomposed", **kw)
-        rep["stages"]["trained"] = {"accuracy": acc(gated), "gate_histogram": gate_histogram(gated, relative=config.relative_gates)}
+        rep["stages"]["trained"] = {"accuracy": acc(view), "gate_histogram": gate_histogram(gated, relative=config.relative_gates)}
 
     # 3. the funnel (or other) penalty on all gates of all layers at once
     kd = distillation_loss(original, config.distill_weight, config.distill_temperature)  # with distill / distill_reg
@@ -454,7 +455,7 @@ def compress(
                      extra_loss=kd if config.distill_reg else None, **kw)
     threshold = threshold_fn(gated)
     rep["threshold"], rep["reg_weight_end"] = threshold, penalty.weight
-    rep["stages"]["regularized"] = {"accuracy": acc(gated), "gate_histogram": gate_histogram(gated, relative=config.relative_gates),
+    rep["stages"]["regularized"] = {"accuracy": acc(view), "gate_histogram": gate_histogram(gated, relative=config.relative_gates),
                                     "pruning_ratio": pruned_share(gated, threshold, relative=rel,
                                                                   rank_floor=config.rank_floor)}
 
