@@ -12,7 +12,9 @@ torch.compile, as train() does with compile=True; the penalty and the optimizer 
 compilation happens in the warm-up, which is not timed; the original model compiled the same way
 is the fifth step. The sixth and seventh are the original and the composed view in the
 channels-last format (``TrainConfig(channels_last=True)``: the model's 4-D tensors and the batch).
-The seven steps are timed in alternating rounds (each round runs every step
+Its numerical cost is measured beside it: the relative error (2-norm) of the original model's
+whole gradient on the batch against the same gradient in float64, in each format
+(``gradient_error_vs_float64`` in the row). The seven steps are timed in alternating rounds (each round runs every step
 ``--steps`` times), so a slow phase of a shared machine hits all of them; the median round is kept. One row per run is appended to
 ``benchmarks/results/train_speed.json`` (or ``--out``).
 """
@@ -33,7 +35,7 @@ import torch
 import torch.nn as nn
 
 import fxtucker
-from fxtucker import models, regularizers
+from fxtucker import data, models, pretrained, regularizers
 from fxtucker.compress import GatePenalty
 from fxtucker.passes import compose_factors, cost_model, decompose_conv, insert_gates
 
@@ -62,6 +64,39 @@ def _step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, penalty=None, c
         if penalty is not None:
             penalty.after_step(model, 0, 1, 0.01)
     return step
+
+
+def _gradient_error(model: nn.Module, x: torch.Tensor, y: torch.Tensor, channels_last: bool) -> float:
+    """The relative error (2-norm, over all parameters) of ``model``'s cross-entropy gradient on (x, y)
+    in training mode, in float32 in the given format, against the same gradient in float64."""
+    def grads(m: nn.Module, inputs: torch.Tensor) -> list[torch.Tensor]:
+        m.train()
+        nn.functional.cross_entropy(m(inputs), y).backward()
+        return [p.grad.double() for p in m.parameters()]
+
+    exact = grads(copy.deepcopy(model).double(), x.double())
+    m, inputs = copy.deepcopy(model), x
+    if channels_last:
+        m, inputs = m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    got = grads(m, inputs)
+    return float(torch.sqrt(sum(((g - e) ** 2).sum() for g, e in zip(got, exact))
+                            / sum((e ** 2).sum() for e in exact)))
+
+
+def _trained_batch(model: str, batch: int):
+    """(fxtucker's shipped ``model`` for Fashion-MNIST, a batch of its training images, their labels),
+    or None when no weights are shipped for it or the dataset is not installed."""
+    entry = pretrained.shipped(model, "fashion-mnist")
+    try:
+        images = data.get_dataset("fashion-mnist", True)
+    except (FileNotFoundError, OSError):
+        return None
+    if entry is None:
+        return None
+    net = models.get_model(model, 10, 1)
+    net.load_state_dict(torch.load(pretrained.verified_path(entry), map_location="cpu", weights_only=True))
+    x, y = next(iter(data.make_loader(images, batch, True, seed=0)))
+    return net, x, y
 
 
 def main(argv=None) -> int:
@@ -93,6 +128,11 @@ def main(argv=None) -> int:
     gated_cl = copy.deepcopy(gated)
     view_cl = compose_factors(gated_cl)
 
+    errors = {f"plain{', channels-last' if cl else ''}": _gradient_error(plain, x, y, cl) for cl in (False, True)}
+    trained = _trained_batch(args.model, args.batch)
+    if trained is not None:  # a trained model's gradients are small against its activations: the harder case
+        errors.update({f"shipped weights, a Fashion-MNIST batch{', channels-last' if cl else ''}":
+                       _gradient_error(*trained, cl) for cl in (False, True)})
     steps = {"plain": _step_fn(plain, x, y), "gated chain": _step_fn(gated, x, y, penalty()),
              "composed view": _step_fn(view, x, y, penalty()),
              "composed view, compiled": _step_fn(view, x, y, penalty(), compiled=True),
@@ -115,11 +155,13 @@ def main(argv=None) -> int:
            "median_s": {k: round(v, 5) for k, v in med.items()},
            "ratio_to_plain": {k: round(v / med["plain"], 3) for k, v in med.items()},
            "rounds_s": {k: [round(t, 5) for t in v] for k, v in times.items()},
+           "gradient_error_vs_float64": {k: float(f"{v:.3g}") for k, v in errors.items()},
            "load_avg_1m": round(os.getloadavg()[0], 2), "torch": torch.__version__, "machine": platform.machine(),
            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     print(f"{'step':<32}{'median s':>10}{'x plain':>9}")
     for k in steps:
         print(f"{k:<32}{med[k]:>10.4f}{med[k] / med['plain']:>9.2f}")
+    print("gradient's relative error against float64: " + ", ".join(f"{k} {v:.2g}" for k, v in errors.items()))
     append_row(args.out, row)
     return 0
 

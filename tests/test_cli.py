@@ -295,9 +295,10 @@ def test_quick_on_a_dataset_smaller_than_its_draws_uses_all_of_it(tmp_path, monk
     out = tmp_path / "run"
     assert main(["compress", "--model", "resnet20", "--dataset", "fashion-mnist", "--root", str(root), "--quick",
                  "--batch-size", "32", "--no-progress", "--threads", "1", "--backend", "eager", "--latency-batch", "2",
-                 "--rounds", "1", "--repeats", "1", "--out", str(out)]) == 0
+                 "--rounds", "1", "--repeats", "1", "--channels-last", "--out", str(out)]) == 0
     run = json.loads((out / "run.json").read_text())
     assert run["epoch_images"] is None and run["train_subset"] is None
+    assert run["config"]["channels_last"] is True  # --channels-last reaches every stage's TrainConfig
     report = json.loads((out / "report.json").read_text())
     assert report["epochs"]["images_per_epoch"] == 96
     assert report["stage_accuracy_images"] == report["accuracy_images"] == 48  # fewer than --quick's 2,000 watched
@@ -439,6 +440,20 @@ def test_train_writes_weights_with_their_hash_and_resumes_only_the_same_run(tmp_
     # --resume with other settings is refused, naming the key
     assert _train_tiny(root, out, "--resume", "--lr", "0.05") == 2
     assert "lr" in capsys.readouterr().err
+
+
+def test_train_channels_last_saves_weights_in_the_default_format_and_resumes_only_with_it(tmp_path, capsys):
+    import torch
+
+    from tests.test_robustness import _fake_fashion_mnist
+
+    root = _fake_fashion_mnist(tmp_path / "fm")
+    assert _train_tiny(root, tmp_path / "cl", "--channels-last") == 0
+    weights = torch.load(tmp_path / "cl" / "state_dict.pt", weights_only=True)
+    assert weights["conv1.weight"].dim() == 4 and all(w.is_contiguous() for w in weights.values())
+    capsys.readouterr()
+    assert _train_tiny(root, tmp_path / "cl", "--resume") == 2  # the checkpoint was trained channels-last
+    assert "channels_last" in capsys.readouterr().err
 
 
 def test_train_draws_augmented_images_afresh_each_epoch_and_resumes_only_the_same_draws(tmp_path, capsys):
