@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 import statistics
 import sys
 import time
@@ -40,7 +38,7 @@ from fxtucker.compress import GatePenalty
 from fxtucker.passes import compose_factors, cost_model, decompose_conv, insert_gates
 
 sys.path.insert(0, str(Path(__file__).parent))
-from compare import append_row  # noqa: E402
+from compare import _provenance, append_row  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "train_speed.json"
 
@@ -156,8 +154,7 @@ def main(argv=None) -> int:
            "ratio_to_plain": {k: round(v / med["plain"], 3) for k, v in med.items()},
            "rounds_s": {k: [round(t, 5) for t in v] for k, v in times.items()},
            "gradient_error_vs_float64": {k: float(f"{v:.3g}") for k, v in errors.items()},
-           "load_avg_1m": round(os.getloadavg()[0], 2), "torch": torch.__version__, "machine": platform.machine(),
-           "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+           **_provenance()}
     print(f"{'step':<32}{'median s':>10}{'x plain':>9}")
     for k in steps:
         print(f"{k:<32}{med[k]:>10.4f}{med[k] / med['plain']:>9.2f}")
