@@ -356,6 +356,10 @@ MAX_OTHERS = 0.25
 #: The fewest ticks of the machine's CPU time (all CPUs together; usually 100 a second per CPU)
 #: over which the share of other processes is judged.
 MIN_TICKS = 100
+#: Under this share of the machine's CPU time used by other processes, a timing whose rounds disagree
+#: is not blamed on a busy machine: the rounds vary on their own (the main job's batch-1 runs of a
+#: third of a millisecond on onnxruntime did so with other processes at 0%, session 23).
+QUIET = 0.05
 
 
 def _cpu_times() -> Optional[tuple[int, int, int]]:
@@ -511,9 +515,15 @@ class LatencyComparison:
                     f"speed-up than a quiet one even when the rounds agree: rerun when it is quiet")
         r, c = self.ratios, self.counted
         middle = (f", the middle {len(c)} from {min(c):.2f}x to {max(c):.2f}x" if len(c) < len(r) else "")
+        if self.others_cpu is not None and self.others_cpu < QUIET:
+            # measured quiet: the rounds differ on their own (runs of a fraction of a millisecond, say)
+            why = (f"other processes used {self.others_cpu:.0%} of the machine's CPU time meanwhile, so the rounds "
+                   f"vary on their own at this size (runs of {min(self.candidate_rounds_ms):.3g} to "
+                   f"{max(self.baseline_rounds_ms):.3g} ms): rerun with more runs per round or more rounds")
+        else:
+            why = "the machine is probably busy: rerun when it is quiet, or with more rounds"
         return (f"timing unreliable: the {self.rounds} rounds' speed-ups range from {min(r):.2f}x to {max(r):.2f}x"
-                f"{middle} (spread {self.spread:.2f}x > {self.max_spread:.2f}x allowed); the machine is probably "
-                f"busy: rerun when it is quiet, or with more rounds")
+                f"{middle} (spread {self.spread:.2f}x > {self.max_spread:.2f}x allowed); {why}")
 
     def describe(self) -> str:
         """``"2.18 -> 1.02 ms, 2.14x"``, or why no number is given."""

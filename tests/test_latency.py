@@ -390,6 +390,22 @@ def test_compare_latency_interleaved_runs_the_models_in_turn_within_each_round()
     assert log == ["a"] * 4 + ["b"] * 4  # not interleaved: one model's runs, then the other's
 
 
+def test_an_unreliable_timing_on_a_quiet_machine_is_not_blamed_on_a_busy_one():
+    from fxtucker.latency import QUIET, LatencyComparison
+
+    rounds = dict(backend="onnxruntime", device="cpu", threads=2, input_shape=(1, 1, 28, 28),
+                  baseline_rounds_ms=(0.42, 0.40, 0.44, 0.41, 0.43), candidate_rounds_ms=(0.40, 0.30, 0.28, 0.33, 0.35),
+                  max_spread=1.2, repeats=20)
+    quiet = LatencyComparison(**rounds, others_cpu=0.0)
+    assert not quiet.reliable and not quiet.busy
+    assert quiet.describe().endswith("allowed); other processes used 0% of the machine's CPU time meanwhile, so the "
+                                     "rounds vary on their own at this size (runs of 0.28 to 0.44 ms): rerun with "
+                                     "more runs per round or more rounds")
+    for others in (None, QUIET, 0.2):  # not measured, or others at work: the machine may be busy
+        assert LatencyComparison(**rounds, others_cpu=others).describe().endswith(
+            "allowed); the machine is probably busy: rerun when it is quiet, or with more rounds")
+
+
 def test_compare_latency_says_unreliable_when_the_rounds_disagree(monkeypatch):
     from fxtucker.latency import MAX_SPREAD, compare_latency
 
