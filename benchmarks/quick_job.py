@@ -16,6 +16,14 @@ checkpoints under ``cache/quick_job/stand-in/``). The stand-in is trained first 
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quick_job.py --threads 1        # every setting
     .venv/bin/python benchmarks/quick_job.py --table                               # the stored rows
+    .venv/bin/python benchmarks/quick_job.py --main-job                            # the job itself, timed
+    .venv/bin/python benchmarks/quick_job.py --main-job-table
+
+``--main-job`` runs the README's command as a user does (its own process, the default threads, in
+a temporary output folder that is removed after), times it from start to exit, and stores what it
+printed and its report in a row of ``results/main_job.json``: the wall time, the accuracy before
+and after, the MACs, each timing or why it is unreliable, the seconds its training took, and
+whether other runs shared the machine.
 """
 
 from __future__ import annotations
@@ -436,6 +444,50 @@ def table() -> str:
     return "\n".join(lines)
 
 
+MAIN_JOB = ["compress", "--model", "resnet20", "--dataset", "fashion-mnist", "--quick"]
+
+
+def main_job_row() -> dict:
+    """Run the README's main job in its own process (a temporary --out, removed after), time it, store a row."""
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fxtucker-main-job-") as tmp:
+        out = Path(tmp) / "run"
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "fxtucker", *MAIN_JOB, "--no-progress", "--out", str(out)],
+                              capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if done.returncode != 0:
+            raise SystemExit(f"the main job failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
+        rep = json.loads((out / "report.json").read_text())
+        training = sum(json.loads(line)["seconds"] for log in sorted(out.glob("*.jsonl"))
+                       for line in log.read_text().splitlines())
+    latency = {b: (f"{t['speedup']:.2f}x" if t["reliable"] else t["note"]) for b, t in rep["latency"].items()}
+    row = {"command": "fxtucker " + " ".join(MAIN_JOB), "wall_s": round(wall, 1), "training_s": round(training, 1),
+           "accuracy_before": rep["accuracy_before"], "accuracy_after": rep["accuracy_after"],
+           "accuracy_images": rep["accuracy_images"], "macs_before": rep["macs_before"], "macs_after": rep["macs_after"],
+           "latency": latency, "parity_max_abs_error": rep["deployed"]["parity"]["max_abs_error"],
+           "printed": done.stdout, **_provenance()}
+    _append("main_job", row)
+    return row
+
+
+def main_job_table() -> str:
+    """The stored main-job rows as a markdown table."""
+    lines = ["| time | commit | wall s | training s | accuracy before -> after (drop, points) | MACs | batch 1 | batch 64 "
+             "| other runners | load |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in _load("main_job"):
+        lat = {b: "unreliable" if v.startswith("timing unreliable") else v for b, v in r["latency"].items()}
+        lines.append(f"| {r['time']} | {r['commit'][:8]} | {r['wall_s']:.0f} | {r['training_s']:.0f} | "
+                     f"{r['accuracy_before']:.4f} -> {r['accuracy_after']:.4f} "
+                     f"({100 * (r['accuracy_before'] - r['accuracy_after']):.2f}) | "
+                     f"{r['macs_before'] / r['macs_after']:.2f}x | {lat.get('batch_1', '-')} | "
+                     f"{lat.get('batch_64', '-')} | {r['other_runners']} | {r['load_avg_1m']} |")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
@@ -462,7 +514,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--test-table", action="store_true", help="only print the stored test rows")
     ap.add_argument("--rule-table", action="store_true",
                     help="only print how each reliability rule fares over the stored repeated timings")
+    ap.add_argument("--main-job", action="store_true",
+                    help="only run the README's main job as a user does, timed, and store its row (results/main_job.json)")
+    ap.add_argument("--main-job-table", action="store_true", help="only print the stored main-job rows")
     args = ap.parse_args(argv)
+    if args.main_job:
+        row = main_job_row()
+        print(row["printed"])
+        print(main_job_table())
+        return 0
+    if args.main_job_table:
+        print(main_job_table())
+        return 0
     if args.table:
         print(table())
         return 0

@@ -256,6 +256,41 @@ def test_quick_job_reads_the_test_set_for_the_chosen_recipe_only(tmp_path, monke
     assert line == f"| {quick_job.CHOSEN} | abc | 1 | 0.9300 | 0.9260 | 0.40 | 0.9290 | 0.9236 | 0.54 | 01234567 |"
 
 
+def test_main_job_row_times_the_readme_command_in_a_folder_it_removes(monkeypatch):
+    import subprocess
+
+    quick_job = _load("quick_job")
+    seen = {}
+
+    def fake_run(cmd, capture_output, text):  # the job: writes its report and logs where --out points
+        out = Path(cmd[cmd.index("--out") + 1])
+        seen["cmd"], seen["out"] = cmd, out
+        out.mkdir(parents=True)
+        unreliable = {"reliable": False, "speedup": None, "note": "timing unreliable: spread 1.3x"}
+        (out / "report.json").write_text(json.dumps({
+            "accuracy_before": 0.9347, "accuracy_after": 0.9281, "accuracy_images": 10000, "macs_before": 310,
+            "macs_after": 155, "deployed": {"parity": {"max_abs_error": 4e-6}},
+            "latency": {"batch_1": unreliable, "batch_64": {"reliable": True, "speedup": 1.6}}}))
+        for stage, seconds in (("regularize", [20.0, 21.0]), ("finetune", [15.5])):
+            (out / f"{stage}.jsonl").write_text("".join(json.dumps({"seconds": t}) + "\n" for t in seconds))
+        return subprocess.CompletedProcess(cmd, 0, stdout="the table\n", stderr="")
+
+    stored = []
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(quick_job, "_append", lambda name, row: stored.append((name, row)))
+    monkeypatch.setattr(quick_job, "_provenance", lambda: {"commit": "0123456789", "other_runners": 0,
+                                                          "load_avg_1m": 0.5, "time": "T"})
+    row = quick_job.main_job_row()
+    assert seen["cmd"][1:] == ["-m", "fxtucker", "compress", "--model", "resnet20", "--dataset", "fashion-mnist",
+                               "--quick", "--no-progress", "--out", str(seen["out"])]
+    assert not seen["out"].parent.exists()  # the temporary folder is gone
+    assert stored == [("main_job", row)] and row["training_s"] == 56.5 and row["printed"] == "the table\n"
+    assert row["latency"] == {"batch_1": "timing unreliable: spread 1.3x", "batch_64": "1.60x"}
+    monkeypatch.setattr(quick_job, "_load", lambda name: [row])
+    assert quick_job.main_job_table().splitlines()[-1] == (
+        f"| T | 01234567 | {row['wall_s']:.0f} | 56 | 0.9347 -> 0.9281 (0.66) | 2.00x | unreliable | 1.60x | 0 | 0.5 |")
+
+
 def test_quick_job_tuning_validates_on_images_the_job_does_not_train_on():
     try:
         data.get_dataset("fashion-mnist", True)
