@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -453,11 +454,13 @@ def main_job_row() -> dict:
     import subprocess
     import tempfile
 
+    before = _provenance()  # other runs at the start; the row's own provenance is taken at the end
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # torch's default threads, as a user's
     with tempfile.TemporaryDirectory(prefix="fxtucker-main-job-") as tmp:
         out = Path(tmp) / "run"
         start = time.perf_counter()
         done = subprocess.run([sys.executable, "-m", "fxtucker", *MAIN_JOB, "--no-progress", "--out", str(out)],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, env=env)
         wall = time.perf_counter() - start
         if done.returncode != 0:
             raise SystemExit(f"the main job failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
@@ -470,6 +473,8 @@ def main_job_row() -> dict:
            "accuracy_images": rep["accuracy_images"], "macs_before": rep["macs_before"], "macs_after": rep["macs_after"],
            "latency": latency, "parity_max_abs_error": rep["deployed"]["parity"]["max_abs_error"],
            "printed": done.stdout, **_provenance()}
+    row["other_runners"] = max(row["other_runners"], before["other_runners"])  # at the start or at the end
+    row["load_avg_1m_before"] = before["load_avg_1m"]
     _append("main_job", row)
     return row
 

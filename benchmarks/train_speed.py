@@ -85,14 +85,15 @@ def _trained_batch(model: str, batch: int):
     """(fxtucker's shipped ``model`` for Fashion-MNIST, a batch of its training images, their labels),
     or None when no weights are shipped for it or the dataset is not installed."""
     entry = pretrained.shipped(model, "fashion-mnist")
-    try:
-        images = data.get_dataset("fashion-mnist", True)
-    except (FileNotFoundError, OSError):
-        return None
     if entry is None:
         return None
+    try:
+        images = data.get_dataset("fashion-mnist", True)
+        weights = pretrained.verified_path(entry)
+    except OSError:  # FileNotFoundError among them
+        return None
     net = models.get_model(model, 10, 1)
-    net.load_state_dict(torch.load(pretrained.verified_path(entry), map_location="cpu", weights_only=True))
+    net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     x, y = next(iter(data.make_loader(images, batch, True, seed=0)))
     return net, x, y
 

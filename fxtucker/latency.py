@@ -515,11 +515,12 @@ class LatencyComparison:
                     f"speed-up than a quiet one even when the rounds agree: rerun when it is quiet")
         r, c = self.ratios, self.counted
         middle = (f", the middle {len(c)} from {min(c):.2f}x to {max(c):.2f}x" if len(c) < len(r) else "")
+        runs = self.baseline_rounds_ms + self.candidate_rounds_ms
         if self.others_cpu is not None and self.others_cpu < QUIET:
             # measured quiet: the rounds differ on their own (runs of a fraction of a millisecond, say)
             why = (f"other processes used {self.others_cpu:.0%} of the machine's CPU time meanwhile, so the rounds "
-                   f"vary on their own at this size (runs of {min(self.candidate_rounds_ms):.3g} to "
-                   f"{max(self.baseline_rounds_ms):.3g} ms): rerun with more runs per round or more rounds")
+                   f"vary on their own at this size (runs of {min(runs):.3g} to {max(runs):.3g} ms): rerun with "
+                   f"more runs per round or more rounds")
         else:
             why = "the machine is probably busy: rerun when it is quiet, or with more rounds"
         return (f"timing unreliable: the {self.rounds} rounds' speed-ups range from {min(r):.2f}x to {max(r):.2f}x"

@@ -103,9 +103,10 @@ class TrainConfig:
             is off float64's by about 3% (0.002% in the default format), an error of the order
             of mixed precision's and far under one batch's sampling noise; so training gives
             other weights than in the default format, not the same to float rounding.
-            Parameters that were in the default format are put back in it when the stage ends. A
-            model that calls ``.view`` on a 4-D activation fails in this format (use
-            ``flatten`` or ``reshape``).
+            Every tensor converted gets its strides back when the stage ends, however it ends (a
+            model given in the default format comes back in it); tensors of other ranks (Conv3d's)
+            are left as they are. A model that calls ``.view`` on a 4-D activation fails in this
+            format (use ``flatten`` or ``reshape``).
         seed: seeds the RNGs of a fresh run and the data order of each epoch, an integer >= 0.
         max_grad_norm: clip the global gradient 2-norm to this (> 0), or None for no clipping.
         first_epoch: where this stage starts in a longer run it is part of (e.g. the stages of
@@ -452,63 +453,78 @@ def train(
     channels_last = config.channels_last
 
     model.to(dev)
-    # put back when the stage ends: channels-last is how this stage trains, not what it returns
-    restore_format = channels_last and not _in_channels_last(model)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    opt = make_optimizer(model, config.optimizer, lr=config.lr, momentum=config.momentum,
-                         weight_decay=config.weight_decay)
-    sched = make_scheduler(opt, config.schedule, epochs=config.epochs, step_size=config.step_size, gamma=config.gamma,
-                           first_epoch=config.first_epoch, schedule_epochs=config.schedule_epochs)
-    scaler = torch.amp.GradScaler("cuda") if amp else None
-    saved = Resumable(stage, config, model, opt, sched, scaler, callbacks)
-
-    files = CheckpointFiles(Path(out_dir), stage) if out_dir is not None else None
-    state = start_stage(files, saved, resume, config.seed, ctx)
-    if state.epoch >= config.epochs:
-        log.info("train: stage %r already finished %d epoch(s); returning its history",
-                 stage, state.epoch)
-        if restore_format:
-            model.to(memory_format=torch.contiguous_format)
-        return state.history
-
-    warn_unsharded(train_data, ctx)
-    net = wrap_ddp(model, ctx, dev)
-    # Only the step is compiled: checkpoints keep model's state_dict and evaluation its eager forward.
-    run = _Run(net=torch.compile(net) if config.compile else net, model=model, train_data=train_data,
-               eval_data=eval_data, config=config, stage=stage, opt=opt, sched=sched, scaler=scaler,
-               penalty=penalty, extra_loss=extra_loss, epoch_stats=epoch_stats, ctx=ctx, dev=dev,
-               amp=amp, channels_last=channels_last, out_dir=out_dir, state=state,
-               show_bar=progress and ctx.main)
-    was_training = model.training
+    # channels-last is how this stage trains, not what it returns: what it converts is put back at its end
+    converted = _to_channels_last(model) if channels_last else []
     try:
-        while state.epoch < config.epochs:
-            record = _run_epoch(run)
-            state.history.append(record)
-            state.epoch += 1
-            if files is not None:
-                files.save_epoch(saved, state, ctx)
-    except KeyboardInterrupt:
-        if ctx.main:
-            where = state.where_saved(out_dir)
-            how = ("run again with resume=True (fxtucker ... --resume) to continue from it"
-                   if state.saved is not None else "nothing can be resumed yet")
-            log.warning("train: stage %r interrupted in epoch %d (0-based) of %d; %s: %s",
-                        stage, state.epoch, config.epochs, where, how)
-        raise
+        opt = make_optimizer(model, config.optimizer, lr=config.lr, momentum=config.momentum,
+                             weight_decay=config.weight_decay)
+        sched = make_scheduler(opt, config.schedule, epochs=config.epochs, step_size=config.step_size,
+                               gamma=config.gamma, first_epoch=config.first_epoch,
+                               schedule_epochs=config.schedule_epochs)
+        scaler = torch.amp.GradScaler("cuda") if amp else None
+        saved = Resumable(stage, config, model, opt, sched, scaler, callbacks)
+
+        files = CheckpointFiles(Path(out_dir), stage) if out_dir is not None else None
+        state = start_stage(files, saved, resume, config.seed, ctx)
+        if state.epoch >= config.epochs:
+            log.info("train: stage %r already finished %d epoch(s); returning its history",
+                     stage, state.epoch)
+            return state.history
+
+        warn_unsharded(train_data, ctx)
+        net = wrap_ddp(model, ctx, dev)
+        # Only the step is compiled: checkpoints keep model's state_dict and evaluation its eager forward.
+        run = _Run(net=torch.compile(net) if config.compile else net, model=model, train_data=train_data,
+                   eval_data=eval_data, config=config, stage=stage, opt=opt, sched=sched, scaler=scaler,
+                   penalty=penalty, extra_loss=extra_loss, epoch_stats=epoch_stats, ctx=ctx, dev=dev,
+                   amp=amp, channels_last=channels_last, out_dir=out_dir, state=state,
+                   show_bar=progress and ctx.main)
+        was_training = model.training
+        try:
+            while state.epoch < config.epochs:
+                record = _run_epoch(run)
+                state.history.append(record)
+                state.epoch += 1
+                if files is not None:
+                    files.save_epoch(saved, state, ctx)
+        except KeyboardInterrupt:
+            if ctx.main:
+                where = state.where_saved(out_dir)
+                how = ("run again with resume=True (fxtucker ... --resume) to continue from it"
+                       if state.saved is not None else "nothing can be resumed yet")
+                log.warning("train: stage %r interrupted in epoch %d (0-based) of %d; %s: %s",
+                            stage, state.epoch, config.epochs, where, how)
+            raise
+        finally:
+            model.train(was_training)
+            if run.bar is not None:
+                run.bar.close()
+        return state.history
     finally:
-        model.train(was_training)
-        if restore_format:
-            model.to(memory_format=torch.contiguous_format)
-        if run.bar is not None:
-            run.bar.close()
-    return state.history
+        _put_back(converted)
 
 
-def _in_channels_last(model: nn.Module) -> bool:
-    """Whether ``model`` has 4-D parameters and all of them are in the channels-last format."""
-    four = [p for p in model.parameters() if p.dim() == 4]
-    return bool(four) and all(p.is_contiguous(memory_format=torch.channels_last) for p in four)
+def _to_channels_last(model: nn.Module) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
+    """Put ``model``'s 4-D parameters and buffers in the channels-last format (tensors of other ranks,
+    and any not laid out densely in one of the two formats, are left as they are); (tensor, its strides
+    before) for each one converted, for :func:`_put_back`."""
+    converted = []
+    seen: set[int] = set()
+    for t in [*model.parameters(), *model.buffers()]:
+        dense = t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+        if t.dim() != 4 or id(t) in seen or not dense:
+            continue
+        seen.add(id(t))
+        converted.append((t, t.stride()))
+        t.data = t.data.contiguous(memory_format=torch.channels_last)
+    return converted
+
+
+def _put_back(converted: list[tuple[torch.Tensor, tuple[int, ...]]]) -> None:
+    """Give each tensor :func:`_to_channels_last` converted its strides from before, values kept."""
+    for t, stride in converted:
+        if t.stride() != stride:
+            t.data = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t.data)
 
 
 def _set_step_rate(run: _Run, epoch: int, i: int, steps: Optional[int]) -> None:

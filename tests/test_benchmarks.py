@@ -258,13 +258,14 @@ def test_quick_job_reads_the_test_set_for_the_chosen_recipe_only(tmp_path, monke
 
 def test_main_job_row_times_the_readme_command_in_a_folder_it_removes(monkeypatch):
     import subprocess
+    import tempfile
 
     quick_job = _load("quick_job")
     seen = {}
 
-    def fake_run(cmd, capture_output, text):  # the job: writes its report and logs where --out points
+    def fake_run(cmd, capture_output, text, env):  # the job: writes its report and logs where --out points
         out = Path(cmd[cmd.index("--out") + 1])
-        seen["cmd"], seen["out"] = cmd, out
+        seen["cmd"], seen["out"], seen["env"] = cmd, out, env
         out.mkdir(parents=True)
         unreliable = {"reliable": False, "speedup": None, "note": "timing unreliable: spread 1.3x"}
         (out / "report.json").write_text(json.dumps({
@@ -276,7 +277,8 @@ def test_main_job_row_times_the_readme_command_in_a_folder_it_removes(monkeypatc
         return subprocess.CompletedProcess(cmd, 0, stdout="the table\n", stderr="")
 
     stored = []
-    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: fake_run(cmd, **kw))
     monkeypatch.setattr(quick_job, "_append", lambda name, row: stored.append((name, row)))
     monkeypatch.setattr(quick_job, "_provenance", lambda: {"commit": "0123456789", "other_runners": 0,
                                                           "load_avg_1m": 0.5, "time": "T"})
@@ -284,8 +286,14 @@ def test_main_job_row_times_the_readme_command_in_a_folder_it_removes(monkeypatc
     assert seen["cmd"][1:] == ["-m", "fxtucker", "compress", "--model", "resnet20", "--dataset", "fashion-mnist",
                                "--quick", "--no-progress", "--out", str(seen["out"])]
     assert not seen["out"].parent.exists()  # the temporary folder is gone
+    assert "OMP_NUM_THREADS" not in seen["env"]  # the job runs on torch's default threads, as a user's does
     assert stored == [("main_job", row)] and row["training_s"] == 56.5 and row["printed"] == "the table\n"
     assert row["latency"] == {"batch_1": "timing unreliable: spread 1.3x", "batch_64": "1.60x"}
+    # a failing job: no row, its error shown, the folder gone
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "Traceback: boom"))
+    with pytest.raises(SystemExit, match=r"the main job failed \(exit 1\):\nTraceback: boom"):
+        quick_job.main_job_row()
+    assert len(stored) == 1 and not any(Path(tempfile.gettempdir()).glob("fxtucker-main-job-*"))
     monkeypatch.setattr(quick_job, "_load", lambda name: [row])
     assert quick_job.main_job_table().splitlines()[-1] == (
         f"| T | 01234567 | {row['wall_s']:.0f} | 56 | 0.9347 -> 0.9281 (0.66) | 2.00x | unreliable | 1.60x | 0 | 0.5 |")

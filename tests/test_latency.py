@@ -401,6 +401,8 @@ def test_an_unreliable_timing_on_a_quiet_machine_is_not_blamed_on_a_busy_one():
     assert quiet.describe().endswith("allowed); other processes used 0% of the machine's CPU time meanwhile, so the "
                                      "rounds vary on their own at this size (runs of 0.28 to 0.44 ms): rerun with "
                                      "more runs per round or more rounds")
+    slower = LatencyComparison(**dict(rounds, candidate_rounds_ms=(0.50, 0.41, 0.44, 0.60, 0.47)), others_cpu=0.01)
+    assert "(runs of 0.4 to 0.6 ms)" in slower.describe()  # over both models' rounds, whichever is slower
     for others in (None, QUIET, 0.2):  # not measured, or others at work: the machine may be busy
         assert LatencyComparison(**rounds, others_cpu=others).describe().endswith(
             "allowed); the machine is probably busy: rerun when it is quiet, or with more rounds")

@@ -495,6 +495,33 @@ def test_channels_last_trains_the_same_function_in_that_format_and_puts_the_mode
     assert c.conv2.weight.is_contiguous(memory_format=torch.channels_last) and not c.conv2.weight.is_contiguous()
 
 
+def test_channels_last_puts_every_tensor_back_however_the_stage_ends(tmp_path):
+    def strides(m):
+        return {k: v.stride() for k, v in m.state_dict().items()}
+
+    config = TrainConfig(epochs=1, channels_last=True)
+    m = tiny()
+    before = strides(m)
+    train(m, loader(), config, progress=False, device="cpu", out_dir=tmp_path)
+    assert strides(m) == before
+    train(m, loader(), config, progress=False, device="cpu", out_dir=tmp_path, resume=True)  # already finished
+    assert strides(m) == before
+    with pytest.raises(ValueError):  # refused before the first epoch: another learning rate than the checkpoint's
+        train(m, loader(), TrainConfig(epochs=2, lr=0.5, channels_last=True), progress=False, device="cpu",
+              out_dir=tmp_path, resume=True)
+    assert strides(m) == before
+    # 1x1 and depthwise kernels pass for either format: each keeps its exact strides
+    thin = nn.Sequential(nn.Conv2d(1, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Flatten(), nn.Linear(512, 4))
+    before = strides(thin)
+    train(thin, loader(), config, progress=False, device="cpu")
+    assert strides(thin) == before
+    # a Conv3d model trains: channels-last is a 4-D format, so its 5-D weights are left as they are
+    cube = nn.Sequential(nn.Unflatten(1, (1, 1)), nn.Conv3d(1, 2, 3, padding=1), nn.Flatten(), nn.Linear(128, 4))
+    before = strides(cube)
+    train(cube, loader(), config, progress=False, device="cpu")
+    assert strides(cube) == before
+
+
 def test_float64_model_trains_in_float64():
     m = tiny().double()
     x, y = dataset()[:16]
