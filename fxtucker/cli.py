@@ -557,7 +557,7 @@ def _compress(args: argparse.Namespace) -> int:
         config = CompressConfig(**QUICK_CONFIG) if args.quick else CompressConfig()
     config = dataclasses.replace(config, seed=args.seed, **({"method": args.method} if args.method else {}),
                                  **({"compile": True} if args.compile else {}),
-                                 **({"channels_last": True} if args.channels_last else {}))
+                                 **({"channels_last": args.channels_last} if args.channels_last is not None else {}))
     out = Path(args.out or f"runs/{models.model_label(args.model)}-{dataset}" + ("-quick" if args.quick else ""))
     epochs = args.baseline_epochs or quick.get("baseline_epochs", 30)
     # The whole run configuration is stored with the checkpoints; --resume continues only that run.
@@ -875,9 +875,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--resume", action="store_true", help="continue a killed run from the checkpoints in --out")
     c.add_argument("--compile", action="store_true",
                    help="run every stage's training step under torch.compile (CompressConfig.compile; slow first step)")
-    c.add_argument("--channels-last", action="store_true",
+    c.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="train every stage in the channels-last memory format (CompressConfig.channels_last: the "
-                        "same function, faster convolutions on most CPUs and GPUs; on with --quick)")
+                        "same function, faster convolutions on most CPUs and GPUs, less exact gradients on the CPU; "
+                        "on with --quick, --no-channels-last turns it off)")
     c.add_argument("--threads", type=_positive, default=None, help="CPU threads for the latency measurement")
     c.add_argument("--backend", choices=BACKENDS, default=None,
                    help="the back end to deploy the compressed model for and time it on (default: the fastest "

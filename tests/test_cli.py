@@ -300,6 +300,9 @@ def test_quick_on_a_dataset_smaller_than_its_draws_uses_all_of_it(tmp_path, monk
     assert run["epoch_images"] is None and run["train_subset"] is None
     # --channels-last reaches the run's config (this test's --quick recipe leaves it off)
     assert "channels_last" not in cli.QUICK_CONFIG and run["config"]["channels_last"] is True
+    args = cli._parser().parse_args(["compress", "--model", "resnet20", "--dataset", "fashion-mnist", "--quick",
+                                          "--no-channels-last"])
+    assert args.channels_last is False  # turns --quick's channels-last off
     report = json.loads((out / "report.json").read_text())
     assert report["epochs"]["images_per_epoch"] == 96
     assert report["stage_accuracy_images"] == report["accuracy_images"] == 48  # fewer than --quick's 2,000 watched
