@@ -302,7 +302,7 @@ QUICK = dict(train_subset=None, epoch_images=10000, eval_subset=2000, baseline_e
 # against 0.9268. A fourth fine-tuning epoch (session 17) took the rounded flow to 0.9286; more on
 # the same 10,000 images ended lower (session 21), six with each epoch's 10,000 drawn afresh
 # ended higher on three seeds (session 22: 0.9301 against 0.9285). Every stage trains in the
-# channels-last format (session 23): the job's 8 epochs in 163-175 s instead of 226-247 on 2 cores, and
+# channels-last format (session 23): the job's 8 epochs in 163-196 s instead of 226-247 on 2 cores, and
 # on the same three seeds' validation split 0.9316 / 0.9294 / 0.9312 (mean 0.9307) against
 # 0.9292 / 0.9298 / 0.9312 (0.9301).
 QUICK_CONFIG = dict(train_epochs=0, reg_epochs=2, finetune_epochs=6, target_speedup=2.0, distill=True, round_to=8,
