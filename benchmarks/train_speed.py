@@ -34,6 +34,7 @@ import torch.nn as nn
 
 import fxtucker
 from fxtucker import data, models, pretrained, regularizers
+from fxtucker.batches import model_to_channels_last, to_device
 from fxtucker.compress import GatePenalty
 from fxtucker.passes import compose_factors, cost_model, decompose_conv, insert_gates
 
@@ -46,8 +47,8 @@ RESULTS = Path(__file__).parent / "results" / "train_speed.json"
 def _step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, penalty=None, compiled: bool = False,
              channels_last: bool = False):
     if channels_last:  # as train() does with TrainConfig.channels_last
-        model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
+        model_to_channels_last(model)
+        x = to_device(x, x.device, channels_last=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     model.train()
     forward = torch.compile(model) if compiled else model  # as train() wraps the step's model
@@ -73,10 +74,10 @@ def _gradient_error(model: nn.Module, x: torch.Tensor, y: torch.Tensor, channels
         return [p.grad.double() for p in m.parameters()]
 
     exact = grads(copy.deepcopy(model).double(), x.double())
-    m, inputs = copy.deepcopy(model), x
+    m = copy.deepcopy(model)
     if channels_last:
-        m, inputs = m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    got = grads(m, inputs)
+        model_to_channels_last(m)
+    got = grads(m, to_device(x, x.device, channels_last))
     return float(torch.sqrt(sum(((g - e) ** 2).sum() for g, e in zip(got, exact))
                             / sum((e ** 2).sum() for e in exact)))
 

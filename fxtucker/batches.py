@@ -4,7 +4,9 @@
 DistributedSampler under DDP, as :class:`fxtucker.distributed.Dist` says), :func:`eval_batches`
 gives each rank a strided share of the evaluation data, :func:`split_batch` and :func:`to_device`
 turn one batch into (input, label) on the device, :func:`count_correct` counts top-1 hits and
-:func:`batch_sums` is what a training batch adds to its epoch's record.
+:func:`batch_sums` is what a training batch adds to its epoch's record. With the channels-last
+format, :func:`model_to_channels_last` puts the model in it as :func:`to_device` puts the batches,
+and :func:`restore_strides` undoes it.
 Anything that is not a DataLoader over a map-style dataset with a plain sampler is used as it is.
 """
 
@@ -35,6 +37,8 @@ __all__ = [
     "eval_batches",
     "split_batch",
     "to_device",
+    "model_to_channels_last",
+    "restore_strides",
     "count_correct",
     "batch_sums",
 ]
@@ -192,6 +196,29 @@ def to_device(x: Any, dev: torch.device, channels_last: bool) -> Any:
     if isinstance(x, dict):
         return {k: to_device(v, dev, channels_last) for k, v in x.items()}
     return x
+
+
+def model_to_channels_last(model: nn.Module) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
+    """Put ``model``'s 4-D parameters and buffers in the channels-last format, in place (tensors of
+    other ranks, Conv3d's say, and any not laid out densely in one of the two formats, are left as
+    they are); (tensor, its strides before) for each one converted, for :func:`restore_strides`."""
+    converted = []
+    seen: set[int] = set()
+    for t in [*model.parameters(), *model.buffers()]:
+        dense = t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+        if t.dim() != 4 or id(t) in seen or not dense:
+            continue
+        seen.add(id(t))
+        converted.append((t, t.stride()))
+        t.data = t.data.contiguous(memory_format=torch.channels_last)
+    return converted
+
+
+def restore_strides(converted: list[tuple[torch.Tensor, tuple[int, ...]]]) -> None:
+    """Give each tensor :func:`model_to_channels_last` converted its strides from before, values kept."""
+    for t, stride in converted:
+        if t.stride() != stride:
+            t.data = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t.data)
 
 
 def count_correct(model: nn.Module, data: Iterable, dev: torch.device, amp: bool,

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten
 
 from fxtucker import pipeline, regularizers
+from fxtucker.batches import model_to_channels_last
 from fxtucker.budget import (GatePenalty, component_macs, gate_histogram, gate_stats, pruned_share,
                              threshold_for_budget)
 from fxtucker.io import is_int, is_real
@@ -388,7 +389,7 @@ def compress(
     torch.manual_seed(config.seed)
     original = copy.deepcopy(model).eval()
     if config.channels_last:  # the teacher of distillation sees the stages' channels-last batches
-        original.to(memory_format=torch.channels_last)
+        model_to_channels_last(original)
     gm = trace(copy.deepcopy(model))
     macs_before = sum(n.meta["macs"] for n in cost_model(gm, *inputs).graph.nodes)
     if config.target_speedup is not None:

@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxtucker.batches import (batch_sums, check_train_data, count_correct, eval_batches, split_batch, to_device,
-                              train_batches, warn_unsharded)
+from fxtucker.batches import (batch_sums, check_train_data, count_correct, eval_batches, model_to_channels_last,
+                              restore_strides, split_batch, to_device, train_batches, warn_unsharded)
 from fxtucker.checkpoint import CHECKPOINT_FORMAT, CheckpointFiles, Progress, Resumable, start_stage, stateful
 from fxtucker.distributed import Dist, resolve_device, setup_distributed, wants_ddp, wrap_ddp
 from fxtucker.io import is_int, is_real
@@ -454,7 +454,7 @@ def train(
 
     model.to(dev)
     # channels-last is how this stage trains, not what it returns: what it converts is put back at its end
-    converted = _to_channels_last(model) if channels_last else []
+    converted = model_to_channels_last(model) if channels_last else []
     try:
         opt = make_optimizer(model, config.optimizer, lr=config.lr, momentum=config.momentum,
                              weight_decay=config.weight_decay)
@@ -501,30 +501,7 @@ def train(
                 run.bar.close()
         return state.history
     finally:
-        _put_back(converted)
-
-
-def _to_channels_last(model: nn.Module) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
-    """Put ``model``'s 4-D parameters and buffers in the channels-last format (tensors of other ranks,
-    and any not laid out densely in one of the two formats, are left as they are); (tensor, its strides
-    before) for each one converted, for :func:`_put_back`."""
-    converted = []
-    seen: set[int] = set()
-    for t in [*model.parameters(), *model.buffers()]:
-        dense = t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
-        if t.dim() != 4 or id(t) in seen or not dense:
-            continue
-        seen.add(id(t))
-        converted.append((t, t.stride()))
-        t.data = t.data.contiguous(memory_format=torch.channels_last)
-    return converted
-
-
-def _put_back(converted: list[tuple[torch.Tensor, tuple[int, ...]]]) -> None:
-    """Give each tensor :func:`_to_channels_last` converted its strides from before, values kept."""
-    for t, stride in converted:
-        if t.stride() != stride:
-            t.data = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t.data)
+        restore_strides(converted)
 
 
 def _set_step_rate(run: _Run, epoch: int, i: int, steps: Optional[int]) -> None:
