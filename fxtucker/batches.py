@@ -210,7 +210,9 @@ def model_to_channels_last(model: nn.Module) -> list[tuple[torch.Tensor, tuple[i
             continue
         seen.add(id(t))
         converted.append((t, t.stride()))
-        t.data = t.data.contiguous(memory_format=torch.channels_last)
+        # the format's own strides even where the old ones pass for it (a 1x1 or one-channel kernel):
+        # a conv takes its format from its input and weight, and such a kernel would keep it in the default
+        t.data = torch.empty_like(t.data, memory_format=torch.channels_last).copy_(t.data)
     return converted
 
 

@@ -470,21 +470,26 @@ def test_amp_is_ignored_on_cpu():
 
 
 def test_channels_last_trains_the_same_function_in_that_format_and_puts_the_model_back():
-    formats = []
+    formats, strides = [], []
 
     def watch(model, epoch, step):  # sees the model each step: its conv weights in the channels-last format
         w = model.conv2.weight
         formats.append((w.is_contiguous(memory_format=torch.channels_last), w.is_contiguous()))
+        # a one-input-channel kernel passes for either format: it gets the format's own strides, so
+        # the conv it feeds runs channels-last too
+        strides.append(model.conv1.weight.stride())
         return torch.zeros(())
 
     a, b = tiny(), tiny()
     ha = train(a, loader(), TrainConfig(epochs=2), progress=False, device="cpu", penalty=watch,
                eval_data=loader(shuffle=False))
-    assert set(formats) == {(False, True)}
+    assert set(formats) == {(False, True)} and set(strides) == {(9, 9, 3, 1)}
     formats.clear()
+    strides.clear()
     hb = train(b, loader(), TrainConfig(epochs=2, channels_last=True), progress=False, device="cpu",
                penalty=watch, eval_data=loader(shuffle=False))
     assert formats and set(formats) == {(True, False)}
+    assert set(strides) == {(9, 1, 3, 1)}
     assert all(p.is_contiguous() for p in b.parameters())  # given in the default format, returned in it
     for key, value in a.state_dict().items():  # the same function; gradients near (BatchNorm's less exact)
         torch.testing.assert_close(b.state_dict()[key], value, rtol=1e-4, atol=1e-5, msg=key)
