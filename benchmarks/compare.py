@@ -801,6 +801,25 @@ def _plan(exp: str, s: Setup) -> list[dict]:
         runs.append(dict(method="uniform", setting=setting, baseline="uniform", target=half, distill=True,
                          epochs=SHORT_EPOCHS, per_step=True))
         # Seed 0: the flow 0.9116, uniform ranks 0.9160 (per epoch 0.9114 and 0.9154): the gap stays.
+        # Session 24: which half of the short flow's deficit is the funnel's choice of ranks and which
+        # its training path: the quality row's ranks (`2x kd 3 epochs`) decomposed from the baseline
+        # by HOSVD and fine-tuned as uniform ranks are (3 distilled epochs). The MAC-weighted penalty
+        # pulls the first stage's gates 4x as hard as the third's (a component there costs 4x the
+        # MACs) and leaves it 4-7 of 16 (uniform ranks: 10); unweighted, the allocation comes out
+        # near uniform ranks'. Then the flow unweighted, with one schedule (the one fine-tuning epoch
+        # at the baselines' last rate), and with one regularized epoch instead of two.
+        setting = f"2x kd {SHORT_EPOCHS} epochs"
+        runs.append(dict(method="funnel-ranks", setting=f"{setting} funnel ranks", baseline="funnel-ranks", target=half,
+                         distill=True, epochs=SHORT_EPOCHS, args=dict(exp="quality", setting=setting)))
+        short = dict(kd, target_macs=half, c_follows_budget=False, reg_epochs=2, finetune_epochs=SHORT_EPOCHS - 2)
+        variants = (("unweighted", dict(mac_weighted=False)),
+                    ("unweighted one schedule", dict(mac_weighted=False, one_schedule=True)),
+                    ("0+1+2", dict(reg_epochs=1, finetune_epochs=SHORT_EPOCHS - 1)),
+                    ("0+1+2 unweighted one schedule", dict(reg_epochs=1, finetune_epochs=SHORT_EPOCHS - 1,
+                                                           mac_weighted=False, one_schedule=True)),
+                    ("unweighted c follows budget one schedule", dict(mac_weighted=False, one_schedule=True,
+                                                                      c_follows_budget=True)))
+        runs += [dict(method="funnel", setting=f"{setting} {name}", flow=dict(short, **kw)) for name, kw in variants]
         return runs
     if exp == "baselines":
         runs = [dict(method="uncompressed", setting="baseline")]
@@ -1002,7 +1021,9 @@ def run_experiment(exp: str, s: Setup, progress: bool = True, methods: Optional[
         if run.get("baseline") == "torch-pruning" and importlib.util.find_spec("torch_pruning") is None:
             print("skipping torch-pruning: it needs `pip install fxtucker[bench]` (torch-pruning)")
             continue
-        if run.get("baseline") == "funnel-ranks" and funnel_row(exp, s, run["setting"]) is None:
+        source = run.get("args", {})  # funnel-ranks: the funnel row whose ranks it takes
+        if run.get("baseline") == "funnel-ranks" and funnel_row(source.get("exp", exp), s,
+                                                                source.get("setting", run["setting"])) is None:
             print(f"skipping funnel-ranks ({run['setting']}, seed {s.seed}): the funnel row it takes its ranks from is not stored yet")
             continue
         print(f"[{exp}] {s.model_name}/{s.dataset} seed {s.seed}: {run['method']} ({run['setting']})", flush=True)

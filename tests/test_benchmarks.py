@@ -591,3 +591,24 @@ def test_profile_latency_sorts_self_time_by_kind_and_counts_each_conv_once():
                profiles={"baseline": out})
     lines = prof.table([row]).splitlines()
     assert "| conv depthwise | " in "\n".join(lines) and lines[-1].startswith("| wall ms per run, profiled |")
+
+
+def test_tuning_funnel_ranks_take_the_quality_rows_ranks(compare, tmp_path, capsys):
+    """The short flow's "funnel ranks" tuning row decomposes the baseline at the ranks of the quality
+    row it names (`2x kd 3 epochs`), not of a tuning row of its own setting; without that row it is
+    skipped, and it never reads the test set."""
+    setting = f"2x kd {compare.SHORT_EPOCHS} epochs"
+    tune = ["--exp", "tuning", "--profile", "quick", "--no-progress", "--methods", "funnel-ranks",
+            "--settings", f"{setting} funnel ranks"]
+    compare.main(tune)
+    assert "the funnel row it takes its ranks from is not stored yet" in capsys.readouterr().out
+    assert not (tmp_path / "results" / "tuning.json").exists()
+    s = compare.setup("resnet20", "fashion-mnist", 0, "quick", progress=False)
+    ranks = {n: [max(1, k // 3) for k in compare._full_ranks(w)] for n, w in compare._conv_weights(s).items()}
+    macs = compare.count_macs(compare._decomposed(s, ranks), s.x)
+    compare.append_row(tmp_path / "results" / "quality.json",
+                       {**s.key, "method": "funnel", "setting": setting, "stage": "final", "ranks": ranks, "macs": macs})
+    compare.main(tune)
+    (row,) = json.loads((tmp_path / "results" / "tuning.json").read_text())["rows"]
+    assert row["ranks"] == ranks and row["macs"] == row["funnel_macs"] == macs < s.macs
+    assert row["accuracy"] is None and row["val_accuracy"] is not None and row["distill"] is True
