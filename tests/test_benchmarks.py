@@ -136,6 +136,12 @@ def test_quality_plan_keeps_the_stored_funnel_recipe_beside_funnel_cut(compare):
         shrink = runs[("funnel-shrink", f"{k}x kd")]  # the same flow, lambda's cap raised, nothing else
         assert shrink["flow"] == {**funnel["flow"], **compare.SHRINK_FLOW} and shrink["target"] == funnel["target"]
         assert compare.SHRINK_FLOW["max_shrink"] > fxtucker.CompressConfig().max_shrink
+    for k in compare.SHORT_BUDGETS:  # the short flow unweighted: the funnel row's flow, two knobs changed
+        setting = f"{k}x kd {compare.SHORT_EPOCHS} epochs"
+        funnel, unweighted = runs[("funnel", setting)], runs[("funnel-unweighted", setting)]
+        assert unweighted["flow"] == {**funnel["flow"], "mac_weighted": False, "one_schedule": True}
+        assert unweighted["target"] == funnel["target"] == 12000 // k
+        assert fxtucker.CompressConfig().mac_weighted and not fxtucker.CompressConfig().one_schedule
 
 
 def test_quality_rows_are_matched_to_the_budget_and_paired(compare, tmp_path, capsys):
