@@ -38,7 +38,9 @@ Experiments (the paper's counterpart in brackets):
   funnel row's ranks as a plain decomposition, fine-tuned as the baselines are (its allocation of
   ranks without its training path). ``funnel-cut``: the flow with c following the budget's cut
   (``c_follows_budget``) instead of its schedule, which ``funnel`` rows keep. ``funnel-shrink``:
-  the flow with lambda's cap raised (``SHRINK_FLOW``; session 17).
+  the flow with lambda's cap raised (``SHRINK_FLOW``; session 17). ``funnel-unweighted``: the
+  short-budget flow (``2x kd 3 epochs``, ``3x kd 3 epochs``) with the penalty not weighted by
+  MACs and one learning-rate schedule (``UNWEIGHTED_FLOW``; session 24).
 - ``epochs``: the funnel flow's epochs split three ways between training, regularizing and
   fine-tuning, at the same total (how the profiles' ``flow`` was chosen).
 - ``design``: fxtucker's departures from the paper (relative gates, the proximal step, MAC

@@ -236,7 +236,8 @@ def test_short_quality_settings_give_every_method_the_same_epochs_after_the_base
     s = types.SimpleNamespace(macs=30_000_000, profile="cpu")
     for k in compare.SHORT_BUDGETS:
         runs = [r for r in compare._plan("quality", s) if r["setting"] == f"{k}x kd {compare.SHORT_EPOCHS} epochs"]
-        assert {r["method"] for r in runs} == {"funnel", "uniform", "torch-pruning", "musco", "vbmf"}
+        assert {r["method"] for r in runs} == {"funnel", "funnel-unweighted", "uniform", "torch-pruning", "musco", "vbmf"}
+        assert {r["method"] for r in runs} <= set(compare.METHODS)  # each can be asked for by --methods
         for r in runs:
             assert r["target"] == s.macs // k
             if "flow" in r:  # the funnel: its step 3 and fine-tuning make up the budget, distilled as the kd rows
