@@ -551,21 +551,22 @@ def _match_up(macs_of: Callable[[float], int], target: int) -> float:
     return hi
 
 
-def funnel_row(exp: str, s: Setup, setting: str) -> Optional[dict]:
-    """The stored final funnel row of ``s``'s seed (and device) for ``setting``, if any."""
-    rows = [r for r in _load(exp) if r["method"] == "funnel" and r["setting"] == setting and r["stage"] == "final"
+def funnel_row(exp: str, s: Setup, setting: str, method: str = "funnel") -> Optional[dict]:
+    """The stored final row of ``method`` (a funnel flow) for ``s``'s seed (and device) and ``setting``, if any."""
+    rows = [r for r in _load(exp) if r["method"] == method and r["setting"] == setting and r["stage"] == "final"
             and _matches(r, s.key)]
     return rows[-1] if rows else None
 
 
-def method_funnel_ranks(s: Setup, target: int, progress: bool, exp: str, setting: str) -> tuple[nn.Module, dict]:
+def method_funnel_ranks(s: Setup, target: int, progress: bool, exp: str, setting: str,
+                        method: str = "funnel") -> tuple[nn.Module, dict]:
     """The ranks the funnel flow chose for the same seed and setting, as a plain Tucker-2 (HOSVD)
     decomposition of the baseline, then fine-tuned as every baseline is: the funnel's allocation of
     ranks without its training path (gates, the regularized stage), to tell which of the two a
     difference between the funnel and the baselines comes from."""
-    row = funnel_row(exp, s, setting)
+    row = funnel_row(exp, s, setting, method)
     if row is None:
-        raise LookupError(f"no funnel row of {setting!r} for seed {s.seed} ({_where(s.key)}) in {exp}: run the funnel first")
+        raise LookupError(f"no {method} row of {setting!r} for seed {s.seed} ({_where(s.key)}) in {exp}: run it first")
     # Older rows list skipped layers (a single-channel stem) at their full ranks too; the flow cuts
     # what a full-rank decomposition takes, 1x1 convs (SVD pairs) included, which the other
     # baselines leave whole. A mode at rank 0 is built as strip_gates builds it: one component
@@ -832,6 +833,11 @@ def _plan(exp: str, s: Setup) -> list[dict]:
                     ("unweighted c follows budget one schedule", dict(mac_weighted=False, one_schedule=True,
                                                                       c_follows_budget=True)))
         runs += [dict(method="funnel", setting=f"{setting} {name}", flow=dict(short, **kw)) for name, kw in variants]
+        # The quality rows of funnel-unweighted (the second variant) ended behind uniform ranks on the test
+        # set: its ranks fine-tuned as the baselines are, to tell its allocation from its training path.
+        runs.append(dict(method="funnel-ranks", setting=f"{setting} unweighted funnel ranks", baseline="funnel-ranks",
+                         target=half, distill=True, epochs=SHORT_EPOCHS,
+                         args=dict(exp="quality", setting=setting, method="funnel-unweighted")))
         # The same split at 3x, where the first stage's squeeze is harder still.
         setting = f"3x kd {SHORT_EPOCHS} epochs"
         runs.append(dict(method="funnel-ranks", setting=f"{setting} funnel ranks", baseline="funnel-ranks",
@@ -1040,8 +1046,8 @@ def run_experiment(exp: str, s: Setup, progress: bool = True, methods: Optional[
             print("skipping torch-pruning: it needs `pip install fxtucker[bench]` (torch-pruning)")
             continue
         source = run.get("args", {})  # funnel-ranks: the funnel row whose ranks it takes
-        if run.get("baseline") == "funnel-ranks" and funnel_row(source.get("exp", exp), s,
-                                                                source.get("setting", run["setting"])) is None:
+        if run.get("baseline") == "funnel-ranks" and funnel_row(source.get("exp", exp), s, source.get("setting", run["setting"]),
+                                                                source.get("method", "funnel")) is None:
             print(f"skipping funnel-ranks ({run['setting']}, seed {s.seed}): the funnel row it takes its ranks from is not stored yet")
             continue
         print(f"[{exp}] {s.model_name}/{s.dataset} seed {s.seed}: {run['method']} ({run['setting']})", flush=True)

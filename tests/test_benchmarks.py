@@ -619,3 +619,11 @@ def test_tuning_funnel_ranks_take_the_quality_rows_ranks(compare, tmp_path, caps
     (row,) = json.loads((tmp_path / "results" / "tuning.json").read_text())["rows"]
     assert row["ranks"] == ranks and row["macs"] == row["funnel_macs"] == macs < s.macs
     assert row["accuracy"] is None and row["val_accuracy"] is not None and row["distill"] is True
+    # "unweighted funnel ranks" takes the funnel-unweighted row's ranks, not the funnel row's
+    other = {n: [max(1, k // 2) for k in r] for n, r in ranks.items()}
+    compare.append_row(tmp_path / "results" / "quality.json",
+                       {**s.key, "method": "funnel-unweighted", "setting": setting, "stage": "final", "ranks": other,
+                        "macs": compare.count_macs(compare._decomposed(s, other), s.x)})
+    compare.main([*tune[:-1], f"{setting} unweighted funnel ranks"])
+    rows = json.loads((tmp_path / "results" / "tuning.json").read_text())["rows"]
+    assert [r["ranks"] for r in rows] == [ranks, other] and rows[1]["macs"] > macs
