@@ -626,4 +626,4 @@ def test_tuning_funnel_ranks_take_the_quality_rows_ranks(compare, tmp_path, caps
                         "macs": compare.count_macs(compare._decomposed(s, other), s.x)})
     compare.main([*tune[:-1], f"{setting} unweighted funnel ranks"])
     rows = json.loads((tmp_path / "results" / "tuning.json").read_text())["rows"]
-    assert [r["ranks"] for r in rows] == [ranks, other] and rows[1]["macs"] > macs
+    assert [r["ranks"] for r in rows] == [ranks, other] and rows[1]["macs"] < macs  # half of those ranks
