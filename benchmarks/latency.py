@@ -36,6 +36,7 @@ from fxtucker import models
 from fxtucker.deploy import optimize_for_inference
 from fxtucker.io import write_text
 from fxtucker.latency import compare_latency
+from fxtucker.meta import graph_record
 
 sys.path.insert(0, str(Path(__file__).parent))
 from compare import git_commit  # noqa: E402
@@ -138,6 +139,15 @@ def build(args, model_name: str, batch: int, backend: str, method: str) -> tuple
     return baseline, compressed, x
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo; platform.processor() elsewhere): speed-ups depend on it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
+
+
 def run_row(args, model_name: str, batch: int, backend: str, method: str) -> dict:
     start = time.perf_counter()
     baseline, compressed, x = build(args, model_name, batch, backend, method)
@@ -156,7 +166,8 @@ def run_row(args, model_name: str, batch: int, backend: str, method: str) -> dic
                baseline_rounds_ms=list(cmp.baseline_rounds_ms), compressed_rounds_ms=list(cmp.candidate_rounds_ms),
                spread=cmp.spread, reliable=cmp.reliable, others_cpu=cmp.others_cpu, max_others=cmp.max_others,
                prepare_s=round(prepare_s, 2), torch=torch.__version__, python=platform.python_version(),
-               cpus=os.cpu_count(), quick=args.quick, commit=git_commit("benchmarks/latency.py"),
+               cpus=os.cpu_count(), cpu_model=cpu_model(), quick=args.quick, commit=git_commit("benchmarks/latency.py"),
+               memory_formats=[graph_record(m).memory_format for m in (baseline, compressed)],
                load_avg_1m=[round(load_before, 2), round(os.getloadavg()[0], 2)],  # before and after the timing
                time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     if method == "fxtucker":

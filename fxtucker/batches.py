@@ -29,6 +29,7 @@ from torch.utils.data import (
 from torch.utils.data.distributed import DistributedSampler
 
 from fxtucker.distributed import Dist
+from fxtucker.passes.memory_format import model_to_channels_last, restore_strides
 
 __all__ = [
     "check_train_data",
@@ -196,31 +197,6 @@ def to_device(x: Any, dev: torch.device, channels_last: bool) -> Any:
     if isinstance(x, dict):
         return {k: to_device(v, dev, channels_last) for k, v in x.items()}
     return x
-
-
-def model_to_channels_last(model: nn.Module) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
-    """Put ``model``'s 4-D parameters and buffers in the channels-last format, in place (tensors of
-    other ranks, Conv3d's say, and any not laid out densely in one of the two formats, are left as
-    they are); (tensor, its strides before) for each one converted, for :func:`restore_strides`."""
-    converted = []
-    seen: set[int] = set()
-    for t in [*model.parameters(), *model.buffers()]:
-        dense = t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
-        if t.dim() != 4 or id(t) in seen or not dense:
-            continue
-        seen.add(id(t))
-        converted.append((t, t.stride()))
-        # the format's own strides even where the old ones pass for it (a 1x1 or one-channel kernel):
-        # a conv takes its format from its input and weight, and such a kernel would keep it in the default
-        t.data = torch.empty_like(t.data, memory_format=torch.channels_last).copy_(t.data)
-    return converted
-
-
-def restore_strides(converted: list[tuple[torch.Tensor, tuple[int, ...]]]) -> None:
-    """Give each tensor :func:`model_to_channels_last` converted its strides from before, values kept."""
-    for t, stride in converted:
-        if t.stride() != stride:
-            t.data = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t.data)
 
 
 def count_correct(model: nn.Module, data: Iterable, dev: torch.device, amp: bool,

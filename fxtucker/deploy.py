@@ -14,6 +14,7 @@ from fxtucker.latency import check_backend, check_device
 from fxtucker.meta import factor_record
 from fxtucker.passes.decompose_conv import RanksArg
 from fxtucker.passes.fold_or_restore import SEARCHES
+from fxtucker.passes.memory_format import MEMORY_FORMATS
 from fxtucker.tracing import trace
 
 __all__ = ["optimize_for_inference"]
@@ -36,6 +37,7 @@ def optimize_for_inference(
     max_macs: Optional[int] = None,
     search: str = "layer",
     linear: bool = False,
+    memory_format: str = "auto",
 ) -> fx.GraphModule:
     """Trace, fold BatchNorm, decompose at ``ranks`` and keep per layer the form that runs fastest on ``backend``.
 
@@ -47,8 +49,15 @@ def optimize_for_inference(
     see :func:`fxtucker.passes.fold_or_restore`). BatchNorm is folded before decomposing, so the
     truncation approximates the kernels the network really applies.
 
-    With ``ranks=None`` nothing is decomposed: the result is the BN-folded original, the fair
-    baseline to time a compressed model against. A GraphModule that is already decomposed (the
+    Last, the weights are stored in the memory format the model runs faster in
+    (:func:`fxtucker.passes.choose_memory_format`): on ``backend="eager"`` the whole model is timed
+    with its 4-D weights in the default format and channels-last and the faster kept, since a conv
+    runs channels-last when its weight is, and a "+linear" form leaves channels-last tensors that
+    make a default-format conv convert its weight on every call. The graph and the function do not
+    change; ``memory_format`` fixes the format instead of timing it.
+
+    With ``ranks=None`` nothing is decomposed: the result is the BN-folded original (its memory
+    format chosen the same way), the fair baseline to time a compressed model against. A GraphModule that is already decomposed (the
     ``model`` of :func:`fxtucker.compress`, or any output of the pass chain) keeps its ranks: its
     BatchNorms are folded and its layers get the back-end-aware decision.
 
@@ -75,6 +84,9 @@ def optimize_for_inference(
             timed with candidate form sets, the fastest kept: slower to prepare, it sees what
             the back end does across layers; see ``fold_or_restore``).
         linear: also decompose Linear layers.
+        memory_format: ``"auto"`` (timed on ``"eager"``; the default format on the other back ends,
+            which lay tensors out themselves or export the graph), ``"contiguous"`` or
+            ``"channels_last"``; the result's ``GraphRecord.memory_format`` says which, and why.
 
     Returns:
         A GraphModule in eval mode, with the fxtucker records (:func:`fxtucker.report`).
@@ -87,6 +99,9 @@ def optimize_for_inference(
     """
     check_backend(backend, "optimize_for_inference")
     check_device(device, "optimize_for_inference")
+    if memory_format not in ("auto", *MEMORY_FORMATS):
+        raise ValueError(f"memory_format {memory_format!r} is not known to optimize_for_inference; valid: "
+                         f"{['auto', *MEMORY_FORMATS]}")
     if search not in SEARCHES:
         raise ValueError(f"search {search!r} is not known to optimize_for_inference; valid: {list(SEARCHES)}")
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
@@ -106,5 +121,5 @@ def optimize_for_inference(
     gm.eval()
     chain = pipeline.deployment(inputs, ranks=ranks, decomposed=decomposed, method=method, linear=linear,
                                 round_to=round_to, backend=backend, device=device, threads=threads,
-                                max_macs=max_macs, search=search)
+                                max_macs=max_macs, search=search, memory_format=memory_format)
     return chain(gm).eval()

@@ -36,6 +36,7 @@ from fxtucker.meta import (
     set_graph_record,
     to_json,
 )
+from fxtucker.passes.memory_format import MEMORY_FORMATS, set_memory_format
 from fxtucker.pipeline import replay
 from fxtucker.tracing import trace
 
@@ -89,6 +90,8 @@ def _manifest(gm: fx.GraphModule, state: dict[str, torch.Tensor], weights_sha256
         "stage": rec.stage,
         "layers": to_json(rec.layers),
         "batchnorms": to_json(rec.batchnorms),
+        "memory_format": rec.memory_format,
+        "memory_format_reason": rec.memory_format_reason,
         "nodes": nodes,
         "state_dict": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in state.items()},
         "config": config,
@@ -248,6 +251,12 @@ def _read_manifest(path: Path) -> tuple[dict, Path]:
         manifest["layers"] = tuple(from_json(LayerRecord, v, f"layers[{i}]") for i, v in enumerate(manifest["layers"]))
         manifest["batchnorms"] = tuple(from_json(BatchNormRecord, v, f"batchnorms[{i}]")
                                        for i, v in enumerate(manifest["batchnorms"]))
+        # Optional (manifests before it have none): the format the weights are stored in.
+        manifest.setdefault("memory_format", "contiguous")
+        manifest.setdefault("memory_format_reason", "")
+        if manifest["memory_format"] not in MEMORY_FORMATS:
+            raise RecordError(f"'memory_format' must be one of {list(MEMORY_FORMATS)}, got {manifest['memory_format']!r:.60}")
+        _expect(manifest["memory_format_reason"], str, "'memory_format_reason'")
         for i, node in enumerate(manifest["nodes"]):
             where = f"nodes[{i}]"
             _expect(node, dict, where)
@@ -336,7 +345,8 @@ def _rebuild(model: nn.Module, manifest: dict, leaf_modules: Sequence[type]) -> 
         if "record" in entry:
             node.meta[KEY] = entry["record"]
     set_graph_record(gm, GraphRecord(layers=manifest["layers"], stage=manifest["stage"],
-                                     batchnorms=manifest["batchnorms"]))
+                                     batchnorms=manifest["batchnorms"], memory_format=manifest["memory_format"],
+                                     memory_format_reason=manifest["memory_format_reason"]))
     return gm
 
 
@@ -390,4 +400,7 @@ def load(path: Union[str, Path], model_factory: Callable[[], nn.Module], *,
     # model picks the same kernels as the exported one (copying into the rebuilt factors' strided
     # parameters changes float32 results in the last bits).
     gm.load_state_dict(state, strict=True, assign=True)
-    return gm.eval()
+    # The weights file keeps their strides; the recorded format is applied again all the same, so that a
+    # weights file rewritten by another tool (contiguous) still runs as it was deployed.
+    rec = graph_record(gm)
+    return set_memory_format(gm, rec.memory_format, inplace=True, reason=rec.memory_format_reason).eval()

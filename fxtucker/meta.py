@@ -179,6 +179,10 @@ class GraphRecord:
     layers: tuple[LayerRecord, ...] = ()
     stage: str = ""  # the last pass that ran
     batchnorms: tuple[BatchNormRecord, ...] = ()  # written by fold_bn
+    # Written by choose_memory_format / set_memory_format: the format the 4-D weights are stored in
+    # ("contiguous" or "channels_last"), and why.
+    memory_format: str = "contiguous"
+    memory_format_reason: str = ""
 
     def layer(self, name: str) -> LayerRecord:
         for rec in self.layers:

@@ -31,6 +31,7 @@ from fxtucker.passes.decompose_conv import RanksArg, decompose_conv, plan_decomp
 from fxtucker.passes.fold_bn import fold_bn
 from fxtucker.passes.fold_or_restore import fold_or_restore, recorded_forms
 from fxtucker.passes.insert_gates import insert_gates
+from fxtucker.passes.memory_format import MEMORY_FORMATS, choose_memory_format, set_memory_format
 from fxtucker.passes.strip_gates import built_ranks, strip_gates
 
 __all__ = ["Step", "Pipeline", "decomposition", "pruning", "deployment", "replay"]
@@ -122,16 +123,22 @@ def pruning(example_inputs: Sequence[Any], threshold: float, *, round_to: Option
 def deployment(example_inputs: Sequence[Any], *, ranks: RanksArg = None, decomposed: bool = False,
                method: str = "tucker2", linear: bool = False, round_to: Optional[int] = None,
                backend: str = "eager", device: str = "cpu", threads: Optional[int] = None,
-               max_macs: Optional[int] = None, search: str = "layer") -> Pipeline:
+               max_macs: Optional[int] = None, search: str = "layer", memory_format: str = "auto") -> Pipeline:
     """:func:`fxtucker.optimize_for_inference`'s chain: fold BatchNorm, annotate MACs, decompose at
-    ``ranks`` (None: nothing), and give each decomposed layer (new, or ``decomposed`` already)
-    the form that runs fastest on ``backend``."""
+    ``ranks`` (None: nothing), give each decomposed layer (new, or ``decomposed`` already) the
+    form that runs fastest on ``backend``, and store the weights in ``memory_format`` ("auto": the
+    faster format by timing on the eager back end, the default one on the others)."""
     steps = [_step(fold_bn, inplace=True), _measure(example_inputs)]
     if ranks is not None:
         steps.append(_step(decompose_conv, ranks, method=method, linear=linear, round_to=round_to, inplace=True))
     if ranks is not None or decomposed:
         steps.append(_step(fold_or_restore, *example_inputs, cost="latency", backend=backend, device=device,
                            threads=threads, max_macs=max_macs, search=search, inplace=True))
+    if memory_format == "auto" and backend == "eager":
+        steps.append(_step(choose_memory_format, *example_inputs, backend=backend, device=device, threads=threads,
+                           inplace=True))
+    elif memory_format in MEMORY_FORMATS:
+        steps.append(_step(set_memory_format, memory_format, inplace=True))
     return Pipeline(steps)
 
 

@@ -1,6 +1,6 @@
 """The FX passes of fxtucker, in pipeline order.
 
-    cost_model -> plan_decomposition -> decompose_conv -> insert_gates -> (train, through compose_factors) -> strip_gates -> plan_forms -> fold_or_restore -> fold_bn
+    cost_model -> plan_decomposition -> decompose_conv -> insert_gates -> (train, through compose_factors) -> strip_gates -> plan_forms -> fold_or_restore -> fold_bn -> choose_memory_format
 
 Each takes a GraphModule and returns one (a copy unless ``inplace=True``; cost_model annotates
 and returns its argument).
@@ -16,6 +16,7 @@ from fxtucker.passes.strip_gates import kept_ranks, strip_gates
 from fxtucker.passes.time_forms import plan_forms
 from fxtucker.passes.fold_or_restore import fold_or_restore, predict_macs
 from fxtucker.passes.fold_bn import fold_bn
+from fxtucker.passes.memory_format import choose_memory_format, set_memory_format
 
 __all__ = [
     "layer_nodes",
@@ -35,4 +36,6 @@ __all__ = [
     "fold_or_restore",
     "predict_macs",
     "fold_bn",
+    "choose_memory_format",
+    "set_memory_format",
 ]

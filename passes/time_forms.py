@@ -30,7 +30,7 @@ from fxtucker.passes.forms import (DENSE, LINEAR, ChannelsLinear, batched, build
                                    check_factors, decomposed_layers, give_form, is_pointwise, layer_specs, macs_plan,
                                    with_linear)
 
-__all__ = ["plan_forms", "check_options", "time_chain", "COSTS", "SEARCHES"]
+__all__ = ["plan_forms", "check_options", "time_chain", "model_digest", "COSTS", "SEARCHES"]
 
 COSTS = ("macs", "latency")
 SEARCHES = ("layer", "model")
@@ -311,7 +311,7 @@ def _search_model(t: _Timed, example_inputs: tuple, choice: dict[str, str], max_
     for name, c in _candidates(t.costs, choice, t.other_macs, max_macs).items():
         trials[name] = (c, t.trial(c))
         keys[name] = TimingCache.key(t.backend, t.device, threads, what="fold_or_restore/model",
-                                     model=_model_digest(trials[name][1]),
+                                     model=model_digest(trials[name][1]),
                                      inputs=[[list(x.shape), str(x.dtype)] if isinstance(x, torch.Tensor) else repr(x)
                                              for x in example_inputs])
     times = {name: t.cache.get(key) for name, key in keys.items()}
@@ -331,7 +331,7 @@ def _search_model(t: _Timed, example_inputs: tuple, choice: dict[str, str], max_
     return trials[best][0], why
 
 
-def _model_digest(gm: fx.GraphModule) -> str:
+def model_digest(gm: fx.GraphModule) -> str:
     """What a whole model's speed depends on: its graph code, each called module's class and
     settings (``extra_repr``: shapes, strides, ...) and each attribute read's shape and dtype."""
     parts = []

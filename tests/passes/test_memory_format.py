@@ -1,0 +1,165 @@
+"""choose_memory_format / set_memory_format: the weights' strides change, the graph and the function
+do not; the faster format is kept by timing, a model that cannot run channels-last stays as it is, and
+the choice travels with a manifest."""
+
+import importlib
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxtucker
+from fxtucker.deploy import optimize_for_inference
+from fxtucker.manifest import load
+from fxtucker.meta import graph_record
+from fxtucker.passes import choose_memory_format, set_memory_format
+from fxtucker.passes.memory_format import MEMORY_FORMATS
+from tests.conftest import EXACT
+
+MF = importlib.import_module("fxtucker.passes.memory_format")  # where the pass looks up measure_latency
+
+
+class Net(nn.Module):
+    """A 3x3 and a 1x1 conv (whose kernel's strides read as both formats), a BatchNorm, a Linear."""
+
+    def __init__(self, view=False):
+        super().__init__()
+        self.a, self.bn, self.p = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
+        self.fc, self.view = nn.Linear(4 * 6 * 6 if view else 4, 5), view
+
+    def forward(self, x):
+        x = self.p(torch.relu(self.bn(self.a(x))))
+        return self.fc(x.view(x.size(0), -1) if self.view else x.mean((2, 3)))
+
+
+def traced(view=False):
+    torch.manual_seed(0)
+    return fxtucker.trace(Net(view).eval())
+
+
+def four_d(gm):
+    return [t for t in [*gm.parameters(), *gm.buffers()] if t.dim() == 4]
+
+
+def is_channels_last(t):
+    return t.stride() == torch.empty_like(t, memory_format=torch.channels_last).stride()
+
+
+@pytest.fixture(autouse=True)
+def own_timing_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FXTUCKER_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_set_memory_format_changes_strides_only():
+    gm, x = traced(), torch.randn(2, 3, 6, 6)
+    last = set_memory_format(gm, "channels_last")
+    assert all(is_channels_last(t) for t in four_d(last)) and len(four_d(last)) == 2  # the 1x1 kernel too
+    assert all(t.is_contiguous() for t in four_d(gm))  # a copy: gm itself is untouched
+    assert last.code == gm.code
+    last.graph.lint()
+    torch.testing.assert_close(last(x), gm(x))  # float32: another summation order at most
+    rec = graph_record(last)
+    assert (rec.memory_format, rec.memory_format_reason) == ("channels_last", "given")
+    back = set_memory_format(last, "contiguous", inplace=True)
+    assert back is last and all(t.stride() == torch.empty(t.shape).stride() for t in four_d(back))
+    assert graph_record(back).memory_format == "contiguous"
+    torch.testing.assert_close(back(x), gm(x), **EXACT)  # the same kernels as before
+
+
+@pytest.mark.parametrize("fast", MEMORY_FORMATS)
+def test_choose_memory_format_keeps_the_faster_format(monkeypatch, fast):
+    """The timing decides: a stand-in for measure_latency that says which format is faster."""
+    calls = []
+
+    def fake(model, inputs, **kw):
+        fmt = "channels_last" if is_channels_last(model.a.weight) else "contiguous"
+        calls.append(fmt)
+        return 1.0 if fmt == fast else 3.0
+
+    monkeypatch.setattr(MF, "measure_latency", fake)
+    gm, x = traced(), torch.randn(2, 3, 6, 6)
+    out = choose_memory_format(gm, x, threads=1, rounds=3)
+    rec = graph_record(out)
+    assert rec.memory_format == fast
+    assert all(is_channels_last(t) == (fast == "channels_last") for t in four_d(out))
+    slow = "contiguous" if fast == "channels_last" else "channels_last"
+    assert rec.memory_format_reason == f"faster on eager/cpu/1 thread: {fast} 1.000 ms, {slow} 3.000 ms"
+    assert sorted(calls) == ["channels_last"] * 3 + ["contiguous"] * 3 and calls[:2] != calls[2:4]  # alternating
+    torch.testing.assert_close(out(x), gm(x))
+    # timed once: the same model again comes from the cache
+    calls.clear()
+    assert graph_record(choose_memory_format(gm, x, threads=1)).memory_format == fast and calls == []
+
+
+def test_a_model_that_cannot_run_channels_last_stays_contiguous(monkeypatch):
+    monkeypatch.setattr(MF, "measure_latency", lambda *a, **k: pytest.fail("nothing to time"))
+    gm, x = traced(view=True), torch.randn(2, 3, 6, 6)
+    out = choose_memory_format(gm, x)
+    rec = graph_record(out)
+    assert rec.memory_format == "contiguous" and all(t.is_contiguous() for t in four_d(out))
+    assert rec.memory_format_reason.startswith("contiguous: it does not run channels-last (RuntimeError: view size")
+    torch.testing.assert_close(out(x), gm(x), **EXACT)
+
+
+def test_a_model_without_4d_weights_is_left_alone(monkeypatch):
+    monkeypatch.setattr(MF, "measure_latency", lambda *a, **k: pytest.fail("nothing to time"))
+    gm = fxtucker.trace(nn.Sequential(nn.Linear(4, 3)))
+    rec = graph_record(choose_memory_format(gm, torch.randn(2, 4)))
+    assert (rec.memory_format, rec.memory_format_reason) == ("contiguous", "no 4-D weights: the format changes nothing")
+
+
+def test_choose_memory_format_times_for_real():
+    gm, x = traced(), torch.randn(2, 3, 6, 6)
+    rec = graph_record(choose_memory_format(gm, x, threads=1, rounds=1))
+    assert rec.memory_format in MEMORY_FORMATS and rec.memory_format_reason.startswith("faster on eager/cpu/1 thread")
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda gm, x: set_memory_format(gm, "nhwc"), r"set_memory_format: memory_format 'nhwc' is not known; valid: "
+                                                   r"\['contiguous', 'channels_last'\]"),
+    (lambda gm, x: choose_memory_format(gm, x, backend="tvm"), r"backend 'tvm'"),
+    (lambda gm, x: choose_memory_format(gm, x, threads=0), r"threads must be a positive int or None"),
+    (lambda gm, x: choose_memory_format(gm, x, rounds=0), r"rounds must be an int >= 1, got 0"),
+    (lambda gm, x: optimize_for_inference(Net().eval(), x, memory_format="nhwc"),
+     r"memory_format 'nhwc' is not known to optimize_for_inference; valid: \['auto', 'contiguous', 'channels_last'\]"),
+], ids=["set-format", "backend", "threads", "rounds", "optimize_for_inference"])
+def test_bad_arguments_are_refused(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(traced(), torch.randn(2, 3, 6, 6))
+
+
+def test_not_a_graph_module():
+    with pytest.raises(TypeError, match="choose_memory_format expects a torch.fx.GraphModule"):
+        choose_memory_format(Net(), torch.randn(2, 3, 6, 6))
+
+
+def test_optimize_for_inference_records_the_format_and_a_manifest_keeps_it(tmp_path):
+    x = torch.randn(2, 3, 6, 6)
+    torch.manual_seed(0)
+    model = Net().eval()
+    auto = optimize_for_inference(model, x, threads=1)
+    assert graph_record(auto).memory_format_reason.startswith("faster on eager/cpu/1 thread")
+    onnx_side = optimize_for_inference(model, x, backend="onnxruntime")  # not timed there: the default format
+    assert graph_record(onnx_side).memory_format == "contiguous" and graph_record(onnx_side).memory_format_reason == ""
+    deployed = optimize_for_inference(model, x, ranks=0.5, threads=1, memory_format="channels_last")
+    assert all(is_channels_last(t) for t in four_d(deployed))
+    fxtucker.export(deployed, x, tmp_path / "m", "manifest", model_factory=Net)
+    data = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert (data["memory_format"], data["memory_format_reason"]) == ("channels_last", "given")
+    loaded = load(tmp_path / "m", Net)
+    assert graph_record(loaded).memory_format == "channels_last" and all(is_channels_last(t) for t in four_d(loaded))
+    torch.testing.assert_close(loaded(x), deployed(x), **EXACT)
+    # a manifest from before the key loads in the default format; a bad value is refused
+    for value, error in ((None, None), ("nhwc", r"'memory_format' must be one of \['contiguous', 'channels_last'\]")):
+        data.pop("memory_format", None)
+        if value is not None:
+            data["memory_format"] = value
+        (tmp_path / "m" / "manifest.json").write_text(json.dumps(data))
+        if error:
+            with pytest.raises(ValueError, match=error):
+                load(tmp_path / "m", Net)
+        else:
+            old = load(tmp_path / "m", Net)
+            assert graph_record(old).memory_format == "contiguous" and all(t.is_contiguous() for t in four_d(old))
+            torch.testing.assert_close(old(x), deployed(x))
