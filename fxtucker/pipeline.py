@@ -131,14 +131,17 @@ def deployment(example_inputs: Sequence[Any], *, ranks: RanksArg = None, decompo
     steps = [_step(fold_bn, inplace=True), _measure(example_inputs)]
     if ranks is not None:
         steps.append(_step(decompose_conv, ranks, method=method, linear=linear, round_to=round_to, inplace=True))
+    timed = memory_format == "auto" and backend == "eager"
+    fmt = ([_step(choose_memory_format, *example_inputs, backend=backend, device=device, threads=threads, inplace=True)]
+           if timed else [_step(set_memory_format, memory_format, inplace=True)] if memory_format in MEMORY_FORMATS
+           else [])
     if ranks is not None or decomposed:
-        steps.append(_step(fold_or_restore, *example_inputs, cost="latency", backend=backend, device=device,
-                           threads=threads, max_macs=max_macs, search=search, inplace=True))
-    if memory_format == "auto" and backend == "eager":
-        steps.append(_step(choose_memory_format, *example_inputs, backend=backend, device=device, threads=threads,
-                           inplace=True))
-    elif memory_format in MEMORY_FORMATS:
-        steps.append(_step(set_memory_format, memory_format, inplace=True))
+        # The forms are timed in the format the weights are in (chosen on the factors' model); fold_or_restore
+        # keeps it for the modules it builds, and a timed format is timed again on the model with its forms.
+        steps += fmt + [_step(fold_or_restore, *example_inputs, cost="latency", backend=backend, device=device,
+                              threads=threads, max_macs=max_macs, search=search, inplace=True)] + (fmt if timed else [])
+    else:
+        steps += fmt
     return Pipeline(steps)
 
 

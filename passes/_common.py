@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import numbers
+import operator
 from collections import defaultdict
 from typing import Iterator, Optional
 
@@ -114,3 +117,20 @@ def factor_nodes(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, FactorRecord]]:
         rec = factor_record(node)
         if rec is not None:
             yield node, rec
+
+
+def model_digest(gm: fx.GraphModule) -> str:
+    """What a whole model's speed depends on: its graph code, each called module's class and
+    settings (``extra_repr``: shapes, strides, ...) and each attribute read's shape and dtype."""
+    parts = []
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            m = gm.get_submodule(n.target)
+            parts.append([n.target, type(m).__module__, type(m).__qualname__, m.extra_repr(),
+                          [[k, list(p.shape), str(p.dtype)] for k, p in m.named_parameters()]])
+        elif n.op == "get_attr":
+            a = operator.attrgetter(n.target)(gm)
+            parts.append([n.target, list(a.shape) if isinstance(a, torch.Tensor) else repr(type(a)),
+                          str(getattr(a, "dtype", ""))])
+    text = json.dumps([gm.code, parts], default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]

@@ -27,8 +27,7 @@ import torch.nn as nn
 
 from fxtucker.latency import TimingCache, check_backend, check_device, measure_latency
 from fxtucker.meta import graph_record, set_graph_record
-from fxtucker.passes._common import prepare
-from fxtucker.passes.time_forms import model_digest
+from fxtucker.passes._common import model_digest, prepare
 
 __all__ = ["MEMORY_FORMATS", "choose_memory_format", "set_memory_format", "model_to_channels_last",
            "restore_strides"]
@@ -125,7 +124,7 @@ def fx_copy(gm: fx.GraphModule, memory_format: str) -> fx.GraphModule:
 
 
 def choose_memory_format(gm: fx.GraphModule, *example_inputs: Any, backend: str = "eager", device: str = "cpu",
-                         threads: Optional[int] = None, rounds: int = 5, inplace: bool = False) -> fx.GraphModule:
+                         threads: Optional[int] = None, rounds: int = 3, inplace: bool = False) -> fx.GraphModule:
     """``gm`` in the memory format (``"contiguous"`` or ``"channels_last"``) in which it runs faster
     on ``backend`` / ``device`` / ``threads``, timed on ``example_inputs`` (one batch).
 

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
-import operator
 import statistics
 import warnings
 from typing import Any, Optional
@@ -24,13 +21,14 @@ import torch.nn as nn
 
 from fxtucker.latency import TimingCache, check_backend, check_device, measure_latency
 from fxtucker.meta import CORE, FIRST, LAST, MACS, TENSOR_META, graph_record, set_graph_record
-from fxtucker.passes._common import finish, layer_nodes
+from fxtucker.passes._common import finish, layer_nodes, model_digest
 from fxtucker.passes.cost_model import conv_macs, cost_model
+from fxtucker.passes.memory_format import CHANNELS_LAST, CONTIGUOUS, model_to_channels_last
 from fxtucker.passes.forms import (DENSE, LINEAR, ChannelsLinear, batched, build_form, candidate_forms,
                                    check_factors, decomposed_layers, give_form, is_pointwise, layer_specs, macs_plan,
                                    with_linear)
 
-__all__ = ["plan_forms", "check_options", "time_chain", "model_digest", "COSTS", "SEARCHES"]
+__all__ = ["plan_forms", "check_options", "time_chain", "COSTS", "SEARCHES"]
 
 COSTS = ("macs", "latency")
 SEARCHES = ("layer", "model")
@@ -140,12 +138,16 @@ class _Timed:
     device: str
     threads: Optional[int]
     cache: TimingCache
+    memory_format: str = CONTIGUOUS  # the model's (GraphRecord.memory_format): forms are timed in it
 
     def trial(self, choice: dict[str, str]) -> fx.GraphModule:
-        """A copy of the model with every layer in its form in ``choice`` (the model is left as it is)."""
+        """A copy of the model with every layer in its form in ``choice`` (the model is left as it is),
+        its weights in the model's memory format (the forms' new modules come in the default one)."""
         trial = copy.deepcopy(self.gm)
         for source, roles in layer_nodes(trial).items():
             give_form(trial, source, roles, choice[source], self.forms[source][choice[source].removesuffix(LINEAR)])
+        if self.memory_format == CHANNELS_LAST:
+            model_to_channels_last(trial)
         return finish(trial)
 
 
@@ -153,8 +155,10 @@ def _by_latency(t: _Timed, example_inputs: tuple, by_source: dict, specs: dict, 
                 search: str, linear: bool) -> dict[str, str]:
     """plan_forms(cost="latency"), with ``t`` holding the model and where to time: see its docstring."""
     gm, backend, device, threads = t.gm, t.backend, t.device, t.threads
+    t.memory_format = graph_record(gm).memory_format
     threads_used = threads if threads is not None else torch.get_num_threads()
-    timed_on = f"{backend}/{device}/{threads_used} thread{'s' if threads_used != 1 else ''}"
+    timed_on = (f"{backend}/{device}/{threads_used} thread{'s' if threads_used != 1 else ''}"
+                + (", channels-last" if t.memory_format == CHANNELS_LAST else ""))
     for source, roles in by_source.items():
         container = gm.get_submodule(source)
         forms = with_linear(candidate_forms(container, specs.get(source)),
@@ -167,7 +171,7 @@ def _by_latency(t: _Timed, example_inputs: tuple, by_source: dict, specs: dict, 
             x = torch.randn(tuple(meta.shape), dtype=meta.dtype, device=container[FIRST].weight.device)
             for f, chain in forms.items():
                 ms, macs = t.costs[source][f]
-                t.costs[source][f] = (ms + time_chain(chain, x, backend, device, threads, t.cache),
+                t.costs[source][f] = (ms + time_chain(chain, x, backend, device, threads, t.cache, t.memory_format),
                                       macs + _chain_macs(chain, x))
     broken = _linear_breaks(t, example_inputs)
     if broken:
@@ -241,15 +245,21 @@ def _chain_macs(chain: list[nn.Module], x: torch.Tensor) -> int:
 
 
 def time_chain(chain: list[nn.Module], x: torch.Tensor, backend: str, device: str, threads: Optional[int],
-               cache: TimingCache) -> float:
-    """Latency of running ``chain`` on ``x`` in ms, from ``cache`` when this shape was timed before."""
+               cache: TimingCache, memory_format: str = CONTIGUOUS) -> float:
+    """Latency of running ``chain`` on ``x`` in ms, from ``cache`` when this shape was timed before;
+    with ``memory_format="channels_last"`` the chain's 4-D weights and ``x`` are in that format, as
+    they are inside a model whose weights are (:func:`~fxtucker.passes.choose_memory_format`)."""
+    extra = {"memory_format": memory_format} if memory_format != CONTIGUOUS else {}  # the older keys stay valid
     key = TimingCache.key(backend, device, threads if threads is not None else torch.get_num_threads(),
                           what="fold_or_restore", input=list(x.shape), dtype=str(x.dtype),
-                          modules=[_module_key(m) for m in chain])
+                          modules=[_module_key(m) for m in chain], **extra)
     ms = cache.get(key)
     if ms is None:
         # A fresh GraphModule has its own generated forward: torch.compile caches per code object.
         module = fx.symbolic_trace(nn.Sequential(*[copy.deepcopy(m) for m in chain]).eval())
+        if memory_format == CHANNELS_LAST and x.dim() == 4:
+            model_to_channels_last(module)
+            x = x.contiguous(memory_format=torch.channels_last)
         ms = measure_latency(module, x, backend=backend, device=device, threads=threads)
         cache.put(key, ms)
     return ms
@@ -313,7 +323,8 @@ def _search_model(t: _Timed, example_inputs: tuple, choice: dict[str, str], max_
         keys[name] = TimingCache.key(t.backend, t.device, threads, what="fold_or_restore/model",
                                      model=model_digest(trials[name][1]),
                                      inputs=[[list(x.shape), str(x.dtype)] if isinstance(x, torch.Tensor) else repr(x)
-                                             for x in example_inputs])
+                                             for x in example_inputs],
+                                     **({"memory_format": t.memory_format} if t.memory_format != CONTIGUOUS else {}))
     times = {name: t.cache.get(key) for name, key in keys.items()}
     # Timings of one sitting only are compared: if any is missing, every candidate is timed again.
     pending = list(keys) if any(ms is None for ms in times.values()) else []
@@ -329,20 +340,3 @@ def _search_model(t: _Timed, example_inputs: tuple, choice: dict[str, str], max_
     timed = ", ".join(f"{name} {ms:.3f}" for name, ms in times.items() if name != best)
     why = f"in the fastest whole model, form set '{best}' {times[best]:.3f} ms ({timed})"
     return trials[best][0], why
-
-
-def model_digest(gm: fx.GraphModule) -> str:
-    """What a whole model's speed depends on: its graph code, each called module's class and
-    settings (``extra_repr``: shapes, strides, ...) and each attribute read's shape and dtype."""
-    parts = []
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            m = gm.get_submodule(n.target)
-            parts.append([n.target, type(m).__module__, type(m).__qualname__, m.extra_repr(),
-                          [[k, list(p.shape), str(p.dtype)] for k, p in m.named_parameters()]])
-        elif n.op == "get_attr":
-            a = operator.attrgetter(n.target)(gm)
-            parts.append([n.target, list(a.shape) if isinstance(a, torch.Tensor) else repr(type(a)),
-                          str(getattr(a, "dtype", ""))])
-    text = json.dumps([gm.code, parts], default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:20]

@@ -163,3 +163,27 @@ def test_optimize_for_inference_records_the_format_and_a_manifest_keeps_it(tmp_p
             old = load(tmp_path / "m", Net)
             assert graph_record(old).memory_format == "contiguous" and all(t.is_contiguous() for t in four_d(old))
             torch.testing.assert_close(old(x), deployed(x))
+
+
+def test_forms_are_timed_and_built_in_the_models_format(monkeypatch):
+    """A model whose weights are channels-last has its forms timed channels-last (inputs and weights,
+    as inside the model) and keeps the format for the modules the forms build."""
+    time_forms = importlib.import_module("fxtucker.passes.time_forms")
+    seen = []
+
+    def fake(model, x, **kw):
+        seen.append(is_channels_last(x) and all(is_channels_last(t) for t in four_d(model)))
+        return 1.0
+
+    monkeypatch.setattr(time_forms, "measure_latency", fake)
+    x = torch.randn(2, 3, 6, 6)
+    gm = fxtucker.passes.decompose_conv(fxtucker.passes.cost_model(traced(), x), ranks=0.5)
+    last = set_memory_format(gm, "channels_last")
+    out = fxtucker.passes.fold_or_restore(last, x, cost="latency", threads=1)
+    assert seen and all(seen)
+    assert all(is_channels_last(t) for t in four_d(out))
+    assert all(r.timed_on == "eager/cpu/1 thread, channels-last" for r in graph_record(out).layers if r.form)
+    torch.testing.assert_close(out(x), gm(x))
+    seen.clear()
+    plain = fxtucker.passes.fold_or_restore(gm, x, cost="latency", threads=1)
+    assert seen and not any(seen) and all(t.is_contiguous() for t in four_d(plain))
