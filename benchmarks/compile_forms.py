@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     model = torchvision.models.resnet18().eval()
     x = torch.randn(1, 3, 224, 224)
-    base = optimize_for_inference(model, x)
+    base = optimize_for_inference(model, x, backend="compile")
     base_macs = count_macs(base, x)
     variants = {"baseline": base}
     for backend in ("compile", "onnxruntime", "eager"):

@@ -5,8 +5,8 @@
     .venv/bin/python benchmarks/latency.py --torch-pruning # also Torch-Pruning at the same MACs (pip install fxtucker[bench])
     .venv/bin/python benchmarks/latency.py --plot          # only draw results/latency.png from the stored rows
 
-For each (model, batch, back end) the baseline is ``optimize_for_inference(model, x)`` (BatchNorm
-folded, nothing decomposed) and the compressed model is ``optimize_for_inference(model, x,
+For each (model, batch, back end) the baseline is ``optimize_for_inference(model, x, backend=B)``
+(BatchNorm folded, nothing decomposed; on eager, its weights in the memory format it runs faster in) and the compressed model is ``optimize_for_inference(model, x,
 ranks=R, backend=B, round_to=16, max_macs=baseline MACs / 2, search=S)`` (per-layer forms chosen
 by timing on B, within the issue's MAC goal: ``--min-macs-ratio``; ``--search model`` also times
 whole models with candidate form sets). Both are timed in the
@@ -114,11 +114,12 @@ def original(model_name: str) -> torch.nn.Module:
     return models.get_model(model_name, num_classes=1000, in_channels=3, checkpoint=None).eval()
 
 
-def torch_pruned(model, x, target_macs: int):
-    """Torch-Pruning's model at ``target_macs``, its BatchNorms folded as the baseline's are."""
+def torch_pruned(model, x, target_macs: int, backend: str = "eager", threads: Optional[int] = None):
+    """Torch-Pruning's model at ``target_macs``, deployed as the baseline is (BatchNorm folded; on eager,
+    the memory format it runs faster in)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return optimize_for_inference(_torch_pruning(model, x, target_macs), x)
+        return optimize_for_inference(_torch_pruning(model, x, target_macs), x, backend=backend, threads=threads)
 
 
 def build(args, model_name: str, batch: int, backend: str, method: str) -> tuple:
@@ -129,13 +130,13 @@ def build(args, model_name: str, batch: int, backend: str, method: str) -> tuple
     x = torch.randn(batch, 3, args.input_size, args.input_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        baseline = optimize_for_inference(model, x)
+        baseline = optimize_for_inference(model, x, backend=backend, threads=args.threads)
         # The issue's MAC goal (>= 2x fewer) as a bound: forms with fewer MACs replace the fastest where needed.
         max_macs = int(fxtucker.count_macs(baseline, x) / args.min_macs_ratio) if args.min_macs_ratio else None
         compressed = optimize_for_inference(model, x, ranks=args.ranks, backend=backend, round_to=args.round_to,
                                             threads=args.threads, max_macs=max_macs, search=args.search)
     if method == "torch-pruning":
-        compressed = torch_pruned(model, x, fxtucker.count_macs(compressed, x))
+        compressed = torch_pruned(model, x, fxtucker.count_macs(compressed, x), backend, args.threads)
     return baseline, compressed, x
 
 

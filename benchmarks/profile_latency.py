@@ -105,7 +105,8 @@ def run_row(args, model_name: str, batch: int, backend: str) -> dict:
     profiled = {"baseline": baseline, "fxtucker": compressed}
     macs = {"baseline": fxtucker.count_macs(baseline, x), "fxtucker": fxtucker.count_macs(compressed, x)}
     if args.torch_pruning:
-        profiled["torch-pruning"] = latency.torch_pruned(latency.original(model_name), x, macs["fxtucker"])
+        profiled["torch-pruning"] = latency.torch_pruned(latency.original(model_name), x, macs["fxtucker"], backend,
+                                                            args.threads)
         macs["torch-pruning"] = fxtucker.count_macs(profiled["torch-pruning"], x)
     load_before = os.getloadavg()[0]
     out = {name: profile(model, x, backend, args.runs) for name, model in profiled.items()}

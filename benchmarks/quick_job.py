@@ -293,7 +293,7 @@ def latency(names: list[str], batch: int, rounds: int, threads: int, repeat: int
     original = stand_in()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        baseline = optimize_for_inference(original, x)
+        baseline = optimize_for_inference(original, x, backend="onnxruntime")
     sid = stand_in_id()
     for name in names:
         if not _stored(name, sid):

@@ -250,7 +250,8 @@ def _inspect(args: argparse.Namespace) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            baseline = optimize_for_inference(model, x)
+            # the same back end for both: on eager each gets the memory format it runs faster in
+            baseline = optimize_for_inference(model, x, backend=args.backend, threads=args.threads)
             deployed = optimize_for_inference(final, x, backend=args.backend, threads=args.threads)
         cmp = compare_latency(baseline, deployed, x, backend=args.backend, **_timing(args))
     except ImportError as exc:
@@ -424,7 +425,7 @@ def deploy_step(args: argparse.Namespace, model: torch.nn.Module, compressed: to
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            baseline = optimize_for_inference(model.eval(), x)
+            baseline = optimize_for_inference(model.eval(), big, backend=backend, threads=args.threads)
             # max_macs: a dense form may win on time, but the deployed model keeps the MACs compress() reached.
             deployed = optimize_for_inference(compressed, big, backend=backend, threads=args.threads,
                                               max_macs=fxtucker.count_macs(compressed, big))
@@ -755,8 +756,7 @@ def _bench(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model = _model(args.model, args.num_classes, args.in_channels, args.checkpoint, args.model_kwargs).eval()
     x = torch.randn(args.batch, args.in_channels, args.input_size, args.input_size)
-    baseline = optimize_for_inference(model, x)
-    macs_before = fxtucker.count_macs(baseline, x)
+    macs_before = fxtucker.count_macs(optimize_for_inference(model, x, memory_format="contiguous"), x)
     threads = args.threads or torch.get_num_threads()
     print(f"{args.model} at {args.input_size}x{args.input_size}, batch {args.batch}, {threads} thread(s); original: "
           f"BatchNorm folded; compressed: ranks {args.ranks}" + (f" rounded to {args.round_to}" if args.round_to else "")
@@ -770,6 +770,8 @@ def _bench(args: argparse.Namespace) -> int:
         try:
             compressed = optimize_for_inference(model, x, ranks=args.ranks, method=args.method, backend=backend,
                                                 round_to=args.round_to, threads=args.threads, search=args.search)
+            # the original deployed for the same back end (on eager, in the memory format it runs faster in)
+            baseline = optimize_for_inference(model, x, backend=backend, threads=args.threads)
             cmp = compare_latency(baseline, compressed, x, backend=backend, **_timing(args))
         except ImportError as exc:
             raise _UsageError(str(exc)) from None
