@@ -86,7 +86,8 @@ def optimize_for_inference(
         linear: also decompose Linear layers.
         memory_format: ``"auto"`` (timed on ``"eager"``; the default format on the other back ends,
             which lay tensors out themselves or export the graph), ``"contiguous"`` or
-            ``"channels_last"``; the result's ``GraphRecord.memory_format`` says which, and why.
+            ``"channels_last"`` (a ValueError where the model does not run in it, e.g. a ``.view()``
+            of a conv's output); the result's ``GraphRecord.memory_format`` says which, and why.
 
     Returns:
         A GraphModule in eval mode, with the fxtucker records (:func:`fxtucker.report`).

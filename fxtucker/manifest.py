@@ -400,7 +400,10 @@ def load(path: Union[str, Path], model_factory: Callable[[], nn.Module], *,
     # model picks the same kernels as the exported one (copying into the rebuilt factors' strided
     # parameters changes float32 results in the last bits).
     gm.load_state_dict(state, strict=True, assign=True)
-    # The weights file keeps their strides; the recorded format is applied again all the same, so that a
-    # weights file rewritten by another tool (contiguous) still runs as it was deployed.
+    # The weights file keeps their strides; a channels-last model's format is applied again all the same,
+    # so that a weights file rewritten by another tool (contiguous) still runs as it was deployed. The
+    # default format changes nothing: the saved strides stay, as above.
     rec = graph_record(gm)
-    return set_memory_format(gm, rec.memory_format, inplace=True, reason=rec.memory_format_reason).eval()
+    if rec.memory_format == "channels_last":
+        set_memory_format(gm, rec.memory_format, inplace=True, reason=rec.memory_format_reason)
+    return gm.eval()

@@ -131,10 +131,16 @@ def deployment(example_inputs: Sequence[Any], *, ranks: RanksArg = None, decompo
     steps = [_step(fold_bn, inplace=True), _measure(example_inputs)]
     if ranks is not None:
         steps.append(_step(decompose_conv, ranks, method=method, linear=linear, round_to=round_to, inplace=True))
+    if memory_format not in ("auto", *MEMORY_FORMATS):
+        raise ValueError(f"memory_format {memory_format!r} is not known; valid: {['auto', *MEMORY_FORMATS]}")
     timed = memory_format == "auto" and backend == "eager"
-    fmt = ([_step(choose_memory_format, *example_inputs, backend=backend, device=device, threads=threads, inplace=True)]
-           if timed else [_step(set_memory_format, memory_format, inplace=True)] if memory_format in MEMORY_FORMATS
-           else [])
+    if timed:
+        fmt = [_step(choose_memory_format, *example_inputs, backend=backend, device=device, threads=threads,
+                     inplace=True)]
+    elif memory_format == "auto":  # inductor lays tensors out itself; an exported graph does not see strides
+        fmt = [_step(set_memory_format, "contiguous", inplace=True, reason=f"auto: the default format on {backend}")]
+    else:  # channels-last is refused where the model does not run in it
+        fmt = [_step(set_memory_format, memory_format, *example_inputs, inplace=True)]
     if ranks is not None or decomposed:
         # The forms are timed in the format the weights are in (chosen on the factors' model); fold_or_restore
         # keeps it for the modules it builds, and a timed format is timed again on the model with its forms.

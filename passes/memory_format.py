@@ -34,9 +34,11 @@ __all__ = ["MEMORY_FORMATS", "choose_memory_format", "set_memory_format", "model
 
 CONTIGUOUS, CHANNELS_LAST = "contiguous", "channels_last"
 MEMORY_FORMATS = (CONTIGUOUS, CHANNELS_LAST)
-#: How far the channels-last model's outputs may be from the default format's (relative to the
-#: largest output magnitude): a different summation order, never a different function.
+#: How far the channels-last model's outputs may be from the default format's, relative to the
+#: largest finite output magnitude: a different summation order, never a different function. For
+#: types coarser than float32 a few of their own epsilons (float16: about 1e-3).
 RTOL = 1e-4
+EPS_FACTOR = 8
 
 
 def model_to_channels_last(model: nn.Module) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
@@ -87,40 +89,69 @@ def _apply(gm: fx.GraphModule, memory_format: str, reason: str) -> fx.GraphModul
     return gm
 
 
-def set_memory_format(gm: fx.GraphModule, memory_format: str, inplace: bool = False,
+def set_memory_format(gm: fx.GraphModule, memory_format: str, *example_inputs: Any, inplace: bool = False,
                       reason: str = "given") -> fx.GraphModule:
     """``gm`` with every 4-D parameter and buffer in ``memory_format`` (``"contiguous"`` or
-    ``"channels_last"``), recorded in its GraphRecord; the graph and the values are unchanged."""
+    ``"channels_last"``), recorded in its GraphRecord; the graph and the values are unchanged.
+
+    With ``example_inputs`` (one batch), ``"channels_last"`` is refused with a ValueError where the
+    model does not run in it or computes other outputs there (a ``.view()`` of a conv's output)."""
     _check_format(memory_format, "set_memory_format")
-    return _apply(prepare(gm, inplace, "set_memory_format"), memory_format, reason)
+    if not isinstance(reason, str):
+        raise TypeError(f"set_memory_format: reason must be a str, got {type(reason).__name__}")
+    gm = prepare(gm, inplace, "set_memory_format")
+    if memory_format == CHANNELS_LAST and example_inputs:
+        why_not = _runs_alike(gm, example_inputs)
+        if why_not:
+            raise ValueError(f"set_memory_format: the model cannot be stored channels-last: {why_not}; use "
+                             f"memory_format='contiguous' (or 'auto', which times only the formats it runs in)")
+    return _apply(gm, memory_format, reason)
+
+
+def _clone(example_inputs: tuple) -> tuple:
+    """A fresh copy of each tensor input, so that a model that writes into its input sees the same data."""
+    return tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in example_inputs)
+
+
+def _tolerance(a: torch.Tensor) -> tuple[float, float]:
+    """(rtol, atol) for comparing ``a`` computed in the two formats (see :data:`RTOL`)."""
+    rtol = max(RTOL, EPS_FACTOR * torch.finfo(a.dtype).eps)
+    finite = a[torch.isfinite(a)]
+    scale = finite.abs().max().item() if finite.numel() else 0.0
+    return rtol, rtol * max(scale, 1e-12)
 
 
 def _runs_alike(gm: fx.GraphModule, example_inputs: tuple) -> str:
     """Why ``gm`` in the channels-last format does not compute what it computes in the default one
-    ("" when it does): it fails (a ``.view()`` of a channels-last tensor), or its outputs differ."""
-    plain, last = fx_copy(gm, CONTIGUOUS), fx_copy(gm, CHANNELS_LAST)
-    try:
-        with torch.no_grad():
-            want, got = plain(*example_inputs), last(*example_inputs)
-    except Exception as exc:  # noqa: BLE001 - any failure means: not in this format
-        return f"it does not run channels-last ({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]})"
+    ("" when it does): it fails (a ``.view()`` of a channels-last tensor), or its outputs differ.
+    A model that does not run in the default format on these inputs is an error, not a reason."""
+    with torch.no_grad():
+        want = fx_copy(gm, CONTIGUOUS)(*_clone(example_inputs))
+        try:
+            got = fx_copy(gm, CHANNELS_LAST)(*_clone(example_inputs))
+        except Exception as exc:  # noqa: BLE001 - any failure means: not in this format
+            return f"it does not run channels-last ({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]})"
     flat_want, spec_want = torch.utils._pytree.tree_flatten(want)
     flat_got, spec_got = torch.utils._pytree.tree_flatten(got)
     if spec_want != spec_got:
         return "its outputs channels-last have another structure"
     for a, b in zip(flat_want, flat_got):
-        if isinstance(a, torch.Tensor) and a.is_floating_point():
-            scale = a.abs().max().item() if a.numel() else 0.0
-            if a.shape != b.shape or not torch.allclose(a, b, rtol=RTOL, atol=RTOL * max(scale, 1e-12)):
+        if not isinstance(a, torch.Tensor):
+            continue
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return "its outputs channels-last have other shapes or types"
+        if a.is_floating_point():
+            rtol, atol = _tolerance(a)
+            if not torch.allclose(a, b, rtol=rtol, atol=atol, equal_nan=True):
                 return "its outputs channels-last differ from the default format's beyond float rounding"
-        elif isinstance(a, torch.Tensor) and not torch.equal(a, b):
+        elif not torch.equal(a, b):
             return "its outputs channels-last differ from the default format's"
     return ""
 
 
 def fx_copy(gm: fx.GraphModule, memory_format: str) -> fx.GraphModule:
     """A deep copy of ``gm`` with its 4-D tensors in ``memory_format``, in eval mode."""
-    return set_memory_format(gm, memory_format).eval()
+    return _apply(prepare(gm, False, "fx_copy"), memory_format, "").eval()
 
 
 def choose_memory_format(gm: fx.GraphModule, *example_inputs: Any, backend: str = "eager", device: str = "cpu",
@@ -152,7 +183,8 @@ def choose_memory_format(gm: fx.GraphModule, *example_inputs: Any, backend: str 
     timed_on = f"{backend}/{device}/{used} thread{'s' if used != 1 else ''}"
     cache = TimingCache()
     digest = model_digest(gm)
-    shapes = [[list(x.shape), str(x.dtype)] if isinstance(x, torch.Tensor) else repr(x) for x in example_inputs]
+    shapes = [[list(x.shape), str(x.dtype), x.dim() == 4 and not x.is_contiguous()] if isinstance(x, torch.Tensor)
+              else repr(x) for x in example_inputs]
     keys = {f: TimingCache.key(backend, device, used, what="choose_memory_format", model=digest, inputs=shapes,
                                memory_format=f) for f in MEMORY_FORMATS}
     times = {f: cache.get(k) for f, k in keys.items()}
@@ -161,7 +193,7 @@ def choose_memory_format(gm: fx.GraphModule, *example_inputs: Any, backend: str 
         runs: dict[str, list[float]] = {f: [] for f in MEMORY_FORMATS}
         for i in range(rounds):
             for f in (MEMORY_FORMATS if i % 2 == 0 else MEMORY_FORMATS[::-1]):
-                runs[f].append(measure_latency(models[f], example_inputs, backend=backend, device=device,
+                runs[f].append(measure_latency(models[f], _clone(example_inputs), backend=backend, device=device,
                                                threads=threads))
         times = {f: statistics.median(runs[f]) for f in MEMORY_FORMATS}
         for f in MEMORY_FORMATS:

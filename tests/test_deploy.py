@@ -77,7 +77,9 @@ def test_ranks_decompose_fold_and_keep_the_function_exactly():
     assert set(layers) == {"conv1", "conv2", "short", "fc"}
     for layer in layers.values():
         times = dict(layer.timings_ms)
-        assert times[layer.form] == min(times.values()) and layer.timed_on == "eager/cpu/1 thread"  # ties: rounded ms
+        # ties: rounded ms; the forms are timed in the memory format chosen on the factors
+        assert times[layer.form] == min(times.values()) and layer.timed_on in ("eager/cpu/1 thread",
+                                                                                "eager/cpu/1 thread, channels-last")
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules()) and _plain_torch(fast)
     assert fxtucker.count_macs(fast, x) == sum(n.meta["macs"] for n in fast.graph.nodes)
 

@@ -140,8 +140,11 @@ def test_optimize_for_inference_records_the_format_and_a_manifest_keeps_it(tmp_p
     model = Net().eval()
     auto = optimize_for_inference(model, x, threads=1)
     assert graph_record(auto).memory_format_reason.startswith("faster on eager/cpu/1 thread")
-    onnx_side = optimize_for_inference(model, x, backend="onnxruntime")  # not timed there: the default format
-    assert graph_record(onnx_side).memory_format == "contiguous" and graph_record(onnx_side).memory_format_reason == ""
+    # not timed there: the default format, even for weights that came channels-last
+    onnx_side = optimize_for_inference(set_memory_format(fxtucker.trace(model), "channels_last"), x,
+                                       backend="onnxruntime")
+    assert graph_record(onnx_side).memory_format_reason == "auto: the default format on onnxruntime"
+    assert graph_record(onnx_side).memory_format == "contiguous" and all(t.is_contiguous() for t in four_d(onnx_side))
     deployed = optimize_for_inference(model, x, ranks=0.5, threads=1, memory_format="channels_last")
     assert all(is_channels_last(t) for t in four_d(deployed))
     fxtucker.export(deployed, x, tmp_path / "m", "manifest", model_factory=Net)
@@ -161,7 +164,8 @@ def test_optimize_for_inference_records_the_format_and_a_manifest_keeps_it(tmp_p
                 load(tmp_path / "m", Net)
         else:
             old = load(tmp_path / "m", Net)
-            assert graph_record(old).memory_format == "contiguous" and all(t.is_contiguous() for t in four_d(old))
+            assert graph_record(old).memory_format == "contiguous"  # the saved strides stay as they were
+            assert all(torch.equal(a, b) for a, b in zip(four_d(old), four_d(loaded)))
             torch.testing.assert_close(old(x), deployed(x))
 
 
@@ -182,8 +186,86 @@ def test_forms_are_timed_and_built_in_the_models_format(monkeypatch):
     out = fxtucker.passes.fold_or_restore(last, x, cost="latency", threads=1)
     assert seen and all(seen)
     assert all(is_channels_last(t) for t in four_d(out))
+    assert any(r.form for r in graph_record(out).layers)
     assert all(r.timed_on == "eager/cpu/1 thread, channels-last" for r in graph_record(out).layers if r.form)
     torch.testing.assert_close(out(x), gm(x))
     seen.clear()
     plain = fxtucker.passes.fold_or_restore(gm, x, cost="latency", threads=1)
     assert seen and not any(seen) and all(t.is_contiguous() for t in four_d(plain))
+
+
+class StrideAdd(nn.Module):
+    """Adds the channel stride: a result that depends on the format (a stand-in for a kernel that
+    assumes contiguous memory); traced as a leaf."""
+
+    def forward(self, y):
+        return y + float(y.stride()[1])
+
+
+class Odd(nn.Module):
+    """A conv whose output goes through ``mode``: NaN, a write into the input, float16, or a
+    result that depends on the format (a stand-in for a kernel that assumes contiguous memory)."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.a, self.mode, self.s = nn.Conv2d(3, 8, 3, padding=1), mode, StrideAdd()
+
+    def forward(self, x):
+        if self.mode == "inplace":
+            x.mul_(2)
+        y = self.a(x)
+        if self.mode == "nan":
+            return torch.log(y)  # NaN where y < 0
+        if self.mode == "strides":
+            return self.s(y)
+        return y
+
+
+@pytest.mark.parametrize("mode,dtype", [("nan", torch.float32), ("inplace", torch.float32), ("plain", torch.float16)])
+def test_outputs_compared_fairly(monkeypatch, mode, dtype):
+    """NaN outputs, a model that writes into its input and float16 rounding all count as the same
+    function in both formats: the timing decides, and the caller's input is left as it was."""
+    monkeypatch.setattr(MF, "measure_latency", lambda model, x, **k: 1.0 if is_channels_last(model.a.weight) else 2.0)
+    torch.manual_seed(0)
+    gm = fxtucker.trace(Odd(mode).to(dtype).eval())
+    x = torch.randn(2, 3, 6, 6, dtype=dtype)
+    before = x.clone()
+    rec = graph_record(choose_memory_format(gm, x))
+    assert rec.memory_format == "channels_last", rec.memory_format_reason
+    torch.testing.assert_close(x, before, **EXACT)
+
+
+def test_a_format_dependent_model_stays_contiguous_and_is_refused_channels_last(monkeypatch):
+    monkeypatch.setattr(MF, "measure_latency", lambda *a, **k: pytest.fail("nothing to time"))
+    gm, x = fxtucker.trace(Odd("strides").eval(), leaf_modules=[StrideAdd]), torch.randn(2, 3, 6, 6)
+    rec = graph_record(choose_memory_format(gm, x))
+    assert rec.memory_format == "contiguous"
+    assert rec.memory_format_reason == "contiguous: its outputs channels-last differ from the default format's beyond float rounding"
+    with pytest.raises(ValueError, match="the model cannot be stored channels-last: its outputs channels-last differ"):
+        set_memory_format(gm, "channels_last", x)
+    with pytest.raises(ValueError, match=r"cannot be stored channels-last: it does not run channels-last \(RuntimeError: view"):
+        optimize_for_inference(Net(view=True).eval(), x, memory_format="channels_last")
+    assert is_channels_last(set_memory_format(gm, "channels_last").a.weight)  # without inputs: not checked
+
+
+def test_inputs_the_model_does_not_take_are_an_error_not_a_reason():
+    with pytest.raises(RuntimeError):
+        choose_memory_format(traced(), torch.randn(2, 5, 6, 6))  # 5 channels for a conv of 3
+
+
+def test_pipeline_refuses_an_unknown_format_and_a_bad_reason():
+    with pytest.raises(ValueError, match=r"memory_format 'nhwc' is not known; valid: \['auto', 'contiguous', 'channels_last'\]"):
+        fxtucker.pipeline.deployment((torch.randn(1, 3, 6, 6),), memory_format="nhwc")
+    with pytest.raises(TypeError, match="set_memory_format: reason must be a str, got int"):
+        set_memory_format(traced(), "contiguous", reason=3)
+
+
+def test_whole_model_search_in_channels_last():
+    x = torch.randn(2, 3, 6, 6)
+    torch.manual_seed(0)
+    model = Net().eval()
+    deployed = optimize_for_inference(model, x, ranks=0.5, threads=1, search="model", memory_format="channels_last")
+    assert all(is_channels_last(t) for t in four_d(deployed)) and graph_record(deployed).memory_format == "channels_last"
+    assert any(r.timed_on.endswith("channels-last") for r in graph_record(deployed).layers if r.form)
+    plain = optimize_for_inference(model, x, ranks=0.5, threads=1, memory_format="contiguous")
+    torch.testing.assert_close(deployed(x), plain(x), rtol=1e-4, atol=1e-5)  # every form: the same function
