@@ -141,6 +141,9 @@ def test_quality_plan_keeps_the_stored_funnel_recipe_beside_funnel_cut(compare):
         funnel, unweighted = runs[("funnel", setting)], runs[("funnel-unweighted", setting)]
         assert unweighted["flow"] == {**funnel["flow"], "mac_weighted": False, "one_schedule": True}
         assert unweighted["target"] == funnel["target"] == 12000 // k
+        reg_lr = runs[("funnel-reg-lr", setting)]  # and that flow with step 3 at another rate, nothing else
+        assert reg_lr["flow"] == {**unweighted["flow"], "reg_lr": compare.REG_LR_FLOW["reg_lr"]}
+        assert reg_lr["flow"]["reg_lr"] != fxtucker.CompressConfig().reg_lr and reg_lr["target"] == funnel["target"]
         assert fxtucker.CompressConfig().mac_weighted and not fxtucker.CompressConfig().one_schedule
 
 
@@ -236,7 +239,8 @@ def test_short_quality_settings_give_every_method_the_same_epochs_after_the_base
     s = types.SimpleNamespace(macs=30_000_000, profile="cpu")
     for k in compare.SHORT_BUDGETS:
         runs = [r for r in compare._plan("quality", s) if r["setting"] == f"{k}x kd {compare.SHORT_EPOCHS} epochs"]
-        assert {r["method"] for r in runs} == {"funnel", "funnel-unweighted", "uniform", "torch-pruning", "musco", "vbmf"}
+        assert {r["method"] for r in runs} == {"funnel", "funnel-unweighted", "funnel-reg-lr", "uniform", "torch-pruning",
+                                               "musco", "vbmf"}
         assert {r["method"] for r in runs} <= set(compare.METHODS)  # each can be asked for by --methods
         for r in runs:
             assert r["target"] == s.macs // k
