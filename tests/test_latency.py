@@ -266,8 +266,9 @@ def test_cli_bench_prints_every_back_end_side_by_side(tmp_path, monkeypatch, cap
     assert lines[0].endswith("; timed alternately over 2 rounds, the round with the median speed-up shown, "
                              "unreliable when the rounds' speed-ups differ by more than 1000000000.00x or other "
                              "processes use more than 25% of the CPU time meanwhile")
-    # per back end: original, compressed, then compressed, original
-    assert len(timed) == 8 and timed[0] is timed[3] is timed[4] is timed[7] and timed[1] is timed[2]
+    # per back end: original, compressed, then compressed, original; each back end deploys its own original
+    assert len(timed) == 8 and timed[0] is timed[3] and timed[1] is timed[2] and timed[4] is timed[7]
+    assert timed[5] is timed[6] and timed[0] is not timed[4] and timed[1] is not timed[5]
     assert lines[1].split() == ["back", "end", "original", "ms", "compressed", "ms", "speed-up", "original", "MACs",
                                 "compressed", "MACs", "MACs", "ratio"]
     assert [l.split()[0] for l in lines[2:4]] == ["eager", "onnxruntime"]

@@ -23,5 +23,5 @@ def test_readme_pipeline_steps_are_real():
     x = torch.randn(1, 1, 28, 28)
     readme = (ROOT / "README.md").read_text()
     for built in (pipeline.decomposition((x,)), pipeline.pruning((x,), 0.01, relative=True),
-                  pipeline.deployment((x,), ranks=0.5, backend="onnxruntime")):
+                  pipeline.deployment((x,), ranks=0.5, backend="onnxruntime"), pipeline.deployment((x,), ranks=0.5)):
         assert f"\n{built!r}\n" in readme, f"README.md's pipeline block is stale: {built!r}"
