@@ -161,7 +161,7 @@ UNWEIGHTED_FLOW = dict(mac_weighted=False, one_schedule=True)
 #: (`tuning`, "2x kd 3 epochs unweighted one schedule reg_lr R"): seeds 0 / 2 / 3 at 0.0025 0.9056 /
 #: 0.9088 / 0.9148, at 0.005 0.9090 / 0.9116 / 0.9172, at 0.01 (funnel-unweighted) 0.9114 / 0.9160 /
 #: 0.9184, at 0.02 0.9162 / 0.9174 / 0.9180 (mean 0.9172; uniform ranks 0.9154 / 0.9150 / 0.9180), at
-#: 0.04 0.9124 on seed 0 (seed 2 stopped for time).
+#: 0.04 0.9124 / 0.9120 / 0.9192 (mean 0.9145; seeds 2 and 3 run after the choice).
 REG_LR_FLOW = dict(UNWEIGHTED_FLOW, reg_lr=0.02)
 
 EXPERIMENTS = ("quality", "tuning", "baselines", "epochs", "design", "regularizers", "c_schedules", "thresholds", "budgets", "decomposition")
