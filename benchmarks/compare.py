@@ -874,6 +874,11 @@ def _plan(exp: str, s: Setup) -> list[dict]:
                          target=s.macs // 3, distill=True, epochs=SHORT_EPOCHS, args=dict(exp="quality", setting=setting)))
         runs.append(dict(method="funnel", setting=f"{setting} unweighted one schedule",
                          flow=dict(_short_flow(s.macs // 3), **UNWEIGHTED_FLOW)))
+        # Session 26: funnel-reg-lr's rate was chosen at 2x; at 3x its test rows trail uniform and
+        # MUSCO-style ranks (p 0.06-0.07). More is cut there: is a still higher step-3 rate better?
+        # The 3x quality rows' validation (funnel-reg-lr, 0.02) is the reference.
+        runs += [dict(method="funnel", setting=f"{setting} unweighted one schedule reg_lr {lr}",
+                      flow=dict(_short_flow(s.macs // 3), **UNWEIGHTED_FLOW, reg_lr=lr)) for lr in (0.03, 0.04)]
         return runs
     if exp == "baselines":
         runs = [dict(method="uncompressed", setting="baseline")]
