@@ -41,6 +41,7 @@ from fxtucker.passes._common import (
     split_name,
     standard_strides,
 )
+from fxtucker.passes.memory_format import keep_memory_format
 from fxtucker.passes.plan_decomposition import (  # noqa: F401 - METHODS, Ranks: importable from here as before
     METHODS,
     Ranks,
@@ -275,7 +276,7 @@ def decompose_conv(
                             decision=DECOMPOSED, reason=notes.get(r.name, "")) if r.name in done else r
         for r in rec.layers
     )
-    set_graph_record(gm, GraphRecord(layers=layers, stage="decompose_conv"))
+    set_graph_record(gm, dataclasses.replace(rec, layers=layers, stage="decompose_conv"))
     unsupported = [r for r in layers if r.decision == SKIPPED and r.reason != "not selected by the ranks argument"]
     if unsupported:
         reasons = defaultdict(list)
@@ -284,4 +285,4 @@ def decompose_conv(
         summary = "; ".join(f"{len(v)} x {k} (e.g. {v[0]!r})" for k, v in reasons.items())
         warnings.warn(f"decompose_conv left {len(unsupported)} layer(s) as they are: {summary}. "
                       f"fxtucker.report(gm) lists each with its reason.", stacklevel=2)
-    return finish(gm)
+    return keep_memory_format(finish(gm))

@@ -27,7 +27,7 @@ from fxtucker.passes.cost_model import cost_model
 from fxtucker.passes.forms import (DENSE, FORMS, LINEAR, base_forms, batched, build_form, check_factors,
                                    decomposed_layers, dense_module, give_form, in_features, is_pointwise, layer_specs,
                                    macs_plan, original_macs, pointwise_as_linear)
-from fxtucker.passes.memory_format import CHANNELS_LAST, model_to_channels_last
+from fxtucker.passes.memory_format import keep_memory_format
 from fxtucker.passes.strip_gates import kept_ranks
 from fxtucker.passes.time_forms import COSTS, SEARCHES, check_options, plan_forms
 
@@ -242,9 +242,7 @@ def _apply(gm: fx.GraphModule, by_source: dict, specs: dict, plan: dict[str, str
             r = dataclasses.replace(r, **changes)
         out.append(r)
     set_graph_record(gm, dataclasses.replace(record, layers=tuple(out), stage="fold_or_restore"))
-    if record.memory_format == CHANNELS_LAST:  # the forms' new modules in the model's format too
-        model_to_channels_last(gm)
-    return gm
+    return keep_memory_format(gm)  # the forms' new modules in the model's format too
 
 
 def _reason(r: LayerRecord, form: str, planned: bool, by_macs: bool, before: Optional[int], factors: Optional[int],

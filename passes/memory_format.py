@@ -59,6 +59,15 @@ def model_to_channels_last(model: nn.Module) -> list[tuple[torch.Tensor, tuple[i
     return converted
 
 
+def keep_memory_format(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm``'s 4-D weights in the format its record names, in place: the passes that build modules
+    (decompose_conv, strip_gates, fold_or_restore) call it last, so a channels-last model never ends
+    with default-format factors (each conv would copy its kernel to its input's format every call)."""
+    if graph_record(gm).memory_format == CHANNELS_LAST:
+        model_to_channels_last(gm)
+    return gm
+
+
 def restore_strides(converted: list[tuple[torch.Tensor, tuple[int, ...]]]) -> None:
     """Give each tensor :func:`model_to_channels_last` converted its strides from before, values kept."""
     for t, stride in converted:

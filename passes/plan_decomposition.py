@@ -437,5 +437,7 @@ def plan_decomposition(gm: fx.GraphModule, ranks: RanksArg = None, *, method: st
     names = {r.name for r in records}
     records += [r for r in earlier if r.name not in names and r.node in position]
     records.sort(key=lambda r: position[r.node])
-    set_graph_record(gm, GraphRecord(layers=tuple(records), stage="plan_decomposition"))
+    before = graph_record(gm)  # the weights' format stays recorded (set_memory_format)
+    set_graph_record(gm, GraphRecord(layers=tuple(records), stage="plan_decomposition", memory_format=before.memory_format,
+                                     memory_format_reason=before.memory_format_reason))
     return gm

@@ -28,6 +28,7 @@ from fxtucker.meta import (
 )
 from fxtucker.passes._common import (CONV_TYPES, check_round_to, factor_nodes, finish, layer_nodes,
                                      nothing_decomposed, prepare, round_rank)
+from fxtucker.passes.memory_format import keep_memory_format
 
 __all__ = ["strip_gates", "kept_ranks", "built_ranks", "relative_gates", "round_rank", "floor_masks",
            "check_rank_floor"]
@@ -316,4 +317,4 @@ def strip_gates(gm: fx.GraphModule, threshold: float = 0.0, round_to: Optional[i
         for r in rec.layers
     )
     set_graph_record(gm, dataclasses.replace(rec, layers=layers, stage="strip_gates"))
-    return finish(gm)
+    return keep_memory_format(finish(gm))

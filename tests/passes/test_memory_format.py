@@ -269,3 +269,24 @@ def test_whole_model_search_in_channels_last():
     assert any(r.timed_on.endswith("channels-last") for r in graph_record(deployed).layers if r.form)
     plain = optimize_for_inference(model, x, ranks=0.5, threads=1, memory_format="contiguous")
     torch.testing.assert_close(deployed(x), plain(x), rtol=1e-4, atol=1e-5)  # every form: the same function
+
+
+def test_the_passes_that_build_modules_keep_a_channels_last_model_channels_last():
+    # decompose_conv, strip_gates and fold_or_restore build new convs: in a channels-last model they
+    # are channels-last too, and the record keeps the format through the chain.
+    from fxtucker.passes import decompose_conv, fold_or_restore, insert_gates, strip_gates
+    gm, x = traced(), torch.randn(2, 3, 6, 6)
+    last = set_memory_format(gm, "channels_last", x, reason="given by the test")
+    steps = {}
+    steps["decompose_conv"] = g = decompose_conv(last, ranks=1.0)
+    steps["insert_gates"] = g = insert_gates(g)
+    steps["strip_gates"] = g = strip_gates(g, threshold=0.0)
+    steps["fold_or_restore"] = g = fold_or_restore(g, x)
+    for name, g in steps.items():
+        rec = graph_record(g)
+        assert (rec.memory_format, rec.memory_format_reason) == ("channels_last", "given by the test"), name
+        assert four_d(g) and all(is_channels_last(t) for t in four_d(g)), name
+        torch.testing.assert_close(g(x), gm(x), rtol=1e-4, atol=1e-5)
+    plain = decompose_conv(gm, ranks=1.0)  # the default format stays the default
+    assert graph_record(plain).memory_format == "contiguous"
+    assert all(t.stride() == torch.empty(t.shape).stride() for t in four_d(plain))
