@@ -1122,6 +1122,11 @@ def run_experiment(exp: str, s: Setup, progress: bool = True, methods: Optional[
         print(f"  {shown}, MACs {row['macs']:,} ({s.macs / row['macs']:.2f}x)", flush=True)
 
 
+#: One (colour, marker) per method, in METHODS' order: ten colours and twelve markers give distinct
+#: pairs for up to 60 methods (matplotlib's colour cycle alone repeats after ten).
+PLOT_STYLES = [dict(color=f"C{i % 10}", marker="os^vD<>pPX*h"[i % 12]) for i in range(len(METHODS))]
+
+
 def plot(out: Optional[Path] = None) -> Optional[Path]:
     """Accuracy against MACs for every final row of every experiment, one marker per method."""
     out = out or RESULTS / "pareto.png"
@@ -1138,11 +1143,11 @@ def plot(out: Optional[Path] = None) -> Optional[Path]:
     panels = sorted({(r["model"], _where(r)) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
     for ax, (model, profile) in zip(axes[0], panels):
-        for method in METHODS:
+        for i, method in enumerate(METHODS):
             pts = [(r["macs"] / 1e6, 100 * r["accuracy"]) for r in rows
                    if r["method"] == method and (r["model"], _where(r)) == (model, profile)]
             if pts:
-                ax.scatter(*zip(*pts), label=method, s=18)
+                ax.scatter(*zip(*pts), label=method, s=18, **PLOT_STYLES[i])
         ax.set_title(f"{model}, {profile} profile", fontsize=9)
         ax.set_xlabel("MMACs")
         ax.set_ylabel("top-1 accuracy (%)")

@@ -105,6 +105,11 @@ def test_the_plot_leaves_out_rows_without_a_test_accuracy(compare, tmp_path):
     assert compare.plot() == tmp_path / "results" / "pareto.png" and compare.plot().stat().st_size > 0
 
 
+def test_every_method_has_its_own_plot_style(compare):
+    styles = [tuple(sorted(s.items())) for s in compare.PLOT_STYLES]
+    assert len(styles) == len(compare.METHODS) == len(set(styles))
+
+
 def test_unknown_method_is_refused(compare, capsys):
     with pytest.raises(SystemExit):
         compare.main(["--exp", "baselines", "--profile", "quick", "--methods", "svd-magic"])
