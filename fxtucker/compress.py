@@ -84,6 +84,11 @@ class CompressConfig:
     a stage of a few epochs ends its cosine near 0 (once an epoch, one fine-tuning epoch runs at
     its start rate throughout).
 
+    ``pointwise`` (on by default): 1x1 convs are decomposed (into SVD pairs) and gated like the
+    others; off, they stay whole and the budget is met on the other layers (a ResNet's 1x1
+    shortcuts hold about 1% of its MACs; under the unweighted penalty the cut takes them as far as
+    any layer).
+
     ``recalibrate_bn`` (50 by default; 0: off): after the cut, every BatchNorm's running statistics
     are re-estimated from that many training batches (:func:`~fxtucker.train.recalibrate_batchnorm`),
     so that the pruned model is judged, and returned without fine-tuning, with statistics of its
@@ -95,6 +100,7 @@ class CompressConfig:
     ranks: Union[None, float, str] = None
     method: str = "tucker2"  # how kxk convs are decomposed: "tucker2" or "svd" (decompose_conv's method)
     linear: bool = False
+    pointwise: bool = True  # decompose 1x1 convs too (SVD pairs); False leaves them whole
     train_epochs: int = 2
     train_lr: float = 0.01
     reg_epochs: int = 6
@@ -168,7 +174,7 @@ class CompressConfig:
         if self.target_speedup is not None and not math.isfinite(self.target_speedup):
             raise bad("target_speedup", "a finite number >= 1")
         for name in ("steer", "relative_gates", "proximal", "mac_weighted", "live_mac_weights", "compose",
-                     "c_follows_budget", "linear", "distill", "distill_reg", "compile", "one_schedule",
+                     "c_follows_budget", "linear", "pointwise", "distill", "distill_reg", "compile", "one_schedule",
                      "lr_per_step", "channels_last"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")
@@ -410,7 +416,8 @@ def compress(
     # 1. decompose at full rank and gate every component
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        gated = pipeline.decomposition(inputs, ranks=config.ranks, method=config.method, linear=config.linear)(gm)
+        gated = pipeline.decomposition(inputs, ranks=config.ranks, method=config.method, linear=config.linear,
+                                       pointwise=config.pointwise)(gm)
     rep["skipped_layers"] = [str(w.message) for w in caught]
     if not layer_nodes(gated):  # nothing could be decomposed: the model comes back as it is, with the reasons
         warnings.warn(f"compress: no layer of the model can be decomposed, so it is returned unchanged and untrained"

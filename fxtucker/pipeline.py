@@ -101,11 +101,14 @@ def _measure(inputs: Sequence[Any]) -> Step:
 
 
 def decomposition(example_inputs: Sequence[Any], *, ranks: RanksArg = 1.0, method: str = "tucker2",
-                  linear: bool = False, round_to: Optional[int] = None, gated: bool = True) -> Pipeline:
-    """Step 1 of the flow: annotate MACs, decompose every layer it can at ``ranks``, and (``gated``)
-    write each component as gate x unit direction, MACs annotated again for the budget."""
+                  linear: bool = False, round_to: Optional[int] = None, gated: bool = True,
+                  pointwise: bool = True) -> Pipeline:
+    """Step 1 of the flow: annotate MACs, decompose every layer it can at ``ranks`` (1x1 convs only
+    with ``pointwise``), and (``gated``) write each component as gate x unit direction, MACs
+    annotated again for the budget."""
     steps = [_measure(example_inputs),
-             _step(decompose_conv, ranks, method=method, linear=linear, round_to=round_to, inplace=True)]
+             _step(decompose_conv, ranks, method=method, linear=linear, round_to=round_to, pointwise=pointwise,
+                   inplace=True)]
     if gated:
         steps += [_step(insert_gates, inplace=True), _measure(example_inputs)]
     return Pipeline(steps)

@@ -44,6 +44,8 @@ from fxtucker.passes._common import (
 from fxtucker.passes.memory_format import keep_memory_format
 from fxtucker.passes.plan_decomposition import (  # noqa: F401 - METHODS, Ranks: importable from here as before
     METHODS,
+    NOT_POINTWISE,
+    NOT_SELECTED,
     Ranks,
     RanksArg,
     check_method,
@@ -140,6 +142,7 @@ def decompose_conv(
     linear: bool = False,
     use_plan: bool = False,
     round_to: Optional[int] = None,
+    pointwise: bool = True,
     inplace: bool = False,
 ) -> fx.GraphModule:
     """Replace each eligible conv node by Tucker-2 factors ``first``, ``core`` and ``last``, or an SVD pair.
@@ -182,6 +185,8 @@ def decompose_conv(
             possibly edited) instead of ``ranks`` and ``method``.
         round_to: with a fractional ``ranks``, round each rank up to a multiple of ``round_to``
             (e.g. 8 or 16), never above the full rank; None (or full rank) rounds nothing.
+        pointwise: also decompose 1x1 convs (into SVD pairs); ``False`` leaves them whole,
+            recorded as not selected (a ResNet's 1x1 shortcuts carry little of its MACs).
         inplace: rewrite ``gm`` itself instead of a deep copy.
 
     Before::
@@ -210,14 +215,16 @@ def decompose_conv(
         if round_to is not None:
             raise ValueError("decompose_conv(use_plan=True) applies the plans as they are: pass round_to to "
                              "plan_decomposition(gm, ranks, round_to=...) instead")
-        if method != "tucker2":
-            raise ValueError(f"decompose_conv(use_plan=True) applies the plans as they are: pass method={method!r} "
-                             f"to plan_decomposition(gm, ranks, method=...) instead")
+        if method != "tucker2" or not pointwise:
+            given = f"method={method!r}" if method != "tucker2" else "pointwise=False"
+            raise ValueError(f"decompose_conv(use_plan=True) applies the plans as they are: pass {given} "
+                             f"to plan_decomposition(gm, ranks, ...) instead")
         gm = prepare(gm, inplace, "decompose_conv")
         if not isinstance(gm.meta.get(KEY), GraphRecord) or gm.meta[KEY].stage != "plan_decomposition":
             raise ValueError("decompose_conv(use_plan=True) needs plans: run plan_decomposition(gm, ranks) first")
     else:
-        gm = plan_decomposition(gm, ranks, method=method, linear=linear, round_to=round_to, inplace=inplace)
+        gm = plan_decomposition(gm, ranks, method=method, linear=linear, round_to=round_to, pointwise=pointwise,
+                                inplace=inplace)
     modules = dict(gm.named_modules())
     sites: dict[str, list[fx.Node]] = defaultdict(list)
     functional: list[fx.Node] = []
@@ -277,7 +284,7 @@ def decompose_conv(
         for r in rec.layers
     )
     set_graph_record(gm, dataclasses.replace(rec, layers=layers, stage="decompose_conv"))
-    unsupported = [r for r in layers if r.decision == SKIPPED and r.reason != "not selected by the ranks argument"]
+    unsupported = [r for r in layers if r.decision == SKIPPED and r.reason not in (NOT_SELECTED, NOT_POINTWISE)]
     if unsupported:
         reasons = defaultdict(list)
         for r in unsupported:

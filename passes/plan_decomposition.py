@@ -351,8 +351,13 @@ def _shape(node: fx.Node) -> tuple[int, ...]:
     return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else ()
 
 
+#: The reasons of layers left whole by choice, not because they cannot be decomposed (no warning).
+NOT_SELECTED = "not selected by the ranks argument"
+NOT_POINTWISE = "not selected: a 1x1 conv, left whole (pointwise=False)"
+
+
 def plan_decomposition(gm: fx.GraphModule, ranks: RanksArg = None, *, method: str = "tucker2", linear: bool = False,
-                       round_to: Optional[int] = None, inplace: bool = False) -> fx.GraphModule:
+                       round_to: Optional[int] = None, pointwise: bool = True, inplace: bool = False) -> fx.GraphModule:
     """Decide, without rewriting, how each conv would be decomposed.
 
     Writes a :class:`fxtucker.meta.LayerPlan` into ``node.meta["fxtucker"]`` of every conv
@@ -365,8 +370,9 @@ def plan_decomposition(gm: fx.GraphModule, ranks: RanksArg = None, *, method: st
     """
     check_method(method, "plan_decomposition")
     gm = prepare(gm, inplace, "plan_decomposition")
-    if not isinstance(linear, bool):
-        raise TypeError(f"plan_decomposition: linear must be True or False, got {linear!r}")
+    for flag, value in (("linear", linear), ("pointwise", pointwise)):
+        if not isinstance(value, bool):
+            raise TypeError(f"plan_decomposition: {flag} must be True or False, got {value!r}")
     _check_ranks_arg(ranks, round_to)
     modules = dict(gm.named_modules())
     uses = parameter_uses(gm)
@@ -410,10 +416,14 @@ def plan_decomposition(gm: fx.GraphModule, ranks: RanksArg = None, *, method: st
             reason = f"{type(m).__name__} is not decomposed (transposed convs are left as they are)"
         if reason and isinstance(ranks, dict) and name in ranks:
             raise ValueError(f"ranks asks for {name!r}, which cannot be decomposed: {reason}")
+        if not reason and not pointwise and isinstance(m, nn.modules.conv._ConvNd) and set(m.kernel_size) == {1}:
+            if isinstance(ranks, dict) and name in ranks:
+                raise ValueError(f"ranks asks for {name!r}, a 1x1 conv, which pointwise=False leaves whole")
+            reason = NOT_POINTWISE
         kind = _kind(m, method) if m is not None else "skip"
         chosen = None if reason else _choose_ranks(ranks, name, m, kind, round_to)
         if chosen is None and not reason:
-            reason = "not selected by the ranks argument"
+            reason = NOT_SELECTED
         plan = (LayerPlan(source=name, kind="skip", reason=reason) if reason else
                 LayerPlan(source=name, kind=kind, full_ranks=full_ranks(m, kind), ranks=chosen))
         for node in nodes:

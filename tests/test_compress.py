@@ -45,6 +45,26 @@ def test_svd_method_recovers_the_matrix_rank(one_thread):
     assert result.report["accuracy_after"] > 0.95
 
 
+def test_pointwise_false_trains_and_cuts_the_kxk_convs_only(one_thread):
+    class WithShortcut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.toy, self.short = Toy(), nn.Conv2d(16, 24, 1)
+
+        def forward(self, x):
+            return self.toy.fc(torch.relu(self.toy.conv(x) + self.short(x)).flatten(1))
+
+    _, train, test, x = toy_problem()
+    model = WithShortcut()
+    config = CompressConfig(train_epochs=0, reg_epochs=1, finetune_epochs=0, pointwise=False, target_speedup=1.5)
+    result = compress(model, train, x, eval_data=test, config=config, progress=False)
+    layers = {l["name"]: l for l in result.report["layers"]}
+    assert layers["short"]["decision"] == "skipped" and "pointwise=False" in layers["short"]["reason"]
+    assert isinstance(result.model.get_submodule("short"), nn.Conv2d)
+    assert not result.report["skipped_layers"]  # left whole by choice: no warning
+    assert result.report["macs_after"] < result.report["macs_before"]
+
+
 def test_compress_end_to_end_report_history_and_files(one_thread, tmp_path):
     model, train, test, x = toy_problem(1)
     config = CompressConfig(train_epochs=1, reg_epochs=2, finetune_epochs=1, reg_weight=0.05, target_speedup=2.0)

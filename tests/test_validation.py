@@ -173,6 +173,7 @@ CONFIGS = [
     ("seed-negative", dict(seed=-1), r"CompressConfig: seed must be an integer in \[0, 2\*\*32\), got -1"),
     ("distill-not-bool", dict(distill="yes"), r"CompressConfig.distill must be true or false, got 'yes'"),
     ("linear-not-bool", dict(linear=1), r"CompressConfig.linear must be true or false, got 1"),
+    ("pointwise-not-bool", dict(pointwise="no"), r"CompressConfig.pointwise must be true or false, got 'no'"),
     ("live-mac-weights-not-bool", dict(live_mac_weights="yes"),
      r"CompressConfig.live_mac_weights must be true or false, got 'yes'"),
     ("rank_floor-one", dict(rank_floor=1.0), r"CompressConfig.rank_floor must be a number in \[0, 1\) \(the share of each "

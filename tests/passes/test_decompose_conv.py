@@ -460,3 +460,25 @@ def test_functional_conv_through_the_whole_chain():
     assert fxtucker.meta.graph_record(folded).batchnorms[0].conv == "block.conv2d.last"
     torch.testing.assert_close(folded(x), kept(x))
     assert fold_or_restore(kept, plan={"block.conv2d": "dense"}).block.conv2d.bias is None
+
+
+def test_pointwise_false_leaves_1x1_convs_whole_without_a_warning():
+    import warnings
+    model, x = Small().eval(), torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # left whole by choice: no "left as they are" warning
+        gm = decompose_conv(fxtucker.trace(model), pointwise=False)
+    assert isinstance(gm.pw, nn.Conv2d) and isinstance(gm.conv2, nn.ModuleDict)
+    layers = {l.name: l for l in fxtucker.report(gm).layers}
+    assert layers["pw"].decision == "skipped" and "pointwise=False" in layers["pw"].reason
+    assert layers["conv1"].decision == layers["conv2"].decision == "decomposed"
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
+    assert isinstance(decompose_conv(fxtucker.trace(model)).pw, nn.ModuleDict)  # the default decomposes it
+    with pytest.raises(ValueError, match="'pw', a 1x1 conv, which pointwise=False leaves whole"):
+        decompose_conv(fxtucker.trace(model), {"pw": 4}, pointwise=False)
+    with pytest.raises(TypeError, match="pointwise must be True or False, got 'no'"):
+        plan_decomposition(fxtucker.trace(model), pointwise="no")
+    planned = plan_decomposition(fxtucker.trace(model), pointwise=False)
+    with pytest.raises(ValueError, match="pass pointwise=False to plan_decomposition"):
+        decompose_conv(planned, use_plan=True, pointwise=False)
+    assert isinstance(decompose_conv(planned, use_plan=True).pw, nn.Conv2d)  # the plan carries it
