@@ -884,7 +884,8 @@ def _plan(exp: str, s: Setup) -> list[dict]:
         # flow: 10-15 and 22-32), for about 1% of the MACs; the baselines leave them whole. The flow
         # with them whole (CompressConfig.pointwise=False), at 2x and 3x.
         runs += [dict(method="funnel", setting=f"{k}x kd {SHORT_EPOCHS} epochs reg-lr shortcuts whole",
-                      flow=dict(_short_flow(s.macs // k), **REG_LR_FLOW, pointwise=False)) for k in SHORT_BUDGETS]
+                      flow=dict(_short_flow(s.macs // k), **REG_LR_FLOW, pointwise=False)) for k in SHORT_BUDGETS
+                 if s.model_name not in POINTWISE_MODELS]  # there the 1x1 convs hold the MACs
         return runs
     if exp == "baselines":
         runs = [dict(method="uncompressed", setting="baseline")]

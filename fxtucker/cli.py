@@ -222,7 +222,8 @@ def _inspect(args: argparse.Namespace) -> int:
         print(gm.graph)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        decomposed = decompose_conv(gm, ranks=args.ranks, linear=args.linear, method=args.method)
+        decomposed = decompose_conv(gm, ranks=args.ranks, linear=args.linear, method=args.method,
+                                    pointwise=not args.no_pointwise)
     final = fold_or_restore(strip_gates(insert_gates(decomposed), args.threshold), x)
     if args.graph:
         print("== graph after ==")
@@ -808,6 +809,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks", type=_ranks, default=0.5, help="fraction of each mode in (0, 1], 'vbmf' or 'full' (default 0.5)")
     p.add_argument("--threshold", type=_threshold, default=0.0, help="strip gates below this (untrained gates: keep 0)")
     p.add_argument("--linear", action="store_true", help="also decompose Linear layers")
+    p.add_argument("--no-pointwise", action="store_true", help="leave 1x1 convs whole (decompose_conv's pointwise=False)")
     p.add_argument("--method", choices=("tucker2", "svd"), default="tucker2",
                    help="how kxk convs are decomposed: Tucker-2 (first/core/last) or an SVD pair (default tucker2)")
     p.add_argument("--checkpoint", help="state_dict of trained weights (loaded with weights_only=True)")

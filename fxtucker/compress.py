@@ -26,6 +26,7 @@ from fxtucker.io import is_int, is_real
 from fxtucker.passes import cost_model, layer_nodes
 from fxtucker.passes.compose_factors import compose_factors
 from fxtucker.passes.decompose_conv import METHODS as DECOMPOSITION_METHODS
+from fxtucker.passes.plan_decomposition import NOT_POINTWISE
 from fxtucker.report import report
 from fxtucker.tracing import trace
 from fxtucker.train import TrainConfig, evaluate, recalibrate_batchnorm, train
@@ -100,7 +101,7 @@ class CompressConfig:
     ranks: Union[None, float, str] = None
     method: str = "tucker2"  # how kxk convs are decomposed: "tucker2" or "svd" (decompose_conv's method)
     linear: bool = False
-    pointwise: bool = True  # decompose 1x1 convs too (SVD pairs); False leaves them whole
+    pointwise: bool = True  # decompose 1x1 convs too (SVD pairs); False leaves every conv with a 1x1(x1) kernel whole
     train_epochs: int = 2
     train_lr: float = 0.01
     reg_epochs: int = 6
@@ -242,6 +243,17 @@ class CompressConfig:
 #: Every CompressConfig field's default, as ``config.<field>``: a stored run that lacks a field predates
 #: it and ran at its default, so it resumes when the field is still at that default (as checkpoints do
 #: for TrainConfig, fxtucker.checkpoint).
+def _left_whole(gm: nn.Module) -> int:
+    """How many convs ``pointwise=False`` left whole in ``gm``."""
+    return sum(r.reason == NOT_POINTWISE for r in report(gm).layers)
+
+
+def _nothing_decomposed(gm: nn.Module) -> str:
+    """Why nothing was decomposed when no layer gave a warning."""
+    whole = _left_whole(gm)
+    return f"its {whole} conv(s) are 1x1, left whole by pointwise=False" if whole else "it has no conv layer"
+
+
 CONFIG_DEFAULTS = {f"config.{f.name}": f.default for f in dataclasses.fields(CompressConfig)}
 
 
@@ -422,14 +434,19 @@ def compress(
     if not layer_nodes(gated):  # nothing could be decomposed: the model comes back as it is, with the reasons
         warnings.warn(f"compress: no layer of the model can be decomposed, so it is returned unchanged and untrained"
                       f"{' (the MAC budget cannot be met)' if target is not None and target < macs_before else ''}: "
-                      f"{'; '.join(rep['skipped_layers']) or 'it has no conv layer'}", stacklevel=2)
+                      f"{'; '.join(rep['skipped_layers']) or _nothing_decomposed(gated)}", stacklevel=2)
         final = gated.eval()
         rep.update(macs_after=macs_before, params_after=_params(final), accuracy_after=rep["accuracy_before"],
                    target_macs=target, threshold=None, layers=report(final).to_dict()["layers"])
         return CompressResult(model=final, report=rep, history=history)
     if target is not None:  # an impossible budget fails now, not after hours of training
-        threshold_for_budget(gated, target, relative=config.relative_gates, round_to=config.round_to,
-                             rank_floor=config.rank_floor)
+        try:
+            threshold_for_budget(gated, target, relative=config.relative_gates, round_to=config.round_to,
+                                 rank_floor=config.rank_floor)
+        except ValueError as e:
+            whole = _left_whole(gated)
+            raise (ValueError(f"{e}, or set pointwise=True: {whole} 1x1 conv(s) are left whole by pointwise=False")
+                   if whole else e) from None
     # Training runs each layer as one conv composed from its factors and gates: the same function
     # and gradients as the gated chain, at about the original model's cost (compose_factors); the
     # stages' accuracy is measured on it too (a third of the gated chain's time).

@@ -38,6 +38,7 @@ def optimize_for_inference(
     search: str = "layer",
     linear: bool = False,
     memory_format: str = "auto",
+    pointwise: bool = True,
 ) -> fx.GraphModule:
     """Trace, fold BatchNorm, decompose at ``ranks`` and keep per layer the form that runs fastest on ``backend``.
 
@@ -84,6 +85,7 @@ def optimize_for_inference(
             timed with candidate form sets, the fastest kept: slower to prepare, it sees what
             the back end does across layers; see ``fold_or_restore``).
         linear: also decompose Linear layers.
+        pointwise: also decompose 1x1 convs (``False`` leaves them whole; see ``decompose_conv``).
         memory_format: ``"auto"`` (timed on ``"eager"``; the default format on the other back ends,
             which lay tensors out themselves or export the graph), ``"contiguous"`` or
             ``"channels_last"`` (a ValueError where the model does not run in it, e.g. a ``.view()``
@@ -122,5 +124,5 @@ def optimize_for_inference(
     gm.eval()
     chain = pipeline.deployment(inputs, ranks=ranks, decomposed=decomposed, method=method, linear=linear,
                                 round_to=round_to, backend=backend, device=device, threads=threads,
-                                max_macs=max_macs, search=search, memory_format=memory_format)
+                                max_macs=max_macs, search=search, memory_format=memory_format, pointwise=pointwise)
     return chain(gm).eval()

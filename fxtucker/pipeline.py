@@ -126,14 +126,16 @@ def pruning(example_inputs: Sequence[Any], threshold: float, *, round_to: Option
 def deployment(example_inputs: Sequence[Any], *, ranks: RanksArg = None, decomposed: bool = False,
                method: str = "tucker2", linear: bool = False, round_to: Optional[int] = None,
                backend: str = "eager", device: str = "cpu", threads: Optional[int] = None,
-               max_macs: Optional[int] = None, search: str = "layer", memory_format: str = "auto") -> Pipeline:
+               max_macs: Optional[int] = None, search: str = "layer", memory_format: str = "auto",
+               pointwise: bool = True) -> Pipeline:
     """:func:`fxtucker.optimize_for_inference`'s chain: fold BatchNorm, annotate MACs, decompose at
     ``ranks`` (None: nothing), give each decomposed layer (new, or ``decomposed`` already) the
     form that runs fastest on ``backend``, and store the weights in ``memory_format`` ("auto": the
     faster format by timing on the eager back end, the default one on the others)."""
     steps = [_step(fold_bn, inplace=True), _measure(example_inputs)]
     if ranks is not None:
-        steps.append(_step(decompose_conv, ranks, method=method, linear=linear, round_to=round_to, inplace=True))
+        steps.append(_step(decompose_conv, ranks, method=method, linear=linear, round_to=round_to, pointwise=pointwise,
+                           inplace=True))
     if memory_format not in ("auto", *MEMORY_FORMATS):
         raise ValueError(f"memory_format {memory_format!r} is not known; valid: {['auto', *MEMORY_FORMATS]}")
     timed = memory_format == "auto" and backend == "eager"

@@ -185,8 +185,11 @@ def decompose_conv(
             possibly edited) instead of ``ranks`` and ``method``.
         round_to: with a fractional ``ranks``, round each rank up to a multiple of ``round_to``
             (e.g. 8 or 16), never above the full rank; None (or full rank) rounds nothing.
-        pointwise: also decompose 1x1 convs (into SVD pairs); ``False`` leaves them whole,
-            recorded as not selected (a ResNet's 1x1 shortcuts carry little of its MACs).
+        pointwise: also decompose 1x1 convs (into SVD pairs); ``False`` leaves every conv whose
+            kernel is 1 in each dimension whole (strided, padded, grouped, Conv1d/3d and functional
+            ones too), recorded as not selected, without a warning; a callable ``ranks`` is not asked
+            about them, and a dict that names one is an error. A ResNet's 1x1 shortcuts carry
+            about 1% of its MACs.
         inplace: rewrite ``gm`` itself instead of a deep copy.
 
     Before::
@@ -215,9 +218,9 @@ def decompose_conv(
         if round_to is not None:
             raise ValueError("decompose_conv(use_plan=True) applies the plans as they are: pass round_to to "
                              "plan_decomposition(gm, ranks, round_to=...) instead")
-        if method != "tucker2" or not pointwise:
-            given = f"method={method!r}" if method != "tucker2" else "pointwise=False"
-            raise ValueError(f"decompose_conv(use_plan=True) applies the plans as they are: pass {given} "
+        given = [f"method={method!r}"] * (method != "tucker2") + [f"pointwise={pointwise!r}"] * (pointwise is not True)
+        if given:
+            raise ValueError(f"decompose_conv(use_plan=True) applies the plans as they are: pass {', '.join(given)} "
                              f"to plan_decomposition(gm, ranks, ...) instead")
         gm = prepare(gm, inplace, "decompose_conv")
         if not isinstance(gm.meta.get(KEY), GraphRecord) or gm.meta[KEY].stage != "plan_decomposition":

@@ -30,7 +30,7 @@ from fxtucker.meta import graph_record, set_graph_record
 from fxtucker.passes._common import model_digest, prepare
 
 __all__ = ["MEMORY_FORMATS", "choose_memory_format", "set_memory_format", "model_to_channels_last",
-           "restore_strides"]
+           "restore_strides", "keep_memory_format"]
 
 CONTIGUOUS, CHANNELS_LAST = "contiguous", "channels_last"
 MEMORY_FORMATS = (CONTIGUOUS, CHANNELS_LAST)

@@ -40,7 +40,7 @@ from fxtucker.tucker import compute_dtype
 
 __all__ = ["plan_decomposition", "RanksArg", "Ranks", "METHODS", "check_method", "ParameterUses", "parameter_uses",
            "find_attr", "FunctionalConv", "functional_conv", "conv_spec", "unsupported_reason", "kinds", "full_ranks",
-           "group_weights", "normalise_ranks"]
+           "group_weights", "normalise_ranks", "NOT_SELECTED", "NOT_POINTWISE", "one_by_one"]
 
 Ranks = Union[int, tuple[int, ...]]
 RanksArg = Union[None, float, str, dict[str, Ranks], Callable[[str, nn.Module], Optional[Ranks]]]
@@ -234,11 +234,15 @@ def unsupported_reason(m: nn.Module, name: str, shared: dict[int, list[str]], re
     return ""
 
 
+def one_by_one(m: nn.Module) -> bool:
+    """Whether ``m`` is a conv whose kernel is 1 in every dimension (whatever its stride, padding or
+    groups): what ``pointwise=False`` leaves whole, and what becomes an SVD pair."""
+    return isinstance(m, nn.modules.conv._ConvNd) and math.prod(m.kernel_size) == 1
+
+
 def _kind(m: nn.Module, method: str = "tucker2") -> str:
     """How ``m`` is decomposed under ``method``: "svd" for Linear and 1x1 convs, else ``method``."""
-    if isinstance(m, nn.Linear):
-        return "svd"
-    return "svd" if math.prod(m.kernel_size) == 1 else method
+    return "svd" if isinstance(m, nn.Linear) or one_by_one(m) else method
 
 
 def kinds(m: nn.Module) -> tuple[str, ...]:
@@ -416,10 +420,11 @@ def plan_decomposition(gm: fx.GraphModule, ranks: RanksArg = None, *, method: st
             reason = f"{type(m).__name__} is not decomposed (transposed convs are left as they are)"
         if reason and isinstance(ranks, dict) and name in ranks:
             raise ValueError(f"ranks asks for {name!r}, which cannot be decomposed: {reason}")
-        if not reason and not pointwise and isinstance(m, nn.modules.conv._ConvNd) and set(m.kernel_size) == {1}:
+        if not pointwise and one_by_one(m) and not (m.transposed or reason.startswith(type(m).__name__)):
             if isinstance(ranks, dict) and name in ranks:
-                raise ValueError(f"ranks asks for {name!r}, a 1x1 conv, which pointwise=False leaves whole")
-            reason = NOT_POINTWISE
+                raise ValueError(f"ranks asks for {name!r}, a 1x1 conv, which pointwise=False leaves whole; drop it "
+                                 f"from ranks or pass pointwise=True")
+            reason = NOT_POINTWISE  # by choice, before whether it could be (a depthwise 1x1 too): no warning
         kind = _kind(m, method) if m is not None else "skip"
         chosen = None if reason else _choose_ranks(ranks, name, m, kind, round_to)
         if chosen is None and not reason:
@@ -448,6 +453,6 @@ def plan_decomposition(gm: fx.GraphModule, ranks: RanksArg = None, *, method: st
     records += [r for r in earlier if r.name not in names and r.node in position]
     records.sort(key=lambda r: position[r.node])
     before = graph_record(gm)  # the weights' format stays recorded (set_memory_format)
-    set_graph_record(gm, GraphRecord(layers=tuple(records), stage="plan_decomposition", memory_format=before.memory_format,
-                                     memory_format_reason=before.memory_format_reason))
+    set_graph_record(gm, GraphRecord(layers=tuple(records), stage="plan_decomposition",
+                                     memory_format=before.memory_format, memory_format_reason=before.memory_format_reason))
     return gm

@@ -44,7 +44,7 @@ def test_a_json_path_that_cannot_be_a_file_is_refused_before_any_work(tmp_path, 
         assert want in capsys.readouterr().err
 
 
-def test_inspect_refuses_a_threshold_that_makes_the_model_a_constant_function(capsys):
+def test_inspect_refuses_a_threshold_that_makes_the_model_a_constant_function(capsys, tmp_path):
     argv = ["inspect", "--model", "resnet20", "--input-size", "16", "--in-channels", "1", "--num-classes", "10",
             "--rounds", "1", "--repeats", "1"]
     assert main(argv + ["--threshold", "5"]) == 2
@@ -52,6 +52,12 @@ def test_inspect_refuses_a_threshold_that_makes_the_model_a_constant_function(ca
     assert ("--threshold 5 cuts every path from the input to the output (layers with a rank of 0: layer1.0.conv1, "
             in err) and "so the compressed model is a constant function; give a smaller --threshold" in err
     assert main(argv + ["--threshold", "0.01"]) == 0  # a cut that keeps a path is reported as before
+    capsys.readouterr()
+    assert main(argv + ["--no-pointwise", "--json", str(tmp_path / "r.json")]) == 0  # the 1x1 shortcuts stay whole
+    layers = {l["name"]: l for l in json.loads((tmp_path / "r.json").read_text())["report"]["layers"]}
+    assert {n: layers[n]["reason"] for n in ("layer2.0.downsample.0", "layer3.0.downsample.0")} == dict.fromkeys(
+        ("layer2.0.downsample.0", "layer3.0.downsample.0"), "not selected: a 1x1 conv, left whole (pointwise=False)")
+    assert layers["layer2.0.conv1"]["decision"] == "decomposed"
 
 
 def test_inspect_full_rank_restores_everything_and_shows_graphs(capsys):

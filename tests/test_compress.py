@@ -63,6 +63,12 @@ def test_pointwise_false_trains_and_cuts_the_kxk_convs_only(one_thread):
     assert isinstance(result.model.get_submodule("short"), nn.Conv2d)
     assert not result.report["skipped_layers"]  # left whole by choice: no warning
     assert result.report["macs_after"] < result.report["macs_before"]
+    with pytest.raises(ValueError, match=r"cannot be met.*or set pointwise=True: 1 1x1 conv\(s\) are left whole"):
+        compress(model, train, x, config=dataclasses.replace(config, target_speedup=50.0), progress=False)
+    only = nn.Sequential(nn.Conv2d(16, 10, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with pytest.warns(UserWarning, match=r"returned unchanged and untrained.*its 1 conv\(s\) are 1x1, left whole by "
+                                         r"pointwise=False"):
+        compress(only, train, x, config=config, progress=False)
 
 
 def test_compress_end_to_end_report_history_and_files(one_thread, tmp_path):

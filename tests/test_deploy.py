@@ -95,6 +95,14 @@ def test_svd_method_decomposes_kxk_convs_as_svd_pairs():
     assert layers["conv2"].ranks == (24,)  # half of min(48, 32 * 3 * 3)
 
 
+def test_pointwise_false_keeps_the_shortcut_whole():
+    model, x = _trained_like(), torch.randn(1, 3, 16, 16)
+    fast = optimize_for_inference(model, x, ranks=0.5, threads=1, pointwise=False, memory_format="contiguous")
+    layers = {l.name: l for l in fxtucker.report(fast).layers}
+    assert layers["short"].decision == "skipped" and "pointwise=False" in layers["short"].reason
+    assert isinstance(fast.get_submodule("short"), nn.Conv2d) and layers["conv2"].decision != "skipped"
+
+
 def test_round_to_rounds_the_ranks():
     model = _trained_like()
     x = torch.randn(1, 3, 16, 16)

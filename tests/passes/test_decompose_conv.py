@@ -2,6 +2,7 @@
 
 import dataclasses
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -462,23 +463,49 @@ def test_functional_conv_through_the_whole_chain():
     assert fold_or_restore(kept, plan={"block.conv2d": "dense"}).block.conv2d.bias is None
 
 
-def test_pointwise_false_leaves_1x1_convs_whole_without_a_warning():
-    import warnings
-    model, x = Small().eval(), torch.randn(2, 3, 8, 8)
+class OneByOnes(nn.Module):
+    """A 3x3 conv beside every kind of 1x1 conv: strided, grouped, depthwise, functional, Conv1d, Conv3d."""
+
+    def __init__(self):
+        super().__init__()
+        self.k3, self.strided = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1, stride=2)
+        self.grouped, self.dw = nn.Conv2d(8, 8, 1, groups=2), nn.Conv2d(8, 8, 1, groups=8)
+        self.w = nn.Parameter(torch.randn(8, 8, 1, 1))
+        self.c1, self.c3 = nn.Conv1d(8, 8, 1), nn.Conv3d(8, 8, 1)
+
+    def forward(self, x):
+        y = self.k3(x) + self.grouped(x) + self.dw(x) + F.conv2d(x, self.w)
+        return self.strided(y).sum() + self.c1(y.flatten(2)).sum() + self.c3(y.unsqueeze(2)).sum()
+
+
+def test_pointwise_false_leaves_every_1x1_conv_whole_without_a_warning():
+    model, x = OneByOnes().double().eval(), torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    asked = []
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # left whole by choice: no "left as they are" warning
+        gm = decompose_conv(fxtucker.trace(model), lambda name, m: asked.append(name), pointwise=False)
         gm = decompose_conv(fxtucker.trace(model), pointwise=False)
-    assert isinstance(gm.pw, nn.Conv2d) and isinstance(gm.conv2, nn.ModuleDict)
+    assert asked == ["k3"]  # a callable is not asked about the 1x1 convs
     layers = {l.name: l for l in fxtucker.report(gm).layers}
-    assert layers["pw"].decision == "skipped" and "pointwise=False" in layers["pw"].reason
-    assert layers["conv1"].decision == layers["conv2"].decision == "decomposed"
-    torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
-    assert isinstance(decompose_conv(fxtucker.trace(model)).pw, nn.ModuleDict)  # the default decomposes it
-    with pytest.raises(ValueError, match="'pw', a 1x1 conv, which pointwise=False leaves whole"):
+    assert layers.pop("k3").decision == "decomposed" and isinstance(gm.k3, nn.ModuleDict)
+    assert set(layers) == {"strided", "grouped", "dw", "conv2d", "c1", "c3"}
+    assert all(l.decision == "skipped" and "pointwise=False" in l.reason for l in layers.values())
+    assert rel_error(gm(x), model(x)) < REL_FLOAT64
+    with pytest.warns(UserWarning, match="one input channel per group"):  # the default: the depthwise one cannot be
+        default = {l.name: l.decision for l in fxtucker.report(decompose_conv(fxtucker.trace(model))).layers}
+    assert default == dict(k3="decomposed", strided="decomposed", grouped="decomposed", dw="skipped",
+                           conv2d="decomposed", c1="decomposed", c3="decomposed")
+
+
+def test_pointwise_errors_say_what_is_valid():
+    model = Small().eval()
+    with pytest.raises(ValueError, match="'pw', a 1x1 conv, which pointwise=False leaves whole; drop it from ranks"):
         decompose_conv(fxtucker.trace(model), {"pw": 4}, pointwise=False)
     with pytest.raises(TypeError, match="pointwise must be True or False, got 'no'"):
         plan_decomposition(fxtucker.trace(model), pointwise="no")
     planned = plan_decomposition(fxtucker.trace(model), pointwise=False)
-    with pytest.raises(ValueError, match="pass pointwise=False to plan_decomposition"):
-        decompose_conv(planned, use_plan=True, pointwise=False)
+    with pytest.raises(ValueError, match=r"pass method='svd', pointwise=False to plan_decomposition"):
+        decompose_conv(planned, use_plan=True, method="svd", pointwise=False)
+    with pytest.raises(ValueError, match=r"pass pointwise='no' to plan_decomposition"):
+        decompose_conv(planned, use_plan=True, pointwise="no")
     assert isinstance(decompose_conv(planned, use_plan=True).pw, nn.Conv2d)  # the plan carries it
