@@ -149,6 +149,8 @@ def test_quality_plan_keeps_the_stored_funnel_recipe_beside_funnel_cut(compare):
         reg_lr = runs[("funnel-reg-lr", setting)]  # and that flow with step 3 at another rate, nothing else
         assert reg_lr["flow"] == {**unweighted["flow"], "reg_lr": compare.REG_LR_FLOW["reg_lr"]}
         assert reg_lr["flow"]["reg_lr"] != fxtucker.CompressConfig().reg_lr and reg_lr["target"] == funnel["target"]
+        floor = runs[("funnel-floor", setting)]  # and that flow with a floor on every mode's rank, nothing else
+        assert floor["flow"] == {**reg_lr["flow"], "rank_floor": compare.FLOOR_BY_BUDGET[k]} and floor["target"] == funnel["target"]
         assert fxtucker.CompressConfig().mac_weighted and not fxtucker.CompressConfig().one_schedule
 
 
@@ -244,8 +246,8 @@ def test_short_quality_settings_give_every_method_the_same_epochs_after_the_base
     s = types.SimpleNamespace(macs=30_000_000, profile="cpu")
     for k in compare.SHORT_BUDGETS:
         runs = [r for r in compare._plan("quality", s) if r["setting"] == f"{k}x kd {compare.SHORT_EPOCHS} epochs"]
-        assert {r["method"] for r in runs} == {"funnel", "funnel-unweighted", "funnel-reg-lr", "uniform", "torch-pruning",
-                                               "musco", "vbmf"}
+        assert {r["method"] for r in runs} == {"funnel", "funnel-unweighted", "funnel-reg-lr", "funnel-floor", "uniform",
+                                               "torch-pruning", "musco", "vbmf"}
         assert {r["method"] for r in runs} <= set(compare.METHODS)  # each can be asked for by --methods
         for r in runs:
             assert r["target"] == s.macs // k
