@@ -218,10 +218,12 @@ def decompose_conv(
         if round_to is not None:
             raise ValueError("decompose_conv(use_plan=True) applies the plans as they are: pass round_to to "
                              "plan_decomposition(gm, ranks, round_to=...) instead")
-        given = [f"method={method!r}"] * (method != "tucker2") + [f"pointwise={pointwise!r}"] * (pointwise is not True)
+        given = {name: value for name, value, default in (("method", method, "tucker2"), ("pointwise", pointwise, True))
+                 if type(value) is not type(default) or value != default}
         if given:
-            raise ValueError(f"decompose_conv(use_plan=True) applies the plans as they are: pass {', '.join(given)} "
-                             f"to plan_decomposition(gm, ranks, ...) instead")
+            raise ValueError(f"decompose_conv(use_plan=True) applies the plans as they are: pass "
+                             f"{', '.join(f'{k}={v!r}' for k, v in given.items())} to plan_decomposition(gm, ranks, "
+                             f"{', '.join(f'{k}=...' for k in given)}) instead")
         gm = prepare(gm, inplace, "decompose_conv")
         if not isinstance(gm.meta.get(KEY), GraphRecord) or gm.meta[KEY].stage != "plan_decomposition":
             raise ValueError("decompose_conv(use_plan=True) needs plans: run plan_decomposition(gm, ranks) first")

@@ -504,7 +504,8 @@ def test_pointwise_errors_say_what_is_valid():
     with pytest.raises(TypeError, match="pointwise must be True or False, got 'no'"):
         plan_decomposition(fxtucker.trace(model), pointwise="no")
     planned = plan_decomposition(fxtucker.trace(model), pointwise=False)
-    with pytest.raises(ValueError, match=r"pass method='svd', pointwise=False to plan_decomposition"):
+    with pytest.raises(ValueError, match=r"pass method='svd', pointwise=False to plan_decomposition\(gm, ranks, "
+                                         r"method=\.\.\., pointwise=\.\.\.\) instead"):
         decompose_conv(planned, use_plan=True, method="svd", pointwise=False)
     with pytest.raises(ValueError, match=r"pass pointwise='no' to plan_decomposition"):
         decompose_conv(planned, use_plan=True, pointwise="no")
