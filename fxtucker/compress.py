@@ -243,6 +243,9 @@ class CompressConfig:
 #: Every CompressConfig field's default, as ``config.<field>``: a stored run that lacks a field predates
 #: it and ran at its default, so it resumes when the field is still at that default (as checkpoints do
 #: for TrainConfig, fxtucker.checkpoint).
+CONFIG_DEFAULTS = {f"config.{f.name}": f.default for f in dataclasses.fields(CompressConfig)}
+
+
 def _left_whole(gm: nn.Module) -> int:
     """How many convs ``pointwise=False`` left whole in ``gm``."""
     return sum(r.reason == NOT_POINTWISE for r in report(gm).layers)
@@ -252,9 +255,6 @@ def _nothing_decomposed(gm: nn.Module) -> str:
     """Why nothing was decomposed when no layer gave a warning."""
     whole = _left_whole(gm)
     return f"its {whole} conv(s) are 1x1, left whole by pointwise=False" if whole else "it has no conv layer"
-
-
-CONFIG_DEFAULTS = {f"config.{f.name}": f.default for f in dataclasses.fields(CompressConfig)}
 
 
 @dataclass

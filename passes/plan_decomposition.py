@@ -420,7 +420,8 @@ def plan_decomposition(gm: fx.GraphModule, ranks: RanksArg = None, *, method: st
             reason = f"{type(m).__name__} is not decomposed (transposed convs are left as they are)"
         if reason and isinstance(ranks, dict) and name in ranks:
             raise ValueError(f"ranks asks for {name!r}, which cannot be decomposed: {reason}")
-        if not pointwise and one_by_one(m) and not (m.transposed or reason.startswith(type(m).__name__)):
+        structural = m is None or reason.startswith(type(m).__name__)  # the module itself is why (transposed, ...)
+        if not pointwise and one_by_one(m) and not structural:
             if isinstance(ranks, dict) and name in ranks:
                 raise ValueError(f"ranks asks for {name!r}, a 1x1 conv, which pointwise=False leaves whole; drop it "
                                  f"from ranks or pass pointwise=True")
@@ -434,7 +435,6 @@ def plan_decomposition(gm: fx.GraphModule, ranks: RanksArg = None, *, method: st
         for node in nodes:
             node.meta[KEY] = plan
         macs = [n.meta.get(MACS) for n in nodes]
-        structural = m is None or reason.startswith(type(m).__name__)
         first = nodes[0]
         x = first.args[0] if first.args else first.kwargs.get("input")
         records.append(LayerRecord(
