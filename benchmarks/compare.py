@@ -910,7 +910,7 @@ def _plan(exp: str, s: Setup) -> list[dict]:
         # against 15.51M at 2x; 0.35: 7.11M against 10.34M at 3x), the funnel choosing the rest globally.
         runs += [dict(method="funnel", setting=f"{k}x kd {SHORT_EPOCHS} epochs reg-lr floor {f}",
                       flow=dict(_short_flow(s.macs // k), **REG_LR_FLOW, rank_floor=f))
-                 for k, f in ((2, 0.5), (3, 0.35), (2, 0.55), (3, 0.4))]  # the last two: how the floor's share matters
+                 for k, f in ((2, 0.5), (3, 0.35), (2, 0.55), (3, 0.4), (2, 0.6), (3, 0.45))]  # how the floor's share matters
         return runs
     if exp == "baselines":
         runs = [dict(method="uncompressed", setting="baseline")]
