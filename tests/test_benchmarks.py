@@ -151,6 +151,9 @@ def test_quality_plan_keeps_the_stored_funnel_recipe_beside_funnel_cut(compare):
         assert reg_lr["flow"]["reg_lr"] != fxtucker.CompressConfig().reg_lr and reg_lr["target"] == funnel["target"]
         floor = runs[("funnel-floor", setting)]  # and that flow with a floor on every mode's rank, nothing else
         assert floor["flow"] == {**reg_lr["flow"], "rank_floor": compare.FLOOR_BY_BUDGET[k]} and floor["target"] == funnel["target"]
+        high = runs[("funnel-floor-high", setting)]  # the same flow with a higher floor, nothing else
+        assert high["flow"] == {**floor["flow"], "rank_floor": compare.FLOOR_HIGH_BY_BUDGET[k]} and high["target"] == funnel["target"]
+        assert compare.FLOOR_HIGH_BY_BUDGET[k] > compare.FLOOR_BY_BUDGET[k]
         assert fxtucker.CompressConfig().mac_weighted and not fxtucker.CompressConfig().one_schedule
 
 
@@ -246,7 +249,8 @@ def test_short_quality_settings_give_every_method_the_same_epochs_after_the_base
     s = types.SimpleNamespace(macs=30_000_000, profile="cpu")
     for k in compare.SHORT_BUDGETS:
         runs = [r for r in compare._plan("quality", s) if r["setting"] == f"{k}x kd {compare.SHORT_EPOCHS} epochs"]
-        assert {r["method"] for r in runs} == {"funnel", "funnel-unweighted", "funnel-reg-lr", "funnel-floor", "uniform",
+        assert {r["method"] for r in runs} == {"funnel", "funnel-unweighted", "funnel-reg-lr", "funnel-floor", "funnel-floor-high",
+                                               "uniform",
                                                "torch-pruning", "musco", "vbmf"}
         assert {r["method"] for r in runs} <= set(compare.METHODS)  # each can be asked for by --methods
         for r in runs:
