@@ -132,7 +132,7 @@ KD_FLOW = dict(distill=True, distill_reg=True)
 #: the budgets they run at. The funnel's cut costs far less than the baselines' (the rows' "val before
 #: fine-tuning"), which 8 distilled epochs erase; these rows ask what is left of it after 3.
 SHORT_EPOCHS = 3
-SHORT_BUDGETS = (2, 3)
+SHORT_BUDGETS = (2, 3, 4)
 
 
 def _short_flow(target: int) -> dict:
@@ -688,17 +688,20 @@ def _plan(exp: str, s: Setup) -> list[dict]:
         # needed. The kd comparison again with SHORT_EPOCHS after the baseline instead of the
         # profile's (the funnel: step 3's 2 epochs and the rest fine-tuning; every baseline that many
         # distilled epochs), fixed before the runs (session 20).
+        # At 4x (added in session 27) only the baselines and the flow chosen last run.
         for k in SHORT_BUDGETS:
             target, setting = s.macs // k, f"{k}x kd {SHORT_EPOCHS} epochs"
-            runs.append(dict(method="funnel", setting=setting, target=target, flow=_short_flow(target)))
-            runs.append(dict(method="funnel-unweighted", setting=setting, target=target,
-                             flow=dict(_short_flow(target), **UNWEIGHTED_FLOW)))
-            runs.append(dict(method="funnel-reg-lr", setting=setting, target=target,
-                             flow=dict(_short_flow(target), **REG_LR_FLOW)))
-            runs.append(dict(method="funnel-floor", setting=setting, target=target,
-                             flow=dict(_short_flow(target), **REG_LR_FLOW, rank_floor=FLOOR_BY_BUDGET[k])))
-            runs.append(dict(method="funnel-floor-high", setting=setting, target=target,
-                             flow=dict(_short_flow(target), **REG_LR_FLOW, rank_floor=FLOOR_HIGH_BY_BUDGET[k])))
+            if k in FLOOR_BY_BUDGET:
+                runs.append(dict(method="funnel", setting=setting, target=target, flow=_short_flow(target)))
+                runs.append(dict(method="funnel-unweighted", setting=setting, target=target,
+                                 flow=dict(_short_flow(target), **UNWEIGHTED_FLOW)))
+                runs.append(dict(method="funnel-reg-lr", setting=setting, target=target,
+                                 flow=dict(_short_flow(target), **REG_LR_FLOW)))
+                runs.append(dict(method="funnel-floor", setting=setting, target=target,
+                                 flow=dict(_short_flow(target), **REG_LR_FLOW, rank_floor=FLOOR_BY_BUDGET[k])))
+            if k in FLOOR_HIGH_BY_BUDGET:
+                runs.append(dict(method="funnel-floor-high", setting=setting, target=target,
+                                 flow=dict(_short_flow(target), **REG_LR_FLOW, rank_floor=FLOOR_HIGH_BY_BUDGET[k])))
             runs += [dict(method=m, setting=setting, baseline=m, target=target, distill=True, epochs=SHORT_EPOCHS)
                      for m in ("uniform", "torch-pruning", "musco", "vbmf")]
         return runs
@@ -911,7 +914,7 @@ def _plan(exp: str, s: Setup) -> list[dict]:
         # flow: 10-15 and 22-32), for about 1% of the MACs; the baselines leave them whole. The flow
         # with them whole (CompressConfig.pointwise=False), at 2x and 3x.
         runs += [dict(method="funnel", setting=f"{k}x kd {SHORT_EPOCHS} epochs reg-lr shortcuts whole",
-                      flow=dict(_short_flow(s.macs // k), **REG_LR_FLOW, pointwise=False)) for k in SHORT_BUDGETS
+                      flow=dict(_short_flow(s.macs // k), **REG_LR_FLOW, pointwise=False)) for k in (2, 3)
                  if s.model_name not in POINTWISE_MODELS]  # there the 1x1 convs hold the MACs
         # funnel-unweighted's allocation (nearly funnel-reg-lr's) fine-tuned as the baselines are
         # ("unweighted funnel ranks", session 24) was level with uniform ranks, funnel-reg-lr 0.2 points
@@ -921,7 +924,9 @@ def _plan(exp: str, s: Setup) -> list[dict]:
         # against 15.51M at 2x; 0.35: 7.11M against 10.34M at 3x), the funnel choosing the rest globally.
         runs += [dict(method="funnel", setting=f"{k}x kd {SHORT_EPOCHS} epochs reg-lr floor {f}",
                       flow=dict(_short_flow(s.macs // k), **REG_LR_FLOW, rank_floor=f))
-                 for k, f in ((2, 0.5), (3, 0.35), (2, 0.55), (3, 0.4))]  # the last two: how the floor's share matters
+                 for k, f in ((2, 0.5), (3, 0.35), (2, 0.55), (3, 0.4), (4, 0.3), (4, 0.35))]
+        # The middle two: how the floor's share matters (higher was better); the last two: the floor
+        # at 4x, holding 71% and 92% of the budget's MACs (2x 0.55: 91%; 3x 0.4: 83%).
         # (2x 0.6 and 3x 0.45 cannot meet the budget: the floor alone holds more MACs than it allows)
         return runs
     if exp == "baselines":

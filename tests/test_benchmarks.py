@@ -141,7 +141,7 @@ def test_quality_plan_keeps_the_stored_funnel_recipe_beside_funnel_cut(compare):
         shrink = runs[("funnel-shrink", f"{k}x kd")]  # the same flow, lambda's cap raised, nothing else
         assert shrink["flow"] == {**funnel["flow"], **compare.SHRINK_FLOW} and shrink["target"] == funnel["target"]
         assert compare.SHRINK_FLOW["max_shrink"] > fxtucker.CompressConfig().max_shrink
-    for k in compare.SHORT_BUDGETS:  # the short flow unweighted: the funnel row's flow, two knobs changed
+    for k in compare.FLOOR_BY_BUDGET:  # the short flow unweighted: the funnel row's flow, two knobs changed
         setting = f"{k}x kd {compare.SHORT_EPOCHS} epochs"
         funnel, unweighted = runs[("funnel", setting)], runs[("funnel-unweighted", setting)]
         assert unweighted["flow"] == {**funnel["flow"], "mac_weighted": False, "one_schedule": True}
@@ -249,9 +249,9 @@ def test_short_quality_settings_give_every_method_the_same_epochs_after_the_base
     s = types.SimpleNamespace(macs=30_000_000, profile="cpu")
     for k in compare.SHORT_BUDGETS:
         runs = [r for r in compare._plan("quality", s) if r["setting"] == f"{k}x kd {compare.SHORT_EPOCHS} epochs"]
-        assert {r["method"] for r in runs} == {"funnel", "funnel-unweighted", "funnel-reg-lr", "funnel-floor", "funnel-floor-high",
-                                               "uniform",
-                                               "torch-pruning", "musco", "vbmf"}
+        funnels = {"funnel", "funnel-unweighted", "funnel-reg-lr", "funnel-floor"} if k in compare.FLOOR_BY_BUDGET else set()
+        funnels |= {"funnel-floor-high"} if k in compare.FLOOR_HIGH_BY_BUDGET else set()
+        assert {r["method"] for r in runs} == funnels | {"uniform", "torch-pruning", "musco", "vbmf"}
         assert {r["method"] for r in runs} <= set(compare.METHODS)  # each can be asked for by --methods
         for r in runs:
             assert r["target"] == s.macs // k
