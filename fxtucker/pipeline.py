@@ -191,8 +191,8 @@ def replay(layers: Sequence[LayerRecord], nodes: Collection[str]) -> Pipeline:
             return decompose_conv(gm, use_plan=True, inplace=True)
 
     def fold_batchnorms(gm: fx.GraphModule) -> fx.GraphModule:
-        # Whenever fold_bn ran, the node list says which BatchNorm calls it folded, even where a later
-        # decompose_conv dropped its record.
+        # The exported graph's node list says which BatchNorm calls fold_bn folded, whichever pass ran
+        # after it.
         gone = [n.name for n in gm.graph.nodes if n.op == "call_module" and n.name not in exported
                 and isinstance(gm.get_submodule(n.target), nn.modules.batchnorm._BatchNorm)]
         if not gone:

@@ -28,7 +28,6 @@ from fxtucker.meta import (
     SKIPPED,
     TENSOR_META,
     ConvSpec,
-    GraphRecord,
     LayerPlan,
     LayerRecord,
     factor_record,
@@ -452,7 +451,6 @@ def plan_decomposition(gm: fx.GraphModule, ranks: RanksArg = None, *, method: st
     names = {r.name for r in records}
     records += [r for r in earlier if r.name not in names and r.node in position]
     records.sort(key=lambda r: position[r.node])
-    before = graph_record(gm)  # the weights' format stays recorded (set_memory_format)
-    set_graph_record(gm, GraphRecord(layers=tuple(records), stage="plan_decomposition",
-                                     memory_format=before.memory_format, memory_format_reason=before.memory_format_reason))
+    # The rest of the record stays: the weights' format (set_memory_format) and fold_bn's BatchNorms.
+    set_graph_record(gm, dataclasses.replace(graph_record(gm), layers=tuple(records), stage="plan_decomposition"))
     return gm

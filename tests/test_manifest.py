@@ -160,18 +160,19 @@ def test_linear_forms_round_trip_and_export_to_every_format(tmp_path, monkeypatc
 
 
 def test_manifest_when_fold_bn_ran_before_decompose_conv(tmp_path):
-    # decompose_conv starts a fresh record, so fold_bn's is gone; the node list still says which were folded.
+    # fold_bn's record outlives the later passes, and the manifest carries it; loading folds by the node list.
     model = randomize_bn(Net()).double().eval()
     x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         decomposed = decompose_conv(cost_model(fold_bn(fxtucker.trace(model)), x), ranks=0.5, linear=True)
     final = fold_or_restore(strip_gates(insert_gates(decomposed), 0.0), x)
-    assert graph_record(final).batchnorms == ()
+    assert [(r.name, r.folded) for r in graph_record(final).batchnorms] == [("bn_a", True), ("bn_b", True)]
     export(final, x, tmp_path / "m", "manifest", model_factory=Net)
     loaded = load(tmp_path / "m", Net)
     torch.testing.assert_close(loaded(x), final(x), **EXACT)
     assert loaded.code == final.code
+    assert graph_record(loaded).batchnorms == graph_record(final).batchnorms
 
 
 def test_manifest_of_a_model_fold_bn_alone_touched(tmp_path):

@@ -349,6 +349,15 @@ def test_second_run_keeps_earlier_folds_on_record():
     assert graph_record(twice).batchnorms == graph_record(once).batchnorms
 
 
+def test_later_passes_keep_the_folds_on_record():
+    model = _randomize_bn(ConvBN(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))).eval()
+    folded = fold_bn(fxtucker.trace(model))
+    x = torch.randn(1, 3, 8, 8)
+    decomposed = decompose_conv(cost_model(folded, x), 0.5)  # plan_decomposition writes a new layer record
+    assert graph_record(decomposed).stage == "decompose_conv" and graph_record(decomposed).layers
+    assert graph_record(decomposed).batchnorms == graph_record(folded).batchnorms != ()
+
+
 def test_fold_only_the_named_nodes():
     model = _randomize_bn(SmallNet()).double().eval()
     x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
