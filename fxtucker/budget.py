@@ -12,12 +12,13 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxtucker import regularizers
+from fxtucker.io import is_real
 from fxtucker.meta import CORE, FIRST, GATE_CORE, GATE_IN, GATE_OUT, LAST, MACS
 from fxtucker.passes import gates, layer_nodes, predict_macs
 from fxtucker.passes.strip_gates import floor_masks, kept_ranks, relative_gates
 
 __all__ = ["gate_stats", "gate_magnitudes", "floor_mask", "pruned_share", "component_macs", "threshold_for_budget",
-           "gate_histogram", "GatePenalty"]
+           "floor_for_budget", "gate_histogram", "GatePenalty"]
 
 
 def _all_gates(gm: fx.GraphModule) -> list[torch.Tensor]:
@@ -113,6 +114,27 @@ def threshold_for_budget(gated: fx.GraphModule, target_macs: int, *, relative: b
         )
     i = bisect.bisect_left(range(len(candidates)), True, key=lambda i: macs(i) <= target_macs)
     return candidates[i]
+
+
+def floor_for_budget(gated: fx.GraphModule, macs: float, *, relative: bool = False,
+                     round_to: Optional[int] = None) -> float:
+    """The largest ``rank_floor`` whose floor alone (every other gate cut) leaves at most ``macs``
+    MACs after fold-or-restore, 0.0 when none does.
+
+    The candidates are the shares where a mode's floor count ``ceil(rank_floor x rank)`` steps up
+    (k / rank for every mode's rank per group), so the floor returned is the exact one. ``gated``
+    must carry cost-model annotations; ``relative`` and ``round_to`` mean what they mean for
+    :func:`threshold_for_budget`.
+    """
+    if not is_real(macs) or macs <= 0:
+        raise ValueError(f"floor_for_budget: macs must be a finite number > 0, got {macs!r}")
+    sizes = {layer.numel() // getattr(gated.get_submodule(source)[FIRST], "groups", 1)
+             for source, roles in gates(gated).items() for layer in roles.values()}
+    shares = sorted({k / n for n in sizes for k in range(1, n)})
+    everything = math.nextafter(float(gate_magnitudes(gated, relative).max()), math.inf)  # cuts every gate
+    fits = lambda f: predict_macs(gated, everything, round_to, relative=relative, rank_floor=f) <= macs  # noqa: E731
+    i = bisect.bisect_left(shares, True, key=lambda f: not fits(f))  # fits is True, then False, as f grows
+    return shares[i - 1] if i else 0.0
 
 
 def gate_histogram(gm: fx.GraphModule, bins: int = 40, relative: bool = False) -> dict[str, list]:

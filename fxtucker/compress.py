@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten
 
 from fxtucker import pipeline, regularizers
 from fxtucker.batches import model_to_channels_last
-from fxtucker.budget import (GatePenalty, component_macs, gate_histogram, gate_stats, pruned_share,
+from fxtucker.budget import (GatePenalty, component_macs, floor_for_budget, gate_histogram, gate_stats, pruned_share,
                              threshold_for_budget)
 from fxtucker.io import is_int, is_real
 from fxtucker.passes import cost_model, layer_nodes
@@ -71,7 +71,12 @@ class CompressConfig:
     by default) by what the component saves at the ranks still alive instead of at full rank.
     ``rank_floor`` (0 by default) keeps that share of every mode's rank whatever the budget or
     threshold (the components with the largest gates, which the penalty then does not pull), so
-    that the global cut cannot take a mode below ``ceil(rank_floor x rank)``.
+    that the global cut cannot take a mode below ``ceil(rank_floor x rank)``. ``floor_share`` (with
+    a budget; None by default) sets ``rank_floor`` from the budget instead: the largest floor that
+    holds at most that share of the budget's MACs (:func:`~fxtucker.budget.floor_for_budget`), the
+    funnel choosing the rest globally; the report's ``rank_floor`` says which floor that was. On
+    ResNet-20 the benchmark's best flows held 0.83-0.91 of the budget in their floor
+    (benchmarks/RESULTS.md, sessions 26-27).
 
     ``one_schedule`` (off by default): steps 2-4 train as one run of all their epochs instead of
     three runs that each start again: the learning rate follows one ``schedule`` over all of them
@@ -116,6 +121,7 @@ class CompressConfig:
     threshold: float = 0.01
     round_to: Optional[int] = None  # kept ranks rounded up to a multiple of this (strip_gates); the budget counts it
     rank_floor: float = 0.0  # share of each mode's rank always kept, the largest gates (strip_gates); not pulled
+    floor_share: Optional[float] = None  # with a budget: rank_floor holding at most this share of its MACs
     target_macs: Optional[int] = None
     target_speedup: Optional[float] = None
     steer: bool = True
@@ -185,6 +191,16 @@ class CompressConfig:
             raise bad("max_shrink", "a finite number > 0 (the share of a gate vector's mean one step may take; 0.05)")
         if not is_real(self.rank_floor) or not 0 <= self.rank_floor < 1:
             raise bad("rank_floor", "a number in [0, 1) (the share of each mode's rank always kept; 0: none)")
+        if self.floor_share is not None:
+            if not is_real(self.floor_share) or not 0 < self.floor_share <= 1:
+                raise bad("floor_share", "None or a number in (0, 1] (the share of the MAC budget that rank_floor "
+                                         "holds)")
+            if self.target_macs is None and self.target_speedup is None:
+                raise ValueError("CompressConfig.floor_share needs a MAC budget (target_macs or target_speedup): "
+                                 "it is a share of the budget")
+            if self.rank_floor:
+                raise ValueError(f"give CompressConfig.rank_floor or floor_share, not both (rank_floor="
+                                 f"{self.rank_floor!r}, floor_share={self.floor_share!r})")
         if not is_int(self.recalibrate_bn) or self.recalibrate_bn < 0:
             raise bad("recalibrate_bn", "an integer >= 0 (training batches that re-estimate BatchNorm statistics "
                                         "after the cut; 0: off)")
@@ -439,10 +455,15 @@ def compress(
         rep.update(macs_after=macs_before, params_after=_params(final), accuracy_after=rep["accuracy_before"],
                    target_macs=target, threshold=None, layers=report(final).to_dict()["layers"])
         return CompressResult(model=final, report=rep, history=history)
+    rank_floor = config.rank_floor
+    if config.floor_share is not None:  # __post_init__: only with a budget
+        rank_floor = floor_for_budget(gated, config.floor_share * target, relative=config.relative_gates,
+                                      round_to=config.round_to)
+    rep["rank_floor"] = rank_floor
     if target is not None:  # an impossible budget fails now, not after hours of training
         try:
             threshold_for_budget(gated, target, relative=config.relative_gates, round_to=config.round_to,
-                                 rank_floor=config.rank_floor)
+                                 rank_floor=rank_floor)
         except ValueError as e:
             whole = _left_whole(gated)
             raise (ValueError(f"{e}, or set pointwise=True: {whole} 1x1 conv(s) are left whole by pointwise=False")
@@ -468,11 +489,11 @@ def compress(
                           epochs=config.reg_epochs, every=config.steer_every, relative=config.relative_gates,
                           proximal=config.proximal, round_to=config.round_to, mac_weighted=config.mac_weighted,
                           steps_per_epoch=_len(train_data), c_follows_budget=config.c_follows_budget,
-                          live_macs=config.live_mac_weights, rank_floor=config.rank_floor,
+                          live_macs=config.live_mac_weights, rank_floor=rank_floor,
                           max_shrink=config.max_shrink)
     rel = config.relative_gates
     threshold_fn = ((lambda g: threshold_for_budget(g, target, relative=rel, round_to=config.round_to,
-                                                    rank_floor=config.rank_floor)) if target is not None
+                                                    rank_floor=rank_floor)) if target is not None
                     else (lambda g: config.threshold))
     history += train(view, train_data, config.stage_config(config.reg_epochs, config.reg_lr, config.train_epochs),
                      penalty=penalty,
@@ -482,11 +503,11 @@ def compress(
     rep["threshold"], rep["reg_weight_end"] = threshold, penalty.weight
     rep["stages"]["regularized"] = {"accuracy": acc(view), "gate_histogram": gate_histogram(gated, relative=config.relative_gates),
                                     "pruning_ratio": pruned_share(gated, threshold, relative=rel,
-                                                                  rank_floor=config.rank_floor)}
+                                                                  rank_floor=rank_floor)}
 
     # strip, then keep each decomposition only where it is cheaper (gates folded into weights)
     final = pipeline.pruning(inputs, threshold, round_to=config.round_to, relative=rel,
-                             rank_floor=config.rank_floor)(copy.deepcopy(gated))
+                             rank_floor=rank_floor)(copy.deepcopy(gated))
     _check_connected(gated, final, inputs, threshold, budget=target is not None)
     rep["stages"]["pruned"] = {"accuracy": acc(final), "macs": sum(n.meta["macs"] for n in final.graph.nodes)}
     # BatchNorm statistics of the pruned layers, not the uncut ones (no weight changes)

@@ -359,6 +359,19 @@ def test_rank_floor_is_kept_by_the_budget_and_left_alone_by_the_penalty():
             assert bool((g.grad[kept[n][role]] == 0).all()) and bool((g.grad[~kept[n][role]] != 0).all())
 
 
+def test_floor_for_budget_is_the_largest_floor_that_fits():
+    gm, _, _ = _gated_toy()  # conv: Tucker-2, ranks (16, 24)
+    _random_gates(gm, seed=0, low=0.01)
+    least = predict_macs(gm, 10.0, rank_floor=0.25)  # 4 of 16 and 6 of 24 kept
+    assert budget.floor_for_budget(gm, least) == 0.25  # the next step up, 7 / 24, keeps 5 of 16 and 7 of 24
+    below = budget.floor_for_budget(gm, least - 1)
+    assert 0 < below < 0.25 and predict_macs(gm, 10.0, rank_floor=below) < least
+    assert budget.floor_for_budget(gm, 1) == 0.0  # not even one component per mode fits
+    assert budget.floor_for_budget(gm, predict_macs(gm, 0.0)) == 23 / 24  # everything fits: the largest share < 1
+    with pytest.raises(ValueError, match=r"floor_for_budget: macs must be a finite number > 0, got nan"):
+        budget.floor_for_budget(gm, float("nan"))
+
+
 def test_rank_floor_gates_keep_their_ratios_under_the_relative_proximal_step():
     # Three layers (a Tucker-2 conv, a grouped one, an SVD pair): the masks line up with every gate
     # vector, and the default penalty (relative, MAC-weighted) shrinks only the gates outside the

@@ -332,6 +332,13 @@ def test_rank_floor_keeps_a_share_of_every_mode_through_the_flow(one_thread):
     assert result.report["macs_after"] <= result.report["macs_before"] / 2.3
     with pytest.raises(ValueError, match=r"cannot be met: .*rank_floor=0.9 of each mode's rank"):
         compress(model, train, x, config=CompressConfig(target_speedup=2.3, rank_floor=0.9), progress=False)
+    # The floor as a share of the budget: the largest floor within it, reported, and kept through the cut
+    config = dataclasses.replace(config, rank_floor=0.0, floor_share=0.9)
+    result = compress(model, train, x, config=config, progress=False)
+    f = result.report["rank_floor"]
+    (layer,) = [l for l in result.report["layers"] if l["name"] == "conv"]
+    assert 0.3 < f < 0.6 and layer["ranks"][0] >= math.ceil(f * 16 - 1e-9) and layer["ranks"][1] >= math.ceil(f * 24 - 1e-9)
+    assert result.report["macs_after"] <= result.report["macs_before"] / 2.3
 
 
 class _ToyBN(nn.Module):

@@ -179,6 +179,12 @@ CONFIGS = [
     ("rank_floor-one", dict(rank_floor=1.0), r"CompressConfig.rank_floor must be a number in \[0, 1\) \(the share of each "
                                              r"mode's rank always kept; 0: none\), got 1.0"),
     ("rank_floor-bool", dict(rank_floor=True), r"CompressConfig.rank_floor must be a number in \[0, 1\)"),
+    ("floor_share-zero", dict(floor_share=0, target_speedup=2), r"CompressConfig.floor_share must be None or a number "
+                                                                r"in \(0, 1\] \(the share of the MAC budget"),
+    ("floor_share-no-budget", dict(floor_share=0.8), r"CompressConfig.floor_share needs a MAC budget \(target_macs or "
+                                                     r"target_speedup\)"),
+    ("floor_share-and-rank_floor", dict(floor_share=0.8, rank_floor=0.3, target_speedup=2),
+     r"give CompressConfig.rank_floor or floor_share, not both \(rank_floor=0.3, floor_share=0.8\)"),
     ("max_shrink-zero", dict(max_shrink=0), r"CompressConfig.max_shrink must be a finite number > 0 \(the share of a "),
     ("max_shrink-inf", dict(max_shrink=float("inf")), r"CompressConfig.max_shrink must be a finite number > 0"),
     ("distill_weight-nan", dict(distill_weight=NAN), r"CompressConfig.distill_weight must be a finite number >= 0, got nan"),
