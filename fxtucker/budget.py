@@ -118,18 +118,21 @@ def threshold_for_budget(gated: fx.GraphModule, target_macs: int, *, relative: b
 
 def floor_for_budget(gated: fx.GraphModule, macs: float, *, relative: bool = False,
                      round_to: Optional[int] = None) -> float:
-    """The largest ``rank_floor`` whose floor alone (every other gate cut) leaves at most ``macs``
-    MACs after fold-or-restore, 0.0 when none does.
+    """The largest ``rank_floor`` whose floor alone leaves at most ``macs`` MACs: the whole model
+    with every gate cut but the floor's, after fold-or-restore (layers that are not decomposed at
+    their full cost); 0.0 when not even one component per mode fits.
 
     The candidates are the shares where a mode's floor count ``ceil(rank_floor x rank)`` steps up
-    (k / rank for every mode's rank per group), so the floor returned is the exact one. ``gated``
-    must carry cost-model annotations; ``relative`` and ``round_to`` mean what they mean for
-    :func:`threshold_for_budget`.
+    (k / rank for every mode's rank per group, below 1), so the floor returned is the largest that
+    fits exactly; when every one fits, the largest candidate. ``gated`` must carry cost-model
+    annotations; ``relative`` and ``round_to`` mean what they mean for :func:`threshold_for_budget`.
     """
     if not is_real(macs) or macs <= 0:
         raise ValueError(f"floor_for_budget: macs must be a finite number > 0, got {macs!r}")
     sizes = {layer.numel() // getattr(gated.get_submodule(source)[FIRST], "groups", 1)
              for source, roles in gates(gated).items() for layer in roles.values()}
+    if not sizes:
+        raise ValueError("floor_for_budget found no gates: run insert_gates(gm) first")
     shares = sorted({k / n for n in sizes for k in range(1, n)})
     everything = math.nextafter(float(gate_magnitudes(gated, relative).max()), math.inf)  # cuts every gate
     fits = lambda f: predict_macs(gated, everything, round_to, relative=relative, rank_floor=f) <= macs  # noqa: E731

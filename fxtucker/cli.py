@@ -702,8 +702,9 @@ def _export(args: argparse.Namespace) -> int:
     if args.fold_bn:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            earlier = graph_record(gm).batchnorms  # a manifest's record holds the folds before this one
             gm = fxtucker.fold_bn(gm)
-        folded = [b for b in graph_record(gm).batchnorms if b.folded]
+        folded = [b for b in graph_record(gm).batchnorms if b.folded and b not in earlier]
         print(f"folded {len(folded)} BatchNorm layer(s) into their convs")
         for w in caught:
             print(f"note: {w.message}")

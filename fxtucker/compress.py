@@ -74,9 +74,9 @@ class CompressConfig:
     that the global cut cannot take a mode below ``ceil(rank_floor x rank)``. ``floor_share`` (with
     a budget; None by default) sets ``rank_floor`` from the budget instead: the largest floor that
     holds at most that share of the budget's MACs (:func:`~fxtucker.budget.floor_for_budget`), the
-    funnel choosing the rest globally; the report's ``rank_floor`` says which floor that was. On
-    ResNet-20 the benchmark's best flows held 0.83-0.91 of the budget in their floor
-    (benchmarks/RESULTS.md, sessions 26-27).
+    funnel choosing the rest globally; the report's ``rank_floor`` says which floor that was (a
+    warning when not even one component per mode fits: no floor). On ResNet-20 the floors chosen on
+    validation in benchmarks/RESULTS.md (sessions 26-27) held 0.83-0.91 of the budget.
 
     ``one_schedule`` (off by default): steps 2-4 train as one run of all their epochs instead of
     three runs that each start again: the learning rate follows one ``schedule`` over all of them
@@ -453,12 +453,15 @@ def compress(
                       f"{'; '.join(rep['skipped_layers']) or _nothing_decomposed(gated)}", stacklevel=2)
         final = gated.eval()
         rep.update(macs_after=macs_before, params_after=_params(final), accuracy_after=rep["accuracy_before"],
-                   target_macs=target, threshold=None, layers=report(final).to_dict()["layers"])
+                   target_macs=target, threshold=None, rank_floor=config.rank_floor, layers=report(final).to_dict()["layers"])
         return CompressResult(model=final, report=rep, history=history)
     rank_floor = config.rank_floor
     if config.floor_share is not None:  # __post_init__: only with a budget
         rank_floor = floor_for_budget(gated, config.floor_share * target, relative=config.relative_gates,
                                       round_to=config.round_to)
+        if not rank_floor:
+            warnings.warn(f"compress: floor_share={config.floor_share:g} of the budget ({target:,} MACs) does not hold "
+                          f"one component of every mode, so there is no floor; raise floor_share", stacklevel=2)
     rep["rank_floor"] = rank_floor
     if target is not None:  # an impossible budget fails now, not after hours of training
         try:

@@ -344,9 +344,7 @@ def _rebuild(model: nn.Module, manifest: dict, leaf_modules: Sequence[type]) -> 
         node.meta.pop(KEY, None)
         if "record" in entry:
             node.meta[KEY] = entry["record"]
-    set_graph_record(gm, GraphRecord(layers=manifest["layers"], stage=manifest["stage"],
-                                     batchnorms=manifest["batchnorms"], memory_format=manifest["memory_format"],
-                                     memory_format_reason=manifest["memory_format_reason"]))
+    set_graph_record(gm, GraphRecord(**{f.name: manifest[f.name] for f in dataclasses.fields(GraphRecord)}))
     return gm
 
 

@@ -451,6 +451,9 @@ def plan_decomposition(gm: fx.GraphModule, ranks: RanksArg = None, *, method: st
     names = {r.name for r in records}
     records += [r for r in earlier if r.name not in names and r.node in position]
     records.sort(key=lambda r: position[r.node])
-    # The rest of the record stays: the weights' format (set_memory_format) and fold_bn's BatchNorms.
-    set_graph_record(gm, dataclasses.replace(graph_record(gm), layers=tuple(records), stage="plan_decomposition"))
+    # The rest of the record stays: the weights' format (set_memory_format) and the BatchNorms fold_bn
+    # folded; not the ones it left, whose reason (e.g. "its input is conv2d()") may no longer hold.
+    before = graph_record(gm)
+    set_graph_record(gm, dataclasses.replace(before, layers=tuple(records), stage="plan_decomposition",
+                                             batchnorms=tuple(b for b in before.batchnorms if b.folded)))
     return gm

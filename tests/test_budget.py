@@ -364,12 +364,15 @@ def test_floor_for_budget_is_the_largest_floor_that_fits():
     _random_gates(gm, seed=0, low=0.01)
     least = predict_macs(gm, 10.0, rank_floor=0.25)  # 4 of 16 and 6 of 24 kept
     assert budget.floor_for_budget(gm, least) == 0.25  # the next step up, 7 / 24, keeps 5 of 16 and 7 of 24
-    below = budget.floor_for_budget(gm, least - 1)
-    assert 0 < below < 0.25 and predict_macs(gm, 10.0, rank_floor=below) < least
+    assert budget.floor_for_budget(gm, least - 1) == 5 / 24  # 4 of 16 and 5 of 24
+    three = predict_macs(gm, 10.0, rank_floor=3 / 16)  # 3 of 16 and 5 of 24: a step of the 16-wide mode only
+    assert budget.floor_for_budget(gm, three) == 3 / 16 and budget.floor_for_budget(gm, three - 1) == 4 / 24  # 3 and 4
     assert budget.floor_for_budget(gm, 1) == 0.0  # not even one component per mode fits
     assert budget.floor_for_budget(gm, predict_macs(gm, 0.0)) == 23 / 24  # everything fits: the largest share < 1
     with pytest.raises(ValueError, match=r"floor_for_budget: macs must be a finite number > 0, got nan"):
         budget.floor_for_budget(gm, float("nan"))
+    with pytest.raises(ValueError, match=r"floor_for_budget found no gates: run insert_gates\(gm\) first"):
+        budget.floor_for_budget(fxtucker.trace(nn.Conv2d(3, 4, 3)), 100)
 
 
 def test_rank_floor_gates_keep_their_ratios_under_the_relative_proximal_step():

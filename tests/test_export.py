@@ -214,6 +214,17 @@ def test_cli_export_onnx_with_fold_bn(tmp_path, resnet20_run, capsys):
     assert "folded 21 BatchNorm layer(s) into their convs" in out and "(onnx, torch.onnx.export(dynamo=True))" in out
 
 
+def test_cli_fold_bn_counts_only_its_own_folds(tmp_path, resnet20_run, capsys):
+    run, final, x = resnet20_run
+    assert main(["export", "--from", str(run), "--format", "manifest", "--fold-bn", "--out", str(tmp_path / "a")]) == 0
+    assert "folded 21 BatchNorm layer(s) into their convs" in capsys.readouterr().out
+    # the folded manifest's record holds those 21 folds; folding it again folds nothing
+    assert main(["export", "--from", str(tmp_path / "a"), "--format", "manifest", "--fold-bn",
+                 "--out", str(tmp_path / "b")]) == 0
+    assert "folded 0 BatchNorm layer(s) into their convs" in capsys.readouterr().out
+    assert sum(b.folded for b in read_manifest(tmp_path / "b")["batchnorms"]) == 21
+
+
 def test_cli_export_manifest_again(tmp_path, resnet20_run):
     run, final, x = resnet20_run
     assert main(["export", "--from", str(run), "--format", "manifest", "--out", str(tmp_path / "again")]) == 0

@@ -181,6 +181,9 @@ CONFIGS = [
     ("rank_floor-bool", dict(rank_floor=True), r"CompressConfig.rank_floor must be a number in \[0, 1\)"),
     ("floor_share-zero", dict(floor_share=0, target_speedup=2), r"CompressConfig.floor_share must be None or a number "
                                                                 r"in \(0, 1\] \(the share of the MAC budget"),
+    ("floor_share-above-one", dict(floor_share=1.5, target_speedup=2), r"CompressConfig.floor_share must be None or a "
+                                                                       r"number in \(0, 1\]"),
+    ("floor_share-bool", dict(floor_share=True, target_speedup=2), r"CompressConfig.floor_share must be None or a number"),
     ("floor_share-no-budget", dict(floor_share=0.8), r"CompressConfig.floor_share needs a MAC budget \(target_macs or "
                                                      r"target_speedup\)"),
     ("floor_share-and-rank_floor", dict(floor_share=0.8, rank_floor=0.3, target_speedup=2),

@@ -356,6 +356,15 @@ def test_later_passes_keep_the_folds_on_record():
     decomposed = decompose_conv(cost_model(folded, x), 0.5)  # plan_decomposition writes a new layer record
     assert graph_record(decomposed).stage == "decompose_conv" and graph_record(decomposed).layers
     assert graph_record(decomposed).batchnorms == graph_record(folded).batchnorms != ()
+    # A BatchNorm left alone is not: its reason may no longer hold (a functional conv becomes modules)
+    model = _randomize_bn(AfterFunctionalConv()).eval()
+    with pytest.warns(UserWarning, match=r"fold_bn left 1 BatchNorm"):
+        left = fold_bn(fxtucker.trace(model))
+    assert [r.folded for r in graph_record(left).batchnorms] == [False]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        decomposed = decompose_conv(cost_model(left, x), 0.5)
+    assert graph_record(decomposed).batchnorms == ()
 
 
 def test_fold_only_the_named_nodes():
