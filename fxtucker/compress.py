@@ -76,7 +76,7 @@ class CompressConfig:
     holds at most that share of the budget's MACs (:func:`~fxtucker.budget.floor_for_budget`), the
     funnel choosing the rest globally; the report's ``rank_floor`` says which floor that was (a
     warning when not even one component per mode fits: no floor). On ResNet-20 the floors chosen on
-    validation in benchmarks/RESULTS.md (sessions 26-27) held 0.83-0.91 of the budget.
+    validation in benchmarks/RESULTS.md (session 27) held 0.91 of the budget at 2x, 0.83 at 3x.
 
     ``one_schedule`` (off by default): steps 2-4 train as one run of all their epochs instead of
     three runs that each start again: the learning rate follows one ``schedule`` over all of them
