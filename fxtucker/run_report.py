@@ -47,6 +47,10 @@ def summary_text(summary: dict) -> str:
     lines.append(f"epochs: original {base}; compressed: {e['decomposed']} decomposed + {e['regularize']} regularized "
                  f"+ {e['finetune']} fine-tuning" + (" (distilled from the original)" if e.get("finetune_distilled") else "")
                  + " on top of it" + _images(e))
+    if summary.get("rank_floor"):  # reports written before the floor was stored have none
+        share = summary.get("floor_share")
+        lines.append(f"rank floor: {summary['rank_floor']:.3g} of every mode's rank kept whatever the budget"
+                     + (f" (the largest floor within floor_share={share:g} of it)" if share is not None else ""))
     if summary["stage_accuracy_images"] != summary["accuracy_images"]:
         lines.append(f"accuracy after each stage (report.md) on {summary['stage_accuracy_images']:,} of the test images")
     t = next(iter(summary["latency"].values()), None)

@@ -247,6 +247,10 @@ def test_compress_report_says_unreliable_instead_of_a_number(tmp_path, monkeypat
             "> 1.20x allowed)") in text
     assert "epochs: original given by --checkpoint; compressed: 1 decomposed + 4 regularized + 2 fine-tuning" in text
     assert "accuracy (10,000 test images)" in text and "accuracy after each stage (report.md) on 2,000" in text
+    assert "rank floor" not in text  # none set
+    text = _summary_text({**summary, "rank_floor": 11 / 24, "floor_share": 0.9})
+    assert ("rank floor: 0.458 of every mode's rank kept whatever the budget (the largest floor within "
+            "floor_share=0.9 of it)") in text
 
 
 def test_quick_measures_accuracy_before_and_after_on_the_whole_test_set(tmp_path, monkeypatch, capsys):
