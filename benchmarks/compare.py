@@ -927,7 +927,8 @@ def _plan(exp: str, s: Setup) -> list[dict]:
         runs += [dict(method="funnel", setting=f"{k}x kd {SHORT_EPOCHS} epochs reg-lr floor {f}",
                       flow=dict(_short_flow(s.macs // k), **REG_LR_FLOW, rank_floor=f))
                  for k, f in ((2, 0.5), (3, 0.35), (2, 0.55), (3, 0.4), (4, 0.3), (4, 0.35))]
-        # The middle two: how the floor's share matters (higher was better); the last two: the floor
+        # The middle two: how the floor's share matters (higher was better; 2x 0.6 and 3x 0.45 cannot
+        # meet the budget: the floor alone holds more MACs than it allows); the last two: the floor
         # at 4x, holding 71% and 92% of the budget's MACs (2x 0.55: 91%; 3x 0.4: 83%).
         # The floor set as a share of the budget (CompressConfig.floor_share, session 27): does the
         # funnel's global choice of the last few percent matter, or would a floor that holds (nearly)
@@ -936,7 +937,6 @@ def _plan(exp: str, s: Setup) -> list[dict]:
         runs += [dict(method="funnel", setting=f"{k}x kd {SHORT_EPOCHS} epochs reg-lr floor_share {f}",
                       flow=dict(_short_flow(s.macs // k), **REG_LR_FLOW, floor_share=f))
                  for k in (2, 3) for f in (0.95, 1.0)]
-        # (2x 0.6 and 3x 0.45 cannot meet the budget: the floor alone holds more MACs than it allows)
         return runs
     if exp == "baselines":
         runs = [dict(method="uncompressed", setting="baseline")]

@@ -625,7 +625,7 @@ def _compress(args: argparse.Namespace) -> int:
         "macs_before": rep["macs_before"], "macs_after": rep["macs_after"],
         "params_before": rep["params_before"], "params_after": rep["params_after"],
         "deployed": deployed, "latency": latency, "stages": rep["stages"],
-        "rank_floor": rep.get("rank_floor", config.rank_floor), "floor_share": config.floor_share,
+        "rank_floor": rep["rank_floor"], "floor_share": config.floor_share,
     }
     write_text(out / "report.json", json.dumps({**rep, **summary, "baseline_history": baseline_history,
                                                 "history": result.history}, indent=2) + "\n")
