@@ -646,6 +646,8 @@ def run_flow(s: Setup, name: str, progress: bool, **overrides) -> tuple[nn.Modul
              "pruning_ratio": round(rep["stages"]["regularized"]["pruning_ratio"], 4),
              "gates_zero": hist["zeros"], "gates_total": hist["total"], "gate_histogram": hist,
              "reg_weight_end": rep.get("reg_weight_end"),
+             # the floor under every mode's rank the flow ran with (resolved when set by floor_share)
+             "rank_floor": rep.get("rank_floor"),
              # the ranks the flow chose (full ranks where a layer was restored), as the baselines' rows record
              # theirs; layers it never decomposed (a single-channel stem) are not listed
              "ranks": {r["name"]: r["ranks"] or r["full_ranks"] for r in rep["layers"] if r["full_ranks"] and r["kind"] != "skip"},

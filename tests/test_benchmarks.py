@@ -57,6 +57,7 @@ def test_quick_baselines_write_rows_and_a_rerun_skips_them(compare, tmp_path, ca
         assert {"method", "dataset", "model", "setting", "seed", "stage", "wall_s"} <= set(r)
     funnel = final["funnel"]
     assert 0.0 <= funnel["pruning_ratio"] <= 1.0 and funnel["gate_histogram"]["total"] > 0
+    assert funnel["rank_floor"] == 0.0  # no floor asked for: the report's resolved floor
     summary = compare.summary("baselines").splitlines()
     (line,) = [l for l in summary if "| funnel |" in l]
     drop = final["uncompressed"]["accuracy"] - funnel["accuracy"]
