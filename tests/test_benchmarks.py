@@ -521,6 +521,15 @@ def test_rows_of_another_device_are_neither_done_nor_paired_with_the_cpus(compar
     assert "| resnet20 | cpu | 2x kd | uniform |" not in compare.paired("quality")
 
 
+def test_summary_lists_each_methods_seeds_in_order_whatever_order_the_rows_were_written(compare):
+    common = {"model": "resnet20", "dataset": "fashion-mnist", "profile": "cpu", "stage": "final", "macs": 10,
+              "macs_baseline": 20, "params": 1, "val_accuracy": 0.9, "wall_s": 1}
+    for seed, acc in ((3, 0.90), (0, 0.92), (2, 0.91)):  # as two runners may finish them
+        compare._append("quality", dict(common, seed=seed, method="uncompressed", setting="baseline", accuracy=acc, macs=20))
+        compare._append("quality", dict(common, seed=seed, method="funnel", setting="2x kd", accuracy=acc - 0.01))
+    assert "| resnet20 | cpu | 2x kd | funnel | 0,2,3 | 90.00 ± 1.00 | 1.00 ± 0.00 |" in compare.summary("quality")
+
+
 def test_tuning_rows_record_their_own_budget_and_never_the_test_set(compare, tmp_path):
     """A tuning row at 4x records the 4x budget it aimed at (not 2x), and the validation split only."""
     compare.main(["--exp", "tuning", "--profile", "quick", "--no-progress", "--methods", "funnel",
