@@ -1022,17 +1022,23 @@ def _load(exp: str) -> list[dict]:
     return json.loads(path.read_text())["rows"] if path.exists() else []
 
 
-def append_row(path: Path, row: dict) -> None:
+def append_row(path: Path, row: dict, stored: Optional[Callable[[dict], bool]] = None) -> bool:
     """Append ``row`` to the ``{"rows": [...]}`` file ``path`` (created if missing), atomically and under
-    a lock beside it: two runners (other seeds, methods) may share a file."""
+    a lock beside it: two runners (other seeds, methods) may share a file. With ``stored``, a row for
+    which it is true, found under the lock, means the row is there already (another runner did the same
+    run meanwhile): nothing is written. Returns whether ``row`` was written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with _locked(path.with_name(path.name + ".lock")):
         rows = json.loads(path.read_text())["rows"] if path.exists() else []
+        if stored is not None and any(stored(r) for r in rows):
+            return False
         write_atomic(path, json.dumps({"rows": rows + [row]}, indent=1) + "\n")
+        return True
 
 
-def _append(exp: str, row: dict) -> None:
-    append_row(RESULTS / f"{exp}.json", row)
+def _append(exp: str, row: dict, key: Optional[dict] = None) -> bool:
+    """Append ``row`` to ``exp``'s rows; with ``key``, not when a row of that key is stored already."""
+    return append_row(RESULTS / f"{exp}.json", row, None if key is None else (lambda r: _matches(r, key)))
 
 
 def _done(exp: str, key: dict) -> bool:
@@ -1179,7 +1185,9 @@ def run_experiment(exp: str, s: Setup, progress: bool = True, methods: Optional[
             row["device_name"] = torch.cuda.get_device_name() if s.device == "cuda" else s.device
         if target is not None:
             row["macs_vs_target"] = round(row["macs"] / target, 5)  # <= 1; >= 0.99 is within 1%
-        _append(exp, row)
+        if not _append(exp, row, key):  # two runners did the same run at once: the first row stands
+            print("  another runner stored this row meanwhile; its row stands, this one is not written", flush=True)
+            continue
         shown = f"accuracy {row['accuracy']:.4f}" if row["accuracy"] is not None else f"val {row['val_accuracy']:.4f}"
         print(f"  {shown}, MACs {row['macs']:,} ({s.macs / row['macs']:.2f}x)", flush=True)
 

@@ -530,6 +530,18 @@ def test_summary_lists_each_methods_seeds_in_order_whatever_order_the_rows_were_
     assert "| resnet20 | cpu | 2x kd | funnel | 0,2,3 | 90.00 ± 1.00 | 1.00 ± 0.00 |" in compare.summary("quality")
 
 
+def test_a_row_another_runner_stored_meanwhile_is_not_written_twice(compare, tmp_path):
+    key = {"model": "resnet20", "dataset": "fashion-mnist", "seed": 9, "profile": "cpu", "method": "uncompressed",
+           "setting": "baseline", "stage": "final"}
+    first, second = dict(key, accuracy=0.913, wall_s=17.6), dict(key, accuracy=0.913, wall_s=3.1)
+    assert compare._append("quality", first, key)  # both runners found it not done, then ran it
+    assert not compare._append("quality", second, key)
+    assert compare._append("quality", dict(second, seed=8), dict(key, seed=8))  # another seed is another row
+    rows = json.loads((tmp_path / "results" / "quality.json").read_text())["rows"]
+    assert [(r["seed"], r["wall_s"]) for r in rows] == [(9, 17.6), (8, 3.1)]
+    assert compare._append("quality", second)  # without a key: appended as before
+
+
 def test_tuning_rows_record_their_own_budget_and_never_the_test_set(compare, tmp_path):
     """A tuning row at 4x records the 4x budget it aimed at (not 2x), and the validation split only."""
     compare.main(["--exp", "tuning", "--profile", "quick", "--no-progress", "--methods", "funnel",
