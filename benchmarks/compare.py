@@ -938,6 +938,8 @@ def _plan(exp: str, s: Setup) -> list[dict]:
         # only what is left over. On ResNet-20 both shares resolve to one floor per budget (the floor's
         # steps are k/16, k/32, k/64): at 2x 0.5625 of each mode (91% of the budget), the floor
         # funnel-floor-high's 0.55 already keeps, so these two rows repeat it; at 3x 0.4375 (90%; 0.4: 83%).
+        # Session 28, 3x floor_share 1.0, seeds 0 / 2 / 3: 0.9136 / 0.9158 / 0.9158 (mean 0.9151) against
+        # 0.4's 0.9178 / 0.9162 / 0.9162 (0.9167): lower on all three; not adopted.
         runs += [dict(method="funnel", setting=f"{k}x kd {SHORT_EPOCHS} epochs reg-lr floor_share {f}",
                       flow=dict(_short_flow(s.macs // k), **REG_LR_FLOW, floor_share=f))
                  for k in (2, 3) for f in (0.95, 1.0)]
