@@ -1314,8 +1314,14 @@ def summary(exp: str) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["model"], _where(r), r["setting"], r["method"]), []).append(r)
-    for rs in groups.values():  # the seeds column in order, whatever order the runners wrote the rows in
-        rs.sort(key=lambda r: r["seed"])
+    for key, rs in groups.items():
+        # A seed stored twice (two runners finishing the same row before compare.append_row checked
+        # for that: seed 9's uncompressed row in quality.json) counts once, as its first row; the seeds
+        # column in order, whatever order the runners wrote the rows in.
+        first: dict[int, dict] = {}
+        for r in rs:
+            first.setdefault(r["seed"], r)
+        groups[key] = sorted(first.values(), key=lambda r: r["seed"])
     # Another experiment's rows (tuning) start from the same cached baseline of each seed as the
     # quality rows: their drops and costs are measured from quality's uncompressed row where they have none.
     quality_rows = [r for r in _load("quality") if r["stage"] == "final"] if exp != "quality" else []

@@ -530,6 +530,15 @@ def test_summary_lists_each_methods_seeds_in_order_whatever_order_the_rows_were_
     assert "| resnet20 | cpu | 2x kd | funnel | 0,2,3 | 90.00 ± 1.00 | 1.00 ± 0.00 |" in compare.summary("quality")
 
 
+def test_summary_counts_a_seed_stored_twice_once(compare):
+    common = {"model": "resnet20", "dataset": "fashion-mnist", "profile": "cpu", "stage": "final", "macs": 20,
+              "macs_baseline": 20, "params": 1, "val_accuracy": 0.9, "wall_s": 1, "method": "uncompressed",
+              "setting": "baseline"}
+    for seed, acc in ((0, 0.90), (1, 0.92), (1, 0.92)):  # seed 1 written by two runners (no key: no check)
+        compare._append("quality", dict(common, seed=seed, accuracy=acc))
+    assert "| baseline | uncompressed | 0,1 | 91.00 ± 1.41 |" in compare.summary("quality")
+
+
 def test_a_row_another_runner_stored_meanwhile_is_not_written_twice(compare, tmp_path):
     key = {"model": "resnet20", "dataset": "fashion-mnist", "seed": 9, "profile": "cpu", "method": "uncompressed",
            "setting": "baseline", "stage": "final"}
