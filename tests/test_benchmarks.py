@@ -252,6 +252,7 @@ def test_short_quality_settings_give_every_method_the_same_epochs_after_the_base
         runs = [r for r in compare._plan("quality", s) if r["setting"] == f"{k}x kd {compare.SHORT_EPOCHS} epochs"]
         funnels = {"funnel", "funnel-unweighted", "funnel-reg-lr", "funnel-floor"} if k in compare.FLOOR_BY_BUDGET else set()
         funnels |= {"funnel-floor-high"} if k in compare.FLOOR_HIGH_BY_BUDGET else set()
+        funnels |= {"funnel-floor-share"} if k in compare.FLOOR_SHARE_BUDGETS else set()
         assert {r["method"] for r in runs} == funnels | {"uniform", "torch-pruning", "musco", "vbmf"}
         assert {r["method"] for r in runs} <= set(compare.METHODS)  # each can be asked for by --methods
         for r in runs:
