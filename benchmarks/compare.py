@@ -972,8 +972,8 @@ def _plan(exp: str, s: Setup) -> list[dict]:
         # squeezed the first stage to 4-7 of 16 components; the floor now keeps 7 there, and within the
         # last 17% of the budget the weights spend the MACs where a component costs least.
         runs.append(dict(method="funnel", setting=f"3x kd {SHORT_EPOCHS} epochs reg-lr floor 0.4 weighted",
-                         flow=dict(_short_flow(s.macs // 3), **REG_LR_FLOW, rank_floor=FLOOR_HIGH_BY_BUDGET[3],
-                                   mac_weighted=True)))
+                         flow=dict(_short_flow(s.macs // 3), **dict(REG_LR_FLOW, mac_weighted=True),
+                                   rank_floor=FLOOR_HIGH_BY_BUDGET[3])))
         # The floor on another model: floor_share 0.9 (what funnel-floor-high's floors hold of ResNet-20's
         # 2x and 4x budgets, 91% and 92%) on the short flow, with lambda's default cap and with the
         # cap funnel-shrink needed on mobilenet_v2_cifar (0.5), at 2x (validation, seed 3).
