@@ -988,6 +988,8 @@ def _plan(exp: str, s: Setup) -> list[dict]:
         # at both budgets (validation, seeds 3 and 4; reference: funnel-floor-share's own validation).
         runs += [dict(method="funnel", setting=f"{k}x kd {SHORT_EPOCHS} epochs floor_share 0.9 max_shrink=0.5 reg_lr 0.01",
                       flow=dict(_short_flow(s.macs // k), **dict(FLOOR_SHARE_FLOW, reg_lr=0.01))) for k in (2, 3)]
+        # Seeds 3 / 4: at 2x 0.8868 / 0.8870 (mean 0.8869) against 0.8880 / 0.8862 (0.8871), level; at 3x
+        # 0.8750 / 0.8732 (0.8741) against 0.8782 / 0.8778 (0.8780), lower on both. Not adopted at either.
         return runs
     if exp == "baselines":
         runs = [dict(method="uncompressed", setting="baseline")]
