@@ -972,8 +972,8 @@ def _plan(exp: str, s: Setup) -> list[dict]:
         # squeezed the first stage to 4-7 of 16 components; the floor now keeps 7 there, and within the
         # last 17% of the budget the weights spend the MACs where a component costs least.
         runs.append(dict(method="funnel", setting=f"3x kd {SHORT_EPOCHS} epochs reg-lr floor 0.4 weighted",
-                         flow=dict(_short_flow(s.macs // 3), **dict(REG_LR_FLOW, mac_weighted=True),
-                                   rank_floor=FLOOR_HIGH_BY_BUDGET[3])))
+                         flow={**_short_flow(s.macs // 3), **REG_LR_FLOW, "mac_weighted": True,
+                               "rank_floor": FLOOR_HIGH_BY_BUDGET[3]}))
         # Seeds 0 / 2 / 3: 0.9150 / 0.9168 / 0.9164 (mean 0.9161) against 0.9167: level, under it on the
         # mean; the weights took the first two stages to the floor and gave the third stage more. Not adopted.
         # The floor on another model: floor_share 0.9 (what funnel-floor-high's floors hold of ResNet-20's
@@ -987,13 +987,13 @@ def _plan(exp: str, s: Setup) -> list[dict]:
         # re-estimated) and the flow ended level at 2x, behind two baselines at 3x. The default rate, 0.01,
         # at both budgets (validation, seeds 3 and 4; reference: funnel-floor-share's own validation).
         runs += [dict(method="funnel", setting=f"{k}x kd {SHORT_EPOCHS} epochs floor_share 0.9 max_shrink=0.5 reg_lr 0.01",
-                      flow=dict(_short_flow(s.macs // k), **dict(FLOOR_SHARE_FLOW, reg_lr=0.01))) for k in (2, 3)]
+                      flow={**_short_flow(s.macs // k), **FLOOR_SHARE_FLOW, "reg_lr": 0.01}) for k in (2, 3)]
         # Seeds 3 / 4: at 2x 0.8868 / 0.8870 (mean 0.8869) against 0.8880 / 0.8862 (0.8871), level; at 3x
         # 0.8750 / 0.8732 (0.8741) against 0.8782 / 0.8778 (0.8780), lower on both. Not adopted at either.
         # The floor's share on this model: 0.8 (the funnel choosing a fifth of the budget) against
         # funnel-floor-share's 0.9, at both budgets (validation, seeds 3 and 4).
         runs += [dict(method="funnel", setting=f"{k}x kd {SHORT_EPOCHS} epochs floor_share 0.8 max_shrink=0.5",
-                      flow=dict(_short_flow(s.macs // k), **dict(FLOOR_SHARE_FLOW, floor_share=0.8))) for k in (2, 3)]
+                      flow={**_short_flow(s.macs // k), **FLOOR_SHARE_FLOW, "floor_share": 0.8}) for k in (2, 3)]
         # Seeds 3 / 4: at 2x 0.8830 / 0.8878 (mean 0.8854) against 0.8880 / 0.8862 (0.8871); at 3x 0.8732 /
         # 0.8704 (0.8718) against 0.8782 / 0.8778 (0.8780), lower on both. 0.9 stays.
         return runs
@@ -1075,6 +1075,17 @@ def _cache_name(exp: str, run: dict) -> str:
 def _load(exp: str) -> list[dict]:
     path = RESULTS / f"{exp}.json"
     return json.loads(path.read_text())["rows"] if path.exists() else []
+
+
+def _final_rows(exp: str) -> list[dict]:
+    """The final rows of ``exp``, one per (model, where, setting, method, seed): a seed stored twice
+    (two runners finishing the same row before append_row checked for that: seed 9's uncompressed
+    row in quality.json) counts once, as its first row."""
+    first: dict[tuple, dict] = {}
+    for r in _load(exp):
+        if r["stage"] == "final":
+            first.setdefault((r["model"], _where(r), r["setting"], r["method"], r["seed"]), r)
+    return list(first.values())
 
 
 def append_row(path: Path, row: dict, stored: Optional[Callable[[dict], bool]] = None) -> bool:
@@ -1348,21 +1359,15 @@ def summary(exp: str) -> str:
     the validation split right before fine-tuning), the part of it that the cut itself costs (the
     regularized model against the pruned one, for the flows with a regularized stage) and the MAC
     ratio."""
-    rows = [r for r in _load(exp) if r["stage"] == "final"]
+    rows = _final_rows(exp)
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["model"], _where(r), r["setting"], r["method"]), []).append(r)
-    for key, rs in groups.items():
-        # A seed stored twice (two runners finishing the same row before compare.append_row checked
-        # for that: seed 9's uncompressed row in quality.json) counts once, as its first row; the seeds
-        # column in order, whatever order the runners wrote the rows in.
-        first: dict[int, dict] = {}
-        for r in rs:
-            first.setdefault(r["seed"], r)
-        groups[key] = sorted(first.values(), key=lambda r: r["seed"])
+    for rs in groups.values():  # the seeds column in order, whatever order the runners wrote the rows in
+        rs.sort(key=lambda r: r["seed"])
     # Another experiment's rows (tuning) start from the same cached baseline of each seed as the
     # quality rows: their drops and costs are measured from quality's uncompressed row where they have none.
-    quality_rows = [r for r in _load("quality") if r["stage"] == "final"] if exp != "quality" else []
+    quality_rows = _final_rows("quality") if exp != "quality" else []
     base = {(r["model"], _where(r), r["seed"]): r for r in quality_rows + rows if r["method"] == "uncompressed"}
     lines = ["| model | profile | setting | method | seeds | accuracy % | drop (points) | pruning cost (val, points) "
              "| the cut alone (val, points) | pruning cost, BN recalibrated (val, points; seeds) | MAC ratio |",
@@ -1399,7 +1404,7 @@ def paired(exp: str, reference: str = "funnel", metric: str = "accuracy") -> str
 
     if metric not in PAIRED_METRICS:
         raise ValueError(f"paired: unknown metric {metric!r}; valid: {', '.join(PAIRED_METRICS)}")
-    rows = [r for r in _load(exp) if r["stage"] == "final" and r.get(metric) is not None]
+    rows = [r for r in _final_rows(exp) if r.get(metric) is not None]
     acc = {(r["model"], _where(r), r["setting"], r["method"], r["seed"]): r[metric] for r in rows}
     lines = [f"| model | profile | setting | {reference} minus{'' if metric == 'accuracy' else f' ({metric})'} | "
              f"seeds | mean (points) | std | paired t-test p | {reference} ahead on |",
