@@ -996,6 +996,15 @@ def _plan(exp: str, s: Setup) -> list[dict]:
                       flow={**_short_flow(s.macs // k), **FLOOR_SHARE_FLOW, "floor_share": 0.8}) for k in (2, 3)]
         # Seeds 3 / 4: at 2x 0.8830 / 0.8878 (mean 0.8854) against 0.8880 / 0.8862 (0.8871); at 3x 0.8732 /
         # 0.8704 (0.8718) against 0.8782 / 0.8778 (0.8780), lower on both. 0.9 stays.
+        # Session 30: when the zeros meet the budget (CompressConfig.reach). funnel-floor-high's steered
+        # path meets it at the end of step 3's first epoch, and the ranks it keeps train one more epoch of
+        # step 3 and one of fine-tuning; one regularized epoch (reach 0.5, session 29) left the model 2
+        # points lower before fine-tuning and ended 0.5 lower. A slower pull: the budget met at 1.5
+        # epochs and at the end of step 3. Reference: funnel-floor-high's 0.9178 / 0.9162 / 0.9162
+        # (mean 0.9167) on seeds 0 / 2 / 3.
+        runs += [dict(method="funnel", setting=f"3x kd {SHORT_EPOCHS} epochs reg-lr floor 0.4 reach {r:g}",
+                      flow={**_short_flow(s.macs // 3), **REG_LR_FLOW, "rank_floor": FLOOR_HIGH_BY_BUDGET[3],
+                            "reach": r}) for r in (1.5, 2.0)]
         return runs
     if exp == "baselines":
         runs = [dict(method="uncompressed", setting="baseline")]

@@ -55,7 +55,9 @@ class CompressConfig:
     ``steer_every`` steps of step 3, lambda is raised or lowered so that the MACs left by cutting
     the gates at exactly 0 follow a path from the full model to the budget (reached one epoch
     before the end of step 3), so that the gates cut at the end are the ones the funnel has
-    already pulled to zero (see :class:`GatePenalty`). ``reg_weight="auto"`` (the default)
+    already pulled to zero (see :class:`GatePenalty`). ``reach`` sets when the zeros meet the budget:
+    by the end of that epoch of step 3 (a float; None, the default: all epochs but the last, half of
+    a single one). ``reg_weight="auto"`` (the default)
     calibrates lambda from ``reg_lr`` and the steps of step 3 (:func:`auto_reg_weight`).
     ``compose`` trains steps 2 and 3 through :func:`~fxtucker.passes.compose_factors` (one conv per
     layer; the same function and gradients, at about the original model's cost).
@@ -126,6 +128,7 @@ class CompressConfig:
     target_speedup: Optional[float] = None
     steer: bool = True
     steer_every: int = 10
+    reach: Optional[float] = None  # with a budget: the epoch of step 3 by whose end the zeros meet it; None: all but the last
     relative_gates: bool = True
     proximal: bool = True
     mac_weighted: bool = True
@@ -206,6 +209,13 @@ class CompressConfig:
                                         "after the cut; 0: off)")
         if not is_int(self.steer_every) or self.steer_every < 1:
             raise bad("steer_every", "an integer >= 1 (optimizer steps)")
+        if self.reach is not None:
+            if not is_real(self.reach) or not 0 < self.reach <= self.reg_epochs:
+                raise bad("reach", f"None or a number in (0, reg_epochs={self.reg_epochs}] (the epoch of step 3 by "
+                                   f"whose end the zeros meet the budget)")
+            if self.target_macs is None and self.target_speedup is None:
+                raise ValueError("CompressConfig.reach needs a MAC budget (target_macs or target_speedup): it says "
+                                 "when the zeros meet it")
         r = self.ranks
         if not (r is None or r == "vbmf" or (is_real(r) and 0 < r <= 1)):
             raise bad("ranks", "None (full rank), a fraction in (0, 1] or 'vbmf'")
@@ -493,7 +503,7 @@ def compress(
                           proximal=config.proximal, round_to=config.round_to, mac_weighted=config.mac_weighted,
                           steps_per_epoch=_len(train_data), c_follows_budget=config.c_follows_budget,
                           live_macs=config.live_mac_weights, rank_floor=rank_floor,
-                          max_shrink=config.max_shrink)
+                          max_shrink=config.max_shrink, reach=config.reach)
     rel = config.relative_gates
     threshold_fn = ((lambda g: threshold_for_budget(g, target, relative=rel, round_to=config.round_to,
                                                     rank_floor=rank_floor)) if target is not None

@@ -264,6 +264,20 @@ def test_steering_can_be_switched_off(one_thread):
         CompressConfig(steer_every=0)
 
 
+def test_reach_sets_when_the_zeros_meet_the_budget(one_thread):
+    # By default the zeros meet the budget at the end of step 3's first of two epochs; with reach=2
+    # the path is half as steep, so after the first epoch lambda has pulled fewer gates to 0.
+    model, train, test, x = toy_problem()
+    first = {}
+    for reach in (None, 2.0):
+        config = CompressConfig(train_epochs=0, reg_epochs=2, finetune_epochs=0, target_speedup=2.0, reach=reach)
+        result = compress(model, train, x, config=config, progress=False)
+        first[reach] = [r for r in result.history if r["stage"] == "regularize"][0]
+        assert result.report["macs_after"] <= result.report["target_macs"]
+    assert first[2.0]["reg_weight"] < first[None]["reg_weight"]
+    assert first[2.0]["macs_if_stripped"] == first[None]["macs_if_stripped"]  # the threshold meets the budget either way
+
+
 def test_an_impossible_budget_fails_before_any_training(monkeypatch):
     flow = importlib.import_module("fxtucker.compress")
     model, train, _, x = toy_problem()

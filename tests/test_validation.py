@@ -188,6 +188,11 @@ CONFIGS = [
                                                      r"target_speedup\)"),
     ("floor_share-and-rank_floor", dict(floor_share=0.8, rank_floor=0.3, target_speedup=2),
      r"give CompressConfig.rank_floor or floor_share, not both \(rank_floor=0.3, floor_share=0.8\)"),
+    ("reach-past-step-3", dict(reach=3, reg_epochs=2, target_speedup=2), r"CompressConfig.reach must be None or a "
+                                                                         r"number in \(0, reg_epochs=2\] \(the epoch"),
+    ("reach-zero", dict(reach=0, target_speedup=2), r"CompressConfig.reach must be None or a number in \(0, "),
+    ("reach-bool", dict(reach=True, target_speedup=2), r"CompressConfig.reach must be None or a number"),
+    ("reach-no-budget", dict(reach=1.0), r"CompressConfig.reach needs a MAC budget \(target_macs or target_speedup\)"),
     ("max_shrink-zero", dict(max_shrink=0), r"CompressConfig.max_shrink must be a finite number > 0 \(the share of a "),
     ("max_shrink-inf", dict(max_shrink=float("inf")), r"CompressConfig.max_shrink must be a finite number > 0"),
     ("distill_weight-nan", dict(distill_weight=NAN), r"CompressConfig.distill_weight must be a finite number >= 0, got nan"),
