@@ -47,7 +47,8 @@ class CompressConfig:
     ``c_every`` epochs for "exp"); strip every gate below ``threshold``; 4. fold-or-restore and
     fine-tune ``finetune_epochs``, optionally distilling from the original model (``distill``;
     ``distill_reg`` distills in step 3 as well, so that the penalty removes components while the
-    loss keeps the model's outputs close to the original's).
+    loss keeps the model's outputs close to the original's; ``distill_reg_weight`` weighs it there,
+    ``distill_weight`` by default).
 
     ``target_macs`` (or ``target_speedup`` = MACs before / MACs after) replaces ``threshold``: the
     smallest global threshold whose result, after fold-or-restore, fits the budget is used. With a
@@ -146,6 +147,7 @@ class CompressConfig:
     distill: bool = False  # fine-tuning distills from the original model
     distill_reg: bool = False  # step 3 distills from the original model too
     distill_weight: float = 0.5
+    distill_reg_weight: Optional[float] = None  # step 3's distillation weight (with distill_reg); None: distill_weight
     distill_temperature: float = 4.0
     seed: int = 0
     compile: bool = False  # every stage's training step under torch.compile (TrainConfig.compile)
@@ -223,6 +225,12 @@ class CompressConfig:
             raise bad("method", f"one of {list(DECOMPOSITION_METHODS)} (how kxk convs are decomposed)")
         if not is_real(self.distill_weight) or self.distill_weight < 0:
             raise bad("distill_weight", "a finite number >= 0")
+        if self.distill_reg_weight is not None:
+            if not is_real(self.distill_reg_weight) or self.distill_reg_weight < 0:
+                raise bad("distill_reg_weight", "None (distill_weight) or a finite number >= 0")
+            if not self.distill_reg:
+                raise ValueError(f"CompressConfig.distill_reg_weight={self.distill_reg_weight!r} weighs step 3's "
+                                 f"distillation, which is off: set distill_reg=True too, or leave it None")
         if not is_real(self.distill_temperature) or not self.distill_temperature > 0:
             raise bad("distill_temperature", "a finite number > 0")
         self.c_schedule_fn()  # validates the schedule's arguments
@@ -495,7 +503,9 @@ def compress(
         rep["stages"]["trained"] = {"accuracy": acc(view), "gate_histogram": gate_histogram(gated, relative=config.relative_gates)}
 
     # 3. the funnel (or other) penalty on all gates of all layers at once
-    kd = distillation_loss(original, config.distill_weight, config.distill_temperature)  # with distill / distill_reg
+    kd = distillation_loss(original, config.distill_weight, config.distill_temperature)  # with distill
+    kd_reg = (kd if config.distill_reg_weight is None  # with distill_reg
+              else distillation_loss(original, config.distill_reg_weight, config.distill_temperature))
     rep["reg_weight_start"] = auto_reg_weight(config, _len(train_data))
     penalty = GatePenalty(gated, config.reg, rep["reg_weight_start"], config.c_schedule_fn(),
                           target_macs=target if config.steer else None, threshold=config.threshold,
@@ -511,7 +521,7 @@ def compress(
     history += train(view, train_data, config.stage_config(config.reg_epochs, config.reg_lr, config.train_epochs),
                      penalty=penalty,
                      epoch_stats=gate_stats(threshold_fn, penalty, gated), stage="regularize",
-                     extra_loss=kd if config.distill_reg else None, **kw)
+                     extra_loss=kd_reg if config.distill_reg else None, **kw)
     threshold = threshold_fn(gated)
     rep["threshold"], rep["reg_weight_end"] = threshold, penalty.weight
     rep["stages"]["regularized"] = {"accuracy": acc(view), "gate_histogram": gate_histogram(gated, relative=config.relative_gates),

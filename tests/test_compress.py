@@ -107,6 +107,14 @@ def test_distillation_reaches_the_stages_it_is_asked_for(one_thread, distill, di
     assert min(penalty.values()) == 0.0
 
 
+def test_distill_reg_weight_weighs_step_3_s_distillation_alone(one_thread):
+    model, train, test, x = toy_problem(1)
+    config = CompressConfig(train_epochs=0, reg_epochs=1, finetune_epochs=1, reg_weight=0.0, steer=False,
+                            distill=True, distill_reg=True, distill_weight=10.0, distill_reg_weight=0.0)
+    penalty = {h["stage"]: h["penalty"] for h in compress(model, train, x, config=config, progress=False).history}
+    assert penalty["regularize"] == 0.0 < penalty["finetune"], penalty
+
+
 def test_a_threshold_that_cuts_every_path_is_refused_not_returned_as_a_constant_model(one_thread):
     model, train, test, x = toy_problem(1)
     config = CompressConfig(train_epochs=0, reg_epochs=1, finetune_epochs=0, reg_weight=0.0, steer=False, threshold=10.0)

@@ -196,6 +196,10 @@ CONFIGS = [
     ("max_shrink-zero", dict(max_shrink=0), r"CompressConfig.max_shrink must be a finite number > 0 \(the share of a "),
     ("max_shrink-inf", dict(max_shrink=float("inf")), r"CompressConfig.max_shrink must be a finite number > 0"),
     ("distill_weight-nan", dict(distill_weight=NAN), r"CompressConfig.distill_weight must be a finite number >= 0, got nan"),
+    ("distill_reg_weight-negative", dict(distill_reg_weight=-1, distill_reg=True), r"CompressConfig.distill_reg_weight "
+                                                                                  r"must be None \(distill_weight\) or a finite"),
+    ("distill_reg_weight-without-distill_reg", dict(distill_reg_weight=1.0), r"CompressConfig.distill_reg_weight=1.0 "
+                                                                             r"weighs step 3's distillation, which is off"),
     ("distill_temperature-zero", dict(distill_temperature=0), r"CompressConfig.distill_temperature must be a finite number > 0, got 0"),
     ("c_schedule-unknown", dict(c_schedule="cubic"), r"unknown c_schedule kind 'cubic'; valid kinds are"),
 ]
