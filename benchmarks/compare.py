@@ -1016,6 +1016,12 @@ def _plan(exp: str, s: Setup) -> list[dict]:
                                   ("kd 2.0 in step 3", {"distill_reg_weight": 2.0}))]
         # Seeds 0 / 2 / 3: none 0.9098 / 0.9104 / 0.9152 (mean 0.9118), 2.0 0.9116 / 0.9158 / 0.9154 (0.9143)
         # against 0.9167: under it on every seed, both. Not adopted; step 3 distills at 0.5 as before.
+        # c following the budget's cut (c_follows_budget: c is the gate size the budget would cut now, so
+        # the funnel is steepest where the cut falls) under the floor at 3x; without a floor it made the
+        # cut free at 4x and ended level (sessions 11 and 24).
+        runs.append(dict(method="funnel", setting=f"3x kd {SHORT_EPOCHS} epochs reg-lr floor 0.4 c follows budget",
+                         flow={**_short_flow(s.macs // 3), **REG_LR_FLOW, "rank_floor": FLOOR_HIGH_BY_BUDGET[3],
+                               "c_follows_budget": True}))
         return runs
     if exp == "baselines":
         runs = [dict(method="uncompressed", setting="baseline")]
