@@ -1034,6 +1034,12 @@ def _plan(exp: str, s: Setup) -> list[dict]:
                          args=dict(exp="quality", setting=setting, method="funnel-floor-high")))
         # Seeds 0 / 2 / 3: 0.9164 / 0.9104 / 0.9110 (mean 0.9126; uniform ranks 0.9121, funnel-floor-high
         # 0.9167): the ranks alone are level with uniform ranks; the lead is the training path's.
+        # So more of the path: all 3 epochs in step 3 (0+3+0: the zeros meet the budget by the end of its
+        # second epoch, the third trains the kept ranks with the penalty holding the zeros, at step 3's
+        # rate; the cut, BatchNorm re-estimated, no fine-tuning), under the floor at 3x.
+        runs.append(dict(method="funnel", setting=f"3x kd {SHORT_EPOCHS} epochs reg-lr floor 0.4 0+3+0",
+                         flow={**_short_flow(s.macs // 3), **REG_LR_FLOW, "rank_floor": FLOOR_HIGH_BY_BUDGET[3],
+                               "reg_epochs": SHORT_EPOCHS, "finetune_epochs": 0}))
         return runs
     if exp == "baselines":
         runs = [dict(method="uncompressed", setting="baseline")]
