@@ -190,6 +190,13 @@ FLOOR_BY_BUDGET = {2: 0.5, 3: 0.35}
 #: 0.9168 (mean 0.9129) against 0.3 (70%) 0.9124 / 0.9118 / 0.9134 (0.9125): level, 0.35 on the mean.
 FLOOR_HIGH_BY_BUDGET = {2: 0.55, 3: 0.4, 4: 0.35}
 
+
+def _floor_high_flow(target: int, k: int) -> dict:
+    """``funnel-floor-high``'s flow at the budget ``target`` (the model's MACs / ``k``): the short flow
+    with ``funnel-reg-lr``'s changes and the floor chosen for ``k``; the tuning rows' variants of it
+    override a field or two."""
+    return {**_short_flow(target), **REG_LR_FLOW, "rank_floor": FLOOR_HIGH_BY_BUDGET[k]}
+
 #: The ``funnel-floor-share`` rows (session 29): funnel-floor-high's rule carried to another model
 #: without a search over the floor's height: the floor set as a share of the budget's MACs
 #: (CompressConfig.floor_share; funnel-floor-high's floors hold 91% and 92% of ResNet-20's 2x and 4x
@@ -715,7 +722,7 @@ def _plan(exp: str, s: Setup) -> list[dict]:
                                  flow=dict(_short_flow(target), **REG_LR_FLOW, rank_floor=FLOOR_BY_BUDGET[k])))
             if k in FLOOR_HIGH_BY_BUDGET:
                 runs.append(dict(method="funnel-floor-high", setting=setting, target=target,
-                                 flow=dict(_short_flow(target), **REG_LR_FLOW, rank_floor=FLOOR_HIGH_BY_BUDGET[k])))
+                                 flow=_floor_high_flow(target, k)))
             if k in FLOOR_SHARE_BUDGETS:
                 runs.append(dict(method="funnel-floor-share", setting=setting, target=target,
                                  flow=dict(_short_flow(target), **FLOOR_SHARE_FLOW)))
@@ -963,8 +970,7 @@ def _plan(exp: str, s: Setup) -> list[dict]:
         # then cost 22 points on seed 0). Reference: funnel-floor-high's validation, 0.9178 / 0.9162 /
         # 0.9162 (mean 0.9167) on seeds 0 / 2 / 3.
         runs.append(dict(method="funnel", setting=f"3x kd {SHORT_EPOCHS} epochs reg-lr floor 0.4 0+1+2",
-                         flow=dict(_short_flow(s.macs // 3), **REG_LR_FLOW, rank_floor=FLOOR_HIGH_BY_BUDGET[3],
-                                   **one_epoch)))
+                         flow={**_floor_high_flow(s.macs // 3, 3), **one_epoch}))
         # Seeds 0 / 2 / 3: 0.9112 / 0.9088 / 0.9142 (mean 0.9114), lower on all three; before fine-tuning
         # (BatchNorm re-estimated) 0.8848 / 0.8824 / 0.8900 against 0.9076 / 0.9040 / 0.9060: one epoch
         # of step 3 leaves the model 2.0 points lower and two of fine-tuning do not win it back. Not adopted.
@@ -972,8 +978,7 @@ def _plan(exp: str, s: Setup) -> list[dict]:
         # squeezed the first stage to 4-7 of 16 components; the floor now keeps 7 there, and within the
         # last 17% of the budget the weights spend the MACs where a component costs least.
         runs.append(dict(method="funnel", setting=f"3x kd {SHORT_EPOCHS} epochs reg-lr floor 0.4 weighted",
-                         flow={**_short_flow(s.macs // 3), **REG_LR_FLOW, "mac_weighted": True,
-                               "rank_floor": FLOOR_HIGH_BY_BUDGET[3]}))
+                         flow={**_floor_high_flow(s.macs // 3, 3), "mac_weighted": True}))
         # Seeds 0 / 2 / 3: 0.9150 / 0.9168 / 0.9164 (mean 0.9161) against 0.9167: level, under it on the
         # mean; the weights took the first two stages to the floor and gave the third stage more. Not adopted.
         # The floor on another model: floor_share 0.9 (what funnel-floor-high's floors hold of ResNet-20's
@@ -1003,15 +1008,14 @@ def _plan(exp: str, s: Setup) -> list[dict]:
         # epochs and at the end of step 3. Reference: funnel-floor-high's 0.9178 / 0.9162 / 0.9162
         # (mean 0.9167) on seeds 0 / 2 / 3.
         runs += [dict(method="funnel", setting=f"3x kd {SHORT_EPOCHS} epochs reg-lr floor 0.4 reach {r:g}",
-                      flow={**_short_flow(s.macs // 3), **REG_LR_FLOW, "rank_floor": FLOOR_HIGH_BY_BUDGET[3],
-                            "reach": r}) for r in (1.5, 2.0)]
+                      flow={**_floor_high_flow(s.macs // 3, 3), "reach": r}) for r in (1.5, 2.0)]
         # Seeds 0 / 2 / 3: reach 1.5 0.9172 / 0.9142 / 0.9152 (mean 0.9155), reach 2 0.9184 / 0.9132 / 0.9142
         # (0.9153) against 0.9167: under it on the mean, both. Not adopted.
         # Session 30: how much step 3 distills (CompressConfig.distill_reg_weight; the short flow's
         # distill_weight 0.5 in both stages, fine-tuning kept at it as every baseline's): none (step 3 on
         # the labels alone) and four times as much (2.0), under funnel-floor-high's floor at 3x.
         runs += [dict(method="funnel", setting=f"3x kd {SHORT_EPOCHS} epochs reg-lr floor 0.4 {name}",
-                      flow={**_short_flow(s.macs // 3), **REG_LR_FLOW, "rank_floor": FLOOR_HIGH_BY_BUDGET[3], **kw})
+                      flow={**_floor_high_flow(s.macs // 3, 3), **kw})
                  for name, kw in (("no kd in step 3", {"distill_reg": False}),
                                   ("kd 2.0 in step 3", {"distill_reg_weight": 2.0}))]
         # Seeds 0 / 2 / 3: none 0.9098 / 0.9104 / 0.9152 (mean 0.9118), 2.0 0.9116 / 0.9158 / 0.9154 (0.9143)
@@ -1020,8 +1024,7 @@ def _plan(exp: str, s: Setup) -> list[dict]:
         # the funnel is steepest where the cut falls) under the floor at 3x; without a floor it made the
         # cut free at 4x and ended level (sessions 11 and 24).
         runs.append(dict(method="funnel", setting=f"3x kd {SHORT_EPOCHS} epochs reg-lr floor 0.4 c follows budget",
-                         flow={**_short_flow(s.macs // 3), **REG_LR_FLOW, "rank_floor": FLOOR_HIGH_BY_BUDGET[3],
-                               "c_follows_budget": True}))
+                         flow={**_floor_high_flow(s.macs // 3, 3), "c_follows_budget": True}))
         # Seeds 0 / 2 / 3: 0.9146 / 0.9138 / 0.9136 (mean 0.9140) against 0.9167: under it on every seed.
         # Not adopted.
         # Where funnel-floor-high's 3x lead comes from: its ranks (the quality rows') decomposed from the
@@ -1038,8 +1041,7 @@ def _plan(exp: str, s: Setup) -> list[dict]:
         # second epoch, the third trains the kept ranks with the penalty holding the zeros, at step 3's
         # rate; the cut, BatchNorm re-estimated, no fine-tuning), under the floor at 3x.
         runs.append(dict(method="funnel", setting=f"3x kd {SHORT_EPOCHS} epochs reg-lr floor 0.4 0+3+0",
-                         flow={**_short_flow(s.macs // 3), **REG_LR_FLOW, "rank_floor": FLOOR_HIGH_BY_BUDGET[3],
-                               "reg_epochs": SHORT_EPOCHS, "finetune_epochs": 0}))
+                         flow={**_floor_high_flow(s.macs // 3, 3), "reg_epochs": SHORT_EPOCHS, "finetune_epochs": 0}))
         # Seeds 0 / 2 / 3: 0.9122 / 0.9120 / 0.9170 (mean 0.9137) against 0.9167: under it on the mean
         # (above on seed 3). Not adopted.
         return runs
