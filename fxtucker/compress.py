@@ -91,7 +91,9 @@ class CompressConfig:
     ``lr_per_step`` (off by default): every stage moves its learning rate after each optimizer
     step instead of once an epoch (:class:`~fxtucker.train.TrainConfig`'s ``per_step``), so that
     a stage of a few epochs ends its cosine near 0 (once an epoch, one fine-tuning epoch runs at
-    its start rate throughout).
+    its start rate throughout). ``"reg"``: step 3 only, the other stages once an epoch; with
+    ``one_schedule`` step 3 then glides down the shared cosine to where fine-tuning takes it up,
+    and fine-tuning runs as it would without it.
 
     ``pointwise`` (on by default): 1x1 convs are decomposed (into SVD pairs) and gated like the
     others; off, they stay whole and the budget is met on the other layers (a ResNet's 1x1
@@ -152,7 +154,7 @@ class CompressConfig:
     seed: int = 0
     compile: bool = False  # every stage's training step under torch.compile (TrainConfig.compile)
     one_schedule: bool = False  # steps 2-4 as one run: one learning-rate schedule and data stream (see above)
-    lr_per_step: bool = False  # the learning rate moves every step, not every epoch (see above)
+    lr_per_step: Union[bool, str] = False  # the rate moves every step, not every epoch; "reg": step 3 only (see above)
     channels_last: bool = False  # every stage (and the teacher) in the channels-last format (TrainConfig.channels_last)
 
     def __post_init__(self) -> None:
@@ -187,9 +189,11 @@ class CompressConfig:
             raise bad("target_speedup", "a finite number >= 1")
         for name in ("steer", "relative_gates", "proximal", "mac_weighted", "live_mac_weights", "compose",
                      "c_follows_budget", "linear", "pointwise", "distill", "distill_reg", "compile", "one_schedule",
-                     "lr_per_step", "channels_last"):
+                     "channels_last"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")
+        if not isinstance(self.lr_per_step, bool) and self.lr_per_step != "reg":
+            raise bad("lr_per_step", "true, false or 'reg' (step 3 only)")
         if self.round_to is not None and (not is_int(self.round_to) or self.round_to < 1):
             raise bad("round_to", "None or an integer >= 1 (e.g. 8 or 16)")
         if not is_real(self.max_shrink) or not self.max_shrink > 0:
@@ -248,14 +252,16 @@ class CompressConfig:
             kw.update(factor=self.c_factor, every=self.c_every)
         return regularizers.c_schedule(self.c_schedule, **kw)
 
-    def stage_config(self, epochs: int, lr: float, first_epoch: int = 0) -> TrainConfig:
+    def stage_config(self, epochs: int, lr: float, first_epoch: int = 0, reg: bool = False) -> TrainConfig:
         """The TrainConfig of a stage of ``epochs`` at ``lr``; with ``one_schedule``, one that starts
-        ``first_epoch`` epochs into steps 2-4's shared schedule and data stream."""
+        ``first_epoch`` epochs into steps 2-4's shared schedule and data stream. ``reg``: the stage is
+        step 3 (``lr_per_step="reg"`` moves its rate every step, no other stage's)."""
         run = (dict(first_epoch=first_epoch, schedule_epochs=self.train_epochs + self.reg_epochs + self.finetune_epochs)
                if self.one_schedule else {})
         return TrainConfig(epochs=epochs, lr=lr, optimizer=self.optimizer, momentum=self.momentum,
                            weight_decay=self.weight_decay, schedule=self.schedule, seed=self.seed,
-                           compile=self.compile, per_step=self.lr_per_step, channels_last=self.channels_last,
+                           compile=self.compile, per_step=self.lr_per_step is True or (reg and self.lr_per_step == "reg"),
+                           channels_last=self.channels_last,
                            **run)
 
     @classmethod
@@ -518,7 +524,7 @@ def compress(
     threshold_fn = ((lambda g: threshold_for_budget(g, target, relative=rel, round_to=config.round_to,
                                                     rank_floor=rank_floor)) if target is not None
                     else (lambda g: config.threshold))
-    history += train(view, train_data, config.stage_config(config.reg_epochs, config.reg_lr, config.train_epochs),
+    history += train(view, train_data, config.stage_config(config.reg_epochs, config.reg_lr, config.train_epochs, reg=True),
                      penalty=penalty,
                      epoch_stats=gate_stats(threshold_fn, penalty, gated), stage="regularize",
                      extra_loss=kd_reg if config.distill_reg else None, **kw)

@@ -240,8 +240,28 @@ def test_lr_per_step_moves_every_stage_s_rate_every_step(one_thread):
                      progress=False)
     assert any(not torch.equal(a, b) for a, b in zip(result.model.state_dict().values(),
                                                      plain.model.state_dict().values()))
-    with pytest.raises(ValueError, match=r"CompressConfig.lr_per_step must be true or false, got 1"):
+    with pytest.raises(ValueError, match=r"CompressConfig.lr_per_step must be true, false or 'reg' \(step 3 only\), got 1"):
         CompressConfig(lr_per_step=1)
+
+
+def test_lr_per_step_reg_moves_step_3_s_rate_every_step_and_no_other_stage_s(one_thread):
+    # 0 + 2 + 1 epochs on one schedule: with "reg", step 3 runs exactly as with True (same losses, same
+    # rates), and fine-tuning starts from where it left the model yet runs once an epoch, as with False.
+    model, train, test, x = toy_problem(1)
+    base = CompressConfig(train_epochs=0, reg_epochs=2, finetune_epochs=1, target_speedup=2.0, one_schedule=True)
+    runs = {v: compress(toy_problem(1)[0], train, x, config=dataclasses.replace(base, lr_per_step=v), progress=False)
+            for v in (False, True, "reg")}
+    def stage(v, name):
+        return [(h["lr"], h["loss"]) for h in runs[v].history if h["stage"] == name]
+    assert stage("reg", "regularize") == stage(True, "regularize") != stage(False, "regularize")
+    assert stage("reg", "finetune") != stage(True, "finetune")
+    assert [lr for lr, _ in stage("reg", "finetune")] == [lr for lr, _ in stage(False, "finetune")]
+    assert base.stage_config(2, 0.01, reg=True).per_step is False
+    reg = dataclasses.replace(base, lr_per_step="reg")
+    assert reg.stage_config(2, 0.01, reg=True).per_step and not reg.stage_config(1, 0.01).per_step
+    with pytest.raises(ValueError, match=r"CompressConfig.lr_per_step must be true, false or 'reg' \(step 3 only\), "
+                                         r"got 'finetune'"):
+        CompressConfig(lr_per_step="finetune")
 
 
 def test_channels_last_runs_every_stage_and_the_teacher_in_that_format(one_thread):
