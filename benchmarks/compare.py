@@ -78,7 +78,7 @@ import time
 import types
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Collection, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -1138,13 +1138,13 @@ def _load(exp: str) -> list[dict]:
     return json.loads(path.read_text())["rows"] if path.exists() else []
 
 
-def _final_rows(exp: str) -> list[dict]:
+def _final_rows(exp: str, seeds: Optional[Collection[int]] = None) -> list[dict]:
     """The final rows of ``exp``, one per (model, where, setting, method, seed): a seed stored twice
     (two runners finishing the same row before append_row checked for that: seed 9's uncompressed
-    row in quality.json) counts once, as its first row."""
+    row in quality.json) counts once, as its first row. ``seeds``: only theirs (None: every seed's)."""
     first: dict[tuple, dict] = {}
     for r in _load(exp):
-        if r["stage"] == "final":
+        if r["stage"] == "final" and (seeds is None or r["seed"] in seeds):
             first.setdefault((r["model"], _where(r), r["setting"], r["method"], r["seed"]), r)
     return list(first.values())
 
@@ -1388,10 +1388,11 @@ def _fmt(v: Optional[float], spec: str = ".4f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def table(exp: str) -> str:
+def table(exp: str, seeds: Optional[Collection[int]] = None) -> str:
     """The stored rows of ``exp`` as a markdown table: final rows, with accuracy before fine-tuning
-    (the test set for the old rows' "pruned" stage; the validation split for rows with ``val_pruned``)."""
-    rows = _load(exp)
+    (the test set for the old rows' "pruned" stage; the validation split for rows with ``val_pruned``).
+    ``seeds``: only theirs (None: every seed's)."""
+    rows = [r for r in _load(exp) if seeds is None or r["seed"] in seeds]
     pruned = {(r["model"], _where(r), r["seed"], r["method"], r["setting"]): r["accuracy"] for r in rows if r["stage"] == "pruned"}
     lines = ["| model | profile | seed | method | setting | test accuracy | val accuracy | val before fine-tuning | "
              "test before fine-tuning | MACs | MAC ratio | params | wall s | commit |",
@@ -1414,13 +1415,13 @@ def _ms(values: list[float], scale: float = 100.0) -> str:
     return f"{mean:.2f}" if len(values) < 2 else f"{mean:.2f} ± {statistics.stdev(values) * scale:.2f}"
 
 
-def summary(exp: str) -> str:
+def summary(exp: str, seeds: Optional[Collection[int]] = None) -> str:
     """Mean +- std over seeds of the final rows of ``exp``, per (model, profile, method, setting):
     test accuracy, its drop from the same seed's uncompressed model, the pruning cost (the drop on
     the validation split right before fine-tuning), the part of it that the cut itself costs (the
     regularized model against the pruned one, for the flows with a regularized stage) and the MAC
-    ratio."""
-    rows = _final_rows(exp)
+    ratio. ``seeds``: only theirs (None: every seed's)."""
+    rows = _final_rows(exp, seeds)
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["model"], _where(r), r["setting"], r["method"]), []).append(r)
@@ -1428,7 +1429,7 @@ def summary(exp: str) -> str:
         rs.sort(key=lambda r: r["seed"])
     # Another experiment's rows (tuning) start from the same cached baseline of each seed as the
     # quality rows: their drops and costs are measured from quality's uncompressed row where they have none.
-    quality_rows = _final_rows("quality") if exp != "quality" else []
+    quality_rows = _final_rows("quality", seeds) if exp != "quality" else []
     base = {(r["model"], _where(r), r["seed"]): r for r in quality_rows + rows if r["method"] == "uncompressed"}
     lines = ["| model | profile | setting | method | seeds | accuracy % | drop (points) | pruning cost (val, points) "
              "| the cut alone (val, points) | pruning cost, BN recalibrated (val, points; seeds) | MAC ratio |",
@@ -1457,15 +1458,17 @@ def summary(exp: str) -> str:
 PAIRED_METRICS = ("accuracy", "val_accuracy", "val_pruned", "val_recalibrated")
 
 
-def paired(exp: str, reference: str = "funnel", metric: str = "accuracy") -> str:
+def paired(exp: str, reference: str = "funnel", metric: str = "accuracy",
+           seeds: Optional[Collection[int]] = None) -> str:
     """Per (model, profile, budget): ``reference`` minus each other method on the same seeds, in
     points of ``metric`` (:data:`PAIRED_METRICS`): mean, std and the two-sided paired t-test's p
-    (scipy), over the seeds both have."""
+    (scipy), over the seeds both have (of ``seeds``, when given: a test fixed in advance on a set of
+    seeds, e.g. fresh ones, reads only theirs)."""
     from scipy import stats
 
     if metric not in PAIRED_METRICS:
         raise ValueError(f"paired: unknown metric {metric!r}; valid: {', '.join(PAIRED_METRICS)}")
-    rows = [r for r in _final_rows(exp) if r.get(metric) is not None]
+    rows = [r for r in _final_rows(exp, seeds) if r.get(metric) is not None]
     acc = {(r["model"], _where(r), r["setting"], r["method"], r["seed"]): r[metric] for r in rows}
     lines = [f"| model | profile | setting | {reference} minus{'' if metric == 'accuracy' else f' ({metric})'} | "
              f"seeds | mean (points) | std | paired t-test p | {reference} ahead on |",
@@ -1579,7 +1582,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     parser.add_argument("--models", nargs="+", default=["resnet20"])
     parser.add_argument("--dataset", default="fashion-mnist")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                        help="the seeds to run (default 0); with --table, the only seeds whose rows it reads")
     parser.add_argument("--methods", nargs="+", metavar="METHOD",
                         help=f"only these methods' runs ({', '.join(METHODS)}); default: all")
     parser.add_argument("--settings", nargs="+", metavar="SETTING", help="only runs with these settings (e.g. 2x 3x)")
@@ -1606,12 +1610,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                              "started from them (refused otherwise); the rows' validation check still decides")
     args = parser.parse_args(argv)
     if args.table:
-        print(table(args.table))
+        print(table(args.table, args.seeds))
         print()
-        print(summary(args.table))
+        print(summary(args.table, args.seeds))
         print()
-        print(paired(args.table, args.reference, args.metric))
+        print(paired(args.table, args.reference, args.metric, args.seeds))
         return 0
+    args.seeds = args.seeds or [0]
     if args.plot:
         print(plot() or "no rows to plot")
         return 0
