@@ -1495,6 +1495,39 @@ def paired(exp: str, reference: str = "funnel", metric: str = "accuracy",
     return "\n".join(lines)
 
 
+def _planned(exps: Sequence[str], profile: str, models: Sequence[str]) -> set[tuple[str, str]]:
+    """The (method, setting) pairs that ``exps`` plan for ``models`` (their names do not depend on
+    the baseline or the seed)."""
+    return {(r["method"], r["setting"]) for model in models for exp in exps
+            for r in _plan(exp, types.SimpleNamespace(macs=1 << 30, profile=profile, model_name=model))}
+
+
+def _selection_problems(exps: Sequence[str], profile: str, models: Sequence[str], methods: Optional[Sequence[str]],
+                        settings: Optional[Sequence[str]]) -> tuple[Optional[str], list[str]]:
+    """What ``--methods`` and ``--settings`` select nothing for: an error for a setting that no run
+    has (a typo would otherwise run nothing without a word), and a warning for each method with no
+    run under the settings given (one list of methods may serve commands of several settings)."""
+    planned = _planned(exps, profile, models)
+    where = f"{', '.join(exps)} ({', '.join(models)})"
+
+    def some(names: set[str]) -> str:
+        shown = sorted(names)[:8]
+        return ", ".join(repr(n) for n in shown) + (f" and {len(names) - len(shown)} more" if len(names) > len(shown) else "")
+
+    unknown = [st for st in settings or [] if not any(st == pst for _, pst in planned)]
+    if unknown:
+        return f"no run of {where} has the setting(s) {unknown}; its settings include {some({st for _, st in planned})}", []
+    warnings = []
+    for method in methods or []:
+        own = {st for m, st in planned if m == method}
+        if not own:
+            warnings.append(f"{where} plans no run of the method {method!r}: nothing runs for it")
+        elif settings and not own & set(settings):
+            warnings.append(f"the method {method!r} has no run under --settings {list(settings)} in {where}: "
+                            f"nothing runs for it (its settings: {some(own)})")
+    return None, warnings
+
+
 def pool_jobs(args: argparse.Namespace) -> list[list[str]]:
     """One runner's arguments per (setting, model, seed, method) of ``args``, in that order: the first
     setting's rows for every seed come before the next setting's (a pool stopped early leaves the
@@ -1502,9 +1535,7 @@ def pool_jobs(args: argparse.Namespace) -> list[list[str]]:
     common = ["--exp", *args.exp, "--profile", args.profile, "--dataset", args.dataset, "--device", args.device,
               "--threads", str(args.threads or 1), "--no-progress",
               *(["--retrain-baseline"] if args.retrain_baseline else [])]
-    # The (method, setting) pairs that the experiments plan (their names do not depend on the baseline).
-    names = types.SimpleNamespace(macs=1 << 30, profile=args.profile)
-    planned = {(r["method"], r["setting"]) for exp in args.exp for r in _plan(exp, names)}
+    planned = _planned(args.exp, args.profile, args.models)
     return [[*common, "--models", model, "--seeds", str(seed), "--settings", setting, "--methods", method]
             for setting in args.settings for model in args.models for seed in args.seeds for method in args.methods
             if (method, setting) in planned]
@@ -1631,6 +1662,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     bad = [m for m in args.methods or [] if m not in METHODS]
     if bad:
         parser.error(f"unknown method(s) {bad}; valid: {', '.join(METHODS)}")
+    why, warnings = _selection_problems(exps, args.profile, args.models, args.methods, args.settings)
+    if why:
+        parser.error(why)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     if args.workers:
         if not args.settings or not args.methods:
             parser.error("--workers needs --settings and --methods: each runner is one (setting, model, seed, method)")

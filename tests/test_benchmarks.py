@@ -118,6 +118,31 @@ def test_unknown_method_is_refused(compare, capsys):
     assert "svd-magic" in err and "torch-pruning" in err
 
 
+def test_a_setting_no_run_has_is_refused_and_a_method_that_runs_nothing_is_named(compare, capsys):
+    # A typo'd setting would run nothing: refused before any baseline trains (nothing written).
+    with pytest.raises(SystemExit):
+        compare.main(["--exp", "quality", "--profile", "quick", "--no-progress", "--settings", "3x kd 3 epoch",
+                      "--methods", "uniform"])
+    assert ("no run of quality (resnet20) has the setting(s) ['3x kd 3 epoch']; its settings include '2x'"
+            in capsys.readouterr().err)
+    assert not (compare.RESULTS / "quality.json").exists()
+    # A method with no run under the settings given runs nothing, and says so; the others run.
+    why, warnings = compare._selection_problems(["quality"], "cpu", ["resnet20"], ["uncompressed", "uniform", "l1"],
+                                                ["3x kd 3 epochs"])
+    assert why is None and warnings == [
+        "the method 'uncompressed' has no run under --settings ['3x kd 3 epochs'] in quality (resnet20): nothing "
+        "runs for it (its settings: 'baseline')",
+        "quality (resnet20) plans no run of the method 'l1': nothing runs for it"]
+    assert compare._selection_problems(["quality", "tuning"], "cpu", ["resnet20", "mobilenet_v2_cifar"],
+                                       ["uncompressed", "uniform"], ["baseline", "3x kd 3 epochs"]) == (None, [])
+    # the pool's jobs read the same plan, tuning's included (its plan names the model)
+    args = types.SimpleNamespace(exp=["tuning"], profile="cpu", dataset="fashion-mnist", device="cpu", threads=1,
+                                 retrain_baseline=False, models=["resnet20"], seeds=[0],
+                                 settings=["3x kd 3 epochs reg-lr floor 0.4 reach 0.5"], methods=["funnel"])
+    (job,) = compare.pool_jobs(args)
+    assert job[-4:] == ["--settings", "3x kd 3 epochs reg-lr floor 0.4 reach 0.5", "--methods", "funnel"]
+
+
 def test_split_gives_disjoint_training_and_validation_indices(compare):
     train, val = compare.split(100, 60, 20, seed=3)
     assert len(train) == 60 and len(val) == 20 and not set(train) & set(val)
