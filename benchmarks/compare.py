@@ -1514,9 +1514,10 @@ def _selection_problems(exps: Sequence[str], profile: str, models: Sequence[str]
         shown = sorted(names)[:8]
         return ", ".join(repr(n) for n in shown) + (f" and {len(names) - len(shown)} more" if len(names) > len(shown) else "")
 
-    unknown = [st for st in settings or [] if not any(st == pst for _, pst in planned)]
+    known = {st for _, st in planned}
+    unknown = [st for st in settings or [] if st not in known]
     if unknown:
-        return f"no run of {where} has the setting(s) {unknown}; its settings include {some({st for _, st in planned})}", []
+        return f"no run of {where} has the setting(s) {unknown}; its settings include {some(known)}", []
     warnings = []
     for method in methods or []:
         own = {st for m, st in planned if m == method}
