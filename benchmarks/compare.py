@@ -1421,7 +1421,8 @@ def _ms(values: list[float], scale: float = 100.0) -> str:
 
 def summary(exp: str, seeds: Optional[Collection[int]] = None) -> str:
     """Mean +- std over seeds of the final rows of ``exp``, per (model, profile, method, setting):
-    test accuracy, its drop from the same seed's uncompressed model, the pruning cost (the drop on
+    test accuracy, its drop from the same seed's uncompressed model, the validation accuracy (what
+    the choices are made on: tuning's rows have no other), the pruning cost (the drop on
     the validation split right before fine-tuning), the part of it that the cut itself costs (the
     regularized model against the pruned one, for the flows with a regularized stage) and the MAC
     ratio. ``seeds``: only theirs (None: every seed's)."""
@@ -1435,9 +1436,10 @@ def summary(exp: str, seeds: Optional[Collection[int]] = None) -> str:
     # quality rows: their drops and costs are measured from quality's uncompressed row where they have none.
     quality_rows = _final_rows("quality", seeds) if exp != "quality" else []
     base = {(r["model"], _where(r), r["seed"]): r for r in quality_rows + rows if r["method"] == "uncompressed"}
-    lines = ["| model | profile | setting | method | seeds | accuracy % | drop (points) | pruning cost (val, points) "
-             "| the cut alone (val, points) | pruning cost, BN recalibrated (val, points; seeds) | MAC ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | profile | setting | method | seeds | accuracy % | drop (points) | val accuracy % "
+             "| pruning cost (val, points) | the cut alone (val, points) "
+             "| pruning cost, BN recalibrated (val, points; seeds) | MAC ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (model, profile, setting, method), rs in sorted(groups.items(), key=lambda kv: kv[0]):
         b = [base.get((model, profile, r["seed"])) for r in rs]
         drops = [x["accuracy"] - r["accuracy"] for x, r in zip(b, rs) if x and x.get("accuracy") is not None
@@ -1449,9 +1451,10 @@ def summary(exp: str, seeds: Optional[Collection[int]] = None) -> str:
         recal = [x["val_accuracy"] - r["val_recalibrated"] for x, r in zip(b, rs)
                  if x and x.get("val_accuracy") is not None and r.get("val_recalibrated") is not None]
         accs = [r["accuracy"] for r in rs if r.get("accuracy") is not None]
+        vals = [r["val_accuracy"] for r in rs if r.get("val_accuracy") is not None]
         ratios = [r.get("macs_baseline", r["macs"]) / r["macs"] for r in rs]
         lines.append(f"| {model} | {profile} | {setting} | {method} | {','.join(str(r['seed']) for r in rs)} | "
-                     f"{_ms(accs)} | {_ms(drops)} | {_ms(cost)} | {_ms(cut)} | "
+                     f"{_ms(accs)} | {_ms(drops)} | {_ms(vals)} | {_ms(cost)} | {_ms(cut)} | "
                      f"{_ms(recal)}{f' ({len(recal)})' if recal else ''} | {_ms(ratios, 1.0)}x |")
     return "\n".join(lines)
 

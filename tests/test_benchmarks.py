@@ -626,6 +626,7 @@ def test_tuning_reruns_quality_rows_from_their_checkpoints_with_bn_recalibrated(
     cost = 100 * (quality["uncompressed"]["val_accuracy"] - tuning["funnel"]["val_pruned"])
     recal = 100 * (quality["uncompressed"]["val_accuracy"] - tuning["funnel"]["val_recalibrated"])
     assert f"| {cost:.2f} |" in line and f"| {recal:.2f} (1) |" in line
+    assert f"| - | - | {100 * tuning['funnel']['val_accuracy']:.2f} | {cost:.2f} |" in line  # validation only
 
 
 def test_rank_baselines_rank_the_1x1_convs_of_a_pointwise_model(compare):
