@@ -572,3 +572,42 @@ def test_cpu_times_reads_the_machine_and_this_process():
         child.kill()
         child.wait()
     assert after[2] - before[2] >= 0.2 * os.sysconf("SC_CLK_TCK")  # at least most of the child's 0.3 s
+
+
+def test_thread_scaling_runs_the_thread_counts_in_turn_resumes_and_tabulates(tmp_path, monkeypatch, capsys):
+    """benchmarks/thread_scaling.py: each row at every thread count in turn (reversed the next pass),
+    torch's threads set for the row and restored, rows appended at once and skipped on a rerun; the
+    table's efficiency and each model's gain from the second thread come from the rows' medians."""
+    spec = importlib.util.spec_from_file_location("thread_scaling", ROOT / "benchmarks" / "thread_scaling.py")
+    ts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ts)
+    calls = []
+    # the original gains 2x from the second thread, the compressed model 1.5x: the speed-up drops
+    ms = {(1, "baseline"): 20.0, (2, "baseline"): 10.0, (1, "compressed"): 9.0, (2, "compressed"): 6.0}
+
+    def run_row(args, model_name, batch, backend, method):
+        calls.append((args.threads, torch.get_num_threads(), backend, method))
+        b, c = ms[args.threads, "baseline"], ms[args.threads, "compressed"]
+        return dict(method=method, model=model_name, input_size=args.input_size, batch=batch, backend=backend,
+                    threads=args.threads, ranks=args.ranks, round_to=args.round_to, min_macs_ratio=args.min_macs_ratio,
+                    search=args.search, baseline_ms=b, compressed_ms=c, speedup=b / c, macs_ratio=2.5,
+                    spread=1.01, reliable=True)
+
+    monkeypatch.setattr(ts.latency, "run_row", run_row)
+    out = tmp_path / "ts.json"
+    threads = torch.get_num_threads()
+    argv = ["--out", str(out), "--backends", "eager", "--batches", "1", "--passes", "2", "--input-size", "32"]
+    assert ts.main(argv) == 0
+    assert torch.get_num_threads() == threads
+    assert [(t, n) for t, n, _, _ in calls] == [(1, 1), (2, 2), (2, 2), (1, 1)]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["pass"], r["threads"]) for r in rows] == [(0, 1), (0, 2), (1, 2), (1, 1)]
+    text = capsys.readouterr().out
+    assert "| fxtucker | resnet18 32x32 | 1 | eager | 1 | 2 | 20.00 | 9.00 | 2.22x | 2.50x | 0.89 | 2 of 2 |" in text
+    assert "| fxtucker | resnet18 32x32 | 1 | eager | 2 | 2 | 10.00 | 6.00 | 1.67x | 2.50x | 0.67 | 2 of 2 |" in text
+    assert "| fxtucker | resnet18 32x32 | 1 | eager | 1 -> 2 | 2.00x | 1.50x | 0.75 |" in text
+    calls.clear()
+    assert ts.main(argv) == 0 and calls == []
+    assert "skip pass 1 fxtucker batch 1 eager 1 thread(s)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        ts.main([*argv, "--threads", "0", "2"])
