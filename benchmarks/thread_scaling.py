@@ -77,26 +77,28 @@ def run(args) -> int:
 def table(rows: list[dict]) -> str:
     """Per (method, model, batch, back end), at each thread count: the median over passes of the
     baseline's and the compressed model's milliseconds, the speed-up and its efficiency (speed-up /
-    MAC ratio); then what the second thread bought each model (its ms at the lower count / at the
-    higher one)."""
+    MAC ratio), over the passes whose rounds agreed (all passes where none did, marked); then what
+    the second thread bought each model (its ms at the lower count / at the higher one)."""
     groups: dict[tuple, dict[int, list[dict]]] = {}
     for r in rows:
         groups.setdefault((r["method"], r["model"], r["input_size"], r["batch"], r["backend"]), {}) \
             .setdefault(r["threads"], []).append(r)
-    lines = ["| method | model | batch | back end | threads | passes | baseline ms | compressed ms | speed-up | "
-             "MACs fewer | efficiency | reliable rounds |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | model | batch | back end | threads | passes counted (rounds agreed) | baseline ms | "
+             "compressed ms | speed-up | MACs fewer | efficiency |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     scaling = ["| method | model | batch | back end | threads | baseline gains | compressed gains | "
                "efficiency ratio |", "|---|---|---|---|---|---|---|---|"]
     med = statistics.median
     for (method, model, size, batch, backend), by_threads in sorted(groups.items()):
         summary = {}
-        for threads, rs in sorted(by_threads.items()):
+        for threads, every in sorted(by_threads.items()):
+            rs = [r for r in every if r["reliable"]] or every
             base, comp = med(r["baseline_ms"] for r in rs), med(r["compressed_ms"] for r in rs)
             speedup, macs = med(r["speedup"] for r in rs), med(r["macs_ratio"] for r in rs)
             summary[threads] = (base, comp, speedup / macs)
-            lines.append(f"| {method} | {model} {size}x{size} | {batch} | {backend} | {threads} | {len(rs)} | "
-                         f"{base:.2f} | {comp:.2f} | {speedup:.2f}x | {macs:.2f}x | {speedup / macs:.2f} | "
-                         f"{sum(1 for r in rs if r['reliable'])} of {len(rs)} |")
+            counted = f"{len(rs)} of {len(every)}" if rs is not every or all(r["reliable"] for r in rs) \
+                else f"none of {len(every)} (all counted)"
+            lines.append(f"| {method} | {model} {size}x{size} | {batch} | {backend} | {threads} | {counted} | "
+                         f"{base:.2f} | {comp:.2f} | {speedup:.2f}x | {macs:.2f}x | {speedup / macs:.2f} |")
         counts = sorted(summary)
         for lo, hi in zip(counts, counts[1:]):
             (b_lo, c_lo, e_lo), (b_hi, c_hi, e_hi) = summary[lo], summary[hi]

@@ -603,9 +603,16 @@ def test_thread_scaling_runs_the_thread_counts_in_turn_resumes_and_tabulates(tmp
     rows = json.loads(out.read_text())["rows"]
     assert [(r["pass"], r["threads"]) for r in rows] == [(0, 1), (0, 2), (1, 2), (1, 1)]
     text = capsys.readouterr().out
-    assert "| fxtucker | resnet18 32x32 | 1 | eager | 1 | 2 | 20.00 | 9.00 | 2.22x | 2.50x | 0.89 | 2 of 2 |" in text
-    assert "| fxtucker | resnet18 32x32 | 1 | eager | 2 | 2 | 10.00 | 6.00 | 1.67x | 2.50x | 0.67 | 2 of 2 |" in text
+    assert "| fxtucker | resnet18 32x32 | 1 | eager | 1 | 2 of 2 | 20.00 | 9.00 | 2.22x | 2.50x | 0.89 |" in text
+    assert "| fxtucker | resnet18 32x32 | 1 | eager | 2 | 2 of 2 | 10.00 | 6.00 | 1.67x | 2.50x | 0.67 |" in text
     assert "| fxtucker | resnet18 32x32 | 1 | eager | 1 -> 2 | 2.00x | 1.50x | 0.75 |" in text
+    # a pass whose rounds disagreed is left out where another one agreed; where none did, all count
+    odd = {**rows[2], "pass": 2, "baseline_ms": 90.0, "speedup": 15.0, "reliable": False}
+    lines = ts.table([*rows, odd]).splitlines()
+    assert "| fxtucker | resnet18 32x32 | 1 | eager | 2 | 2 of 3 | 10.00 | 6.00 | 1.67x | 2.50x | 0.67 |" in lines
+    lines = ts.table([odd]).splitlines()
+    assert "| fxtucker | resnet18 32x32 | 1 | eager | 2 | none of 1 (all counted) | 90.00 | 6.00 | 15.00x | 2.50x | 6.00 |" \
+        in lines
     calls.clear()
     assert ts.main(argv) == 0 and calls == []
     assert "skip pass 1 fxtucker batch 1 eager 1 thread(s)" in capsys.readouterr().out
