@@ -71,18 +71,18 @@ def goal_met(row: dict) -> Optional[bool]:
     return None if speed is None else row["speedup"] >= speed
 
 
-def _key(row: dict) -> tuple:
+def row_key(row: dict) -> tuple:
     return (row["method"], row["model"], row["input_size"], row["batch"], row["backend"], row["threads"],
             row["ranks"], row["round_to"], row.get("min_macs_ratio"), row.get("search", "layer"))
 
 
-def _load(path: Path) -> list[dict]:
+def load_rows(path: Path) -> list[dict]:
     return json.loads(path.read_text())["rows"] if path.is_file() else []
 
 
-def _append(path: Path, row: dict, key=_key) -> None:
+def append_row(path: Path, row: dict, key=row_key) -> None:
     """Add ``row`` to the file at once (atomically), replacing a row with the same ``key``."""
-    rows = [r for r in _load(path) if key(r) != key(row)] + [row]
+    rows = [r for r in load_rows(path) if key(r) != key(row)] + [row]
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, json.dumps({"rows": rows}, indent=1) + "\n")
 
@@ -246,7 +246,7 @@ def main(argv=None) -> int:
                         help=f"only draw the speed-up against the MAC ratio from the rows in --out (to {PLOT.name} beside it)")
     args = parser.parse_args(argv)
     if args.plot:
-        drawn = plot(_load(args.out), args.out.with_suffix(".png"))
+        drawn = plot(load_rows(args.out), args.out.with_suffix(".png"))
         print(drawn or f"no reliable rows in {args.out} to plot")
         return 0
     args.given = {name for name in ("ranks", "round_to") if getattr(args, name) is not None}
@@ -269,7 +269,7 @@ def _run(args) -> int:
         except ImportError:
             print("--torch-pruning needs torch-pruning: pip install fxtucker[bench]", file=sys.stderr)
             return 2
-    done = {_key(r) for r in _load(args.out)}
+    done = {row_key(r) for r in load_rows(args.out)}
     base = args
     for method in methods:
         for model_name in base.models:
@@ -280,17 +280,17 @@ def _run(args) -> int:
                     probe = dict(method=method, model=model_name, input_size=args.input_size, batch=batch,
                                  backend=backend, threads=args.threads, ranks=args.ranks, round_to=args.round_to,
                                  min_macs_ratio=args.min_macs_ratio, search=args.search)
-                    if _key(probe) in done and not args.force:
+                    if row_key(probe) in done and not args.force:
                         print(f"skip {method} {model_name} batch {batch} {backend}: already in {args.out}")
                         continue
                     row = run_row(args, model_name, batch, backend, method)
-                    _append(args.out, row)
+                    append_row(args.out, row)
                     print(f"{method} {model_name} {args.input_size}x{args.input_size} batch {batch} {backend}: "
                           f"{row['baseline_ms']:.2f} -> {row['compressed_ms']:.2f} ms ({row['speedup']:.2f}x, "
                           f"rounds' spread {row['spread']:.2f}x{'' if row['reliable'] else ': unreliable'}), "
                           f"MACs {row['macs_ratio']:.2f}x fewer", flush=True)
     args = base
-    rows = [r for r in _load(args.out) if r["input_size"] == args.input_size and r["threads"] == args.threads]
+    rows = [r for r in load_rows(args.out) if r["input_size"] == args.input_size and r["threads"] == args.threads]
     if rows:
         print("\n| method | model | batch | back end | baseline ms | compressed ms | speed-up | MACs ratio | "
               "efficiency | rounds' spread | goal met |")

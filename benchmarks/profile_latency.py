@@ -159,7 +159,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     if args.table:
-        print(table(latency._load(args.out)))
+        print(table(latency.load_rows(args.out)))
         return 0
     args.ranks, args.round_to = latency.FULL["ranks"], latency.FULL["round_to"]
     args.min_macs_ratio, args.search = latency.FULL["min_macs_ratio"], latency.FULL["search"]
@@ -169,7 +169,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         except ImportError:
             print("Torch-Pruning is not installed (pip install fxtucker[bench]); or --no-torch-pruning", file=sys.stderr)
             return 2
-    done = {_key(r) for r in latency._load(args.out)}
+    done = {_key(r) for r in latency.load_rows(args.out)}
     old_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -180,7 +180,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         print(f"skip {model_name} batch {batch} {backend}: already in {args.out}")
                         continue
                     row = run_row(args, model_name, batch, backend)
-                    latency._append(args.out, row, key=_key)
+                    latency.append_row(args.out, row, key=_key)
                     print(table([row]), flush=True)
     finally:
         torch.set_num_threads(old_threads)

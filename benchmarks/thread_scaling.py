@@ -31,7 +31,7 @@ BACKENDS = ("eager", "compile", "onnxruntime")
 
 
 def _key(row: dict) -> tuple:
-    return latency._key(row) + (row["pass"],)
+    return latency.row_key(row) + (row["pass"],)
 
 
 def _args(args, threads: int) -> argparse.Namespace:
@@ -44,7 +44,13 @@ def _args(args, threads: int) -> argparse.Namespace:
 
 def run(args) -> int:
     methods = ["fxtucker"] + (["torch-pruning"] if args.torch_pruning else [])
-    done = {_key(r) for r in latency._load(args.out)}
+    if args.torch_pruning:
+        try:
+            import torch_pruning  # noqa: F401
+        except ImportError:
+            print("--torch-pruning needs torch-pruning: pip install fxtucker[bench]", file=sys.stderr)
+            return 2
+    done = {_key(r) for r in latency.load_rows(args.out)}
     for p in range(args.passes):
         order = args.threads if p % 2 == 0 else args.threads[::-1]
         for batch in args.batches:
@@ -66,11 +72,11 @@ def run(args) -> int:
                         finally:
                             torch.set_num_threads(old)
                         row["pass"] = p
-                        latency._append(args.out, row, key=_key)
+                        latency.append_row(args.out, row, key=_key)
                         print(f"pass {p} {method} batch {batch} {backend} {threads} thread(s): "
                               f"{row['baseline_ms']:.2f} -> {row['compressed_ms']:.2f} ms ({row['speedup']:.2f}x, "
                               f"MACs {row['macs_ratio']:.2f}x fewer, spread {row['spread']:.2f}x)", flush=True)
-    print(table(latency._load(args.out)))
+    print(table(latency.load_rows(args.out)))
     return 0
 
 
@@ -123,7 +129,7 @@ def main(argv=None) -> int:
     parser.add_argument("--table", action="store_true", help="only print the stored rows as markdown")
     args = parser.parse_args(argv)
     if args.table:
-        print(table(latency._load(args.out)))
+        print(table(latency.load_rows(args.out)))
         return 0
     for name in ("threads", "batches"):
         bad = [v for v in getattr(args, name) if v < 1]

@@ -237,7 +237,7 @@ def test_benchmark_plot_draws_the_stored_rows_and_leaves_out_unreliable_ones(tmp
                speedup=2.1, macs_ratio=2.5, reliable=True)
     out = tmp_path / "latency.json"
     out.write_text(json.dumps({"rows": [{**row, "reliable": False}]}))
-    assert bench.plot(bench._load(out), tmp_path / "a.png") is None and not (tmp_path / "a.png").exists()
+    assert bench.plot(bench.load_rows(out), tmp_path / "a.png") is None and not (tmp_path / "a.png").exists()
     assert bench.main(["--plot", "--out", str(out)]) == 0
     assert capsys.readouterr().out.strip() == f"no reliable rows in {out} to plot"
     rows = [row, {**row, "method": "torch-pruning", "batch": 8, "backend": "onnxruntime", "speedup": 1.7},
