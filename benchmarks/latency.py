@@ -87,6 +87,17 @@ def append_row(path: Path, row: dict, key=row_key) -> None:
     write_text(path, json.dumps({"rows": rows}, indent=1) + "\n")
 
 
+def torch_pruning_missing(what: str) -> bool:
+    """Whether Torch-Pruning cannot be imported; if so, says so on stderr with ``what`` (which option
+    needs it, or what to do instead) and how to install it."""
+    try:
+        import torch_pruning  # noqa: F401
+    except ImportError:
+        print(f"Torch-Pruning is not installed ({what}): pip install fxtucker[bench]", file=sys.stderr)
+        return True
+    return False
+
+
 def _layers_slower(gm) -> int:
     """Layers whose kept form was timed slower than the original conv (possible only under max_macs)."""
     return sum(1 for l in fxtucker.report(gm).layers
@@ -263,12 +274,8 @@ def main(argv=None) -> int:
 
 def _run(args) -> int:
     methods = ["fxtucker"] + (["torch-pruning"] if args.torch_pruning else [])
-    if args.torch_pruning:
-        try:
-            import torch_pruning  # noqa: F401
-        except ImportError:
-            print("--torch-pruning needs torch-pruning: pip install fxtucker[bench]", file=sys.stderr)
-            return 2
+    if args.torch_pruning and torch_pruning_missing("--torch-pruning needs it"):
+        return 2
     done = {row_key(r) for r in load_rows(args.out)}
     base = args
     for method in methods:

@@ -163,12 +163,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     args.ranks, args.round_to = latency.FULL["ranks"], latency.FULL["round_to"]
     args.min_macs_ratio, args.search = latency.FULL["min_macs_ratio"], latency.FULL["search"]
-    if args.torch_pruning:
-        try:
-            import torch_pruning  # noqa: F401
-        except ImportError:
-            print("Torch-Pruning is not installed (pip install fxtucker[bench]); or --no-torch-pruning", file=sys.stderr)
-            return 2
+    if args.torch_pruning and latency.torch_pruning_missing("or pass --no-torch-pruning"):
+        return 2
     done = {_key(r) for r in latency.load_rows(args.out)}
     old_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)

@@ -44,12 +44,8 @@ def _args(args, threads: int) -> argparse.Namespace:
 
 def run(args) -> int:
     methods = ["fxtucker"] + (["torch-pruning"] if args.torch_pruning else [])
-    if args.torch_pruning:
-        try:
-            import torch_pruning  # noqa: F401
-        except ImportError:
-            print("--torch-pruning needs torch-pruning: pip install fxtucker[bench]", file=sys.stderr)
-            return 2
+    if args.torch_pruning and latency.torch_pruning_missing("--torch-pruning needs it"):
+        return 2
     done = {_key(r) for r in latency.load_rows(args.out)}
     for p in range(args.passes):
         order = args.threads if p % 2 == 0 else args.threads[::-1]
