@@ -9,6 +9,8 @@ chosen on the back end, Torch-Pruning pruned to fxtucker's MACs), run ``--runs``
 ``torch.profiler`` after a warm-up, and every op's self time is summed by kind: convolutions by
 kernel shape (1x1, depthwise, kxk), GEMMs, inductor's fused kernels (under compile, with
 ``cpp.enable_kernel_profile``), and the rest (elementwise ops, copies, the framework around them).
+Each row also stores the model's MACs by the same kinds (from the cost model, not the profiler), so
+the table can give each kind's rate, GMAC/s: how well the kernels a form calls use the machine.
 The profiler adds its own overhead to every op, so the milliseconds here are larger than
 ``latency.py``'s; the shares are what a row compares. Each (model, batch, back end) is one row of
 ``results/latency_profile.json`` (a rerun skips stored rows; ``--force`` redoes them).
@@ -30,6 +32,7 @@ import torch
 
 import fxtucker
 from fxtucker.latency import COMPILE_OPTIONS
+from fxtucker.meta import TENSOR_META
 
 sys.path.insert(0, str(Path(__file__).parent))
 import latency  # noqa: E402
@@ -69,6 +72,55 @@ def kind(name: str, shapes: list) -> str:
     if name in GEMMS:
         return "GEMM"
     return "other ops"
+
+
+#: The functional forms of a Linear and a conv, as a traced graph calls them.
+LINEAR_FUNCTIONS = (torch.nn.functional.linear,)
+CONV_FUNCTIONS = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)
+
+
+def macs_by_kind(model: torch.nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """``model``'s MACs for ``x`` by the kind of op that computes them, as :func:`kind` names them:
+    each conv by its weight's shape, each Linear a GEMM; the cost model's other MACs are "other ops"."""
+    gm = fxtucker.cost_model(fxtucker.trace(model), x)
+    out: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        macs = node.meta.get("macs", 0)
+        if not macs:
+            continue
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(module, torch.nn.Linear) or node.target in LINEAR_FUNCTIONS:
+            k = "GEMM"
+        elif isinstance(module, torch.nn.modules.conv._ConvNd):
+            k = kind("conv", [[], list(module.weight.shape)])
+        elif node.target in CONV_FUNCTIONS:
+            k = kind("conv", [[], list(node.args[1].meta[TENSOR_META].shape)])
+        else:
+            k = "other ops"
+        out[k] = out.get(k, 0) + macs
+    return dict(sorted(out.items()))
+
+
+#: Kinds whose rates the table gives, each a sum of kinds: under compile inductor runs some 1x1
+#: convolutions as GEMMs, so the pointwise rate counts both.
+RATE_GROUPS = {"pointwise (conv 1x1 and GEMM)": ("conv 1x1", "GEMM"), "conv 3x3": ("conv 3x3",),
+               "conv 7x7": ("conv 7x7",), "conv depthwise": ("conv depthwise",)}
+
+
+def rates(row: dict, name: str) -> dict[str, Optional[float]]:
+    """GMAC/s of each of RATE_GROUPS for the profiled model ``name`` of a stored row (the group's MACs
+    over its profiled self time); ``{}`` for rows stored before MACs by kind were."""
+    by_kind = row.get("macs_by_kind", {}).get(name)
+    if by_kind is None:
+        return {}
+    kinds = row["profiles"][name]["kinds"]
+    out = {}
+    for group, members in RATE_GROUPS.items():
+        macs = sum(by_kind.get(k, 0) for k in members)
+        ms = sum(kinds[k]["ms"] for k in members if k in kinds)
+        if macs:
+            out[group] = macs / ms / 1e6 if ms else None
+    return out
 
 
 def profile(model: torch.nn.Module, x: torch.Tensor, backend: str, runs: int) -> dict:
@@ -114,6 +166,7 @@ def run_row(args, model_name: str, batch: int, backend: str) -> dict:
     return dict(model=model_name, input_size=args.input_size, batch=batch, backend=backend, threads=args.threads,
                 ranks=row_args.ranks, round_to=row_args.round_to, min_macs_ratio=args.min_macs_ratio,
                 search=args.search, runs=args.runs, macs=macs, profiles=out,
+                macs_by_kind={name: macs_by_kind(model, x) for name, model in profiled.items()},
                 forms={f: forms.count(f) for f in sorted(set(forms))},
                 torch=torch.__version__, cpus=os.cpu_count(), commit=git_commit("benchmarks/profile_latency.py"),
                 load_avg_1m=[round(load_before, 2), round(os.getloadavg()[0], 2)],
@@ -121,7 +174,8 @@ def run_row(args, model_name: str, batch: int, backend: str) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    """Per stored row, each kind's self ms per run (and op calls) for every profiled model."""
+    """Per stored row, each kind's self ms per run (and op calls) for every profiled model, and where the
+    row has MACs by kind, the rate of each of RATE_GROUPS (GMAC/s under the profiler)."""
     out = []
     for r in rows:
         names = list(r["profiles"])
@@ -140,7 +194,16 @@ def table(rows: list[dict]) -> str:
         totals = [sum(v["ms"] for v in r["profiles"][n]["kinds"].values()) for n in names]
         out.append("| **all ops** | " + " | ".join(f"**{t:.2f}**" for t in totals) + " |")
         out.append("| wall ms per run, profiled | "
-                   + " | ".join(f"{r['profiles'][n]['wall_ms_profiled']:.2f}" for n in names) + " |\n")
+                   + " | ".join(f"{r['profiles'][n]['wall_ms_profiled']:.2f}" for n in names) + " |")
+        by_name = {n: rates(r, n) for n in names}
+        for group in RATE_GROUPS:
+            if any(group in v for v in by_name.values()):
+                cells = []
+                for n in names:
+                    v, macs = by_name[n].get(group), sum(r["macs_by_kind"][n].get(k, 0) for k in RATE_GROUPS[group])
+                    cells.append("-" if not macs else f"{v:.1f} ({macs / 1e6:,.0f}M MACs)" if v else "no time")
+                out.append(f"| {group}: GMAC/s, profiled | " + " | ".join(cells) + " |")
+        out.append("")
     return "\n".join(out)
 
 

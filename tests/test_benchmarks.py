@@ -685,8 +685,31 @@ def test_profile_latency_sorts_self_time_by_kind_and_counts_each_conv_once():
     assert all(v["ms"] > 0 for k, v in kinds.items() if k.startswith("conv")) and out["wall_ms_profiled"] > 0
     row = dict(model="m", input_size=10, batch=2, backend="eager", threads=1, runs=3, macs={"baseline": 10**6},
                profiles={"baseline": out})
-    lines = prof.table([row]).splitlines()
+    lines = prof.table([row]).splitlines()  # a row stored before MACs by kind: no rates
     assert "| conv depthwise | " in "\n".join(lines) and lines[-1].startswith("| wall ms per run, profiled |")
+    # MACs by kind from the cost model (batch 2): conv 3x3 2*8*8*8*3*9, depthwise 2*8*6*6*9, 1x1 2*4*6*6*8
+    by_kind = prof.macs_by_kind(model, torch.randn(2, 3, 10, 10))
+    assert by_kind == {"conv 1x1": 2304, "conv 3x3": 27648, "conv depthwise": 5184}
+    assert prof.macs_by_kind(torch.nn.Linear(6, 5), torch.randn(3, 6)) == {"GEMM": 90}  # traced: F.linear
+
+    class Functional(torch.nn.Module):  # a conv on a parameter: its kind from the weight's recorded shape
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(4, 3, 1, 1))
+
+        def forward(self, x):
+            return torch.nn.functional.conv2d(x, self.w)
+
+    assert prof.macs_by_kind(Functional(), torch.randn(1, 3, 5, 5)) == {"conv 1x1": 4 * 25 * 3}
+    row["macs_by_kind"] = {"baseline": {**by_kind, "GEMM": 1000}}
+    row["profiles"]["baseline"]["kinds"] = {"conv 3x3": {"ms": 2.0, "calls": 1}, "conv 1x1": {"ms": 0.5, "calls": 1},
+                                            "GEMM": {"ms": 0.5, "calls": 1}}
+    rates = prof.rates(row, "baseline")  # depthwise has MACs but no time of its own here
+    assert rates == {"conv 3x3": 27648 / 2.0 / 1e6, "pointwise (conv 1x1 and GEMM)": 3304 / 1.0 / 1e6,
+                     "conv depthwise": None}
+    text = prof.table([row])
+    assert "| conv 3x3: GMAC/s, profiled | 0.0 (0M MACs) |" in text and "| conv depthwise: GMAC/s, profiled | no time |" in text
+    assert "conv 7x7: GMAC/s" not in text
 
 
 def test_tuning_funnel_ranks_take_the_quality_rows_ranks(compare, tmp_path, capsys):
