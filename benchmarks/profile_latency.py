@@ -5,8 +5,9 @@ the profile behind a latency row that falls short of its MAC ratio (issue 19).
     .venv/bin/python benchmarks/profile_latency.py --table        # the stored profiles as markdown
 
 The three models are built as ``benchmarks/latency.py`` builds them (same ranks per model, forms
-chosen on the back end, Torch-Pruning pruned to fxtucker's MACs), run ``--runs`` times under
-``torch.profiler`` after a warm-up, and every op's self time is summed by kind: convolutions by
+chosen on the back end, Torch-Pruning pruned to fxtucker's MACs), each run ``--runs`` times under
+``torch.profiler`` after a warm-up, the models in turn, ``--passes`` times (each kind's median kept:
+a shared machine's slow minute moves one pass), and every op's self time is summed by kind: convolutions by
 kernel shape (1x1, depthwise, kxk), GEMMs, inductor's fused kernels (under compile, with
 ``cpp.enable_kernel_profile``), and the rest (elementwise ops, copies, the framework around them).
 Each row also stores the model's MACs by the same kinds (from the cost model, not the profiler), so
@@ -23,6 +24,7 @@ import os
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's own log lines, before torch loads it
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -123,18 +125,24 @@ def rates(row: dict, name: str) -> dict[str, Optional[float]]:
     return out
 
 
-def profile(model: torch.nn.Module, x: torch.Tensor, backend: str, runs: int) -> dict:
-    """``model`` run ``runs`` times under the profiler on ``backend``: per kind, self milliseconds
-    per run and calls per run (an op called by an op of the same kind, aten::convolution's
-    aten::mkldnn_convolution say, is part of its caller's call)."""
+def ready(model: torch.nn.Module, x: torch.Tensor, backend: str) -> torch.nn.Module:
+    """``model`` as ``backend`` runs it (compiled with inductor's kernels named for the profiler),
+    compiled and warmed up on ``x``."""
     if backend != "eager":
         import torch._inductor.config as inductor_config
         inductor_config.cpp.enable_kernel_profile = True
-        torch._dynamo.reset()
         model = torch.compile(model, dynamic=False, options=COMPILE_OPTIONS[backend] or None)
     with torch.inference_mode():
-        for _ in range(3):  # compile and warm up
+        for _ in range(3):
             model(x)
+    return model
+
+
+def profile_ready(model: torch.nn.Module, x: torch.Tensor, runs: int) -> dict:
+    """A :func:`ready` ``model`` run ``runs`` times under the profiler: per kind, self milliseconds
+    per run and calls per run (an op called by an op of the same kind, aten::convolution's
+    aten::mkldnn_convolution say, is part of its caller's call)."""
+    with torch.inference_mode():
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
             start = time.perf_counter()
             for _ in range(runs):
@@ -151,6 +159,35 @@ def profile(model: torch.nn.Module, x: torch.Tensor, backend: str, runs: int) ->
             "kinds": {k: {"ms": round(v["ms"], 3), "calls": round(v["calls"], 1)} for k, v in sorted(kinds.items())}}
 
 
+def profile(model: torch.nn.Module, x: torch.Tensor, backend: str, runs: int) -> dict:
+    """:func:`profile_ready` of ``model`` made :func:`ready` for ``backend``."""
+    if backend != "eager":
+        torch._dynamo.reset()
+    return profile_ready(ready(model, x, backend), x, runs)
+
+
+def profile_in_turn(models: dict[str, torch.nn.Module], x: torch.Tensor, backend: str, runs: int,
+                    passes: int) -> dict[str, dict]:
+    """Each of ``models`` profiled ``passes`` times, the models in turn (the order reversed every
+    other pass, so a slow minute of a shared machine falls on all of them): per model each kind's
+    median self ms over the passes (its calls from the first), the median wall time and each pass's."""
+    torch._dynamo.reset()
+    compiled = {name: ready(model, x, backend) for name, model in models.items()}
+    seen: dict[str, list[dict]] = {name: [] for name in models}
+    for p in range(passes):
+        for name in (list(models) if p % 2 == 0 else list(models)[::-1]):
+            seen[name].append(profile_ready(compiled[name], x, runs))
+    out = {}
+    for name, profiles in seen.items():
+        names = sorted({k for prof in profiles for k in prof["kinds"]})
+        kinds = {k: {"ms": round(statistics.median(prof["kinds"].get(k, {"ms": 0.0})["ms"] for prof in profiles), 3),
+                     "calls": next(prof["kinds"][k]["calls"] for prof in profiles if k in prof["kinds"])} for k in names}
+        walls = [prof["wall_ms_profiled"] for prof in profiles]
+        out[name] = {"wall_ms_profiled": statistics.median(walls), "wall_ms_passes": [round(w, 3) for w in walls],
+                     "kinds": kinds}
+    return out
+
+
 def run_row(args, model_name: str, batch: int, backend: str) -> dict:
     row_args = argparse.Namespace(**{**vars(args), **latency.MODEL_RANKS.get(model_name, {})})
     baseline, compressed, x = latency.build(row_args, model_name, batch, backend, "fxtucker")
@@ -161,11 +198,11 @@ def run_row(args, model_name: str, batch: int, backend: str) -> dict:
                                                             args.threads)
         macs["torch-pruning"] = fxtucker.count_macs(profiled["torch-pruning"], x)
     load_before = os.getloadavg()[0]
-    out = {name: profile(model, x, backend, args.runs) for name, model in profiled.items()}
+    out = profile_in_turn(profiled, x, backend, args.runs, args.passes)
     forms = [l.form for l in fxtucker.report(compressed).layers if l.form]
     return dict(model=model_name, input_size=args.input_size, batch=batch, backend=backend, threads=args.threads,
                 ranks=row_args.ranks, round_to=row_args.round_to, min_macs_ratio=args.min_macs_ratio,
-                search=args.search, runs=args.runs, macs=macs, profiles=out,
+                search=args.search, runs=args.runs, passes=args.passes, macs=macs, profiles=out,
                 macs_by_kind={name: macs_by_kind(model, x) for name, model in profiled.items()},
                 forms={f: forms.count(f) for f in sorted(set(forms))},
                 torch=torch.__version__, cpus=os.cpu_count(), commit=git_commit("benchmarks/profile_latency.py"),
@@ -180,7 +217,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         names = list(r["profiles"])
         out.append(f"**{r['model']}, batch {r['batch']}, {r['backend']}** ({r['input_size']}x{r['input_size']}, "
-                   f"{r['threads']} threads, {r['runs']} runs; MACs "
+                   f"{r['threads']} threads, {r['runs']} runs"
+                   + (f", median of {r['passes']} passes in turn" if r.get("passes") else "") + "; MACs "
                    + ", ".join(f"{n} {r['macs'][n] / 1e6:,.0f}M" for n in names) + ")\n")
         out.append("| kind | " + " | ".join(f"{n} ms (calls)" for n in names) + " |")
         out.append("|---|" + "---|" * len(names))
@@ -195,6 +233,9 @@ def table(rows: list[dict]) -> str:
         out.append("| **all ops** | " + " | ".join(f"**{t:.2f}**" for t in totals) + " |")
         out.append("| wall ms per run, profiled | "
                    + " | ".join(f"{r['profiles'][n]['wall_ms_profiled']:.2f}" for n in names) + " |")
+        if all("wall_ms_passes" in r["profiles"][n] for n in names):
+            out.append("| wall ms, each pass | " + " | ".join(
+                " / ".join(f"{w:.1f}" for w in r["profiles"][n]["wall_ms_passes"]) for n in names) + " |")
         by_name = {n: rates(r, n) for n in names}
         for group in RATE_GROUPS:
             if any(group in v for v in by_name.values()):
@@ -215,6 +256,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--input-size", type=int, default=latency.FULL["input_size"])
     ap.add_argument("--threads", type=int, default=latency.FULL["threads"])
     ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--passes", type=int, default=3,
+                    help="profile the models in turn this many times and keep each kind's median (default 3)")
     ap.add_argument("--no-torch-pruning", dest="torch_pruning", action="store_false",
                     help="profile the original and fxtucker's model only")
     ap.add_argument("--force", action="store_true", help="redo rows already stored")

@@ -712,6 +712,24 @@ def test_profile_latency_sorts_self_time_by_kind_and_counts_each_conv_once():
     assert "conv 7x7: GMAC/s" not in text
 
 
+def test_profile_latency_profiles_the_models_in_turn_and_keeps_each_kinds_median(monkeypatch):
+    prof = _load("profile_latency")
+    order, wall = [], iter([5.0, 7.0, 1.0, 3.0, 2.0, 9.0])  # a, b, then b, a, then a, b
+    def fake(model, x, runs):
+        order.append(model.tag)
+        w = next(wall)
+        return {"wall_ms_profiled": w, "kinds": {"conv 3x3": {"ms": w, "calls": 2.0}}}
+    monkeypatch.setattr(prof, "profile_ready", fake)
+    models = {}
+    for tag in ("a", "b"):
+        models[tag] = torch.nn.Conv2d(1, 1, 3)
+        models[tag].tag = tag
+    out = prof.profile_in_turn(models, torch.randn(1, 1, 5, 5), "eager", runs=1, passes=3)
+    assert order == ["a", "b", "b", "a", "a", "b"]
+    assert out["a"]["wall_ms_passes"] == [5.0, 3.0, 2.0] and out["a"]["wall_ms_profiled"] == 3.0
+    assert out["b"]["kinds"] == {"conv 3x3": {"ms": 7.0, "calls": 2.0}}  # median of 7, 1, 9
+
+
 def test_tuning_funnel_ranks_take_the_quality_rows_ranks(compare, tmp_path, capsys):
     """The short flow's "funnel ranks" tuning row decomposes the baseline at the ranks of the quality
     row it names (`2x kd 3 epochs`), not of a tuning row of its own setting; without that row it is
