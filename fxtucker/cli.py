@@ -559,6 +559,7 @@ def _compress(args: argparse.Namespace) -> int:
         config = CompressConfig(**QUICK_CONFIG) if args.quick else CompressConfig()
     config = dataclasses.replace(config, seed=args.seed, **({"method": args.method} if args.method else {}),
                                  **({"compile": True} if args.compile else {}),
+                                 **({"cache_teacher": True} if args.cache_teacher else {}),
                                  **({"channels_last": args.channels_last} if args.channels_last is not None else {}))
     out = Path(args.out or f"runs/{models.model_label(args.model)}-{dataset}" + ("-quick" if args.quick else ""))
     epochs = args.baseline_epochs or quick.get("baseline_epochs", 30)
@@ -881,6 +882,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--resume", action="store_true", help="continue a killed run from the checkpoints in --out")
     c.add_argument("--compile", action="store_true",
                    help="run every stage's training step under torch.compile (CompressConfig.compile; slow first step)")
+    c.add_argument("--cache-teacher", action="store_true",
+                   help="keep the teacher's outputs for distillation by input (CompressConfig.cache_teacher): an "
+                        "image seen before costs a lookup instead of a forward of the original model")
     c.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="train every stage in the channels-last memory format (CompressConfig.channels_last: the "
                         "same function, faster convolutions on most CPUs and GPUs, less exact gradients on the CPU; "

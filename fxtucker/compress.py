@@ -15,13 +15,13 @@ from typing import Any, Iterable, Optional, Union
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten
 
 from fxtucker import pipeline, regularizers
 from fxtucker.batches import model_to_channels_last
 from fxtucker.budget import (GatePenalty, component_macs, floor_for_budget, gate_histogram, gate_stats, pruned_share,
                              threshold_for_budget)
+from fxtucker.distill import TeacherCache, distillation_loss
 from fxtucker.io import is_int, is_real
 from fxtucker.passes import cost_model, layer_nodes
 from fxtucker.passes.compose_factors import compose_factors
@@ -100,6 +100,12 @@ class CompressConfig:
     shortcuts hold about 1% of its MACs; under the unweighted penalty the cut takes them as far as
     any layer).
 
+    ``cache_teacher`` (off by default): distillation keeps the teacher's output for every input it
+    has seen (:class:`~fxtucker.distill.TeacherCache`, up to 1 GiB), so an input that comes back in a
+    later epoch or stage costs a lookup instead of a forward of the original model; with a fixed
+    training set, every epoch after the first. :func:`compress`'s ``teacher_cache`` shares one cache
+    between runs distilled from the same model.
+
     ``recalibrate_bn`` (50 by default; 0: off): after the cut, every BatchNorm's running statistics
     are re-estimated from that many training batches (:func:`~fxtucker.train.recalibrate_batchnorm`),
     so that the pruned model is judged, and returned without fine-tuning, with statistics of its
@@ -151,6 +157,7 @@ class CompressConfig:
     distill_weight: float = 0.5
     distill_reg_weight: Optional[float] = None  # step 3's distillation weight (with distill_reg); None: distill_weight
     distill_temperature: float = 4.0
+    cache_teacher: bool = False  # keep the teacher's outputs by input (fxtucker.distill.TeacherCache): repeats cost no forward
     seed: int = 0
     compile: bool = False  # every stage's training step under torch.compile (TrainConfig.compile)
     one_schedule: bool = False  # steps 2-4 as one run: one learning-rate schedule and data stream (see above)
@@ -189,7 +196,7 @@ class CompressConfig:
             raise bad("target_speedup", "a finite number >= 1")
         for name in ("steer", "relative_gates", "proximal", "mac_weighted", "live_mac_weights", "compose",
                      "c_follows_budget", "linear", "pointwise", "distill", "distill_reg", "compile", "one_schedule",
-                     "channels_last"):
+                     "channels_last", "cache_teacher"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")
         if not isinstance(self.lr_per_step, bool) and self.lr_per_step != "reg":
@@ -384,20 +391,6 @@ def _check_connected(gated: fx.GraphModule, pruned: fx.GraphModule, inputs: tupl
                      f"no fine-tuning can recover; {fix}")
 
 
-def distillation_loss(teacher: nn.Module, weight: float = 0.5, temperature: float = 4.0):
-    """``train``'s ``extra_loss`` for knowledge distillation from ``teacher`` (an eval-mode model):
-    weight * T^2 * KL(teacher || student) at temperature T (Hinton et al. 2015)."""
-    t, w = temperature, weight
-
-    def loss(x: Any, out: torch.Tensor, _y: torch.Tensor) -> torch.Tensor:
-        teacher.to(out.device)
-        with torch.no_grad():
-            target = teacher(x).float()
-        return w * t * t * F.kl_div(F.log_softmax(out.float() / t, 1), F.softmax(target / t, 1), reduction="batchmean")
-
-    return loss
-
-
 def compress(
     model: nn.Module,
     train_data: Iterable,
@@ -408,6 +401,7 @@ def compress(
     out_dir: Optional[Union[str, Path]] = None,
     resume: bool = False,
     progress: bool = True,
+    teacher_cache: Optional[TeacherCache] = None,
 ) -> CompressResult:
     """Compress a trained CNN by Tucker-2 decomposition with funnel-regularized rank selection.
 
@@ -420,6 +414,9 @@ def compress(
         out_dir: where each stage writes its JSONL log and checkpoint; needed for ``resume``.
         resume: continue a killed run from the checkpoints in ``out_dir``.
         progress: progress bars.
+        teacher_cache: a :class:`~fxtucker.distill.TeacherCache` for distillation's teacher outputs, to
+            share with other runs distilled from the same model (it refuses another teacher); None
+            makes one for this run where ``config.cache_teacher`` is on.
 
     Returns:
         :class:`CompressResult` with ``.model`` (a GraphModule of standard torch.nn modules),
@@ -438,6 +435,9 @@ def compress(
         raise TypeError(f"config must be a CompressConfig, got {type(config).__name__}")
     if resume and out_dir is None:
         raise ValueError("resume=True needs out_dir: the checkpoints of the earlier run live there")
+    if teacher_cache is not None and not isinstance(teacher_cache, TeacherCache):
+        raise TypeError(f"compress: teacher_cache must be a fxtucker.distill.TeacherCache or None, "
+                        f"got {type(teacher_cache).__name__}")
     if not isinstance(example_inputs, (torch.Tensor, tuple, list)):
         raise TypeError(f"example_inputs must be a tensor or a tuple of tensors (one batch of the model's inputs), "
                         f"got {type(example_inputs).__name__}")
@@ -509,9 +509,11 @@ def compress(
         rep["stages"]["trained"] = {"accuracy": acc(view), "gate_histogram": gate_histogram(gated, relative=config.relative_gates)}
 
     # 3. the funnel (or other) penalty on all gates of all layers at once
-    kd = distillation_loss(original, config.distill_weight, config.distill_temperature)  # with distill
+    if teacher_cache is None and config.cache_teacher and (config.distill or config.distill_reg):
+        teacher_cache = TeacherCache()
+    kd = distillation_loss(original, config.distill_weight, config.distill_temperature, teacher_cache)  # with distill
     kd_reg = (kd if config.distill_reg_weight is None  # with distill_reg
-              else distillation_loss(original, config.distill_reg_weight, config.distill_temperature))
+              else distillation_loss(original, config.distill_reg_weight, config.distill_temperature, teacher_cache))
     rep["reg_weight_start"] = auto_reg_weight(config, _len(train_data))
     penalty = GatePenalty(gated, config.reg, rep["reg_weight_start"], config.c_schedule_fn(),
                           target_macs=target if config.steer else None, threshold=config.threshold,
@@ -555,4 +557,6 @@ def compress(
     rep.update(macs_after=macs_after, params_after=_params(final), accuracy_after=acc(final),
                target_macs=target, layers=report(final).to_dict()["layers"])
     rep["stages"]["finetuned"] = {"accuracy": rep["accuracy_after"]}
+    if teacher_cache is not None:
+        rep["teacher_cache"] = teacher_cache.stats()  # cumulative, where the cache is shared
     return CompressResult(model=final, report=rep, history=history)
