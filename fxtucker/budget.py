@@ -214,6 +214,9 @@ class GatePenalty:
             zeroed (with ``relative``, restoring a vector's mean still scales them with the rest).
         max_shrink: lambda's cap, as a share of a vector's mean that one proximal step may take
             from a gate at slope 1 (lambda <= max_shrink / lr), so that BatchNorm keeps up.
+        c_per_step: ``schedule`` is indexed by step 3's optimizer step instead of its epoch, so c
+            moves within an epoch (a schedule by epoch holds c for a whole epoch: with two epochs of
+            step 3, the zeros meet the budget in the first while c is still at its start).
     """
 
     GAIN, MAX_CHANGE, RANGE = 4.0, 2.0, 1e4
@@ -223,8 +226,9 @@ class GatePenalty:
                  relative: bool = True, proximal: bool = True, round_to: Optional[int] = None,
                  mac_weighted: bool = True, steps_per_epoch: Optional[int] = None, reach: Optional[float] = None,
                  c_follows_budget: bool = False, live_macs: bool = False, rank_floor: float = 0.0,
-                 max_shrink: float = MAX_SHRINK):
+                 max_shrink: float = MAX_SHRINK, c_per_step: bool = False):
         self.gated, self.gate_list = gated, _all_gates(gated)
+        self.c_per_step = c_per_step
         self.max_shrink = max_shrink
         self.rank_floor = rank_floor
         self.pulled: Optional[torch.Tensor] = None  # with rank_floor: the gates pulled, as of the last step
@@ -286,12 +290,13 @@ class GatePenalty:
         """At most max_shrink of a vector's mean per proximal step at slope 1: BatchNorm keeps up."""
         self.weight = min(self.weight, self.max_shrink / lr)
 
-    def c(self, epoch: int) -> float:
-        """The funnel's c: the schedule's, or with ``c_follows_budget`` the gate size at which the
-        budget would cut now (never below the schedule's end value)."""
+    def c(self, epoch: int, step: Optional[int] = None) -> float:
+        """The funnel's c: the schedule's at ``epoch`` (at ``step`` with ``c_per_step``), or with
+        ``c_follows_budget`` the gate size at which the budget would cut now (never below the
+        schedule's end value)."""
         if self.cut is not None:
             return max(self.cut, self.schedule(10**9))
-        return self.schedule(epoch)
+        return self.schedule(step if self.c_per_step and step is not None else epoch)
 
     def _update_pulled(self) -> None:
         """With a rank floor: which gates the penalty pulls, all but those the floor keeps now."""
@@ -322,12 +327,12 @@ class GatePenalty:
                 self.steer(epoch, step)
             if self.live_macs:
                 self._update_scales()
-        c = self.c(epoch)
+        c = self.c(epoch, step)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.proximal):  # proximal: only logged
             return self.weight * torch.stack([self._value(g, c, k, p) for g, k, p
                                               in zip(self.gate_list, self.scales, self._pulled())]).sum()
 
-    def after_step(self, _model: nn.Module, epoch: int, _step: int, lr: float) -> None:
+    def after_step(self, _model: nn.Module, epoch: int, step: int, lr: float) -> None:
         """With ``proximal``: shrink every gate towards 0 by lr x lambda x the penalty's slope at it,
         stopping at exactly 0 (soft thresholding of the penalty linearized at the gate); with
         ``relative``, each gate vector then gets its mean magnitude back."""
@@ -339,7 +344,7 @@ class GatePenalty:
             self._cap(lr)
         if not self.proximal:
             return
-        c = self.c(epoch)
+        c = self.c(epoch, step)
         with torch.no_grad():
             flat = torch.cat([g.detach().flatten() for g in self.gate_list])
             sizes = [g.numel() for g in self.gate_list]

@@ -58,7 +58,10 @@ class CompressConfig:
     before the end of step 3), so that the gates cut at the end are the ones the funnel has
     already pulled to zero (see :class:`GatePenalty`). ``reach`` sets when the zeros meet the budget:
     by the end of that epoch of step 3 (a float; None, the default: all epochs but the last, half of
-    a single one). ``reg_weight="auto"`` (the default)
+    a single one). ``c_per_step`` (off by default) moves c every optimizer step of step 3 instead of
+    once an epoch, so that it reaches ``c_end`` where the zeros meet the budget: by epoch, with two
+    epochs of step 3, c stays at ``c_start`` through the first, where the zeros meet the budget, and
+    the funnel's narrowing never acts on which components are cut. ``reg_weight="auto"`` (the default)
     calibrates lambda from ``reg_lr`` and the steps of step 3 (:func:`auto_reg_weight`).
     ``compose`` trains steps 2 and 3 through :func:`~fxtucker.passes.compose_factors` (one conv per
     layer; the same function and gradients, at about the original model's cost).
@@ -138,6 +141,7 @@ class CompressConfig:
     steer: bool = True
     steer_every: int = 10
     reach: Optional[float] = None  # with a budget: the epoch of step 3 by whose end the zeros meet it; None: all but the last
+    c_per_step: bool = False  # c moves every optimizer step of step 3, reaching its end where the zeros meet the budget
     relative_gates: bool = True
     proximal: bool = True
     mac_weighted: bool = True
@@ -196,7 +200,7 @@ class CompressConfig:
             raise bad("target_speedup", "a finite number >= 1")
         for name in ("steer", "relative_gates", "proximal", "mac_weighted", "live_mac_weights", "compose",
                      "c_follows_budget", "linear", "pointwise", "distill", "distill_reg", "compile", "one_schedule",
-                     "channels_last", "cache_teacher"):
+                     "channels_last", "cache_teacher", "c_per_step"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")
         if not isinstance(self.lr_per_step, bool) and self.lr_per_step != "reg":
@@ -244,19 +248,30 @@ class CompressConfig:
                                  f"distillation, which is off: set distill_reg=True too, or leave it None")
         if not is_real(self.distill_temperature) or not self.distill_temperature > 0:
             raise bad("distill_temperature", "a finite number > 0")
-        self.c_schedule_fn()  # validates the schedule's arguments
+        self.c_schedule_fn(1 if self.c_per_step else None)  # validates the schedule's arguments
         try:  # optimizer, momentum, weight_decay, schedule, seed: checked by the TrainConfig they build
             self.stage_config(1, 1.0)
         except ValueError as e:
             raise ValueError(str(e).replace("TrainConfig: ", "CompressConfig: ")) from None
 
-    def c_schedule_fn(self) -> regularizers.CSchedule:
-        """The c schedule, indexed by epoch of step 3."""
+    def c_schedule_fn(self, steps_per_epoch: Optional[int] = None) -> regularizers.CSchedule:
+        """The c schedule, indexed by epoch of step 3; with ``c_per_step``, by its optimizer step
+        (``steps_per_epoch`` of them an epoch): "linear" then reaches ``c_end`` where the zeros
+        meet the budget (``reach``, or all epochs but the last) instead of at the start of the last
+        epoch, and "exp" multiplies by ``c_factor`` every ``c_every`` epochs' steps."""
         kw: dict[str, Any] = {"c_start": self.c_start}
+        per = steps_per_epoch if self.c_per_step else None
+        if self.c_per_step and not (is_int(per) and per > 0):
+            raise ValueError(f"CompressConfig.c_per_step needs the steps of an epoch of step 3 (training data with a "
+                             f"len()), got {steps_per_epoch!r}")
         if self.c_schedule == "linear":
-            kw.update(c_end=self.c_end, total=max(1, self.reg_epochs - 1))
+            if per:
+                end = self.reach if self.reach is not None else max(self.reg_epochs - 1, self.reg_epochs / 2)
+                kw.update(c_end=self.c_end, total=max(1, round(end * per)))
+            else:
+                kw.update(c_end=self.c_end, total=max(1, self.reg_epochs - 1))
         elif self.c_schedule == "exp":
-            kw.update(factor=self.c_factor, every=self.c_every)
+            kw.update(factor=self.c_factor, every=self.c_every * per if per else self.c_every)
         return regularizers.c_schedule(self.c_schedule, **kw)
 
     def stage_config(self, epochs: int, lr: float, first_epoch: int = 0, reg: bool = False) -> TrainConfig:
@@ -515,13 +530,14 @@ def compress(
     kd_reg = (kd if config.distill_reg_weight is None  # with distill_reg
               else distillation_loss(original, config.distill_reg_weight, config.distill_temperature, teacher_cache))
     rep["reg_weight_start"] = auto_reg_weight(config, _len(train_data))
-    penalty = GatePenalty(gated, config.reg, rep["reg_weight_start"], config.c_schedule_fn(),
+    penalty = GatePenalty(gated, config.reg, rep["reg_weight_start"],
+                          config.c_schedule_fn(_len(train_data) if config.c_per_step else None),
                           target_macs=target if config.steer else None, threshold=config.threshold,
                           epochs=config.reg_epochs, every=config.steer_every, relative=config.relative_gates,
                           proximal=config.proximal, round_to=config.round_to, mac_weighted=config.mac_weighted,
                           steps_per_epoch=_len(train_data), c_follows_budget=config.c_follows_budget,
                           live_macs=config.live_mac_weights, rank_floor=rank_floor,
-                          max_shrink=config.max_shrink, reach=config.reach)
+                          max_shrink=config.max_shrink, reach=config.reach, c_per_step=config.c_per_step)
     rel = config.relative_gates
     threshold_fn = ((lambda g: threshold_for_budget(g, target, relative=rel, round_to=config.round_to,
                                                     rank_floor=rank_floor)) if target is not None

@@ -1,5 +1,6 @@
 """fxtucker.budget: gate magnitudes, component MACs, the threshold that meets a budget, GatePenalty."""
 
+import dataclasses
 import math
 
 import torch
@@ -395,3 +396,57 @@ def test_rank_floor_gates_keep_their_ratios_under_the_relative_proximal_step():
             r_kept, r_pulled = ratio[kept[n][role]], ratio[~kept[n][role]]
             assert torch.allclose(r_kept, r_kept[0].expand_as(r_kept)) and r_kept[0] >= 1
             assert bool((r_pulled < r_kept[0]).all())
+
+
+def test_c_per_step_indexes_the_schedule_by_optimizer_step():
+    gm, _, _ = _gated_toy()
+    gs = [g for layer in fxtucker.gates(gm).values() for g in layer.values()]
+    schedule = lambda i: 1.0 / (i + 1)  # noqa: E731
+    by_epoch = budget.GatePenalty(gm, "funnel", 0.5, schedule, relative=False, proximal=False, mac_weighted=False)
+    by_step = budget.GatePenalty(gm, "funnel", 0.5, schedule, relative=False, proximal=False, mac_weighted=False,
+                                 c_per_step=True)
+    funnel = lambda c: 0.5 * sum((g.abs() / (g.abs() + c)).sum() for g in gs)  # noqa: E731
+    assert torch.allclose(by_epoch(gm, 1, 7), funnel(0.5)) and torch.allclose(by_step(gm, 1, 7), funnel(1 / 8))
+    assert (by_epoch.c(1, 7), by_step.c(1, 7), by_step.c(1)) == (0.5, 1 / 8, 0.5)
+
+
+def test_c_per_step_ends_where_the_zeros_meet_the_budget():
+    # linear: two epochs of step 3 at 10 steps each, the zeros meeting the budget at the end of the first
+    cfg = CompressConfig(reg_epochs=2, c_start=1.0, c_end=0.01, c_per_step=True, target_speedup=2.0)
+    c = cfg.c_schedule_fn(10)
+    assert (c(0), c(5), c(10), c(19)) == (1.0, pytest.approx(0.505), 0.01, 0.01)
+    assert CompressConfig(reg_epochs=2).c_schedule_fn()(0) == 1.0  # by epoch: the start value all through epoch 0
+    assert CompressConfig(reg_epochs=4, c_per_step=True, target_speedup=2.0, reach=2.0).c_schedule_fn(10).total == 20
+    assert CompressConfig(reg_epochs=4, c_per_step=True).c_schedule_fn(10).total == 30  # no budget: all but the last
+    exp = CompressConfig(c_schedule="exp", c_factor=0.5, c_every=2, c_per_step=True).c_schedule_fn(10)
+    assert (exp(19), exp(20)) == (1.0, 0.5)
+    with pytest.raises(ValueError, match=r"c_per_step needs the steps of an epoch of step 3 \(training data with a "
+                                         r"len\(\)\), got None"):
+        CompressConfig(c_per_step=True).c_schedule_fn()
+    with pytest.raises(ValueError, match="CompressConfig.c_per_step must be true or false"):
+        CompressConfig(c_per_step=1)
+
+
+def test_compress_with_c_per_step_narrows_the_funnel_within_step_3(monkeypatch):
+    model, train, test, x = toy_problem(1)
+    config = CompressConfig(train_epochs=0, reg_epochs=2, finetune_epochs=0, target_speedup=1.5, c_end=0.01)
+    seen = {}
+    for per_step in (False, True):
+        calls = []
+        original_c = budget.GatePenalty.c
+
+        def spy(self, epoch, step=None):
+            value = original_c(self, epoch, step)
+            calls.append((epoch, step, value))
+            return value
+
+        monkeypatch.setattr(budget.GatePenalty, "c", spy)
+        result = compress(model, train, x, config=dataclasses.replace(config, c_per_step=per_step), progress=False)
+        monkeypatch.undo()
+        seen[per_step] = calls
+        assert result.report["macs_after"] <= result.report["macs_before"] / 1.5
+    first_epoch = lambda calls: {v for e, s, v in calls if e == 0}  # noqa: E731
+    assert first_epoch(seen[False]) == {1.0}  # by epoch: c at its start through the epoch the budget is met in
+    steps = len(train)
+    assert len(first_epoch(seen[True])) == steps and min(first_epoch(seen[True])) < 0.05
+    assert {v for e, s, v in seen[True] if e == 1} == {0.01}
