@@ -1061,6 +1061,14 @@ def _plan(exp: str, s: Setup) -> list[dict]:
                          flow={**_floor_high_flow(s.macs // 3, 3), "lr_per_step": "reg"}))
         # Seeds 0 / 2 / 3: 0.9148 / 0.9132 / 0.9176 (mean 0.9152) against 0.9167, though before fine-tuning
         # (BatchNorm re-estimated) 0.9117 on the mean against 0.9059. Not adopted.
+        # Session 34: c by step. c is indexed by step 3's epoch, so with two epochs it stays at c_start
+        # (1.0, where the relative funnel is nearly L1) through the first, in which the steered zeros meet
+        # the budget, and drops to c_end only after the cut is decided: the funnel's narrowing never
+        # chose what is cut. c_per_step moves c every step to reach c_end where the zeros meet the
+        # budget. On seeds 4, 5, 6 (none of the earlier choices was made on them; funnel-floor-high's
+        # validation there is in its quality rows).
+        runs.append(dict(method="funnel", setting=f"3x kd {SHORT_EPOCHS} epochs reg-lr floor 0.4 c per step",
+                         flow={**_floor_high_flow(s.macs // 3, 3), "c_per_step": True}))
         return runs
     if exp == "baselines":
         runs = [dict(method="uncompressed", setting="baseline")]
