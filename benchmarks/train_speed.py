@@ -12,9 +12,13 @@ torch.compile, as train() does with compile=True; the penalty and the optimizer 
 compilation happens in the warm-up, which is not timed; the original model compiled the same way
 is the fifth step. The sixth and seventh are the original and the composed view in the
 channels-last format (``TrainConfig(channels_last=True)``: the model's 4-D tensors and the batch).
+The eighth and ninth are the original distilled from a copy of itself (``distillation_loss``, as
+every distilled stage trains): the teacher's forward on every step, and with a
+:class:`~fxtucker.distill.TeacherCache` that has seen the batch (every epoch after the first on a
+fixed training set), a lookup instead.
 Its numerical cost is measured beside it: the relative error (2-norm) of the original model's
 whole gradient on the batch against the same gradient in float64, in each format
-(``gradient_error_vs_float64`` in the row). The seven steps are timed in alternating rounds (each round runs every step
+(``gradient_error_vs_float64`` in the row). The nine steps are timed in alternating rounds (each round runs every step
 ``--steps`` times), so a slow phase of a shared machine hits all of them; the median round is kept. One row per run is appended to
 ``benchmarks/results/train_speed.json`` (or ``--out``).
 """
@@ -36,6 +40,7 @@ import fxtucker
 from fxtucker import data, models, pretrained, regularizers
 from fxtucker.batches import model_to_channels_last, to_device
 from fxtucker.compress import GatePenalty
+from fxtucker.distill import TeacherCache, distillation_loss
 from fxtucker.passes import compose_factors, cost_model, decompose_conv, insert_gates
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -45,7 +50,7 @@ RESULTS = Path(__file__).parent / "results" / "train_speed.json"
 
 
 def _step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, penalty=None, compiled: bool = False,
-             channels_last: bool = False):
+             channels_last: bool = False, extra_loss=None):
     if channels_last:  # as train() does with TrainConfig.channels_last
         model_to_channels_last(model)
         x = to_device(x, x.device, channels_last=True)
@@ -55,9 +60,12 @@ def _step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, penalty=None, c
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(forward(x), y)
+        out = forward(x)
+        loss = nn.functional.cross_entropy(out, y)
         if penalty is not None:
             loss = loss + penalty(model, 0, 1)
+        if extra_loss is not None:  # distillation, as train() adds it
+            loss = loss + extra_loss(x, out, y)
         loss.backward()
         opt.step()
         if penalty is not None:
@@ -125,6 +133,7 @@ def main(argv=None) -> int:
                            target_macs=macs // 2, epochs=2, steps_per_epoch=100)
 
     view = compose_factors(gated)
+    teacher = copy.deepcopy(plain).eval()  # distillation's original model (a cached step looks its batch up)
     gated_cl = copy.deepcopy(gated)
     view_cl = compose_factors(gated_cl)
 
@@ -138,7 +147,10 @@ def main(argv=None) -> int:
              "composed view, compiled": _step_fn(view, x, y, penalty(), compiled=True),
              "plain, compiled": _step_fn(copy.deepcopy(plain), x, y, compiled=True),
              "plain, channels-last": _step_fn(copy.deepcopy(plain), x, y, channels_last=True),
-             "composed view, channels-last": _step_fn(view_cl, x, y, penalty(gated_cl), channels_last=True)}
+             "composed view, channels-last": _step_fn(view_cl, x, y, penalty(gated_cl), channels_last=True),
+             "plain, distilled": _step_fn(copy.deepcopy(plain), x, y, extra_loss=distillation_loss(teacher)),
+             "plain, distilled, teacher cached": _step_fn(copy.deepcopy(plain), x, y,
+                                                          extra_loss=distillation_loss(teacher, cache=TeacherCache()))}
     for step in steps.values():  # warm up, twice: the compiled step compiles here, and any recompile too
         step()
         step()
