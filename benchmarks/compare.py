@@ -85,7 +85,8 @@ import torch.nn as nn
 
 import fxtucker
 from fxtucker import data, models, tucker
-from fxtucker.compress import CompressConfig, compress, distillation_loss
+from fxtucker.compress import CompressConfig, compress
+from fxtucker.distill import TeacherCache, distillation_loss
 from fxtucker.io import nofollow_opener, save_torch, write_atomic
 from fxtucker.latency import measure_latency
 from fxtucker.meta import FIRST, LAST
@@ -230,6 +231,8 @@ class Setup:
     macs: int
     cache: Path
     device: str = "cpu"
+    #: with --cache-teacher: one TeacherCache for every method's distillation from ``baseline``
+    teacher_cache: Optional[TeacherCache] = None
 
     @property
     def key(self) -> dict:
@@ -337,9 +340,11 @@ def check_baseline_cached(exps: Sequence[str], model_name: str, dataset: str, se
                 f"--retrain-baseline to train it and let the validation check decide")
 
 
-def setup(model_name: str, dataset: str, seed: int, profile: str, progress: bool = True, device: str = "cpu") -> Setup:
+def setup(model_name: str, dataset: str, seed: int, profile: str, progress: bool = True, device: str = "cpu",
+          cache_teacher: bool = False) -> Setup:
     """Data loaders and the baseline, trained with the profile's fixed recipe (cached, resumable) on
-    ``device``; a device other than the CPU has a cache (and baseline) of its own."""
+    ``device``; a device other than the CPU has a cache (and baseline) of its own. ``cache_teacher``:
+    every method's distillation from the baseline shares one :class:`TeacherCache`."""
     p = PROFILES[profile]
     in_ch, n_cls, size = data.dataset_info(dataset)
     full = data.get_dataset(dataset, True)
@@ -364,7 +369,8 @@ def setup(model_name: str, dataset: str, seed: int, profile: str, progress: bool
             save_torch(model.state_dict(), weights)
     model.eval()
     x = torch.randn(1, in_ch, size, size)
-    return Setup(model_name, dataset, seed, profile, tr, val, ev, x, model, count_macs(model, x), cache, device)
+    return Setup(model_name, dataset, seed, profile, tr, val, ev, x, model, count_macs(model, x), cache, device,
+                 TeacherCache() if cache_teacher else None)
 
 
 # --- the methods -------------------------------------------------------------------------------
@@ -403,7 +409,8 @@ def _finetune(s: Setup, model: nn.Module, name: str, progress: bool, distill: bo
         return []
     cfg = TrainConfig(epochs=epochs, lr=0.01, seed=s.seed, per_step=per_step)
     kd = CompressConfig()
-    extra = distillation_loss(copy.deepcopy(s.baseline).eval(), kd.distill_weight, kd.distill_temperature) if distill else None
+    extra = (distillation_loss(copy.deepcopy(s.baseline).eval(), kd.distill_weight, kd.distill_temperature, s.teacher_cache)
+             if distill else None)
     return train(model, s.train_loader, cfg, eval_data=s.val_loader, out_dir=s.cache / name, stage="finetune",
                  resume=True, progress=progress, extra_loss=extra, device=s.device)
 
@@ -651,7 +658,8 @@ def run_flow(s: Setup, name: str, progress: bool, **overrides) -> tuple[nn.Modul
     config = CompressConfig(**{**PROFILES[s.profile]["flow"], "seed": s.seed, **overrides})
     try:  # compress() traces, measures and trains on the device of the model and inputs it is given
         result = compress(s.baseline.to(s.device), s.train_loader, s.x.to(s.device), eval_data=s.val_loader,
-                          config=config, out_dir=s.cache / name, resume=True, progress=progress)
+                          config=config, out_dir=s.cache / name, resume=True, progress=progress,
+                          teacher_cache=s.teacher_cache)
     finally:
         s.baseline.cpu()
     result.model.cpu()
@@ -1325,7 +1333,8 @@ def run_experiment(exp: str, s: Setup, progress: bool = True, methods: Optional[
                       per_step=run.get("per_step", False))
         # The quality rows leave latency to benchmarks/latency.py (timed alone, side by side).
         row = {**key, **_measure(s, model, latency=exp not in ("quality", "tuning"), test=exp != "tuning"), "wall_s": round(time.perf_counter() - start, 1), **extra,
-               "macs_baseline": s.macs, "target_macs": target, **_provenance()}
+               "macs_baseline": s.macs, "target_macs": target, **_provenance(),
+               **({"teacher_cache": True} if s.teacher_cache is not None else {})}
         if s.device != "cpu":
             row["device_name"] = torch.cuda.get_device_name() if s.device == "cuda" else s.device
         if target is not None:
@@ -1552,7 +1561,8 @@ def pool_jobs(args: argparse.Namespace) -> list[list[str]]:
     later settings, not the later seeds)."""
     common = ["--exp", *args.exp, "--profile", args.profile, "--dataset", args.dataset, "--device", args.device,
               "--threads", str(args.threads or 1), "--no-progress",
-              *(["--retrain-baseline"] if args.retrain_baseline else [])]
+              *(["--retrain-baseline"] if args.retrain_baseline else []),
+              *(["--cache-teacher"] if args.cache_teacher else [])]
     planned = _planned(args.exp, args.profile, args.models)
     return [[*common, "--models", model, "--seeds", str(seed), "--settings", setting, "--methods", method]
             for setting in args.settings for model in args.models for seed in args.seeds for method in args.methods
@@ -1658,6 +1668,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--metric", choices=PAIRED_METRICS, default="accuracy",
                         help="with --table: what the paired differences compare (default: the final test accuracy)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--cache-teacher", action="store_true",
+                        help="every method's distillation from a seed's baseline shares one TeacherCache (the "
+                             "teacher's outputs kept by input: one forward per training image instead of one per "
+                             "image, epoch and method); its rows say teacher_cache")
     parser.add_argument("--retrain-baseline", action="store_true",
                         help="train a seed's baseline again when its cached weights are missing though stored rows "
                              "started from them (refused otherwise); the rows' validation check still decides")
@@ -1705,7 +1719,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         for seed in args.seeds:
             if not args.retrain_baseline:
                 check_baseline_cached(exps, model_name, args.dataset, seed, args.profile, args.device)
-            s = setup(model_name, args.dataset, seed, args.profile, progress=not args.no_progress, device=args.device)
+            s = setup(model_name, args.dataset, seed, args.profile, progress=not args.no_progress, device=args.device,
+                      cache_teacher=args.cache_teacher)
             for exp in exps:
                 run_experiment(exp, s, progress=not args.no_progress, methods=args.methods, settings=args.settings)
     return 0
