@@ -40,6 +40,13 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
 CHILD_TIMEOUT_S = float(os.environ.get("FXTUCKER_TEST_CHILD_TIMEOUT", "1800"))
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: bitwise-reproducible training needs a fixed summation order (the thread
+    count a test found is put back after it by ``_isolated_state``)."""
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -15,15 +15,6 @@ from fxtucker.compress import CompressConfig, compress
 from .toys import Toy, toy_problem
 
 
-@pytest.fixture
-def one_thread():
-    # Bitwise-reproducible training needs a fixed summation order.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def test_funnel_flow_recovers_a_known_tucker_rank(one_thread):
     model, train, test, x = toy_problem()
     config = CompressConfig(train_epochs=0, reg_epochs=12, finetune_epochs=0, reg_weight=0.05, reg_lr=0.01,

@@ -15,14 +15,6 @@ from fxtucker.train import TrainConfig, train
 from .toys import Toy, toy_problem
 
 
-@pytest.fixture
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 class Counting(nn.Module):
     """A teacher that counts the inputs it has run on."""
 
