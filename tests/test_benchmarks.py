@@ -137,7 +137,7 @@ def test_a_setting_no_run_has_is_refused_and_a_method_that_runs_nothing_is_named
                                        ["uncompressed", "uniform"], ["baseline", "3x kd 3 epochs"]) == (None, [])
     # the pool's jobs read the same plan, tuning's included (its plan names the model)
     args = types.SimpleNamespace(exp=["tuning"], profile="cpu", dataset="fashion-mnist", device="cpu", threads=1,
-                                 retrain_baseline=False, models=["resnet20"], seeds=[0],
+                                 retrain_baseline=False, cache_teacher=False, models=["resnet20"], seeds=[0],
                                  settings=["3x kd 3 epochs reg-lr floor 0.4 reach 0.5"], methods=["funnel"])
     (job,) = compare.pool_jobs(args)
     assert job[-4:] == ["--settings", "3x kd 3 epochs reg-lr floor 0.4 reach 0.5", "--methods", "funnel"]
@@ -500,7 +500,7 @@ def test_pool_jobs_are_the_planned_runs_setting_by_setting(compare):
 
     args = argparse.Namespace(exp=["quality"], profile="cpu", dataset="fashion-mnist", device="cuda", threads=None,
                               models=["resnet20"], seeds=[0, 1], settings=["2x kd", "baseline"],
-                              methods=["funnel", "uncompressed"], retrain_baseline=False)
+                              methods=["funnel", "uncompressed"], retrain_baseline=False, cache_teacher=False)
     jobs = compare.pool_jobs(args)
     assert not any("--retrain-baseline" in j for j in jobs)
     retrain = argparse.Namespace(**{**vars(args), "retrain_baseline": True})
