@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import shutil
 import os
 import sys
 import time
@@ -759,20 +760,25 @@ def test_tuning_funnel_ranks_take_the_quality_rows_ranks(compare, tmp_path, caps
     assert [r["ranks"] for r in rows] == [ranks, other] and rows[1]["macs"] < macs  # half of those ranks
 
 
-def test_cache_teacher_gives_the_rows_of_a_run_without_it(compare, tmp_path, monkeypatch):
+@pytest.mark.parametrize("methods", [("uniform",), pytest.param(("uniform", "funnel-floor-high"), marks=pytest.mark.slow)])
+def test_cache_teacher_gives_the_rows_of_a_run_without_it(compare, tmp_path, monkeypatch, methods):
     """--cache-teacher shares one TeacherCache among a seed's methods: the same rows (the quick profile's
-    batches are full, so each image's teacher output does not depend on its batch), marked as cached."""
+    batches are full, so each image's teacher output does not depend on its batch), marked as cached; a
+    baseline's fine-tuning, and with -m slow the funnel flow after it on the same cache."""
     run = ["--exp", "quality", "--profile", "quick", "--no-progress", "--settings", "2x kd 3 epochs",
-           "--methods", "uniform", "funnel-floor-high"]
+           "--methods", *methods]
     compare.main(run)
     plain = json.loads((tmp_path / "results" / "quality.json").read_text())["rows"]
+    baseline = compare._cache_dir("resnet20", "fashion-mnist", 0, "quick") / "baseline_state_dict.pt"
     monkeypatch.setattr(compare, "RESULTS", tmp_path / "cached")
-    monkeypatch.setattr(compare, "CACHE", tmp_path / "cache-2")
+    monkeypatch.setattr(compare, "CACHE", tmp_path / "cache-2")  # no checkpoint of the first run to resume from
+    compare._cache_dir("resnet20", "fashion-mnist", 0, "quick").mkdir(parents=True)
+    shutil.copy(baseline, compare._cache_dir("resnet20", "fashion-mnist", 0, "quick"))  # the same baseline, not retrained
     compare.main([*run, "--cache-teacher"])
     cached = json.loads((tmp_path / "cached" / "quality.json").read_text())["rows"]
     same = ("method", "accuracy", "val_accuracy", "macs")
     final = lambda rows: sorted(tuple(r[k] for k in same) for r in rows if r.get("stage", "final") == "final")  # noqa: E731
-    assert final(plain) == final(cached) and len(final(cached)) == 2
+    assert final(plain) == final(cached) and len(final(cached)) == len(methods)
     assert all(r.get("teacher_cache") is True for r in cached) and not any("teacher_cache" in r for r in plain)
     assert "--cache-teacher" in compare.pool_jobs(compare.argparse.Namespace(
         exp=["quality"], profile="quick", dataset="fashion-mnist", device="cpu", threads=1, retrain_baseline=False,
