@@ -1083,6 +1083,11 @@ def _plan(exp: str, s: Setup) -> list[dict]:
         # 0.9064 / 0.9134 / 0.9126; funnel-floor-high's 0.9128 / 0.9164 / 0.9140.
         runs.append(dict(method="funnel", setting=f"3x kd {SHORT_EPOCHS} epochs reg-lr floor 0.35 c per step",
                          flow={**_floor_high_flow(s.macs // 3, 3), "rank_floor": FLOOR_BY_BUDGET[3], "c_per_step": True}))
+        # The same review: in units of its vector's mean, a gate's gradient and its proximal shrink both
+        # go as 1 / mean^2, and the means a BatchNorm leaves are arbitrary (0.68-1.21 on ResNet-20 at
+        # insertion): scale_free_gates moves every vector at one rate. funnel-floor-high with it.
+        runs.append(dict(method="funnel", setting=f"3x kd {SHORT_EPOCHS} epochs reg-lr floor 0.4 scale-free gates",
+                         flow={**_floor_high_flow(s.macs // 3, 3), "scale_free_gates": True}))
         return runs
     if exp == "baselines":
         runs = [dict(method="uncompressed", setting="baseline")]

@@ -4,6 +4,7 @@ budget, and :class:`GatePenalty`, the funnel penalty whose lambda is steered tow
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 from typing import Any, Optional
 
@@ -217,6 +218,12 @@ class GatePenalty:
         c_per_step: ``schedule`` is indexed by step 3's optimizer step instead of its epoch, so c
             moves within an epoch (a schedule by epoch holds c for a whole epoch: with two epochs of
             step 3, the zeros meet the budget in the first while c is still at its start).
+        scale_free: with ``relative``, every gate vector moves at one rate in units of its own mean:
+            each gate's gradient is multiplied by its vector's mean squared (a hook, until
+            :meth:`remove_hooks`) and the proximal step shrinks by lr x lambda x slope x the mean
+            instead of / the mean. Without it both go as 1 / mean^2 in those units, so a layer
+            whose gates happen to be small (a BatchNorm after it makes their scale arbitrary) is
+            pulled, and trained, faster than the others.
     """
 
     GAIN, MAX_CHANGE, RANGE = 4.0, 2.0, 1e4
@@ -226,9 +233,14 @@ class GatePenalty:
                  relative: bool = True, proximal: bool = True, round_to: Optional[int] = None,
                  mac_weighted: bool = True, steps_per_epoch: Optional[int] = None, reach: Optional[float] = None,
                  c_follows_budget: bool = False, live_macs: bool = False, rank_floor: float = 0.0,
-                 max_shrink: float = MAX_SHRINK, c_per_step: bool = False):
+                 max_shrink: float = MAX_SHRINK, c_per_step: bool = False, scale_free: bool = False):
         self.gated, self.gate_list = gated, _all_gates(gated)
         self.c_per_step = c_per_step
+        if scale_free and not relative:
+            raise ValueError("GatePenalty: scale_free needs relative gates (it measures each gate in units of its "
+                             "vector's mean)")
+        self.scale_free = scale_free
+        self._hooks = [g.register_hook(functools.partial(_times_mean_squared, g)) for g in self.gate_list] if scale_free else []
         self.max_shrink = max_shrink
         self.rank_floor = rank_floor
         self.pulled: Optional[torch.Tensor] = None  # with rank_floor: the gates pulled, as of the last step
@@ -362,7 +374,8 @@ class GatePenalty:
             self._update_pulled()
             slope = slope * self.pulled.to(slope.dtype)
         with torch.no_grad():
-            new = (a - lr * self.weight * slope / unit).clamp_min(0)
+            step = lr * self.weight * slope * unit if self.scale_free else lr * self.weight * slope / unit
+            new = (a - step).clamp_min(0)
             if self.relative:
                 # Relative gates: shrink the small ones against the large ones, not the vector.
                 # Unchecked, the step shrinks a whole vector, which a BatchNorm after the layer
@@ -385,6 +398,12 @@ class GatePenalty:
             self.zero_mask = new == 0
             if self.target is not None and not torch.equal(self.zero_mask, was_zero):
                 self.zeros_macs = self._zeros_macs()
+
+    def remove_hooks(self) -> None:
+        """Take ``scale_free``'s gradient hooks off the gates (after step 3)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
 
     def _write(self, flat: torch.Tensor, sizes: list[int]) -> None:
         for g, v in zip(self.gate_list, flat.split(sizes)):
@@ -423,6 +442,11 @@ class GatePenalty:
             else:
                 self._update_scales()
         self.zeros_macs = self._zeros_macs()
+
+
+def _times_mean_squared(gate: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``scale_free``'s gradient hook: ``grad`` times the squared mean magnitude of ``gate``'s vector."""
+    return grad * gate.detach().abs().mean().clamp_min(1e-12).square()
 
 
 def gate_stats(threshold_fn, penalty: Optional["GatePenalty"] = None, gated: Optional[fx.GraphModule] = None) -> Any:

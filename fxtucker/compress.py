@@ -103,6 +103,11 @@ class CompressConfig:
     shortcuts hold about 1% of its MACs; under the unweighted penalty the cut takes them as far as
     any layer).
 
+    ``scale_free_gates`` (off by default; with ``relative_gates``): step 3 moves every gate vector at
+    one rate in units of its own mean (:class:`GatePenalty`'s ``scale_free``): a gate's gradient and
+    its proximal shrink both go as 1 / mean^2 in those units otherwise, so the layers whose gates a
+    BatchNorm happens to leave small move faster.
+
     ``cache_teacher`` (off by default): distillation keeps the teacher's output for every input it
     has seen (:class:`~fxtucker.distill.TeacherCache`, up to 1 GiB), so an input that comes back in a
     later epoch or stage costs a lookup instead of a forward of the original model; with a fixed
@@ -142,6 +147,7 @@ class CompressConfig:
     steer_every: int = 10
     reach: Optional[float] = None  # with a budget: the epoch of step 3 by whose end the zeros meet it; None: all but the last
     c_per_step: bool = False  # c moves every optimizer step of step 3, reaching its end where the zeros meet the budget
+    scale_free_gates: bool = False  # with relative_gates: every gate vector moves at one rate in its own units (GatePenalty)
     relative_gates: bool = True
     proximal: bool = True
     mac_weighted: bool = True
@@ -200,7 +206,7 @@ class CompressConfig:
             raise bad("target_speedup", "a finite number >= 1")
         for name in ("steer", "relative_gates", "proximal", "mac_weighted", "live_mac_weights", "compose",
                      "c_follows_budget", "linear", "pointwise", "distill", "distill_reg", "compile", "one_schedule",
-                     "channels_last", "cache_teacher", "c_per_step"):
+                     "channels_last", "cache_teacher", "c_per_step", "scale_free_gates"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")
         if not isinstance(self.lr_per_step, bool) and self.lr_per_step != "reg":
@@ -226,6 +232,9 @@ class CompressConfig:
                                         "after the cut; 0: off)")
         if not is_int(self.steer_every) or self.steer_every < 1:
             raise bad("steer_every", "an integer >= 1 (optimizer steps)")
+        if self.scale_free_gates and not self.relative_gates:
+            raise ValueError("CompressConfig.scale_free_gates needs relative_gates=True (it measures every gate in "
+                             "units of its vector's mean)")
         if self.reach is not None:
             if not is_real(self.reach) or not 0 < self.reach <= self.reg_epochs:
                 raise bad("reach", f"None or a number in (0, reg_epochs={self.reg_epochs}] (the epoch of step 3 by "
@@ -537,15 +546,20 @@ def compress(
                           proximal=config.proximal, round_to=config.round_to, mac_weighted=config.mac_weighted,
                           steps_per_epoch=_len(train_data), c_follows_budget=config.c_follows_budget,
                           live_macs=config.live_mac_weights, rank_floor=rank_floor,
-                          max_shrink=config.max_shrink, reach=config.reach, c_per_step=config.c_per_step)
+                          max_shrink=config.max_shrink, reach=config.reach, c_per_step=config.c_per_step,
+                          scale_free=config.scale_free_gates)
     rel = config.relative_gates
     threshold_fn = ((lambda g: threshold_for_budget(g, target, relative=rel, round_to=config.round_to,
                                                     rank_floor=rank_floor)) if target is not None
                     else (lambda g: config.threshold))
-    history += train(view, train_data, config.stage_config(config.reg_epochs, config.reg_lr, config.train_epochs, reg=True),
-                     penalty=penalty,
-                     epoch_stats=gate_stats(threshold_fn, penalty, gated), stage="regularize",
-                     extra_loss=kd_reg if config.distill_reg else None, **kw)
+    try:
+        history += train(view, train_data, config.stage_config(config.reg_epochs, config.reg_lr, config.train_epochs,
+                                                               reg=True),
+                         penalty=penalty,
+                         epoch_stats=gate_stats(threshold_fn, penalty, gated), stage="regularize",
+                         extra_loss=kd_reg if config.distill_reg else None, **kw)
+    finally:
+        penalty.remove_hooks()  # scale_free_gates' gradient hooks belong to step 3 only
     threshold = threshold_fn(gated)
     rep["threshold"], rep["reg_weight_end"] = threshold, penalty.weight
     rep["stages"]["regularized"] = {"accuracy": acc(view), "gate_histogram": gate_histogram(gated, relative=config.relative_gates),

@@ -450,3 +450,51 @@ def test_compress_with_c_per_step_narrows_the_funnel_within_step_3(monkeypatch):
     steps = len(train)
     assert len(first_epoch(seen[True])) == steps and min(first_epoch(seen[True])) < 0.05
     assert {v for e, s, v in seen[True] if e == 1} == {0.01}
+
+
+def test_scale_free_moves_every_gate_vector_at_one_rate_in_its_own_units():
+    def relative_after_a_step(scale_free, k):
+        gm, _, _ = _gated_toy()
+        _random_gates(gm, 3, low=0.05)
+        layer = next(iter(fxtucker.gates(gm).values()))
+        with torch.no_grad():
+            layer["gate_in"].mul_(k)  # the same relative gates, k times the scale
+        pen = budget.GatePenalty(gm, "funnel", 0.5, lambda e: 0.1, mac_weighted=False, scale_free=scale_free)
+        pen.after_step(gm, 0, 0, lr=0.01)
+        g = layer["gate_in"].detach().abs()
+        return g / g.mean()
+
+    # without it a vector 3x as large moves (3^2 =) 9x slower in units of its mean; with it, as fast
+    assert torch.allclose(relative_after_a_step(True, 3.0), relative_after_a_step(True, 1.0), atol=1e-6)
+    assert not torch.allclose(relative_after_a_step(False, 3.0), relative_after_a_step(False, 1.0), atol=1e-4)
+    # the gradient hook: each gate's gradient times its vector's mean squared, until remove_hooks
+    gm, _, _ = _gated_toy()
+    pen = budget.GatePenalty(gm, "funnel", 0.5, lambda e: 0.1, scale_free=True)
+    g = next(iter(fxtucker.gates(gm).values()))["gate_in"]
+    (g * torch.arange(g.numel()).view_as(g)).sum().backward()
+    assert torch.allclose(g.grad, torch.arange(g.numel()).view_as(g) * g.detach().abs().mean() ** 2)
+    pen.remove_hooks()
+    g.grad = None
+    (g * 1.0).sum().backward()
+    assert torch.equal(g.grad, torch.ones_like(g))
+    with pytest.raises(ValueError, match="scale_free needs relative gates"):
+        budget.GatePenalty(gm, "funnel", 0.5, lambda e: 0.1, relative=False, scale_free=True)
+    with pytest.raises(ValueError, match="scale_free_gates needs relative_gates=True"):
+        CompressConfig(scale_free_gates=True, relative_gates=False)
+
+
+def test_compress_with_scale_free_gates_takes_its_hooks_off_after_step_3(monkeypatch):
+    model, train, test, x = toy_problem(1)
+    config = CompressConfig(train_epochs=0, reg_epochs=1, finetune_epochs=0, target_speedup=1.5)
+    made = []
+    original_init = budget.GatePenalty.__init__
+
+    def spy(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(budget.GatePenalty, "__init__", spy)
+    result = compress(model, train, x, config=dataclasses.replace(config, scale_free_gates=True), progress=False)
+    (pen,) = made
+    assert pen.scale_free and pen._hooks == [] and all(not g._backward_hooks for g in pen.gate_list)
+    assert result.report["macs_after"] <= result.report["macs_before"] / 1.5
