@@ -159,13 +159,6 @@ def profile_ready(model: torch.nn.Module, x: torch.Tensor, runs: int) -> dict:
             "kinds": {k: {"ms": round(v["ms"], 3), "calls": round(v["calls"], 1)} for k, v in sorted(kinds.items())}}
 
 
-def profile(model: torch.nn.Module, x: torch.Tensor, backend: str, runs: int) -> dict:
-    """:func:`profile_ready` of ``model`` made :func:`ready` for ``backend``."""
-    if backend != "eager":
-        torch._dynamo.reset()
-    return profile_ready(ready(model, x, backend), x, runs)
-
-
 def profile_in_turn(models: dict[str, torch.nn.Module], x: torch.Tensor, backend: str, runs: int,
                     passes: int) -> dict[str, dict]:
     """Each of ``models`` profiled ``passes`` times, the models in turn (the order reversed every

@@ -374,8 +374,8 @@ class GatePenalty:
             self._update_pulled()
             slope = slope * self.pulled.to(slope.dtype)
         with torch.no_grad():
-            step = lr * self.weight * slope * unit if self.scale_free else lr * self.weight * slope / unit
-            new = (a - step).clamp_min(0)
+            shrink = lr * self.weight * slope * unit if self.scale_free else lr * self.weight * slope / unit
+            new = (a - shrink).clamp_min(0)
             if self.relative:
                 # Relative gates: shrink the small ones against the large ones, not the vector.
                 # Unchecked, the step shrinks a whole vector, which a BatchNorm after the layer

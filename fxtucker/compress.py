@@ -257,7 +257,7 @@ class CompressConfig:
                                  f"distillation, which is off: set distill_reg=True too, or leave it None")
         if not is_real(self.distill_temperature) or not self.distill_temperature > 0:
             raise bad("distill_temperature", "a finite number > 0")
-        self.c_schedule_fn(1 if self.c_per_step else None)  # validates the schedule's arguments
+        self.c_schedule_fn(1)  # validates the schedule's arguments (the steps of an epoch count with c_per_step only)
         try:  # optimizer, momentum, weight_decay, schedule, seed: checked by the TrainConfig they build
             self.stage_config(1, 1.0)
         except ValueError as e:
@@ -540,7 +540,7 @@ def compress(
               else distillation_loss(original, config.distill_reg_weight, config.distill_temperature, teacher_cache))
     rep["reg_weight_start"] = auto_reg_weight(config, _len(train_data))
     penalty = GatePenalty(gated, config.reg, rep["reg_weight_start"],
-                          config.c_schedule_fn(_len(train_data) if config.c_per_step else None),
+                          config.c_schedule_fn(_len(train_data)),
                           target_macs=target if config.steer else None, threshold=config.threshold,
                           epochs=config.reg_epochs, every=config.steer_every, relative=config.relative_gates,
                           proximal=config.proximal, round_to=config.round_to, mac_weighted=config.mac_weighted,

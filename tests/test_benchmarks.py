@@ -678,7 +678,8 @@ def test_profile_latency_sorts_self_time_by_kind_and_counts_each_conv_once():
     assert prof.kind("aten::relu", [[1, 8]]) == "other ops"
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, groups=8),
                                 torch.nn.Conv2d(8, 4, 1)).eval()
-    out = prof.profile(model, torch.randn(2, 3, 10, 10), "eager", runs=3)
+    x = torch.randn(2, 3, 10, 10)
+    out = prof.profile_ready(prof.ready(model, x, "eager"), x, runs=3)
     kinds = out["kinds"]
     # one call per conv and run, though each runs as conv2d -> convolution -> _convolution -> a kernel
     assert {k: kinds[k]["calls"] for k in ("conv 3x3", "conv depthwise", "conv 1x1")} == \
