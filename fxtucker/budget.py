@@ -26,6 +26,14 @@ def _all_gates(gm: fx.GraphModule) -> list[torch.Tensor]:
     return [g for layer in gates(gm).values() for g in layer.values()]
 
 
+def _gate_shares(gm: fx.GraphModule) -> list[float]:
+    """Per gate vector (in :func:`_all_gates`' order), its gates' share of their component's pull:
+    1 for a Tucker-2 layer's ``gate_in``, 1/2 for the two gates of every other component (a Tucker-2
+    layer's ``gate_core`` and ``gate_out``, an SVD pair's ``gate_in`` and ``gate_out``)."""
+    return [1.0 if role == GATE_IN and GATE_CORE in layer else 0.5
+            for layer in gates(gm).values() for role in layer]
+
+
 def gate_magnitudes(gm: fx.GraphModule, relative: bool) -> torch.Tensor:
     """Every gate's magnitude in float64, divided by its vector's mean magnitude when ``relative``."""
     return torch.cat([(relative_gates(g.detach().double()) if relative else g.detach().abs().double()).flatten()
@@ -224,6 +232,13 @@ class GatePenalty:
             instead of / the mean. Without it both go as 1 / mean^2 in those units, so a layer
             whose gates happen to be small (a BatchNorm after it makes their scale arbitrary) is
             pulled, and trained, faster than the others.
+        per_component: one pull per component instead of one per gate. An output-mode component
+            of a Tucker-2 layer has two gates (``gate_core`` and ``gate_out``) and an SVD pair's
+            component two (``gate_in`` and ``gate_out``), each pulled in full by default, while an
+            input-mode component has one (``gate_in``); the cut keeps a two-gate component only
+            while both gates are above the threshold. So by default the output mode is pulled
+            about twice as hard as the input mode. With it, each gate of a two-gate component
+            pays half (its ``scales`` entry, MAC-weighted or not, times 1/2).
     """
 
     GAIN, MAX_CHANGE, RANGE = 4.0, 2.0, 1e4
@@ -233,7 +248,8 @@ class GatePenalty:
                  relative: bool = True, proximal: bool = True, round_to: Optional[int] = None,
                  mac_weighted: bool = True, steps_per_epoch: Optional[int] = None, reach: Optional[float] = None,
                  c_follows_budget: bool = False, live_macs: bool = False, rank_floor: float = 0.0,
-                 max_shrink: float = MAX_SHRINK, c_per_step: bool = False, scale_free: bool = False):
+                 max_shrink: float = MAX_SHRINK, c_per_step: bool = False, scale_free: bool = False,
+                 per_component: bool = False):
         self.gated, self.gate_list = gated, _all_gates(gated)
         self.c_per_step = c_per_step
         if scale_free and not relative:
@@ -254,6 +270,8 @@ class GatePenalty:
         self.lr: Optional[float] = None  # the last step's learning rate (after_step), for max_shrink
         self.zero_mask: Optional[torch.Tensor] = None  # which gates the last proximal step left at 0
         self.scales = [1.0] * len(self.gate_list)
+        # per_component: each gate's share of its component's one pull (1/2 for a two-gate component)
+        self.shares = _gate_shares(gated) if per_component else None
         self.live_macs = mac_weighted and live_macs
         self.mac_unit = 0.0  # the mean full-rank MACs of a component, over all gates (mac_weighted)
         if mac_weighted:
@@ -263,6 +281,8 @@ class GatePenalty:
             self.scales = [p / self.mac_unit if self.mac_unit > 0 else 1.0 for p in per]
             if self.live_macs:
                 self._update_scales()
+        if self.shares is not None and not self.live_macs:  # _update_scales applies them itself
+            self.scales = [k * s for k, s in zip(self.scales, self.shares)]
         self.full_macs = predict_macs(gated, 0.0, round_to, relative=relative, rank_floor=rank_floor)
         self.zeros_macs = self._zeros_macs()
         self.c_follows_budget = c_follows_budget and target_macs is not None
@@ -275,6 +295,8 @@ class GatePenalty:
     def _update_scales(self) -> None:
         per = self._component_costs(alive=self.live_macs)
         self.scales = [p / self.mac_unit if self.mac_unit > 0 else 1.0 for p in per]
+        if self.shares is not None:
+            self.scales = [k * s for k, s in zip(self.scales, self.shares)]
 
     def budget_threshold(self) -> float:
         return threshold_for_budget(self.gated, self.target, relative=self.relative, round_to=self.round_to,

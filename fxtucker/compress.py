@@ -108,6 +108,11 @@ class CompressConfig:
     its proximal shrink both go as 1 / mean^2 in those units otherwise, so the layers whose gates a
     BatchNorm happens to leave small move faster.
 
+    ``penalty_per_component`` (off by default): step 3 pulls each component once (:class:`GatePenalty`'s
+    ``per_component``). By default every gate is pulled in full, and an output-mode component has two
+    (``gate_core``, ``gate_out``) against an input-mode component's one, so the output mode is pulled
+    about twice as hard: under ``rank_floor`` the output rank of every layer ends at its floor.
+
     ``cache_teacher`` (off by default): distillation keeps the teacher's output for every input it
     has seen (:class:`~fxtucker.distill.TeacherCache`, up to 1 GiB), so an input that comes back in a
     later epoch or stage costs a lookup instead of a forward of the original model; with a fixed
@@ -148,6 +153,7 @@ class CompressConfig:
     reach: Optional[float] = None  # with a budget: the epoch of step 3 by whose end the zeros meet it; None: all but the last
     c_per_step: bool = False  # c moves every optimizer step of step 3, reaching its end where the zeros meet the budget
     scale_free_gates: bool = False  # with relative_gates: every gate vector moves at one rate in its own units (GatePenalty)
+    penalty_per_component: bool = False  # one pull per component: a two-gate component's gates pay half each (GatePenalty)
     relative_gates: bool = True
     proximal: bool = True
     mac_weighted: bool = True
@@ -206,7 +212,7 @@ class CompressConfig:
             raise bad("target_speedup", "a finite number >= 1")
         for name in ("steer", "relative_gates", "proximal", "mac_weighted", "live_mac_weights", "compose",
                      "c_follows_budget", "linear", "pointwise", "distill", "distill_reg", "compile", "one_schedule",
-                     "channels_last", "cache_teacher", "c_per_step", "scale_free_gates"):
+                     "channels_last", "cache_teacher", "c_per_step", "scale_free_gates", "penalty_per_component"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")
         if not isinstance(self.lr_per_step, bool) and self.lr_per_step != "reg":
@@ -547,7 +553,7 @@ def compress(
                           steps_per_epoch=_len(train_data), c_follows_budget=config.c_follows_budget,
                           live_macs=config.live_mac_weights, rank_floor=rank_floor,
                           max_shrink=config.max_shrink, reach=config.reach, c_per_step=config.c_per_step,
-                          scale_free=config.scale_free_gates)
+                          scale_free=config.scale_free_gates, per_component=config.penalty_per_component)
     rel = config.relative_gates
     threshold_fn = ((lambda g: threshold_for_budget(g, target, relative=rel, round_to=config.round_to,
                                                     rank_floor=rank_floor)) if target is not None

@@ -498,3 +498,63 @@ def test_compress_with_scale_free_gates_takes_its_hooks_off_after_step_3(monkeyp
     (pen,) = made
     assert pen.scale_free and pen._hooks == [] and all(not g._backward_hooks for g in pen.gate_list)
     assert result.report["macs_after"] <= result.report["macs_before"] / 1.5
+
+
+def _tucker_and_pair():
+    """A Tucker-2 layer (3x3: gate_in, gate_core, gate_out) and an SVD pair (1x1: gate_in, gate_out)."""
+    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 12, 1))
+    gm = cost_model(insert_gates(decompose_conv(fxtucker.trace(model))), torch.randn(1, 8, 10, 10))
+    _random_gates(gm, 5, low=0.05)
+    return gm
+
+
+@pytest.mark.parametrize("mac_weighted", [False, True])
+def test_per_component_pulls_each_component_once(mac_weighted):
+    # By default every gate pays the full penalty, so an output-mode component (gate_core and
+    # gate_out) and an SVD pair's component (gate_in and gate_out) pay twice what an input-mode one
+    # does; per_component halves each of their gates' share, MAC weights or not.
+    roles = [(layer, role) for layer, rs in fxtucker.gates(_tucker_and_pair()).items() for role in rs]
+    assert roles == [("0", "gate_in"), ("0", "gate_core"), ("0", "gate_out"), ("2", "gate_in"), ("2", "gate_out")]
+    kw = dict(mac_weighted=mac_weighted, relative=False)
+    full = budget.GatePenalty(_tucker_and_pair(), "funnel", 0.5, lambda e: 0.1, **kw)
+    once = budget.GatePenalty(_tucker_and_pair(), "funnel", 0.5, lambda e: 0.1, per_component=True, **kw)
+    assert once.scales == pytest.approx([k * s for k, s in zip(full.scales, [1.0, 0.5, 0.5, 0.5, 0.5])], rel=1e-12)
+    # The logged value and the proximal step's shrink follow the scales: at one gate values and
+    # lambda, a two-gate component's gates move half as far, gate_in of the Tucker layer as far.
+    gm_full, gm_once = full.gated, once.gated
+    per_vector = [full._value(g, 0.1).item() * k for g, k in zip(full.gate_list, full.scales)]
+    expected = 0.5 * sum(v * s for v, s in zip(per_vector, [1.0, 0.5, 0.5, 0.5, 0.5]))
+    assert once(gm_once, 0, 0).item() == pytest.approx(expected, rel=1e-6)
+    before = [g.detach().clone() for g in full.gate_list]
+    full.after_step(gm_full, 0, 0, lr=0.01)
+    once.after_step(gm_once, 0, 0, lr=0.01)
+    for b, gf, go, share in zip(before, full.gate_list, once.gate_list, [1.0, 0.5, 0.5, 0.5, 0.5]):
+        moved_full, moved_once = (b - gf.detach()).abs(), (b - go.detach()).abs()
+        assert (moved_full > 0).all()
+        assert torch.allclose(moved_once, share * moved_full, rtol=1e-4, atol=2e-7)  # float32 differences of ~0.5
+
+
+def test_per_component_under_live_mac_weights_and_from_compress(monkeypatch):
+    gm = _tucker_and_pair()
+    live = budget.GatePenalty(gm, "funnel", 0.5, lambda e: 0.1, live_macs=True, per_component=True)
+    plain = budget.GatePenalty(gm, "funnel", 0.5, lambda e: 0.1, live_macs=True)
+    assert live.scales == pytest.approx([k * s for k, s in zip(plain.scales, [1.0, 0.5, 0.5, 0.5, 0.5])])
+    live._update_scales()  # the live weights are recomputed every `every` steps: the shares stay
+    assert live.scales == pytest.approx([k * s for k, s in zip(plain.scales, [1.0, 0.5, 0.5, 0.5, 0.5])])
+    # compress passes CompressConfig.penalty_per_component through (off by default)
+    made = []
+    init = budget.GatePenalty.__init__
+
+    def spy(self, *a, **k):
+        init(self, *a, **k)
+        made.append(self)
+
+    monkeypatch.setattr(budget.GatePenalty, "__init__", spy)
+    model, train, test, x = toy_problem(1)
+    config = CompressConfig(train_epochs=0, reg_epochs=1, finetune_epochs=0, target_speedup=1.5)
+    compress(model, train, x, config=config, progress=False)
+    result = compress(model, train, x, config=dataclasses.replace(config, penalty_per_component=True), progress=False)
+    assert made[0].shares is None and made[1].shares is not None and 0.5 in made[1].shares
+    assert result.report["macs_after"] <= result.report["macs_before"] / 1.5
+    with pytest.raises(ValueError, match="CompressConfig.penalty_per_component must be true or false"):
+        CompressConfig(penalty_per_component=1)
