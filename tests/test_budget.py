@@ -483,9 +483,8 @@ def test_scale_free_moves_every_gate_vector_at_one_rate_in_its_own_units():
         CompressConfig(scale_free_gates=True, relative_gates=False)
 
 
-def test_compress_with_scale_free_gates_takes_its_hooks_off_after_step_3(monkeypatch):
-    model, train, test, x = toy_problem(1)
-    config = CompressConfig(train_epochs=0, reg_epochs=1, finetune_epochs=0, target_speedup=1.5)
+def _record_penalties(monkeypatch) -> list:
+    """Every GatePenalty made from now on (compress makes one per run), in order."""
     made = []
     original_init = budget.GatePenalty.__init__
 
@@ -494,6 +493,13 @@ def test_compress_with_scale_free_gates_takes_its_hooks_off_after_step_3(monkeyp
         made.append(self)
 
     monkeypatch.setattr(budget.GatePenalty, "__init__", spy)
+    return made
+
+
+def test_compress_with_scale_free_gates_takes_its_hooks_off_after_step_3(monkeypatch):
+    model, train, test, x = toy_problem(1)
+    config = CompressConfig(train_epochs=0, reg_epochs=1, finetune_epochs=0, target_speedup=1.5)
+    made = _record_penalties(monkeypatch)
     result = compress(model, train, x, config=dataclasses.replace(config, scale_free_gates=True), progress=False)
     (pen,) = made
     assert pen.scale_free and pen._hooks == [] and all(not g._backward_hooks for g in pen.gate_list)
@@ -542,14 +548,7 @@ def test_per_component_under_live_mac_weights_and_from_compress(monkeypatch):
     live._update_scales()  # the live weights are recomputed every `every` steps: the shares stay
     assert live.scales == pytest.approx([k * s for k, s in zip(plain.scales, [1.0, 0.5, 0.5, 0.5, 0.5])])
     # compress passes CompressConfig.penalty_per_component through (off by default)
-    made = []
-    init = budget.GatePenalty.__init__
-
-    def spy(self, *a, **k):
-        init(self, *a, **k)
-        made.append(self)
-
-    monkeypatch.setattr(budget.GatePenalty, "__init__", spy)
+    made = _record_penalties(monkeypatch)
     model, train, test, x = toy_problem(1)
     config = CompressConfig(train_epochs=0, reg_epochs=1, finetune_epochs=0, target_speedup=1.5)
     compress(model, train, x, config=config, progress=False)
