@@ -551,9 +551,10 @@ def test_per_component_under_live_mac_weights_and_from_compress(monkeypatch):
     made = _record_penalties(monkeypatch)
     model, train, test, x = toy_problem(1)
     config = CompressConfig(train_epochs=0, reg_epochs=1, finetune_epochs=0, target_speedup=1.5)
-    compress(model, train, x, config=config, progress=False)
+    assert config.penalty_per_component is False
     result = compress(model, train, x, config=dataclasses.replace(config, penalty_per_component=True), progress=False)
-    assert made[0].shares is None and made[1].shares is not None and 0.5 in made[1].shares
+    (pen,) = made
+    assert pen.shares == budget._gate_shares(pen.gated) and 0.5 in pen.shares
     assert result.report["macs_after"] <= result.report["macs_before"] / 1.5
     with pytest.raises(ValueError, match="CompressConfig.penalty_per_component must be true or false"):
         CompressConfig(penalty_per_component=1)
