@@ -83,6 +83,9 @@ class CompressConfig:
     funnel choosing the rest globally; the report's ``rank_floor`` says which floor that was (a
     warning when not even one component per mode fits: no floor). On ResNet-20 the floors chosen on
     validation in benchmarks/RESULTS.md (session 27) held 0.91 of the budget at 2x, 0.83 at 3x.
+    Above the floor the two modes of a layer do not share the cut: the mode pulled harder loses all
+    of its components above the floor first (the output mode by default, the input mode with
+    ``penalty_per_component``; benchmarks/RESULTS.md, session 35).
 
     ``one_schedule`` (off by default): steps 2-4 train as one run of all their epochs instead of
     three runs that each start again: the learning rate follows one ``schedule`` over all of them
@@ -111,7 +114,8 @@ class CompressConfig:
     ``penalty_per_component`` (off by default): step 3 pulls each component once (:class:`GatePenalty`'s
     ``per_component``). By default every gate is pulled in full, and an output-mode component has two
     (``gate_core``, ``gate_out``) against an input-mode component's one, so the output mode is pulled
-    about twice as hard: under ``rank_floor`` the output rank of every layer ends at its floor.
+    about twice as hard: under ``rank_floor`` the output rank of every layer ends at its floor (with
+    it, the input rank does).
 
     ``cache_teacher`` (off by default): distillation keeps the teacher's output for every input it
     has seen (:class:`~fxtucker.distill.TeacherCache`, up to 1 GiB), so an input that comes back in a
