@@ -83,9 +83,9 @@ class CompressConfig:
     funnel choosing the rest globally; the report's ``rank_floor`` says which floor that was (a
     warning when not even one component per mode fits: no floor). On ResNet-20 the floors chosen on
     validation in benchmarks/RESULTS.md (session 27) held 0.91 of the budget at 2x, 0.83 at 3x.
-    Above the floor the two modes of a layer do not share the cut: the mode pulled harder loses all
-    of its components above the floor first (the output mode by default, the input mode with
-    ``penalty_per_component``; benchmarks/RESULTS.md, session 35).
+    On ResNet-20, above the floor the two modes of a layer did not share the cut: the mode pulled
+    harder lost all of its components above the floor (the output mode by default, the input mode
+    with ``penalty_per_component``; benchmarks/RESULTS.md, session 35).
 
     ``one_schedule`` (off by default): steps 2-4 train as one run of all their epochs instead of
     three runs that each start again: the learning rate follows one ``schedule`` over all of them
