@@ -1088,8 +1088,8 @@ def _plan(exp: str, s: Setup) -> list[dict]:
         # insertion): scale_free_gates moves every vector at one rate. funnel-floor-high with it.
         runs.append(dict(method="funnel", setting=f"3x kd {SHORT_EPOCHS} epochs reg-lr floor 0.4 scale-free gates",
                          flow={**_floor_high_flow(s.macs // 3, 3), "scale_free_gates": True}))
-        # Session 35: under the floor, funnel-floor-high's output rank ends at the floor in every layer on
-        # every seed (its 3x rows, seeds 0-29; 2x and 4x alike): an output-mode component has two gates
+        # Session 35: under the floor, funnel-floor-high's output rank ends at the floor in every conv on
+        # every seed (its 3x rows, seeds 0 and 2-29; at 2x and 4x nearly all): an output-mode component has two gates
         # (gate_core, gate_out), each pulled in full, against an input-mode component's one, and the cut
         # keeps it only while both are above the threshold. penalty_per_component pulls each component
         # once. With funnel-floor-high's floor, and with funnel-floor's lower one (more room for the
