@@ -63,6 +63,7 @@ cached; every method starts from it.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import copy
 import dataclasses
@@ -80,6 +81,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Collection, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -233,6 +235,8 @@ class Setup:
     device: str = "cpu"
     #: with --cache-teacher: one TeacherCache for every method's distillation from ``baseline``
     teacher_cache: Optional[TeacherCache] = None
+    #: with --heldout: the training images this seed neither trains nor validates on (heldout_split)
+    heldout_loader: Any = None
 
     @property
     def key(self) -> dict:
@@ -275,6 +279,30 @@ def _accuracy(s: "Setup", model: nn.Module, loader: Any) -> float:
         model.cpu()
 
 
+def _correct(s: "Setup", model: nn.Module, loader: Any) -> torch.Tensor:
+    """Whether ``model`` classifies each image of ``loader`` right, in the loader's order (a bool per
+    image; in eval mode, without gradients, on the setup's device; the model is left on the CPU)."""
+    model.to(s.device).eval()
+    got = []
+    try:
+        with torch.no_grad():
+            for x, y in loader:
+                got.append(model(x.to(s.device)).argmax(1).cpu() == y)
+    finally:
+        model.cpu()
+    return torch.cat(got)
+
+
+def pack_correct(correct: torch.Tensor) -> str:
+    """A bool vector as a row can store it: its bits packed (numpy's order), in base64."""
+    return base64.b64encode(np.packbits(correct.numpy().astype(bool)).tobytes()).decode("ascii")
+
+
+def unpack_correct(text: str, n: int) -> np.ndarray:
+    """:func:`pack_correct`'s vector of ``n`` bools back."""
+    return np.unpackbits(np.frombuffer(base64.b64decode(text), dtype=np.uint8), count=n).astype(bool)
+
+
 def _recalibrated_accuracy(s: "Setup", model: nn.Module) -> Optional[float]:
     """Validation accuracy of a copy of a baseline's compressed model with its BatchNorm statistics
     re-estimated as the funnel flow's are after its cut (CompressConfig.recalibrate_bn's batches of
@@ -312,6 +340,17 @@ def split(n: int, train: Optional[int], val: int, seed: int) -> tuple[list[int],
     return perm[:train].sort().values.tolist(), perm[n - val:].sort().values.tolist()
 
 
+def heldout_split(n: int, train: Optional[int], val: int, seed: int) -> list[int]:
+    """The training images that :func:`split`'s ``seed`` leaves out of both its training subset and
+    its validation split (the middle of the same permutation): no model of that seed trains on them
+    or is chosen on them, so they are held out as the test set is (``--heldout``)."""
+    train = n - val if train is None else train
+    if train + val > n:
+        raise ValueError(f"train_subset {train} + val_subset {val} > {n} training images")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[train:n - val].sort().values.tolist()
+
+
 def _cache_dir(model_name: str, dataset: str, seed: int, profile: str, device: str = "cpu") -> Path:
     """Where a setup's baseline and its runs' checkpoints live (a device other than the CPU has its own)."""
     return CACHE / profile / (f"{model_name}-{dataset}-s{seed}" + ("" if device == "cpu" else f"-{device}"))
@@ -341,10 +380,12 @@ def check_baseline_cached(exps: Sequence[str], model_name: str, dataset: str, se
 
 
 def setup(model_name: str, dataset: str, seed: int, profile: str, progress: bool = True, device: str = "cpu",
-          cache_teacher: bool = False) -> Setup:
+          cache_teacher: bool = False, heldout: bool = False) -> Setup:
     """Data loaders and the baseline, trained with the profile's fixed recipe (cached, resumable) on
     ``device``; a device other than the CPU has a cache (and baseline) of its own. ``cache_teacher``:
-    every method's distillation from the baseline shares one :class:`TeacherCache`."""
+    every method's distillation from the baseline shares one :class:`TeacherCache`. ``heldout``: a
+    loader over :func:`heldout_split`'s images too, which every row that reads the test set is also
+    measured on (:func:`_measure`)."""
     p = PROFILES[profile]
     in_ch, n_cls, size = data.dataset_info(dataset)
     full = data.get_dataset(dataset, True)
@@ -353,6 +394,13 @@ def setup(model_name: str, dataset: str, seed: int, profile: str, progress: bool
                                      generator=torch.Generator().manual_seed(seed))
     val = torch.utils.data.DataLoader(torch.utils.data.Subset(full, val_idx), batch_size=256)
     ev = data.make_loader(data.get_dataset(dataset, False), 256, False, subset=p["eval_subset"], seed=seed)
+    held = None
+    if heldout:
+        held_idx = heldout_split(len(full), p["train_subset"], p["val_subset"], seed)
+        if not held_idx:
+            raise ValueError(f"--heldout: profile {profile!r} trains or validates on all {len(full)} training images "
+                             f"of {dataset}, so none is held out; use a profile with a training subset (cpu, small)")
+        held = torch.utils.data.DataLoader(torch.utils.data.Subset(full, held_idx), batch_size=256)
     cache = _cache_dir(model_name, dataset, seed, profile, device)
     torch.manual_seed(seed)
     model = models.get_model(model_name, n_cls, in_ch)
@@ -370,7 +418,7 @@ def setup(model_name: str, dataset: str, seed: int, profile: str, progress: bool
     model.eval()
     x = torch.randn(1, in_ch, size, size)
     return Setup(model_name, dataset, seed, profile, tr, val, ev, x, model, count_macs(model, x), cache, device,
-                 TeacherCache() if cache_teacher else None)
+                 TeacherCache() if cache_teacher else None, held)
 
 
 # --- the methods -------------------------------------------------------------------------------
@@ -378,10 +426,17 @@ def setup(model_name: str, dataset: str, seed: int, profile: str, progress: bool
 
 def _measure(s: Setup, model: nn.Module, latency: bool = True, test: bool = True) -> dict:
     """Test accuracy (``accuracy``; not with ``test=False``), validation accuracy, MACs, params and
-    batch-1 latency."""
+    batch-1 latency. With a held-out loader (``--heldout``) and the test set read: the accuracy on the
+    held-out images too (``heldout_accuracy``), and which images of both sets the model gets right
+    (``heldout_correct``, ``test_correct``: :func:`pack_correct`, in index order; their counts in
+    ``heldout_images`` and ``test_images``), for analyses over images as well as seeds."""
     model.eval()
     out = {"accuracy": _accuracy(s, model, s.eval_loader) if test else None, "val_accuracy": _accuracy(s, model, s.val_loader),
            "macs": count_macs(model, s.x), "params": sum(p.numel() for p in model.parameters())}
+    if test and s.heldout_loader is not None:
+        held, tested = _correct(s, model, s.heldout_loader), _correct(s, model, s.eval_loader)
+        out.update(heldout_accuracy=held.double().mean().item(), heldout_images=held.numel(),
+                   heldout_correct=pack_correct(held), test_images=tested.numel(), test_correct=pack_correct(tested))
     if latency:
         out["latency_ms"] = round(measure_latency(model, s.x, threads=1, repeats=30), 4)
     return out
@@ -1499,8 +1554,9 @@ def summary(exp: str, seeds: Optional[Collection[int]] = None) -> str:
 
 #: What ``--table`` can pair methods on: the test accuracy of the final model (the default), its
 #: validation accuracy, and the validation accuracy right before fine-tuning, as cut or with the
-#: BatchNorm statistics re-estimated.
-PAIRED_METRICS = ("accuracy", "val_accuracy", "val_pruned", "val_recalibrated")
+#: BatchNorm statistics re-estimated, and (rows run with ``--heldout``) the accuracy on the training
+#: images the seed left out of both its training subset and its validation split.
+PAIRED_METRICS = ("accuracy", "val_accuracy", "val_pruned", "val_recalibrated", "heldout_accuracy")
 
 
 def paired(exp: str, reference: str = "funnel", metric: str = "accuracy",
@@ -1577,7 +1633,7 @@ def pool_jobs(args: argparse.Namespace) -> list[list[str]]:
     common = ["--exp", *args.exp, "--profile", args.profile, "--dataset", args.dataset, "--device", args.device,
               "--threads", str(args.threads or 1), "--no-progress",
               *(["--retrain-baseline"] if args.retrain_baseline else []),
-              *(["--cache-teacher"] if args.cache_teacher else [])]
+              *(["--cache-teacher"] if args.cache_teacher else []), *(["--heldout"] if args.heldout else [])]
     planned = _planned(args.exp, args.profile, args.models)
     return [[*common, "--models", model, "--seeds", str(seed), "--settings", setting, "--methods", method]
             for setting in args.settings for model in args.models for seed in args.seeds for method in args.methods
@@ -1687,6 +1743,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="every method's distillation from a seed's baseline shares one TeacherCache (the "
                              "teacher's outputs kept by input: one forward per training image instead of one per "
                              "image, epoch and method); its rows say teacher_cache")
+    parser.add_argument("--heldout", action="store_true",
+                        help="also measure every row that reads the test set on the training images its seed "
+                             "neither trains nor validates on (35,000 on the cpu profile), and store which images "
+                             "of both sets each model gets right (heldout_accuracy, heldout_correct, test_correct); "
+                             "stored rows are not measured again")
     parser.add_argument("--retrain-baseline", action="store_true",
                         help="train a seed's baseline again when its cached weights are missing though stored rows "
                              "started from them (refused otherwise); the rows' validation check still decides")
@@ -1735,7 +1796,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             if not args.retrain_baseline:
                 check_baseline_cached(exps, model_name, args.dataset, seed, args.profile, args.device)
             s = setup(model_name, args.dataset, seed, args.profile, progress=not args.no_progress, device=args.device,
-                      cache_teacher=args.cache_teacher)
+                      cache_teacher=args.cache_teacher, heldout=args.heldout)
             for exp in exps:
                 run_experiment(exp, s, progress=not args.no_progress, methods=args.methods, settings=args.settings)
     return 0

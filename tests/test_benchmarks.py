@@ -138,10 +138,14 @@ def test_a_setting_no_run_has_is_refused_and_a_method_that_runs_nothing_is_named
                                        ["uncompressed", "uniform"], ["baseline", "3x kd 3 epochs"]) == (None, [])
     # the pool's jobs read the same plan, tuning's included (its plan names the model)
     args = types.SimpleNamespace(exp=["tuning"], profile="cpu", dataset="fashion-mnist", device="cpu", threads=1,
-                                 retrain_baseline=False, cache_teacher=False, models=["resnet20"], seeds=[0],
-                                 settings=["3x kd 3 epochs reg-lr floor 0.4 reach 0.5"], methods=["funnel"])
+                                 retrain_baseline=False, cache_teacher=False, heldout=False, models=["resnet20"],
+                                 seeds=[0], settings=["3x kd 3 epochs reg-lr floor 0.4 reach 0.5"], methods=["funnel"])
     (job,) = compare.pool_jobs(args)
     assert job[-4:] == ["--settings", "3x kd 3 epochs reg-lr floor 0.4 reach 0.5", "--methods", "funnel"]
+    assert "--heldout" not in job and "--cache-teacher" not in job
+    args.heldout = args.cache_teacher = True  # a pool's runners measure as the command asked
+    (job,) = compare.pool_jobs(args)
+    assert "--heldout" in job and "--cache-teacher" in job
 
 
 def test_split_gives_disjoint_training_and_validation_indices(compare):
@@ -152,6 +156,62 @@ def test_split_gives_disjoint_training_and_validation_indices(compare):
     assert len(everything) == 80 and not set(everything) & set(val)
     with pytest.raises(ValueError, match=r"train_subset 90 \+ val_subset 20 > 100"):
         compare.split(100, 90, 20, seed=0)
+
+
+def test_heldout_images_are_the_ones_a_seed_neither_trains_nor_validates_on(compare):
+    train, val = compare.split(100, 60, 20, seed=3)
+    held = compare.heldout_split(100, 60, 20, seed=3)
+    assert len(held) == 20 and not set(held) & (set(train) | set(val))
+    assert sorted(train + val + held) == list(range(100))
+    assert held == compare.heldout_split(100, 60, 20, seed=3) != compare.heldout_split(100, 60, 20, seed=4)
+    assert compare.heldout_split(100, None, 20, seed=3) == []  # all but the validation split train: none held out
+    with pytest.raises(ValueError, match=r"train_subset 90 \+ val_subset 20 > 100"):
+        compare.heldout_split(100, 90, 20, seed=0)
+    # setup's loader over them; a profile that trains on all the rest has none, and says so before training
+    s = compare.setup("resnet20", "fashion-mnist", 0, "quick", progress=False, heldout=True)
+    p = compare.PROFILES["quick"]
+    assert s.heldout_loader.dataset.indices == compare.heldout_split(60000, p["train_subset"], p["val_subset"], 0)
+    assert len(s.heldout_loader.dataset) == 60000 - p["train_subset"] - p["val_subset"]
+    assert compare.setup("resnet20", "fashion-mnist", 0, "quick", progress=False).heldout_loader is None
+    with pytest.raises(ValueError, match="--heldout: profile 'full' trains or validates on all 60000"):
+        compare.setup("resnet20", "fashion-mnist", 0, "full", progress=False, heldout=True)
+
+
+def test_measure_with_heldout_images_stores_each_images_result(compare):
+    # A model that calls every image class 0: right exactly on the images labelled 0.
+    class Zero(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor([1.0, 0.0, 0.0]))
+
+        def forward(self, x):
+            return x.flatten(1)[:, :3] * 0 + self.w
+
+    def loader(labels):
+        y = torch.tensor(labels)
+        images = torch.utils.data.TensorDataset(torch.randn(len(y), 1, 4, 4), y)
+        return torch.utils.data.DataLoader(images, batch_size=4)
+
+    test_labels, held_labels = [0, 1, 0, 2, 0, 0, 1], [1, 0, 2, 2, 2, 0, 1, 1, 0, 2, 2]
+    s = types.SimpleNamespace(device="cpu", eval_loader=loader(test_labels), val_loader=loader([0, 1]),
+                              heldout_loader=loader(held_labels), x=torch.randn(1, 1, 4, 4))
+    out = compare._measure(s, Zero(), latency=False)
+    assert out["accuracy"] == pytest.approx(4 / 7) and out["heldout_accuracy"] == pytest.approx(3 / 11)
+    assert (out["test_images"], out["heldout_images"]) == (7, 11)
+    assert compare.unpack_correct(out["test_correct"], 7).tolist() == [lab == 0 for lab in test_labels]
+    assert compare.unpack_correct(out["heldout_correct"], 11).tolist() == [lab == 0 for lab in held_labels]
+    assert "heldout_accuracy" not in compare._measure(s, Zero(), latency=False, test=False)  # tuning rows: no test
+    s.heldout_loader = None
+    assert "heldout_accuracy" not in compare._measure(s, Zero(), latency=False)
+    # --table pairs on it, over the rows that have it
+    common = {"model": "resnet20", "dataset": "fashion-mnist", "profile": "cpu", "stage": "final", "macs": 10,
+              "macs_baseline": 20, "params": 1, "val_accuracy": 0.9, "wall_s": 1, "setting": "3x kd", "accuracy": 0.9}
+    for seed, funnel, uniform in ((0, None, None), (10, 0.91, 0.90), (11, 0.93, 0.90)):
+        for method, value in (("funnel", funnel), ("uniform", uniform)):
+            held = {} if value is None else {"heldout_accuracy": value}
+            compare._append("quality", dict(common, seed=seed, method=method, **held))
+    table = compare.paired("quality", metric="heldout_accuracy")
+    assert "| resnet20 | cpu | 3x kd | uniform | 2 | +2.00 | 1.41 |" in table  # seed 0's rows lack it
 
 
 def test_quality_plan_keeps_the_stored_funnel_recipe_beside_funnel_cut(compare):
@@ -501,7 +561,8 @@ def test_pool_jobs_are_the_planned_runs_setting_by_setting(compare):
 
     args = argparse.Namespace(exp=["quality"], profile="cpu", dataset="fashion-mnist", device="cuda", threads=None,
                               models=["resnet20"], seeds=[0, 1], settings=["2x kd", "baseline"],
-                              methods=["funnel", "uncompressed"], retrain_baseline=False, cache_teacher=False)
+                              methods=["funnel", "uncompressed"], retrain_baseline=False, cache_teacher=False,
+                              heldout=False)
     jobs = compare.pool_jobs(args)
     assert not any("--retrain-baseline" in j for j in jobs)
     retrain = argparse.Namespace(**{**vars(args), "retrain_baseline": True})
@@ -783,4 +844,5 @@ def test_cache_teacher_gives_the_rows_of_a_run_without_it(compare, tmp_path, mon
     assert all(r.get("teacher_cache") is True for r in cached) and not any("teacher_cache" in r for r in plain)
     assert "--cache-teacher" in compare.pool_jobs(compare.argparse.Namespace(
         exp=["quality"], profile="quick", dataset="fashion-mnist", device="cpu", threads=1, retrain_baseline=False,
-        cache_teacher=True, models=["resnet20"], seeds=[0], settings=["2x kd 3 epochs"], methods=["uniform"]))[0]
+        cache_teacher=True, heldout=False, models=["resnet20"], seeds=[0], settings=["2x kd 3 epochs"],
+        methods=["uniform"]))[0]
