@@ -177,6 +177,26 @@ def test_heldout_images_are_the_ones_a_seed_neither_trains_nor_validates_on(comp
         compare.setup("resnet20", "fashion-mnist", 0, "full", progress=False, heldout=True)
 
 
+def test_heldout_rows_from_the_command_line(compare, monkeypatch, capsys):
+    real = compare.heldout_split
+    monkeypatch.setattr(compare, "heldout_split", lambda *a: real(*a)[:70])  # 70 of the 59,616, to stay quick
+    compare.main(["--exp", "baselines", "--profile", "quick", "--no-progress", "--methods", "uncompressed",
+                  "--heldout"])
+    (row,) = json.loads((compare.RESULTS / "baselines.json").read_text())["rows"]
+    assert row["heldout_images"] == 70 and 0 <= row["heldout_accuracy"] <= 1 and row["heldout_s"] >= 0
+    held = compare.unpack_correct(row["heldout_correct"], row["heldout_images"])
+    assert held.mean() == pytest.approx(row["heldout_accuracy"])
+    test = compare.unpack_correct(row["test_correct"], row["test_images"])
+    assert row["test_images"] == 128 and test.mean() == pytest.approx(row["accuracy"])  # the images of `accuracy`
+    with pytest.raises(ValueError, match="hold 65 to 72 results, not 80"):
+        compare.unpack_correct(row["heldout_correct"], 80)
+    for bad, why in ((["--profile", "full"], "trains or validates on all 60000"),
+                     (["--dataset", "cifar10"], "fashion-mnist only")):
+        with pytest.raises(SystemExit):
+            compare.main(["--exp", "baselines", "--profile", "quick", "--methods", "uncompressed", "--heldout", *bad])
+        assert why in capsys.readouterr().err
+
+
 def test_measure_with_heldout_images_stores_each_images_result(compare):
     # A model that calls every image class 0: right exactly on the images labelled 0.
     class Zero(torch.nn.Module):
