@@ -351,11 +351,20 @@ def heldout_split(n: int, train: Optional[int], val: int, seed: int) -> list[int
     (``--heldout``). Other seeds' splits overlap them: on the cpu profile about 58% of seed 10's are
     validation images of seeds 0-9, on which settings were chosen, so unlike the test set they are
     not untouched by every choice."""
-    train = n - val if train is None else train
-    if train + val > n:
-        raise ValueError(f"train_subset {train} + val_subset {val} > {n} training images")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return perm[train:n - val].sort().values.tolist()
+    taken = set().union(*split(n, train, val, seed))
+    return [i for i in range(n) if i not in taken]
+
+
+def heldout_problem(dataset: str, profile: str) -> Optional[str]:
+    """Why ``--heldout`` cannot measure ``dataset`` on ``profile`` (None: it can)."""
+    if dataset != "fashion-mnist":
+        return (f"--heldout is for fashion-mnist only: {dataset}'s training split is augmented at random (crops, "
+                f"flips), so its images would differ from pass to pass")
+    p = PROFILES[profile]
+    if p["train_subset"] is None or p["train_subset"] + p["val_subset"] >= 60000:  # Fashion-MNIST's training set
+        return (f"--heldout: profile {profile!r} trains or validates on all 60000 training images, so none is held "
+                f"out; use a profile with a training subset (cpu, small)")
+    return None
 
 
 def _cache_dir(model_name: str, dataset: str, seed: int, profile: str, device: str = "cpu") -> Path:
@@ -403,13 +412,10 @@ def setup(model_name: str, dataset: str, seed: int, profile: str, progress: bool
     ev = data.make_loader(data.get_dataset(dataset, False), 256, False, subset=p["eval_subset"], seed=seed)
     held = None
     if heldout:
-        if dataset != "fashion-mnist":
-            raise ValueError(f"--heldout: the training split of {dataset} is augmented at random (crops, flips), "
-                             f"so its images would differ from pass to pass; it is for fashion-mnist only")
+        problem = heldout_problem(dataset, profile)
+        if problem:
+            raise ValueError(problem)
         held_idx = heldout_split(len(full), p["train_subset"], p["val_subset"], seed)
-        if not held_idx:
-            raise ValueError(f"--heldout: profile {profile!r} trains or validates on all {len(full)} training images "
-                             f"of {dataset}, so none is held out; use a profile with a training subset (cpu, small)")
         held = torch.utils.data.DataLoader(torch.utils.data.Subset(full, held_idx), batch_size=256)
     cache = _cache_dir(model_name, dataset, seed, profile, device)
     torch.manual_seed(seed)
@@ -1790,13 +1796,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(why)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
-    if args.heldout:  # before any runner starts (setup says the same, later)
-        prof = PROFILES[args.profile]
-        if args.dataset != "fashion-mnist":
-            parser.error(f"--heldout is for fashion-mnist only: {args.dataset}'s training split is augmented at random")
-        if prof["train_subset"] is None or prof["train_subset"] + prof["val_subset"] >= 60000:
-            parser.error(f"--heldout: profile {args.profile!r} trains or validates on all 60000 training images, so "
-                         f"none is held out; use a profile with a training subset (cpu, small)")
+    if args.heldout and heldout_problem(args.dataset, args.profile):  # before any runner starts
+        parser.error(heldout_problem(args.dataset, args.profile))
     if args.workers:
         if not args.settings or not args.methods:
             parser.error("--workers needs --settings and --methods: each runner is one (setting, model, seed, method)")
