@@ -499,12 +499,24 @@ def test_provenance_counts_running_runners_only_not_paused_or_finished_ones():
     for argv, counts in (([sys.executable, "-c", "import time; time.sleep(60)", "benchmarks/quick_job.py"], True),
                          ([sys.executable, "-c", "import time; time.sleep(60)", "latency.py"], True),
                          ([sys.executable, "-c", "import time; time.sleep(60)", "not_compare.py"], False),
-                         # a shell that waits on a runner it started is not one
-                         (["bash", "-c", "sleep 60", "benchmarks/compare.py"], False)):
+                         # a shell whose arguments name a runner is not one ("; :" keeps bash from
+                         # exec'ing sleep, so its command line still names compare.py)
+                         (["bash", "-c", "sleep 60; :", "benchmarks/compare.py"], False)):
         script = argv[-1]
         proc = subprocess.Popen(argv)
+        proc_dir = Path("/proc") / str(proc.pid)
         try:
-            assert settles_for(Path("/proc") / str(proc.pid), counts), script
+            if counts:
+                assert settles_for(proc_dir, True), script
+            else:  # once its command line is in place, it is never counted
+                for _ in range(200):
+                    if script.encode() in (proc_dir / "cmdline").read_bytes():
+                        break
+                    time.sleep(0.01)
+                assert script.encode() in (proc_dir / "cmdline").read_bytes(), script
+                for _ in range(20):
+                    assert not compare._running_runner(proc_dir), script
+                    time.sleep(0.01)
         finally:
             proc.kill()
             proc.wait()

@@ -618,3 +618,4 @@ def test_thread_scaling_runs_the_thread_counts_in_turn_resumes_and_tabulates(tmp
     assert "skip pass 1 fxtucker batch 1 eager 1 thread(s)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         ts.main([*argv, "--threads", "0", "2"])
+    assert "--threads must be >= 1, got [0]" in capsys.readouterr().err

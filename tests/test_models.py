@@ -102,7 +102,6 @@ def test_resnet20_parameter_count():
     n = _n_params(get_model("resnet20", num_classes=10, in_channels=3))
     # Option A (zero-padded identity shortcuts) has 269,722; option B adds two 1x1 conv + BN.
     assert n == 272_474
-    assert 260_000 <= n <= 300_000
 
 
 def test_parameter_counts_grow_with_depth():
@@ -113,7 +112,10 @@ def test_parameter_counts_grow_with_depth():
 def test_vgg_small_cost():
     model = get_model("vgg_small").eval()
     macs = _conv_macs(model, torch.randn(1, 3, 32, 32))
-    assert 0.1e9 < macs <= 0.3e9
+    # 3x3 convs with padding 1, 64-64 at 32x32, a 2x2 pool, 128-128 at 16x16, a pool, 256-256 at 8x8;
+    # then a global pool and a 256-to-10 linear layer
+    convs = [(3, 64, 32), (64, 64, 32), (64, 128, 16), (128, 128, 16), (128, 256, 8), (256, 256, 8)]
+    assert macs == sum(9 * c_in * c_out * side * side for c_in, c_out, side in convs) + 256 * 10 == 152_766_976
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 6
 
 

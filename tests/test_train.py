@@ -511,7 +511,8 @@ def test_channels_last_puts_every_tensor_back_however_the_stage_ends(tmp_path):
     assert strides(m) == before
     train(m, loader(), config, progress=False, device="cpu", out_dir=tmp_path, resume=True)  # already finished
     assert strides(m) == before
-    with pytest.raises(ValueError):  # refused before the first epoch: another learning rate than the checkpoint's
+    # refused before the first epoch: another learning rate than the checkpoint's
+    with pytest.raises(ValueError, match=r"was written with .*lr=.* but this call has .*lr=0\.5"):
         train(m, loader(), TrainConfig(epochs=2, lr=0.5, channels_last=True), progress=False, device="cpu",
               out_dir=tmp_path, resume=True)
     assert strides(m) == before

@@ -295,7 +295,7 @@ def test_passes_refuse_bad_input(fn, error, match):
 def test_passes_leave_their_input_unchanged_when_they_refuse():
     before = gated().code, dict(gated().state_dict())
     for bad in (-1, NAN, INF):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"threshold must be a finite number >= 0 .*, got"):
             strip_gates(gated(), bad)
     assert gated().code == before[0]
     assert all(torch.equal(v, before[1][k]) for k, v in gated().state_dict().items())

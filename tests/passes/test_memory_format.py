@@ -111,8 +111,16 @@ def test_a_model_without_4d_weights_is_left_alone(monkeypatch):
 
 def test_choose_memory_format_times_for_real():
     gm, x = traced(), torch.randn(2, 3, 6, 6)
-    rec = graph_record(choose_memory_format(gm, x, threads=1, rounds=1))
+    with torch.no_grad():
+        want = gm(x)
+    out = choose_memory_format(gm, x, threads=1, rounds=1)
+    rec = graph_record(out)
     assert rec.memory_format in MEMORY_FORMATS and rec.memory_format_reason.startswith("faster on eager/cpu/1 thread")
+    # the weights are in the format it chose, and the function is the same
+    in_format = is_channels_last if rec.memory_format == "channels_last" else (lambda t: t.is_contiguous())
+    assert four_d(out) and all(in_format(t) for t in four_d(out))
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), want)  # float32: channels-last may sum in another order
 
 
 @pytest.mark.parametrize("call,match", [
@@ -249,7 +257,7 @@ def test_a_format_dependent_model_stays_contiguous_and_is_refused_channels_last(
 
 
 def test_inputs_the_model_does_not_take_are_an_error_not_a_reason():
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=r"to have 3 channels, but got 5 channels"):  # torch's own error, as it is
         choose_memory_format(traced(), torch.randn(2, 5, 6, 6))  # 5 channels for a conv of 3
 
 
