@@ -12,7 +12,7 @@ import tempfile
 import tomllib
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -50,48 +50,27 @@ _BACKEND_HELP = ("eager; compile (torch.compile, inductor); compile-freezing (th
                  "the weights folded into the compiled graph); onnxruntime (pip install fxtucker[export])")
 
 
-def _positive(text: str) -> int:
-    """An integer >= 1 (channels, sizes, counts, epochs, threads)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give an integer >= 1") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give an integer >= 1")
-    return value
+def _number(convert: Callable[[str], Any], valid: Callable[[Any], bool], kind: str, need: str) -> Callable[[str], Any]:
+    """An argparse ``type``: ``convert(text)`` where ``valid`` accepts it; otherwise an error that names the
+    text and what would be valid (``need``), e.g. "'two' is not an integer; give an integer >= 1"."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind}; give {need}") from None
+        if not valid(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: give {need}")
+        return value
+    return parse
 
 
-def _learning_rate(text: str) -> float:
-    """--lr: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: give the initial learning rate, a finite number > 0 (e.g. 0.1)")
-    return value
-
-
-def _seed(text: str) -> int:
-    """A seed: an integer in [0, 2**32)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give a seed in [0, 2**32)") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a seed in [0, 2**32)")
-    return value
-
-
-def _threshold(text: str) -> float:
-    """A gate threshold: a finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a finite number >= 0") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number >= 0 (untrained gates: 0)")
-    return value
+# channels, sizes, counts, epochs, threads
+_positive = _number(int, lambda v: v >= 1, "an integer", "an integer >= 1")
+_seed = _number(int, lambda v: 0 <= v < 2**32, "an integer", "a seed in [0, 2**32)")
+_learning_rate = _number(float, lambda v: math.isfinite(v) and v > 0, "a number",
+                         "the initial learning rate, a finite number > 0 (e.g. 0.1)")
+_threshold = _number(float, lambda v: math.isfinite(v) and v >= 0, "a number",
+                     "a finite number >= 0 (untrained gates: 0)")
 
 
 def _json_object(text: str) -> dict:
@@ -156,28 +135,12 @@ def _params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _max_spread(text: str) -> float:
-    """--max-spread: a finite number >= 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give the largest max/min of the rounds' "
-                                         f"speed-ups still counted as reliable, a number >= 1 (default {MAX_SPREAD})") from None
-    if not math.isfinite(value) or value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number >= 1 (default {MAX_SPREAD})")
-    return value
-
-
-def _share(text: str) -> float:
-    """--max-others: a number from 0 to 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give the largest share of the machine's CPU time other processes "
-                                         f"may use while timing, a number from 0 to 1 (default {MAX_OTHERS})")
-    return value
+_max_spread = _number(float, lambda v: math.isfinite(v) and v >= 1, "a number",
+                      f"the largest max/min of the rounds' speed-ups still counted as reliable, a finite number >= 1 "
+                      f"(default {MAX_SPREAD})")
+_share = _number(float, lambda v: 0 <= v <= 1, "a number",  # --max-others
+                 f"the largest share of the machine's CPU time other processes may use while timing, a number "
+                 f"from 0 to 1 (default {MAX_OTHERS})")
 
 
 def _ms(cmp: LatencyComparison, which: str) -> str:

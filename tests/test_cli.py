@@ -396,9 +396,12 @@ def test_a_model_with_other_classes_than_the_dataset_exits_2_before_writing(tmp_
     assert checked.keys() == unchecked.keys() and all(torch.equal(checked[k], unchecked[k]) for k in checked)
 
 
-@pytest.mark.parametrize("value, message", [("0.5", "'0.5': give a finite number >= 1 (default 1.2)"),
-                                            ("nan", "'nan': give a finite number >= 1"),
-                                            ("x", "'x' is not a number; give the largest max/min")])
+_SPREAD_NEED = "the largest max/min of the rounds' speed-ups still counted as reliable, a finite number >= 1 (default 1.2)"
+
+
+@pytest.mark.parametrize("value, message", [("0.5", f"'0.5': give {_SPREAD_NEED}"),
+                                            ("nan", f"'nan': give {_SPREAD_NEED}"),
+                                            ("x", f"'x' is not a number; give {_SPREAD_NEED}")])
 def test_bad_max_spread_exits_2(value, message, capsys):
     for command in (["inspect", "--model", "resnet20"], ["bench", "--model", "resnet20"],
                     ["compress", "--model", "resnet20", "--dataset", "fashion-mnist"]):
@@ -415,7 +418,8 @@ def test_bad_max_others_exits_2(value, capsys):
         with pytest.raises(SystemExit) as info:
             main(command + ["--max-others", value])
         assert info.value.code == 2
-        assert (f"{value!r}: give the largest share of the machine's CPU time other processes may use while timing, "
+        said = f"{value!r} is not a number; give " if value == "x" else f"{value!r}: give "
+        assert (f"{said}the largest share of the machine's CPU time other processes may use while timing, "
                 f"a number from 0 to 1 (default 0.25)") in capsys.readouterr().err
 
 
