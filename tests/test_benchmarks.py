@@ -878,3 +878,19 @@ def test_cache_teacher_gives_the_rows_of_a_run_without_it(compare, tmp_path, mon
         exp=["quality"], profile="quick", dataset="fashion-mnist", device="cpu", threads=1, retrain_baseline=False,
         cache_teacher=True, heldout=False, models=["resnet20"], seeds=[0], settings=["2x kd 3 epochs"],
         methods=["uniform"]))[0]
+
+
+def test_the_example_config_is_the_funnel_floor_high_flow_at_2x():
+    """examples/funnel-floor-high-2x.toml, which the README offers as the recipe confirmed at 2x, is the
+    flow compare.py runs as funnel-floor-high at 2x on the cpu profile, field for field (the budget as
+    a speed-up instead of the model's MACs / 2)."""
+    import dataclasses
+
+    from fxtucker import CompressConfig
+    compare = _load("compare")
+    example = CompressConfig.from_toml(ROOT / "examples" / "funnel-floor-high-2x.toml")
+    macs = 31_021_952  # ResNet-20 on 28x28 inputs; any even count does
+    bench = CompressConfig(**{**compare.PROFILES["cpu"]["flow"], **compare._floor_high_flow(macs // 2, 2)})
+    assert example.target_speedup == 2.0 and int(macs / example.target_speedup) == bench.target_macs
+    assert dataclasses.replace(example, target_speedup=None, target_macs=bench.target_macs) == bench
+    assert example != CompressConfig(target_speedup=2.0)  # not the defaults under another name
