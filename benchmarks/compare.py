@@ -1796,8 +1796,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(why)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
-    if args.heldout and heldout_problem(args.dataset, args.profile):  # before any runner starts
-        parser.error(heldout_problem(args.dataset, args.profile))
+    if args.heldout and (problem := heldout_problem(args.dataset, args.profile)):  # before any runner starts
+        parser.error(problem)
     if args.workers:
         if not args.settings or not args.methods:
             parser.error("--workers needs --settings and --methods: each runner is one (setting, model, seed, method)")
