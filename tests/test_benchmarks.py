@@ -350,6 +350,23 @@ def test_quality_rows_are_matched_to_the_budget_and_paired(compare, tmp_path, ca
     compare.check_baseline_cached(["quality"], "resnet20", "fashion-mnist", 7, "quick")
 
 
+def test_floor_top_rows_run_the_flow_their_validation_rows_ran():
+    # funnel-floor-top went to a test on the strength of the tuning rows "3x kd 3 epochs reg-lr
+    # floor_share 1.0": its quality rows must train that flow, field for field.
+    import types
+    compare = _load("compare")
+    s = types.SimpleNamespace(macs=30_000_000, profile="cpu", model_name="resnet20")
+    (top,) = [r for r in compare._plan("quality", s) if r["method"] == "funnel-floor-top"]
+    (validated,) = [r for r in compare._plan("tuning", s)
+                    if r["setting"] == f"3x kd {compare.SHORT_EPOCHS} epochs reg-lr floor_share 1.0"]
+    assert top["setting"] == f"3x kd {compare.SHORT_EPOCHS} epochs" and top["target"] == s.macs // 3
+    assert top["flow"] == validated["flow"] and top["flow"]["floor_share"] == 1.0
+    high = next(r for r in compare._plan("quality", s)
+                if r["method"] == "funnel-floor-high" and r["setting"] == top["setting"])
+    assert {k: v for k, v in top["flow"].items() if k != "floor_share"} == {
+        k: v for k, v in high["flow"].items() if k != "rank_floor"}  # funnel-floor-high's flow but the floor
+
+
 def test_short_quality_settings_give_every_method_the_same_epochs_after_the_baseline():
     import types
     compare = _load("compare")
@@ -359,6 +376,7 @@ def test_short_quality_settings_give_every_method_the_same_epochs_after_the_base
         funnels = {"funnel", "funnel-unweighted", "funnel-reg-lr", "funnel-floor"} if k in compare.FLOOR_BY_BUDGET else set()
         funnels |= {"funnel-floor-high"} if k in compare.FLOOR_HIGH_BY_BUDGET else set()
         funnels |= {"funnel-floor-share"} if k in compare.FLOOR_SHARE_BUDGETS else set()
+        funnels |= {"funnel-floor-top"} if k in compare.FLOOR_TOP_BUDGETS else set()
         assert {r["method"] for r in runs} == funnels | {"uniform", "torch-pruning", "musco", "vbmf"}
         assert {r["method"] for r in runs} <= set(compare.METHODS)  # each can be asked for by --methods
         for r in runs:
