@@ -394,6 +394,7 @@ def run(names: list[str], progress: bool, seed: int = SEED) -> None:
                  "val_original": val_original, "val_after": evaluate(result.model.eval(), val_loader),
                  "val_stages": {k: v.get("accuracy") for k, v in stages.items()},
                  "macs_before": result.report["macs_before"], "macs_after": result.report["macs_after"],
+                 "rank_floor": result.report.get("rank_floor"),  # the floor floor_share resolved to (rows from session 38 on)
                  "wall_s": round(time.perf_counter() - start, 1), **_provenance()})
         print(f"[quick_job] {name}: val {val_original:.4f} -> {_load('quick_job')[-1]['val_after']:.4f}")
 

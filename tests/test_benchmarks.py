@@ -404,6 +404,28 @@ def test_quick_job_reads_the_test_set_for_the_chosen_recipe_only(tmp_path, monke
     assert line == f"| {quick_job.CHOSEN} | abc | 1 | 0.9300 | 0.9260 | 0.40 | 0.9290 | 0.9236 | 0.54 | 01234567 |"
 
 
+def test_quick_job_rows_record_the_floor_the_flow_resolved(monkeypatch):
+    from types import SimpleNamespace
+
+    quick_job = _load("quick_job")
+    name = next(n for n in quick_job.SETTINGS if "floor_share" in quick_job.SETTINGS[n])
+    report = {"stages": {"pruned": {"accuracy": 0.9}}, "macs_before": 310, "macs_after": 155, "rank_floor": 0.375}
+    stored = []
+    monkeypatch.setattr(quick_job, "stand_in", lambda: torch.nn.Identity())
+    monkeypatch.setattr(quick_job, "stand_in_id", lambda: "abc")
+    monkeypatch.setattr(quick_job, "_stored", lambda *a: False)
+    monkeypatch.setattr(quick_job, "loaders", lambda **kw: (None, None))
+    monkeypatch.setattr(quick_job, "evaluate", lambda model, loader: 0.93)
+    monkeypatch.setattr(quick_job, "compressed", lambda *a: SimpleNamespace(model=torch.nn.Identity(), report=report))
+    monkeypatch.setattr(quick_job, "_append", lambda kind, row: stored.append((kind, row)))
+    monkeypatch.setattr(quick_job, "_load", lambda kind: [row for k, row in stored if k == kind])
+    monkeypatch.setattr(quick_job, "_provenance", lambda: {"commit": "0123456789"})
+    quick_job.run([name], progress=False, seed=4)
+    [(kind, row)] = stored
+    assert kind == "quick_job" and row["setting"] == name and row["seed"] == 4 and row["stand_in"] == "abc"
+    assert row["rank_floor"] == 0.375 and row["changes"] == quick_job.SETTINGS[name]
+
+
 def test_main_job_row_times_the_readme_command_in_a_folder_it_removes(monkeypatch):
     import subprocess
     import tempfile
