@@ -482,16 +482,22 @@ def _finetune_epochs(s: Setup) -> int:
     return sum(PROFILES[s.profile]["flow"].values())
 
 
+#: A baseline's fine-tuning rate (SGD, cosine), every quality row's since session 7.
+FINETUNE_LR = 0.01
+#: Session 38: the baselines' own rate, chosen on validation (the `tuning` rows "3x kd 3 epochs ft-lr R").
+BASELINE_LRS = (0.02, 0.04, 0.005)
+
+
 def _finetune(s: Setup, model: nn.Module, name: str, progress: bool, distill: bool = False,
-              epochs: Optional[int] = None, per_step: bool = False) -> list[dict]:
+              epochs: Optional[int] = None, per_step: bool = False, lr: float = FINETUNE_LR) -> list[dict]:
     """A baseline's fine-tuning: the same epochs as the funnel flow after the baseline (or ``epochs``,
     a setting's own budget), distilled from the uncompressed model (CompressConfig's weight and
     temperature) when the flow's are, its learning rate moved every step with ``per_step`` (as the
-    flow's with ``lr_per_step``)."""
+    flow's with ``lr_per_step``), starting at ``lr``."""
     epochs = _finetune_epochs(s) if epochs is None else epochs
     if not epochs:
         return []
-    cfg = TrainConfig(epochs=epochs, lr=0.01, seed=s.seed, per_step=per_step)
+    cfg = TrainConfig(epochs=epochs, lr=lr, seed=s.seed, per_step=per_step)
     kd = CompressConfig()
     extra = (distillation_loss(copy.deepcopy(s.baseline).eval(), kd.distill_weight, kd.distill_temperature, s.teacher_cache)
              if distill else None)
@@ -1185,6 +1191,13 @@ def _plan(exp: str, s: Setup) -> list[dict]:
         for floor in (FLOOR_HIGH_BY_BUDGET[3], FLOOR_BY_BUDGET[3]):
             runs.append(dict(method="funnel", setting=f"3x kd {SHORT_EPOCHS} epochs reg-lr floor {floor} per component",
                              flow={**_floor_high_flow(s.macs // 3, 3), "rank_floor": floor, "penalty_per_component": True}))
+        # Session 38: every baseline fine-tunes at FINETUNE_LR, a rate never chosen on validation,
+        # while the funnel flow's step 3 rate was (reg_lr, session 25), among some twenty choices made
+        # there. Before the 3x test on seeds 30-49, each baseline's rate at 3x: its quality run at
+        # each of BASELINE_LRS (FINETUNE_LR's value: its quality row's val_accuracy, the same run).
+        runs += [dict(run, setting=f"{run['setting']} ft-lr {lr:g}", lr=lr)
+                 for lr in BASELINE_LRS for run in _plan("quality", s)
+                 if run["setting"] == f"3x kd {SHORT_EPOCHS} epochs" and run.get("baseline") in BASELINE_METHODS]
         return runs
     if exp == "baselines":
         runs = [dict(method="uncompressed", setting="baseline")]
@@ -1431,8 +1444,10 @@ def run_experiment(exp: str, s: Setup, progress: bool = True, methods: Optional[
             extra["val_recalibrated"] = _recalibrated_accuracy(s, model)
             if run.get("distill"):
                 extra["distill"] = True
+            if "lr" in run:
+                extra["finetune_lr"] = run["lr"]
             _finetune(s, model, name, progress, distill=run.get("distill", False), epochs=run.get("epochs"),
-                      per_step=run.get("per_step", False))
+                      per_step=run.get("per_step", False), lr=run.get("lr", FINETUNE_LR))
         # The quality rows leave latency to benchmarks/latency.py (timed alone, side by side).
         measured = _measure(s, model, latency=exp not in ("quality", "tuning"), test=exp != "tuning")
         # wall_s: the run, not --heldout's extra pass (its own heldout_s), so rows with and without compare

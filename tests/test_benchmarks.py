@@ -367,6 +367,30 @@ def test_floor_top_rows_run_the_flow_their_validation_rows_ran():
         k: v for k, v in high["flow"].items() if k != "rank_floor"}  # funnel-floor-high's flow but the floor
 
 
+def test_baseline_rate_runs_are_their_quality_runs_at_another_rate(monkeypatch, tmp_path):
+    # Session 38: each baseline's fine-tuning rate at 3x chosen on validation; a tuning run must be its
+    # quality run (budget, distillation, epochs) but the rate, and the rate must reach the training loop.
+    import types
+    compare = _load("compare")
+    s = types.SimpleNamespace(macs=30_000_000, profile="cpu", model_name="resnet20")
+    setting = f"3x kd {compare.SHORT_EPOCHS} epochs"
+    quality = {r["method"]: r for r in compare._plan("quality", s) if r["setting"] == setting and "baseline" in r}
+    tuned = [r for r in compare._plan("tuning", s) if " ft-lr " in r["setting"]]
+    assert {(r["method"], r["lr"]) for r in tuned} == {
+        (m, lr) for m in ("uniform", "torch-pruning", "musco", "vbmf") for lr in compare.BASELINE_LRS}
+    for r in tuned:
+        assert r["setting"] == f"{setting} ft-lr {r['lr']:g}"
+        assert {**r, "setting": setting, "lr": None} == {**quality[r["method"]], "lr": None}
+        assert "lr" not in quality[r["method"]]  # the quality rows keep FINETUNE_LR
+    assert compare.FINETUNE_LR not in compare.BASELINE_LRS
+    seen = []
+    monkeypatch.setattr(compare, "train", lambda model, loader, cfg, **kw: seen.append(cfg) or [])
+    run = types.SimpleNamespace(seed=3, train_loader=None, val_loader=None, cache=tmp_path, device="cpu")
+    compare._finetune(run, torch.nn.Linear(2, 2), "x", False, epochs=3, lr=0.04)
+    compare._finetune(run, torch.nn.Linear(2, 2), "x", False, epochs=3)
+    assert [(c.lr, c.epochs, c.seed) for c in seen] == [(0.04, 3, 3), (compare.FINETUNE_LR, 3, 3)]
+
+
 def test_short_quality_settings_give_every_method_the_same_epochs_after_the_baseline():
     import types
     compare = _load("compare")
