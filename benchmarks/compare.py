@@ -484,8 +484,9 @@ def _finetune_epochs(s: Setup) -> int:
 
 #: A baseline's fine-tuning rate (SGD, cosine), every quality row's since session 7.
 FINETUNE_LR = 0.01
-#: Session 38: the baselines' own rate, chosen on validation (the `tuning` rows "3x kd 3 epochs ft-lr R").
-BASELINE_LRS = (0.02, 0.04, 0.005)
+#: Session 38: the baselines' own rate, chosen on validation (the `tuning` rows "3x kd 3 epochs ft-lr R";
+#: FINETUNE_LR among them, so that every rate is compared under the same code).
+BASELINE_LRS = (0.02, 0.04, 0.005, FINETUNE_LR)
 
 
 def _finetune(s: Setup, model: nn.Module, name: str, progress: bool, distill: bool = False,
@@ -1194,7 +1195,7 @@ def _plan(exp: str, s: Setup) -> list[dict]:
         # Session 38: every baseline fine-tunes at FINETUNE_LR, a rate never chosen on validation,
         # while the funnel flow's step 3 rate was (reg_lr, session 25), among some twenty choices made
         # there. Before the 3x test on seeds 30-49, each baseline's rate at 3x: its quality run at
-        # each of BASELINE_LRS (FINETUNE_LR's value: its quality row's val_accuracy, the same run).
+        # each of BASELINE_LRS.
         runs += [dict(run, setting=f"{run['setting']} ft-lr {lr:g}", lr=lr)
                  for lr in BASELINE_LRS for run in _plan("quality", s)
                  if run["setting"] == f"3x kd {SHORT_EPOCHS} epochs" and run.get("baseline") in BASELINE_METHODS]
