@@ -482,7 +482,7 @@ def _finetune_epochs(s: Setup) -> int:
     return sum(PROFILES[s.profile]["flow"].values())
 
 
-#: A baseline's fine-tuning rate (SGD, cosine), every quality row's since session 7.
+#: A baseline's fine-tuning rate (SGD, cosine): every quality row's.
 FINETUNE_LR = 0.01
 #: Session 38: the baselines' own rate, chosen on validation (the `tuning` rows "3x kd 3 epochs ft-lr R";
 #: FINETUNE_LR among them, so that every rate is compared under the same code).
